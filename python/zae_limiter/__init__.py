@@ -1,0 +1,102 @@
+"""zae-limiter: distributed rate limiting for Python services, backed by DynamoDB.
+
+```python
+from zae_limiter import RateLimiter, Limit
+
+limiter = RateLimiter(name="my-app", region="us-east-1")
+async with limiter.acquire("api-key-1", "gpt-4", [Limit.per_minute("rpm", 100)],
+                           consume={"rpm": 1}) as lease:
+    ...
+```
+
+Models and exceptions are imported eagerly; the limiters (which need aioboto3) on first use, so
+that the aggregator can import this package's pure-Python parts inside a bare Lambda runtime.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .core import BACKEND
+from .exceptions import (
+    EntityExistsError,
+    EntityNotFoundError,
+    IncompatibleSchemaError,
+    InfrastructureNotFoundError,
+    InvalidIdentifierError,
+    InvalidNameError,
+    MinimumClientVersionError,
+    RateLimiterUnavailable,
+    RateLimitExceeded,
+    StackCreationError,
+    ValidationError,
+    VersionMismatchError,
+    ZAELimiterError,
+)
+from .models import (
+    Entity,
+    FailureMode,
+    Limit,
+    LimitStatus,
+    StackOptions,
+    UsageSnapshot,
+    UsageSummary,
+)
+
+__version__ = "1.0.0"
+
+if TYPE_CHECKING:
+    from .lease import Lease, SyncLease
+    from .limiter import RateLimiter
+    from .repository import Repository
+    from .sync import SyncRateLimiter
+
+_LAZY = {
+    "RateLimiter": ("limiter", "RateLimiter"),
+    "SyncRateLimiter": ("sync", "SyncRateLimiter"),
+    "Lease": ("lease", "Lease"),
+    "SyncLease": ("lease", "SyncLease"),
+    "Repository": ("repository", "Repository"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(f"{__name__}.{module}"), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "BACKEND",
+    "Entity",
+    "EntityExistsError",
+    "EntityNotFoundError",
+    "FailureMode",
+    "IncompatibleSchemaError",
+    "InfrastructureNotFoundError",
+    "InvalidIdentifierError",
+    "InvalidNameError",
+    "Lease",
+    "Limit",
+    "LimitStatus",
+    "MinimumClientVersionError",
+    "RateLimitExceeded",
+    "RateLimiter",
+    "RateLimiterUnavailable",
+    "Repository",
+    "StackCreationError",
+    "StackOptions",
+    "SyncLease",
+    "SyncRateLimiter",
+    "UsageSnapshot",
+    "UsageSummary",
+    "ValidationError",
+    "VersionMismatchError",
+    "ZAELimiterError",
+    "__version__",
+]

@@ -1,0 +1,166 @@
+"""Replay of the aggregator's dead-letter queue (``ZAEL-<name>-aggregator-dlq``).
+
+The queue is the on-failure destination of the function's DynamoDB event-source mapping. Lambda
+does not put the failed records there, only where they are in the stream (see "Retaining
+discarded records for a DynamoDB event source" in the Lambda developer guide)::
+
+    {"requestContext": {"requestId": ..., "functionArn": ..., "condition": "RetryAttemptsExhausted",
+                        "approximateInvokeCount": 3},
+     "responseContext": {"statusCode": 200, "executedVersion": "$LATEST", "functionError": ...},
+     "version": "1.0", "timestamp": "2025-06-05T18:22:26.479Z",
+     "DDBStreamBatchInfo": {"shardId": ..., "startSequenceNumber": ..., "endSequenceNumber": ...,
+                            "approximateArrivalOfFirstRecord": ..., "approximateArrivalOfLastRecord":
+                            ..., "batchSize": 1, "streamArn": ...}}
+
+So a replay reads that sequence range back from the stream (AT_SEQUENCE_NUMBER) and runs it
+through the same ``process_batch``. That only works while the stream still holds the records
+(24 hours): older messages fail with a clear error and stay in the queue for an operator to
+decide. Bodies that already hold a Lambda stream event (``{"Records": [...]}``, as the manual
+loop in the operator guide assumed) are processed as they are. A message is deleted only after
+all of its records were applied; replaying twice is harmless because folding is idempotent.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .handler import Clock, SnapshotTable, _seq_order, process_batch, sequence_number
+from .stream import to_lambda_record
+
+
+class ReplayError(RuntimeError):
+    """A message whose records cannot be recovered (malformed, or no longer in the stream)."""
+
+
+@dataclass
+class ReplayResult:
+    received: int = 0
+    replayed: int = 0
+    records: int = 0
+    failed: int = 0
+    deleted: int = 0
+    snapshots_updated: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "received": self.received,
+            "replayed": self.replayed,
+            "records": self.records,
+            "failed": self.failed,
+            "deleted": self.deleted,
+            "snapshots_updated": self.snapshots_updated,
+            "errors": list(self.errors),
+        }
+
+
+def fetch_batch_records(streams: Any, info: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The records of a ``DDBStreamBatchInfo`` range, in Lambda event shape."""
+    try:
+        arn = str(info["streamArn"])
+        shard_id = str(info["shardId"])
+        start = str(info["startSequenceNumber"])
+        end = str(info["endSequenceNumber"])
+    except KeyError as exc:
+        raise ReplayError(f"DDBStreamBatchInfo lacks {exc.args[0]!r}") from None
+    try:
+        iterator = streams.get_shard_iterator(
+            StreamArn=arn, ShardId=shard_id, ShardIteratorType="AT_SEQUENCE_NUMBER",
+            SequenceNumber=start,
+        ).get("ShardIterator")
+    except Exception as exc:
+        code = getattr(exc, "response", {}).get("Error", {}).get("Code", type(exc).__name__)
+        if code in ("TrimmedDataAccessException", "ResourceNotFoundException"):
+            raise ReplayError(
+                f"records {start}..{end} of {shard_id} are no longer in the stream ({code}); "
+                "streams keep records for 24 hours"
+            ) from exc
+        raise
+    lo, hi = _seq_order(start), _seq_order(end)
+    records: list[dict[str, Any]] = []
+    while iterator:
+        response = streams.get_records(ShardIterator=iterator, Limit=1000)
+        raw = response.get("Records", [])
+        iterator = response.get("NextShardIterator")
+        if not raw:
+            break
+        done = False
+        for record in raw:
+            seq = _seq_order(record.get("dynamodb", {}).get("SequenceNumber", "0"))
+            if seq > hi:
+                done = True
+                break
+            if seq >= lo:
+                records.append(to_lambda_record(record, arn))
+        if done:
+            break
+    if not records or sequence_number(records[0]) != start:
+        raise ReplayError(
+            f"records {start}..{end} of {shard_id} are no longer in the stream; "
+            "streams keep records for 24 hours"
+        )
+    return records
+
+
+def records_from_body(body: str, streams: Any) -> list[dict[str, Any]]:
+    try:
+        message = json.loads(body)
+    except ValueError as exc:
+        raise ReplayError(f"message body is not JSON: {exc}") from None
+    if isinstance(message, Mapping) and message.get("Type") == "Notification":
+        # Delivered through an SNS topic: the invocation record is the notification's text.
+        return records_from_body(str(message.get("Message", "")), streams)
+    if not isinstance(message, Mapping):
+        raise ReplayError("message body is not a JSON object")
+    info = message.get("DDBStreamBatchInfo")
+    if isinstance(info, Mapping):
+        return fetch_batch_records(streams, info)
+    for candidate in (message, message.get("requestPayload")):
+        if isinstance(candidate, Mapping) and isinstance(candidate.get("Records"), list):
+            return [r for r in candidate["Records"] if isinstance(r, dict)]
+    raise ReplayError("message holds neither DDBStreamBatchInfo nor a stream event (Records)")
+
+
+def replay(sqs: Any, queue_url: str, streams: Any, table: SnapshotTable, windows: Sequence[str],
+           ttl_days: int, clock: Clock = time.time, max_messages: int | None = None,
+           wait_seconds: int = 1, visibility_timeout: int = 60) -> ReplayResult:
+    """Reprocess the queue's messages; delete each one whose records were all applied.
+
+    A message that fails stays invisible for ``visibility_timeout`` seconds, so one run never
+    receives it twice and ends even when some messages cannot be replayed yet.
+    """
+    result = ReplayResult()
+    while max_messages is None or result.received < max_messages:
+        batch = 10 if max_messages is None else min(10, max_messages - result.received)
+        response = sqs.receive_message(
+            QueueUrl=queue_url, MaxNumberOfMessages=batch, WaitTimeSeconds=wait_seconds,
+            VisibilityTimeout=visibility_timeout,
+        )
+        messages = response.get("Messages", [])
+        if not messages:
+            break
+        for message in messages:
+            result.received += 1
+            message_id = str(message.get("MessageId", "?"))
+            try:
+                records = records_from_body(str(message.get("Body", "")), streams)
+                result.records += len(records)
+                batch_result = process_batch(records, table, windows, ttl_days, clock)
+                result.snapshots_updated += batch_result.snapshots_updated
+                if batch_result.failed:
+                    raise ReplayError(
+                        f"{batch_result.failed} of {len(records)} records failed again "
+                        f"(first: {batch_result.failed_sequence_numbers[:1]})"
+                    )
+            except Exception as exc:
+                result.failed += 1
+                result.errors.append(f"{message_id}: {exc}")
+                continue
+            result.replayed += 1
+            sqs.delete_message(QueueUrl=queue_url, ReceiptHandle=message["ReceiptHandle"])
+            result.deleted += 1
+    return result

@@ -1,0 +1,367 @@
+"""Pure-Python reference of the token-bucket core (docs/design.md section 1).
+
+This module and the Rust extension ``zae_limiter._native`` implement one contract; property
+tests prove they return identical outputs and raise the same exception types. Use
+``zae_limiter.core``, which picks the native backend when it is available.
+
+All amounts are integer millitokens, all times integer milliseconds since the Unix epoch. A
+limit is ``(burst_milli, refill_amount_milli, refill_period_ms)``, all > 0. Refill is added in
+whole quanta of ``step_milli`` every ``step_ms`` (the limit's rate divided by the gcd of amount
+and period), so any sequence of refills adds exactly what one refill over the span would.
+
+Arguments are checked in signature order (for ``buckets``: bucket by bucket, field by field):
+
+- ``TypeError``: not an int (``bool`` is not accepted as an int; objects with ``__index__``
+  are), ``check`` not a ``bool``, ``buckets`` not a list or tuple, a bucket not a 6-tuple;
+- ``OverflowError``: an int outside signed 64-bit.
+
+Then the values are validated (``ValueError``: non-positive burst/amount/period, only one of
+tokens/last_refill given, negative ``now_ms`` or ``reanchor_ms``), and finally computed: every
+result must fit signed 64-bit, else ``OverflowError``. A denial is a returned value.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Sequence
+from math import gcd
+from typing import Final, SupportsIndex, TypeAlias
+
+__all__ = [
+    "I64_MAX",
+    "I64_MIN",
+    "WRITE_ABSOLUTE",
+    "WRITE_NONE",
+    "WRITE_RELATIVE",
+    "BucketInput",
+    "BucketOutcome",
+    "available",
+    "decide",
+    "refill",
+    "time_until_available",
+]
+
+I64_MIN: Final = -(2**63)
+I64_MAX: Final = 2**63 - 1
+
+WRITE_NONE: Final = 0
+"""No write (denied, or delta 0)."""
+WRITE_RELATIVE: Final = 1
+"""``tokens += write_value``, anchor set to ``new_last_refill_ms``."""
+WRITE_ABSOLUTE: Final = 2
+"""``tokens = write_value``, anchor set to ``new_last_refill_ms``."""
+
+BucketInput: TypeAlias = tuple[int, int, int, int | None, int | None, int]
+"""``(burst_milli, refill_amount_milli, refill_period_ms, tokens_milli | None,
+last_refill_ms | None, delta_milli)``."""
+
+BucketOutcome: TypeAlias = tuple[
+    int, bool, int | None, int, int, int, int, int | None, int | None
+]
+"""``(available_milli, exceeded, retry_after_ms, write_mode, write_value, new_tokens_milli,
+new_last_refill_ms, cond_lo, cond_hi)``."""
+
+
+# --- argument conversion ------------------------------------------------------------------------
+
+
+def _int(value: object, name: str) -> int:
+    """An int fitting signed 64-bit (``TypeError`` / ``OverflowError`` otherwise)."""
+    if type(value) is int:
+        v = value
+    elif isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not bool")
+    elif isinstance(value, SupportsIndex):
+        v = operator.index(value)
+    else:
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not I64_MIN <= v <= I64_MAX:
+        raise OverflowError(f"{name} does not fit signed 64-bit: {v}")
+    return v
+
+
+def _opt_int(value: object, name: str) -> int | None:
+    return None if value is None else _int(value, name)
+
+
+def _bucket(value: object) -> BucketInput:
+    if not isinstance(value, tuple) or len(value) != 6:
+        raise TypeError("a bucket must be a tuple of 6 items")
+    burst, amount, period, tokens, last_refill, delta = value
+    return (
+        _int(burst, "burst_milli"),
+        _int(amount, "refill_amount_milli"),
+        _int(period, "refill_period_ms"),
+        _opt_int(tokens, "tokens_milli"),
+        _opt_int(last_refill, "last_refill_ms"),
+        _int(delta, "delta_milli"),
+    )
+
+
+def _buckets(value: object) -> list[BucketInput]:
+    if not isinstance(value, list | tuple):
+        raise TypeError("buckets must be a list or a tuple of bucket tuples")
+    return [_bucket(b) for b in value]
+
+
+def _bool(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool")
+    return value
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+
+def _check_now(now_ms: int) -> None:
+    if now_ms < 0:
+        raise ValueError(f"now_ms must be >= 0, got {now_ms}")
+
+
+def _check_limit(burst: int, amount: int, period: int) -> None:
+    if burst <= 0:
+        raise ValueError(f"burst_milli must be > 0, got {burst}")
+    if amount <= 0:
+        raise ValueError(f"refill_amount_milli must be > 0, got {amount}")
+    if period <= 0:
+        raise ValueError(f"refill_period_ms must be > 0, got {period}")
+
+
+def _check_state(tokens: int | None, last_refill: int | None) -> None:
+    if (tokens is None) != (last_refill is None):
+        raise ValueError("tokens_milli and last_refill_ms must both be given or both be None")
+
+
+def _check_bucket(b: BucketInput) -> None:
+    _check_limit(b[0], b[1], b[2])
+    _check_state(b[3], b[4])
+
+
+def _fit(v: int) -> int:
+    if not I64_MIN <= v <= I64_MAX:
+        raise OverflowError("integer overflow in token-bucket arithmetic")
+    return v
+
+
+def _lower_bound(v: int) -> int | None:
+    """A bound ``tokens >= v`` below the i64 range holds for every stored value: no bound."""
+    return None if v < I64_MIN else _fit(v)
+
+
+# --- the math -----------------------------------------------------------------------------------
+
+
+def _steps(amount: int, period: int) -> tuple[int, int]:
+    """``(step_ms, step_milli)``: the limit in whole refill quanta."""
+    g = gcd(amount, period)
+    return period // g, amount // g
+
+
+def _view(
+    burst: int, step_ms: int, step_milli: int, tokens: int | None, last: int | None, now: int
+) -> tuple[int, int, int, int, int]:
+    """The bucket at ``now``: ``(tokens, last_refill, q, added, available)``.
+
+    A bucket that does not exist yet is full, anchored at ``now``. ``q`` is the number of whole
+    quanta since the anchor (0 for an anchor in the future), ``added = q * step_milli``.
+    """
+    if tokens is None or last is None:
+        return burst, now, 0, 0, burst
+    q = (now - last) // step_ms if now > last else 0
+    added = q * step_milli
+    return tokens, last, q, added, min(burst, tokens + added)
+
+
+def _wait(
+    burst: int,
+    step_ms: int,
+    step_milli: int,
+    last: int,
+    q: int,
+    avail: int,
+    delta: int,
+    now: int,
+) -> int | None:
+    """Ms until ``available >= delta``: 0 if already, ``None`` if ``delta > burst``."""
+    if delta > burst:
+        return None
+    if avail >= delta:
+        return 0
+    # available < delta <= burst: the refill is not capped. The first quantum covering the
+    # shortfall is the k-th after the current one.
+    k = -(-(delta - avail) // step_milli)
+    return _fit(last + (q + k) * step_ms - now)
+
+
+def available(
+    burst_milli: int,
+    refill_amount_milli: int,
+    refill_period_ms: int,
+    tokens_milli: int | None,
+    last_refill_ms: int | None,
+    now_ms: int,
+) -> int:
+    """Tokens (milli) available at ``now_ms``; ``burst`` for a bucket that does not exist yet.
+
+    May be negative after forced consumption.
+    """
+    burst = _int(burst_milli, "burst_milli")
+    amount = _int(refill_amount_milli, "refill_amount_milli")
+    period = _int(refill_period_ms, "refill_period_ms")
+    tokens = _opt_int(tokens_milli, "tokens_milli")
+    last = _opt_int(last_refill_ms, "last_refill_ms")
+    now = _int(now_ms, "now_ms")
+    _check_limit(burst, amount, period)
+    _check_state(tokens, last)
+    _check_now(now)
+    step_ms, step_milli = _steps(amount, period)
+    return _view(burst, step_ms, step_milli, tokens, last, now)[4]
+
+
+def refill(
+    burst_milli: int,
+    refill_amount_milli: int,
+    refill_period_ms: int,
+    tokens_milli: int,
+    last_refill_ms: int,
+    now_ms: int,
+) -> tuple[int, int]:
+    """Eager refill to ``now_ms``: ``(tokens_milli, last_refill_ms)``.
+
+    The anchor moves by whole quanta only; a bucket that reaches burst is capped at burst and
+    re-anchored at ``now_ms``. An anchor in the future refills nothing.
+    """
+    burst = _int(burst_milli, "burst_milli")
+    amount = _int(refill_amount_milli, "refill_amount_milli")
+    period = _int(refill_period_ms, "refill_period_ms")
+    tokens = _int(tokens_milli, "tokens_milli")
+    last = _int(last_refill_ms, "last_refill_ms")
+    now = _int(now_ms, "now_ms")
+    _check_limit(burst, amount, period)
+    _check_now(now)
+    step_ms, step_milli = _steps(amount, period)
+    _, _, q, added, _ = _view(burst, step_ms, step_milli, tokens, last, now)
+    if tokens + added >= burst:
+        return burst, now
+    return tokens + added, last + q * step_ms
+
+
+def time_until_available(buckets: Sequence[BucketInput], now_ms: int) -> int | None:
+    """Ms until every bucket has ``available >= delta`` (0 if already).
+
+    ``None`` if some delta exceeds its burst (it never will).
+    """
+    parsed = _buckets(buckets)
+    now = _int(now_ms, "now_ms")
+    _check_now(now)
+    for b in parsed:
+        _check_bucket(b)
+    if any(delta > burst for burst, _, _, _, _, delta in parsed):
+        return None
+    longest = 0
+    for burst, amount, period, tokens, last, delta in parsed:
+        step_ms, step_milli = _steps(amount, period)
+        _, anchor, q, _, avail = _view(burst, step_ms, step_milli, tokens, last, now)
+        wait = _wait(burst, step_ms, step_milli, anchor, q, avail, delta, now)
+        if wait is not None:
+            longest = max(longest, wait)
+    return longest
+
+
+def decide(
+    buckets: Sequence[BucketInput], now_ms: int, check: bool, reanchor_ms: int
+) -> tuple[bool, list[BucketOutcome]]:
+    """One acquire decision over a flat list of buckets: ``(admitted, outcomes)``.
+
+    With ``check`` it is all-or-nothing: a bucket with ``delta > 0`` and ``available < delta`` is
+    exceeded, and if any is, nothing is written. Without ``check`` every delta is applied (forced:
+    may go negative) and nothing is ever exceeded. See design.md for the write rules.
+    """
+    parsed = _buckets(buckets)
+    now = _int(now_ms, "now_ms")
+    check = _bool(check, "check")
+    reanchor = _int(reanchor_ms, "reanchor_ms")
+    _check_now(now)
+    if reanchor < 0:
+        raise ValueError(f"reanchor_ms must be >= 0, got {reanchor}")
+    for b in parsed:
+        _check_bucket(b)
+
+    # Pass 1: availability, exceeded, retry_after; nothing written yet.
+    outcomes: list[BucketOutcome] = []
+    admitted = True
+    for burst, amount, period, tokens, last, delta in parsed:
+        step_ms, step_milli = _steps(amount, period)
+        t, anchor, q, _, avail = _view(burst, step_ms, step_milli, tokens, last, now)
+        exceeded = check and delta > 0 and avail < delta
+        retry = (
+            _wait(burst, step_ms, step_milli, anchor, q, avail, delta, now) if exceeded else 0
+        )
+        admitted = admitted and not exceeded
+        outcomes.append((avail, exceeded, retry, WRITE_NONE, 0, t, anchor, None, None))
+    if not admitted:
+        return False, outcomes
+
+    # Pass 2: the writes.
+    for i, (burst, amount, period, tokens, last, delta) in enumerate(parsed):
+        if delta != 0:
+            step_ms, step_milli = _steps(amount, period)
+            outcomes[i] = _write(
+                outcomes[i], burst, step_ms, step_milli, tokens, last, delta, now, check, reanchor
+            )
+    return True, outcomes
+
+
+def _write(
+    status: BucketOutcome,
+    burst: int,
+    step_ms: int,
+    step_milli: int,
+    tokens: int | None,
+    last: int | None,
+    delta: int,
+    now: int,
+    check: bool,
+    reanchor: int,
+) -> BucketOutcome:
+    """The write of one admitted bucket with a non-zero delta."""
+    avail = status[0]
+    absolute_value = burst - max(delta, 0)
+    if tokens is None or last is None:
+        # Created full at now; the condition is "attribute does not exist".
+        return (avail, False, 0, WRITE_ABSOLUTE, absolute_value, absolute_value, now, None, None)
+
+    _, _, q, added, _ = _view(burst, step_ms, step_milli, tokens, last, now)
+    cap_point = burst - added + min(delta, 0)
+    if tokens >= cap_point:
+        # Full now (or a release fills it): rewrite absolutely, re-anchored at now.
+        return (
+            avail,
+            False,
+            0,
+            WRITE_ABSOLUTE,
+            absolute_value,
+            absolute_value,
+            now,
+            _lower_bound(cap_point),
+            None,
+        )
+
+    # Not capped: tokens + added - min(delta, 0) < burst, so available = tokens + added.
+    cond_hi = _fit(cap_point - 1)
+    cond_lo = _lower_bound(delta - added) if check and delta > 0 else None
+    if q > 0 and now - last >= reanchor:
+        value, anchor = added - delta, last + q * step_ms
+    else:
+        value, anchor = -delta, last
+    return (
+        avail,
+        False,
+        0,
+        WRITE_RELATIVE,
+        _fit(value),
+        _fit(tokens + value),
+        _fit(anchor),
+        cond_lo,
+        cond_hi,
+    )

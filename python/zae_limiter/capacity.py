@@ -1,0 +1,93 @@
+"""DynamoDB capacity units from item sizes, by AWS's published rules.
+
+moto's ConsumedCapacity figures are not DynamoDB's, so the repository counts its own: each call's
+read/write units are derived from the sizes of the items it touched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from decimal import Decimal
+from typing import Any
+
+WRITE_UNIT_BYTES = 1024
+READ_UNIT_BYTES = 4096
+
+
+def _number_size(text: str) -> int:
+    # Numbers are stored as up to 38 significant digits, two digits per byte, plus one byte.
+    digits = Decimal(text).normalize().as_tuple().digits
+    return (len(digits) + 1) // 2 + 1
+
+
+def attribute_value_size(value: dict[str, Any]) -> int:
+    """Size in bytes of one AttributeValue in low-level form (`{"S": ...}`, `{"N": ...}`, ...)."""
+    (kind, inner), = value.items()
+    if kind == "S":
+        return len(str(inner).encode())
+    if kind == "N":
+        return _number_size(str(inner))
+    if kind == "B":
+        return len(inner)
+    if kind in ("BOOL", "NULL"):
+        return 1
+    if kind == "SS":
+        return sum(len(s.encode()) for s in inner)
+    if kind == "NS":
+        return sum(_number_size(n) for n in inner)
+    if kind == "BS":
+        return sum(len(b) for b in inner)
+    if kind == "L":
+        return 3 + sum(1 + attribute_value_size(v) for v in inner)
+    if kind == "M":
+        return 3 + sum(len(k.encode()) + 1 + attribute_value_size(v) for k, v in inner.items())
+    raise ValueError(f"unknown attribute type {kind!r}")
+
+
+def item_size(item: dict[str, dict[str, Any]] | None) -> int:
+    if not item:
+        return 0
+    return sum(len(name.encode()) + attribute_value_size(v) for name, v in item.items())
+
+
+def write_units(*sizes: int) -> int:
+    """A write costs one unit per started KB of the larger of the item before and after."""
+    return max(1, math.ceil(max(sizes, default=0) / WRITE_UNIT_BYTES))
+
+
+def read_units(size: int, consistent: bool) -> float:
+    units = max(1, math.ceil(size / READ_UNIT_BYTES))
+    return float(units) if consistent else units / 2
+
+
+@dataclass
+class CapacityLedger:
+    """Calls and capacity units per DynamoDB operation, as DynamoDB would bill them."""
+
+    calls: Counter[str] = field(default_factory=Counter)
+    read_units: float = 0.0
+    write_units: float = 0.0
+
+    def record(self, operation: str, *, rcu: float = 0.0, wcu: float = 0.0) -> None:
+        self.calls[operation] += 1
+        self.read_units += rcu
+        self.write_units += wcu
+
+    @property
+    def total_calls(self) -> int:
+        return sum(self.calls.values())
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "calls": dict(self.calls),
+            "total_calls": self.total_calls,
+            "read_units": self.read_units,
+            "write_units": self.write_units,
+        }
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.read_units = 0.0
+        self.write_units = 0.0

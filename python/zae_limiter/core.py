@@ -1,0 +1,52 @@
+"""The token-bucket core, from the Rust extension when available.
+
+``BACKEND`` is ``"native"`` (``zae_limiter._native``) unless the environment variable
+``ZAE_LIMITER_NATIVE`` is ``"0"`` or the extension cannot be imported; then it is ``"python"``
+(the reference ``zae_limiter.bucket``). Both implement docs/design.md section 1 identically.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from zae_limiter import bucket as _reference
+from zae_limiter.bucket import (
+    WRITE_ABSOLUTE,
+    WRITE_NONE,
+    WRITE_RELATIVE,
+    BucketInput,
+    BucketOutcome,
+)
+
+__all__ = [
+    "BACKEND",
+    "WRITE_ABSOLUTE",
+    "WRITE_NONE",
+    "WRITE_RELATIVE",
+    "BucketInput",
+    "BucketOutcome",
+    "available",
+    "decide",
+    "refill",
+    "time_until_available",
+]
+
+BACKEND: Literal["native", "python"] = "python"
+
+decide = _reference.decide
+refill = _reference.refill
+available = _reference.available
+time_until_available = _reference.time_until_available
+
+if os.environ.get("ZAE_LIMITER_NATIVE", "").strip() != "0":
+    try:
+        from zae_limiter import _native
+    except ImportError:
+        pass
+    else:
+        decide = _native.decide
+        refill = _native.refill
+        available = _native.available
+        time_until_available = _native.time_until_available
+        BACKEND = "native"

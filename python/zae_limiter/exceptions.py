@@ -1,0 +1,411 @@
+"""Exceptions raised by zae-limiter.
+
+Every exception derives from :class:`ZAELimiterError`, grouped under category bases
+(:class:`RateLimitError`, :class:`EntityError`, :class:`InfrastructureError`,
+:class:`VersionError`, :class:`ValidationError`) so callers can catch as broadly as they need.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .models import LimitStatus
+
+__all__ = [
+    "BucketNotFoundError",
+    "EntityError",
+    "EntityExistsError",
+    "EntityNotFoundError",
+    "IncompatibleSchemaError",
+    "InfrastructureError",
+    "InfrastructureNotFoundError",
+    "InvalidIdentifierError",
+    "InvalidNameError",
+    "MinimumClientVersionError",
+    "RateLimitError",
+    "RateLimitExceeded",
+    "RateLimiterUnavailable",
+    "StackAlreadyExistsError",
+    "StackCreationError",
+    "ValidationError",
+    "VersionError",
+    "VersionMismatchError",
+    "ZAELimiterError",
+]
+
+
+def _restore(cls: type[BaseException], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
+    # Bypass __init__: the constructors take structured arguments, but `args` only holds the
+    # formatted message, so the default BaseException unpickling (cls(*args)) would fail.
+    exc = cls.__new__(cls, *args)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
+
+
+def _picklable(value: Any) -> Any:
+    # A worker must always be able to send the error back, even when it carries something that
+    # cannot cross a process boundary (a client-library exception holding a socket, say); the
+    # stand-in keeps the information that matters for a human reading it.
+    try:
+        pickle.dumps(value)
+    except Exception:
+        if isinstance(value, BaseException):
+            return RuntimeError(f"{type(value).__name__}: {value}")
+        return repr(value)
+    return value
+
+
+class ZAELimiterError(Exception):
+    """Base class of every exception raised by zae-limiter."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        state = {k: _picklable(v) for k, v in self.__dict__.items()}
+        return (_restore, (type(self), self.args, state))
+
+
+# ---------------------------------------------------------------------------
+# Categories
+# ---------------------------------------------------------------------------
+
+
+class RateLimitError(ZAELimiterError):
+    """Base class for rate-limiting outcomes (exceeded, limiter unavailable)."""
+
+
+class EntityError(ZAELimiterError):
+    """Base class for entity lookups and creation."""
+
+
+class InfrastructureError(ZAELimiterError):
+    """Base class for problems with the deployed table, stack or Lambda."""
+
+
+class VersionError(ZAELimiterError):
+    """Base class for client / infrastructure version incompatibilities."""
+
+
+# ---------------------------------------------------------------------------
+# Rate limiting
+# ---------------------------------------------------------------------------
+
+
+def _finite_or_none(seconds: float | None) -> float | None:
+    # A non-finite retry time can only mean "never"; normalising here keeps inf/NaN out of
+    # JSON bodies and integer conversions.
+    if seconds is None or not math.isfinite(seconds):
+        return None
+    return float(seconds)
+
+
+def _ceil_ms(seconds: float) -> int:
+    # Retry times come from integer milliseconds divided by 1000, so seconds*1000 can land a few
+    # ulps above an integer (0.1 * 3 * 1000 = 300.00000000000006); that must not add a
+    # millisecond, while any genuine fraction of a millisecond still rounds up.
+    x = seconds * 1000
+    nearest = round(x)
+    if abs(x - nearest) <= 4 * math.ulp(x):
+        return int(nearest)
+    return math.ceil(x)
+
+
+def _format_seconds(seconds: float) -> str:
+    return f"{seconds:.3f}".rstrip("0").rstrip(".")
+
+
+class RateLimitExceeded(RateLimitError):
+    """One or more limits would be exceeded by the request.
+
+    Carries the status of *every* limit that was checked, so callers see the whole picture.
+
+    Attributes:
+        statuses: all checked limits.
+        violations: the exceeded ones.
+        passed: the ones that were not exceeded.
+        primary_violation: the violation with the longest wait (a never-satisfiable violation
+            counts as the longest); ``None`` without violations.
+        retry_after_seconds: seconds until every violation can be satisfied; ``0.0`` without
+            violations; ``None`` when some request exceeds its limit's burst and so can never
+            succeed (retrying is pointless).
+    """
+
+    def __init__(self, statuses: list[LimitStatus]) -> None:
+        self.statuses: list[LimitStatus] = list(statuses)
+        self.violations: list[LimitStatus] = [s for s in self.statuses if s.exceeded]
+        self.passed: list[LimitStatus] = [s for s in self.statuses if not s.exceeded]
+
+        self.primary_violation: LimitStatus | None = None
+        self.retry_after_seconds: float | None = 0.0
+        best = -1.0
+        for v in self.violations:
+            wait = _finite_or_none(v.retry_after_seconds)
+            key = math.inf if wait is None else wait
+            if key > best:
+                best = key
+                self.primary_violation = v
+                self.retry_after_seconds = wait
+        super().__init__(self._format_message())
+
+    @property
+    def retryable(self) -> bool:
+        """False when some violation can never be satisfied, whatever the wait."""
+        return self.retry_after_seconds is not None
+
+    @property
+    def retry_after_ms(self) -> int | None:
+        """``retry_after_seconds`` in whole milliseconds, rounded up."""
+        if self.retry_after_seconds is None:
+            return None
+        return _ceil_ms(self.retry_after_seconds)
+
+    @property
+    def retry_after_header(self) -> str | None:
+        """Value for an HTTP ``Retry-After`` header: whole seconds, rounded up.
+
+        ``None`` when retrying can never succeed: the header should then be omitted.
+        """
+        ms = self.retry_after_ms
+        if ms is None:
+            return None
+        # From the integer milliseconds, so header and retry_after_ms never disagree.
+        return str(-(-ms // 1000))
+
+    def _format_message(self) -> str:
+        if not self.violations:
+            return "Rate limit exceeded (no limit reported as exceeded)"
+        # Cascaded checks mix the entity's and its parent's limits; group so each
+        # (entity, resource) is named once.
+        groups: dict[tuple[str, str], list[str]] = {}
+        for v in self.violations:
+            groups.setdefault((v.entity_id, v.resource), []).append(
+                f"{v.limit_name} (available {v.available}, requested {v.requested})"
+            )
+        parts = [
+            f"entity '{entity}' resource '{resource}': {', '.join(items)}"
+            for (entity, resource), items in groups.items()
+        ]
+        if self.retry_after_seconds is None:
+            tail = "request exceeds the limit's burst and can never succeed"
+        else:
+            tail = f"retry after {_format_seconds(self.retry_after_seconds)}s"
+        return f"Rate limit exceeded for {'; '.join(parts)}; {tail}"
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready body for a 429 response (``json.dumps`` always succeeds)."""
+        return {
+            "error": "rate_limit_exceeded",
+            "message": str(self),
+            "retry_after_seconds": self.retry_after_seconds,
+            "retry_after_ms": self.retry_after_ms,
+            "limits": [s.as_dict() for s in self.statuses],
+        }
+
+
+class RateLimiterUnavailable(RateLimitError):
+    """The backing store could not be reached and the limiter fails closed.
+
+    A transient infrastructure problem, not a rate-limit decision.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        cause: BaseException | None = None,
+        *,
+        stack_name: str | None = None,
+        entity_id: str | None = None,
+        resource: str | None = None,
+    ) -> None:
+        self.cause = cause
+        self.stack_name = stack_name
+        self.table_name = stack_name  # 0.x name for the same thing
+        self.entity_id = entity_id
+        self.resource = resource
+        context = [
+            f"{label}={value}"
+            for label, value in (
+                ("stack", stack_name),
+                ("entity", entity_id),
+                ("resource", resource),
+            )
+            if value
+        ]
+        super().__init__(f"{message} [{', '.join(context)}]" if context else message)
+
+
+class BucketNotFoundError(RateLimitError):
+    """No bucket exists yet for (entity, resource, limit): nothing was consumed there."""
+
+    def __init__(self, entity_id: str, resource: str, limit_name: str) -> None:
+        self.entity_id = entity_id
+        self.resource = resource
+        self.limit_name = limit_name
+        super().__init__(
+            f"Bucket not found: entity={entity_id}, resource={resource}, limit={limit_name}"
+        )
+
+
+# ---------------------------------------------------------------------------
+# Entities
+# ---------------------------------------------------------------------------
+
+
+class EntityNotFoundError(EntityError):
+    def __init__(self, entity_id: str) -> None:
+        self.entity_id = entity_id
+        super().__init__(f"Entity not found: {entity_id}")
+
+
+class EntityExistsError(EntityError):
+    def __init__(self, entity_id: str) -> None:
+        self.entity_id = entity_id
+        super().__init__(f"Entity already exists: {entity_id}")
+
+
+# ---------------------------------------------------------------------------
+# Infrastructure
+# ---------------------------------------------------------------------------
+
+
+class StackCreationError(InfrastructureError):
+    def __init__(
+        self, stack_name: str, reason: str, events: list[dict[str, Any]] | None = None
+    ) -> None:
+        self.stack_name = stack_name
+        self.reason = reason
+        self.events: list[dict[str, Any]] = list(events) if events else []
+        super().__init__(f"Stack {stack_name} creation failed: {reason}")
+
+
+class StackAlreadyExistsError(StackCreationError):
+    """The stack already exists (informational; creation was not needed)."""
+
+
+class InfrastructureNotFoundError(InfrastructureError):
+    """The table / stack has not been deployed."""
+
+    def __init__(self, name: str, message: str | None = None) -> None:
+        self.name = name
+        # 0.x exposed both; the stack and its table share one name.
+        self.stack_name = name
+        self.table_name = name
+        hint = (
+            message
+            if message is not None
+            else "Run 'zae-limiter deploy' or pass stack_options=StackOptions()."
+        )
+        super().__init__(f"Infrastructure not found for '{name}'. {hint}")
+
+
+# ---------------------------------------------------------------------------
+# Versions
+# ---------------------------------------------------------------------------
+
+
+class VersionMismatchError(VersionError):
+    """Client and deployed infrastructure versions differ and were not reconciled."""
+
+    def __init__(
+        self,
+        client_version: str,
+        schema_version: str,
+        lambda_version: str | None,
+        message: str | None = None,
+        can_auto_update: bool = False,
+    ) -> None:
+        self.client_version = client_version
+        self.schema_version = schema_version
+        self.lambda_version = lambda_version
+        self.can_auto_update = can_auto_update
+        detail = message if message is not None else "Infrastructure update required."
+        super().__init__(
+            f"Version mismatch: client={client_version}, schema={schema_version}, "
+            f"lambda={lambda_version or 'unknown'}. {detail}"
+        )
+
+
+class MinimumClientVersionError(VersionMismatchError):
+    """The client is older than the minimum client version the infrastructure accepts.
+
+    Only upgrading the client helps; auto-update of the infrastructure cannot.
+    """
+
+    def __init__(
+        self,
+        client_version: str,
+        minimum_client_version: str,
+        schema_version: str,
+        lambda_version: str | None = None,
+    ) -> None:
+        self.minimum_client_version = minimum_client_version
+        super().__init__(
+            client_version,
+            schema_version,
+            lambda_version,
+            f"This infrastructure requires client >= {minimum_client_version}; "
+            "upgrade with `pip install --upgrade zae-limiter`.",
+            can_auto_update=False,
+        )
+
+
+class IncompatibleSchemaError(VersionError):
+    """The schema differs by a major version: a manual migration is required."""
+
+    def __init__(
+        self,
+        client_version: str,
+        schema_version: str,
+        message: str | None = None,
+        migration_guide_url: str | None = None,
+    ) -> None:
+        self.client_version = client_version
+        self.schema_version = schema_version
+        self.migration_guide_url = migration_guide_url
+        detail = message if message is not None else "Migration required."
+        msg = (
+            f"Incompatible schema: client {client_version} is not compatible "
+            f"with schema {schema_version}. {detail}"
+        )
+        if migration_guide_url:
+            msg += f" See: {migration_guide_url}"
+        super().__init__(msg)
+
+
+# ---------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------
+
+_MAX_VALUE_CHARS = 50
+
+
+class ValidationError(ZAELimiterError, ValueError):
+    """An input failed validation.
+
+    Subclasses ValueError so code written against plain ``ValueError`` keeps working.
+
+    Attributes:
+        field: the parameter or attribute that failed.
+        value: the offending value (strings are truncated to keep logs bounded).
+        reason: why it failed.
+    """
+
+    def __init__(self, field: str, value: object, reason: str) -> None:
+        self.field = field
+        if isinstance(value, str) and len(value) > _MAX_VALUE_CHARS:
+            value = value[:_MAX_VALUE_CHARS] + "..."
+        self.value = value
+        self.reason = reason
+        # The value stays out of the message: identifiers are often API keys, and messages end
+        # up in logs and HTTP responses.
+        super().__init__(f"Invalid {field}: {reason}")
+
+
+class InvalidIdentifierError(ValidationError):
+    """An identifier (entity_id, parent_id) is invalid."""
+
+
+class InvalidNameError(ValidationError):
+    """A name (limit name, resource) is invalid."""

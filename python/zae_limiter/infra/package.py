@@ -1,0 +1,162 @@
+"""The aggregator's Lambda bundle: a deterministic zip built from the installed package.
+
+The Lambda runtime has boto3 but neither aioboto3 nor the compiled core, so the bundle carries only
+the pure-Python modules the aggregator needs. Files come from the installed `zae_limiter`
+directory, which makes this work from a wheel as well as from a source checkout.
+
+Deterministic (fixed timestamps and permissions, sorted entries): the same sources always give the
+same bytes, so Pulumi sees no change and does not redeploy the function when nothing changed.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import os
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Final, overload
+
+import zae_limiter
+
+__all__ = [
+    "BUNDLED_MODULES",
+    "HANDLER",
+    "LAMBDA_ENTRY_SOURCE",
+    "build_lambda_zip",
+    "cached_lambda_zip",
+    "lambda_files",
+    "source_code_hash",
+]
+
+HANDLER: Final = "lambda_function.handler"
+
+# The whole entry point. `aggregator/lambda_function.py` in the repository is the same text, for
+# people who zip the function by hand; tests keep the two identical.
+LAMBDA_ENTRY_SOURCE: Final = (
+    '"""AWS Lambda entry point of the zae-limiter aggregator (handler: lambda_function.handler)."""\n'
+    "\n"
+    "from zae_limiter.aggregator.handler import handler  # noqa: F401\n"
+)
+
+# Modules of the library the aggregator may import; those not present in this installation are
+# skipped. Never: `_native*` (compiled for the build host, not Lambda), `cli/`, `repository.py`
+# and `limiter.py` (aioboto3), `infra/` (Pulumi), `local.py` (moto).
+# The package's __init__ imports the limiters lazily precisely so that it can ship here.
+BUNDLED_MODULES: Final = (
+    "__init__.py",
+    "schema.py",
+    "models.py",
+    "exceptions.py",
+    "validation.py",
+    "bucket.py",
+    "core.py",
+    "version.py",
+)
+BUNDLED_PACKAGES: Final = ("aggregator",)
+
+# 1980-01-01 is the earliest time a zip entry can carry.
+_FIXED_TIME: Final = (1980, 1, 1, 0, 0, 0)
+_UNIX: Final = 3
+
+
+def _package_dir() -> Path:
+    # __path__ rather than __file__: it also works while the package is a namespace package.
+    return Path(next(iter(zae_limiter.__path__)))
+
+
+def _walk(directory: Path) -> Iterator[Path]:
+    for path in sorted(directory.rglob("*")):
+        if "__pycache__" in path.parts or not path.is_file():
+            continue
+        if path.suffix in (".pyc", ".pyo", ".so", ".pyd"):
+            continue
+        yield path
+
+
+def lambda_files() -> dict[str, bytes]:
+    """Archive name → content of every file of the bundle."""
+    root = _package_dir()
+    aggregator = root / "aggregator"
+    if not (aggregator / "handler.py").is_file():
+        raise FileNotFoundError(
+            f"the aggregator package is missing from {root} (expected aggregator/handler.py); "
+            "reinstall zae-limiter"
+        )
+    files: dict[str, bytes] = {
+        "lambda_function.py": LAMBDA_ENTRY_SOURCE.encode(),
+    }
+    for module in BUNDLED_MODULES:
+        path = root / module
+        if path.is_file():
+            files[f"zae_limiter/{module}"] = path.read_bytes()
+    for package in BUNDLED_PACKAGES:
+        for path in _walk(root / package):
+            files[f"zae_limiter/{path.relative_to(root).as_posix()}"] = path.read_bytes()
+    return files
+
+
+def _zip(files: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name in sorted(files):
+            info = zipfile.ZipInfo(name, date_time=_FIXED_TIME)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.create_system = _UNIX
+            info.external_attr = 0o100644 << 16
+            archive.writestr(info, files[name], compresslevel=9)
+    return buffer.getvalue()
+
+
+@overload
+def build_lambda_zip(dest: None = None) -> bytes: ...
+
+
+@overload
+def build_lambda_zip(dest: Path) -> Path: ...
+
+
+def build_lambda_zip(dest: Path | None = None) -> bytes | Path:
+    """The bundle as bytes, or written to `dest` (a file path) and that path returned."""
+    data = _zip(lambda_files())
+    if dest is None:
+        return data
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(dest, data)
+    return dest
+
+
+def source_code_hash(data: bytes) -> str:
+    """Base64 SHA-256, the form Lambda reports as CodeSha256."""
+    return base64.b64encode(hashlib.sha256(data).digest()).decode()
+
+
+def cached_lambda_zip(directory: Path | None = None) -> tuple[Path, str]:
+    """The bundle written once per content to `directory` (default: the temp dir); (path, hash).
+
+    Pulumi needs a file for the function's code; naming it by content lets concurrent programs
+    share it without one overwriting the file another is reading.
+    """
+    data = build_lambda_zip()
+    digest = hashlib.sha256(data).hexdigest()
+    directory = directory or Path(tempfile.gettempdir()) / "zae-limiter-lambda"
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"aggregator-{digest[:32]}.zip"
+    if not path.is_file() or path.read_bytes() != data:
+        _atomic_write(path, data)
+    return path, source_code_hash(data)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

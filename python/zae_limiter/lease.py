@@ -1,0 +1,115 @@
+"""The lease an `acquire` yields: what was taken, and how to adjust, take more or give back."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from .validation import validate_amount, validate_name, validate_signed_amount
+
+if TYPE_CHECKING:
+    from .limiter import RateLimiter, _Target
+
+
+class Lease:
+    """Consumption held by one `acquire` block.
+
+    The consumption is already committed (visible to every client) when the block starts. On a
+    normal exit it stands; if the block raises, everything the lease took is given back.
+    """
+
+    def __init__(self, limiter: RateLimiter, targets: list[_Target],
+                 consumed: Mapping[str, int], *, fail_open: bool = False) -> None:
+        self._limiter = limiter
+        self._targets = targets
+        self._consumed: dict[str, int] = dict(consumed)
+        self._limit_names = {limit.name for limit in targets[0].limits} if targets else set()
+        self.fail_open = fail_open
+        """True when DynamoDB was unreachable and FAIL_OPEN admitted without a bucket."""
+
+    @property
+    def consumed(self) -> dict[str, int]:
+        """Net tokens this lease holds per limit (after adjustments and releases)."""
+        return dict(self._consumed)
+
+    @property
+    def entity_id(self) -> str | None:
+        return self._targets[0].entity_id if self._targets else None
+
+    def _amounts(self, amounts: Mapping[str, object], signed: bool) -> dict[str, int]:
+        result: dict[str, int] = {}
+        for name, amount in amounts.items():
+            field = f"consume.{name}"
+            validate_name(name, field=field)
+            if not self.fail_open and name not in self._limit_names:
+                from .exceptions import ValidationError
+
+                raise ValidationError(field, name, "not one of this lease's limits")
+            value = (validate_signed_amount if signed else validate_amount)(amount, field)
+            if value:
+                result[name] = value
+        return result
+
+    async def adjust(self, **amounts: int) -> None:
+        """Consume more (positive) or give back (negative) without a check: buckets may go
+        negative, e.g. to reconcile an LLM call's real token count with its estimate."""
+        deltas = self._amounts(amounts, signed=True)
+        if deltas and not self.fail_open:
+            await self._limiter._force(self._targets, deltas)
+        self._add(deltas)
+
+    async def consume(self, **amounts: int) -> None:
+        """Take more, checked like `acquire`: raises `RateLimitExceeded` and takes nothing if any
+        limit (or the parent's, with cascade) cannot cover it."""
+        deltas = self._amounts(amounts, signed=False)
+        if deltas and not self.fail_open:
+            await self._limiter._commit(self._targets, deltas)
+        self._add(deltas)
+
+    async def release(self, **amounts: int) -> None:
+        """Give tokens back early; a bucket never refills past its burst."""
+        deltas = self._amounts(amounts, signed=False)
+        if deltas and not self.fail_open:
+            await self._limiter._force(self._targets, {k: -v for k, v in deltas.items()})
+        self._add({k: -v for k, v in deltas.items()})
+
+    async def _rollback(self) -> None:
+        deltas = {k: -v for k, v in self._consumed.items() if v}
+        if deltas and not self.fail_open:
+            await self._limiter._force(self._targets, deltas)
+        self._consumed = dict.fromkeys(self._consumed, 0)
+
+    def _add(self, deltas: Mapping[str, int]) -> None:
+        for name, value in deltas.items():
+            self._consumed[name] = self._consumed.get(name, 0) + value
+
+    def __repr__(self) -> str:
+        return f"Lease(entity_id={self.entity_id!r}, consumed={self._consumed!r})"
+
+
+class SyncLease:
+    """`Lease` for `SyncRateLimiter`: the same methods, blocking."""
+
+    def __init__(self, lease: Lease, run: object) -> None:
+        from collections.abc import Callable, Coroutine
+        from typing import Any, cast
+
+        self._lease = lease
+        self._run = cast(Callable[[Coroutine[Any, Any, Any]], Any], run)
+
+    @property
+    def consumed(self) -> dict[str, int]:
+        return self._lease.consumed
+
+    @property
+    def fail_open(self) -> bool:
+        return self._lease.fail_open
+
+    def adjust(self, **amounts: int) -> None:
+        self._run(self._lease.adjust(**amounts))
+
+    def consume(self, **amounts: int) -> None:
+        self._run(self._lease.consume(**amounts))
+
+    def release(self, **amounts: int) -> None:
+        self._run(self._lease.release(**amounts))

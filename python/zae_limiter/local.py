@@ -1,0 +1,111 @@
+"""Embedded local DynamoDB: moto's server on loopback, for trying the library without AWS.
+
+moto runs in a child process (not a thread) so that its request handling never competes with the
+caller's event loop for the GIL. Requires the `local` extra (`pip install "zae-limiter[local]"`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from types import TracebackType
+
+from .exceptions import ZAELimiterError
+
+LOCAL_REGION = "us-east-1"
+# moto accepts any credentials; these keep botocore from searching the environment for real ones.
+LOCAL_CREDENTIALS = {"aws_access_key_id": "local", "aws_secret_access_key": "local"}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class LocalDynamoDB:
+    """A moto DynamoDB (and Streams, SQS) server on 127.0.0.1, started and stopped by this object.
+
+    >>> with LocalDynamoDB() as db:
+    ...     limiter = RateLimiter(name="demo", endpoint_url=db.endpoint_url,
+    ...                           stack_options=StackOptions())
+    """
+
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1",
+                 startup_timeout: float = 30.0) -> None:
+        self.host = host
+        self.port = port or free_port(host)
+        self.startup_timeout = startup_timeout
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def start(self) -> LocalDynamoDB:
+        if self.running:
+            return self
+        try:
+            import moto.server  # noqa: F401
+        except ImportError as exc:
+            raise ZAELimiterError(
+                'the embedded DynamoDB needs moto: pip install "zae-limiter[local]"'
+            ) from exc
+        env = dict(os.environ)
+        env.setdefault("AWS_DEFAULT_REGION", LOCAL_REGION)
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
+        self._wait_until_ready()
+        return self
+
+    def _wait_until_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self._process is not None and self._process.poll() is not None:
+                raise ZAELimiterError(
+                    f"moto server exited with code {self._process.returncode} on port {self.port}"
+                )
+            with contextlib.suppress(OSError, urllib.error.URLError):
+                with urllib.request.urlopen(f"{self.endpoint_url}/moto-api/", timeout=1):
+                    return
+            time.sleep(0.05)
+        self.stop()
+        raise ZAELimiterError(f"moto server did not start on {self.endpoint_url} in time")
+
+    def reset(self) -> None:
+        """Forget every table, stream and queue (moto's `/moto-api/reset`)."""
+        request = urllib.request.Request(f"{self.endpoint_url}/moto-api/reset", method="POST")
+        with urllib.request.urlopen(request, timeout=10):
+            pass
+
+    def stop(self) -> None:
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+    def __enter__(self) -> LocalDynamoDB:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()

@@ -1,0 +1,528 @@
+"""Domain models of zae-limiter."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from decimal import Decimal
+from enum import StrEnum
+from typing import Any, ClassVar, Literal
+
+from .exceptions import ValidationError
+from .validation import (
+    MAX_AMOUNT,
+    validate_entity_id,
+    validate_name,
+    validate_resource,
+)
+
+__all__ = [
+    "MAX_REFILL_PERIOD_SECONDS",
+    "USAGE_WINDOWS",
+    "VALID_LOG_RETENTION_DAYS",
+    "Entity",
+    "FailureMode",
+    "Limit",
+    "LimitName",
+    "LimitStatus",
+    "StackOptions",
+    "UsageSnapshot",
+    "UsageSummary",
+]
+
+MAX_REFILL_PERIOD_SECONDS = 10 * 365 * 86400
+
+USAGE_WINDOWS: tuple[str, ...] = ("hourly", "daily")
+
+_LIMIT_FIELDS = ("name", "capacity", "burst", "refill_amount", "refill_period_seconds")
+
+# Canonical non-negative decimals only: int() would also take "+5", " 5", "1_0" and non-ASCII
+# digits, which would make two different stored strings decode to the same limit.
+_ENCODED_LIMIT_RE = re.compile(r"(?:0|[1-9][0-9]{0,15})(?::(?:0|[1-9][0-9]{0,15})){3}", re.ASCII)
+
+
+def _check_int(name: str, value: object, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError(name, value, f"must be an integer, not {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ValidationError(name, value, f"must be between {lo} and {hi}")
+
+
+# ---------------------------------------------------------------------------
+# Limit
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """A token-bucket limit.
+
+    ``capacity`` tokens refill over time at ``refill_amount`` per ``refill_period_seconds``;
+    the bucket holds at most ``burst`` (>= capacity). The rate is kept as an integer fraction so
+    the core can refill in whole quanta without drift.
+    """
+
+    name: str
+    capacity: int
+    burst: int
+    refill_amount: int
+    refill_period_seconds: int
+
+    def __post_init__(self) -> None:
+        validate_name(self.name, "name")
+        _check_int("capacity", self.capacity, 1, MAX_AMOUNT)
+        _check_int("burst", self.burst, 1, MAX_AMOUNT)
+        if self.burst < self.capacity:
+            raise ValidationError("burst", self.burst, f"must be >= capacity ({self.capacity})")
+        _check_int("refill_amount", self.refill_amount, 1, MAX_AMOUNT)
+        _check_int(
+            "refill_period_seconds", self.refill_period_seconds, 1, MAX_REFILL_PERIOD_SECONDS
+        )
+
+    @classmethod
+    def per_second(cls, name: str, capacity: int, burst: int | None = None) -> Limit:
+        """``capacity`` tokens per second."""
+        return cls.custom(name, capacity, capacity, 1, burst)
+
+    @classmethod
+    def per_minute(cls, name: str, capacity: int, burst: int | None = None) -> Limit:
+        """``capacity`` tokens per minute."""
+        return cls.custom(name, capacity, capacity, 60, burst)
+
+    @classmethod
+    def per_hour(cls, name: str, capacity: int, burst: int | None = None) -> Limit:
+        """``capacity`` tokens per hour."""
+        return cls.custom(name, capacity, capacity, 3600, burst)
+
+    @classmethod
+    def per_day(cls, name: str, capacity: int, burst: int | None = None) -> Limit:
+        """``capacity`` tokens per day."""
+        return cls.custom(name, capacity, capacity, 86400, burst)
+
+    @classmethod
+    def custom(
+        cls,
+        name: str,
+        capacity: int,
+        refill_amount: int,
+        refill_period_seconds: int,
+        burst: int | None = None,
+    ) -> Limit:
+        """An explicit rate; e.g. sustain 100/s with bursts of 1000:
+        ``Limit.custom("requests", 100, 100, 1, burst=1000)``.
+        """
+        return cls(
+            name=name,
+            capacity=capacity,
+            burst=capacity if burst is None else burst,
+            refill_amount=refill_amount,
+            refill_period_seconds=refill_period_seconds,
+        )
+
+    @property
+    def refill_rate(self) -> float:
+        """Tokens per second (for display; the core never uses floats)."""
+        return self.refill_amount / self.refill_period_seconds
+
+    @property
+    def capacity_milli(self) -> int:
+        return self.capacity * 1000
+
+    @property
+    def burst_milli(self) -> int:
+        return self.burst * 1000
+
+    @property
+    def refill_amount_milli(self) -> int:
+        return self.refill_amount * 1000
+
+    @property
+    def refill_period_ms(self) -> int:
+        return self.refill_period_seconds * 1000
+
+    def to_dict(self) -> dict[str, str | int]:
+        return {
+            "name": self.name,
+            "capacity": self.capacity,
+            "burst": self.burst,
+            "refill_amount": self.refill_amount,
+            "refill_period_seconds": self.refill_period_seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Limit:
+        """Inverse of :meth:`to_dict`; the keys must be exactly the five field names.
+
+        Integral ``Decimal`` values are accepted because that is how DynamoDB returns numbers.
+        """
+        if not isinstance(data, dict):
+            raise ValidationError("limit", data, "must be a dict")
+        for key in _LIMIT_FIELDS:
+            if key not in data:
+                raise ValidationError(key, None, "is missing")
+        extra = sorted(str(k) for k in data if k not in _LIMIT_FIELDS)
+        if extra:
+            raise ValidationError(extra[0], data[extra[0]], "is not a Limit field")
+        values: dict[str, Any] = {k: _from_decimal(data[k]) for k in _LIMIT_FIELDS}
+        return cls(**values)
+
+    def encode(self) -> str:
+        """Compact ``capacity:burst:refill_amount:refill_period_seconds`` (name excluded: it is
+        part of the attribute name in the bucket item)."""
+        return f"{self.capacity}:{self.burst}:{self.refill_amount}:{self.refill_period_seconds}"
+
+    @classmethod
+    def decode(cls, encoded: str, name: str) -> Limit:
+        """Inverse of :meth:`encode`; the name comes from the attribute the string was read from."""
+        if not isinstance(encoded, str) or _ENCODED_LIMIT_RE.fullmatch(encoded) is None:
+            raise ValidationError(
+                "limit",
+                encoded,
+                "must be 'capacity:burst:refill_amount:refill_period_seconds' in decimal digits",
+            )
+        capacity, burst, amount, period = (int(p) for p in encoded.split(":"))
+        return cls(name, capacity, burst, amount, period)
+
+
+def _from_decimal(value: object) -> object:
+    if isinstance(value, Decimal) and value.is_finite() and value == value.to_integral_value():
+        return int(value)
+    return value
+
+
+class LimitName:
+    """Conventional limit names."""
+
+    RPM = "rpm"
+    RPH = "rph"
+    RPD = "rpd"
+    TPM = "tpm"
+    TPH = "tph"
+    TPD = "tpd"
+
+
+# ---------------------------------------------------------------------------
+# Entity
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Entity:
+    """Something limits apply to (a project, an API key). Children point to their parent."""
+
+    id: str
+    name: str | None = None
+    parent_id: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    created_at: str | None = None  # ISO-8601 UTC
+
+    def __post_init__(self) -> None:
+        validate_entity_id(self.id, "entity_id")
+        if self.parent_id is not None:
+            validate_entity_id(self.parent_id, "parent_id")
+            if self.parent_id == self.id:
+                raise ValidationError(
+                    "parent_id", self.parent_id, "an entity cannot be its own parent"
+                )
+        if self.name is not None and not isinstance(self.name, str):
+            raise ValidationError("name", self.name, "must be a string or None")
+        if not isinstance(self.metadata, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in self.metadata.items()
+        ):
+            raise ValidationError("metadata", self.metadata, "must be a dict of str to str")
+        if self.created_at is not None and not isinstance(self.created_at, str):
+            raise ValidationError("created_at", self.created_at, "must be an ISO-8601 string")
+
+    @property
+    def entity_id(self) -> str:
+        return self.id
+
+    @property
+    def is_parent(self) -> bool:
+        """True for a root entity (no parent)."""
+        return self.parent_id is None
+
+    @property
+    def is_child(self) -> bool:
+        return self.parent_id is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "parent_id": self.parent_id,
+            "metadata": dict(self.metadata),
+            "created_at": self.created_at,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Entity:
+        return cls(
+            id=data["id"],
+            name=data.get("name"),
+            parent_id=data.get("parent_id"),
+            metadata=dict(data.get("metadata") or {}),
+            created_at=data.get("created_at"),
+        )
+
+
+# ---------------------------------------------------------------------------
+# LimitStatus
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LimitStatus:
+    """The outcome of checking one limit.
+
+    Built by the limiter from validated inputs, so it does not validate itself.
+    """
+
+    entity_id: str
+    resource: str
+    limit_name: str
+    limit: Limit
+    available: int  # whole tokens now; negative after forced consumption
+    requested: int
+    exceeded: bool
+    retry_after_seconds: float | None  # 0.0 when not exceeded; None: can never be satisfied
+
+    @property
+    def deficit(self) -> int:
+        """Tokens missing for the request (0 when enough are available)."""
+        return max(0, self.requested - self.available)
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready; a never-satisfiable (or non-finite) retry time becomes ``None``."""
+        retry = self.retry_after_seconds
+        if retry is not None and not math.isfinite(retry):
+            retry = None
+        return {
+            "entity_id": self.entity_id,
+            "resource": self.resource,
+            "limit_name": self.limit_name,
+            "capacity": self.limit.capacity,
+            "burst": self.limit.burst,
+            "available": self.available,
+            "requested": self.requested,
+            "exceeded": self.exceeded,
+            "retry_after_seconds": retry,
+        }
+
+
+# ---------------------------------------------------------------------------
+# FailureMode
+# ---------------------------------------------------------------------------
+
+
+class FailureMode(StrEnum):
+    """What acquire does when the backing store cannot be reached."""
+
+    FAIL_OPEN = "open"
+    FAIL_CLOSED = "closed"
+
+
+# ---------------------------------------------------------------------------
+# StackOptions
+# ---------------------------------------------------------------------------
+
+# CloudWatch Logs only accepts these retention periods (PutRetentionPolicy).
+# fmt: off
+VALID_LOG_RETENTION_DAYS = frozenset(
+    {1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557,
+     2922, 3288, 3653}
+)
+# fmt: on
+
+_IAM_ROLE_NAME_MAX = 64
+# Longest suffix the deployment appends to a role name ("<stack>-aggregator-role" style); the
+# format's fixed text must leave room for it.
+_ROLE_NAME_FORMAT_MAX_FIXED = 40
+
+
+@dataclass(frozen=True)
+class StackOptions:
+    """How to provision or update the infrastructure when passed to a limiter.
+
+    Frozen so options validated here cannot be changed afterwards.
+    """
+
+    create_table: bool = True
+    aggregator: bool = True
+    usage_windows: tuple[str, ...] = USAGE_WINDOWS
+    snapshot_ttl_days: int = 90
+    pitr_recovery_days: int | None = 35
+    deletion_protection: bool = True
+    billing_mode: Literal["PAY_PER_REQUEST", "PROVISIONED"] = "PAY_PER_REQUEST"
+    read_capacity: int | None = None
+    write_capacity: int | None = None
+    lambda_memory_mb: int = 256
+    lambda_timeout_seconds: int = 60
+    log_retention_days: int = 30
+    alarm_sns_topic_arn: str | None = None
+    iterator_age_threshold_ms: int = 30000
+    duration_threshold_pct: int = 80
+    kms_key_arn: str | None = None
+    permission_boundary: str | None = None
+    role_name_format: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    auto_update: bool = True
+
+    _BOOL_FIELDS: ClassVar[tuple[str, ...]] = (
+        "create_table",
+        "aggregator",
+        "deletion_protection",
+        "auto_update",
+    )
+
+    def __post_init__(self) -> None:
+        for name in self._BOOL_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValidationError(name, value, "must be a bool")
+
+        self._check_windows()
+        _check_int("snapshot_ttl_days", self.snapshot_ttl_days, 1, 3650)
+        if self.pitr_recovery_days is not None:
+            _check_int("pitr_recovery_days", self.pitr_recovery_days, 1, 35)
+        self._check_billing()
+        _check_int("lambda_memory_mb", self.lambda_memory_mb, 128, 10240)
+        _check_int("lambda_timeout_seconds", self.lambda_timeout_seconds, 1, 900)
+        if self.log_retention_days not in VALID_LOG_RETENTION_DAYS or isinstance(
+            self.log_retention_days, bool
+        ):
+            raise ValidationError(
+                "log_retention_days",
+                self.log_retention_days,
+                f"must be one of {sorted(VALID_LOG_RETENTION_DAYS)}",
+            )
+        # Streams keep records for 24 h; a larger threshold could never fire.
+        _check_int("iterator_age_threshold_ms", self.iterator_age_threshold_ms, 1, 86_400_000)
+        _check_int("duration_threshold_pct", self.duration_threshold_pct, 1, 100)
+        if self.alarm_sns_topic_arn is not None and (
+            not isinstance(self.alarm_sns_topic_arn, str)
+            or not self.alarm_sns_topic_arn.startswith("arn:")
+        ):
+            raise ValidationError(
+                "alarm_sns_topic_arn", self.alarm_sns_topic_arn, "must be an ARN ('arn:...')"
+            )
+        # DynamoDB also accepts a key id or alias here, so only emptiness is rejected.
+        for name in ("kms_key_arn", "permission_boundary"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise ValidationError(name, value, "must be a non-empty string or None")
+        self._check_role_name_format()
+        self._check_tags()
+
+    def _check_windows(self) -> None:
+        windows = self.usage_windows
+        if isinstance(windows, str) or not isinstance(windows, (tuple, list)):
+            raise ValidationError("usage_windows", windows, "must be a tuple of window names")
+        for w in windows:
+            if w not in USAGE_WINDOWS:
+                raise ValidationError("usage_windows", windows, f"unknown window {w!r}")
+        if len(set(windows)) != len(windows):
+            raise ValidationError("usage_windows", windows, "contains duplicates")
+        if self.aggregator and not windows:
+            raise ValidationError(
+                "usage_windows", windows, "must not be empty when the aggregator is enabled"
+            )
+        # Accepting a list is convenient; storing a tuple keeps the frozen object immutable.
+        object.__setattr__(self, "usage_windows", tuple(windows))
+
+    def _check_billing(self) -> None:
+        if self.billing_mode not in ("PAY_PER_REQUEST", "PROVISIONED"):
+            raise ValidationError(
+                "billing_mode", self.billing_mode, "must be 'PAY_PER_REQUEST' or 'PROVISIONED'"
+            )
+        for name in ("read_capacity", "write_capacity"):
+            value = getattr(self, name)
+            if self.billing_mode == "PROVISIONED":
+                if value is None:
+                    raise ValidationError(name, value, "is required with PROVISIONED billing")
+                _check_int(name, value, 1, 40000)
+            elif value is not None:
+                # Silently ignoring a capacity would hide a configuration mistake.
+                raise ValidationError(name, value, "only applies to PROVISIONED billing")
+
+    def _check_role_name_format(self) -> None:
+        fmt = self.role_name_format
+        if fmt is None:
+            return
+        if not isinstance(fmt, str):
+            raise ValidationError("role_name_format", fmt, "must be a string or None")
+        if fmt.count("{}") != 1:
+            raise ValidationError(
+                "role_name_format", fmt, "must contain exactly one '{}' placeholder"
+            )
+        if len(fmt) - 2 > _ROLE_NAME_FORMAT_MAX_FIXED:
+            raise ValidationError(
+                "role_name_format",
+                fmt,
+                f"is too long: role names are limited to {_IAM_ROLE_NAME_MAX} characters",
+            )
+
+    def _check_tags(self) -> None:
+        tags = self.tags
+        if not isinstance(tags, dict):
+            raise ValidationError("tags", tags, "must be a dict of str to str")
+        if len(tags) > 50:
+            raise ValidationError("tags", len(tags), "at most 50 tags are allowed")
+        for key, value in tags.items():
+            if not isinstance(key, str) or not 1 <= len(key) <= 128:
+                raise ValidationError("tags", key, "keys must be strings of 1..128 characters")
+            if key.lower().startswith("aws:"):
+                raise ValidationError("tags", key, "keys must not start with 'aws:' (reserved)")
+            if not isinstance(value, str) or len(value) > 256:
+                raise ValidationError("tags", value, "values must be strings of <= 256 characters")
+        # Copy so later mutation of the caller's dict cannot bypass validation.
+        object.__setattr__(self, "tags", dict(tags))
+
+    def get_role_name(self, stack_name: str) -> str | None:
+        """The role name ``role_name_format`` produces for ``stack_name`` (None: default)."""
+        if self.role_name_format is None:
+            return None
+        return self.role_name_format.replace("{}", f"{stack_name}-aggregator-role")
+
+
+# ---------------------------------------------------------------------------
+# Usage
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UsageSnapshot:
+    """Net tokens consumed by one (entity, resource) in one window."""
+
+    entity_id: str
+    resource: str
+    window: str  # "hourly" | "daily"
+    window_start: str  # ISO-8601 UTC
+    counters: dict[str, int]  # limit name -> net tokens consumed (consumed - released)
+    updated_at: str | None = None
+
+    def __post_init__(self) -> None:
+        validate_entity_id(self.entity_id, "entity_id")
+        validate_resource(self.resource, "resource")
+        if self.window not in USAGE_WINDOWS:
+            raise ValidationError("window", self.window, f"must be one of {list(USAGE_WINDOWS)}")
+
+    @property
+    def window_type(self) -> str:
+        """0.x name of :attr:`window`."""
+        return self.window
+
+
+@dataclass(frozen=True)
+class UsageSummary:
+    """Usage of one (entity, resource) aggregated over several snapshots."""
+
+    entity_id: str
+    resource: str
+    window: str
+    start: str  # ISO-8601 UTC, inclusive
+    end: str  # ISO-8601 UTC
+    snapshot_count: int
+    totals: dict[str, int]
+    averages: dict[str, float]

@@ -1,0 +1,744 @@
+"""DynamoDB I/O: the only module that talks to the table (aioboto3, low-level client).
+
+It knows keys and item layout (through `schema`), retries and capacity accounting. It makes no
+rate-limiting decisions: bucket writes arrive as conditions and values computed by the core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import aioboto3
+import botocore.exceptions
+from botocore.config import Config
+
+from . import schema
+from .capacity import CapacityLedger, item_size, read_units, write_units
+from .exceptions import EntityExistsError, EntityNotFoundError, ZAELimiterError
+from .models import Entity, Limit
+
+log = logging.getLogger("zae_limiter.repository")
+
+T = TypeVar("T")
+Item = dict[str, dict[str, Any]]
+
+# Errors after which DynamoDB has certainly not applied the request.
+_RETRYABLE_CODES = frozenset({
+    "ProvisionedThroughputExceededException",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "LimitExceededException",
+    "ServiceUnavailable",
+    "ServiceUnavailableException",
+})
+# Errors after which the request may or may not have been applied.
+_AMBIGUOUS_CODES = frozenset({"InternalServerError", "InternalFailure"})
+_SAFE_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
+    botocore.exceptions.EndpointConnectionError,
+    botocore.exceptions.ConnectTimeoutError,
+)
+
+
+class RepositoryUnavailable(ZAELimiterError):
+    """DynamoDB could not be reached, or kept failing, within the retry policy."""
+
+    def __init__(self, message: str, cause: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.cause = cause
+
+
+class ConditionFailed(Exception):
+    """A bucket write's condition did not hold; `current` is the item as DynamoDB had it."""
+
+    def __init__(self, current: BucketItem | None) -> None:
+        super().__init__("bucket condition failed")
+        self.current = current
+
+
+class _Ambiguous(Exception):
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Bounded retries with full-jitter exponential backoff."""
+
+    max_attempts: int = 4
+    base_delay: float = 0.025
+    max_delay: float = 1.0
+    connect_timeout: float = 2.0
+    read_timeout: float = 5.0
+
+    def delay(self, attempt: int) -> float:
+        return random.uniform(0, min(self.max_delay, self.base_delay * (2**attempt)))
+
+
+@dataclass(frozen=True, slots=True)
+class LimitState:
+    tokens_milli: int
+    last_refill_ms: int
+    consumed_milli: int = 0
+    released_milli: int = 0
+    definition: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BucketItem:
+    """All limits of one (entity, resource), as stored."""
+
+    entity_id: str
+    resource: str
+    limits: dict[str, LimitState]
+    write_time_ms: int | None = None
+    write_ids: tuple[str, ...] = ()
+    size: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class LimitWrite:
+    """One limit's part of a bucket write, translated from a core decision."""
+
+    limit_name: str
+    absolute: bool
+    value: int
+    new_last_refill_ms: int
+    expect_last_refill_ms: int | None  # None: the limit must not exist yet
+    cond_lo: int | None
+    cond_hi: int | None
+    delta_milli: int
+    definition: str | None = None  # written when the stored definition differs
+
+
+@dataclass
+class _Expr:
+    names: dict[str, str] = field(default_factory=dict)
+    values: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def name(self, attr: str) -> str:
+        key = f"#n{len(self.names)}"
+        self.names[key] = attr
+        return key
+
+    def value(self, av: dict[str, Any]) -> str:
+        key = f":v{len(self.values)}"
+        self.values[key] = av
+        return key
+
+
+def _s(value: str) -> dict[str, Any]:
+    return {"S": value}
+
+
+def _n(value: int) -> dict[str, Any]:
+    return {"N": str(value)}
+
+
+def _get_s(item: Item, attr: str) -> str | None:
+    value = item.get(attr)
+    return None if value is None or "S" not in value else str(value["S"])
+
+
+def _get_n(item: Item, attr: str) -> int | None:
+    value = item.get(attr)
+    return None if value is None or "N" not in value else int(value["N"])
+
+
+def _utcnow() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def bucket_from_item(item: Item) -> BucketItem:
+    fields: dict[str, dict[str, Any]] = {}
+    for attr, value in item.items():
+        parsed = schema.parse_limit_attr(attr)
+        if parsed is not None:
+            fields.setdefault(parsed[1], {})[parsed[0]] = value
+    limits: dict[str, LimitState] = {}
+    for limit_name, attrs in fields.items():
+        if schema.TOKENS not in attrs or schema.LAST_REFILL not in attrs:
+            continue  # reset limit: counters survive, state does not; the bucket is full again
+        definition = attrs.get(schema.LIMIT_DEF)
+        limits[limit_name] = LimitState(
+            tokens_milli=int(attrs[schema.TOKENS]["N"]),
+            last_refill_ms=int(attrs[schema.LAST_REFILL]["N"]),
+            consumed_milli=int(attrs.get(schema.CONSUMED, {"N": "0"})["N"]),
+            released_milli=int(attrs.get(schema.RELEASED, {"N": "0"})["N"]),
+            definition=None if definition is None else str(definition["S"]),
+        )
+    pk = _get_s(item, schema.PK) or ""
+    sk = _get_s(item, schema.SK) or ""
+    return BucketItem(
+        entity_id=schema.entity_id_from_pk(pk),
+        resource=schema.resource_from_bucket_sk(sk),
+        limits=limits,
+        write_time_ms=_get_n(item, schema.WRITE_TIME),
+        write_ids=tuple(w for w in (_get_s(item, s) for s in schema.WRITE_ID_SLOTS) if w),
+        size=item_size(item),
+    )
+
+
+def entity_from_item(item: Item) -> Entity:
+    metadata_av = item.get("metadata", {}).get("M", {})
+    return Entity(
+        id=_get_s(item, "entity_id") or schema.entity_id_from_pk(_get_s(item, schema.PK) or ""),
+        name=_get_s(item, "name"),
+        parent_id=_get_s(item, "parent_id"),
+        metadata={k: str(v.get("S", "")) for k, v in metadata_av.items()},
+        created_at=_get_s(item, "created_at"),
+    )
+
+
+def limit_from_item(item: Item) -> Limit:
+    return Limit(
+        name=_get_s(item, "limit_name") or schema.parse_limit_sk(_get_s(item, schema.SK) or "")[1],
+        capacity=_get_n(item, "capacity") or 0,
+        burst=_get_n(item, "burst") or 0,
+        refill_amount=_get_n(item, "refill_amount") or 0,
+        refill_period_seconds=_get_n(item, "refill_period_seconds") or 0,
+    )
+
+
+class Repository:
+    """Async access to one zae-limiter table.
+
+    `Repository("ZAEL-my-app", "us-east-1", None)` or `Repository(name="my-app")`; close with
+    `await repo.close()` (or `async with`).
+    """
+
+    def __init__(
+        self,
+        table_name: str | None = None,
+        region: str | None = None,
+        endpoint_url: str | None = None,
+        *,
+        name: str | None = None,
+        retry: RetryPolicy | None = None,
+        session: aioboto3.Session | None = None,
+        max_pool_connections: int = 50,
+    ) -> None:
+        if table_name is None and name is None:
+            raise ValueError("Repository needs a table_name or a name")
+        self.table_name = schema.table_name(table_name or name or "")
+        self.region = region
+        self.endpoint_url = endpoint_url
+        self.retry = retry or RetryPolicy()
+        self.ledger = CapacityLedger()
+        self._session = session or aioboto3.Session()
+        self._max_pool_connections = max_pool_connections
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._client: Any = None
+        self._client_lock = asyncio.Lock()
+
+    # -- client lifecycle -------------------------------------------------------------------
+
+    async def client(self) -> Any:
+        if self._client is not None:
+            return self._client
+        async with self._client_lock:
+            if self._client is None:
+                # Our own retry loop owns retries: botocore's would replay non-idempotent
+                # bucket writes after a lost response and double them.
+                config = Config(
+                    retries={"total_max_attempts": 1, "mode": "standard"},
+                    connect_timeout=self.retry.connect_timeout,
+                    read_timeout=self.retry.read_timeout,
+                    max_pool_connections=self._max_pool_connections,
+                )
+                stack = contextlib.AsyncExitStack()
+                self._client = await stack.enter_async_context(
+                    self._session.client(
+                        "dynamodb",
+                        region_name=self.region,
+                        endpoint_url=self.endpoint_url,
+                        config=config,
+                    )
+                )
+                self._stack = stack
+        return self._client
+
+    async def close(self) -> None:
+        stack, self._stack, self._client = self._stack, None, None
+        if stack is not None:
+            await stack.aclose()
+
+    async def __aenter__(self) -> Repository:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- calls and retries ------------------------------------------------------------------
+
+    async def _call(self, operation: str, **kwargs: Any) -> dict[str, Any]:
+        """One DynamoDB call with bounded, jittered retries of errors that did not apply."""
+        client = await self.client()
+        method: Callable[..., Awaitable[dict[str, Any]]] = getattr(client, operation)
+        last: BaseException | None = None
+        for attempt in range(self.retry.max_attempts):
+            if attempt:
+                await asyncio.sleep(self.retry.delay(attempt))
+            try:
+                return await method(**kwargs)
+            except botocore.exceptions.ClientError as exc:
+                code = exc.response.get("Error", {}).get("Code", "")
+                status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+                if code in _RETRYABLE_CODES:
+                    self.ledger.record(f"{operation}:throttled")
+                    last = exc
+                    continue
+                if code in _AMBIGUOUS_CODES or status >= 500:
+                    raise _Ambiguous(exc) from exc
+                raise
+            except _SAFE_TRANSPORT_ERRORS as exc:
+                last = exc
+                continue
+            except (botocore.exceptions.BotoCoreError, OSError, asyncio.TimeoutError) as exc:
+                raise _Ambiguous(exc) from exc
+        raise RepositoryUnavailable(
+            f"DynamoDB {operation} failed after {self.retry.max_attempts} attempts: {last}", last
+        )
+
+    async def call(self, operation: str, **kwargs: Any) -> dict[str, Any]:
+        """A call whose effect is idempotent: ambiguous failures are simply retried."""
+        last: BaseException | None = None
+        for attempt in range(self.retry.max_attempts):
+            if attempt:
+                await asyncio.sleep(self.retry.delay(attempt))
+            try:
+                return await self._call(operation, **kwargs)
+            except _Ambiguous as exc:
+                last = exc.cause
+        raise RepositoryUnavailable(f"DynamoDB {operation} kept failing: {last}", last)
+
+    # -- buckets ----------------------------------------------------------------------------
+
+    async def get_bucket(self, entity_id: str, resource: str) -> BucketItem | None:
+        response = await self.call(
+            "get_item",
+            TableName=self.table_name,
+            Key={schema.PK: _s(schema.entity_pk(entity_id)), schema.SK: _s(schema.bucket_sk(resource))},
+            ConsistentRead=True,
+        )
+        item = response.get("Item")
+        size = item_size(item)
+        self.ledger.record("GetItem", rcu=read_units(size, consistent=True))
+        return bucket_from_item(item) if item else None
+
+    async def write_bucket(
+        self,
+        entity_id: str,
+        resource: str,
+        writes: Sequence[LimitWrite],
+        now_ms: int,
+        known_size: int = 0,
+    ) -> BucketItem:
+        """Apply one conditional UpdateItem for every limit write of the bucket.
+
+        Raises `ConditionFailed` with the current item when any condition does not hold. A write
+        whose response was lost is resolved by reading the item's recent write ids, so it is
+        neither lost nor applied twice.
+        """
+        write_id = secrets.token_urlsafe(6)
+        kwargs = self._bucket_update(entity_id, resource, writes, now_ms, write_id)
+        last: BaseException | None = None
+        for attempt in range(self.retry.max_attempts):
+            if attempt:
+                await asyncio.sleep(self.retry.delay(attempt))
+            try:
+                response = await self._call("update_item", **kwargs)
+            except botocore.exceptions.ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
+                    raise
+                raw = exc.response.get("Item")
+                current = bucket_from_item(raw) if raw else None
+                if raw is None:
+                    # Older servers do not return the item on failure: one read instead.
+                    current = await self.get_bucket(entity_id, resource)
+                self.ledger.record("UpdateItem", wcu=write_units(current.size if current else 0))
+                raise ConditionFailed(current) from None
+            except _Ambiguous as exc:
+                last = exc.cause
+                current = await self.get_bucket(entity_id, resource)
+                if current is not None and write_id in current.write_ids:
+                    self.ledger.record("UpdateItem", wcu=write_units(known_size, current.size))
+                    return current
+                continue  # it did not land: safe to send again
+            new = bucket_from_item(response["Attributes"])
+            self.ledger.record("UpdateItem", wcu=write_units(known_size, new.size))
+            return new
+        raise RepositoryUnavailable(f"bucket write kept failing: {last}", last)
+
+    def _bucket_update(
+        self,
+        entity_id: str,
+        resource: str,
+        writes: Sequence[LimitWrite],
+        now_ms: int,
+        write_id: str,
+    ) -> dict[str, Any]:
+        expr = _Expr()
+        sets: list[str] = []
+        adds: list[str] = []
+        conditions: list[str] = []
+        for w in writes:
+            tk = expr.name(schema.limit_attr(schema.TOKENS, w.limit_name))
+            lr = expr.name(schema.limit_attr(schema.LAST_REFILL, w.limit_name))
+            if w.absolute:
+                sets.append(f"{tk} = {expr.value(_n(w.value))}")
+            else:
+                sets.append(f"{tk} = {tk} + {expr.value(_n(w.value))}")
+            if w.absolute or w.new_last_refill_ms != w.expect_last_refill_ms:
+                sets.append(f"{lr} = {expr.value(_n(w.new_last_refill_ms))}")
+            if w.expect_last_refill_ms is None:
+                conditions.append(f"attribute_not_exists({lr})")
+            else:
+                conditions.append(f"{lr} = {expr.value(_n(w.expect_last_refill_ms))}")
+                if w.cond_lo is not None:
+                    conditions.append(f"{tk} >= {expr.value(_n(w.cond_lo))}")
+                if w.cond_hi is not None:
+                    conditions.append(f"{tk} <= {expr.value(_n(w.cond_hi))}")
+            if w.delta_milli:
+                counter = schema.CONSUMED if w.delta_milli > 0 else schema.RELEASED
+                counter_name = expr.name(schema.limit_attr(counter, w.limit_name))
+                adds.append(f"{counter_name} {expr.value(_n(abs(w.delta_milli)))}")
+            if w.definition is not None:
+                lm = expr.name(schema.limit_attr(schema.LIMIT_DEF, w.limit_name))
+                sets.append(f"{lm} = {expr.value(_s(w.definition))}")
+        sets.append(f"{expr.name(schema.WRITE_TIME)} = {expr.value(_n(now_ms))}")
+        sets.append(f"{expr.name('entity_id')} = {expr.value(_s(entity_id))}")
+        sets.append(f"{expr.name('resource')} = {expr.value(_s(resource))}")
+        # Shift the ring of recent write ids; SET reads every right-hand side from the old item.
+        slots = [expr.name(slot) for slot in schema.WRITE_ID_SLOTS]
+        empty = expr.value(_s(""))
+        sets.append(f"{slots[0]} = {expr.value(_s(write_id))}")
+        for newer, older in zip(slots, slots[1:], strict=False):
+            sets.append(f"{older} = if_not_exists({newer}, {empty})")
+        update = "SET " + ", ".join(sets)
+        if adds:
+            update += " ADD " + ", ".join(adds)
+        kwargs: dict[str, Any] = {
+            "TableName": self.table_name,
+            "Key": {
+                schema.PK: _s(schema.entity_pk(entity_id)),
+                schema.SK: _s(schema.bucket_sk(resource)),
+            },
+            "UpdateExpression": update,
+            "ExpressionAttributeNames": expr.names,
+            "ExpressionAttributeValues": expr.values,
+            "ReturnValues": "ALL_NEW",
+        }
+        if conditions:
+            kwargs["ConditionExpression"] = " AND ".join(conditions)
+            kwargs["ReturnValuesOnConditionCheckFailure"] = "ALL_OLD"
+        return kwargs
+
+    async def list_buckets(self, entity_id: str) -> list[BucketItem]:
+        items = await self._query_all(
+            KeyConditionExpression="#pk = :pk AND begins_with(#sk, :sk)",
+            ExpressionAttributeNames={"#pk": schema.PK, "#sk": schema.SK},
+            ExpressionAttributeValues={
+                ":pk": _s(schema.entity_pk(entity_id)),
+                ":sk": _s(schema.BUCKET_PREFIX),
+            },
+        )
+        return [bucket_from_item(item) for item in items]
+
+    async def reset_bucket(self, entity_id: str, resource: str,
+                           limit_names: Iterable[str] | None = None) -> bool:
+        """Forget bucket state so the limits start full again; consumption counters are kept
+        (the aggregator derives usage from them). Returns False when there was no bucket."""
+        bucket = await self.get_bucket(entity_id, resource)
+        if bucket is None:
+            return False
+        names = list(bucket.limits) if limit_names is None else list(limit_names)
+        if not names:
+            return True
+        expr = _Expr()
+        removes = []
+        for limit_name in names:
+            removes.append(expr.name(schema.limit_attr(schema.TOKENS, limit_name)))
+            removes.append(expr.name(schema.limit_attr(schema.LAST_REFILL, limit_name)))
+        await self.call(
+            "update_item",
+            TableName=self.table_name,
+            Key={schema.PK: _s(schema.entity_pk(entity_id)), schema.SK: _s(schema.bucket_sk(resource))},
+            UpdateExpression="REMOVE " + ", ".join(removes),
+            ConditionExpression="attribute_exists(#pk)",
+            ExpressionAttributeNames=expr.names | {"#pk": schema.PK},
+        )
+        self.ledger.record("UpdateItem", wcu=write_units(bucket.size))
+        return True
+
+    # -- entities ---------------------------------------------------------------------------
+
+    async def put_entity(self, entity: Entity) -> None:
+        item: Item = {
+            schema.PK: _s(schema.entity_pk(entity.id)),
+            schema.SK: _s(schema.META_SK),
+            "entity_id": _s(entity.id),
+            "metadata": {"M": {k: _s(v) for k, v in entity.metadata.items()}},
+            "created_at": _s(entity.created_at or _utcnow()),
+        }
+        if entity.name is not None:
+            item["name"] = _s(entity.name)
+        if entity.parent_id is not None:
+            item["parent_id"] = _s(entity.parent_id)
+            item[schema.GSI1PK] = _s(schema.parent_gsi_pk(entity.parent_id))
+            item[schema.GSI1SK] = _s(schema.child_gsi_sk(entity.id))
+        try:
+            await self.call(
+                "put_item",
+                TableName=self.table_name,
+                Item=item,
+                ConditionExpression="attribute_not_exists(#pk)",
+                ExpressionAttributeNames={"#pk": schema.PK},
+            )
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+                raise EntityExistsError(entity.id) from None
+            raise
+        self.ledger.record("PutItem", wcu=write_units(item_size(item)))
+
+    async def get_entity(self, entity_id: str) -> Entity | None:
+        response = await self.call(
+            "get_item",
+            TableName=self.table_name,
+            Key={schema.PK: _s(schema.entity_pk(entity_id)), schema.SK: _s(schema.META_SK)},
+            ConsistentRead=True,
+        )
+        item = response.get("Item")
+        self.ledger.record("GetItem", rcu=read_units(item_size(item), consistent=True))
+        return entity_from_item(item) if item else None
+
+    async def get_children(self, parent_id: str) -> list[Entity]:
+        items = await self._query_all(
+            IndexName=schema.GSI1,
+            KeyConditionExpression="#pk = :pk",
+            ExpressionAttributeNames={"#pk": schema.GSI1PK},
+            ExpressionAttributeValues={":pk": _s(schema.parent_gsi_pk(parent_id))},
+            consistent=False,
+        )
+        return [entity_from_item(item) for item in items]
+
+    async def delete_entity(self, entity_id: str) -> int:
+        """Delete every item of the entity (metadata, buckets, limits, usage); returns a count."""
+        items = await self._query_all(
+            KeyConditionExpression="#pk = :pk",
+            ExpressionAttributeNames={"#pk": schema.PK},
+            ExpressionAttributeValues={":pk": _s(schema.entity_pk(entity_id))},
+            ProjectionExpression="#pk, #sk",
+            extra_names={"#sk": schema.SK},
+        )
+        if not any(_get_s(item, schema.SK) == schema.META_SK for item in items):
+            raise EntityNotFoundError(entity_id)
+        await self._batch_delete([{schema.PK: i[schema.PK], schema.SK: i[schema.SK]} for i in items])
+        return len(items)
+
+    # -- stored limits ----------------------------------------------------------------------
+
+    async def set_limits(self, entity_id: str, resource: str, limits: Sequence[Limit]) -> None:
+        """Replace the stored limits of (entity, resource) with `limits`."""
+        existing = await self._limit_items(entity_id, resource)
+        keep = {limit.name for limit in limits}
+        stale = [
+            {schema.PK: item[schema.PK], schema.SK: item[schema.SK]}
+            for item in existing
+            if schema.parse_limit_sk(_get_s(item, schema.SK) or "")[1] not in keep
+        ]
+        puts: list[Item] = []
+        for limit in limits:
+            puts.append({
+                schema.PK: _s(schema.entity_pk(entity_id)),
+                schema.SK: _s(schema.limit_sk(resource, limit.name)),
+                "entity_id": _s(entity_id),
+                "resource": _s(resource),
+                "limit_name": _s(limit.name),
+                "capacity": _n(limit.capacity),
+                "burst": _n(limit.burst),
+                "refill_amount": _n(limit.refill_amount),
+                "refill_period_seconds": _n(limit.refill_period_seconds),
+            })
+        await self._batch_write(puts=puts, deletes=stale)
+
+    async def get_limits(self, entity_id: str, resource: str) -> list[Limit]:
+        return [limit_from_item(item) for item in await self._limit_items(entity_id, resource)]
+
+    async def get_all_limits(self, entity_id: str) -> dict[str, list[Limit]]:
+        """Every stored limit of the entity by resource, in one query."""
+        items = await self._query_all(
+            KeyConditionExpression="#pk = :pk AND begins_with(#sk, :sk)",
+            ExpressionAttributeNames={"#pk": schema.PK, "#sk": schema.SK},
+            ExpressionAttributeValues={
+                ":pk": _s(schema.entity_pk(entity_id)),
+                ":sk": _s(schema.LIMIT_PREFIX),
+            },
+        )
+        result: dict[str, list[Limit]] = {}
+        for item in items:
+            resource, _ = schema.parse_limit_sk(_get_s(item, schema.SK) or "")
+            result.setdefault(resource, []).append(limit_from_item(item))
+        return result
+
+    async def delete_limits(self, entity_id: str, resource: str) -> int:
+        items = await self._limit_items(entity_id, resource)
+        await self._batch_delete([{schema.PK: i[schema.PK], schema.SK: i[schema.SK]} for i in items])
+        return len(items)
+
+    async def _limit_items(self, entity_id: str, resource: str) -> list[Item]:
+        return await self._query_all(
+            KeyConditionExpression="#pk = :pk AND begins_with(#sk, :sk)",
+            ExpressionAttributeNames={"#pk": schema.PK, "#sk": schema.SK},
+            ExpressionAttributeValues={
+                ":pk": _s(schema.entity_pk(entity_id)),
+                ":sk": _s(schema.limit_sk(resource)),
+            },
+        )
+
+    # -- version record ---------------------------------------------------------------------
+
+    async def get_version_record(self) -> dict[str, Any] | None:
+        response = await self.call(
+            "get_item", TableName=self.table_name,
+            Key={k: _s(v) for k, v in schema.version_key().items()}, ConsistentRead=True,
+        )
+        item = response.get("Item")
+        self.ledger.record("GetItem", rcu=read_units(item_size(item), consistent=True))
+        if not item:
+            return None
+        return {k: next(iter(v.values())) for k, v in item.items() if k not in (schema.PK, schema.SK)}
+
+    async def set_version_record(
+        self,
+        schema_version: str | None = None,
+        lambda_version: str | None = None,
+        min_client_version: str | None = None,
+        updated_by: str = "zae-limiter",
+        **extra: str,
+    ) -> None:
+        """Update the given fields of `SYSTEM#`/`#VERSION` (creating it if needed)."""
+        fields = {
+            "schema_version": schema_version,
+            "lambda_version": lambda_version,
+            "min_client_version": min_client_version,
+            **extra,
+        }
+        expr = _Expr()
+        sets = [
+            f"{expr.name(k)} = {expr.value(_s(v))}" for k, v in fields.items() if v is not None
+        ]
+        sets.append(f"{expr.name('updated_at')} = {expr.value(_s(_utcnow()))}")
+        sets.append(f"{expr.name('updated_by')} = {expr.value(_s(updated_by))}")
+        await self.call(
+            "update_item",
+            TableName=self.table_name,
+            Key={k: _s(v) for k, v in schema.version_key().items()},
+            UpdateExpression="SET " + ", ".join(sets),
+            ExpressionAttributeNames=expr.names,
+            ExpressionAttributeValues=expr.values,
+        )
+        self.ledger.record("UpdateItem", wcu=1)
+
+    # -- table ------------------------------------------------------------------------------
+
+    async def table_exists(self) -> bool:
+        client = await self.client()
+        try:
+            await self.call("describe_table", TableName=self.table_name)
+        except client.exceptions.ResourceNotFoundException:
+            return False
+        return True
+
+    async def create_table(
+        self,
+        billing_mode: str = "PAY_PER_REQUEST",
+        read_capacity: int | None = None,
+        write_capacity: int | None = None,
+    ) -> bool:
+        """Create the table from the schema if it is missing; True when it was created."""
+        client = await self.client()
+        try:
+            await self.call(
+                "create_table",
+                **schema.TABLE.create_table_kwargs(
+                    self.table_name, billing_mode, read_capacity, write_capacity
+                ),
+            )
+        except client.exceptions.ResourceInUseException:
+            return False
+        waiter = client.get_waiter("table_exists")
+        await waiter.wait(TableName=self.table_name, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
+        await self.call(
+            "update_time_to_live",
+            TableName=self.table_name,
+            TimeToLiveSpecification={"Enabled": True, "AttributeName": schema.TTL_ATTRIBUTE},
+        )
+        return True
+
+    async def delete_table(self) -> bool:
+        client = await self.client()
+        try:
+            await self.call("delete_table", TableName=self.table_name)
+        except client.exceptions.ResourceNotFoundException:
+            return False
+        return True
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    async def _query_all(self, *, consistent: bool = True,
+                         extra_names: dict[str, str] | None = None, **kwargs: Any) -> list[Item]:
+        if extra_names:
+            kwargs["ExpressionAttributeNames"] = kwargs["ExpressionAttributeNames"] | extra_names
+        items: list[Item] = []
+        start_key: dict[str, Any] | None = None
+        while True:
+            page_args = dict(kwargs, TableName=self.table_name)
+            if consistent:
+                page_args["ConsistentRead"] = True
+            if start_key:
+                page_args["ExclusiveStartKey"] = start_key
+            response = await self.call("query", **page_args)
+            page = response.get("Items", [])
+            items.extend(page)
+            self.ledger.record(
+                "Query", rcu=read_units(sum(item_size(i) for i in page), consistent=consistent)
+            )
+            start_key = response.get("LastEvaluatedKey")
+            if not start_key:
+                return items
+
+    async def _batch_delete(self, keys: list[Item]) -> None:
+        await self._batch_write(puts=[], deletes=keys)
+
+    async def _batch_write(self, puts: list[Item], deletes: list[Item]) -> None:
+        requests = [{"PutRequest": {"Item": item}} for item in puts]
+        requests += [{"DeleteRequest": {"Key": key}} for key in deletes]
+        for start in range(0, len(requests), 25):
+            pending = requests[start : start + 25]
+            for attempt in range(self.retry.max_attempts * 2):
+                if not pending:
+                    break
+                if attempt:
+                    await asyncio.sleep(self.retry.delay(attempt))
+                response = await self.call(
+                    "batch_write_item", RequestItems={self.table_name: pending}
+                )
+                done = len(pending)
+                pending = response.get("UnprocessedItems", {}).get(self.table_name, [])
+                self.ledger.record("BatchWriteItem", wcu=float(done - len(pending)))
+            if pending:
+                raise RepositoryUnavailable("BatchWriteItem left unprocessed items")
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000

@@ -1,0 +1,241 @@
+"""The one definition of the table: names, keys, item attributes and the table itself.
+
+Every key format lives here and nowhere else. The library, the aggregator, the local provisioner
+and the Pulumi program all read this module, so it imports nothing but the standard library
+(the aggregator runs in a bare Lambda runtime).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final
+
+SCHEMA_VERSION: Final = "1.0.0"
+
+TABLE_PREFIX: Final = "ZAEL-"
+
+PK: Final = "PK"
+SK: Final = "SK"
+GSI1: Final = "GSI1"
+GSI1PK: Final = "GSI1PK"
+GSI1SK: Final = "GSI1SK"
+TTL_ATTRIBUTE: Final = "ttl"
+STREAM_VIEW_TYPE: Final = "NEW_AND_OLD_IMAGES"
+
+ENTITY_PREFIX: Final = "ENTITY#"
+META_SK: Final = "#META"
+BUCKET_PREFIX: Final = "#BUCKET#"
+LIMIT_PREFIX: Final = "#LIMIT#"
+USAGE_PREFIX: Final = "#USAGE#"
+SYSTEM_PK: Final = "SYSTEM#"
+VERSION_SK: Final = "#VERSION"
+PARENT_PREFIX: Final = "PARENT#"
+CHILD_PREFIX: Final = "CHILD#"
+
+DEFAULT_RESOURCE: Final = "_default_"
+SEP: Final = "#"
+
+# Bucket item: one item per (entity, resource) holding every limit, so that a warm acquire of any
+# number of limits is a single conditional UpdateItem. Per-limit attribute names are
+# "<field>#<limit>"; limit names never contain "#", so the split is unambiguous.
+TOKENS: Final = "tk"
+LAST_REFILL: Final = "lr"
+CONSUMED: Final = "cn"
+RELEASED: Final = "rl"
+LIMIT_DEF: Final = "lm"
+BUCKET_FIELDS: Final = (TOKENS, LAST_REFILL, CONSUMED, RELEASED, LIMIT_DEF)
+WRITE_TIME: Final = "ts"
+WRITE_ID_SLOTS: Final = ("w0", "w1", "w2", "w3")
+
+
+def table_name(name: str) -> str:
+    """`name="my-app"` means table `ZAEL-my-app`; a name that already has the prefix is kept."""
+    return name if name.startswith(TABLE_PREFIX) else f"{TABLE_PREFIX}{name}"
+
+
+def stack_name(name: str) -> str:
+    return table_name(name)
+
+
+def short_name(table: str) -> str:
+    return table[len(TABLE_PREFIX) :] if table.startswith(TABLE_PREFIX) else table
+
+
+def aggregator_function_name(name: str) -> str:
+    return f"{table_name(name)}-aggregator"
+
+
+def aggregator_dlq_name(name: str) -> str:
+    return f"{table_name(name)}-aggregator-dlq"
+
+
+def entity_pk(entity_id: str) -> str:
+    return f"{ENTITY_PREFIX}{entity_id}"
+
+
+def entity_id_from_pk(pk: str) -> str:
+    if not pk.startswith(ENTITY_PREFIX):
+        raise ValueError(f"not an entity key: {pk!r}")
+    return pk[len(ENTITY_PREFIX) :]
+
+
+def bucket_sk(resource: str) -> str:
+    return f"{BUCKET_PREFIX}{resource}"
+
+
+def resource_from_bucket_sk(sk: str) -> str:
+    if not sk.startswith(BUCKET_PREFIX):
+        raise ValueError(f"not a bucket key: {sk!r}")
+    return sk[len(BUCKET_PREFIX) :]
+
+
+def limit_sk(resource: str, limit_name: str | None = None) -> str:
+    """Stored limit key; without a limit name, the prefix of every limit of the resource."""
+    if limit_name is None:
+        return f"{LIMIT_PREFIX}{resource}{SEP}"
+    return f"{LIMIT_PREFIX}{resource}{SEP}{limit_name}"
+
+
+def parse_limit_sk(sk: str) -> tuple[str, str]:
+    """(resource, limit_name) of a stored-limit key. Resources may not contain '#'."""
+    if not sk.startswith(LIMIT_PREFIX):
+        raise ValueError(f"not a limit key: {sk!r}")
+    resource, _, limit_name = sk[len(LIMIT_PREFIX) :].partition(SEP)
+    return resource, limit_name
+
+
+def usage_sk(resource: str | None = None, window: str | None = None, start: str | None = None) -> str:
+    """Usage snapshot key, or a prefix of it when trailing parts are omitted."""
+    sk = USAGE_PREFIX
+    if resource is None:
+        return sk
+    sk += f"{resource}{SEP}"
+    if window is None:
+        return sk
+    sk += f"{window}{SEP}"
+    if start is None:
+        return sk
+    return sk + start
+
+
+def parse_usage_sk(sk: str) -> tuple[str, str, str]:
+    """(resource, window, window_start) of a usage key."""
+    if not sk.startswith(USAGE_PREFIX):
+        raise ValueError(f"not a usage key: {sk!r}")
+    parts = sk[len(USAGE_PREFIX) :].split(SEP)
+    if len(parts) != 3:
+        raise ValueError(f"malformed usage key: {sk!r}")
+    return parts[0], parts[1], parts[2]
+
+
+def parent_gsi_pk(parent_id: str) -> str:
+    return f"{PARENT_PREFIX}{parent_id}"
+
+
+def child_gsi_sk(entity_id: str) -> str:
+    return f"{CHILD_PREFIX}{entity_id}"
+
+
+def limit_attr(field: str, limit_name: str) -> str:
+    return f"{field}{SEP}{limit_name}"
+
+
+def parse_limit_attr(attr: str) -> tuple[str, str] | None:
+    """(field, limit_name) for a per-limit bucket attribute, None for any other attribute."""
+    field, sep, limit_name = attr.partition(SEP)
+    if not sep or field not in BUCKET_FIELDS or not limit_name:
+        return None
+    return field, limit_name
+
+
+def is_bucket_key(pk: str, sk: str) -> bool:
+    return pk.startswith(ENTITY_PREFIX) and sk.startswith(BUCKET_PREFIX)
+
+
+def version_key() -> dict[str, str]:
+    return {PK: SYSTEM_PK, SK: VERSION_SK}
+
+
+@dataclass(frozen=True, slots=True)
+class KeyAttribute:
+    name: str
+    type: str  # "S" | "N" | "B"
+
+
+@dataclass(frozen=True, slots=True)
+class Index:
+    name: str
+    hash_key: str
+    range_key: str
+    projection: str = "ALL"
+
+
+@dataclass(frozen=True, slots=True)
+class TableDefinition:
+    """Keys, indexes, TTL and stream of the table: read by boto3 and by Pulumi alike."""
+
+    hash_key: str
+    range_key: str
+    attributes: tuple[KeyAttribute, ...]
+    global_secondary_indexes: tuple[Index, ...]
+    ttl_attribute: str
+    stream_view_type: str
+
+    def create_table_kwargs(self, table: str, billing_mode: str = "PAY_PER_REQUEST",
+                            read_capacity: int | None = None,
+                            write_capacity: int | None = None) -> dict[str, Any]:
+        """Arguments for DynamoDB's CreateTable (boto3 spelling)."""
+        provisioned = billing_mode == "PROVISIONED"
+        throughput = {
+            "ReadCapacityUnits": read_capacity or 5,
+            "WriteCapacityUnits": write_capacity or 5,
+        }
+        gsis: list[dict[str, Any]] = []
+        for index in self.global_secondary_indexes:
+            gsi: dict[str, Any] = {
+                "IndexName": index.name,
+                "KeySchema": [
+                    {"AttributeName": index.hash_key, "KeyType": "HASH"},
+                    {"AttributeName": index.range_key, "KeyType": "RANGE"},
+                ],
+                "Projection": {"ProjectionType": index.projection},
+            }
+            if provisioned:
+                gsi["ProvisionedThroughput"] = dict(throughput)
+            gsis.append(gsi)
+        kwargs: dict[str, Any] = {
+            "TableName": table,
+            "KeySchema": [
+                {"AttributeName": self.hash_key, "KeyType": "HASH"},
+                {"AttributeName": self.range_key, "KeyType": "RANGE"},
+            ],
+            "AttributeDefinitions": [
+                {"AttributeName": a.name, "AttributeType": a.type} for a in self.attributes
+            ],
+            "GlobalSecondaryIndexes": gsis,
+            "BillingMode": billing_mode,
+            "StreamSpecification": {"StreamEnabled": True, "StreamViewType": self.stream_view_type},
+        }
+        if provisioned:
+            kwargs["ProvisionedThroughput"] = throughput
+        return kwargs
+
+
+TABLE: Final = TableDefinition(
+    hash_key=PK,
+    range_key=SK,
+    attributes=(
+        KeyAttribute(PK, "S"),
+        KeyAttribute(SK, "S"),
+        KeyAttribute(GSI1PK, "S"),
+        KeyAttribute(GSI1SK, "S"),
+    ),
+    global_secondary_indexes=(Index(GSI1, GSI1PK, GSI1SK),),
+    ttl_attribute=TTL_ATTRIBUTE,
+    stream_view_type=STREAM_VIEW_TYPE,
+)
+
+# Event-source filter for the aggregator: only bucket items carry consumption counters.
+AGGREGATOR_FILTER_PATTERN: Final = {"dynamodb": {"Keys": {SK: {"S": [{"prefix": BUCKET_PREFIX}]}}}}
+
+USAGE_WINDOWS: Final = ("hourly", "daily")

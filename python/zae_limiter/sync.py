@@ -1,0 +1,151 @@
+"""`SyncRateLimiter`: the async limiter driven from blocking code.
+
+It owns a private event loop on a daemon thread (no deprecated `get_event_loop`, and it works
+whether or not the calling thread already runs a loop) and hands each call to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Any, TypeVar
+
+from .lease import SyncLease
+from .limiter import RateLimiter
+from .models import Entity, FailureMode, Limit, StackOptions
+from .repository import RetryPolicy
+
+T = TypeVar("T")
+
+
+class SyncRateLimiter:
+    """Same constructor and methods as `RateLimiter`, blocking; also a context manager."""
+
+    def __init__(
+        self,
+        name: str = "limiter",
+        region: str | None = None,
+        endpoint_url: str | None = None,
+        stack_options: StackOptions | None = None,
+        failure_mode: FailureMode = FailureMode.FAIL_CLOSED,
+        *,
+        retry: RetryPolicy | None = None,
+        clock: Callable[[], int] | None = None,
+        limits_cache_ttl: float = 30.0,
+        bucket_cache_size: int = 10_000,
+    ) -> None:
+        self._limiter = RateLimiter(
+            name, region, endpoint_url, stack_options, failure_mode, retry=retry, clock=clock,
+            limits_cache_ttl=limits_cache_ttl, bucket_cache_size=bucket_cache_size,
+        )
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="zae-limiter-loop", daemon=True
+        )
+        self._thread.start()
+        self._closed = False
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self._closed:
+            coro.close()
+            raise RuntimeError("SyncRateLimiter is closed")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    @property
+    def name(self) -> str:
+        return self._limiter.name
+
+    @property
+    def table_name(self) -> str:
+        return self._limiter.table_name
+
+    @property
+    def ledger(self) -> Any:
+        return self._limiter.ledger
+
+    @property
+    def async_limiter(self) -> RateLimiter:
+        return self._limiter
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            self._run(self._limiter.close())
+        finally:
+            self._closed = True
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=10)
+            self._loop.close()
+
+    def __enter__(self) -> SyncRateLimiter:
+        self._run(self._limiter._ensure_ready())
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    @contextmanager
+    def acquire(
+        self,
+        entity_id: str,
+        resource: str,
+        limits: Sequence[Limit] | None,
+        consume: Mapping[str, int],
+        cascade: bool = False,
+        use_stored_limits: bool = False,
+        failure_mode: FailureMode | None = None,
+    ) -> Iterator[SyncLease]:
+        manager = self._limiter.acquire(
+            entity_id, resource, limits, consume, cascade, use_stored_limits, failure_mode
+        )
+        lease = self._run(manager.__aenter__())
+        try:
+            yield SyncLease(lease, self._run)
+        except BaseException as exc:
+            if not self._run(manager.__aexit__(type(exc), exc, exc.__traceback__)):
+                raise
+        else:
+            self._run(manager.__aexit__(None, None, None))
+
+    def create_entity(self, entity_id: str, name: str | None = None,
+                      parent_id: str | None = None,
+                      metadata: Mapping[str, str] | None = None) -> Entity:
+        return self._run(self._limiter.create_entity(entity_id, name, parent_id, metadata))
+
+    def get_entity(self, entity_id: str) -> Entity | None:
+        return self._run(self._limiter.get_entity(entity_id))
+
+    def delete_entity(self, entity_id: str) -> None:
+        self._run(self._limiter.delete_entity(entity_id))
+
+    def get_children(self, parent_id: str) -> list[Entity]:
+        return self._run(self._limiter.get_children(parent_id))
+
+    def set_limits(self, entity_id: str, limits: Sequence[Limit],
+                   resource: str = "_default_") -> None:
+        self._run(self._limiter.set_limits(entity_id, limits, resource))
+
+    def get_limits(self, entity_id: str, resource: str = "_default_") -> list[Limit]:
+        return self._run(self._limiter.get_limits(entity_id, resource))
+
+    def delete_limits(self, entity_id: str, resource: str = "_default_") -> None:
+        self._run(self._limiter.delete_limits(entity_id, resource))
+
+    def available(self, entity_id: str, resource: str, limits: Sequence[Limit] | None,
+                  use_stored_limits: bool = False) -> dict[str, int]:
+        return self._run(self._limiter.available(entity_id, resource, limits, use_stored_limits))
+
+    def time_until_available(self, entity_id: str, resource: str,
+                             limits: Sequence[Limit] | None, needed: Mapping[str, int],
+                             use_stored_limits: bool = False) -> float:
+        return self._run(self._limiter.time_until_available(
+            entity_id, resource, limits, needed, use_stored_limits
+        ))
+
+    def delete_stack(self) -> None:
+        self._run(self._limiter.delete_stack())

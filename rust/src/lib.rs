@@ -1,0 +1,14 @@
+//! zae-limiter's token-bucket core (`docs/design.md` section 1).
+//!
+//! The math lives in [`bucket`] as plain Rust; the optional `python` feature adds the PyO3
+//! module `zae_limiter._native` on top of it.
+
+pub mod bucket;
+
+pub use bucket::{
+    available, decide, decide_into, refill, time_until_available, BucketInput, CoreError,
+    CoreResult, Outcome, WriteMode,
+};
+
+#[cfg(feature = "python")]
+mod python;

@@ -1,0 +1,202 @@
+//! The thin PyO3 layer: `zae_limiter._native`.
+//!
+//! Arguments are converted in signature order (buckets field by field first). Conversion
+//! failures raise `TypeError` (wrong type; `bool` is not accepted as an integer, and `check`
+//! must be a `bool`) or `OverflowError` (an int outside signed 64-bit); then the core validates
+//! (`ValueError`) and computes (`OverflowError`). The pure-Python reference
+//! `zae_limiter.bucket` follows the same order, so both raise the same exception types.
+
+use pyo3::exceptions::{PyOverflowError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBool, PyList, PyTuple};
+
+use crate::bucket::{self, BucketInput, CoreError, Outcome};
+
+impl From<CoreError> for PyErr {
+    fn from(e: CoreError) -> PyErr {
+        match e {
+            CoreError::Invalid(msg) => PyValueError::new_err(msg),
+            CoreError::Overflow => PyOverflowError::new_err(CoreError::Overflow.to_string()),
+        }
+    }
+}
+
+/// An int (or an object with `__index__`) that fits i64; `bool` is rejected.
+fn int(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<i64> {
+    if obj.is_instance_of::<PyBool>() {
+        return Err(PyTypeError::new_err(format!(
+            "{name} must be an int, not bool"
+        )));
+    }
+    obj.extract::<i64>()
+}
+
+fn opt_int(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Option<i64>> {
+    if obj.is_none() {
+        Ok(None)
+    } else {
+        int(obj, name).map(Some)
+    }
+}
+
+fn flag(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<bool> {
+    match obj.cast::<PyBool>() {
+        Ok(b) => Ok(b.is_true()),
+        Err(_) => Err(PyTypeError::new_err(format!("{name} must be a bool"))),
+    }
+}
+
+fn bucket_input(obj: &Bound<'_, PyAny>) -> PyResult<BucketInput> {
+    let t = obj
+        .cast::<PyTuple>()
+        .map_err(|_| PyTypeError::new_err("a bucket must be a tuple of 6 items"))?;
+    if t.len() != 6 {
+        return Err(PyTypeError::new_err(format!(
+            "a bucket must be a tuple of 6 items, got {}",
+            t.len()
+        )));
+    }
+    Ok(BucketInput {
+        burst_milli: int(&t.get_item(0)?, "burst_milli")?,
+        refill_amount_milli: int(&t.get_item(1)?, "refill_amount_milli")?,
+        refill_period_ms: int(&t.get_item(2)?, "refill_period_ms")?,
+        tokens_milli: opt_int(&t.get_item(3)?, "tokens_milli")?,
+        last_refill_ms: opt_int(&t.get_item(4)?, "last_refill_ms")?,
+        delta_milli: int(&t.get_item(5)?, "delta_milli")?,
+    })
+}
+
+/// `buckets` must be a list or a tuple of bucket tuples.
+fn bucket_inputs(obj: &Bound<'_, PyAny>) -> PyResult<Vec<BucketInput>> {
+    if let Ok(list) = obj.cast::<PyList>() {
+        let mut v = Vec::with_capacity(list.len());
+        for item in list.iter() {
+            v.push(bucket_input(&item)?);
+        }
+        Ok(v)
+    } else if let Ok(tuple) = obj.cast::<PyTuple>() {
+        let mut v = Vec::with_capacity(tuple.len());
+        for item in tuple.iter() {
+            v.push(bucket_input(&item)?);
+        }
+        Ok(v)
+    } else {
+        Err(PyTypeError::new_err(
+            "buckets must be a list or a tuple of bucket tuples",
+        ))
+    }
+}
+
+fn outcome<'py>(py: Python<'py>, o: &Outcome) -> PyResult<Bound<'py, PyTuple>> {
+    PyTuple::new(
+        py,
+        [
+            o.available_milli.into_pyobject(py)?.into_any(),
+            PyBool::new(py, o.exceeded).to_owned().into_any(),
+            o.retry_after_ms.into_pyobject(py)?.into_any(),
+            o.write_mode.code().into_pyobject(py)?.into_any(),
+            o.write_value.into_pyobject(py)?.into_any(),
+            o.new_tokens_milli.into_pyobject(py)?.into_any(),
+            o.new_last_refill_ms.into_pyobject(py)?.into_any(),
+            o.cond_lo.into_pyobject(py)?.into_any(),
+            o.cond_hi.into_pyobject(py)?.into_any(),
+        ],
+    )
+}
+
+/// decide(buckets, now_ms, check, reanchor_ms) -> (admitted, outcomes)
+#[pyfunction]
+#[pyo3(signature = (buckets, now_ms, check, reanchor_ms))]
+fn decide<'py>(
+    py: Python<'py>,
+    buckets: &Bound<'py, PyAny>,
+    now_ms: &Bound<'py, PyAny>,
+    check: &Bound<'py, PyAny>,
+    reanchor_ms: &Bound<'py, PyAny>,
+) -> PyResult<Bound<'py, PyTuple>> {
+    let inputs = bucket_inputs(buckets)?;
+    let now_ms = int(now_ms, "now_ms")?;
+    let check = flag(check, "check")?;
+    let reanchor_ms = int(reanchor_ms, "reanchor_ms")?;
+    let (admitted, outcomes) = bucket::decide(&inputs, now_ms, check, reanchor_ms)?;
+    let list = PyList::empty(py);
+    for o in &outcomes {
+        list.append(outcome(py, o)?)?;
+    }
+    PyTuple::new(
+        py,
+        [
+            PyBool::new(py, admitted).to_owned().into_any(),
+            list.into_any(),
+        ],
+    )
+}
+
+/// time_until_available(buckets, now_ms) -> int | None
+#[pyfunction]
+#[pyo3(signature = (buckets, now_ms))]
+fn time_until_available(
+    buckets: &Bound<'_, PyAny>,
+    now_ms: &Bound<'_, PyAny>,
+) -> PyResult<Option<i64>> {
+    let inputs = bucket_inputs(buckets)?;
+    let now_ms = int(now_ms, "now_ms")?;
+    Ok(bucket::time_until_available(&inputs, now_ms)?)
+}
+
+/// available(burst_milli, refill_amount_milli, refill_period_ms, tokens_milli, last_refill_ms,
+/// now_ms) -> int
+#[pyfunction]
+#[pyo3(signature = (
+    burst_milli, refill_amount_milli, refill_period_ms, tokens_milli, last_refill_ms, now_ms
+))]
+fn available(
+    burst_milli: &Bound<'_, PyAny>,
+    refill_amount_milli: &Bound<'_, PyAny>,
+    refill_period_ms: &Bound<'_, PyAny>,
+    tokens_milli: &Bound<'_, PyAny>,
+    last_refill_ms: &Bound<'_, PyAny>,
+    now_ms: &Bound<'_, PyAny>,
+) -> PyResult<i64> {
+    Ok(bucket::available(
+        int(burst_milli, "burst_milli")?,
+        int(refill_amount_milli, "refill_amount_milli")?,
+        int(refill_period_ms, "refill_period_ms")?,
+        opt_int(tokens_milli, "tokens_milli")?,
+        opt_int(last_refill_ms, "last_refill_ms")?,
+        int(now_ms, "now_ms")?,
+    )?)
+}
+
+/// refill(burst_milli, refill_amount_milli, refill_period_ms, tokens_milli, last_refill_ms,
+/// now_ms) -> (tokens_milli, last_refill_ms)
+#[pyfunction]
+#[pyo3(signature = (
+    burst_milli, refill_amount_milli, refill_period_ms, tokens_milli, last_refill_ms, now_ms
+))]
+fn refill(
+    burst_milli: &Bound<'_, PyAny>,
+    refill_amount_milli: &Bound<'_, PyAny>,
+    refill_period_ms: &Bound<'_, PyAny>,
+    tokens_milli: &Bound<'_, PyAny>,
+    last_refill_ms: &Bound<'_, PyAny>,
+    now_ms: &Bound<'_, PyAny>,
+) -> PyResult<(i64, i64)> {
+    Ok(bucket::refill(
+        int(burst_milli, "burst_milli")?,
+        int(refill_amount_milli, "refill_amount_milli")?,
+        int(refill_period_ms, "refill_period_ms")?,
+        int(tokens_milli, "tokens_milli")?,
+        int(last_refill_ms, "last_refill_ms")?,
+        int(now_ms, "now_ms")?,
+    )?)
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(decide, m)?)?;
+    m.add_function(wrap_pyfunction!(refill, m)?)?;
+    m.add_function(wrap_pyfunction!(available, m)?)?;
+    m.add_function(wrap_pyfunction!(time_until_available, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,500 @@
+"""The Pulumi component under Pulumi's own mocks: no engine, no AWS.
+
+Each test runs its Pulumi program in a worker thread with a fresh event loop and a fresh Pulumi
+context (`ROOT` is a ContextVar, a new thread starts without it), so nothing of Pulumi's global
+state or loop leaks into the rest of the pytest process (pytest-asyncio tests in particular).
+
+The mock records every resource's resolved inputs; most assertions read those records after the
+program finished, in the test's own thread, so none can be lost inside an unresolved Output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pulumi = pytest.importorskip("pulumi")
+pytest.importorskip("pulumi_aws")
+
+from zae_limiter import schema  # noqa: E402
+from zae_limiter.infra import InfraOptions, alarm_names, role_name  # noqa: E402
+
+ACCOUNT = "123456789012"
+REGION = "us-east-1"
+
+
+@dataclass
+class Recorded:
+    typ: str
+    name: str
+    inputs: dict[str, Any]
+    outputs: dict[str, Any]
+
+
+@dataclass
+class Mocks(pulumi.runtime.Mocks):  # type: ignore[misc]
+    resources: list[Recorded] = field(default_factory=list)
+    calls: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+    def new_resource(self, args: Any) -> tuple[str, dict[str, Any]]:
+        inputs = dict(args.inputs)
+        physical = inputs.get("name") or args.name
+        service = args.typ.split(":")[1].split("/")[0]
+        outputs = dict(inputs)
+        outputs.setdefault("name", physical)
+        # Every output the component reads must be returned, or it stays unknown and the
+        # values depending on it (policies, alarm names...) are never computed.
+        if args.typ == "aws:dynamodb/table:Table":
+            arn = f"arn:aws:dynamodb:{REGION}:{ACCOUNT}:table/{physical}"
+            outputs["streamArn"] = f"{arn}/stream/2024-01-01T00:00:00.000"
+        elif args.typ == "aws:sqs/queue:Queue":
+            arn = f"arn:aws:sqs:{REGION}:{ACCOUNT}:{physical}"
+            outputs["url"] = f"https://sqs.{REGION}.amazonaws.com/{ACCOUNT}/{physical}"
+        elif args.typ == "aws:cloudwatch/logGroup:LogGroup":
+            arn = f"arn:aws:logs:{REGION}:{ACCOUNT}:log-group:{physical}"
+        elif args.typ.startswith("aws:iam/"):
+            kind = "policy" if args.typ.endswith(":Policy") else "role"
+            arn = f"arn:aws:iam::{ACCOUNT}:{kind}/{physical}"
+        elif args.typ == "aws:lambda/function:Function":
+            arn = f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:{physical}"
+        else:
+            arn = f"arn:aws:{service}:{REGION}:{ACCOUNT}:{physical}"
+        outputs["arn"] = arn
+        resource_id = f"{physical}-id"
+        self.resources.append(Recorded(args.typ, args.name, inputs, outputs))
+        return resource_id, outputs
+
+    def call(self, args: Any) -> dict[str, Any]:
+        self.calls.append((args.token, dict(args.args)))
+        if args.token == "aws:dynamodb/getTable:getTable":
+            arn = f"arn:aws:dynamodb:{REGION}:{ACCOUNT}:table/{args.args['name']}"
+            return {"arn": arn, "name": args.args["name"], "streamArn": f"{arn}/stream/X"}
+        return {}
+
+    def of_type(self, typ: str) -> list[Recorded]:
+        return [r for r in self.resources if r.typ == typ]
+
+    def one(self, typ: str) -> Recorded:
+        found = self.of_type(typ)
+        assert len(found) == 1, f"expected one {typ}, got {len(found)}"
+        return found[0]
+
+
+def run_program(program: Callable[[], Any]) -> Mocks:
+    """Run `program` as a `@pulumi.runtime.test` under fresh mocks in its own thread/loop."""
+    mocks = Mocks()
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            pulumi.runtime.set_mocks(mocks, project="zae-limiter", stack="test", preview=False)
+            pulumi.runtime.test(program)()
+        except BaseException as exc:  # re-raised in the test's thread
+            errors.append(exc)
+        finally:
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.close()
+            asyncio.set_event_loop(None)
+
+    thread = threading.Thread(target=target, name="pulumi-mocks")
+    thread.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "the Pulumi program did not finish"
+    if errors:
+        raise errors[0]
+    return mocks
+
+
+@pytest.fixture(scope="module")
+def lambda_zip(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # The component's bundle is tested in test_infra_package; here any zip will do, so these
+    # tests do not depend on the aggregator package being importable.
+    path = tmp_path_factory.mktemp("zip") / "aggregator.zip"
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("lambda_function.py", "def handler(event, context):\n    return {}\n")
+    return path
+
+
+def deploy(name: str = "app", lambda_zip: Path | None = None, **options: Any) -> tuple[Mocks, Any]:
+    from zae_limiter.infra.component import ZaeLimiterStack
+
+    holder: dict[str, Any] = {}
+
+    def program() -> Any:
+        stack = ZaeLimiterStack(name, InfraOptions(**options), lambda_zip=lambda_zip)
+        holder["stack"] = stack
+        return stack.alarm_names  # awaited by pulumi.runtime.test
+
+    return run_program(program), holder["stack"]
+
+
+# -- the harness itself ----------------------------------------------------------------------
+
+
+def test_assertion_inside_apply_runs_and_fails_the_test(lambda_zip: Path) -> None:
+    from zae_limiter.infra.component import ZaeLimiterStack
+
+    seen: list[str] = []
+
+    def program() -> Any:
+        stack = ZaeLimiterStack("app", InfraOptions(), lambda_zip=lambda_zip)
+
+        def check(arn: str) -> None:
+            seen.append(arn)
+            assert arn.endswith(":table/ZAEL-app")
+
+        return stack.table_arn.apply(check)
+
+    run_program(program)
+    assert seen == [f"arn:aws:dynamodb:{REGION}:{ACCOUNT}:table/ZAEL-app"]
+
+    def failing() -> Any:
+        stack = ZaeLimiterStack("app", InfraOptions(), lambda_zip=lambda_zip)
+
+        def check(name: str) -> None:
+            raise AssertionError(f"reached with {name}")
+
+        return stack.table_name.apply(check)
+
+    with pytest.raises(AssertionError, match="reached with ZAEL-app"):
+        run_program(failing)
+
+
+# -- table -----------------------------------------------------------------------------------
+
+
+def test_table_matches_schema(lambda_zip: Path) -> None:
+    mocks, _ = deploy(lambda_zip=lambda_zip)
+    table = mocks.one("aws:dynamodb/table:Table").inputs
+    definition = schema.TABLE
+    assert table["name"] == schema.table_name("app") == "ZAEL-app"
+    assert table["hashKey"] == definition.hash_key
+    assert table["rangeKey"] == definition.range_key
+    assert sorted((a["name"], a["type"]) for a in table["attributes"]) == sorted(
+        (a.name, a.type) for a in definition.attributes
+    )
+    indexes = table["globalSecondaryIndexes"]
+    assert len(indexes) == len(definition.global_secondary_indexes)
+    for got, want in zip(indexes, definition.global_secondary_indexes, strict=True):
+        assert got["name"] == want.name
+        assert got["projectionType"] == want.projection
+        keys = {k["keyType"]: k["attributeName"] for k in got.get("keySchemas", [])} or {
+            "HASH": got["hashKey"], "RANGE": got["rangeKey"]
+        }
+        assert keys == {"HASH": want.hash_key, "RANGE": want.range_key}
+        assert "readCapacity" not in got
+    assert table["ttl"] == {"attributeName": definition.ttl_attribute, "enabled": True}
+    assert table["streamEnabled"] is True
+    assert table["streamViewType"] == definition.stream_view_type
+    assert table["billingMode"] == "PAY_PER_REQUEST"
+    assert "readCapacity" not in table and "writeCapacity" not in table
+    assert table["pointInTimeRecovery"] == {"enabled": True, "recoveryPeriodInDays": 35}
+    assert table["deletionProtectionEnabled"] is True
+    assert table["serverSideEncryption"] == {"enabled": True}
+    assert table["tags"]["zae-limiter:name"] == "app"
+
+
+def test_table_options(lambda_zip: Path) -> None:
+    kms = f"arn:aws:kms:{REGION}:{ACCOUNT}:key/abcd"
+    mocks, _ = deploy(
+        lambda_zip=lambda_zip,
+        billing_mode="PROVISIONED",
+        read_capacity=7,
+        write_capacity=9,
+        pitr_recovery_days=7,
+        deletion_protection=False,
+        kms_key_arn=kms,
+        tags={"team": "payments"},
+    )
+    table = mocks.one("aws:dynamodb/table:Table").inputs
+    assert table["billingMode"] == "PROVISIONED"
+    assert (table["readCapacity"], table["writeCapacity"]) == (7, 9)
+    for index in table["globalSecondaryIndexes"]:
+        assert (index["readCapacity"], index["writeCapacity"]) == (7, 9)
+    assert table["pointInTimeRecovery"] == {"enabled": True, "recoveryPeriodInDays": 7}
+    assert table["deletionProtectionEnabled"] is False
+    assert table["serverSideEncryption"] == {"enabled": True, "kmsKeyArn": kms}
+    assert table["tags"]["team"] == "payments"
+
+
+def test_pitr_can_be_turned_off(lambda_zip: Path) -> None:
+    mocks, _ = deploy(lambda_zip=lambda_zip, pitr_recovery_days=None)
+    assert mocks.one("aws:dynamodb/table:Table").inputs["pointInTimeRecovery"] == {
+        "enabled": False
+    }
+
+
+# -- aggregator ------------------------------------------------------------------------------
+
+
+def test_aggregator_function(lambda_zip: Path) -> None:
+    mocks, _ = deploy(lambda_zip=lambda_zip, lambda_memory_mb=512, lambda_timeout_seconds=120,
+                      snapshot_ttl_days=30, usage_windows=("hourly",), log_retention_days=14)
+    function = mocks.one("aws:lambda/function:Function").inputs
+    assert function["name"] == schema.aggregator_function_name("app") == "ZAEL-app-aggregator"
+    assert function["runtime"] == "python3.11"
+    assert function["handler"] == "lambda_function.handler"
+    assert (function["memorySize"], function["timeout"]) == (512, 120)
+    assert function["environment"]["variables"] == {
+        "TABLE_NAME": "ZAEL-app",
+        "USAGE_WINDOWS": "hourly",
+        "SNAPSHOT_TTL_DAYS": "30",
+        "SCHEMA_VERSION": schema.SCHEMA_VERSION,
+        "LOG_LEVEL": "INFO",
+    }
+    assert function["role"] == f"arn:aws:iam::{ACCOUNT}:role/ZAEL-app-aggregator-role"
+    assert function["sourceCodeHash"]
+    logs = mocks.one("aws:cloudwatch/logGroup:LogGroup").inputs
+    assert logs == {**logs, "name": "/aws/lambda/ZAEL-app-aggregator", "retentionInDays": 14}
+
+
+def test_default_usage_windows_are_a_comma_list(lambda_zip: Path) -> None:
+    mocks, _ = deploy(lambda_zip=lambda_zip)
+    env = mocks.one("aws:lambda/function:Function").inputs["environment"]["variables"]
+    assert env["USAGE_WINDOWS"] == ",".join(schema.USAGE_WINDOWS)
+
+
+def test_event_source_mapping_and_dlq(lambda_zip: Path) -> None:
+    mocks, _ = deploy(lambda_zip=lambda_zip)
+    queue = mocks.one("aws:sqs/queue:Queue")
+    assert queue.inputs["name"] == schema.aggregator_dlq_name("app") == "ZAEL-app-aggregator-dlq"
+    assert queue.inputs["messageRetentionSeconds"] == 14 * 86400
+    table = mocks.one("aws:dynamodb/table:Table")
+    mapping = mocks.one("aws:lambda/eventSourceMapping:EventSourceMapping").inputs
+    assert mapping["eventSourceArn"] == table.outputs["streamArn"]
+    assert mapping["functionName"].endswith(":function:ZAEL-app-aggregator")
+    assert mapping["startingPosition"] == "LATEST"
+    assert mapping["batchSize"] == 100
+    assert mapping["maximumBatchingWindowInSeconds"] == 5
+    assert mapping["bisectBatchOnFunctionError"] is True
+    assert mapping["maximumRetryAttempts"] == 3
+    assert mapping["maximumRecordAgeInSeconds"] == 3600
+    assert mapping["functionResponseTypes"] == ["ReportBatchItemFailures"]
+    assert mapping["destinationConfig"] == {"onFailure": {"destinationArn": queue.outputs["arn"]}}
+    (only_filter,) = mapping["filterCriteria"]["filters"]
+    assert json.loads(only_filter["pattern"]) == schema.AGGREGATOR_FILTER_PATTERN
+
+
+# -- IAM -------------------------------------------------------------------------------------
+
+
+def _statements(document: str) -> list[dict[str, Any]]:
+    statements = json.loads(document)["Statement"]
+    return [statements] if isinstance(statements, dict) else list(statements)
+
+
+def _as_list(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def test_aggregator_role_is_least_privilege(lambda_zip: Path) -> None:
+    mocks, _ = deploy(lambda_zip=lambda_zip)
+    role = mocks.one("aws:iam/role:Role")
+    assert role.inputs["name"] == "ZAEL-app-aggregator-role"
+    assert "permissionsBoundary" not in role.inputs
+    (trust,) = _statements(role.inputs["assumeRolePolicy"])
+    assert trust["Principal"] == {"Service": "lambda.amazonaws.com"}
+    assert trust["Action"] == "sts:AssumeRole"
+
+    table_arn = mocks.one("aws:dynamodb/table:Table").outputs["arn"]
+    dlq_arn = mocks.one("aws:sqs/queue:Queue").outputs["arn"]
+    log_arn = mocks.one("aws:cloudwatch/logGroup:LogGroup").outputs["arn"]
+    policy = mocks.one("aws:iam/rolePolicy:RolePolicy")
+    assert policy.inputs["role"] == "ZAEL-app-aggregator-role-id"
+    grants: dict[str, set[str]] = {}
+    for statement in _statements(policy.inputs["policy"]):
+        assert statement["Effect"] == "Allow"
+        assert "NotAction" not in statement and "NotResource" not in statement
+        for action in _as_list(statement["Action"]):
+            assert "*" not in action
+            grants.setdefault(action, set()).update(_as_list(statement["Resource"]))
+    assert grants == {
+        "dynamodb:DescribeStream": {f"{table_arn}/stream/*"},
+        "dynamodb:GetRecords": {f"{table_arn}/stream/*"},
+        "dynamodb:GetShardIterator": {f"{table_arn}/stream/*"},
+        # The one wildcard: ListStreams has no resource-level permissions.
+        "dynamodb:ListStreams": {"*"},
+        "dynamodb:GetItem": {table_arn},
+        "dynamodb:UpdateItem": {table_arn},
+        "sqs:SendMessage": {dlq_arn},
+        "logs:CreateLogStream": {log_arn, f"{log_arn}:*"},
+        "logs:PutLogEvents": {log_arn, f"{log_arn}:*"},
+    }
+
+
+def test_role_name_format_and_permission_boundary(lambda_zip: Path) -> None:
+    boundary = f"arn:aws:iam::{ACCOUNT}:policy/Boundary"
+    mocks, _ = deploy(lambda_zip=lambda_zip, role_name_format="PB-{}",
+                      permission_boundary=boundary)
+    role = mocks.one("aws:iam/role:Role").inputs
+    assert role["name"] == "PB-ZAEL-app-aggregator-role" == role_name("app", "PB-{}")
+    assert role["permissionsBoundary"] == boundary
+
+
+def test_app_policy_is_only_this_table(lambda_zip: Path) -> None:
+    mocks, _ = deploy(lambda_zip=lambda_zip)
+    assert not mocks.of_type("aws:iam/policy:Policy")
+    mocks, _ = deploy(lambda_zip=lambda_zip, create_app_policy=True)
+    policy = mocks.one("aws:iam/policy:Policy").inputs
+    assert policy["name"] == "ZAEL-app-app"
+    table_arn = mocks.one("aws:dynamodb/table:Table").outputs["arn"]
+    (statement,) = _statements(policy["policy"])
+    assert sorted(_as_list(statement["Action"])) == sorted(
+        f"dynamodb:{a}" for a in ("GetItem", "PutItem", "UpdateItem", "DeleteItem", "Query",
+                                  "BatchGetItem", "BatchWriteItem", "TransactWriteItems",
+                                  "ConditionCheckItem", "DescribeTable")
+    )
+    assert sorted(_as_list(statement["Resource"])) == sorted([table_arn, f"{table_arn}/index/*"])
+
+
+# -- alarms ----------------------------------------------------------------------------------
+
+# The operator guide's table: metric → (namespace, statistic, threshold, dimension name).
+GUIDE_ALARMS = {
+    "Errors": ("AWS/Lambda", "Sum", 1.0, "FunctionName"),
+    "Duration": ("AWS/Lambda", "Maximum", 60_000 * 0.8, "FunctionName"),
+    "IteratorAge": ("AWS/Lambda", "Maximum", 30_000.0, "FunctionName"),
+    "ReadThrottleEvents": ("AWS/DynamoDB", "Sum", 0.0, "TableName"),
+    "WriteThrottleEvents": ("AWS/DynamoDB", "Sum", 0.0, "TableName"),
+    "ApproximateNumberOfMessagesVisible": ("AWS/SQS", "Maximum", 0.0, "QueueName"),
+}
+DIMENSION_VALUES = {
+    "FunctionName": "ZAEL-app-aggregator",
+    "TableName": "ZAEL-app",
+    "QueueName": "ZAEL-app-aggregator-dlq",
+}
+
+
+def test_alarms_follow_the_operator_guide(lambda_zip: Path) -> None:
+    collected: list[list[str]] = []
+    from zae_limiter.infra.component import ZaeLimiterStack
+
+    def program() -> Any:
+        stack = ZaeLimiterStack("app", InfraOptions(), lambda_zip=lambda_zip)
+        return stack.alarm_names.apply(collected.append)
+
+    mocks = run_program(program)
+    alarms = {a.inputs["metricName"]: a.inputs for a in
+              mocks.of_type("aws:cloudwatch/metricAlarm:MetricAlarm")}
+    assert set(alarms) == set(GUIDE_ALARMS)
+    for metric, (namespace, statistic, threshold, dimension) in GUIDE_ALARMS.items():
+        alarm = alarms[metric]
+        assert alarm["namespace"] == namespace
+        assert alarm["statistic"] == statistic
+        assert alarm["threshold"] == pytest.approx(threshold)
+        assert alarm["comparisonOperator"] == "GreaterThanThreshold"
+        assert alarm["period"] == 300
+        assert alarm["dimensions"] == {dimension: DIMENSION_VALUES[dimension]}
+        assert alarm["treatMissingData"] == "notBreaching"
+        assert not alarm.get("alarmActions") and not alarm.get("okActions")
+    assert collected == [list(alarm_names("app").values())]
+    assert set(alarm_names("app").values()) == {a["name"] for a in alarms.values()}
+    assert all(n.startswith("ZAEL-app-") for n in collected[0])
+
+
+def test_alarm_thresholds_and_actions_are_configurable(lambda_zip: Path) -> None:
+    topic = f"arn:aws:sns:{REGION}:{ACCOUNT}:ops"
+    mocks, _ = deploy(lambda_zip=lambda_zip, alarm_sns_topic_arn=topic, lambda_timeout_seconds=100,
+                      duration_threshold_pct=50, iterator_age_threshold_ms=5000,
+                      error_threshold=3, throttle_threshold=2, dlq_threshold=4)
+    alarms = {a.inputs["metricName"]: a.inputs for a in
+              mocks.of_type("aws:cloudwatch/metricAlarm:MetricAlarm")}
+    assert alarms["Duration"]["threshold"] == pytest.approx(50_000)
+    assert alarms["IteratorAge"]["threshold"] == 5000
+    assert alarms["Errors"]["threshold"] == 3
+    assert alarms["ReadThrottleEvents"]["threshold"] == 2
+    assert alarms["WriteThrottleEvents"]["threshold"] == 2
+    assert alarms["ApproximateNumberOfMessagesVisible"]["threshold"] == 4
+    for alarm in alarms.values():
+        assert alarm["alarmActions"] == [topic] and alarm["okActions"] == [topic]
+
+
+# -- shapes ----------------------------------------------------------------------------------
+
+
+def test_table_only_without_aggregator(lambda_zip: Path) -> None:
+    collected: list[Any] = []
+    from zae_limiter.infra.component import ZaeLimiterStack
+
+    def program() -> Any:
+        stack = ZaeLimiterStack("app", InfraOptions(aggregator=False), lambda_zip=lambda_zip)
+        return pulumi.Output.all(stack.function_arn, stack.dlq_url, stack.alarm_names,
+                                 stack.table_name).apply(collected.append)
+
+    mocks = run_program(program)
+    kinds = {r.typ for r in mocks.resources}
+    for absent in ("aws:lambda/function:Function", "aws:sqs/queue:Queue",
+                   "aws:lambda/eventSourceMapping:EventSourceMapping", "aws:iam/role:Role",
+                   "aws:iam/rolePolicy:RolePolicy", "aws:cloudwatch/logGroup:LogGroup"):
+        assert absent not in kinds
+    metrics = {a.inputs["metricName"] for a in
+               mocks.of_type("aws:cloudwatch/metricAlarm:MetricAlarm")}
+    assert metrics == {"ReadThrottleEvents", "WriteThrottleEvents"}
+    assert collected == [[None, None, ["ZAEL-app-read-throttles", "ZAEL-app-write-throttles"],
+                          "ZAEL-app"]]
+
+
+def test_outputs(lambda_zip: Path) -> None:
+    collected: list[Any] = []
+    from zae_limiter.infra.component import TYPE_TOKEN, ZaeLimiterStack
+
+    def program() -> Any:
+        stack = ZaeLimiterStack("app", None, lambda_zip=lambda_zip)
+        return pulumi.Output.all(stack.table_name, stack.table_arn, stack.stream_arn,
+                                 stack.function_arn, stack.dlq_url).apply(collected.append)
+
+    mocks = run_program(program)
+    table = mocks.one("aws:dynamodb/table:Table").outputs
+    assert collected == [[
+        "ZAEL-app", table["arn"], table["streamArn"],
+        f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:ZAEL-app-aggregator",
+        f"https://sqs.{REGION}.amazonaws.com/{ACCOUNT}/ZAEL-app-aggregator-dlq",
+    ]]
+    component = mocks.one(TYPE_TOKEN)
+    assert component.name == "ZAEL-app"
+
+
+def test_existing_table_is_looked_up_not_created(lambda_zip: Path) -> None:
+    mocks, _ = deploy(lambda_zip=lambda_zip, create_table=False)
+    assert not mocks.of_type("aws:dynamodb/table:Table")
+    assert [c for c in mocks.calls if c[0] == "aws:dynamodb/getTable:getTable"][0][1] == {
+        "name": "ZAEL-app"
+    }
+    mapping = mocks.one("aws:lambda/eventSourceMapping:EventSourceMapping").inputs
+    assert mapping["eventSourceArn"].endswith(":table/ZAEL-app/stream/X")
+
+
+def test_accepts_stack_options(lambda_zip: Path) -> None:
+    from zae_limiter.infra.component import ZaeLimiterStack
+    from zae_limiter.models import StackOptions
+
+    options = StackOptions(billing_mode="PROVISIONED", read_capacity=3, write_capacity=4,
+                           lambda_memory_mb=1024)
+
+    mocks = run_program(lambda: ZaeLimiterStack("app", options, lambda_zip=lambda_zip).table_arn)
+    table = mocks.one("aws:dynamodb/table:Table").inputs
+    assert (table["readCapacity"], table["writeCapacity"]) == (3, 4)
+    assert mocks.one("aws:lambda/function:Function").inputs["memorySize"] == 1024
+
+
+@pytest.mark.parametrize("name", ["", "1app", "a#b", "x" * 60, "has space"])
+def test_invalid_names_are_refused(name: str) -> None:
+    from zae_limiter.infra.component import ZaeLimiterStack
+
+    with pytest.raises(ValueError, match="invalid name"):
+        ZaeLimiterStack(name)
