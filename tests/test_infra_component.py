@@ -330,6 +330,7 @@ def test_aggregator_role_is_least_privilege(lambda_zip: Path) -> None:
         # The one wildcard: ListStreams has no resource-level permissions.
         "dynamodb:ListStreams": {"*"},
         "dynamodb:GetItem": {table_arn},
+        "dynamodb:PutItem": {table_arn},
         "dynamodb:UpdateItem": {table_arn},
         "sqs:SendMessage": {dlq_arn},
         "logs:CreateLogStream": {log_arn, f"{log_arn}:*"},

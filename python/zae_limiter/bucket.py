@@ -55,9 +55,7 @@ BucketInput: TypeAlias = tuple[int, int, int, int | None, int | None, int]
 """``(burst_milli, refill_amount_milli, refill_period_ms, tokens_milli | None,
 last_refill_ms | None, delta_milli)``."""
 
-BucketOutcome: TypeAlias = tuple[
-    int, bool, int | None, int, int, int, int, int | None, int | None
-]
+BucketOutcome: TypeAlias = tuple[int, bool, int | None, int, int, int, int, int | None, int | None]
 """``(available_milli, exceeded, retry_after_ms, write_mode, write_value, new_tokens_milli,
 new_last_refill_ms, cond_lo, cond_hi)``."""
 
@@ -294,9 +292,7 @@ def decide(
         step_ms, step_milli = _steps(amount, period)
         t, anchor, q, _, avail = _view(burst, step_ms, step_milli, tokens, last, now)
         exceeded = check and delta > 0 and avail < delta
-        retry = (
-            _wait(burst, step_ms, step_milli, anchor, q, avail, delta, now) if exceeded else 0
-        )
+        retry = _wait(burst, step_ms, step_milli, anchor, q, avail, delta, now) if exceeded else 0
         admitted = admitted and not exceeded
         outcomes.append((avail, exceeded, retry, WRITE_NONE, 0, t, anchor, None, None))
     if not admitted:

@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from types import TracebackType
 
 from .exceptions import ZAELimiterError
@@ -63,8 +64,14 @@ class LocalDynamoDB:
             ) from exc
         env = dict(os.environ)
         env.setdefault("AWS_DEFAULT_REGION", LOCAL_REGION)
+        # The child must import this very package, wherever it was imported from.
+        package_root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (package_root, env.get("PYTHONPATH", "")) if p
+        )
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)],
+            [sys.executable, "-m", "zae_limiter.local", "--host", self.host,
+             "--port", str(self.port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             env=env,
@@ -109,3 +116,47 @@ class LocalDynamoDB:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+def serve(host: str, port: int) -> None:
+    """Run moto's server in this process until interrupted, one request at a time.
+
+    moto applies a request's read-check-write without isolation, so two concurrent UpdateItems
+    on one item can lose an update (measured: 391 of 400 increments survived). DynamoDB applies
+    every single-item write atomically; serializing requests behind one lock restores that
+    guarantee while connections are still accepted concurrently.
+    """
+    import threading
+    from collections.abc import Callable, Iterable
+    from typing import Any
+
+    from moto.moto_server.werkzeug_app import (
+        DomainDispatcherApplication,
+        MotoRequestHandler,
+        create_backend_app,
+    )
+    from werkzeug.serving import run_simple
+
+    app = DomainDispatcherApplication(create_backend_app)
+    lock = threading.Lock()
+
+    def serialized(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        with lock:
+            return list(app(environ, start_response))
+
+    run_simple(host, port, serialized, threaded=True, request_handler=MotoRequestHandler)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="moto's DynamoDB server, serialized")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("MOTO_PORT", str(args.port))
+    serve(args.host, args.port)
+
+
+if __name__ == "__main__":
+    main()

@@ -18,10 +18,16 @@ from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any
 
 from . import schema
-from .aggregator.snapshots import WINDOWS, check_window, format_window_start
+from .aggregator.snapshots import WINDOWS, check_window, format_window_start, parse_window_start
 from .models import UsageSnapshot, UsageSummary
 
-__all__ = ["parse_time", "query_args", "snapshot_from_item", "summarize"]
+__all__ = [
+    "parse_time",
+    "parse_window_start_iso",
+    "query_args",
+    "snapshot_from_item",
+    "summarize",
+]
 
 Moment = datetime | str
 
@@ -88,11 +94,8 @@ def query_args(table: str, entity_id: str, resource: str | None = None,
 
     if resource is not None and window is not None and lo is not None and hi is not None:
         # Window starts of one window type sort chronologically, so the key range is exact.
-        names_values = {
-            ":lo": {"S": schema.usage_sk(resource, window, format_window_start(window, lo))},
-            ":hi": {"S": schema.usage_sk(resource, window, format_window_start(window, hi))},
-        }
-        values.update(names_values)
+        values[":lo"] = {"S": schema.usage_sk(resource, window, format_window_start(window, lo))}
+        values[":hi"] = {"S": schema.usage_sk(resource, window, format_window_start(window, hi))}
         args["KeyConditionExpression"] = "#pk = :pk AND #sk BETWEEN :lo AND :hi"
     else:
         if resource is None:
@@ -166,6 +169,4 @@ def summarize(snapshots: Iterable[UsageSnapshot], entity_id: str, resource: str 
 
 def parse_window_start_iso(snapshot: UsageSnapshot) -> str:
     """The snapshot's window start as a full ISO-8601 UTC time (daily keys are bare dates)."""
-    from .aggregator.snapshots import parse_window_start
-
     return _iso(parse_window_start(snapshot.window, snapshot.window_start))

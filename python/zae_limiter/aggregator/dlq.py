@@ -9,8 +9,9 @@ discarded records for a DynamoDB event source" in the Lambda developer guide)::
      "responseContext": {"statusCode": 200, "executedVersion": "$LATEST", "functionError": ...},
      "version": "1.0", "timestamp": "2025-06-05T18:22:26.479Z",
      "DDBStreamBatchInfo": {"shardId": ..., "startSequenceNumber": ..., "endSequenceNumber": ...,
-                            "approximateArrivalOfFirstRecord": ..., "approximateArrivalOfLastRecord":
-                            ..., "batchSize": 1, "streamArn": ...}}
+                            "approximateArrivalOfFirstRecord": ...,
+                            "approximateArrivalOfLastRecord": ...,
+                            "batchSize": 1, "streamArn": ...}}
 
 So a replay reads that sequence range back from the stream (AT_SEQUENCE_NUMBER) and runs it
 through the same ``process_batch``. That only works while the stream still holds the records

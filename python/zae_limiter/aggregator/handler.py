@@ -108,7 +108,7 @@ def build_item(key: SnapshotKey, growth: Growth, version: int, updated_at: str,
     per_limit = totals(growth)
 
     def tokens(attr: str) -> dict[str, Any]:
-        return {"M": {limit: _n(milli_to_tokens(getattr(t, attr))) for limit, t in per_limit.items()}}
+        return {"M": {name: _n(milli_to_tokens(getattr(t, attr))) for name, t in per_limit.items()}}
 
     return {
         schema.PK: {"S": schema.entity_pk(key.entity_id)},

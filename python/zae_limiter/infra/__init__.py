@@ -20,6 +20,7 @@ Resource names for a deployment called `<name>` (all derived from `zae_limiter.s
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -210,6 +211,16 @@ class InfraOptions:
         data["usage_windows"] = list(self.usage_windows)
         data["tags"] = dict(self.tags)
         return data
+
+    def config_values(self) -> dict[str, str]:
+        """Pulumi stack config (option → config string) for the options that differ from the
+        defaults: strings as they are, everything else as JSON (`options_from_config` reads it)."""
+        defaults = InfraOptions().to_dict()
+        return {
+            key: value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+            for key, value in self.to_dict().items()
+            if value != defaults[key]
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> InfraOptions:

@@ -44,6 +44,8 @@ __all__ = [
     "ZaeLimiterStack",
     "aggregator_policy_document",
     "app_policy_document",
+    "options_from_config",
+    "stack_program",
 ]
 
 TYPE_TOKEN: Final = "zae-limiter:index:Stack"
@@ -60,6 +62,7 @@ AGGREGATOR_ROLE_ACTIONS: Final = (
     *STREAM_READ_ACTIONS,
     "dynamodb:ListStreams",
     "dynamodb:GetItem",
+    "dynamodb:PutItem",
     "dynamodb:UpdateItem",
     "sqs:SendMessage",
     "logs:CreateLogStream",
@@ -114,10 +117,12 @@ def aggregator_policy_document(table_arn: str, dlq_arn: str, log_group_arn: str)
             },
             {
                 # Usage snapshots are items of this table (same ENTITY# partitions as the buckets,
-                # so a dynamodb:LeadingKeys condition could not narrow this further).
+                # so a dynamodb:LeadingKeys condition could not narrow this further). The
+                # aggregator reads a snapshot and writes it back with a conditional PutItem
+                # (optimistic versioning); UpdateItem is for in-place counters.
                 "Sid": "WriteUsageSnapshots",
                 "Effect": "Allow",
-                "Action": ["dynamodb:GetItem", "dynamodb:UpdateItem"],
+                "Action": ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"],
                 "Resource": table_arn,
             },
             {
@@ -455,6 +460,9 @@ class ZaeLimiterStack(pulumi.ComponentResource):
                  o.dlq_threshold, queue_dims,
                  "Stream batches the aggregator gave up on are waiting in its dead-letter queue"),
             ]
+        # alarm_names' order, so that the alarm_names output lists them as documented.
+        order = list(names)
+        specs.sort(key=lambda spec: order.index(spec[0]))
         alarms: dict[str, aws.cloudwatch.MetricAlarm] = {}
         for key, namespace, metric, statistic, threshold, dims, description in specs:
             depends: Sequence[pulumi.Resource] = [
@@ -505,3 +513,52 @@ def _gsi(index: schema.Index, capacity: Mapping[str, int]) -> aws.dynamodb.Table
         range_key=index.range_key,
         **capacity,
     )
+
+
+# -- the ready program -------------------------------------------------------------------------
+
+CONFIG_NAMESPACE: Final = "zae-limiter"
+EXPORTS: Final = (
+    "table_name", "table_arn", "stream_arn", "function_arn", "dlq_url", "role_arn",
+    "app_policy_arn", "alarm_names",
+)
+
+
+def options_from_config(config: pulumi.Config) -> InfraOptions:
+    """InfraOptions from a program's stack config (`zae-limiter:<option>`; see pulumi/README.md)."""
+    import dataclasses
+
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(InfraOptions):
+        raw = config.get(f.name)
+        if raw is None:
+            continue
+        kind = str(f.type)
+        if f.name == "usage_windows":
+            text = raw.strip()
+            values[f.name] = (
+                json.loads(text) if text.startswith("[")
+                else [w.strip() for w in text.split(",") if w.strip()]
+            )
+        elif kind.startswith("str"):
+            values[f.name] = None if raw == "null" and "None" in kind else raw
+        elif kind == "bool":
+            values[f.name] = config.get_bool(f.name)
+        else:
+            # ints, floats, None, maps: JSON.
+            try:
+                values[f.name] = json.loads(raw)
+            except json.JSONDecodeError as exc:
+                raise ValueError(
+                    f"config {CONFIG_NAMESPACE}:{f.name}: not valid JSON: {raw!r}"
+                ) from exc
+    return InfraOptions.from_dict(values)
+
+
+def stack_program() -> ZaeLimiterStack:
+    """The whole program of `pulumi/__main__.py`: one deployment from the stack's config."""
+    config = pulumi.Config(CONFIG_NAMESPACE)
+    stack = ZaeLimiterStack(config.require("name"), options_from_config(config))
+    for key in EXPORTS:
+        pulumi.export(key, getattr(stack, key))
+    return stack

@@ -1,0 +1,8 @@
+"""zae-limiter as a Pulumi program: one deployment, configured by the stack's config.
+
+See README.md for the config keys (`zae-limiter:name` is required).
+"""
+
+from zae_limiter.infra.component import stack_program
+
+stack_program()

@@ -1,0 +1,129 @@
+"""The aggregator's Lambda bundle: contents, determinism, and that it imports in a bare runtime."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import textwrap
+import zipfile
+from pathlib import Path
+
+import boto3
+import pytest
+
+from zae_limiter.infra.package import (
+    HANDLER,
+    LAMBDA_ENTRY_SOURCE,
+    build_lambda_zip,
+    cached_lambda_zip,
+    source_code_hash,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def bundle() -> bytes:
+    return build_lambda_zip()
+
+
+def names(data: bytes) -> list[str]:
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        return archive.namelist()
+
+
+def test_contains_handler_and_pure_python_library(bundle: bytes) -> None:
+    content = names(bundle)
+    assert content == sorted(content)
+    for required in ("lambda_function.py", "zae_limiter/__init__.py", "zae_limiter/schema.py",
+                     "zae_limiter/models.py", "zae_limiter/exceptions.py",
+                     "zae_limiter/validation.py", "zae_limiter/bucket.py", "zae_limiter/core.py",
+                     "zae_limiter/aggregator/__init__.py", "zae_limiter/aggregator/handler.py"):
+        assert required in content
+    assert HANDLER == "lambda_function.handler"
+    with zipfile.ZipFile(io.BytesIO(bundle)) as archive:
+        assert archive.read("lambda_function.py").decode() == LAMBDA_ENTRY_SOURCE
+
+
+def test_leaves_out_what_lambda_cannot_or_need_not_run(bundle: bytes) -> None:
+    for name in names(bundle):
+        assert not name.startswith(("zae_limiter/cli/", "zae_limiter/infra/")), name
+        assert name not in ("zae_limiter/repository.py", "zae_limiter/limiter.py",
+                            "zae_limiter/local.py"), name
+        assert "_native" not in name and "__pycache__" not in name, name
+        assert name.endswith(".py") or name.endswith(".pyi") or name.endswith(".typed"), name
+
+
+def test_is_deterministic(bundle: bytes, tmp_path: Path) -> None:
+    assert build_lambda_zip() == bundle
+    written = build_lambda_zip(tmp_path / "out" / "a.zip")
+    assert written == tmp_path / "out" / "a.zip" and written.read_bytes() == bundle
+    with zipfile.ZipFile(io.BytesIO(bundle)) as archive:
+        assert {info.date_time for info in archive.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+    path, digest = cached_lambda_zip(tmp_path / "cache")
+    assert path.read_bytes() == bundle and digest == source_code_hash(bundle)
+    assert cached_lambda_zip(tmp_path / "cache") == (path, digest)
+
+
+def test_repository_entry_file_matches_the_bundled_one() -> None:
+    assert (REPO / "aggregator" / "lambda_function.py").read_text() == LAMBDA_ENTRY_SOURCE
+
+
+# Runs with -I (no PYTHONPATH, no user site) and a sys.path of: the standard library, the
+# extracted bundle, and the directory holding boto3 — as in Lambda's python3.11 runtime. Anything
+# Lambda lacks is made unimportable even if this virtualenv has it.
+BARE_IMPORT = textwrap.dedent(
+    """
+    import importlib.abc, os, sys
+
+    bundle, boto_dir = sys.argv[1], sys.argv[2]
+    stdlib = [p for p in sys.path if p and "site-packages" not in p and "dist-packages" not in p]
+    sys.path[:] = stdlib + [bundle, boto_dir]
+
+    FORBIDDEN = {"aioboto3", "aiobotocore", "aiohttp", "pulumi", "pulumi_aws", "moto", "click",
+                 "rich", "zae_limiter._native"}
+
+    class Blocker(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name in FORBIDDEN or name.split(".")[0] in FORBIDDEN:
+                raise ModuleNotFoundError(f"{name} is not available in Lambda", name=name)
+            return None
+
+    sys.meta_path.insert(0, Blocker())
+    try:
+        import aioboto3  # noqa: F401
+    except ModuleNotFoundError:
+        pass
+    else:
+        raise SystemExit("the aioboto3 blocker does not work")
+
+    os.environ.update(TABLE_NAME="ZAEL-app", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="x")
+    import lambda_function
+    import zae_limiter
+    assert zae_limiter.__file__.startswith(bundle), zae_limiter.__file__
+    assert callable(lambda_function.handler)
+    # No records: builds its boto3 client and settings, touches no network.
+    print(lambda_function.handler({"Records": []}, None))
+    loaded = sorted(m for m in sys.modules if m.startswith("zae_limiter"))
+    print(" ".join(loaded))
+    """
+)
+
+
+def test_imports_in_a_bare_lambda_like_runtime(bundle: bytes, tmp_path: Path) -> None:
+    with zipfile.ZipFile(io.BytesIO(bundle)) as archive:
+        archive.extractall(tmp_path / "bundle")
+    boto_dir = str(Path(boto3.__file__).resolve().parent.parent)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "AWS_"))}
+    result = subprocess.run(
+        [sys.executable, "-I", "-c", BARE_IMPORT, str(tmp_path / "bundle"), boto_dir],
+        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    response, loaded = result.stdout.strip().splitlines()[-2:]
+    assert response == "{'batchItemFailures': []}"
+    assert "zae_limiter.aggregator.handler" in loaded.split()
+    assert "zae_limiter.repository" not in loaded.split()
