@@ -412,7 +412,9 @@ class RateLimiter:
                     ]
                     plans[i] = _writes(target, part, deltas[i])
                 if not admitted:
-                    stale = [i for i in pending if not targets[i].fresh]
+                    # Only a stale view of a short bucket can make a denial wrong.
+                    stale = [i for i in pending if not targets[i].fresh
+                             and any(st.exceeded for st in statuses[i])]
                     if stale:
                         await self._refresh([targets[i] for i in stale])
                         continue
