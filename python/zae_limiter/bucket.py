@@ -180,10 +180,10 @@ def _wait(
     delta: int,
     now: int,
 ) -> int | None:
-    """Ms until ``available >= delta``: 0 if already, ``None`` if ``delta > burst``."""
+    """Ms until ``available >= delta``: 0 if already or ``delta <= 0``, ``None`` if it never will."""
     if delta > burst:
         return None
-    if avail >= delta:
+    if delta <= 0 or avail >= delta:
         return 0
     # available < delta <= burst: the refill is not capped. The first quantum covering the
     # shortfall is the k-th after the current one.
@@ -245,7 +245,7 @@ def refill(
 
 
 def time_until_available(buckets: Sequence[BucketInput], now_ms: int) -> int | None:
-    """Ms until every bucket has ``available >= delta`` (0 if already).
+    """Ms until every bucket with ``delta > 0`` has ``available >= delta`` (0 if already).
 
     ``None`` if some delta exceeds its burst (it never will).
     """

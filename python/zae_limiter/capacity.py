@@ -24,7 +24,7 @@ def _number_size(text: str) -> int:
 
 def attribute_value_size(value: dict[str, Any]) -> int:
     """Size in bytes of one AttributeValue in low-level form (`{"S": ...}`, `{"N": ...}`, ...)."""
-    (kind, inner), = value.items()
+    ((kind, inner),) = value.items()
     if kind == "S":
         return len(str(inner).encode())
     if kind == "N":

@@ -42,8 +42,14 @@ class DemoReport:
     acquires: int
 
 
-async def run_workload(limiter: RateLimiter, *, keys: int = 3, clients_per_key: int = 2,
-                       requests_per_client: int = 12, seed: int = 7) -> DemoReport:
+async def run_workload(
+    limiter: RateLimiter,
+    *,
+    keys: int = 3,
+    clients_per_key: int = 2,
+    requests_per_client: int = 12,
+    seed: int = 7,
+) -> DemoReport:
     """Each client sends chat requests: estimate tokens, acquire rpm+tpm with cascade to the
     project, then reconcile the estimate with the 'actual' count through `adjust`."""
     rng = random.Random(seed)
@@ -64,9 +70,14 @@ async def run_workload(limiter: RateLimiter, *, keys: int = 3, clients_per_key: 
         for _ in range(requests_per_client):
             estimate = client_rng.randint(100, 600)
             try:
-                async with limiter.acquire(report.entity_id, RESOURCE, None,
-                                           {"rpm": 1, "tpm": estimate}, cascade=True,
-                                           use_stored_limits=True) as lease:
+                async with limiter.acquire(
+                    report.entity_id,
+                    RESOURCE,
+                    None,
+                    {"rpm": 1, "tpm": estimate},
+                    cascade=True,
+                    use_stored_limits=True,
+                ) as lease:
                     actual = max(1, int(estimate * client_rng.uniform(0.6, 1.4)))
                     await lease.adjust(tpm=actual - estimate)
                     report.admitted += 1
@@ -76,16 +87,17 @@ async def run_workload(limiter: RateLimiter, *, keys: int = 3, clients_per_key: 
                 report.rejected += 1
                 if any(v.entity_id == PROJECT for v in exc.violations):
                     report.rejected_by_project += 1
-                report.max_retry_after = max(report.max_retry_after,
-                                             exc.retry_after_seconds or 0.0)
+                report.max_retry_after = max(report.max_retry_after, exc.retry_after_seconds or 0.0)
             await asyncio.sleep(0)
 
     limiter.ledger.reset()
-    await asyncio.gather(*(
-        client(report, random.Random(rng.random()))
-        for report in reports
-        for _ in range(clients_per_key)
-    ))
+    await asyncio.gather(
+        *(
+            client(report, random.Random(rng.random()))
+            for report in reports
+            for _ in range(clients_per_key)
+        )
+    )
     ledger = limiter.ledger.snapshot()
     for report in reports:
         report.remaining = await limiter.available(report.entity_id, RESOURCE, key_limits)

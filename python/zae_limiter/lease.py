@@ -18,8 +18,14 @@ class Lease:
     normal exit it stands; if the block raises, everything the lease took is given back.
     """
 
-    def __init__(self, limiter: RateLimiter, targets: list[_Target],
-                 consumed: Mapping[str, int], *, fail_open: bool = False) -> None:
+    def __init__(
+        self,
+        limiter: RateLimiter,
+        targets: list[_Target],
+        consumed: Mapping[str, int],
+        *,
+        fail_open: bool = False,
+    ) -> None:
         self._limiter = limiter
         self._targets = targets
         self._consumed: dict[str, int] = dict(consumed)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
 import time
 from collections import OrderedDict
@@ -99,7 +100,7 @@ class RateLimiter:
 
     ```python
     async with RateLimiter(name="my-app", region="us-east-1") as limiter:
-        async with limiter.acquire("key-1", "gpt-4", limits, consume={"rpm": 1, "tpm": 500}) as lease:
+        async with limiter.acquire("key-1", "gpt-4", limits, {"rpm": 1, "tpm": 500}) as lease:
             await lease.adjust(tpm=actual_tokens - 500)
     ```
     """
@@ -177,7 +178,7 @@ class RateLimiter:
                     'provisioning on AWS needs Pulumi: pip install "zae-limiter[infra]" and the '
                     "Pulumi CLI, or run `zae-limiter deploy`",
                 ) from exc
-            await asyncio.to_thread(automation.deploy, self.name, self.region, options)
+            await asyncio.to_thread(automation.deploy, self.name, self._region(), options)
             return
         created = await self.repository.create_table(
             options.billing_mode, options.read_capacity, options.write_capacity
@@ -192,30 +193,40 @@ class RateLimiter:
                 updated_by="zae-limiter local provisioning",
             )
 
+    def _region(self) -> str:
+        return self.region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
     async def delete_stack(self) -> None:
         """Delete the table (and, on AWS, the Pulumi stack)."""
         if self.endpoint_url is None:
             from .infra import automation
 
-            await asyncio.to_thread(automation.destroy, self.name, self.region)
+            await asyncio.to_thread(automation.destroy, self.name, self._region())
         else:
             await self.repository.delete_table()
         self._buckets.clear()
 
     # -- entities ---------------------------------------------------------------------------
 
-    async def create_entity(self, entity_id: str, name: str | None = None,
-                            parent_id: str | None = None,
-                            metadata: Mapping[str, str] | None = None) -> Entity:
-        entity = Entity(id=validate_entity_id(entity_id), name=name,
-                        parent_id=None if parent_id is None else
-                        validate_entity_id(parent_id, "parent_id"),
-                        metadata=dict(metadata or {}))
+    async def create_entity(
+        self,
+        entity_id: str,
+        name: str | None = None,
+        parent_id: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Entity:
+        entity = Entity(
+            id=validate_entity_id(entity_id),
+            name=name,
+            parent_id=None if parent_id is None else validate_entity_id(parent_id, "parent_id"),
+            metadata=dict(metadata or {}),
+        )
         await self._ensure_ready()
         with self._unavailable_as_error():
-            if entity.parent_id is not None and await self.repository.get_entity(
-                entity.parent_id
-            ) is None:
+            if (
+                entity.parent_id is not None
+                and await self.repository.get_entity(entity.parent_id) is None
+            ):
                 raise EntityNotFoundError(entity.parent_id)
             await self.repository.put_entity(entity)
         stored = await self.get_entity(entity.id)
@@ -248,8 +259,9 @@ class RateLimiter:
 
     # -- stored limits ----------------------------------------------------------------------
 
-    async def set_limits(self, entity_id: str, limits: Sequence[Limit],
-                         resource: str = DEFAULT_RESOURCE) -> None:
+    async def set_limits(
+        self, entity_id: str, limits: Sequence[Limit], resource: str = DEFAULT_RESOURCE
+    ) -> None:
         validate_entity_id(entity_id)
         validate_resource(resource)
         checked = _check_limits(limits)
@@ -273,8 +285,9 @@ class RateLimiter:
             await self.repository.delete_limits(entity_id, resource)
         self._stored_limits.drop(entity_id)
 
-    async def _resolve_limits(self, entity_id: str, resource: str,
-                              fallback: list[Limit]) -> list[Limit]:
+    async def _resolve_limits(
+        self, entity_id: str, resource: str, fallback: list[Limit]
+    ) -> list[Limit]:
         hit, stored = self._stored_limits.get(entity_id)
         if not hit:
             stored = await self.repository.get_all_limits(entity_id)
@@ -315,8 +328,7 @@ class RateLimiter:
         amounts = _check_consume(consume)
         await self._ensure_ready()
         try:
-            targets = await self._targets(entity_id, resource, fallback, cascade,
-                                          use_stored_limits)
+            targets = await self._targets(entity_id, resource, fallback, cascade, use_stored_limits)
             _check_consumable(targets, amounts)
             await self._commit(targets, amounts)
         except RepositoryUnavailable as exc:
@@ -343,8 +355,14 @@ class RateLimiter:
             raise ValidationError("failure_mode", failure_mode, "must be a FailureMode")
         return failure_mode
 
-    async def _targets(self, entity_id: str, resource: str, fallback: list[Limit],
-                       cascade: bool, use_stored_limits: bool) -> list[_Target]:
+    async def _targets(
+        self,
+        entity_id: str,
+        resource: str,
+        fallback: list[Limit],
+        cascade: bool,
+        use_stored_limits: bool,
+    ) -> list[_Target]:
         ids = [entity_id]
         if cascade:
             parent = await self._parent_of(entity_id)
@@ -352,8 +370,11 @@ class RateLimiter:
                 ids.append(parent)
         limit_sets: list[list[Limit]] = []
         for eid in ids:
-            limits = (await self._resolve_limits(eid, resource, fallback)
-                      if use_stored_limits else fallback)
+            limits = (
+                await self._resolve_limits(eid, resource, fallback)
+                if use_stored_limits
+                else fallback
+            )
             if not limits:
                 raise ValidationError(
                     "limits", limits, f"no limits given and none stored for entity {eid!r}"
@@ -380,8 +401,7 @@ class RateLimiter:
         """Add `amounts` (negative: give back) to every target without a check."""
         await self._apply(targets, amounts, check=False)
 
-    async def _apply(self, targets: list[_Target], amounts: Mapping[str, int],
-                     check: bool) -> None:
+    async def _apply(self, targets: list[_Target], amounts: Mapping[str, int], check: bool) -> None:
         milli = {name: amount * 1000 for name, amount in amounts.items()}
         deltas = [[milli.get(limit.name, 0) for limit in t.limits] for t in targets]
         pending = [i for i, d in enumerate(deltas) if any(d)]
@@ -413,8 +433,11 @@ class RateLimiter:
                     plans[i] = _writes(target, part, deltas[i])
                 if not admitted:
                     # Only a stale view of a short bucket can make a denial wrong.
-                    stale = [i for i in pending if not targets[i].fresh
-                             and any(st.exceeded for st in statuses[i])]
+                    stale = [
+                        i
+                        for i in pending
+                        if not targets[i].fresh and any(st.exceeded for st in statuses[i])
+                    ]
                     if stale:
                         await self._refresh([targets[i] for i in stale])
                         continue
@@ -450,7 +473,10 @@ class RateLimiter:
         key = (target.entity_id, target.resource)
         try:
             state = await self.repository.write_bucket(
-                target.entity_id, target.resource, writes, now,
+                target.entity_id,
+                target.resource,
+                writes,
+                now,
                 known_size=target.state.size if target.state else 0,
             )
         except ConditionFailed as exc:
@@ -475,16 +501,24 @@ class RateLimiter:
 
     # -- reads ------------------------------------------------------------------------------
 
-    async def available(self, entity_id: str, resource: str, limits: Sequence[Limit] | None,
-                        use_stored_limits: bool = False) -> dict[str, int]:
+    async def available(
+        self,
+        entity_id: str,
+        resource: str,
+        limits: Sequence[Limit] | None,
+        use_stored_limits: bool = False,
+    ) -> dict[str, int]:
         """Tokens available now per limit (negative after over-consumption). One read."""
         validate_entity_id(entity_id)
         validate_resource(resource)
         fallback = _check_limits(limits or [], allow_empty=use_stored_limits)
         await self._ensure_ready()
         with self._unavailable_as_error():
-            chosen = (await self._resolve_limits(entity_id, resource, fallback)
-                      if use_stored_limits else fallback)
+            chosen = (
+                await self._resolve_limits(entity_id, resource, fallback)
+                if use_stored_limits
+                else fallback
+            )
             state = await self.repository.get_bucket(entity_id, resource)
         self._buckets.put((entity_id, resource), state)
         now = self._clock()
@@ -492,16 +526,24 @@ class RateLimiter:
         for limit in chosen:
             s = state.limits.get(limit.name) if state else None
             milli = core.available(
-                limit.burst_milli, limit.refill_amount_milli, limit.refill_period_ms,
-                None if s is None else s.tokens_milli, None if s is None else s.last_refill_ms,
+                limit.burst_milli,
+                limit.refill_amount_milli,
+                limit.refill_period_ms,
+                None if s is None else s.tokens_milli,
+                None if s is None else s.last_refill_ms,
                 now,
             )
             result[limit.name] = milli // 1000
         return result
 
-    async def time_until_available(self, entity_id: str, resource: str,
-                                   limits: Sequence[Limit] | None, needed: Mapping[str, int],
-                                   use_stored_limits: bool = False) -> float:
+    async def time_until_available(
+        self,
+        entity_id: str,
+        resource: str,
+        limits: Sequence[Limit] | None,
+        needed: Mapping[str, int],
+        use_stored_limits: bool = False,
+    ) -> float:
         """Seconds until every limit can cover `needed` (0.0 if it can now)."""
         validate_entity_id(entity_id)
         validate_resource(resource)
@@ -509,13 +551,17 @@ class RateLimiter:
         amounts = _check_consume(needed, field="needed")
         await self._ensure_ready()
         with self._unavailable_as_error():
-            chosen = (await self._resolve_limits(entity_id, resource, fallback)
-                      if use_stored_limits else fallback)
+            chosen = (
+                await self._resolve_limits(entity_id, resource, fallback)
+                if use_stored_limits
+                else fallback
+            )
             state = await self.repository.get_bucket(entity_id, resource)
         target = _Target(entity_id, resource, chosen, state, fresh=True)
         _check_consumable([target], amounts, field="needed")
-        inputs = [_bucket_input(limit, state, amounts.get(limit.name, 0) * 1000)
-                  for limit in chosen]
+        inputs = [
+            _bucket_input(limit, state, amounts.get(limit.name, 0) * 1000) for limit in chosen
+        ]
         ms = core.time_until_available(inputs, self._clock())
         return 0.0 if ms is None else ms / 1000
 
@@ -529,8 +575,9 @@ class _Unavailable:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: object) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
         if isinstance(exc, RepositoryUnavailable):
             raise RateLimiterUnavailable(f"rate limiter unavailable: {exc}", exc) from exc
         code = getattr(exc, "response", {}).get("Error", {}).get("Code") if exc else None
@@ -563,17 +610,19 @@ def _check_consume(consume: Mapping[str, int], field: str = "consume") -> dict[s
     return result
 
 
-def _check_consumable(targets: list[_Target], amounts: Mapping[str, int],
-                      field: str = "consume") -> None:
+def _check_consumable(
+    targets: list[_Target], amounts: Mapping[str, int], field: str = "consume"
+) -> None:
     own = {limit.name: limit for limit in targets[0].limits}
-    for name, amount in amounts.items():
+    for name in amounts:
         if name not in own:
             raise ValidationError(f"{field}.{name}", name, "no limit of that name")
     for target in targets:
         for limit in target.limits:
             if amounts.get(limit.name, 0) > limit.burst:
                 raise ValidationError(
-                    f"{field}.{limit.name}", amounts[limit.name],
+                    f"{field}.{limit.name}",
+                    amounts[limit.name],
                     f"exceeds the burst ({limit.burst}) of {target.entity_id!r}'s limit; "
                     "it could never be admitted",
                 )
@@ -582,14 +631,16 @@ def _check_consumable(targets: list[_Target], amounts: Mapping[str, int],
 def _bucket_input(limit: Limit, state: BucketItem | None, delta: int) -> core.BucketInput:
     s = state.limits.get(limit.name) if state else None
     return (
-        limit.burst_milli, limit.refill_amount_milli, limit.refill_period_ms,
-        None if s is None else s.tokens_milli, None if s is None else s.last_refill_ms,
+        limit.burst_milli,
+        limit.refill_amount_milli,
+        limit.refill_period_ms,
+        None if s is None else s.tokens_milli,
+        None if s is None else s.last_refill_ms,
         delta,
     )
 
 
-def _status(target: _Target, limit: Limit, outcome: core.BucketOutcome,
-            delta: int) -> LimitStatus:
+def _status(target: _Target, limit: Limit, outcome: core.BucketOutcome, delta: int) -> LimitStatus:
     retry_ms = outcome[2]
     return LimitStatus(
         entity_id=target.entity_id,
@@ -603,8 +654,9 @@ def _status(target: _Target, limit: Limit, outcome: core.BucketOutcome,
     )
 
 
-def _writes(target: _Target, outcomes: Sequence[core.BucketOutcome],
-            deltas: Sequence[int]) -> list[LimitWrite]:
+def _writes(
+    target: _Target, outcomes: Sequence[core.BucketOutcome], deltas: Sequence[int]
+) -> list[LimitWrite]:
     writes: list[LimitWrite] = []
     for limit, out, delta in zip(target.limits, outcomes, deltas, strict=True):
         mode = out[3]
@@ -612,15 +664,17 @@ def _writes(target: _Target, outcomes: Sequence[core.BucketOutcome],
             continue
         prior = target.state.limits.get(limit.name) if target.state else None
         encoded = limit.encode()
-        writes.append(LimitWrite(
-            limit_name=limit.name,
-            absolute=mode == 2,
-            value=out[4],
-            new_last_refill_ms=out[6],
-            expect_last_refill_ms=None if prior is None else prior.last_refill_ms,
-            cond_lo=out[7],
-            cond_hi=out[8],
-            delta_milli=delta,
-            definition=None if prior is not None and prior.definition == encoded else encoded,
-        ))
+        writes.append(
+            LimitWrite(
+                limit_name=limit.name,
+                absolute=mode == 2,
+                value=out[4],
+                new_last_refill_ms=out[6],
+                expect_last_refill_ms=None if prior is None else prior.last_refill_ms,
+                cond_lo=out[7],
+                cond_hi=out[8],
+                delta_milli=delta,
+                definition=None if prior is not None and prior.definition == encoded else encoded,
+            )
+        )
     return writes

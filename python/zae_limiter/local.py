@@ -38,8 +38,9 @@ class LocalDynamoDB:
     ...                           stack_options=StackOptions())
     """
 
-    def __init__(self, port: int | None = None, host: str = "127.0.0.1",
-                 startup_timeout: float = 30.0) -> None:
+    def __init__(
+        self, port: int | None = None, host: str = "127.0.0.1", startup_timeout: float = 30.0
+    ) -> None:
         self.host = host
         self.port = port or free_port(host)
         self.startup_timeout = startup_timeout
@@ -70,8 +71,15 @@ class LocalDynamoDB:
             p for p in (package_root, env.get("PYTHONPATH", "")) if p
         )
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "zae_limiter.local", "--host", self.host,
-             "--port", str(self.port)],
+            [
+                sys.executable,
+                "-m",
+                "zae_limiter.local",
+                "--host",
+                self.host,
+                "--port",
+                str(self.port),
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             env=env,
@@ -86,9 +94,11 @@ class LocalDynamoDB:
                 raise ZAELimiterError(
                     f"moto server exited with code {self._process.returncode} on port {self.port}"
                 )
-            with contextlib.suppress(OSError, urllib.error.URLError):
-                with urllib.request.urlopen(f"{self.endpoint_url}/moto-api/", timeout=1):
-                    return
+            with (
+                contextlib.suppress(OSError, urllib.error.URLError),
+                urllib.request.urlopen(f"{self.endpoint_url}/moto-api/", timeout=1),
+            ):
+                return
             time.sleep(0.05)
         self.stop()
         raise ZAELimiterError(f"moto server did not start on {self.endpoint_url} in time")
@@ -113,8 +123,12 @@ class LocalDynamoDB:
     def __enter__(self) -> LocalDynamoDB:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.stop()
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import random
 import secrets
@@ -32,14 +33,16 @@ T = TypeVar("T")
 Item = dict[str, dict[str, Any]]
 
 # Errors after which DynamoDB has certainly not applied the request.
-_RETRYABLE_CODES = frozenset({
-    "ProvisionedThroughputExceededException",
-    "ThrottlingException",
-    "RequestLimitExceeded",
-    "LimitExceededException",
-    "ServiceUnavailable",
-    "ServiceUnavailableException",
-})
+_RETRYABLE_CODES = frozenset(
+    {
+        "ProvisionedThroughputExceededException",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "LimitExceededException",
+        "ServiceUnavailable",
+        "ServiceUnavailableException",
+    }
+)
 # Errors after which the request may or may not have been applied.
 _AMBIGUOUS_CODES = frozenset({"InternalServerError", "InternalFailure"})
 _SAFE_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
@@ -303,7 +306,7 @@ class Repository:
             except _SAFE_TRANSPORT_ERRORS as exc:
                 last = exc
                 continue
-            except (botocore.exceptions.BotoCoreError, OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, botocore.exceptions.BotoCoreError, OSError) as exc:
                 raise _Ambiguous(exc) from exc
         raise RepositoryUnavailable(
             f"DynamoDB {operation} failed after {self.retry.max_attempts} attempts: {last}", last
@@ -327,7 +330,10 @@ class Repository:
         response = await self.call(
             "get_item",
             TableName=self.table_name,
-            Key={schema.PK: _s(schema.entity_pk(entity_id)), schema.SK: _s(schema.bucket_sk(resource))},
+            Key={
+                schema.PK: _s(schema.entity_pk(entity_id)),
+                schema.SK: _s(schema.bucket_sk(resource)),
+            },
             ConsistentRead=True,
         )
         item = response.get("Item")
@@ -360,7 +366,7 @@ class Repository:
             except botocore.exceptions.ClientError as exc:
                 if exc.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
                     raise
-                raw = exc.response.get("Item")
+                raw: Item | None = exc.response.get("Item")  # type: ignore[assignment]
                 current = bucket_from_item(raw) if raw else None
                 if raw is None:
                     # Older servers do not return the item on failure: one read instead.
@@ -422,7 +428,7 @@ class Repository:
         slots = [expr.name(slot) for slot in schema.WRITE_ID_SLOTS]
         empty = expr.value(_s(""))
         sets.append(f"{slots[0]} = {expr.value(_s(write_id))}")
-        for newer, older in zip(slots, slots[1:], strict=False):
+        for newer, older in itertools.pairwise(slots):
             sets.append(f"{older} = if_not_exists({newer}, {empty})")
         update = "SET " + ", ".join(sets)
         if adds:
@@ -454,8 +460,9 @@ class Repository:
         )
         return [bucket_from_item(item) for item in items]
 
-    async def reset_bucket(self, entity_id: str, resource: str,
-                           limit_names: Iterable[str] | None = None) -> bool:
+    async def reset_bucket(
+        self, entity_id: str, resource: str, limit_names: Iterable[str] | None = None
+    ) -> bool:
         """Forget bucket state so the limits start full again; consumption counters are kept
         (the aggregator derives usage from them). Returns False when there was no bucket."""
         bucket = await self.get_bucket(entity_id, resource)
@@ -472,7 +479,10 @@ class Repository:
         await self.call(
             "update_item",
             TableName=self.table_name,
-            Key={schema.PK: _s(schema.entity_pk(entity_id)), schema.SK: _s(schema.bucket_sk(resource))},
+            Key={
+                schema.PK: _s(schema.entity_pk(entity_id)),
+                schema.SK: _s(schema.bucket_sk(resource)),
+            },
             UpdateExpression="REMOVE " + ", ".join(removes),
             ConditionExpression="attribute_exists(#pk)",
             ExpressionAttributeNames=expr.names | {"#pk": schema.PK},
@@ -542,7 +552,9 @@ class Repository:
         )
         if not any(_get_s(item, schema.SK) == schema.META_SK for item in items):
             raise EntityNotFoundError(entity_id)
-        await self._batch_delete([{schema.PK: i[schema.PK], schema.SK: i[schema.SK]} for i in items])
+        await self._batch_delete(
+            [{schema.PK: i[schema.PK], schema.SK: i[schema.SK]} for i in items]
+        )
         return len(items)
 
     # -- stored limits ----------------------------------------------------------------------
@@ -558,17 +570,19 @@ class Repository:
         ]
         puts: list[Item] = []
         for limit in limits:
-            puts.append({
-                schema.PK: _s(schema.entity_pk(entity_id)),
-                schema.SK: _s(schema.limit_sk(resource, limit.name)),
-                "entity_id": _s(entity_id),
-                "resource": _s(resource),
-                "limit_name": _s(limit.name),
-                "capacity": _n(limit.capacity),
-                "burst": _n(limit.burst),
-                "refill_amount": _n(limit.refill_amount),
-                "refill_period_seconds": _n(limit.refill_period_seconds),
-            })
+            puts.append(
+                {
+                    schema.PK: _s(schema.entity_pk(entity_id)),
+                    schema.SK: _s(schema.limit_sk(resource, limit.name)),
+                    "entity_id": _s(entity_id),
+                    "resource": _s(resource),
+                    "limit_name": _s(limit.name),
+                    "capacity": _n(limit.capacity),
+                    "burst": _n(limit.burst),
+                    "refill_amount": _n(limit.refill_amount),
+                    "refill_period_seconds": _n(limit.refill_period_seconds),
+                }
+            )
         await self._batch_write(puts=puts, deletes=stale)
 
     async def get_limits(self, entity_id: str, resource: str) -> list[Limit]:
@@ -592,7 +606,9 @@ class Repository:
 
     async def delete_limits(self, entity_id: str, resource: str) -> int:
         items = await self._limit_items(entity_id, resource)
-        await self._batch_delete([{schema.PK: i[schema.PK], schema.SK: i[schema.SK]} for i in items])
+        await self._batch_delete(
+            [{schema.PK: i[schema.PK], schema.SK: i[schema.SK]} for i in items]
+        )
         return len(items)
 
     async def _limit_items(self, entity_id: str, resource: str) -> list[Item]:
@@ -609,14 +625,18 @@ class Repository:
 
     async def get_version_record(self) -> dict[str, Any] | None:
         response = await self.call(
-            "get_item", TableName=self.table_name,
-            Key={k: _s(v) for k, v in schema.version_key().items()}, ConsistentRead=True,
+            "get_item",
+            TableName=self.table_name,
+            Key={k: _s(v) for k, v in schema.version_key().items()},
+            ConsistentRead=True,
         )
         item = response.get("Item")
         self.ledger.record("GetItem", rcu=read_units(item_size(item), consistent=True))
         if not item:
             return None
-        return {k: next(iter(v.values())) for k, v in item.items() if k not in (schema.PK, schema.SK)}
+        return {
+            k: next(iter(v.values())) for k, v in item.items() if k not in (schema.PK, schema.SK)
+        }
 
     async def set_version_record(
         self,
@@ -634,9 +654,7 @@ class Repository:
             **extra,
         }
         expr = _Expr()
-        sets = [
-            f"{expr.name(k)} = {expr.value(_s(v))}" for k, v in fields.items() if v is not None
-        ]
+        sets = [f"{expr.name(k)} = {expr.value(_s(v))}" for k, v in fields.items() if v is not None]
         sets.append(f"{expr.name('updated_at')} = {expr.value(_s(_utcnow()))}")
         sets.append(f"{expr.name('updated_by')} = {expr.value(_s(updated_by))}")
         await self.call(
@@ -695,8 +713,9 @@ class Repository:
 
     # -- helpers ----------------------------------------------------------------------------
 
-    async def _query_all(self, *, consistent: bool = True,
-                         extra_names: dict[str, str] | None = None, **kwargs: Any) -> list[Item]:
+    async def _query_all(
+        self, *, consistent: bool = True, extra_names: dict[str, str] | None = None, **kwargs: Any
+    ) -> list[Item]:
         if extra_names:
             kwargs["ExpressionAttributeNames"] = kwargs["ExpressionAttributeNames"] | extra_names
         items: list[Item] = []

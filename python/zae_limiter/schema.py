@@ -104,7 +104,9 @@ def parse_limit_sk(sk: str) -> tuple[str, str]:
     return resource, limit_name
 
 
-def usage_sk(resource: str | None = None, window: str | None = None, start: str | None = None) -> str:
+def usage_sk(
+    resource: str | None = None, window: str | None = None, start: str | None = None
+) -> str:
     """Usage snapshot key, or a prefix of it when trailing parts are omitted."""
     sk = USAGE_PREFIX
     if resource is None:
@@ -181,9 +183,13 @@ class TableDefinition:
     ttl_attribute: str
     stream_view_type: str
 
-    def create_table_kwargs(self, table: str, billing_mode: str = "PAY_PER_REQUEST",
-                            read_capacity: int | None = None,
-                            write_capacity: int | None = None) -> dict[str, Any]:
+    def create_table_kwargs(
+        self,
+        table: str,
+        billing_mode: str = "PAY_PER_REQUEST",
+        read_capacity: int | None = None,
+        write_capacity: int | None = None,
+    ) -> dict[str, Any]:
         """Arguments for DynamoDB's CreateTable (boto3 spelling)."""
         provisioned = billing_mode == "PROVISIONED"
         throughput = {

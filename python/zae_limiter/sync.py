@@ -38,8 +38,15 @@ class SyncRateLimiter:
         bucket_cache_size: int = 10_000,
     ) -> None:
         self._limiter = RateLimiter(
-            name, region, endpoint_url, stack_options, failure_mode, retry=retry, clock=clock,
-            limits_cache_ttl=limits_cache_ttl, bucket_cache_size=bucket_cache_size,
+            name,
+            region,
+            endpoint_url,
+            stack_options,
+            failure_mode,
+            retry=retry,
+            clock=clock,
+            limits_cache_ttl=limits_cache_ttl,
+            bucket_cache_size=bucket_cache_size,
         )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -85,8 +92,12 @@ class SyncRateLimiter:
         self._run(self._limiter._ensure_ready())
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
     @contextmanager
@@ -112,9 +123,13 @@ class SyncRateLimiter:
         else:
             self._run(manager.__aexit__(None, None, None))
 
-    def create_entity(self, entity_id: str, name: str | None = None,
-                      parent_id: str | None = None,
-                      metadata: Mapping[str, str] | None = None) -> Entity:
+    def create_entity(
+        self,
+        entity_id: str,
+        name: str | None = None,
+        parent_id: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> Entity:
         return self._run(self._limiter.create_entity(entity_id, name, parent_id, metadata))
 
     def get_entity(self, entity_id: str) -> Entity | None:
@@ -126,8 +141,9 @@ class SyncRateLimiter:
     def get_children(self, parent_id: str) -> list[Entity]:
         return self._run(self._limiter.get_children(parent_id))
 
-    def set_limits(self, entity_id: str, limits: Sequence[Limit],
-                   resource: str = "_default_") -> None:
+    def set_limits(
+        self, entity_id: str, limits: Sequence[Limit], resource: str = "_default_"
+    ) -> None:
         self._run(self._limiter.set_limits(entity_id, limits, resource))
 
     def get_limits(self, entity_id: str, resource: str = "_default_") -> list[Limit]:
@@ -136,16 +152,28 @@ class SyncRateLimiter:
     def delete_limits(self, entity_id: str, resource: str = "_default_") -> None:
         self._run(self._limiter.delete_limits(entity_id, resource))
 
-    def available(self, entity_id: str, resource: str, limits: Sequence[Limit] | None,
-                  use_stored_limits: bool = False) -> dict[str, int]:
+    def available(
+        self,
+        entity_id: str,
+        resource: str,
+        limits: Sequence[Limit] | None,
+        use_stored_limits: bool = False,
+    ) -> dict[str, int]:
         return self._run(self._limiter.available(entity_id, resource, limits, use_stored_limits))
 
-    def time_until_available(self, entity_id: str, resource: str,
-                             limits: Sequence[Limit] | None, needed: Mapping[str, int],
-                             use_stored_limits: bool = False) -> float:
-        return self._run(self._limiter.time_until_available(
-            entity_id, resource, limits, needed, use_stored_limits
-        ))
+    def time_until_available(
+        self,
+        entity_id: str,
+        resource: str,
+        limits: Sequence[Limit] | None,
+        needed: Mapping[str, int],
+        use_stored_limits: bool = False,
+    ) -> float:
+        return self._run(
+            self._limiter.time_until_available(
+                entity_id, resource, limits, needed, use_stored_limits
+            )
+        )
 
     def delete_stack(self) -> None:
         self._run(self._limiter.delete_stack())

@@ -1,0 +1,29 @@
+"""Shared fixtures: one moto DynamoDB server per test session, on loopback, reset between tests."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+# Clients under test must never reach for real AWS credentials or a real region.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.pop("AWS_PROFILE", None)
+
+from zae_limiter.local import LocalDynamoDB
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[LocalDynamoDB]:
+    with LocalDynamoDB() as server:
+        yield server
+
+
+@pytest.fixture
+def endpoint_url(moto_server: LocalDynamoDB) -> Iterator[str]:
+    """A fresh, empty moto: tables with streams slow moto down as they grow, so never share."""
+    moto_server.reset()
+    yield moto_server.endpoint_url
