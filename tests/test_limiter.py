@@ -12,6 +12,7 @@ from zae_limiter import (
     EntityExistsError,
     EntityNotFoundError,
     FailureMode,
+    InfrastructureNotFoundError,
     Limit,
     RateLimiter,
     RateLimiterUnavailable,
@@ -46,8 +47,9 @@ def clock() -> Clock:
 
 @pytest.fixture
 async def limiter(endpoint_url: str, clock: Clock) -> AsyncIterator[RateLimiter]:
-    async with RateLimiter(name="test", endpoint_url=endpoint_url, stack_options=StackOptions(),
-                           clock=clock) as lim:
+    async with RateLimiter(
+        name="test", endpoint_url=endpoint_url, stack_options=StackOptions(), clock=clock
+    ) as lim:
         yield lim
 
 
@@ -91,8 +93,9 @@ async def test_rollback_on_exception_restores_exactly(limiter: RateLimiter) -> N
     assert await limiter.available("k1", "r", [RPM]) == {"rpm": 70}
 
 
-async def test_denial_reports_every_limit_and_writes_nothing(limiter: RateLimiter,
-                                                             clock: Clock) -> None:
+async def test_denial_reports_every_limit_and_writes_nothing(
+    limiter: RateLimiter, clock: Clock
+) -> None:
     async with limiter.acquire("k1", "r", [RPM, TPM], {"rpm": 1, "tpm": 9_999}):
         pass
     with pytest.raises(RateLimitExceeded) as info:
@@ -218,7 +221,10 @@ async def test_bad_input_is_a_validation_error_before_any_write(
     limiter: RateLimiter, endpoint_url: str, kwargs: dict[str, object], field: str
 ) -> None:
     args: dict[str, object] = {
-        "entity_id": "k1", "resource": "r", "limits": [RPM], "consume": {"rpm": 1},
+        "entity_id": "k1",
+        "resource": "r",
+        "limits": [RPM],
+        "consume": {"rpm": 1},
     }
     args.update(kwargs)
     with pytest.raises(ValidationError) as info:
@@ -235,8 +241,9 @@ async def test_adjust_unknown_limit_is_rejected(limiter: RateLimiter) -> None:
         assert info.value.field == "consume.tpm"
 
 
-async def test_stale_cache_is_harmless(endpoint_url: str, clock: Clock,
-                                       limiter: RateLimiter) -> None:
+async def test_stale_cache_is_harmless(
+    endpoint_url: str, clock: Clock, limiter: RateLimiter
+) -> None:
     limit = Limit.per_hour("rph", 10)
     async with RateLimiter(name="test", endpoint_url=endpoint_url, clock=clock) as other:
         async with limiter.acquire("k1", "r", [limit], {"rph": 1}):
@@ -260,16 +267,28 @@ async def test_fail_open_and_fail_closed_when_dynamodb_is_down() -> None:
             async with closed.acquire("k1", "r", [RPM], {"rpm": 1}):
                 pytest.fail("FAIL_CLOSED must not admit")
         assert info.value.cause is not None
-        async with closed.acquire("k1", "r", [RPM], {"rpm": 1},
-                                  failure_mode=FailureMode.FAIL_OPEN) as lease:
+        async with closed.acquire(
+            "k1", "r", [RPM], {"rpm": 1}, failure_mode=FailureMode.FAIL_OPEN
+        ) as lease:
             assert lease.fail_open
             await lease.adjust(rpm=3)
             assert lease.consumed == {"rpm": 4}
 
 
+async def test_missing_table_is_infrastructure_not_found(endpoint_url: str) -> None:
+    async with RateLimiter(name="absent", endpoint_url=endpoint_url) as limiter:
+        for mode in FailureMode:
+            with pytest.raises(InfrastructureNotFoundError):
+                async with limiter.acquire("k1", "r", [RPM], {"rpm": 1}, failure_mode=mode):
+                    pass
+        with pytest.raises(InfrastructureNotFoundError):
+            await limiter.get_entity("k1")
+
+
 def test_sync_limiter(endpoint_url: str) -> None:
-    with SyncRateLimiter(name="test", endpoint_url=endpoint_url,
-                         stack_options=StackOptions()) as limiter:
+    with SyncRateLimiter(
+        name="test", endpoint_url=endpoint_url, stack_options=StackOptions()
+    ) as limiter:
         limiter.create_entity("proj")
         limiter.create_entity("k1", parent_id="proj")
         with limiter.acquire("k1", "r", [RPM], {"rpm": 5}, cascade=True) as lease:

@@ -19,6 +19,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import botocore.exceptions
+
 from . import core, schema
 from .exceptions import (
     EntityNotFoundError,
@@ -331,7 +333,9 @@ class RateLimiter:
             targets = await self._targets(entity_id, resource, fallback, cascade, use_stored_limits)
             _check_consumable(targets, amounts)
             await self._commit(targets, amounts)
-        except RepositoryUnavailable as exc:
+        except (RepositoryUnavailable, botocore.exceptions.ClientError) as exc:
+            if _error_code(exc) == "ResourceNotFoundException":
+                raise InfrastructureNotFoundError(self.table_name) from exc
             if mode is FailureMode.FAIL_OPEN:
                 log.warning("DynamoDB unavailable, admitting (FAIL_OPEN): %s", exc)
                 lease = Lease(self, [], amounts, fail_open=True)
@@ -566,11 +570,14 @@ class RateLimiter:
         return 0.0 if ms is None else ms / 1000
 
     def _unavailable_as_error(self) -> _Unavailable:
-        return _Unavailable()
+        return _Unavailable(self.table_name)
 
 
 class _Unavailable:
     """Management calls have no failure mode: an unreachable table is always an error."""
+
+    def __init__(self, table_name: str) -> None:
+        self.table_name = table_name
 
     def __enter__(self) -> None:
         return None
@@ -580,9 +587,16 @@ class _Unavailable:
     ) -> None:
         if isinstance(exc, RepositoryUnavailable):
             raise RateLimiterUnavailable(f"rate limiter unavailable: {exc}", exc) from exc
-        code = getattr(exc, "response", {}).get("Error", {}).get("Code") if exc else None
-        if code == "ResourceNotFoundException":
-            raise InfrastructureNotFoundError("table", f"table not found: {exc}") from exc
+        if _error_code(exc) == "ResourceNotFoundException":
+            raise InfrastructureNotFoundError(self.table_name) from exc
+
+
+def _error_code(exc: BaseException | None) -> str | None:
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return None
+    code = response.get("Error", {}).get("Code")
+    return None if code is None else str(code)
 
 
 def _check_limits(limits: Sequence[Limit], allow_empty: bool = False) -> list[Limit]:

@@ -24,7 +24,7 @@ from botocore.config import Config
 
 from . import schema
 from .capacity import CapacityLedger, item_size, read_units, write_units
-from .exceptions import EntityExistsError, EntityNotFoundError, ZAELimiterError
+from .exceptions import EntityExistsError, EntityNotFoundError, RateLimiterUnavailable
 from .models import Entity, Limit
 
 log = logging.getLogger("zae_limiter.repository")
@@ -51,12 +51,12 @@ _SAFE_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-class RepositoryUnavailable(ZAELimiterError):
-    """DynamoDB could not be reached, or kept failing, within the retry policy."""
+class RepositoryUnavailable(RateLimiterUnavailable):
+    """DynamoDB could not be reached, or kept failing, within the retry policy.
 
-    def __init__(self, message: str, cause: BaseException | None = None) -> None:
-        super().__init__(message)
-        self.cause = cause
+    A `RateLimiterUnavailable`, so callers of any method see the public exception; the limiter
+    catches this subclass to apply its failure mode.
+    """
 
 
 class ConditionFailed(Exception):
