@@ -17,11 +17,12 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import botocore.exceptions
 
-from . import core, schema
+from . import core, schema, usage
 from .exceptions import (
     EntityNotFoundError,
     InfrastructureNotFoundError,
@@ -31,7 +32,15 @@ from .exceptions import (
     ValidationError,
 )
 from .lease import Lease
-from .models import Entity, FailureMode, Limit, LimitStatus, StackOptions
+from .models import (
+    Entity,
+    FailureMode,
+    Limit,
+    LimitStatus,
+    StackOptions,
+    UsageSnapshot,
+    UsageSummary,
+)
 from .repository import (
     BucketItem,
     ConditionFailed,
@@ -46,6 +55,7 @@ from .validation import (
     validate_name,
     validate_resource,
 )
+from .version import VERSION_CHECKS, Compatibility, VersionCheck, ensure_compatible
 
 log = logging.getLogger("zae_limiter")
 
@@ -120,6 +130,7 @@ class RateLimiter:
         limits_cache_ttl: float = 30.0,
         bucket_cache_size: int = 10_000,
         repository: Repository | None = None,
+        version_check: VersionCheck = "strict",
     ) -> None:
         if not isinstance(failure_mode, FailureMode):
             raise ValidationError("failure_mode", failure_mode, "must be a FailureMode")
@@ -138,6 +149,16 @@ class RateLimiter:
         self._stored_limits = _TTLCache(limits_cache_ttl, bucket_cache_size)
         self._ready = False
         self._ready_lock = asyncio.Lock()
+        # "relaxed" and "skip" are dangerous (see zae_limiter.version.enforce): they let this
+        # client run against an aggregator or minimum client version it was not built for.
+        if version_check not in VERSION_CHECKS:
+            raise ValidationError(
+                "version_check", version_check, f"must be one of {', '.join(VERSION_CHECKS)}"
+            )
+        self.version_check: VersionCheck = version_check
+        self.compatibility: Compatibility | None = None
+        self._provisioned = False
+        self._version_retry_at = 0.0
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -163,11 +184,49 @@ class RateLimiter:
             if self._ready:
                 return
             try:
-                if self.stack_options is not None and self.stack_options.create_table:
+                if (
+                    not self._provisioned
+                    and self.stack_options is not None
+                    and self.stack_options.create_table
+                ):
                     await self._provision(self.stack_options)
+                self._provisioned = True
             except RepositoryUnavailable as exc:
                 raise RateLimiterUnavailable(f"cannot reach DynamoDB: {exc}", exc) from exc
-            self._ready = True
+            self._ready = await self._check_version()
+
+    async def _check_version(self) -> bool:
+        """Check the version record once per limiter; True when the check is settled.
+
+        An unreadable record (DynamoDB down, table missing) leaves the check pending, to be retried
+        at most every 30 s: the operation itself then meets the outage and its failure mode
+        decides, so FAIL_OPEN still admits while DynamoDB is unreachable.
+        """
+        if self.version_check == "skip":
+            return True
+        if time.monotonic() < self._version_retry_at:
+            return False
+        options = self.stack_options
+        try:
+            self.compatibility = await ensure_compatible(
+                self.repository,
+                mode=self.version_check,
+                auto_update=options is not None and options.auto_update,
+                name=self.name,
+                region=self._region(),
+                endpoint_url=self.endpoint_url,
+                options=options,
+            )
+        except RepositoryUnavailable as exc:
+            log.warning("version check postponed, DynamoDB unavailable: %s", exc)
+        except botocore.exceptions.ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "ResourceNotFoundException":
+                raise
+            log.warning("version check postponed, table %s not found", self.table_name)
+        else:
+            return True
+        self._version_retry_at = time.monotonic() + 30.0
+        return False
 
     async def _provision(self, options: StackOptions) -> None:
         if self.endpoint_url is None:
@@ -463,6 +522,10 @@ class RateLimiter:
                 pending = still
                 if not pending:
                     return
+            if check:
+                # DynamoDB answered every round; other clients kept taking what this one saw.
+                # That is a denial under contention, not an outage: FAIL_OPEN must not admit it.
+                raise RateLimitExceeded([s for i in sorted(statuses) for s in statuses[i]])
             raise RepositoryUnavailable(
                 f"bucket contention: gave up after {MAX_ROUNDS} rounds of conflicting writes"
             )
@@ -568,6 +631,42 @@ class RateLimiter:
         ]
         ms = core.time_until_available(inputs, self._clock())
         return 0.0 if ms is None else ms / 1000
+
+    # -- usage ------------------------------------------------------------------------------
+
+    async def get_usage_snapshots(
+        self,
+        entity_id: str,
+        resource: str | None = None,
+        window: str | None = "hourly",
+        start: datetime | str | None = None,
+        end: datetime | str | None = None,
+    ) -> list[UsageSnapshot]:
+        """Usage snapshots written by the aggregator, oldest first (`resource=None`: all)."""
+        validate_entity_id(entity_id)
+        if resource is not None:
+            validate_resource(resource)
+        try:
+            args = usage.query_args(self.table_name, entity_id, resource, window, start, end)
+        except ValueError as exc:
+            raise ValidationError("window/start/end", (window, start, end), str(exc)) from exc
+        await self._ensure_ready()
+        with self._unavailable_as_error():
+            items = await self.repository.query(**args)
+        snapshots = [usage.snapshot_from_item(item) for item in items]
+        return sorted(snapshots, key=lambda s: (usage.parse_window_start_iso(s), s.resource))
+
+    async def get_usage_summary(
+        self,
+        entity_id: str,
+        resource: str | None = None,
+        window: str | None = "hourly",
+        start: datetime | str | None = None,
+        end: datetime | str | None = None,
+    ) -> UsageSummary:
+        """Totals and per-snapshot averages per limit over a range of snapshots."""
+        snapshots = await self.get_usage_snapshots(entity_id, resource, window, start, end)
+        return usage.summarize(snapshots, entity_id, resource, window, start, end)
 
     def _unavailable_as_error(self) -> _Unavailable:
         return _Unavailable(self.table_name)

@@ -372,6 +372,10 @@ class Repository:
                     # Older servers do not return the item on failure: one read instead.
                     current = await self.get_bucket(entity_id, resource)
                 self.ledger.record("UpdateItem", wcu=write_units(current.size if current else 0))
+                if current is not None and write_id in current.write_ids:
+                    # An earlier attempt whose response was lost landed (maybe late): this resend
+                    # was refused by the write-id condition, and the write stands exactly once.
+                    return current
                 raise ConditionFailed(current) from None
             except _Ambiguous as exc:
                 last = exc.cause
@@ -427,7 +431,8 @@ class Repository:
         # Shift the ring of recent write ids; SET reads every right-hand side from the old item.
         slots = [expr.name(slot) for slot in schema.WRITE_ID_SLOTS]
         empty = expr.value(_s(""))
-        sets.append(f"{slots[0]} = {expr.value(_s(write_id))}")
+        wid = expr.value(_s(write_id))
+        sets.append(f"{slots[0]} = {wid}")
         for newer, older in itertools.pairwise(slots):
             sets.append(f"{older} = if_not_exists({newer}, {empty})")
         update = "SET " + ", ".join(sets)
@@ -444,6 +449,9 @@ class Repository:
             "ExpressionAttributeValues": expr.values,
             "ReturnValues": "ALL_NEW",
         }
+        # A resend of a write whose earlier attempt may still land (a response lost or timed out
+        # in flight) must not apply twice: each write id applies at most once.
+        conditions.append("NOT (" + " OR ".join(f"{slot} = {wid}" for slot in slots) + ")")
         if conditions:
             kwargs["ConditionExpression"] = " AND ".join(conditions)
             kwargs["ReturnValuesOnConditionCheckFailure"] = "ALL_OLD"
@@ -712,6 +720,11 @@ class Repository:
         return True
 
     # -- helpers ----------------------------------------------------------------------------
+
+    async def query(self, **kwargs: Any) -> list[Item]:
+        """Every item of an eventually consistent Query (all pages)."""
+        kwargs.pop("TableName", None)
+        return await self._query_all(consistent=False, **kwargs)
 
     async def _query_all(
         self, *, consistent: bool = True, extra_names: dict[str, str] | None = None, **kwargs: Any

@@ -10,13 +10,15 @@ import asyncio
 import threading
 from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar
 
 from .lease import SyncLease
 from .limiter import RateLimiter
-from .models import Entity, FailureMode, Limit, StackOptions
+from .models import Entity, FailureMode, Limit, StackOptions, UsageSnapshot, UsageSummary
 from .repository import RetryPolicy
+from .version import VersionCheck
 
 T = TypeVar("T")
 
@@ -36,6 +38,7 @@ class SyncRateLimiter:
         clock: Callable[[], int] | None = None,
         limits_cache_ttl: float = 30.0,
         bucket_cache_size: int = 10_000,
+        version_check: VersionCheck = "strict",
     ) -> None:
         self._limiter = RateLimiter(
             name,
@@ -47,6 +50,7 @@ class SyncRateLimiter:
             clock=clock,
             limits_cache_ttl=limits_cache_ttl,
             bucket_cache_size=bucket_cache_size,
+            version_check=version_check,
         )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -174,6 +178,16 @@ class SyncRateLimiter:
                 entity_id, resource, limits, needed, use_stored_limits
             )
         )
+
+    def get_usage_snapshots(self, entity_id: str, resource: str | None = None,
+                            window: str | None = "hourly", start: datetime | str | None = None,
+                            end: datetime | str | None = None) -> list[UsageSnapshot]:
+        return self._run(self._limiter.get_usage_snapshots(entity_id, resource, window, start, end))
+
+    def get_usage_summary(self, entity_id: str, resource: str | None = None,
+                          window: str | None = "hourly", start: datetime | str | None = None,
+                          end: datetime | str | None = None) -> UsageSummary:
+        return self._run(self._limiter.get_usage_summary(entity_id, resource, window, start, end))
 
     def delete_stack(self) -> None:
         self._run(self._limiter.delete_stack())

@@ -40,8 +40,11 @@ def local(port: int | None) -> None:
 
 @main.command()
 @click.option("--name", default="demo", show_default=True, help="Limiter name (table ZAEL-<name>).")
-@click.option("--endpoint-url", default=None,
-              help="Use this DynamoDB endpoint instead of starting an embedded one.")
+@click.option(
+    "--endpoint-url",
+    default=None,
+    help="Use this DynamoDB endpoint instead of starting an embedded one.",
+)
 @click.option("--keys", default=3, show_default=True, help="API keys under the project.")
 @click.option("--clients", default=2, show_default=True, help="Concurrent clients per key.")
 @click.option("--requests", default=12, show_default=True, help="Requests per client.")
@@ -63,10 +66,12 @@ def _run_demo(name: str, endpoint_url: str, keys: int, clients: int, requests: i
     from ..models import StackOptions
 
     async def go() -> object:
-        async with RateLimiter(name=name, endpoint_url=endpoint_url,
-                               stack_options=StackOptions()) as limiter:
-            return await run_workload(limiter, keys=keys, clients_per_key=clients,
-                                      requests_per_client=requests)
+        async with RateLimiter(
+            name=name, endpoint_url=endpoint_url, stack_options=StackOptions()
+        ) as limiter:
+            return await run_workload(
+                limiter, keys=keys, clients_per_key=clients, requests_per_client=requests
+            )
 
     started = time.monotonic()
     report = asyncio.run(go())
@@ -79,17 +84,34 @@ def _run_demo(name: str, endpoint_url: str, keys: int, clients: int, requests: i
         f"on {keys} API keys of project [bold]acme-project[/] "
         f"(core: {BACKEND}, {elapsed:.1f}s)\n"
     )
-    table = Table(title="API keys (per-key limits: "
-                  + ", ".join(f"{lim.name} {lim.capacity}/min" for lim in report.key_limits)
-                  + ")")
-    for column in ("entity", "admitted", "rejected", "by project", "max retry-after",
-                   "tokens est.", "tokens actual", "rpm left", "tpm left"):
+    table = Table(
+        title="API keys (per-key limits: "
+        + ", ".join(f"{lim.name} {lim.capacity}/min" for lim in report.key_limits)
+        + ")"
+    )
+    for column in (
+        "entity",
+        "admitted",
+        "rejected",
+        "by project",
+        "max retry-after",
+        "tokens est.",
+        "tokens actual",
+        "rpm left",
+        "tpm left",
+    ):
         table.add_column(column, justify="left" if column == "entity" else "right")
     for key in report.keys:
         table.add_row(
-            key.entity_id, str(key.admitted), str(key.rejected), str(key.rejected_by_project),
-            f"{key.max_retry_after:.2f}s", str(key.tokens_estimated), str(key.tokens_actual),
-            str(key.remaining.get("rpm")), str(key.remaining.get("tpm")),
+            key.entity_id,
+            str(key.admitted),
+            str(key.rejected),
+            str(key.rejected_by_project),
+            f"{key.max_retry_after:.2f}s",
+            str(key.tokens_estimated),
+            str(key.tokens_actual),
+            str(key.remaining.get("rpm")),
+            str(key.remaining.get("tpm")),
         )
     console.print(table)
     project = Table(title="Project acme-project (cascade target)")
@@ -97,8 +119,9 @@ def _run_demo(name: str, endpoint_url: str, keys: int, clients: int, requests: i
     project.add_column("capacity/min", justify="right")
     project.add_column("remaining", justify="right")
     for limit in report.project_limits:
-        project.add_row(limit.name, str(limit.capacity),
-                        str(report.project_remaining.get(limit.name)))
+        project.add_row(
+            limit.name, str(limit.capacity), str(report.project_remaining.get(limit.name))
+        )
     console.print(project)
     calls = ", ".join(f"{op} {n}" for op, n in sorted(report.calls.items()))
     console.print(
