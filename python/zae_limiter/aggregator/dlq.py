@@ -131,11 +131,13 @@ def replay(sqs: Any, queue_url: str, streams: Any, table: SnapshotTable, windows
            wait_seconds: int = 1, visibility_timeout: int = 60) -> ReplayResult:
     """Reprocess the queue's messages; delete each one whose records were all applied.
 
-    A message that fails stays invisible for ``visibility_timeout`` seconds, so one run never
-    receives it twice and ends even when some messages cannot be replayed yet.
+    A message that fails stays invisible for ``visibility_timeout`` seconds; should it come back
+    within the same run anyway (short timeout), the run stops instead of going round in circles.
     """
     result = ReplayResult()
-    while max_messages is None or result.received < max_messages:
+    seen: set[str] = set()
+    cycled = False
+    while not cycled and (max_messages is None or result.received < max_messages):
         batch = 10 if max_messages is None else min(10, max_messages - result.received)
         response = sqs.receive_message(
             QueueUrl=queue_url, MaxNumberOfMessages=batch, WaitTimeSeconds=wait_seconds,
@@ -145,8 +147,12 @@ def replay(sqs: Any, queue_url: str, streams: Any, table: SnapshotTable, windows
         if not messages:
             break
         for message in messages:
-            result.received += 1
             message_id = str(message.get("MessageId", "?"))
+            if message_id in seen:
+                cycled = True
+                continue
+            seen.add(message_id)
+            result.received += 1
             try:
                 records = records_from_body(str(message.get("Body", "")), streams)
                 result.records += len(records)

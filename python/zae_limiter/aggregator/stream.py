@@ -23,6 +23,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from .. import schema
 from .handler import (
     BatchResult,
     Clock,
@@ -48,6 +49,26 @@ def to_lambda_record(record: Mapping[str, Any], stream_arn: str) -> dict[str, An
     out["dynamodb"] = dynamodb
     out["eventSourceARN"] = stream_arn
     return out
+
+
+def matches_filter(value: Any, pattern: Any = schema.AGGREGATOR_FILTER_PATTERN) -> bool:
+    """Lambda's event filtering, for the subset of the pattern syntax the deployment uses
+    (nested objects; lists of exact values or ``{"prefix": ...}``): the runner must see exactly
+    the records the function sees, and not, say, the stream records of its own snapshot writes.
+    """
+    if isinstance(pattern, Mapping):
+        return isinstance(value, Mapping) and all(
+            key in value and matches_filter(value[key], sub) for key, sub in pattern.items()
+        )
+    if isinstance(pattern, list):
+        for option in pattern:
+            if isinstance(option, Mapping) and "prefix" in option:
+                if isinstance(value, str) and value.startswith(str(option["prefix"])):
+                    return True
+            elif value == option:
+                return True
+        return False
+    return bool(value == pattern)
 
 
 @dataclass
@@ -209,7 +230,9 @@ class StreamRunner:
                 # An open shard always hands out a next iterator; empty means caught up.
                 break
             records = [to_lambda_record(r, stream_arn) for r in raw]
-            result.add(self._process(records))
+            wanted = [r for r in records if matches_filter(r)]
+            if wanted:
+                result.add(self._process(wanted))
             last_seq = sequence_number(records[-1])
             if last_seq is not None:
                 self.checkpoints.setdefault(stream_arn, {})[shard_id] = last_seq
