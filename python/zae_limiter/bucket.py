@@ -180,7 +180,7 @@ def _wait(
     delta: int,
     now: int,
 ) -> int | None:
-    """Ms until ``available >= delta``: 0 if already or ``delta <= 0``, ``None`` if it never will."""
+    """Ms until ``available >= delta``: 0 if already or ``delta <= 0``; ``None`` if never."""
     if delta > burst:
         return None
     if delta <= 0 or avail >= delta:

@@ -177,17 +177,37 @@ struct Rate {
     burst: i128,
     step_ms: i128,
     step_milli: i128,
+    /// `step_ms` as i64 (it is at most `period`), for the fast path of [`quanta`].
+    step_ms_64: i64,
 }
 
 impl Rate {
     /// Requires a validated limit (all > 0).
     fn new(burst: i64, amount: i64, period: i64) -> CoreResult<Rate> {
-        let g = i128::from(gcd(amount, period));
+        let g = gcd(amount, period);
+        let step_ms_64 = period.checked_div(g).ok_or(CoreError::Overflow)?;
+        let step_milli = amount.checked_div(g).ok_or(CoreError::Overflow)?;
         Ok(Rate {
             burst: i128::from(burst),
-            step_ms: div(i128::from(period), g)?,
-            step_milli: div(i128::from(amount), g)?,
+            step_ms: i128::from(step_ms_64),
+            step_milli: i128::from(step_milli),
+            step_ms_64,
         })
+    }
+
+    /// Whole quanta in `elapsed` ms (0 if not positive). i128 division is a slow library call,
+    /// so elapsed times that fit i64 (all real ones) divide as i64.
+    fn quanta(&self, elapsed: i128) -> CoreResult<i128> {
+        if elapsed <= 0 {
+            return Ok(0);
+        }
+        match i64::try_from(elapsed) {
+            Ok(e) => e
+                .checked_div(self.step_ms_64)
+                .map(i128::from)
+                .ok_or(CoreError::Overflow),
+            Err(_) => div(elapsed, self.step_ms),
+        }
     }
 }
 
@@ -215,11 +235,7 @@ impl View {
             (Some(t), Some(l)) => {
                 let (tokens, last) = (i128::from(t), i128::from(l));
                 let elapsed = sub(now, last)?;
-                let q = if elapsed > 0 {
-                    div(elapsed, r.step_ms)?
-                } else {
-                    0
-                };
+                let q = r.quanta(elapsed)?;
                 let added = mul(q, r.step_milli)?;
                 let available = add(tokens, added)?.min(r.burst);
                 Ok(View {
@@ -244,13 +260,14 @@ impl View {
         }
     }
 
-    /// Ms from `now` until `available >= delta`: 0 if already, `None` if `delta > burst`.
+    /// Ms from `now` until `available >= delta`: 0 if already or if `delta <= 0` (a release or a
+    /// status needs nothing), `None` if `delta > burst`.
     fn wait(&self, r: &Rate, delta: i64, now: i64) -> CoreResult<Option<i64>> {
         let delta = i128::from(delta);
         if delta > r.burst {
             return Ok(None);
         }
-        if self.available >= delta {
+        if delta <= 0 || self.available >= delta {
             return Ok(Some(0));
         }
         // available < delta <= burst, so refill is not capped: available = tokens + added. The
@@ -305,8 +322,8 @@ pub fn refill(
     }
 }
 
-/// Ms until every bucket has `available >= delta` (0 if already); `None` if some delta exceeds
-/// its burst.
+/// Ms until every bucket with `delta > 0` has `available >= delta` (0 if already); `None` if
+/// some delta exceeds its burst.
 pub fn time_until_available(buckets: &[BucketInput], now_ms: i64) -> CoreResult<Option<i64>> {
     check_now(now_ms)?;
     for b in buckets {
@@ -362,9 +379,11 @@ pub fn decide_into(
 
     // Pass 1: availability, exceeded, retry_after for every bucket.
     let mut admitted = true;
+    let mut views = Vec::with_capacity(buckets.len());
     for b in buckets {
         let r = Rate::new(b.burst_milli, b.refill_amount_milli, b.refill_period_ms)?;
         let v = View::new(&r, b.tokens_milli, b.last_refill_ms, now_ms)?;
+        views.push((r, v));
         let exceeded = check && b.delta_milli > 0 && v.available < i128::from(b.delta_milli);
         let retry_after_ms = if exceeded {
             v.wait(&r, b.delta_milli, now_ms)?
@@ -387,9 +406,9 @@ pub fn decide_into(
 
     // Pass 2: the writes, only when admitted.
     if admitted {
-        for (b, o) in buckets.iter().zip(out.iter_mut()) {
+        for ((b, (r, v)), o) in buckets.iter().zip(&views).zip(out.iter_mut()) {
             if b.delta_milli != 0 {
-                write(b, now_ms, check, reanchor_ms, o)?;
+                write(r, v, b.delta_milli, now_ms, check, reanchor_ms, o)?;
             }
         }
     }
@@ -398,15 +417,15 @@ pub fn decide_into(
 
 /// Fill in the write of one admitted bucket with a non-zero delta.
 fn write(
-    b: &BucketInput,
+    r: &Rate,
+    v: &View,
+    delta: i64,
     now_ms: i64,
     check: bool,
     reanchor_ms: i64,
     o: &mut Outcome,
 ) -> CoreResult<()> {
-    let r = Rate::new(b.burst_milli, b.refill_amount_milli, b.refill_period_ms)?;
-    let v = View::new(&r, b.tokens_milli, b.last_refill_ms, now_ms)?;
-    let delta = i128::from(b.delta_milli);
+    let delta = i128::from(delta);
     let absolute_value = fit(sub(r.burst, delta.max(0))?)?;
 
     if !v.exists {

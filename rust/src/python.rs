@@ -57,12 +57,12 @@ fn bucket_input(obj: &Bound<'_, PyAny>) -> PyResult<BucketInput> {
         )));
     }
     Ok(BucketInput {
-        burst_milli: int(&t.get_item(0)?, "burst_milli")?,
-        refill_amount_milli: int(&t.get_item(1)?, "refill_amount_milli")?,
-        refill_period_ms: int(&t.get_item(2)?, "refill_period_ms")?,
-        tokens_milli: opt_int(&t.get_item(3)?, "tokens_milli")?,
-        last_refill_ms: opt_int(&t.get_item(4)?, "last_refill_ms")?,
-        delta_milli: int(&t.get_item(5)?, "delta_milli")?,
+        burst_milli: int(&*t.get_borrowed_item(0)?, "burst_milli")?,
+        refill_amount_milli: int(&*t.get_borrowed_item(1)?, "refill_amount_milli")?,
+        refill_period_ms: int(&*t.get_borrowed_item(2)?, "refill_period_ms")?,
+        tokens_milli: opt_int(&*t.get_borrowed_item(3)?, "tokens_milli")?,
+        last_refill_ms: opt_int(&*t.get_borrowed_item(4)?, "last_refill_ms")?,
+        delta_milli: int(&*t.get_borrowed_item(5)?, "delta_milli")?,
     })
 }
 
@@ -87,20 +87,30 @@ fn bucket_inputs(obj: &Bound<'_, PyAny>) -> PyResult<Vec<BucketInput>> {
     }
 }
 
-fn outcome<'py>(py: Python<'py>, o: &Outcome) -> PyResult<Bound<'py, PyTuple>> {
-    PyTuple::new(
-        py,
-        [
-            o.available_milli.into_pyobject(py)?.into_any(),
-            PyBool::new(py, o.exceeded).to_owned().into_any(),
-            o.retry_after_ms.into_pyobject(py)?.into_any(),
-            o.write_mode.code().into_pyobject(py)?.into_any(),
-            o.write_value.into_pyobject(py)?.into_any(),
-            o.new_tokens_milli.into_pyobject(py)?.into_any(),
-            o.new_last_refill_ms.into_pyobject(py)?.into_any(),
-            o.cond_lo.into_pyobject(py)?.into_any(),
-            o.cond_hi.into_pyobject(py)?.into_any(),
-        ],
+/// The outcome as the Python 9-tuple (converted by PyO3's tuple impl: one `PyTuple_New`).
+type OutcomeTuple = (
+    i64,
+    bool,
+    Option<i64>,
+    i64,
+    i64,
+    i64,
+    i64,
+    Option<i64>,
+    Option<i64>,
+);
+
+fn outcome(o: &Outcome) -> OutcomeTuple {
+    (
+        o.available_milli,
+        o.exceeded,
+        o.retry_after_ms,
+        o.write_mode.code(),
+        o.write_value,
+        o.new_tokens_milli,
+        o.new_last_refill_ms,
+        o.cond_lo,
+        o.cond_hi,
     )
 }
 
@@ -119,17 +129,8 @@ fn decide<'py>(
     let check = flag(check, "check")?;
     let reanchor_ms = int(reanchor_ms, "reanchor_ms")?;
     let (admitted, outcomes) = bucket::decide(&inputs, now_ms, check, reanchor_ms)?;
-    let list = PyList::empty(py);
-    for o in &outcomes {
-        list.append(outcome(py, o)?)?;
-    }
-    PyTuple::new(
-        py,
-        [
-            PyBool::new(py, admitted).to_owned().into_any(),
-            list.into_any(),
-        ],
-    )
+    let list = PyList::new(py, outcomes.iter().map(outcome))?;
+    (admitted, list).into_pyobject(py)
 }
 
 /// time_until_available(buckets, now_ms) -> int | None

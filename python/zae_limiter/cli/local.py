@@ -10,6 +10,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from ..demo import DemoReport
 from ..local import LOCAL_CREDENTIALS, LocalDynamoDB
 from . import main
 
@@ -76,8 +77,6 @@ def _run_demo(name: str, endpoint_url: str, keys: int, clients: int, requests: i
     started = time.monotonic()
     report = asyncio.run(go())
     elapsed = time.monotonic() - started
-    from ..demo import DemoReport
-
     assert isinstance(report, DemoReport)
     console.print(
         f"\n[bold]{report.acquires}[/] chat requests from {keys * clients} concurrent clients "
@@ -123,8 +122,63 @@ def _run_demo(name: str, endpoint_url: str, keys: int, clients: int, requests: i
             limit.name, str(limit.capacity), str(report.project_remaining.get(limit.name))
         )
     console.print(project)
+    _show_usage(name, endpoint_url, report)
     calls = ", ".join(f"{op} {n}" for op, n in sorted(report.calls.items()))
     console.print(
         f"DynamoDB: {calls}; {report.write_units:g} WCU, {report.read_units:g} RCU "
         f"for {report.acquires} acquires with cascade and adjust."
     )
+
+
+def _show_usage(name: str, endpoint_url: str, report: DemoReport) -> None:
+    """Run the aggregator once over the table's stream and show the snapshots it produced."""
+    import boto3
+
+    from .. import schema
+    from ..aggregator.stream import StreamRunner
+    from ..demo import PROJECT, RESOURCE
+    from ..limiter import RateLimiter
+
+    runner = StreamRunner(
+        schema.table_name(name),
+        boto3.client("dynamodb", endpoint_url=endpoint_url, region_name="us-east-1"),
+        boto3.client("dynamodbstreams", endpoint_url=endpoint_url, region_name="us-east-1"),
+        schema.USAGE_WINDOWS,
+        ttl_days=90,
+    )
+    result = runner.run_once()
+
+    async def summaries() -> list[object]:
+        async with RateLimiter(name=name, endpoint_url=endpoint_url) as limiter:
+            return [
+                await limiter.get_usage_summary(entity_id, RESOURCE, window="hourly")
+                for entity_id in [*(key.entity_id for key in report.keys), PROJECT]
+            ]
+
+    table = Table(
+        title=f"Usage snapshots by the aggregator ({result.records} stream records, "
+        f"{result.snapshots_updated} snapshot writes)"
+    )
+    # What the client side counted, to check the snapshots against.
+    expected = {key.entity_id: (key.admitted, key.tokens_actual) for key in report.keys}
+    expected[PROJECT] = (
+        sum(key.admitted for key in report.keys),
+        sum(key.tokens_actual for key in report.keys),
+    )
+    for column in ("entity", "hourly snapshots", "rpm used", "tpm used", "matches clients"):
+        table.add_column(column, justify="left" if column == "entity" else "right")
+    for summary in asyncio.run(summaries()):
+        from ..models import UsageSummary
+
+        assert isinstance(summary, UsageSummary)
+        table.add_row(
+            summary.entity_id,
+            str(summary.snapshot_count),
+            str(summary.totals.get("rpm", 0)),
+            str(summary.totals.get("tpm", 0)),
+            "yes"
+            if (summary.totals.get("rpm", 0), summary.totals.get("tpm", 0))
+            == expected[summary.entity_id]
+            else "[red]no[/]",
+        )
+    console.print(table)
