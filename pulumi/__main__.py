@@ -1,4 +1,4 @@
-"""zae-limiter as a Pulumi program: one deployment, configured by the stack's config.
+"""zae-limiter as a Pulumi program: a deployment from the stack's config.
 
 See README.md for the config keys (`zae-limiter:name` is required).
 """

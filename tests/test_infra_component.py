@@ -26,6 +26,9 @@ pytest.importorskip("pulumi_aws")
 from zae_limiter import schema  # noqa: E402
 from zae_limiter.infra import InfraOptions, alarm_names, role_name  # noqa: E402
 
+# pulumi-aws warns about one of its own deprecated Lambda resources when the module is imported.
+pytestmark = pytest.mark.filterwarnings("ignore:aws.lambda/microvmsimage:DeprecationWarning")
+
 ACCOUNT = "123456789012"
 REGION = "us-east-1"
 
@@ -473,7 +476,7 @@ def test_outputs(lambda_zip: Path) -> None:
 def test_existing_table_is_looked_up_not_created(lambda_zip: Path) -> None:
     mocks, _ = deploy(lambda_zip=lambda_zip, create_table=False)
     assert not mocks.of_type("aws:dynamodb/table:Table")
-    assert [c for c in mocks.calls if c[0] == "aws:dynamodb/getTable:getTable"][0][1] == {
+    assert next(c for c in mocks.calls if c[0] == "aws:dynamodb/getTable:getTable")[1] == {
         "name": "ZAEL-app"
     }
     mapping = mocks.one("aws:lambda/eventSourceMapping:EventSourceMapping").inputs

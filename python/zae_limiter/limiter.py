@@ -231,15 +231,12 @@ class RateLimiter:
     async def _provision(self, options: StackOptions) -> None:
         if self.endpoint_url is None:
             # On AWS the stack (table, aggregator, alarms) is Pulumi's to create.
+            from .infra import automation
+
             try:
-                from .infra import automation
-            except ImportError as exc:
-                raise StackCreationError(
-                    self.table_name,
-                    'provisioning on AWS needs Pulumi: pip install "zae-limiter[infra]" and the '
-                    "Pulumi CLI, or run `zae-limiter deploy`",
-                ) from exc
-            await asyncio.to_thread(automation.deploy, self.name, self._region(), options)
+                await asyncio.to_thread(automation.deploy, self.name, self._region(), options)
+            except automation.PulumiNotInstalledError as exc:
+                raise StackCreationError(self.table_name, str(exc)) from exc
             return
         created = await self.repository.create_table(
             options.billing_mode, options.read_capacity, options.write_capacity
@@ -276,6 +273,8 @@ class RateLimiter:
         parent_id: str | None = None,
         metadata: Mapping[str, str] | None = None,
     ) -> Entity:
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise ValidationError("metadata", metadata, "must be a mapping of str to str")
         entity = Entity(
             id=validate_entity_id(entity_id),
             name=name,
@@ -387,6 +386,8 @@ class RateLimiter:
         validate_resource(resource)
         fallback = _check_limits(limits or [], allow_empty=use_stored_limits)
         amounts = _check_consume(consume)
+        if not use_stored_limits:  # the limits are known: reject before any I/O
+            _check_consumable([_Target(entity_id, resource, fallback, None, False)], amounts)
         await self._ensure_ready()
         try:
             targets = await self._targets(entity_id, resource, fallback, cascade, use_stored_limits)
@@ -616,6 +617,9 @@ class RateLimiter:
         validate_resource(resource)
         fallback = _check_limits(limits or [], allow_empty=use_stored_limits)
         amounts = _check_consume(needed, field="needed")
+        if not use_stored_limits:  # the limits are known: reject before any I/O
+            target = _Target(entity_id, resource, fallback, None, False)
+            _check_consumable([target], amounts, field="needed")
         await self._ensure_ready()
         with self._unavailable_as_error():
             chosen = (

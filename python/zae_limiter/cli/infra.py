@@ -24,7 +24,8 @@ from ..infra import InfraOptions, alarm_names, validate_deployment_name
 from . import main
 
 if TYPE_CHECKING:
-    from mypy_boto3_dynamodb import DynamoDBClient
+    # boto3-stubs[dynamodb] is a dev dependency; without it the client is simply untyped.
+    from mypy_boto3_dynamodb import DynamoDBClient  # type: ignore[import-not-found,unused-ignore]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -143,11 +144,14 @@ def _dynamodb(endpoint_url: str, region: str) -> DynamoDBClient:
     import boto3
 
     session = boto3.Session(region_name=region)
-    credentials: dict[str, str] = {}
-    if session.get_credentials() is None:
-        # Local endpoints accept anything; real credentials are never needed for them.
-        credentials = {"aws_access_key_id": "local", "aws_secret_access_key": "local"}
-    return session.client("dynamodb", endpoint_url=endpoint_url, **credentials)
+    # Local endpoints accept any credentials; don't make people configure real ones for them.
+    placeholder = "local" if session.get_credentials() is None else None
+    return session.client(
+        "dynamodb",
+        endpoint_url=endpoint_url,
+        aws_access_key_id=placeholder,
+        aws_secret_access_key=placeholder,
+    )
 
 
 def _print_engine(line: str) -> None:
@@ -239,7 +243,9 @@ def status(name: str, region: str, endpoint_url: str | None, as_json: bool) -> N
     try:
         info = automation.status(short, region)
     except InfrastructureNotFoundError as exc:
-        raise click.ClickException(f"{exc} (deploy it with: zae-limiter deploy --name {short})")
+        raise click.ClickException(
+            f"{exc} (deploy it with: zae-limiter deploy --name {short})"
+        ) from exc
     if as_json:
         click.echo(json.dumps(info, indent=2, sort_keys=True, default=str))
         return

@@ -1,4 +1,4 @@
-"""Infrastructure of a zae-limiter deployment: the Pulumi component, its Lambda bundle, local tables.
+"""A zae-limiter deployment's infrastructure: Pulumi component, Lambda bundle, local tables.
 
 This package imports neither Pulumi nor boto3 at import time: Pulumi is the optional `infra` extra,
 and `direct` (boto3 provisioning of a local table) must work without it. `ZaeLimiterStack` is
@@ -63,7 +63,10 @@ _MAX_ROLE_NAME: Final = 64
 
 
 def validate_deployment_name(name: str) -> str:
-    """Return `name` if every resource name derived from it is valid in AWS, else raise ValueError."""
+    """`name` without the ZAEL- prefix, if every name derived from it is valid in AWS.
+
+    Raises ValueError otherwise.
+    """
     short = schema.short_name(name)
     if not _NAME_RE.fullmatch(short):
         raise ValueError(
@@ -99,7 +102,7 @@ def role_name(name: str, role_name_format: str | None = None) -> str:
 
 
 def alarm_names(name: str, aggregator: bool = True) -> dict[str, str]:
-    """The alarms a deployment gets, by key (see ALARM_SUFFIXES); Lambda/DLQ ones need the aggregator."""
+    """The alarms of a deployment by key (ALARM_SUFFIXES); Lambda/DLQ ones need the aggregator."""
     table = schema.table_name(name)
     return {
         key: f"{table}-{suffix}"
@@ -221,6 +224,27 @@ class InfraOptions:
             for key, value in self.to_dict().items()
             if value != defaults[key]
         }
+
+    @classmethod
+    def from_config_values(cls, config: Mapping[str, str]) -> InfraOptions:
+        """The inverse of `config_values` (keys without namespace; unknown keys such as `name`
+        are ignored): what `status()["options"]` returns turns back into options."""
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = config.get(f.name)
+            if raw is None:
+                continue
+            kind = str(f.type)
+            if f.name == "usage_windows" and not raw.strip().startswith("["):
+                values[f.name] = raw  # a comma list; from_dict splits it
+            elif kind.startswith("str"):
+                values[f.name] = None if raw == "null" and "None" in kind else raw
+            else:
+                try:
+                    values[f.name] = json.loads(raw)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"option {f.name}: not valid JSON: {raw!r}") from exc
+        return cls.from_dict(values)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> InfraOptions:

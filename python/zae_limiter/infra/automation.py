@@ -1,8 +1,8 @@
 """Deploy, preview, inspect and destroy a deployment with Pulumi's Automation API.
 
-State lives in a local file backend (default `~/.zae-limiter/pulumi`, or `$ZAE_LIMITER_PULUMI_HOME`),
-one Pulumi stack `ZAEL-<name>` per deployment in project `zae-limiter`. The program is the same as
-`pulumi/__main__.py` (`component.stack_program`), driven by the same stack config, so a project
+State lives in a local file backend (`~/.zae-limiter/pulumi`, or `$ZAE_LIMITER_PULUMI_HOME`):
+one Pulumi stack `ZAEL-<name>` per deployment, in project `zae-limiter`. The program is the same
+as `pulumi/__main__.py` (`component.stack_program`), driven by the same stack config, so a project
 written by `write_program` and pointed at the same backend manages the same stacks by hand.
 
 Automation drives the `pulumi` CLI, which is not a Python package: without it every operation
@@ -53,7 +53,7 @@ INSTALL_HINT: Final = (
 )
 
 # `pulumi/__main__.py` is this text too (tests keep them identical).
-PROGRAM_SOURCE: Final = '''"""zae-limiter as a Pulumi program: one deployment, configured by the stack's config.
+PROGRAM_SOURCE: Final = '''"""zae-limiter as a Pulumi program: a deployment from the stack's config.
 
 See README.md for the config keys (`zae-limiter:name` is required).
 """

@@ -16,6 +16,7 @@ of `zae_limiter.schema` / `zae_limiter.infra`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -275,11 +276,11 @@ class ZaeLimiterStack(pulumi.ComponentResource):
 
     def _table(self, prefix: str, o: InfraOptions) -> aws.dynamodb.Table:
         definition = schema.TABLE
-        capacity: dict[str, int] = {}
+        capacity: tuple[int, int] | None = None
         if o.provisioned:
-            # StackOptions insists on both capacities with PROVISIONED; the fallback only serves
-            # options built by hand, and matches schema.TableDefinition.create_table_kwargs.
-            capacity = {"read_capacity": o.read_capacity or 5, "write_capacity": o.write_capacity or 5}
+            # StackOptions requires both capacities with PROVISIONED; the fallback matches
+            # schema.TableDefinition.create_table_kwargs.
+            capacity = (o.read_capacity or 5, o.write_capacity or 5)
         pitr = (
             aws.dynamodb.TablePointInTimeRecoveryArgs(
                 enabled=True, recovery_period_in_days=o.pitr_recovery_days
@@ -296,7 +297,9 @@ class ZaeLimiterStack(pulumi.ComponentResource):
                 aws.dynamodb.TableAttributeArgs(name=a.name, type=a.type)
                 for a in definition.attributes
             ],
-            global_secondary_indexes=[_gsi(index, capacity) for index in definition.global_secondary_indexes],
+            global_secondary_indexes=[
+                _gsi(index, capacity) for index in definition.global_secondary_indexes
+            ],
             billing_mode=o.billing_mode,
             stream_enabled=True,
             stream_view_type=definition.stream_view_type,
@@ -308,8 +311,9 @@ class ZaeLimiterStack(pulumi.ComponentResource):
             server_side_encryption=aws.dynamodb.TableServerSideEncryptionArgs(
                 enabled=True, kms_key_arn=o.kms_key_arn
             ),
+            read_capacity=capacity[0] if capacity else None,
+            write_capacity=capacity[1] if capacity else None,
             tags=self._tags,
-            **capacity,
             opts=pulumi.ResourceOptions(
                 parent=self,
                 # A protected table outlives `destroy` (AWS would refuse to delete it anyway,
@@ -466,7 +470,8 @@ class ZaeLimiterStack(pulumi.ComponentResource):
         alarms: dict[str, aws.cloudwatch.MetricAlarm] = {}
         for key, namespace, metric, statistic, threshold, dims, description in specs:
             depends: Sequence[pulumi.Resource] = [
-                r for r in (self.function, self.dlq) if r is not None and namespace != "AWS/DynamoDB"
+                r for r in (self.function, self.dlq)
+                if r is not None and namespace != "AWS/DynamoDB"
             ]
             alarms[key] = aws.cloudwatch.MetricAlarm(
                 f"{names[key]}-alarm",
@@ -492,7 +497,10 @@ class ZaeLimiterStack(pulumi.ComponentResource):
         return alarms
 
 
-def _gsi(index: schema.Index, capacity: Mapping[str, int]) -> aws.dynamodb.TableGlobalSecondaryIndexArgs:
+def _gsi(
+    index: schema.Index, capacity: tuple[int, int] | None
+) -> aws.dynamodb.TableGlobalSecondaryIndexArgs:
+    read, write = capacity if capacity else (None, None)
     # pulumi-aws 7.x deprecates an index's hash_key/range_key for key_schemas; older releases
     # only know the former.
     key_schema_args = getattr(aws.dynamodb, "TableGlobalSecondaryIndexKeySchemaArgs", None)
@@ -504,14 +512,16 @@ def _gsi(index: schema.Index, capacity: Mapping[str, int]) -> aws.dynamodb.Table
                 key_schema_args(attribute_name=index.hash_key, key_type="HASH"),
                 key_schema_args(attribute_name=index.range_key, key_type="RANGE"),
             ],
-            **capacity,
+            read_capacity=read,
+            write_capacity=write,
         )
     return aws.dynamodb.TableGlobalSecondaryIndexArgs(  # pragma: no cover - old pulumi-aws
         name=index.name,
         projection_type=index.projection,
         hash_key=index.hash_key,
         range_key=index.range_key,
-        **capacity,
+        read_capacity=read,
+        write_capacity=write,
     )
 
 
@@ -526,33 +536,8 @@ EXPORTS: Final = (
 
 def options_from_config(config: pulumi.Config) -> InfraOptions:
     """InfraOptions from a program's stack config (`zae-limiter:<option>`; see pulumi/README.md)."""
-    import dataclasses
-
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(InfraOptions):
-        raw = config.get(f.name)
-        if raw is None:
-            continue
-        kind = str(f.type)
-        if f.name == "usage_windows":
-            text = raw.strip()
-            values[f.name] = (
-                json.loads(text) if text.startswith("[")
-                else [w.strip() for w in text.split(",") if w.strip()]
-            )
-        elif kind.startswith("str"):
-            values[f.name] = None if raw == "null" and "None" in kind else raw
-        elif kind == "bool":
-            values[f.name] = config.get_bool(f.name)
-        else:
-            # ints, floats, None, maps: JSON.
-            try:
-                values[f.name] = json.loads(raw)
-            except json.JSONDecodeError as exc:
-                raise ValueError(
-                    f"config {CONFIG_NAMESPACE}:{f.name}: not valid JSON: {raw!r}"
-                ) from exc
-    return InfraOptions.from_dict(values)
+    raw = {f.name: config.get(f.name) for f in dataclasses.fields(InfraOptions)}
+    return InfraOptions.from_config_values({k: v for k, v in raw.items() if v is not None})
 
 
 def stack_program() -> ZaeLimiterStack:

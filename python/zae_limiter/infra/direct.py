@@ -13,7 +13,8 @@ from .. import schema
 from . import coerce_options
 
 if TYPE_CHECKING:
-    from mypy_boto3_dynamodb import DynamoDBClient
+    # boto3-stubs[dynamodb] is a dev dependency; without it the client is simply untyped.
+    from mypy_boto3_dynamodb import DynamoDBClient  # type: ignore[import-not-found,unused-ignore]
 
 __all__ = ["delete_table", "describe", "ensure_table"]
 

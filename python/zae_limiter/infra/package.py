@@ -37,7 +37,8 @@ HANDLER: Final = "lambda_function.handler"
 # The whole entry point. `aggregator/lambda_function.py` in the repository is the same text, for
 # people who zip the function by hand; tests keep the two identical.
 LAMBDA_ENTRY_SOURCE: Final = (
-    '"""AWS Lambda entry point of the zae-limiter aggregator (handler: lambda_function.handler)."""\n'
+    '"""AWS Lambda entry point of the zae-limiter aggregator (handler lambda_function.handler)."""'
+    "\n"
     "\n"
     "from zae_limiter.aggregator.handler import handler  # noqa: F401\n"
 )
@@ -69,12 +70,10 @@ def _package_dir() -> Path:
 
 
 def _walk(directory: Path) -> Iterator[Path]:
-    for path in sorted(directory.rglob("*")):
-        if "__pycache__" in path.parts or not path.is_file():
-            continue
-        if path.suffix in (".pyc", ".pyo", ".so", ".pyd"):
-            continue
-        yield path
+    # Python sources only: no caches, compiled extensions or docs in the function's code.
+    for path in sorted(directory.rglob("*.py")):
+        if "__pycache__" not in path.parts and path.is_file():
+            yield path
 
 
 def lambda_files() -> dict[str, bytes]:
