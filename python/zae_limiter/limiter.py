@@ -55,7 +55,13 @@ from .validation import (
     validate_name,
     validate_resource,
 )
-from .version import VERSION_CHECKS, Compatibility, VersionCheck, ensure_compatible
+from .version import (
+    VERSION_CHECKS,
+    Compatibility,
+    VersionCheck,
+    ensure_compatible,
+    record_deployment,
+)
 
 log = logging.getLogger("zae_limiter")
 
@@ -237,6 +243,7 @@ class RateLimiter:
                 await asyncio.to_thread(automation.deploy, self.name, self._region(), options)
             except automation.PulumiNotInstalledError as exc:
                 raise StackCreationError(self.table_name, str(exc)) from exc
+            await record_deployment(self.repository, updated_by="zae-limiter provisioning")
             return
         created = await self.repository.create_table(
             options.billing_mode, options.read_capacity, options.write_capacity
@@ -580,6 +587,19 @@ class RateLimiter:
         validate_entity_id(entity_id)
         validate_resource(resource)
         fallback = _check_limits(limits or [], allow_empty=use_stored_limits)
+        chosen, state = await self._read(entity_id, resource, fallback, use_stored_limits)
+        now = self._clock()
+        result: dict[str, int] = {}
+        for limit in chosen:
+            burst, amount, period, tokens, last_refill, _ = _bucket_input(limit, state, 0)
+            milli = core.available(burst, amount, period, tokens, last_refill, now)
+            result[limit.name] = milli // 1000
+        return result
+
+    async def _read(
+        self, entity_id: str, resource: str, fallback: list[Limit], use_stored_limits: bool
+    ) -> tuple[list[Limit], BucketItem | None]:
+        """The limits that apply and the bucket item, freshly read (it refreshes the cache)."""
         await self._ensure_ready()
         with self._unavailable_as_error():
             chosen = (
@@ -589,20 +609,7 @@ class RateLimiter:
             )
             state = await self.repository.get_bucket(entity_id, resource)
         self._buckets.put((entity_id, resource), state)
-        now = self._clock()
-        result: dict[str, int] = {}
-        for limit in chosen:
-            s = state.limits.get(limit.name) if state else None
-            milli = core.available(
-                limit.burst_milli,
-                limit.refill_amount_milli,
-                limit.refill_period_ms,
-                None if s is None else s.tokens_milli,
-                None if s is None else s.last_refill_ms,
-                now,
-            )
-            result[limit.name] = milli // 1000
-        return result
+        return chosen, state
 
     async def time_until_available(
         self,
@@ -620,14 +627,7 @@ class RateLimiter:
         if not use_stored_limits:  # the limits are known: reject before any I/O
             target = _Target(entity_id, resource, fallback, None, False)
             _check_consumable([target], amounts, field="needed")
-        await self._ensure_ready()
-        with self._unavailable_as_error():
-            chosen = (
-                await self._resolve_limits(entity_id, resource, fallback)
-                if use_stored_limits
-                else fallback
-            )
-            state = await self.repository.get_bucket(entity_id, resource)
+        chosen, state = await self._read(entity_id, resource, fallback, use_stored_limits)
         target = _Target(entity_id, resource, chosen, state, fresh=True)
         _check_consumable([target], amounts, field="needed")
         inputs = [
