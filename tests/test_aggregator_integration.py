@@ -342,7 +342,7 @@ def test_lambda_handler_reads_its_configuration_from_the_environment(
     aws: Aws, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from zae_limiter.aggregator import handler as module
-    from zae_limiter.aggregator.lambda_function import handler
+    from zae_limiter.aggregator.handler import handler
 
     monkeypatch.setattr(module, "_settings", None)
     monkeypatch.setattr(module, "_table", None)

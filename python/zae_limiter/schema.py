@@ -45,6 +45,8 @@ RELEASED: Final = "rl"
 LIMIT_DEF: Final = "lm"
 BUCKET_FIELDS: Final = (TOKENS, LAST_REFILL, CONSUMED, RELEASED, LIMIT_DEF)
 WRITE_TIME: Final = "ts"
+# Stored-limit items (schema >= 1.1.0): the limit in the bucket item's `lm#` encoding.
+STORED_LIMIT_DEF: Final = "limit_def"
 WRITE_ID_SLOTS: Final = ("w0", "w1", "w2", "w3")
 
 

@@ -1,0 +1,415 @@
+"""Operator functions behind `zae-limiter` recovery commands: inspection, backups, restores.
+
+Kept apart from the click commands (`zae_limiter.cli.ops`) so scripts and other commands (e.g.
+`status`) can call them. Everything here reads and writes through `Repository`; keys come from
+`schema`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from . import core, schema
+from .exceptions import ZAELimiterError
+from .models import Limit
+
+if TYPE_CHECKING:
+    from .repository import Repository
+
+EXPORT_FORMAT = "zae-limiter-export/1"
+DEFAULT_BACKUP_DIR = "./zae-limiter-backups"
+
+Item = dict[str, dict[str, Any]]
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _stamp(moment: datetime | None = None) -> str:
+    return (moment or _utcnow()).strftime("%Y%m%d-%H%M%S")
+
+
+def iso_ms(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    return (
+        datetime.fromtimestamp(ms / 1000, UTC)
+        .isoformat(timespec="milliseconds")
+        .replace("+00:00", "Z")
+    )
+
+
+async def scan_all(repo: Repository, **kwargs: Any) -> list[Item]:
+    """Every item matching `kwargs` (a Scan's arguments), all pages, strongly consistent."""
+    items: list[Item] = []
+    start: dict[str, Any] | None = None
+    while True:
+        page_args = dict(kwargs, TableName=repo.table_name, ConsistentRead=True)
+        if start:
+            page_args["ExclusiveStartKey"] = start
+        response = await repo.call("scan", **page_args)
+        items.extend(response.get("Items", []))
+        start = response.get("LastEvaluatedKey")
+        if not start:
+            return items
+
+
+# -- buckets ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LimitRow:
+    """One limit of a bucket item as stored, with what the core says is available now."""
+
+    entity_id: str
+    resource: str
+    limit: str
+    definition: str | None
+    tokens: float | None
+    last_refill: str | None
+    available: float | None
+    burst: int | None
+    consumed: float
+    released: float
+    state: str  # "ok" | "reset (full)" | "no definition"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "entity_id": self.entity_id,
+            "resource": self.resource,
+            "limit": self.limit,
+            "definition": self.definition,
+            "tokens": self.tokens,
+            "last_refill": self.last_refill,
+            "available": self.available,
+            "burst": self.burst,
+            "consumed": self.consumed,
+            "released": self.released,
+            "state": self.state,
+        }
+
+
+def limit_rows(item: Item, now_ms: int) -> list[LimitRow]:
+    """Per-limit rows of a raw bucket item. Unlike the data plane's reader this keeps limits
+    whose state was reset (their counters survive a reset, and operators want to see them)."""
+    fields: dict[str, dict[str, Any]] = {}
+    for attr, value in item.items():
+        parsed = schema.parse_limit_attr(attr)
+        if parsed is not None:
+            fields.setdefault(parsed[1], {})[parsed[0]] = next(iter(value.values()))
+    entity_id = schema.entity_id_from_pk(str(item[schema.PK]["S"]))
+    resource = schema.resource_from_bucket_sk(str(item[schema.SK]["S"]))
+    rows: list[LimitRow] = []
+    for name in sorted(fields):
+        attrs = fields[name]
+        tokens = None if schema.TOKENS not in attrs else int(attrs[schema.TOKENS])
+        anchor = None if schema.LAST_REFILL not in attrs else int(attrs[schema.LAST_REFILL])
+        definition = attrs.get(schema.LIMIT_DEF)
+        available: float | None = None
+        burst: int | None = None
+        state = "ok" if tokens is not None and anchor is not None else "reset (full)"
+        if definition is None:
+            state = "no definition"
+        else:
+            limit = Limit.decode(str(definition), name)
+            burst = limit.burst
+            milli = core.available(
+                limit.burst_milli,
+                limit.refill_amount_milli,
+                limit.refill_period_ms,
+                tokens if anchor is not None else None,
+                anchor if tokens is not None else None,
+                now_ms,
+            )
+            available = milli / 1000
+        rows.append(
+            LimitRow(
+                entity_id=entity_id,
+                resource=resource,
+                limit=name,
+                definition=None if definition is None else str(definition),
+                tokens=None if tokens is None else tokens / 1000,
+                last_refill=iso_ms(anchor),
+                available=available,
+                burst=burst,
+                consumed=int(attrs.get(schema.CONSUMED, 0)) / 1000,
+                released=int(attrs.get(schema.RELEASED, 0)) / 1000,
+                state=state,
+            )
+        )
+    return rows
+
+
+async def bucket_items(repo: Repository, entity_id: str, resource: str | None = None) -> list[Item]:
+    if resource is not None:
+        response = await repo.call(
+            "get_item",
+            TableName=repo.table_name,
+            Key={
+                schema.PK: {"S": schema.entity_pk(entity_id)},
+                schema.SK: {"S": schema.bucket_sk(resource)},
+            },
+            ConsistentRead=True,
+        )
+        item = response.get("Item")
+        return [item] if item else []
+    items: list[Item] = []
+    start: dict[str, Any] | None = None
+    while True:
+        args: dict[str, Any] = {
+            "TableName": repo.table_name,
+            "KeyConditionExpression": "#pk = :pk AND begins_with(#sk, :sk)",
+            "ExpressionAttributeNames": {"#pk": schema.PK, "#sk": schema.SK},
+            "ExpressionAttributeValues": {
+                ":pk": {"S": schema.entity_pk(entity_id)},
+                ":sk": {"S": schema.BUCKET_PREFIX},
+            },
+            "ConsistentRead": True,
+        }
+        if start:
+            args["ExclusiveStartKey"] = start
+        response = await repo.call("query", **args)
+        items.extend(response.get("Items", []))
+        start = response.get("LastEvaluatedKey")
+        if not start:
+            return items
+
+
+async def reset_buckets(
+    repo: Repository,
+    entity_id: str,
+    resource: str | None = None,
+    limits: Iterable[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Reset one limit, one resource's bucket, or every bucket of the entity; returns what was
+    reset. The bucket state is forgotten (full again), consumption counters are kept."""
+    names = list(limits) if limits is not None else None
+    if names and resource is None:
+        raise ZAELimiterError("resetting single limits needs the resource they belong to")
+    resources = (
+        [resource]
+        if resource is not None
+        else [b.resource for b in await repo.list_buckets(entity_id)]
+    )
+    done: list[dict[str, Any]] = []
+    for res in resources:
+        if await repo.reset_bucket(entity_id, res, names):
+            done.append({"entity_id": entity_id, "resource": res, "limits": names or "all"})
+    return done
+
+
+# -- backups ----------------------------------------------------------------------------------
+
+
+def export_path(directory: Path, table: str, label: str = "backup") -> Path:
+    base = directory / f"{table}-{label}-{_stamp()}"
+    path = Path(f"{base}.json")  # not with_suffix: labels may contain dots ("1.1.0")
+    n = 1
+    while path.exists():  # two exports in one second must not overwrite each other
+        path = Path(f"{base}-{n}.json")
+        n += 1
+    return path
+
+
+async def export_table(
+    repo: Repository, directory: Path | str = DEFAULT_BACKUP_DIR, label: str = "backup"
+) -> dict[str, Any]:
+    """Write every item of the table to a JSON file in `directory`; returns its summary."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    items = await scan_all(repo)
+    record = await repo.get_version_record() or {}
+    path = export_path(directory, repo.table_name, label)
+    exported_at = _utcnow().isoformat(timespec="seconds").replace("+00:00", "Z")
+    document = {
+        "format": EXPORT_FORMAT,
+        "table": repo.table_name,
+        "exported_at": exported_at,
+        "schema_version": record.get("schema_version"),
+        "item_count": len(items),
+        "items": items,
+    }
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(document, sort_keys=True))
+    tmp.replace(path)  # a crash mid-write must not leave a truncated backup that looks whole
+    return {
+        "kind": "export",
+        "id": str(path),
+        "table": repo.table_name,
+        "created": exported_at,
+        "items": len(items),
+        "schema_version": record.get("schema_version"),
+    }
+
+
+def read_export(path: Path | str) -> dict[str, Any]:
+    try:
+        document = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ZAELimiterError(f"cannot read export {path}: {exc}") from exc
+    if not isinstance(document, dict) or document.get("format") != EXPORT_FORMAT:
+        raise ZAELimiterError(f"{path} is not a zae-limiter export ({EXPORT_FORMAT})")
+    return document
+
+
+def list_exports(directory: Path | str, table: str | None = None) -> list[dict[str, Any]]:
+    """Exports in `directory` (of `table` if given), newest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found: list[dict[str, Any]] = []
+    for path in directory.glob("*.json"):
+        try:
+            document = read_export(path)
+        except ZAELimiterError:
+            continue
+        if table is not None and document.get("table") != table:
+            continue
+        found.append(
+            {
+                "kind": "export",
+                "id": str(path),
+                "table": document.get("table"),
+                "created": document.get("exported_at"),
+                "items": document.get("item_count"),
+                "schema_version": document.get("schema_version"),
+            }
+        )
+    return sorted(found, key=lambda e: (str(e["created"]), e["id"]), reverse=True)
+
+
+async def import_table(repo: Repository, path: Path | str) -> dict[str, Any]:
+    """Make the table hold exactly the items of an export (items not in it are deleted)."""
+    document = read_export(path)
+    items: list[Item] = list(document.get("items") or [])
+    current = await scan_all(
+        repo,
+        ProjectionExpression="#pk, #sk",
+        ExpressionAttributeNames={"#pk": schema.PK, "#sk": schema.SK},
+    )
+    wanted = {(i[schema.PK]["S"], i[schema.SK]["S"]) for i in items}
+    stale = [
+        {schema.PK: i[schema.PK], schema.SK: i[schema.SK]}
+        for i in current
+        if (i[schema.PK]["S"], i[schema.SK]["S"]) not in wanted
+    ]
+    await repo._batch_write(puts=items, deletes=stale)
+    return {
+        "table": repo.table_name,
+        "source": str(path),
+        "source_table": document.get("table"),
+        "restored_items": len(items),
+        "deleted_items": len(stale),
+        "schema_version": document.get("schema_version"),
+    }
+
+
+async def create_backup(repo: Repository, backup_name: str | None = None) -> dict[str, Any]:
+    """An on-demand DynamoDB backup (AWS); returns its summary."""
+    name = backup_name or f"{repo.table_name}-manual-{_stamp()}"
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", name)[:255]
+    response = await repo.call("create_backup", TableName=repo.table_name, BackupName=name)
+    details = response.get("BackupDetails", {})
+    created = details.get("BackupCreationDateTime")
+    return {
+        "kind": "aws-backup",
+        "id": details.get("BackupArn"),
+        "name": details.get("BackupName", name),
+        "table": repo.table_name,
+        "status": details.get("BackupStatus"),
+        "created": created.isoformat() if isinstance(created, datetime) else created,
+    }
+
+
+async def list_backups(repo: Repository) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    start: str | None = None
+    while True:
+        args: dict[str, Any] = {"TableName": repo.table_name}
+        if start:
+            args["ExclusiveStartBackupArn"] = start
+        response = await repo.call("list_backups", **args)
+        for summary in response.get("BackupSummaries", []):
+            created = summary.get("BackupCreationDateTime")
+            found.append(
+                {
+                    "kind": "aws-backup",
+                    "id": summary.get("BackupArn"),
+                    "name": summary.get("BackupName"),
+                    "table": summary.get("TableName"),
+                    "status": summary.get("BackupStatus"),
+                    "created": created.isoformat() if isinstance(created, datetime) else created,
+                    "size_bytes": summary.get("BackupSizeBytes"),
+                }
+            )
+        start = response.get("LastEvaluatedBackupArn")
+        if not start:
+            return found
+
+
+async def backup(
+    repo: Repository,
+    *,
+    local: bool,
+    backup_dir: Path | str = DEFAULT_BACKUP_DIR,
+    label: str = "backup",
+) -> dict[str, Any]:
+    """On AWS an on-demand backup; on a local endpoint (no backups there) a JSON export."""
+    if local:
+        return await export_table(repo, backup_dir, label)
+    return await create_backup(repo, f"{repo.table_name}-{label}-{_stamp()}")
+
+
+def restore_hints(name: str, region: str, backup_arn: str | None = None) -> list[str]:
+    """The AWS commands that restore the table; DynamoDB restores into a new table only."""
+    table = schema.table_name(name)
+    target = f"{table}-restored"
+    arn = backup_arn or "<backup-arn>"
+    return [
+        f"# on-demand backups of {table}: zae-limiter backup list --name {name} --region {region}",
+        f"aws dynamodb restore-table-from-backup --region {region} "
+        f"--target-table-name {target} --backup-arn {arn}",
+        "# point-in-time recovery (PITR): check it is on, then restore to a moment",
+        f"aws dynamodb describe-continuous-backups --region {region} --table-name {table}",
+        f"aws dynamodb restore-table-to-point-in-time --region {region} "
+        f"--source-table-name {table} --target-table-name {target} "
+        f'--restore-date-time "<YYYY-MM-DDTHH:MM:SSZ>"',
+        f"# when {target} is ACTIVE, clients can use it as name "
+        f"'{schema.short_name(target)}'; to serve it as {table} again, delete {table} "
+        f"(deletion protection off) and restore with --target-table-name {table}",
+    ]
+
+
+# -- versions ---------------------------------------------------------------------------------
+
+
+async def version_status_async(repo: Repository) -> dict[str, Any]:
+    from .version import version_info
+
+    return await version_info(repo)
+
+
+def version_status(
+    name: str, region: str | None = None, endpoint_url: str | None = None
+) -> dict[str, Any]:
+    """The version part of a deployment's status (blocking; for `zae-limiter status`).
+
+    Keys: client_version, client_schema_version, schema_version, lambda_version,
+    min_client_version, updated_at, updated_by, migration_state, record_exists, compatible,
+    reason, can_auto_update.
+    """
+    from .repository import Repository
+
+    async def go() -> dict[str, Any]:
+        async with Repository(schema.table_name(name), region, endpoint_url) as repo:
+            return await version_status_async(repo)
+
+    return asyncio.run(go())
