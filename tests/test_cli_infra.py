@@ -132,6 +132,12 @@ def test_local_endpoint_deploy_status_delete(endpoint_url: str) -> None:
     assert info["stream_enabled"] and info["stream_view_type"] == schema.TABLE.stream_view_type
     assert info["indexes"] == [i.name for i in schema.TABLE.global_secondary_indexes]
     assert info["billing_mode"] == "PAY_PER_REQUEST"
+    # deploy wrote the version record that limiters check on first use
+    from zae_limiter import __version__
+
+    assert info["version"]["record_exists"] and info["version"]["compatible"]
+    assert info["version"]["schema_version"] == schema.SCHEMA_VERSION
+    assert info["version"]["lambda_version"] == __version__
 
     result = runner.invoke(main, ["status", *base])
     assert result.exit_code == 0 and "ZAEL-cli-app" in result.output

@@ -189,13 +189,52 @@ def deploy(name: str, region: str, endpoint_url: str | None, **option_values: An
         console.print(f"table {schema.table_name(short)} {verb} at {endpoint_url}")
         if options.aggregator:
             console.print("local endpoint: table only (no aggregator Lambda, queue or alarms)")
+        _record_deployment(short, region, endpoint_url)
         return
     from ..infra import automation
 
     automation.require_pulumi()
     console.print(f"deploying stack {schema.stack_name(short)} in {region} ...")
     outputs = automation.deploy(short, region, options, on_output=_print_engine)
+    _record_deployment(short, region, None)
     console.print(_key_value_table(f"{schema.stack_name(short)} deployed", outputs))
+
+
+def _record_deployment(short: str, region: str, endpoint_url: str | None) -> None:
+    """Write the version record: the Pulumi program does not, and limiters check it."""
+    import asyncio
+
+    from ..repository import Repository
+    from ..version import record_deployment
+
+    async def go() -> None:
+        async with Repository(schema.table_name(short), region, endpoint_url) as repo:
+            await record_deployment(repo)
+
+    asyncio.run(go())
+
+
+def _version_part(short: str, region: str, endpoint_url: str | None) -> dict[str, Any]:
+    from ..ops import version_status
+
+    try:
+        return version_status(short, region, endpoint_url)
+    except Exception as exc:  # status must still show the rest when the record cannot be read
+        return {"error": str(exc)}
+
+
+def _dlq_depth(region: str, dlq_url: object) -> object:
+    if not isinstance(dlq_url, str) or not dlq_url:
+        return None
+    import boto3
+
+    try:
+        attrs = boto3.client("sqs", region_name=region).get_queue_attributes(
+            QueueUrl=dlq_url, AttributeNames=["ApproximateNumberOfMessagesVisible"]
+        )["Attributes"]
+        return int(attrs["ApproximateNumberOfMessagesVisible"])
+    except Exception as exc:  # reported, not fatal: status is a diagnostic
+        return f"unavailable: {exc}"
 
 
 @main.command()
@@ -226,6 +265,8 @@ def status(name: str, region: str, endpoint_url: str | None, as_json: bool) -> N
         from ..infra import direct
 
         info = direct.describe(_dynamodb(endpoint_url, region), short)
+        if info["exists"]:
+            info["version"] = _version_part(short, region, endpoint_url)
         if as_json:
             click.echo(json.dumps(info, indent=2, sort_keys=True, default=str))
             if not info["exists"]:
@@ -235,7 +276,9 @@ def status(name: str, region: str, endpoint_url: str | None, as_json: bool) -> N
             raise click.ClickException(
                 f"table {info['table_name']} does not exist at {endpoint_url}"
             )
+        version = info.pop("version", {})
         _console().print(_key_value_table(f"table {info['table_name']}", info))
+        _console().print(_key_value_table("versions", version))
         return
     from ..infra import automation
 
@@ -246,10 +289,14 @@ def status(name: str, region: str, endpoint_url: str | None, as_json: bool) -> N
         raise click.ClickException(
             f"{exc} (deploy it with: zae-limiter deploy --name {short})"
         ) from exc
+    info["version"] = _version_part(short, region, None)
+    info["dlq_depth"] = _dlq_depth(region, info.get("outputs", {}).get("dlq_url"))
     if as_json:
         click.echo(json.dumps(info, indent=2, sort_keys=True, default=str))
         return
     console = _console()
+    console.print(_key_value_table("versions", info["version"]))
+    console.print(f"aggregator DLQ depth: {info['dlq_depth']}")
     console.print(_key_value_table(f"stack {info['stack']} ({info['region']})", info["outputs"]))
     if info["options"]:
         console.print(_key_value_table("options (non-default)", info["options"]))
