@@ -236,7 +236,11 @@ class RateLimiter:
 
     async def _provision(self, options: StackOptions) -> None:
         if self.endpoint_url is None:
-            # On AWS the stack (table, aggregator, alarms) is Pulumi's to create.
+            # On AWS the stack (table, aggregator, alarms) is Pulumi's to create. An existing
+            # table means it was deployed: a Pulumi run per limiter start would take minutes,
+            # and keeping the aggregator current is the version check's auto-update.
+            if await self.repository.table_exists():
+                return
             from .infra import automation
 
             try:
