@@ -71,7 +71,7 @@ def test_repository_entry_file_matches_the_bundled_one() -> None:
     assert (REPO / "aggregator" / "lambda_function.py").read_text() == LAMBDA_ENTRY_SOURCE
 
 
-# Runs with -I (no PYTHONPATH, no user site) and a sys.path of: the standard library, the
+# Runs with -I -S (no PYTHONPATH, no site-packages, so no editable-install .pth either) and a sys.path of: the standard library, the
 # extracted bundle, and the directory holding boto3 — as in Lambda's python3.11 runtime. Anything
 # Lambda lacks is made unimportable even if this virtualenv has it.
 BARE_IMPORT = textwrap.dedent(
@@ -119,7 +119,7 @@ def test_imports_in_a_bare_lambda_like_runtime(bundle: bytes, tmp_path: Path) ->
     boto_dir = str(Path(boto3.__file__).resolve().parent.parent)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "AWS_"))}
     result = subprocess.run(
-        [sys.executable, "-I", "-c", BARE_IMPORT, str(tmp_path / "bundle"), boto_dir],
+        [sys.executable, "-I", "-S", "-c", BARE_IMPORT, str(tmp_path / "bundle"), boto_dir],
         capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
