@@ -71,9 +71,10 @@ def test_repository_entry_file_matches_the_bundled_one() -> None:
     assert (REPO / "aggregator" / "lambda_function.py").read_text() == LAMBDA_ENTRY_SOURCE
 
 
-# Runs with -I -S (no PYTHONPATH, no site-packages, so no editable-install .pth either) and a sys.path of: the standard library, the
-# extracted bundle, and the directory holding boto3 — as in Lambda's python3.11 runtime. Anything
-# Lambda lacks is made unimportable even if this virtualenv has it.
+# Runs with -I -S (no PYTHONPATH, no site-packages: an editable install would add the source
+# tree) and a sys.path of: the standard library, the extracted bundle, and the directory holding
+# boto3 — as in Lambda's python3.11 runtime. Anything Lambda lacks is made unimportable even if
+# this virtualenv has it.
 BARE_IMPORT = textwrap.dedent(
     """
     import importlib.abc, os, sys

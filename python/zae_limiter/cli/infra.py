@@ -230,9 +230,9 @@ def _dlq_depth(region: str, dlq_url: object) -> object:
 
     try:
         attrs = boto3.client("sqs", region_name=region).get_queue_attributes(
-            QueueUrl=dlq_url, AttributeNames=["ApproximateNumberOfMessagesVisible"]
+            QueueUrl=dlq_url, AttributeNames=["ApproximateNumberOfMessages"]
         )["Attributes"]
-        return int(attrs["ApproximateNumberOfMessagesVisible"])
+        return int(attrs["ApproximateNumberOfMessages"])
     except Exception as exc:  # reported, not fatal: status is a diagnostic
         return f"unavailable: {exc}"
 
