@@ -20,8 +20,12 @@ MANY = [Limit.per_minute(f"l{i}", 1_000) for i in range(8)]
 @pytest.fixture
 async def limiter(endpoint_url: str) -> AsyncIterator[RateLimiter]:
     # A frozen clock: refill between calls would make denials depend on the machine's speed.
-    async with RateLimiter(name="cost", endpoint_url=endpoint_url, stack_options=StackOptions(),
-                           clock=lambda: 1_800_000_000_000) as lim:
+    async with RateLimiter(
+        name="cost",
+        endpoint_url=endpoint_url,
+        stack_options=StackOptions(),
+        clock=lambda: 1_800_000_000_000,
+    ) as lim:
         await lim.create_entity("proj")
         await lim.create_entity("key", parent_id="proj")
         yield lim
@@ -33,8 +37,9 @@ async def measure(limiter: RateLimiter, coro: object) -> dict[str, object]:
     return dict(limiter.ledger.snapshot())
 
 
-async def acquire(limiter: RateLimiter, limits: list[Limit], consume: dict[str, int],
-                  cascade: bool = False) -> None:
+async def acquire(
+    limiter: RateLimiter, limits: list[Limit], consume: dict[str, int], cascade: bool = False
+) -> None:
     async with limiter.acquire("key", "llm", limits, consume, cascade=cascade):
         pass
 

@@ -557,6 +557,7 @@ class RateLimiter:
                 writes,
                 now,
                 known_size=target.state.size if target.state else 0,
+                known_ids=target.state.write_ids if target.state else (),
             )
         except ConditionFailed as exc:
             self._buckets.put(key, exc.current)

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import aioboto3
+import aiohttp
 import botocore.exceptions
 from botocore.config import Config
 
@@ -49,6 +50,40 @@ _SAFE_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
     botocore.exceptions.EndpointConnectionError,
     botocore.exceptions.ConnectTimeoutError,
 )
+
+
+
+def _surely_absent(write_id: str, current: BucketItem | None, known_ids: tuple[str, ...]) -> bool:
+    """True when `current` proves that the write `write_id` has not landed: its id is not in
+    the ring of recent write ids, and the ring still reaches back to the item the decision was
+    made on (or never filled up), so it would hold the id if the write had landed."""
+    if current is None:
+        return True
+    if write_id in current.write_ids:
+        return False
+    if len(current.write_ids) < len(schema.WRITE_ID_SLOTS):
+        return True
+    return bool(known_ids) and known_ids[0] in current.write_ids
+
+
+def _unknown_outcome(cause: BaseException | None) -> RepositoryUnavailable:
+    return RepositoryUnavailable(
+        "a bucket write's response was lost and too many writes followed to tell whether it "
+        f"landed: {cause}",
+        cause,
+    )
+
+
+def _never_sent(exc: BaseException) -> bool:
+    """aiobotocore also reports a connection reset after the request was sent (a pooled
+    connection dropped mid-response) as EndpointConnectionError: only a failure to connect means
+    DynamoDB never saw the request."""
+    if isinstance(exc, botocore.exceptions.ConnectTimeoutError):
+        return True
+    cause = getattr(exc, "kwargs", {}).get("error")
+    return cause is None or isinstance(
+        cause, (aiohttp.ClientConnectorError, ConnectionRefusedError)
+    )
 
 
 class RepositoryUnavailable(RateLimiterUnavailable):
@@ -304,6 +339,8 @@ class Repository:
                     raise _Ambiguous(exc) from exc
                 raise
             except _SAFE_TRANSPORT_ERRORS as exc:
+                if not _never_sent(exc):
+                    raise _Ambiguous(exc) from exc
                 last = exc
                 continue
             except (TimeoutError, botocore.exceptions.BotoCoreError, OSError) as exc:
@@ -348,16 +385,20 @@ class Repository:
         writes: Sequence[LimitWrite],
         now_ms: int,
         known_size: int = 0,
+        known_ids: tuple[str, ...] = (),
     ) -> BucketItem:
         """Apply one conditional UpdateItem for every limit write of the bucket.
 
         Raises `ConditionFailed` with the current item when any condition does not hold. A write
         whose response was lost is resolved by reading the item's recent write ids, so it is
-        neither lost nor applied twice.
+        neither lost nor applied twice. `known_ids` are the write ids of the item the decision
+        was made on: when so many writes followed that the ring no longer tells whether this one
+        landed, the outcome is unknown and `RepositoryUnavailable` is raised instead of a resend.
         """
         write_id = secrets.token_urlsafe(6)
         kwargs = self._bucket_update(entity_id, resource, writes, now_ms, write_id)
         last: BaseException | None = None
+        sent_unanswered = False  # an earlier attempt may have landed
         for attempt in range(self.retry.max_attempts):
             if attempt:
                 await asyncio.sleep(self.retry.delay(attempt))
@@ -376,13 +417,18 @@ class Repository:
                     # An earlier attempt whose response was lost landed (maybe late): this resend
                     # was refused by the write-id condition, and the write stands exactly once.
                     return current
+                if sent_unanswered and not _surely_absent(write_id, current, known_ids):
+                    raise _unknown_outcome(last) from None
                 raise ConditionFailed(current) from None
             except _Ambiguous as exc:
                 last = exc.cause
+                sent_unanswered = True
                 current = await self.get_bucket(entity_id, resource)
                 if current is not None and write_id in current.write_ids:
                     self.ledger.record("UpdateItem", wcu=write_units(known_size, current.size))
                     return current
+                if not _surely_absent(write_id, current, known_ids):
+                    raise _unknown_outcome(last) from None
                 continue  # it did not land: safe to send again
             new = bucket_from_item(response["Attributes"])
             self.ledger.record("UpdateItem", wcu=write_units(known_size, new.size))

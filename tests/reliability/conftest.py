@@ -1,0 +1,90 @@
+"""Reliability suite: sizes, the fault proxy, and the figures every run reports.
+
+`pytest tests/reliability` runs the CI size; `--reliability-size=large` (or the environment
+variable `ZAE_RELIABILITY_SIZE=large`) runs the large one. The figures (clients, operations,
+faults injected per kind, over-admissions, lost updates, inputs tried) are printed at the end
+of the run and written to `.reliability-figures.json` at the repository root.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fault_proxy import FaultProxy
+from figures import SIZES, Figures, Size
+
+from zae_limiter.local import LocalDynamoDB
+
+FIGURES_FILE = ".reliability-figures.json"
+
+
+_FIGURES: Figures | None = None
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--reliability-size",
+        choices=sorted(SIZES),
+        default=None,
+        help="reliability suite size (default: ci, or $ZAE_RELIABILITY_SIZE)",
+    )
+
+
+def _size_name(config: pytest.Config) -> str:
+    name = config.getoption("--reliability-size", default=None) or os.environ.get(
+        "ZAE_RELIABILITY_SIZE", "ci"
+    )
+    if name not in SIZES:
+        raise pytest.UsageError(f"ZAE_RELIABILITY_SIZE must be one of {sorted(SIZES)}")
+    return str(name)
+
+
+@pytest.fixture(scope="session")
+def size(pytestconfig: pytest.Config) -> Size:
+    return SIZES[_size_name(pytestconfig)]
+
+
+@pytest.fixture(scope="session")
+def figures(pytestconfig: pytest.Config) -> Figures:
+    global _FIGURES
+    if _FIGURES is None:
+        _FIGURES = Figures(_size_name(pytestconfig))
+    return _FIGURES
+
+
+@pytest.fixture(scope="session")
+def proxy_server(moto_server: LocalDynamoDB) -> Iterator[FaultProxy]:
+    with FaultProxy(moto_server.port) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def proxy(
+    proxy_server: FaultProxy, endpoint_url: str, figures: Figures
+) -> Iterator[FaultProxy]:
+    """The session's proxy with no fault armed, fresh counters and a fresh (empty) moto."""
+    proxy_server.clear()
+    proxy_server.reset_stats()
+    yield proxy_server
+    proxy_server.clear()
+    figures.faults.update(proxy_server.stats.injected)
+    figures.add(proxy_requests=len(proxy_server.stats.seen))
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    if _FIGURES is None:
+        return
+    data = _FIGURES.as_dict()
+    tr = terminalreporter
+    tr.write_sep("=", f"reliability figures (size {data['size']})")
+    for key, value in data.items():
+        if key != "size":
+            tr.write_line(f"{key:>24}: {value}")
+    path = Path(str(config.rootpath)) / FIGURES_FILE
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    tr.write_line(f"{'written to':>24}: {path}")

@@ -1,0 +1,125 @@
+"""Worker processes of the contention tests (imported by `spawn`ed children).
+
+Each worker runs `tasks` concurrent asyncio tasks, each doing `attempts` operations on one
+entity's bucket (and its parent's with cascade), and returns its own exact ledger: every token it
+was admitted, took later, gave back or rolled back, counted only when the call returned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from typing import Any
+
+from zae_limiter import Limit, RateLimiter, RateLimiterUnavailable, RateLimitExceeded
+
+FROZEN_MS = 1_800_000_000_000
+RESOURCE = "shared"
+
+
+class Abort(Exception):
+    """Raised inside an acquire block: the lease must be given back exactly."""
+
+
+def run_worker(
+    endpoint_url: str,
+    table: str,
+    entity_id: str,
+    limit: Limit,
+    tasks: int,
+    attempts: int,
+    cascade: bool,
+    seed: int,
+    mix: str,
+    frozen: bool,
+) -> dict[str, Any]:
+    return asyncio.run(
+        _worker(endpoint_url, table, entity_id, limit, tasks, attempts, cascade, seed, mix, frozen)
+    )
+
+
+async def _worker(
+    endpoint_url: str,
+    table: str,
+    entity_id: str,
+    limit: Limit,
+    tasks: int,
+    attempts: int,
+    cascade: bool,
+    seed: int,
+    mix: str,
+    frozen: bool,
+) -> dict[str, Any]:
+    rng = random.Random(seed)
+    ops: Counter[str] = Counter()
+    # Tokens, as far as this process knows for certain (a call counts once it returned).
+    ledger = {"consumed": 0, "released": 0, "checked": 0}
+    clock = (lambda: FROZEN_MS) if frozen else None
+    async with RateLimiter(name=table, endpoint_url=endpoint_url, clock=clock) as limiter:
+
+        async def task() -> None:
+            for _ in range(attempts):
+                amount = 1 if mix == "count" else rng.randint(1, 3)
+                action = rng.random()
+                ops["acquire"] += 1
+                try:
+                    async with limiter.acquire(
+                        entity_id, RESOURCE, [limit], {limit.name: amount}, cascade=cascade
+                    ) as lease:
+                        ops["admitted"] += 1
+                        ledger["consumed"] += amount
+                        ledger["checked"] += amount
+                        if mix == "full":
+                            await _mixed(lease, limit.name, action, ops, ledger)
+                        if action > 0.8:
+                            net = lease.consumed[limit.name]
+                            ops["rolled_back"] += 1
+                            ledger["released"] += max(net, 0)
+                            ledger["consumed"] += max(-net, 0)
+                            raise Abort
+                except RateLimitExceeded:
+                    ops["denied"] += 1
+                except RateLimiterUnavailable:
+                    ops["unavailable"] += 1
+                except Abort:
+                    pass
+
+        started_ms = time.time_ns() // 1_000_000
+        await asyncio.gather(*(task() for _ in range(tasks)))
+        ended_ms = time.time_ns() // 1_000_000
+    return {
+        "entity_id": entity_id,
+        "ops": dict(ops),
+        **ledger,
+        "started_ms": started_ms,
+        "ended_ms": ended_ms,
+    }
+
+
+async def _mixed(
+    lease: Any, name: str, action: float, ops: Counter[str], ledger: dict[str, int]
+) -> None:
+    """adjust up and down, take more (checked), release early."""
+    if action < 0.2:
+        await lease.adjust(**{name: 2})
+        ops["adjust_up"] += 1
+        ledger["consumed"] += 2
+    elif action < 0.35 and lease.consumed[name] >= 2:
+        await lease.adjust(**{name: -1})
+        ops["adjust_down"] += 1
+        ledger["released"] += 1
+    elif action < 0.5:
+        try:
+            await lease.consume(**{name: 1})
+        except RateLimitExceeded:
+            ops["consume_denied"] += 1
+        else:
+            ops["consume"] += 1
+            ledger["consumed"] += 1
+            ledger["checked"] += 1
+    elif action < 0.6 and lease.consumed[name] >= 2:
+        await lease.release(**{name: 1})
+        ops["release"] += 1
+        ledger["released"] += 1

@@ -1,0 +1,273 @@
+"""Contention: several processes × many tasks on one bucket, and on one parent through cascade.
+
+Every worker returns the exact ledger of what it was admitted, took, gave back and rolled back.
+Afterwards the bucket item itself is read: its `cn`/`rl` counters (millitokens ever consumed /
+released) must equal the workers' sums to the token (no lost and no doubled update, every
+rollback undone exactly), its tokens must equal burst minus the net (no drift between state and
+counters), and what was admitted must fit in what was allowed (no over-admission). With a frozen
+injected clock nothing refills, so the books balance exactly; with the real clock the bound is
+burst + refill over the elapsed window.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+import pytest
+from figures import Figures, Size
+from reliability_workers import FROZEN_MS, RESOURCE, run_worker
+
+from zae_limiter import FailureMode, Limit, RateLimiter, RateLimitExceeded, StackOptions
+from zae_limiter.limiter import MAX_ROUNDS
+from zae_limiter.repository import ConditionFailed, Repository
+
+pytestmark = pytest.mark.integration
+
+TABLE = "contention"
+OPS = ("acquire", "adjust_up", "adjust_down", "consume", "consume_denied", "release")
+
+
+def run_workers(
+    endpoint_url: str,
+    entity_ids: list[str],
+    limit: Limit,
+    size: Size,
+    cascade: bool,
+    mix: str,
+    frozen: bool = True,
+    attempts: int | None = None,
+) -> list[dict[str, Any]]:
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(size.processes, mp_context=ctx) as pool:
+        futures = [
+            pool.submit(
+                run_worker,
+                endpoint_url,
+                TABLE,
+                entity_ids[i % len(entity_ids)],
+                limit,
+                size.tasks,
+                attempts or size.attempts,
+                cascade,
+                1000 + i,
+                mix,
+                frozen,
+            )
+            for i in range(size.processes)
+        ]
+        return [f.result(timeout=300) for f in futures]
+
+
+async def counters(endpoint_url: str, entity_id: str, limit: Limit) -> dict[str, int]:
+    """The bucket item as stored, in millitokens (read directly, not through a limiter)."""
+    repo = Repository(TABLE, None, endpoint_url)
+    try:
+        bucket = await repo.get_bucket(entity_id, RESOURCE)
+    finally:
+        await repo.close()
+    assert bucket is not None, f"no bucket for {entity_id}"
+    state = bucket.limits[limit.name]
+    return {
+        "cn": state.consumed_milli,
+        "rl": state.released_milli,
+        "tk": state.tokens_milli,
+        "lr": state.last_refill_ms,
+    }
+
+
+def totals(results: list[dict[str, Any]]) -> dict[str, int]:
+    out = {"consumed": 0, "released": 0, "checked": 0}
+    for r in results:
+        for key in out:
+            out[key] += r[key]
+    return out
+
+
+def count(results: list[dict[str, Any]], *names: str) -> int:
+    return sum(r["ops"].get(name, 0) for r in results for name in names)
+
+
+def check_ledger(
+    figures: Figures, books: dict[str, int], stored: dict[str, int], cascade: bool = False
+) -> int:
+    """Assert the stored counters match the books to the token; returns the net kept.
+
+    Without cascade the gross counters equal the books. With cascade, an acquire whose write
+    to one entity landed while the other's was refused gives the first back itself, so both
+    gross counters may exceed the books by the same amount: the net is still exact.
+    """
+    extra_cn = stored["cn"] - books["consumed"] * 1000
+    extra_rl = stored["rl"] - books["released"] * 1000
+    net_error = extra_cn - extra_rl  # > 0: consumption doubled (or a give-back lost)
+    figures.add(
+        ledger_checks=1,
+        doubled_updates=max(0, net_error) // 1000,
+        lost_updates=max(0, -net_error) // 1000,
+        cascade_partial_give_backs=extra_cn // 1000,
+    )
+    assert extra_cn == extra_rl, "net consumption lost or doubled"
+    assert extra_cn >= 0, "consumption lost"
+    if not cascade:
+        assert extra_cn == 0, "consumption given back that the books never saw"
+    return books["consumed"] - books["released"]
+
+
+def record(figures: Figures, size: Size, results: list[dict[str, Any]]) -> None:
+    figures.add(
+        clients=size.processes * size.tasks,
+        processes=size.processes,
+        operations=count(results, *OPS) + count(results, "rolled_back"),
+        admitted=count(results, "admitted"),
+        denied=count(results, "denied"),
+        rolled_back=count(results, "rolled_back"),
+    )
+
+
+async def setup(endpoint_url: str, children: list[str] | None = None) -> None:
+    async with RateLimiter(
+        name=TABLE, endpoint_url=endpoint_url, stack_options=StackOptions()
+    ) as limiter:
+        await limiter.create_entity("proj")
+        for child in children or []:
+            await limiter.create_entity(child, parent_id="proj")
+
+
+@pytest.mark.parametrize("mix", ["count", "full"])
+async def test_one_bucket_exact_ledger(
+    endpoint_url: str, size: Size, figures: Figures, mix: str
+) -> None:
+    """All processes on one bucket. `count`: 1 token per acquire, with rollbacks, so the burst
+    is the exact ceiling. `full`: acquire 1-3, adjust up and down, consume more, release early,
+    roll back."""
+    total = size.processes * size.tasks * size.attempts
+    burst = max(10, total // 3)
+    limit = Limit.per_hour("tok", burst)
+    await setup(endpoint_url)
+    results = run_workers(endpoint_url, ["proj"], limit, size, cascade=False, mix=mix)
+    record(figures, size, results)
+    books = totals(results)
+    stored = await counters(endpoint_url, "proj", limit)
+
+    assert count(results, "unavailable") == 0, "contention must resolve, not give up"
+    assert count(results, "acquire") == total
+    assert count(results, "denied") > 0, "the workload must exhaust the bucket"
+    assert count(results, "rolled_back") > 0
+    kept = check_ledger(figures, books, stored)
+    # Frozen clock: the tokens are exactly the burst minus the net consumption.
+    assert stored["tk"] == (burst - kept) * 1000
+    if mix == "count":
+        # Only checked consumption, one token at a time: never more than the burst kept.
+        over = max(0, kept - burst)
+        assert stored["tk"] >= 0
+    else:
+        # Forced adjustments may overdraw; checked takes still never exceed what existed.
+        over = max(0, books["checked"] - (burst + books["released"]))
+        assert count(results, "adjust_up", "adjust_down", "consume", "release") > 0
+    figures.add(over_admissions=over)
+    assert over == 0, f"over-admission of {over} tokens"
+
+
+@pytest.mark.parametrize("mix", ["count", "full"])
+async def test_one_parent_through_cascade_exact_ledger(
+    endpoint_url: str, size: Size, figures: Figures, mix: str
+) -> None:
+    """One child per process, one shared parent: each child's bucket holds exactly its own
+    process's books, and the parent's holds the sum."""
+    total = size.processes * size.tasks * size.attempts
+    burst = max(10, total // 3)
+    limit = Limit.per_hour("tok", burst)
+    children = [f"key-{i}" for i in range(size.processes)]
+    await setup(endpoint_url, children)
+    results = run_workers(endpoint_url, children, limit, size, cascade=True, mix=mix)
+    record(figures, size, results)
+
+    assert count(results, "unavailable") == 0
+    assert count(results, "denied") > 0
+    for result in results:
+        child = await counters(endpoint_url, result["entity_id"], limit)
+        child_kept = check_ledger(figures, totals([result]), child, cascade=True)
+        assert child["tk"] == (burst - child_kept) * 1000
+    books = totals(results)
+    parent = await counters(endpoint_url, "proj", limit)
+    kept = check_ledger(figures, books, parent, cascade=True)
+    assert parent["tk"] == (burst - kept) * 1000
+    if mix == "count":
+        over = max(0, kept - burst)
+    else:
+        over = max(0, books["checked"] - (burst + books["released"]))
+    figures.add(over_admissions=over)
+    assert over == 0, f"the parent admitted {over} tokens over its burst"
+
+
+async def test_moving_clock_admits_at_most_burst_plus_refill(
+    endpoint_url: str, size: Size, figures: Figures
+) -> None:
+    """Real time: 5 tokens burst, 2 tokens/s, demand well above refill. Whatever was kept fits
+    in burst + refill over the workers' window; the counters stay exact."""
+    limit = Limit.custom("tok", 5, 2, 1)
+    await setup(endpoint_url)
+    results = run_workers(
+        endpoint_url,
+        ["proj"],
+        limit,
+        size,
+        cascade=False,
+        mix="count",
+        frozen=False,
+        attempts=size.attempts * 2,
+    )
+    record(figures, size, results)
+    books = totals(results)
+    stored = await counters(endpoint_url, "proj", limit)
+    assert count(results, "unavailable") == 0, "contention must end in admit or deny"
+    kept = check_ledger(figures, books, stored)
+    # The bucket comes to exist full at its first write (after the first worker started) and
+    # gains refill_amount per refill_period from then on.
+    started_ms = min(r["started_ms"] for r in results)
+    ended_ms = max(r["ended_ms"] for r in results)
+    elapsed_ms = ended_ms - started_ms
+    allowed = limit.burst + elapsed_ms * limit.refill_amount // (limit.refill_period_seconds * 1000)
+    over = max(0, kept - allowed)
+    figures.add(over_admissions=over)
+    assert over == 0, f"kept {kept} tokens, allowed {allowed} over {elapsed_ms} ms"
+    assert kept > limit.burst, "the window must be long enough for refill to matter"
+    assert count(results, "denied") > 0
+    assert stored["lr"] <= ended_ms
+
+
+@pytest.mark.parametrize("mode", [FailureMode.FAIL_OPEN, FailureMode.FAIL_CLOSED])
+async def test_endless_conflicts_end_in_a_denial(
+    endpoint_url: str, figures: Figures, mode: FailureMode
+) -> None:
+    """Other clients win every round (each write's condition fails with a bucket that still
+    looks admissible): after MAX_ROUNDS the acquire is denied. DynamoDB answered every call, so
+    this is not an outage — FAIL_OPEN must not admit it — and nothing is written."""
+    limit = Limit.per_hour("tok", 50)
+    rounds = 0
+    async with RateLimiter(
+        name=TABLE,
+        endpoint_url=endpoint_url,
+        stack_options=StackOptions(),
+        failure_mode=mode,
+        clock=lambda: FROZEN_MS,
+    ) as limiter:
+        async with limiter.acquire("proj", RESOURCE, [limit], {"tok": 1}):
+            pass
+        real_write = limiter.repository.write_bucket
+
+        async def always_conflict(entity_id: str, resource: str, *args: Any, **kw: Any) -> Any:
+            nonlocal rounds
+            rounds += 1
+            raise ConditionFailed(await limiter.repository.get_bucket(entity_id, resource))
+
+        limiter.repository.write_bucket = always_conflict  # type: ignore[method-assign]
+        with pytest.raises(RateLimitExceeded):
+            async with limiter.acquire("proj", RESOURCE, [limit], {"tok": 1}):
+                pytest.fail("admitted without winning a write")
+        limiter.repository.write_bucket = real_write  # type: ignore[method-assign]
+    assert rounds == MAX_ROUNDS
+    stored = await counters(endpoint_url, "proj", limit)
+    assert stored["cn"] == 1000
+    figures.add(operations=2, admitted=1, denied=1, ledger_checks=1)
