@@ -330,15 +330,21 @@ def _write(
     _, _, q, added, _ = _view(burst, step_ms, step_milli, tokens, last, now)
     cap_point = burst - added + min(delta, 0)
     if tokens >= cap_point:
-        # Full now (or a release fills it): rewrite absolutely, re-anchored at now.
+        # Full now (or a release fills it): rewrite absolutely. Within the reanchor interval the
+        # anchor stays, so that concurrent writers' `last_refill` conditions still hold: a busy
+        # bucket hovering at full would otherwise make every other writer retry.
+        if now - last < reanchor:
+            value, anchor = _fit(absolute_value - added), last
+        else:
+            value, anchor = absolute_value, now
         return (
             avail,
             False,
             0,
             WRITE_ABSOLUTE,
-            absolute_value,
-            absolute_value,
-            now,
+            value,
+            value,
+            anchor,
             _lower_bound(cap_point),
             None,
         )

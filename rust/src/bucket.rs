@@ -439,12 +439,21 @@ fn write(
 
     let cap_point = add(sub(r.burst, v.added)?, delta.min(0))?;
     if v.tokens >= cap_point {
-        // Full now (or a release fills it): rewrite absolutely, re-anchored at now.
+        // Full now (or a release fills it): rewrite absolutely. Within the reanchor interval the
+        // anchor stays, so that concurrent writers' `last_refill` conditions still hold: a busy
+        // bucket hovering at full would otherwise make every other writer retry.
         o.write_mode = WriteMode::Absolute;
-        o.write_value = absolute_value;
-        o.new_tokens_milli = absolute_value;
-        o.new_last_refill_ms = now_ms;
         o.cond_lo = lower_bound(cap_point)?;
+        if v.elapsed < i128::from(reanchor_ms) {
+            let value = fit(sub(i128::from(absolute_value), v.added)?)?;
+            o.write_value = value;
+            o.new_tokens_milli = value;
+            o.new_last_refill_ms = fit(v.last)?;
+        } else {
+            o.write_value = absolute_value;
+            o.new_tokens_milli = absolute_value;
+            o.new_last_refill_ms = now_ms;
+        }
         return Ok(());
     }
 
