@@ -70,6 +70,8 @@ DEFAULT_RESOURCE = schema.DEFAULT_RESOURCE
 # anchor, which makes concurrent writers retry once, while leaving it alone is exact anyway.
 REANCHOR_MS = 60_000
 MAX_ROUNDS = 12
+# Give-backs and adjustments must land: losing one leaves capacity consumed for nothing.
+MAX_FORCED_ROUNDS = 48
 
 
 def _wall_clock_ms() -> int:
@@ -482,8 +484,9 @@ class RateLimiter:
         pending = [i for i, d in enumerate(deltas) if any(d)]
         committed: list[int] = []
         statuses: dict[int, list[LimitStatus]] = {}
+        rounds = MAX_ROUNDS if check else MAX_FORCED_ROUNDS
         try:
-            for round_ in range(MAX_ROUNDS):
+            for round_ in range(rounds):
                 if round_:
                     await asyncio.sleep(random.uniform(0, min(0.2, 0.005 * 2**round_)))
                 now = self._clock()
@@ -539,7 +542,7 @@ class RateLimiter:
                 # That is a denial under contention, not an outage: FAIL_OPEN must not admit it.
                 raise RateLimitExceeded([s for i in sorted(statuses) for s in statuses[i]])
             raise RepositoryUnavailable(
-                f"bucket contention: gave up after {MAX_ROUNDS} rounds of conflicting writes"
+                f"bucket contention: gave up after {rounds} rounds of conflicting writes"
             )
         except BaseException:
             if committed and check:
