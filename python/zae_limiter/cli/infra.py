@@ -8,7 +8,6 @@ with boto3 (`zae_limiter.infra.direct`): no Pulumi, no Lambda, no alarms.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -16,12 +15,12 @@ from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import click
 from rich.console import Console
-from rich.table import Table
 
 from .. import schema
 from ..exceptions import InfrastructureNotFoundError, ZAELimiterError
 from ..infra import InfraOptions, alarm_names, validate_deployment_name
 from . import main
+from .render import emit_json, kv_table
 
 if TYPE_CHECKING:
     # boto3-stubs[dynamodb] is a dev dependency; without it the client is simply untyped.
@@ -158,16 +157,6 @@ def _print_engine(line: str) -> None:
     click.echo(line.rstrip("\n"), err=True)
 
 
-def _key_value_table(title: str, rows: dict[str, Any]) -> Table:
-    table = Table(title=title, show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
-    for key, value in rows.items():
-        if isinstance(value, list | tuple):
-            value = ", ".join(str(v) for v in value) or "-"
-        table.add_row(key, "-" if value is None else str(value))
-    return table
-
 
 # -- commands ----------------------------------------------------------------------------------
 
@@ -197,7 +186,7 @@ def deploy(name: str, region: str, endpoint_url: str | None, **option_values: An
     console.print(f"deploying stack {schema.stack_name(short)} in {region} ...")
     outputs = automation.deploy(short, region, options, on_output=_print_engine)
     _record_deployment(short, region, None)
-    console.print(_key_value_table(f"{schema.stack_name(short)} deployed", outputs))
+    console.print(kv_table(f"{schema.stack_name(short)} deployed", outputs))
 
 
 def _record_deployment(short: str, region: str, endpoint_url: str | None) -> None:
@@ -251,7 +240,7 @@ def preview(name: str, region: str, endpoint_url: str | None, **option_values: A
 
     automation.require_pulumi()
     summary = automation.preview(short, region, options, on_output=_print_engine)
-    _console().print(_key_value_table(f"{schema.stack_name(short)}: planned changes", summary))
+    _console().print(kv_table(f"{schema.stack_name(short)}: planned changes", summary))
 
 
 @main.command()
@@ -268,7 +257,7 @@ def status(name: str, region: str, endpoint_url: str | None, as_json: bool) -> N
         if info["exists"]:
             info["version"] = _version_part(short, region, endpoint_url)
         if as_json:
-            click.echo(json.dumps(info, indent=2, sort_keys=True, default=str))
+            emit_json(info)
             if not info["exists"]:
                 raise SystemExit(1)
             return
@@ -277,8 +266,8 @@ def status(name: str, region: str, endpoint_url: str | None, as_json: bool) -> N
                 f"table {info['table_name']} does not exist at {endpoint_url}"
             )
         version = info.pop("version", {})
-        _console().print(_key_value_table(f"table {info['table_name']}", info))
-        _console().print(_key_value_table("versions", version))
+        _console().print(kv_table(f"table {info['table_name']}", info))
+        _console().print(kv_table("versions", version))
         return
     from ..infra import automation
 
@@ -292,14 +281,14 @@ def status(name: str, region: str, endpoint_url: str | None, as_json: bool) -> N
     info["version"] = _version_part(short, region, None)
     info["dlq_depth"] = _dlq_depth(region, info.get("outputs", {}).get("dlq_url"))
     if as_json:
-        click.echo(json.dumps(info, indent=2, sort_keys=True, default=str))
+        emit_json(info)
         return
     console = _console()
-    console.print(_key_value_table("versions", info["version"]))
+    console.print(kv_table("versions", info["version"]))
     console.print(f"aggregator DLQ depth: {info['dlq_depth']}")
-    console.print(_key_value_table(f"stack {info['stack']} ({info['region']})", info["outputs"]))
+    console.print(kv_table(f"stack {info['stack']} ({info['region']})", info["outputs"]))
     if info["options"]:
-        console.print(_key_value_table("options (non-default)", info["options"]))
+        console.print(kv_table("options (non-default)", info["options"]))
     last = info.get("last_update")
     if last:
         console.print(f"last update: {last['kind']} {last['result']} at {last['ended']}")

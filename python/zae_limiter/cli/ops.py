@@ -28,6 +28,7 @@ from .. import ops, schema
 from ..exceptions import EntityNotFoundError, ZAELimiterError
 from ..models import Limit
 from . import main
+from .render import emit_json, kv_table
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -170,21 +171,6 @@ def _run_limiter(target: Target, work: Callable[[Any], Coroutine[Any, Any, T]]) 
     return asyncio.run(go())
 
 
-def _emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
-
-
-def _kv_table(title: str, rows: Mapping[str, Any]) -> Table:
-    table = Table(title=title, show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
-    for key, value in rows.items():
-        if isinstance(value, list | tuple):
-            value = ", ".join(str(v) for v in value) or "-"
-        elif isinstance(value, dict):
-            value = ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
-        table.add_row(key, "-" if value is None or value == "" else str(value))
-    return table
 
 
 def _rows_table(title: str, columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> Table:
@@ -296,9 +282,9 @@ def version_cmd(name: str, region: str, endpoint_url: str | None, as_json: bool)
     info = _run(target, ops.version_status_async)
     info = {"table": target.table, "where": target.where, **info}
     if as_json:
-        _emit_json(info)
+        emit_json(info)
         return
-    _console().print(_kv_table(f"versions of {target.table}", info))
+    _console().print(kv_table(f"versions of {target.table}", info))
 
 
 @main.command("check")
@@ -308,7 +294,7 @@ def check_cmd(name: str, region: str, endpoint_url: str | None, as_json: bool) -
     target = _target(name, region, endpoint_url, as_json)
     info = _run(target, ops.version_status_async)
     if as_json:
-        _emit_json({"table": target.table, **info})
+        emit_json({"table": target.table, **info})
     elif info["compatible"]:
         click.echo(f"compatible: {info['reason']}")
     else:
@@ -359,7 +345,7 @@ def upgrade_cmd(
 
     result = _run(target, work)
     if as_json:
-        _emit_json(result)
+        emit_json(result)
     else:
         click.echo(f"{result['action']}: {result['detail']}")
 
@@ -419,7 +405,7 @@ def _migrate(
                 out.print(f"  - {step.describe()}")
     if dry_run or not steps:
         if as_json:
-            _emit_json(
+            emit_json(
                 {
                     "table": target.table,
                     "from_version": current,
@@ -455,7 +441,7 @@ def _migrate(
 
     result = _run(target, work)
     if as_json:
-        _emit_json(result)
+        emit_json(result)
     else:
         out.print(f"done: {target.table} is at schema {result['to_version']}")
 
@@ -550,7 +536,7 @@ def migrate_list(name: str | None, region: str, endpoint_url: str | None, as_jso
 
         table_info = _run(target, work)
     if as_json:
-        _emit_json({"base_version": migrations.BASE_VERSION, "migrations": rows, **table_info})
+        emit_json({"base_version": migrations.BASE_VERSION, "migrations": rows, **table_info})
         return
     out = _console()
     out.print(_rows_table("migrations", ["version", "description", "reversible"], rows))
@@ -617,9 +603,9 @@ def entity_create(
     )
     data = _entity_dict(created)
     if as_json:
-        _emit_json(data)
+        emit_json(data)
     else:
-        _console().print(_kv_table(f"entity {entity_id} created", data))
+        _console().print(kv_table(f"entity {entity_id} created", data))
 
 
 @entity.command("show")
@@ -644,9 +630,9 @@ def entity_show(
 
     data = _run_limiter(target, work)
     if as_json:
-        _emit_json(data)
+        emit_json(data)
     else:
-        _console().print(_kv_table(f"entity {entity_id}", data))
+        _console().print(kv_table(f"entity {entity_id}", data))
 
 
 @entity.command("delete")
@@ -661,7 +647,7 @@ def entity_delete(
     _confirm(yes, f"Delete entity {entity_id} and all its items from {target.table}?")
     count = _run(target, lambda repo: repo.delete_entity(entity_id))
     if as_json:
-        _emit_json({"entity_id": entity_id, "deleted_items": count})
+        emit_json({"entity_id": entity_id, "deleted_items": count})
     else:
         click.echo(f"entity {entity_id} deleted ({count} items)")
 
@@ -677,7 +663,7 @@ def entity_children(
     children = _run_limiter(target, lambda lim: lim.get_children(parent_id))
     rows = [_entity_dict(c) for c in sorted(children, key=lambda c: c.id)]
     if as_json:
-        _emit_json(rows)
+        emit_json(rows)
     else:
         _console().print(
             _rows_table(f"children of {parent_id}", ["entity_id", "name", "created_at"], rows)
@@ -743,7 +729,7 @@ def entity_verify(
     checks = _run_limiter(target, work)
     ok = all(c["ok"] for c in checks)
     if as_json:
-        _emit_json({"entity_id": entity_id, "ok": ok, "checks": checks})
+        emit_json({"entity_id": entity_id, "ok": ok, "checks": checks})
     else:
         rows = [c | {"ok": "ok" if c["ok"] else "FAILED"} for c in checks]
         _console().print(_rows_table(f"verify {entity_id}", ["check", "ok", "detail"], rows))
@@ -798,7 +784,7 @@ def limits_set(
         "limits": [_limit_dict(x) for x in parsed],
     }
     if as_json:
-        _emit_json(data)
+        emit_json(data)
     else:
         click.echo(
             f"stored for {entity_id}/{resource}: " + ", ".join(_limit_spec(x) for x in parsed)
@@ -829,7 +815,7 @@ def limits_get(
     found = _run_limiter(target, work)
     rows = [{"resource": res, **_limit_dict(x)} for res, ls in sorted(found.items()) for x in ls]
     if as_json:
-        _emit_json({"entity_id": entity_id, "limits": rows})
+        emit_json({"entity_id": entity_id, "limits": rows})
     else:
         _console().print(
             _rows_table(
@@ -867,7 +853,7 @@ def limits_delete(
     _confirm(yes, f"Delete the stored limits of {entity_id}/{resource}?")
     count = _run(target, lambda repo: repo.delete_limits(entity_id, resource))
     if as_json:
-        _emit_json({"entity_id": entity_id, "resource": resource, "deleted": count})
+        emit_json({"entity_id": entity_id, "resource": resource, "deleted": count})
     else:
         click.echo(f"deleted {count} stored limit(s) of {entity_id}/{resource}")
 
@@ -899,7 +885,7 @@ def bucket_show(
     now = time.time_ns() // 1_000_000
     rows = [row.as_dict() for item in items for row in ops.limit_rows(item, now)]
     if as_json:
-        _emit_json({"entity_id": entity_id, "now": ops.iso_ms(now), "limits": rows})
+        emit_json({"entity_id": entity_id, "now": ops.iso_ms(now), "limits": rows})
         return
     if not rows:
         click.echo(f"no buckets for {entity_id}" + (f"/{resource}" if resource else ""))
@@ -970,7 +956,7 @@ def bucket_reset(
         lambda repo: ops.reset_buckets(repo, entity_id, resource, list(limit_names) or None),
     )
     if as_json:
-        _emit_json({"entity_id": entity_id, "reset": done})
+        emit_json({"entity_id": entity_id, "reset": done})
     elif not done:
         click.echo(
             f"nothing to reset: no bucket for {entity_id}" + (f"/{resource}" if resource else "")
@@ -1025,9 +1011,9 @@ def backup_create(
         target, lambda repo: ops.backup(repo, local=local, backup_dir=backup_dir, label=label)
     )
     if as_json:
-        _emit_json(taken)
+        emit_json(taken)
     else:
-        _console().print(_kv_table(f"backup of {target.table}", taken))
+        _console().print(kv_table(f"backup of {target.table}", taken))
 
 
 @backup.command("list")
@@ -1042,7 +1028,7 @@ def backup_list(
     if not target.local:
         found = _run(target, ops.list_backups) + found
     if as_json:
-        _emit_json(found)
+        emit_json(found)
     else:
         _console().print(
             _rows_table(
@@ -1077,7 +1063,7 @@ def restore_cmd(
     if source is None:
         hints = ops.restore_hints(target.name, target.region, backup_arn)
         if as_json:
-            _emit_json({"table": target.table, "commands": hints})
+            emit_json({"table": target.table, "commands": hints})
         else:
             for line in hints:
                 click.echo(line)
@@ -1095,7 +1081,7 @@ def restore_cmd(
     )
     result = _run(target, lambda repo: ops.import_table(repo, source))
     if as_json:
-        _emit_json(result)
+        emit_json(result)
     else:
         click.echo(
             f"restored {result['restored_items']} items into {target.table} from {source}"
