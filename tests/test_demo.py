@@ -1,0 +1,56 @@
+"""The main job: `zae-limiter demo` runs the LLM-gateway workload and its numbers add up."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from click.testing import CliRunner
+
+from zae_limiter import RateLimiter, StackOptions
+from zae_limiter.cli import main
+from zae_limiter.demo import PROJECT, RESOURCE, run_workload
+
+pytestmark = pytest.mark.integration
+
+
+def test_demo_command_reports_and_usage_matches(endpoint_url: str) -> None:
+    result = CliRunner().invoke(
+        main,
+        ["demo", "--endpoint-url", endpoint_url, "--keys", "2", "--clients", "2",
+         "--requests", "6"],
+        env={"COLUMNS": "200"},
+    )
+    assert result.exit_code == 0, result.output
+    assert "24 chat requests from 4 concurrent clients" in result.output
+    assert "Usage snapshots by the aggregator" in result.output
+    # every entity's aggregated usage equals what its clients counted
+    rows = [line for line in result.output.splitlines() if "api-key-" in line or PROJECT in line]
+    usage_rows = [line for line in rows if line.rstrip(" │").endswith(("yes", "no"))]
+    assert len(usage_rows) == 3
+    assert all(line.rstrip(" │").endswith("yes") for line in usage_rows), result.output
+
+
+def test_workload_ledger_balances(endpoint_url: str) -> None:
+    frozen = 1_800_000_000_000
+
+    async def go() -> tuple[object, dict[str, int]]:
+        async with RateLimiter(name="demo", endpoint_url=endpoint_url,
+                               stack_options=StackOptions(), clock=lambda: frozen) as limiter:
+            report = await run_workload(limiter, keys=2, clients_per_key=3,
+                                        requests_per_client=10)
+            project = await limiter.available(PROJECT, RESOURCE, report.project_limits)
+            return report, project
+
+    report, project = asyncio.run(go())
+    from zae_limiter.demo import DemoReport
+
+    assert isinstance(report, DemoReport)
+    admitted = sum(k.admitted for k in report.keys)
+    assert admitted + sum(k.rejected for k in report.keys) == report.acquires
+    # With a frozen clock nothing refills: the project's buckets hold exactly what was not used.
+    assert project["rpm"] == 50 - admitted
+    assert project["tpm"] == 12_000 - sum(k.tokens_actual for k in report.keys)
+    for key in report.keys:
+        assert key.remaining["rpm"] == 20 - key.admitted
+        assert key.remaining["tpm"] == 6_000 - key.tokens_actual
