@@ -60,6 +60,9 @@ async def _worker(
     async with RateLimiter(name=table, endpoint_url=endpoint_url, clock=clock) as limiter:
 
         async def task() -> None:
+            # Each task rolls back its first admitted acquire, so every run has rollbacks to
+            # check whatever the random draws; later ones roll back at random.
+            rolled_back_once = False
             for _ in range(attempts):
                 amount = 1 if mix == "count" else rng.randint(1, 3)
                 action = rng.random()
@@ -73,7 +76,8 @@ async def _worker(
                         ledger["checked"] += amount
                         if mix == "full":
                             await _mixed(lease, limit.name, action, ops, ledger)
-                        if action > 0.8:
+                        if action > 0.8 or not rolled_back_once:
+                            rolled_back_once = True
                             net = lease.consumed[limit.name]
                             ops["rolled_back"] += 1
                             ledger["released"] += max(net, 0)
