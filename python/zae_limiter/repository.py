@@ -553,6 +553,8 @@ class Repository:
             "entity_id": _s(entity.id),
             "metadata": {"M": {k: _s(v) for k, v in entity.metadata.items()}},
             "created_at": _s(entity.created_at or _utcnow()),
+            # Tells our own earlier attempt (whose response was lost) from someone else's item.
+            "create_id": _s(secrets.token_urlsafe(9)),
         }
         if entity.name is not None:
             item["name"] = _s(entity.name)
@@ -569,9 +571,14 @@ class Repository:
                 ExpressionAttributeNames={"#pk": schema.PK},
             )
         except botocore.exceptions.ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+            if exc.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
+                raise
+            existing = await self.call(
+                "get_item", TableName=self.table_name, ConsistentRead=True,
+                Key={schema.PK: item[schema.PK], schema.SK: item[schema.SK]},
+            )
+            if existing.get("Item", {}).get("create_id") != item["create_id"]:
                 raise EntityExistsError(entity.id) from None
-            raise
         self.ledger.record("PutItem", wcu=write_units(item_size(item)))
 
     async def get_entity(self, entity_id: str) -> Entity | None:

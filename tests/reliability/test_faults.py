@@ -34,6 +34,7 @@ from fault_proxy import FaultProxy
 from figures import Figures, Size
 
 from zae_limiter import (
+    EntityExistsError,
     FailureMode,
     Limit,
     RateLimiter,
@@ -437,3 +438,18 @@ async def test_chaos(proxy: FaultProxy, size: Size, figures: Figures) -> None:
     assert after["cn"] == sum(cn for _, cn, _ in landed)
     assert after["rl"] == sum(rl for _, _, rl in landed)
     assert after["tk"] == LIMIT.burst_milli - after["net"]
+
+
+@pytest.mark.parametrize("kind", ["cut", "reset"])
+async def test_create_entity_with_a_lost_response_is_created_once(
+    proxy: FaultProxy, kind: str
+) -> None:
+    """The PutItem lands but its answer is lost; the retry meets the item: it is ours, so
+    create_entity succeeds, and a real second create is still refused."""
+    async with limiter_for(proxy) as limiter:
+        proxy.inject(kind, ops={"PutItem"}, count=1)
+        entity = await limiter.create_entity("lost-answer", name="once")
+        assert entity.name == "once"
+        assert proxy.stats.injected.get(kind) == 1
+        with pytest.raises(EntityExistsError):
+            await limiter.create_entity("lost-answer")
