@@ -483,7 +483,8 @@ class RateLimiter:
         deltas = [[milli.get(limit.name, 0) for limit in t.limits] for t in targets]
         pending = [i for i, d in enumerate(deltas) if any(d)]
         committed: list[int] = []
-        statuses: dict[int, list[LimitStatus]] = {}
+        # Raw outcomes per target; LimitStatus objects are only built for a denial.
+        seen: dict[int, Sequence[core.BucketOutcome]] = {}
         rounds = MAX_ROUNDS if check else MAX_FORCED_ROUNDS
         try:
             for round_ in range(rounds):
@@ -491,7 +492,7 @@ class RateLimiter:
                     await asyncio.sleep(random.uniform(0, min(0.2, 0.005 * 2**round_)))
                 now = self._clock()
                 # Statuses are reported for every target, but only pending ones are written.
-                decide_on = sorted(set(pending) | (set() if statuses else set(range(len(targets)))))
+                decide_on = sorted(set(pending) | (set() if seen else set(range(len(targets)))))
                 inputs = [
                     _bucket_input(limit, targets[i].state, delta)
                     for i in decide_on
@@ -504,22 +505,19 @@ class RateLimiter:
                     target = targets[i]
                     part = outcomes[cursor : cursor + len(target.limits)]
                     cursor += len(target.limits)
-                    statuses[i] = [
-                        _status(target, limit, out, delta)
-                        for limit, out, delta in zip(target.limits, part, deltas[i], strict=True)
-                    ]
+                    seen[i] = part
                     plans[i] = _writes(target, part, deltas[i])
                 if not admitted:
                     # Only a stale view of a short bucket can make a denial wrong.
                     stale = [
                         i
                         for i in pending
-                        if not targets[i].fresh and any(st.exceeded for st in statuses[i])
+                        if not targets[i].fresh and any(out[1] for out in seen[i])
                     ]
                     if stale:
                         await self._refresh([targets[i] for i in stale])
                         continue
-                    raise RateLimitExceeded([s for i in sorted(statuses) for s in statuses[i]])
+                    raise RateLimitExceeded(_statuses(targets, seen, deltas))
                 results = await asyncio.gather(
                     *(self._write(targets[i], plans[i], now) for i in pending),
                     return_exceptions=True,
@@ -540,7 +538,7 @@ class RateLimiter:
             if check:
                 # DynamoDB answered every round; other clients kept taking what this one saw.
                 # That is a denial under contention, not an outage: FAIL_OPEN must not admit it.
-                raise RateLimitExceeded([s for i in sorted(statuses) for s in statuses[i]])
+                raise RateLimitExceeded(_statuses(targets, seen, deltas))
             raise RepositoryUnavailable(
                 f"bucket contention: gave up after {rounds} rounds of conflicting writes"
             )
@@ -777,6 +775,18 @@ def _status(target: _Target, limit: Limit, outcome: core.BucketOutcome, delta: i
         exceeded=bool(outcome[1]),
         retry_after_seconds=None if retry_ms is None else retry_ms / 1000,
     )
+
+
+def _statuses(
+    targets: list[_Target],
+    seen: Mapping[int, Sequence[core.BucketOutcome]],
+    deltas: list[list[int]],
+) -> list[LimitStatus]:
+    return [
+        _status(targets[i], limit, out, delta)
+        for i in sorted(seen)
+        for limit, out, delta in zip(targets[i].limits, seen[i], deltas[i], strict=True)
+    ]
 
 
 def _writes(
