@@ -226,7 +226,10 @@ async def test_aws_update_redeploys_with_current_options_then_records(
     await repo.set_version_record(lambda_version="0.0.1")
     detail = await v.update_aggregator(repo, name="ver", region="eu-west-1", endpoint_url=None)
     assert "Pulumi" in detail
-    assert calls == [("ver", {"lambda_memory_mb": 512, "aggregator": False})]
+    from zae_limiter.infra import InfraOptions
+
+    # The stack's deployed options are kept; everything else stays at its default.
+    assert calls == [("ver", InfraOptions(lambda_memory_mb=512, aggregator=False))]
     rec = await repo.get_version_record()
     assert rec is not None and rec["lambda_version"] == __version__
 

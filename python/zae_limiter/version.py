@@ -28,7 +28,6 @@ upgrade` writes the record.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 from collections.abc import Mapping
@@ -273,7 +272,9 @@ async def update_aggregator(
             # Keep the options the stack was deployed with: a redeploy with defaults would
             # silently revert them.
             info = await asyncio.to_thread(automation.status, name, region)
-            stack_options = _options_from_status(info.get("options") or {})
+            from .infra import InfraOptions
+
+            stack_options = InfraOptions.from_config_values(info.get("options") or {})
         await asyncio.to_thread(automation.deploy, name, region, stack_options)
         action = f"redeployed stack {schema.stack_name(name)} in {region} with Pulumi"
     else:
@@ -304,20 +305,6 @@ async def record_deployment(
         )
     else:
         await repo.set_version_record(lambda_version=client_version, updated_by=updated_by)
-
-
-def _options_from_status(config: Mapping[str, Any]) -> dict[str, Any]:
-    # Stack config holds strings as they are and everything else as JSON
-    # (`InfraOptions.config_values`).
-    values: dict[str, Any] = {}
-    for key, raw in config.items():
-        if key == "name":
-            continue
-        try:
-            values[key] = json.loads(raw) if isinstance(raw, str) else raw
-        except ValueError:
-            values[key] = raw
-    return values
 
 
 async def ensure_compatible(
