@@ -12,7 +12,6 @@ import pytest
 from zae_limiter import Limit, RateLimiter, RateLimitExceeded, StackOptions, schema
 from zae_limiter import migrations as mig
 from zae_limiter.migrations import Migration, MigrationError, v1_1_0
-from zae_limiter.ops import scan_all
 from zae_limiter.repository import Repository
 
 T0 = 1_800_000_000_000
@@ -111,7 +110,7 @@ def without(item: dict[str, Any], attr: str) -> dict[str, Any]:
 async def test_builtin_migration_forward_and_back(limiter: RateLimiter) -> None:
     repo = limiter.repository
     before_a = await workload(limiter, "a")
-    s0 = items_by_key(await scan_all(repo))
+    s0 = items_by_key(await repo.scan())
 
     report = await mig.apply(repo, "1.1.0", backup="backup-1")
     assert [s.to_version for s in report.applied] == ["1.1.0"]
@@ -122,7 +121,7 @@ async def test_builtin_migration_forward_and_back(limiter: RateLimiter) -> None:
     assert log[-1] | {"at": ""} == {"at": "", "version": "1.1.0", "direction": "forward",
                                      "from": "1.0.0", "to": "1.1.0", "result": "applied",
                                      "backup": "backup-1"}
-    s1 = items_by_key(await scan_all(repo))
+    s1 = items_by_key(await repo.scan())
     assert s1.keys() == s0.keys()
     limit_items = [k for k in s1 if k[1].startswith(schema.LIMIT_PREFIX)]
     assert len(limit_items) == 7
@@ -143,7 +142,7 @@ async def test_builtin_migration_forward_and_back(limiter: RateLimiter) -> None:
 
     back = await mig.apply(repo, "1.0.0", backup="backup-2")
     assert [(s.direction, s.to_version) for s in back.applied] == [("backward", "1.0.0")]
-    s2 = items_by_key(await scan_all(repo))
+    s2 = items_by_key(await repo.scan())
     assert all("limit_def" not in i for i in s2.values())
     for key, item in s0.items():
         assert s2[key] == item  # a's items exactly as before the migration
@@ -173,13 +172,13 @@ async def test_guide_rollback_snippet_shape(limiter: RateLimiter, endpoint_url: 
     record = await limiter.repository.get_version_record()
     assert record is not None and record["schema_version"] == "1.0.0"
     assert record["updated_by"] == "manual_rollback"
-    assert all("limit_def" not in i for i in await scan_all(limiter.repository))
+    assert all("limit_def" not in i for i in await limiter.repository.scan())
 
 
 def _breaking(version: str, reversible: bool, undo_fails: bool = False) -> Migration:
     async def migrate(repo: Repository) -> None:
         # Change some items, then fail half way.
-        for item in (await scan_all(repo))[:3]:
+        for item in (await repo.scan())[:3]:
             await repo.call("update_item", TableName=repo.table_name,
                             Key={schema.PK: item[schema.PK], schema.SK: item[schema.SK]},
                             UpdateExpression="SET broken = :t",
@@ -189,7 +188,7 @@ def _breaking(version: str, reversible: bool, undo_fails: bool = False) -> Migra
     async def rollback(repo: Repository) -> None:
         if undo_fails:
             raise RuntimeError("rollback also broken")
-        for item in await scan_all(repo, FilterExpression="attribute_exists(broken)"):
+        for item in await repo.scan(FilterExpression="attribute_exists(broken)"):
             await repo.call("update_item", TableName=repo.table_name,
                             Key={schema.PK: item[schema.PK], schema.SK: item[schema.SK]},
                             UpdateExpression="REMOVE broken")
@@ -201,7 +200,7 @@ async def test_failing_reversible_migration_leaves_the_table_as_it_was(
     limiter: RateLimiter,
 ) -> None:
     repo = limiter.repository
-    s0 = items_by_key(await scan_all(repo))
+    s0 = items_by_key(await repo.scan())
     with pytest.raises(MigrationError, match=r"disk on fire.*undone: the table is unchanged"):
         await mig.apply(repo, "1.2.0", migrations=[v1_1_0.MIGRATION, _breaking("1.2.0", True)])
     record = await repo.get_version_record()
@@ -210,19 +209,19 @@ async def test_failing_reversible_migration_leaves_the_table_as_it_was(
     assert record["schema_version"] == "1.1.0" and record["migration_state"] == ""
     results = [e["result"] for e in json.loads(record["migration_log"])]
     assert results == ["applied", "failed, undone"]
-    s1 = items_by_key(await scan_all(repo))
+    s1 = items_by_key(await repo.scan())
     assert {k: without(i, "limit_def") for k, i in s1.items()} == s0
     assert all("broken" not in i for i in s1.values())
 
 
 async def test_failing_single_step_leaves_schema_unchanged(limiter: RateLimiter) -> None:
     repo = limiter.repository
-    s0 = items_by_key(await scan_all(repo))
+    s0 = items_by_key(await repo.scan())
     with pytest.raises(MigrationError):
         await mig.apply(repo, "1.1.0", migrations=[_breaking("1.1.0", True)])
     record = await repo.get_version_record()
     assert record is not None and record["schema_version"] == "1.0.0"
-    assert items_by_key(await scan_all(repo)) == s0
+    assert items_by_key(await repo.scan()) == s0
 
 
 @pytest.mark.parametrize("undo_fails", [False, True])
@@ -251,8 +250,8 @@ async def test_unrecoverable_failure_says_half_migrated(
 
 async def test_dry_run_changes_nothing(limiter: RateLimiter) -> None:
     repo = limiter.repository
-    s0 = await scan_all(repo)
+    s0 = await repo.scan()
     report = await mig.apply(repo, "1.1.0", dry_run=True)
     assert report.dry_run and [s.to_version for s in report.steps] == ["1.1.0"]
     assert report.applied == []
-    assert await scan_all(repo) == s0
+    assert await repo.scan() == s0

@@ -47,21 +47,6 @@ def iso_ms(ms: int | None) -> str | None:
     )
 
 
-async def scan_all(repo: Repository, **kwargs: Any) -> list[Item]:
-    """Every item matching `kwargs` (a Scan's arguments), all pages, strongly consistent."""
-    items: list[Item] = []
-    start: dict[str, Any] | None = None
-    while True:
-        page_args = dict(kwargs, TableName=repo.table_name, ConsistentRead=True)
-        if start:
-            page_args["ExclusiveStartKey"] = start
-        response = await repo.call("scan", **page_args)
-        items.extend(response.get("Items", []))
-        start = response.get("LastEvaluatedKey")
-        if not start:
-            return items
-
-
 # -- buckets ----------------------------------------------------------------------------------
 
 
@@ -161,26 +146,7 @@ async def bucket_items(repo: Repository, entity_id: str, resource: str | None = 
         )
         item = response.get("Item")
         return [item] if item else []
-    items: list[Item] = []
-    start: dict[str, Any] | None = None
-    while True:
-        args: dict[str, Any] = {
-            "TableName": repo.table_name,
-            "KeyConditionExpression": "#pk = :pk AND begins_with(#sk, :sk)",
-            "ExpressionAttributeNames": {"#pk": schema.PK, "#sk": schema.SK},
-            "ExpressionAttributeValues": {
-                ":pk": {"S": schema.entity_pk(entity_id)},
-                ":sk": {"S": schema.BUCKET_PREFIX},
-            },
-            "ConsistentRead": True,
-        }
-        if start:
-            args["ExclusiveStartKey"] = start
-        response = await repo.call("query", **args)
-        items.extend(response.get("Items", []))
-        start = response.get("LastEvaluatedKey")
-        if not start:
-            return items
+    return await repo.bucket_items(entity_id)
 
 
 async def reset_buckets(
@@ -225,7 +191,7 @@ async def export_table(
     """Write every item of the table to a JSON file in `directory`; returns its summary."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    items = await scan_all(repo)
+    items = await repo.scan()
     record = await repo.get_version_record() or {}
     path = export_path(directory, repo.table_name, label)
     exported_at = _utcnow().isoformat(timespec="seconds").replace("+00:00", "Z")
@@ -290,8 +256,7 @@ async def import_table(repo: Repository, path: Path | str) -> dict[str, Any]:
     """Make the table hold exactly the items of an export (items not in it are deleted)."""
     document = read_export(path)
     items: list[Item] = list(document.get("items") or [])
-    current = await scan_all(
-        repo,
+    current = await repo.scan(
         ProjectionExpression="#pk, #sk",
         ExpressionAttributeNames={"#pk": schema.PK, "#sk": schema.SK},
     )
@@ -301,7 +266,7 @@ async def import_table(repo: Repository, path: Path | str) -> dict[str, Any]:
         for i in current
         if (i[schema.PK]["S"], i[schema.SK]["S"]) not in wanted
     ]
-    await repo._batch_write(puts=items, deletes=stale)
+    await repo.batch_write(puts=items, deletes=stale)
     return {
         "table": repo.table_name,
         "source": str(path),

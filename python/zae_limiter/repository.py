@@ -504,7 +504,11 @@ class Repository:
         return kwargs
 
     async def list_buckets(self, entity_id: str) -> list[BucketItem]:
-        items = await self._query_all(
+        return [bucket_from_item(item) for item in await self.bucket_items(entity_id)]
+
+    async def bucket_items(self, entity_id: str) -> list[Item]:
+        """Every bucket item of the entity, as stored (low-level form)."""
+        return await self._query_all(
             KeyConditionExpression="#pk = :pk AND begins_with(#sk, :sk)",
             ExpressionAttributeNames={"#pk": schema.PK, "#sk": schema.SK},
             ExpressionAttributeValues={
@@ -512,7 +516,6 @@ class Repository:
                 ":sk": _s(schema.BUCKET_PREFIX),
             },
         )
-        return [bucket_from_item(item) for item in items]
 
     async def reset_bucket(
         self, entity_id: str, resource: str, limit_names: Iterable[str] | None = None
@@ -644,7 +647,7 @@ class Repository:
                     "refill_period_seconds": _n(limit.refill_period_seconds),
                 }
             )
-        await self._batch_write(puts=puts, deletes=stale)
+        await self.batch_write(puts=puts, deletes=stale)
 
     async def get_limits(self, entity_id: str, resource: str) -> list[Limit]:
         return [limit_from_item(item) for item in await self._limit_items(entity_id, resource)]
@@ -802,10 +805,29 @@ class Repository:
             if not start_key:
                 return items
 
-    async def _batch_delete(self, keys: list[Item]) -> None:
-        await self._batch_write(puts=[], deletes=keys)
+    async def scan(self, **kwargs: Any) -> list[Item]:
+        """Every item of a strongly consistent Scan (all pages): operator tools only."""
+        items: list[Item] = []
+        start_key: dict[str, Any] | None = None
+        while True:
+            page_args = dict(kwargs, TableName=self.table_name, ConsistentRead=True)
+            if start_key:
+                page_args["ExclusiveStartKey"] = start_key
+            response = await self.call("scan", **page_args)
+            page = response.get("Items", [])
+            items.extend(page)
+            self.ledger.record(
+                "Scan", rcu=read_units(sum(item_size(i) for i in page), consistent=True)
+            )
+            start_key = response.get("LastEvaluatedKey")
+            if not start_key:
+                return items
 
-    async def _batch_write(self, puts: list[Item], deletes: list[Item]) -> None:
+    async def _batch_delete(self, keys: list[Item]) -> None:
+        await self.batch_write(puts=[], deletes=keys)
+
+    async def batch_write(self, puts: list[Item], deletes: list[Item]) -> None:
+        """Put and delete whole items in batches of 25, retrying unprocessed ones."""
         requests = [{"PutRequest": {"Item": item}} for item in puts]
         requests += [{"DeleteRequest": {"Key": key}} for key in deletes]
         for start in range(0, len(requests), 25):

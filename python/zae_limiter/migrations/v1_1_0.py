@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 import botocore.exceptions
 
 from .. import schema
-from ..ops import scan_all
 
 if TYPE_CHECKING:
     from ..repository import Repository
@@ -38,8 +37,7 @@ async def _limit_items(repo: Repository, with_def: bool | None) -> list[dict[str
         condition += " AND attribute_exists(#def)"
     elif with_def is False:
         condition += " AND attribute_not_exists(#def)"
-    return await scan_all(
-        repo,
+    return await repo.scan(
         FilterExpression=condition,
         ExpressionAttributeNames=names,
         ExpressionAttributeValues={":prefix": {"S": schema.LIMIT_PREFIX}},
