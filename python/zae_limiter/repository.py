@@ -25,8 +25,15 @@ from botocore.config import Config
 
 from . import schema
 from .capacity import CapacityLedger, item_size, read_units, write_units
-from .exceptions import EntityExistsError, EntityNotFoundError, RateLimiterUnavailable
+from .exceptions import EntityExistsError, EntityNotFoundError
 from .models import Entity, Limit
+from .storage import (
+    BucketItem,
+    ConditionFailed,
+    LimitState,
+    LimitWrite,
+    RepositoryUnavailable,
+)
 
 log = logging.getLogger("zae_limiter.repository")
 
@@ -86,22 +93,6 @@ def _never_sent(exc: BaseException) -> bool:
     )
 
 
-class RepositoryUnavailable(RateLimiterUnavailable):
-    """DynamoDB could not be reached, or kept failing, within the retry policy.
-
-    A `RateLimiterUnavailable`, so callers of any method see the public exception; the limiter
-    catches this subclass to apply its failure mode.
-    """
-
-
-class ConditionFailed(Exception):
-    """A bucket write's condition did not hold; `current` is the item as DynamoDB had it."""
-
-    def __init__(self, current: BucketItem | None) -> None:
-        super().__init__("bucket condition failed")
-        self.current = current
-
-
 class _Ambiguous(Exception):
     def __init__(self, cause: BaseException) -> None:
         super().__init__(str(cause))
@@ -120,42 +111,6 @@ class RetryPolicy:
 
     def delay(self, attempt: int) -> float:
         return random.uniform(0, min(self.max_delay, self.base_delay * (2**attempt)))
-
-
-@dataclass(frozen=True, slots=True)
-class LimitState:
-    tokens_milli: int
-    last_refill_ms: int
-    consumed_milli: int = 0
-    released_milli: int = 0
-    definition: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class BucketItem:
-    """All limits of one (entity, resource), as stored."""
-
-    entity_id: str
-    resource: str
-    limits: dict[str, LimitState]
-    write_time_ms: int | None = None
-    write_ids: tuple[str, ...] = ()
-    size: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class LimitWrite:
-    """One limit's part of a bucket write, translated from a core decision."""
-
-    limit_name: str
-    absolute: bool
-    value: int
-    new_last_refill_ms: int
-    expect_last_refill_ms: int | None  # None: the limit must not exist yet
-    cond_lo: int | None
-    cond_hi: int | None
-    delta_milli: int
-    definition: str | None = None  # written when the stored definition differs
 
 
 @dataclass
