@@ -14,7 +14,6 @@ from hypothesis import strategies as st
 
 from zae_limiter import exceptions as exc_mod
 from zae_limiter.exceptions import (
-    BucketNotFoundError,
     EntityError,
     EntityExistsError,
     EntityNotFoundError,
@@ -280,12 +279,6 @@ def test_entity_errors() -> None:
     assert isinstance(ex, EntityError)
 
 
-def test_bucket_not_found() -> None:
-    exc = BucketNotFoundError("k1", "gpt-4", "tpm")
-    assert (exc.entity_id, exc.resource, exc.limit_name) == ("k1", "gpt-4", "tpm")
-    assert "tpm" in str(exc)
-
-
 def test_validation_error() -> None:
     exc = ValidationError("capacity", -1, "must be positive")
     assert (exc.field, exc.value, exc.reason) == ("capacity", -1, "must be positive")
@@ -364,7 +357,6 @@ def _all_exceptions() -> list[ZAELimiterError]:
         # Not an OSError subclass: CPython itself unpickles those as plain OSError at protocols < 3.
         RateLimiterUnavailable("down", TypeError("boom"), stack_name="ZAEL-x"),
         RateLimiterUnavailable("down"),
-        BucketNotFoundError("k1", "gpt-4", "tpm"),
         EntityNotFoundError("k1"),
         EntityExistsError("k1"),
         StackCreationError("ZAEL-x", "failed", [{"a": "b"}]),

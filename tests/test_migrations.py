@@ -134,7 +134,7 @@ async def test_builtin_migration_forward_and_back(limiter: RateLimiter) -> None:
             assert item == s0[key]
 
     # Same workload, same answers on the migrated table (b starts as a started).
-    limiter._buckets.clear()
+    limiter.clear_cache()
     assert await workload(limiter, "b") == before_a
     # Migrating again is a no-op (already at 1.1.0); re-running the step itself is idempotent.
     assert (await mig.apply(repo, "1.1.0")).steps == []
@@ -153,7 +153,7 @@ async def test_builtin_migration_forward_and_back(limiter: RateLimiter) -> None:
     # and the data plane still answers the same after the rollback
     await limiter.create_entity("c", parent_id="proj")
     await limiter.set_limits("c", LIMITS, resource="llm")
-    limiter._buckets.clear()
+    limiter.clear_cache()
     assert await workload(limiter, "c") == before_a
 
 

@@ -15,7 +15,6 @@ if TYPE_CHECKING:
     from .models import LimitStatus
 
 __all__ = [
-    "BucketNotFoundError",
     "EntityError",
     "EntityExistsError",
     "EntityNotFoundError",
@@ -234,18 +233,6 @@ class RateLimiterUnavailable(RateLimitError):
             if value
         ]
         super().__init__(f"{message} [{', '.join(context)}]" if context else message)
-
-
-class BucketNotFoundError(RateLimitError):
-    """No bucket exists yet for (entity, resource, limit): nothing was consumed there."""
-
-    def __init__(self, entity_id: str, resource: str, limit_name: str) -> None:
-        self.entity_id = entity_id
-        self.resource = resource
-        self.limit_name = limit_name
-        super().__init__(
-            f"Bucket not found: entity={entity_id}, resource={resource}, limit={limit_name}"
-        )
 
 
 # ---------------------------------------------------------------------------

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
 
+from .engine import Engine, Target
+from .exceptions import ValidationError
 from .validation import validate_amount, validate_name, validate_signed_amount
 
-if TYPE_CHECKING:
-    from .limiter import RateLimiter, _Target
+log = logging.getLogger("zae_limiter")
+
+T = TypeVar("T")
 
 
 class Lease:
@@ -20,14 +25,14 @@ class Lease:
 
     def __init__(
         self,
-        limiter: RateLimiter,
-        targets: list[_Target],
+        engine: Engine,
+        targets: Sequence[Target],
         consumed: Mapping[str, int],
         *,
         fail_open: bool = False,
     ) -> None:
-        self._limiter = limiter
-        self._targets = targets
+        self._engine = engine
+        self._targets = list(targets)
         self._consumed: dict[str, int] = dict(consumed)
         self._limit_names = {limit.name for limit in targets[0].limits} if targets else set()
         self.fail_open = fail_open
@@ -48,8 +53,6 @@ class Lease:
             field = f"consume.{name}"
             validate_name(name, field=field)
             if not self.fail_open and name not in self._limit_names:
-                from .exceptions import ValidationError
-
                 raise ValidationError(field, name, "not one of this lease's limits")
             value = (validate_signed_amount if signed else validate_amount)(amount, field)
             if value:
@@ -61,7 +64,7 @@ class Lease:
         negative, e.g. to reconcile an LLM call's real token count with its estimate."""
         deltas = self._amounts(amounts, signed=True)
         if deltas and not self.fail_open:
-            await self._limiter._force(self._targets, deltas)
+            await self._engine.force(self._targets, deltas)
         self._add(deltas)
 
     async def consume(self, **amounts: int) -> None:
@@ -69,20 +72,20 @@ class Lease:
         limit (or the parent's, with cascade) cannot cover it."""
         deltas = self._amounts(amounts, signed=False)
         if deltas and not self.fail_open:
-            await self._limiter._commit(self._targets, deltas)
+            await self._engine.commit(self._targets, deltas)
         self._add(deltas)
 
     async def release(self, **amounts: int) -> None:
         """Give tokens back early; a bucket never refills past its burst."""
         deltas = self._amounts(amounts, signed=False)
         if deltas and not self.fail_open:
-            await self._limiter._force(self._targets, {k: -v for k, v in deltas.items()})
+            await self._engine.force(self._targets, {k: -v for k, v in deltas.items()})
         self._add({k: -v for k, v in deltas.items()})
 
     async def _rollback(self) -> None:
         deltas = {k: -v for k, v in self._consumed.items() if v}
         if deltas and not self.fail_open:
-            await self._limiter._force(self._targets, deltas)
+            await self._engine.force(self._targets, deltas)
         self._consumed = dict.fromkeys(self._consumed, 0)
 
     def _add(self, deltas: Mapping[str, int]) -> None:
@@ -93,19 +96,33 @@ class Lease:
         return f"Lease(entity_id={self.entity_id!r}, consumed={self._consumed!r})"
 
 
+@asynccontextmanager
+async def held(lease: Lease) -> AsyncIterator[Lease]:
+    """Yield `lease`; if the block raises, give back everything it holds, then re-raise."""
+    try:
+        yield lease
+    except BaseException:
+        try:
+            await lease._rollback()
+        except Exception:  # the caller's exception matters more than a failed give-back
+            log.exception("rollback of %r failed; its consumption stands", lease)
+        raise
+
+
 class SyncLease:
     """`Lease` for `SyncRateLimiter`: the same methods, blocking."""
 
-    def __init__(self, lease: Lease, run: object) -> None:
-        from collections.abc import Callable, Coroutine
-        from typing import Any, cast
-
+    def __init__(self, lease: Lease, run: Callable[[Coroutine[Any, Any, Any]], Any]) -> None:
         self._lease = lease
-        self._run = cast(Callable[[Coroutine[Any, Any, Any]], Any], run)
+        self._run = run
 
     @property
     def consumed(self) -> dict[str, int]:
         return self._lease.consumed
+
+    @property
+    def entity_id(self) -> str | None:
+        return self._lease.entity_id
 
     @property
     def fail_open(self) -> bool:
@@ -119,3 +136,6 @@ class SyncLease:
 
     def release(self, **amounts: int) -> None:
         self._run(self._lease.release(**amounts))
+
+    def __repr__(self) -> str:
+        return repr(self._lease)

@@ -32,6 +32,8 @@ VERSION_SK: Final = "#VERSION"
 PARENT_PREFIX: Final = "PARENT#"
 CHILD_PREFIX: Final = "CHILD#"
 
+# The resource that holds an entity's fallback limits. It starts with "_" on purpose, so it
+# cannot collide with any user-chosen resource name (those must start with a letter).
 DEFAULT_RESOURCE: Final = "_default_"
 SEP: Final = "#"
 

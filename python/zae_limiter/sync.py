@@ -14,10 +14,12 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar
 
+from .capacity import CapacityLedger
 from .lease import SyncLease
 from .limiter import RateLimiter
 from .models import Entity, FailureMode, Limit, StackOptions, UsageSnapshot, UsageSummary
-from .repository import RetryPolicy
+from .repository import Repository, RetryPolicy
+from .schema import DEFAULT_RESOURCE
 from .version import VersionCheck
 
 T = TypeVar("T")
@@ -38,6 +40,7 @@ class SyncRateLimiter:
         clock: Callable[[], int] | None = None,
         limits_cache_ttl: float = 30.0,
         bucket_cache_size: int = 10_000,
+        repository: Repository | None = None,
         version_check: VersionCheck = "strict",
     ) -> None:
         self._limiter = RateLimiter(
@@ -50,6 +53,7 @@ class SyncRateLimiter:
             clock=clock,
             limits_cache_ttl=limits_cache_ttl,
             bucket_cache_size=bucket_cache_size,
+            repository=repository,
             version_check=version_check,
         )
         self._loop = asyncio.new_event_loop()
@@ -74,8 +78,13 @@ class SyncRateLimiter:
         return self._limiter.table_name
 
     @property
-    def ledger(self) -> Any:
+    def ledger(self) -> CapacityLedger:
+        """DynamoDB calls and capacity units this limiter has used (see `CapacityLedger`)."""
         return self._limiter.ledger
+
+    def clear_cache(self) -> None:
+        """Forget every cached bucket state, entity and stored limit."""
+        self._limiter.clear_cache()
 
     @property
     def async_limiter(self) -> RateLimiter:
@@ -93,7 +102,7 @@ class SyncRateLimiter:
             self._loop.close()
 
     def __enter__(self) -> SyncRateLimiter:
-        self._run(self._limiter._ensure_ready())
+        self._run(self._limiter.__aenter__())
         return self
 
     def __exit__(
@@ -146,14 +155,14 @@ class SyncRateLimiter:
         return self._run(self._limiter.get_children(parent_id))
 
     def set_limits(
-        self, entity_id: str, limits: Sequence[Limit], resource: str = "_default_"
+        self, entity_id: str, limits: Sequence[Limit], resource: str = DEFAULT_RESOURCE
     ) -> None:
         self._run(self._limiter.set_limits(entity_id, limits, resource))
 
-    def get_limits(self, entity_id: str, resource: str = "_default_") -> list[Limit]:
+    def get_limits(self, entity_id: str, resource: str = DEFAULT_RESOURCE) -> list[Limit]:
         return self._run(self._limiter.get_limits(entity_id, resource))
 
-    def delete_limits(self, entity_id: str, resource: str = "_default_") -> None:
+    def delete_limits(self, entity_id: str, resource: str = DEFAULT_RESOURCE) -> None:
         self._run(self._limiter.delete_limits(entity_id, resource))
 
     def available(

@@ -10,6 +10,7 @@ import numbers
 import re
 
 from .exceptions import InvalidIdentifierError, InvalidNameError, ValidationError
+from .schema import DEFAULT_RESOURCE
 
 __all__ = [
     "DEFAULT_RESOURCE",
@@ -32,9 +33,6 @@ MAX_RESOURCE_LENGTH = 256
 # 10**18 millitokens, leaving headroom for sums of a few amounts before anything overflows.
 MAX_AMOUNT = 10**15
 
-# The resource that holds an entity's fallback limits. It starts with "_" on purpose, so it
-# cannot collide with any user-chosen resource name (those must start with a letter).
-DEFAULT_RESOURCE = "_default_"
 
 # '#' is the key delimiter in the table (see docs/design.md section 2) and is excluded by every
 # pattern. Explicit ASCII ranges plus re.ASCII keep Unicode look-alikes (Cyrillic 'а', fullwidth

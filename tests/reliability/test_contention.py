@@ -20,7 +20,7 @@ from figures import Figures, Size
 from reliability_workers import FROZEN_MS, RESOURCE, run_worker
 
 from zae_limiter import FailureMode, Limit, RateLimiter, RateLimitExceeded, StackOptions
-from zae_limiter.limiter import MAX_ROUNDS
+from zae_limiter.engine import MAX_ROUNDS
 from zae_limiter.repository import ConditionFailed, Repository
 
 pytestmark = pytest.mark.integration

@@ -253,7 +253,7 @@ async def test_transient_fault_is_absorbed(
     async with limiter_for(proxy) as limiter:
         for round_ in range(size.fault_rounds):
             if "GetItem" in ops:
-                limiter._buckets.clear()  # make the acquire read the bucket first
+                limiter.clear_cache()  # make the acquire read the bucket first
             proxy.inject(kind, ops=ops, count=2 if len(ops) > 1 else 1, delay=DELAY_S)
             async with limiter.acquire("k", RESOURCE, [LIMIT], {"tok": 2}) as lease:
                 assert lease.fail_open is False

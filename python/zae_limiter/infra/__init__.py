@@ -23,13 +23,13 @@ import dataclasses
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from .. import schema
+from ..models import StackOptions
 
 if TYPE_CHECKING:
-    from ..models import StackOptions
     from .component import ZaeLimiterStack
 
 __all__ = [
@@ -111,48 +111,14 @@ def alarm_names(name: str, aggregator: bool = True) -> dict[str, str]:
     }
 
 
-# The InfraOptions fields that StackOptions also has, and that StackOptions validates.
-_STACK_OPTION_FIELDS: Final = (
-    "create_table", "aggregator", "usage_windows", "snapshot_ttl_days", "pitr_recovery_days",
-    "deletion_protection", "billing_mode", "read_capacity", "write_capacity", "lambda_memory_mb",
-    "lambda_timeout_seconds", "log_retention_days", "alarm_sns_topic_arn",
-    "iterator_age_threshold_ms", "duration_threshold_pct", "kms_key_arn", "permission_boundary",
-    "role_name_format", "tags", "auto_update",
-)
-
-
 @dataclass(frozen=True, slots=True)
-class InfraOptions:
+class InfraOptions(StackOptions):
     """Everything a deployment can be tuned with.
 
-    The first group is `zae_limiter.models.StackOptions` field for field, with its defaults and its
-    validation (build one from a StackOptions with `coerce_options`); the rest are infrastructure
-    details StackOptions does not carry.
+    A `StackOptions` (every field, default and rule of it is inherited) plus the infrastructure
+    details a limiter does not carry. `coerce_options` builds one from a StackOptions.
     """
 
-    create_table: bool = True
-    aggregator: bool = True
-    usage_windows: tuple[str, ...] = tuple(schema.USAGE_WINDOWS)
-    snapshot_ttl_days: int = 90
-    # None turns point-in-time recovery off.
-    pitr_recovery_days: int | None = 35
-    deletion_protection: bool = True
-    billing_mode: str = "PAY_PER_REQUEST"
-    read_capacity: int | None = None
-    write_capacity: int | None = None
-    lambda_memory_mb: int = 256
-    lambda_timeout_seconds: int = 60
-    log_retention_days: int = 30
-    alarm_sns_topic_arn: str | None = None
-    iterator_age_threshold_ms: int = 30_000
-    duration_threshold_pct: int = 80
-    kms_key_arn: str | None = None
-    permission_boundary: str | None = None
-    role_name_format: str | None = None
-    tags: Mapping[str, str] = field(default_factory=dict)
-    auto_update: bool = True
-
-    # Not in StackOptions.
     alarms: bool = True
     error_threshold: float = 1
     throttle_threshold: float = 0
@@ -168,11 +134,10 @@ class InfraOptions:
     adopt_existing_table: bool = False
 
     def __post_init__(self) -> None:
-        # One set of rules for both: StackOptions validates the fields it shares with us (and
-        # normalises windows to a tuple and copies tags).
-        stack = self.stack_options()
-        object.__setattr__(self, "usage_windows", tuple(stack.usage_windows))
-        object.__setattr__(self, "tags", dict(stack.tags))
+        if isinstance(self.tags, Mapping):  # a copy, so the caller's mapping cannot change us
+            object.__setattr__(self, "tags", dict(self.tags))
+        # Zero-argument super() does not work in a slots dataclass.
+        StackOptions.__post_init__(self)
         problems: list[str] = []
         for attr in ("error_threshold", "throttle_threshold", "dlq_threshold"):
             if getattr(self, attr) < 0:
@@ -193,9 +158,9 @@ class InfraOptions:
             raise ValueError("invalid infrastructure options: " + "; ".join(problems))
 
     def stack_options(self) -> StackOptions:
-        from ..models import StackOptions
-
-        return StackOptions(**{name: getattr(self, name) for name in _STACK_OPTION_FIELDS})
+        """The StackOptions part alone."""
+        shared = dataclasses.fields(StackOptions)
+        return StackOptions(**{f.name: getattr(self, f.name) for f in shared})
 
     @property
     def provisioned(self) -> bool:
@@ -237,7 +202,7 @@ class InfraOptions:
             kind = str(f.type)
             if f.name == "usage_windows" and not raw.strip().startswith("["):
                 values[f.name] = raw  # a comma list; from_dict splits it
-            elif kind.startswith("str"):
+            elif kind.startswith(("str", "Literal[")):
                 values[f.name] = None if raw == "null" and "None" in kind else raw
             else:
                 try:

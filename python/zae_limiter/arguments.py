@@ -1,0 +1,57 @@
+"""Checks of the limiter's call arguments (limit lists, consumption maps), made before any I/O."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from .exceptions import ValidationError
+from .models import Limit
+from .validation import validate_amount, validate_name
+
+
+def check_limits(limits: Sequence[Limit], allow_empty: bool = False) -> list[Limit]:
+    """A list of distinct `Limit`s (empty only when stored limits may supply them)."""
+    if isinstance(limits, Limit) or not isinstance(limits, (list, tuple)):
+        raise ValidationError("limits", limits, "must be a list of Limit")
+    seen: set[str] = set()
+    for limit in limits:
+        if not isinstance(limit, Limit):
+            raise ValidationError("limits", limit, "must be a list of Limit")
+        if limit.name in seen:
+            raise ValidationError("limits", limit.name, "duplicate limit name")
+        seen.add(limit.name)
+    if not limits and not allow_empty:
+        raise ValidationError("limits", limits, "at least one limit is required")
+    return list(limits)
+
+
+def check_consume(consume: Mapping[str, int], field: str = "consume") -> dict[str, int]:
+    """Limit name → non-negative whole amount."""
+    if not isinstance(consume, Mapping):
+        raise ValidationError(field, consume, "must be a mapping of limit name to amount")
+    result: dict[str, int] = {}
+    for name, amount in consume.items():
+        validate_name(name, field=f"{field}.{name}" if isinstance(name, str) else field)
+        result[name] = validate_amount(amount, field=f"{field}.{name}")
+    return result
+
+
+def check_consumable(
+    limit_sets: Sequence[tuple[str, Sequence[Limit]]],
+    amounts: Mapping[str, int],
+    field: str = "consume",
+) -> None:
+    """Every amount names a limit of the first entity and fits every entity's burst."""
+    own = {limit.name for limit in limit_sets[0][1]}
+    for name in amounts:
+        if name not in own:
+            raise ValidationError(f"{field}.{name}", name, "no limit of that name")
+    for entity_id, limits in limit_sets:
+        for limit in limits:
+            if amounts.get(limit.name, 0) > limit.burst:
+                raise ValidationError(
+                    f"{field}.{limit.name}",
+                    amounts[limit.name],
+                    f"exceeds the burst ({limit.burst}) of {entity_id!r}'s limit; "
+                    "it could never be admitted",
+                )

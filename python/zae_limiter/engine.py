@@ -1,0 +1,263 @@
+"""The acquire engine: decide → write → retry → give back, for any set of bucket targets.
+
+A decision is made locally (the core) over the last known bucket states, then committed with one
+conditional write per target. The conditions make a stale state harmless: if another client
+changed a bucket in a way that matters, its write fails and returns the current item, and the
+decision is made again on it. Only denials are confirmed with a fresh read.
+
+`RateLimiter` uses the engine for `acquire`; a `Lease` holds the engine and its targets for
+`adjust`, `consume`, `release` and the rollback. Neither knows how the other works.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from . import core
+from .cache import TTLCache
+from .exceptions import RateLimitExceeded
+from .models import Limit, LimitStatus
+from .storage import BucketItem, ConditionFailed, LimitWrite, RepositoryUnavailable, Storage
+
+# Fold pending refill into the stored tokens at most once a minute per bucket: each fold moves the
+# anchor, which makes concurrent writers retry once, while leaving it alone is exact anyway.
+REANCHOR_MS = 60_000
+MAX_ROUNDS = 12
+# Give-backs and adjustments must land: losing one leaves capacity consumed for nothing.
+MAX_FORCED_ROUNDS = 48
+
+BucketKey = tuple[str, str]
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class Target:
+    """One entity's bucket item taking part in a decision (the entity, or its parent)."""
+
+    entity_id: str
+    resource: str
+    limits: list[Limit]
+    state: BucketItem | None = None
+    fresh: bool = False
+
+
+class Engine:
+    """Decisions and writes over one storage, with the last known state of each bucket."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        clock: Callable[[], int] | None = None,
+        cache_size: int = 10_000,
+    ) -> None:
+        self.storage = storage
+        self.clock = clock or wall_clock_ms
+        self.states: TTLCache[BucketKey, BucketItem | None] = TTLCache(0, cache_size)
+
+    async def targets(self, resource: str, limit_sets: Sequence[tuple[str, list[Limit]]]) -> list[
+        Target
+    ]:
+        """Targets for `(entity_id, limits)` pairs: cached states, the missing ones read at once."""
+        targets = [Target(eid, resource, limits) for eid, limits in limit_sets]
+        missing: list[Target] = []
+        for target in targets:
+            hit, state = self.states.get((target.entity_id, resource))
+            if hit:
+                target.state = state
+            else:
+                missing.append(target)
+        await self.refresh(missing)
+        return targets
+
+    async def refresh(self, targets: Sequence[Target]) -> None:
+        """Read every target's bucket again (consistently), at once."""
+        states = await asyncio.gather(
+            *(self.storage.get_bucket(t.entity_id, t.resource) for t in targets)
+        )
+        for target, state in zip(targets, states, strict=True):
+            self._learn(target, state)
+
+    async def read(self, entity_id: str, resource: str) -> BucketItem | None:
+        state = await self.storage.get_bucket(entity_id, resource)
+        self.states.put((entity_id, resource), state)
+        return state
+
+    def forget(self, entity_id: str) -> None:
+        """Drop every cached bucket of the entity (it was deleted or reset)."""
+        self.states.drop_where(lambda key: key[0] == entity_id)
+
+    async def commit(self, targets: Sequence[Target], amounts: Mapping[str, int]) -> None:
+        """Consume `amounts` from every target, all or nothing, or raise `RateLimitExceeded`."""
+        await self._apply(targets, amounts, check=True)
+
+    async def force(self, targets: Sequence[Target], amounts: Mapping[str, int]) -> None:
+        """Add `amounts` (negative: give back) to every target without a check."""
+        await self._apply(targets, amounts, check=False)
+
+    async def _apply(
+        self, targets: Sequence[Target], amounts: Mapping[str, int], check: bool
+    ) -> None:
+        milli = {name: amount * 1000 for name, amount in amounts.items()}
+        deltas = [[milli.get(limit.name, 0) for limit in t.limits] for t in targets]
+        pending = [i for i, d in enumerate(deltas) if any(d)]
+        committed: list[int] = []
+        # Raw outcomes per target; LimitStatus objects are only built for a denial.
+        seen: dict[int, Sequence[core.Outcome]] = {}
+        rounds = MAX_ROUNDS if check else MAX_FORCED_ROUNDS
+        try:
+            for round_ in range(rounds):
+                if round_:
+                    await asyncio.sleep(random.uniform(0, min(0.2, 0.005 * 2**round_)))
+                now = self.clock()
+                # Statuses are reported for every target, but only pending ones are written.
+                decide_on = sorted(set(pending) | (set() if seen else set(range(len(targets)))))
+                inputs = [
+                    bucket_input(limit, targets[i].state, delta)
+                    for i in decide_on
+                    for limit, delta in zip(targets[i].limits, deltas[i], strict=True)
+                ]
+                admitted, outcomes = core.decide(inputs, now, check, REANCHOR_MS)
+                cursor = 0
+                plans: dict[int, list[LimitWrite]] = {}
+                for i in decide_on:
+                    target = targets[i]
+                    part = outcomes[cursor : cursor + len(target.limits)]
+                    cursor += len(target.limits)
+                    seen[i] = part
+                    plans[i] = _writes(target, part, deltas[i])
+                if not admitted:
+                    # Only a stale view of a short bucket can make a denial wrong.
+                    stale = [
+                        targets[i]
+                        for i in pending
+                        if not targets[i].fresh and any(out.exceeded for out in seen[i])
+                    ]
+                    if stale:
+                        await self.refresh(stale)
+                        continue
+                    raise RateLimitExceeded(statuses(targets, seen, deltas))
+                results = await asyncio.gather(
+                    *(self._write(targets[i], plans[i], now) for i in pending),
+                    return_exceptions=True,
+                )
+                still: list[int] = []
+                for i, result in zip(pending, results, strict=True):
+                    if isinstance(result, ConditionFailed):
+                        still.append(i)
+                    elif isinstance(result, BaseException):
+                        raise result
+                    else:
+                        committed.append(i)
+                pending = still
+                if not pending:
+                    return
+            if check:
+                # Storage answered every round; other clients kept taking what this one saw.
+                # That is a denial under contention, not an outage: FAIL_OPEN must not admit it.
+                raise RateLimitExceeded(statuses(targets, seen, deltas))
+            raise RepositoryUnavailable(
+                f"bucket contention: gave up after {rounds} rounds of conflicting writes"
+            )
+        except BaseException:
+            if committed and check:
+                # Partial success of an all-or-nothing consume: give back what was taken.
+                give_back = {name: -amount for name, amount in amounts.items()}
+                await self.force([targets[i] for i in committed], give_back)
+            raise
+
+    async def _write(self, target: Target, writes: list[LimitWrite], now: int) -> BucketItem:
+        key = (target.entity_id, target.resource)
+        try:
+            state = await self.storage.write_bucket(
+                target.entity_id,
+                target.resource,
+                writes,
+                now,
+                known_size=target.state.size if target.state else 0,
+                known_ids=target.state.write_ids if target.state else (),
+            )
+        except ConditionFailed as exc:
+            self._learn(target, exc.current)
+            raise
+        except Exception:
+            self.states.drop(key)
+            raise
+        self._learn(target, state)
+        return state
+
+    def _learn(self, target: Target, state: BucketItem | None) -> None:
+        target.state = state
+        target.fresh = True
+        self.states.put((target.entity_id, target.resource), state)
+
+
+def bucket_input(limit: Limit, state: BucketItem | None, delta: int) -> core.BucketInput:
+    """The core's view of one limit's bucket, with `delta` millitokens to apply."""
+    s = state.limits.get(limit.name) if state else None
+    return (
+        limit.burst_milli,
+        limit.refill_amount_milli,
+        limit.refill_period_ms,
+        None if s is None else s.tokens_milli,
+        None if s is None else s.last_refill_ms,
+        delta,
+    )
+
+
+def statuses(
+    targets: Sequence[Target],
+    seen: Mapping[int, Sequence[core.Outcome]],
+    deltas: Sequence[Sequence[int]],
+) -> list[LimitStatus]:
+    """One `LimitStatus` per limit of every target that was decided on."""
+    return [
+        _status(targets[i], limit, out, delta)
+        for i in sorted(seen)
+        for limit, out, delta in zip(targets[i].limits, seen[i], deltas[i], strict=True)
+    ]
+
+
+def _status(target: Target, limit: Limit, outcome: core.Outcome, delta: int) -> LimitStatus:
+    retry_ms = outcome.retry_after_ms
+    return LimitStatus(
+        entity_id=target.entity_id,
+        resource=target.resource,
+        limit_name=limit.name,
+        limit=limit,
+        available=outcome.available_milli // 1000,
+        requested=delta // 1000,
+        exceeded=bool(outcome.exceeded),
+        retry_after_seconds=None if retry_ms is None else retry_ms / 1000,
+    )
+
+
+def _writes(
+    target: Target, outcomes: Sequence[core.Outcome], deltas: Sequence[int]
+) -> list[LimitWrite]:
+    writes: list[LimitWrite] = []
+    for limit, out, delta in zip(target.limits, outcomes, deltas, strict=True):
+        if out.write_mode == core.WRITE_NONE:
+            continue
+        prior = target.state.limits.get(limit.name) if target.state else None
+        encoded = limit.encode()
+        writes.append(
+            LimitWrite(
+                limit_name=limit.name,
+                absolute=out.write_mode == core.WRITE_ABSOLUTE,
+                value=out.write_value,
+                new_last_refill_ms=out.new_last_refill_ms,
+                expect_last_refill_ms=None if prior is None else prior.last_refill_ms,
+                cond_lo=out.cond_lo,
+                cond_hi=out.cond_hi,
+                delta_milli=delta,
+                definition=None if prior is not None and prior.definition == encoded else encoded,
+            )
+        )
+    return writes
