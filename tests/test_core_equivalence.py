@@ -213,3 +213,18 @@ def test_keywords_and_edge_cases() -> None:
         expected = run(lambda: getattr(reference, name)(*args, **kwargs))  # noqa: B023
         got = run(lambda: getattr(native, name)(*args, **kwargs))  # noqa: B023
         assert got == expected, (name, args, kwargs)
+
+
+def test_native_outcome_has_the_reference_fields_and_is_frozen() -> None:
+    buckets = [(10_000, 1_000, 1_000, 4_000, 1_000, 1_000), (10_000, 1_000, 1_000, None, None, 0)]
+    admitted, outs = native.decide(buckets, 5_000, True, 0)
+    ref_admitted, ref_outs = reference.decide(buckets, 5_000, True, 0)
+    assert admitted is ref_admitted is True
+    for got, want in zip(outs, ref_outs, strict=True):
+        assert type(got).__name__ == "Outcome"
+        for name in reference.Outcome._fields:
+            assert getattr(got, name) == getattr(want, name), name
+            assert type(getattr(got, name)) is type(getattr(want, name)), name
+        with pytest.raises(AttributeError):
+            got.write_mode = 0  # type: ignore[misc]
+    assert outs[0] == native.decide(buckets, 5_000, True, 0)[1][0]

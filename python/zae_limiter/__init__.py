@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ._version import __version__
 from .core import BACKEND
 from .exceptions import (
     EntityExistsError,
@@ -42,8 +43,6 @@ from .models import (
     UsageSnapshot,
     UsageSummary,
 )
-
-__version__ = "1.0.0"
 
 if TYPE_CHECKING:
     from .lease import Lease, SyncLease

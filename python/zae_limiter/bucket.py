@@ -25,7 +25,7 @@ from __future__ import annotations
 import operator
 from collections.abc import Sequence
 from math import gcd
-from typing import Final, SupportsIndex, TypeAlias
+from typing import Final, NamedTuple, SupportsIndex, TypeAlias
 
 __all__ = [
     "I64_MAX",
@@ -34,7 +34,7 @@ __all__ = [
     "WRITE_NONE",
     "WRITE_RELATIVE",
     "BucketInput",
-    "BucketOutcome",
+    "Outcome",
     "available",
     "decide",
     "refill",
@@ -55,9 +55,21 @@ BucketInput: TypeAlias = tuple[int, int, int, int | None, int | None, int]
 """``(burst_milli, refill_amount_milli, refill_period_ms, tokens_milli | None,
 last_refill_ms | None, delta_milli)``."""
 
-BucketOutcome: TypeAlias = tuple[int, bool, int | None, int, int, int, int, int | None, int | None]
-"""``(available_milli, exceeded, retry_after_ms, write_mode, write_value, new_tokens_milli,
-new_last_refill_ms, cond_lo, cond_hi)``."""
+
+
+class Outcome(NamedTuple):
+    """One bucket's outcome of a decision (docs/design.md section 1); the native extension's
+    ``Outcome`` has the same attributes."""
+
+    available_milli: int
+    exceeded: bool
+    retry_after_ms: int | None
+    write_mode: int
+    write_value: int
+    new_tokens_milli: int
+    new_last_refill_ms: int
+    cond_lo: int | None
+    cond_hi: int | None
 
 
 # --- argument conversion ------------------------------------------------------------------------
@@ -268,7 +280,7 @@ def time_until_available(buckets: Sequence[BucketInput], now_ms: int) -> int | N
 
 def decide(
     buckets: Sequence[BucketInput], now_ms: int, check: bool, reanchor_ms: int
-) -> tuple[bool, list[BucketOutcome]]:
+) -> tuple[bool, list[Outcome]]:
     """One acquire decision over a flat list of buckets: ``(admitted, outcomes)``.
 
     With ``check`` it is all-or-nothing: a bucket with ``delta > 0`` and ``available < delta`` is
@@ -286,7 +298,7 @@ def decide(
         _check_bucket(b)
 
     # Pass 1: availability, exceeded, retry_after; nothing written yet.
-    outcomes: list[BucketOutcome] = []
+    outcomes: list[Outcome] = []
     admitted = True
     for burst, amount, period, tokens, last, delta in parsed:
         step_ms, step_milli = _steps(amount, period)
@@ -294,7 +306,7 @@ def decide(
         exceeded = check and delta > 0 and avail < delta
         retry = _wait(burst, step_ms, step_milli, anchor, q, avail, delta, now) if exceeded else 0
         admitted = admitted and not exceeded
-        outcomes.append((avail, exceeded, retry, WRITE_NONE, 0, t, anchor, None, None))
+        outcomes.append(Outcome(avail, exceeded, retry, WRITE_NONE, 0, t, anchor, None, None))
     if not admitted:
         return False, outcomes
 
@@ -309,7 +321,7 @@ def decide(
 
 
 def _write(
-    status: BucketOutcome,
+    status: Outcome,
     burst: int,
     step_ms: int,
     step_milli: int,
@@ -319,13 +331,15 @@ def _write(
     now: int,
     check: bool,
     reanchor: int,
-) -> BucketOutcome:
+) -> Outcome:
     """The write of one admitted bucket with a non-zero delta."""
-    avail = status[0]
+    avail = status.available_milli
     absolute_value = burst - max(delta, 0)
     if tokens is None or last is None:
         # Created full at now; the condition is "attribute does not exist".
-        return (avail, False, 0, WRITE_ABSOLUTE, absolute_value, absolute_value, now, None, None)
+        return Outcome(
+            avail, False, 0, WRITE_ABSOLUTE, absolute_value, absolute_value, now, None, None
+        )
 
     _, _, q, added, _ = _view(burst, step_ms, step_milli, tokens, last, now)
     cap_point = burst - added + min(delta, 0)
@@ -337,7 +351,7 @@ def _write(
             value, anchor = _fit(absolute_value - added), last
         else:
             value, anchor = absolute_value, now
-        return (
+        return Outcome(
             avail,
             False,
             0,
@@ -356,7 +370,7 @@ def _write(
         value, anchor = added - delta, last + q * step_ms
     else:
         value, anchor = -delta, last
-    return (
+    return Outcome(
         avail,
         False,
         0,

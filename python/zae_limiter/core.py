@@ -8,7 +8,8 @@
 from __future__ import annotations
 
 import os
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Literal, Protocol
 
 from zae_limiter import bucket as _reference
 from zae_limiter.bucket import (
@@ -16,7 +17,6 @@ from zae_limiter.bucket import (
     WRITE_NONE,
     WRITE_RELATIVE,
     BucketInput,
-    BucketOutcome,
 )
 
 __all__ = [
@@ -25,15 +25,41 @@ __all__ = [
     "WRITE_NONE",
     "WRITE_RELATIVE",
     "BucketInput",
-    "BucketOutcome",
+    "Outcome",
     "available",
     "decide",
     "refill",
     "time_until_available",
 ]
 
+
+
+class Outcome(Protocol):
+    """One bucket's outcome of `decide`: `zae_limiter.bucket.Outcome` or the native one."""
+
+    @property
+    def available_milli(self) -> int: ...
+    @property
+    def exceeded(self) -> bool: ...
+    @property
+    def retry_after_ms(self) -> int | None: ...
+    @property
+    def write_mode(self) -> int: ...
+    @property
+    def write_value(self) -> int: ...
+    @property
+    def new_tokens_milli(self) -> int: ...
+    @property
+    def new_last_refill_ms(self) -> int: ...
+    @property
+    def cond_lo(self) -> int | None: ...
+    @property
+    def cond_hi(self) -> int | None: ...
+
+
 BACKEND: Literal["native", "python"] = "python"
 
+decide: Callable[[Sequence[BucketInput], int, bool, int], tuple[bool, Sequence[Outcome]]]
 decide = _reference.decide
 refill = _reference.refill
 available = _reference.available

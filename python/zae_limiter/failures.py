@@ -22,10 +22,11 @@ def unavailable(exc: BaseException) -> RateLimiterUnavailable:
 
 
 @contextmanager
-def management_errors() -> Iterator[None]:
-    """Management calls: an outage raises `RateLimiterUnavailable` (storage itself raises
-    `InfrastructureNotFoundError` for a missing table)."""
+def public_errors() -> Iterator[None]:
+    """Outages and refusals surface as the public `RateLimiterUnavailable`, never as storage's
+    own exception types: lease operations and management calls have no failure mode (storage
+    itself raises `InfrastructureNotFoundError` for a missing table)."""
     try:
         yield
-    except RepositoryUnavailable as exc:
+    except OUTAGES as exc:
         raise unavailable(exc) from exc

@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 from .engine import Engine, Target
 from .exceptions import ValidationError
+from .failures import public_errors
 from .validation import validate_amount, validate_name, validate_signed_amount
 
 log = logging.getLogger("zae_limiter")
@@ -64,7 +65,8 @@ class Lease:
         negative, e.g. to reconcile an LLM call's real token count with its estimate."""
         deltas = self._amounts(amounts, signed=True)
         if deltas and not self.fail_open:
-            await self._engine.force(self._targets, deltas)
+            with public_errors():
+                await self._engine.force(self._targets, deltas)
         self._add(deltas)
 
     async def consume(self, **amounts: int) -> None:
@@ -72,20 +74,23 @@ class Lease:
         limit (or the parent's, with cascade) cannot cover it."""
         deltas = self._amounts(amounts, signed=False)
         if deltas and not self.fail_open:
-            await self._engine.commit(self._targets, deltas)
+            with public_errors():
+                await self._engine.commit(self._targets, deltas)
         self._add(deltas)
 
     async def release(self, **amounts: int) -> None:
         """Give tokens back early; a bucket never refills past its burst."""
         deltas = self._amounts(amounts, signed=False)
         if deltas and not self.fail_open:
-            await self._engine.force(self._targets, {k: -v for k, v in deltas.items()})
+            with public_errors():
+                await self._engine.force(self._targets, {k: -v for k, v in deltas.items()})
         self._add({k: -v for k, v in deltas.items()})
 
     async def _rollback(self) -> None:
         deltas = {k: -v for k, v in self._consumed.items() if v}
         if deltas and not self.fail_open:
-            await self._engine.force(self._targets, deltas)
+            with public_errors():
+                await self._engine.force(self._targets, deltas)
         self._consumed = dict.fromkeys(self._consumed, 0)
 
     def _add(self, deltas: Mapping[str, int]) -> None:

@@ -24,7 +24,7 @@ from .exceptions import (
     InfrastructureNotFoundError,
     ValidationError,
 )
-from .failures import OUTAGES, management_errors, unavailable
+from .failures import OUTAGES, public_errors, unavailable
 from .lease import Lease, held
 from .models import (
     Entity,
@@ -201,7 +201,7 @@ class RateLimiter:
             metadata=dict(metadata or {}),
         )
         await self._ensure_ready()
-        with management_errors():
+        with public_errors():
             if (
                 entity.parent_id is not None
                 and await self.repository.get_entity(entity.parent_id) is None
@@ -214,7 +214,7 @@ class RateLimiter:
     async def get_entity(self, entity_id: str) -> Entity | None:
         validate_entity_id(entity_id)
         await self._ensure_ready()
-        with management_errors():
+        with public_errors():
             entity = await self.repository.get_entity(entity_id)
         if entity is not None:
             self._entities.put(entity_id, entity)
@@ -223,7 +223,7 @@ class RateLimiter:
     async def delete_entity(self, entity_id: str) -> None:
         validate_entity_id(entity_id)
         await self._ensure_ready()
-        with management_errors():
+        with public_errors():
             await self.repository.delete_entity(entity_id)
         self._entities.drop(entity_id)
         self._stored_limits.drop(entity_id)
@@ -232,7 +232,7 @@ class RateLimiter:
     async def get_children(self, parent_id: str) -> list[Entity]:
         validate_entity_id(parent_id, "parent_id")
         await self._ensure_ready()
-        with management_errors():
+        with public_errors():
             return await self.repository.get_children(parent_id)
 
     # -- stored limits ----------------------------------------------------------------------
@@ -244,7 +244,7 @@ class RateLimiter:
         validate_resource(resource)
         checked = check_limits(limits)
         await self._ensure_ready()
-        with management_errors():
+        with public_errors():
             await self.repository.set_limits(entity_id, resource, checked)
         self._stored_limits.drop(entity_id)
 
@@ -252,14 +252,14 @@ class RateLimiter:
         validate_entity_id(entity_id)
         validate_resource(resource)
         await self._ensure_ready()
-        with management_errors():
+        with public_errors():
             return await self.repository.get_limits(entity_id, resource)
 
     async def delete_limits(self, entity_id: str, resource: str = DEFAULT_RESOURCE) -> None:
         validate_entity_id(entity_id)
         validate_resource(resource)
         await self._ensure_ready()
-        with management_errors():
+        with public_errors():
             await self.repository.delete_limits(entity_id, resource)
         self._stored_limits.drop(entity_id)
 
@@ -385,7 +385,7 @@ class RateLimiter:
     ) -> tuple[list[Limit], BucketItem | None]:
         """The limits that apply and the bucket item, freshly read (it refreshes the cache)."""
         await self._ensure_ready()
-        with management_errors():
+        with public_errors():
             chosen = (
                 await self._resolve_limits(entity_id, resource, fallback)
                 if use_stored_limits
@@ -432,14 +432,14 @@ class RateLimiter:
         if resource is not None:
             validate_resource(resource)
         try:
-            args = usage.query_args(self.table_name, entity_id, resource, window, start, end)
+            usage.check_range(window, start, end)  # before any I/O
         except ValueError as exc:
             raise ValidationError("window/start/end", (window, start, end), str(exc)) from exc
         await self._ensure_ready()
-        with management_errors():
-            items = await self.repository.query(**args)
-        snapshots = [usage.snapshot_from_item(item) for item in items]
-        return sorted(snapshots, key=lambda s: (usage.parse_window_start_iso(s), s.resource))
+        with public_errors():
+            return await self.repository.get_usage_snapshots(
+                entity_id, resource, window, start, end
+            )
 
     async def get_usage_summary(
         self,

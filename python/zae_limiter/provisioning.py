@@ -12,7 +12,7 @@ import os
 from .exceptions import StackCreationError
 from .models import StackOptions
 from .repository import Repository
-from .version import record_deployment
+from .version import CLIENT_VERSION, record_deployment, write_initial_record
 
 DEFAULT_REGION = "us-east-1"
 
@@ -45,10 +45,11 @@ async def provision(
         await record_deployment(repository, updated_by="zae-limiter provisioning")
         return
     await repository.create_table(
-        options.billing_mode, options.read_capacity, options.write_capacity
+        options.billing_mode, options.read_capacity, options.write_capacity, tags=options.tags
     )
-    if await repository.get_version_record() is None:
-        await record_deployment(repository, updated_by="zae-limiter local provisioning")
+    await write_initial_record(
+        repository, updated_by="zae-limiter local provisioning", lambda_version=CLIENT_VERSION
+    )
 
 
 async def delete_stack(

@@ -358,8 +358,8 @@ pub fn decide(
     Ok((admitted, out))
 }
 
-/// [`decide`] writing the outcomes into `out` (cleared first), to reuse an allocation.
-pub fn decide_into(
+/// [`decide`] writing the outcomes into `out` (cleared first).
+fn decide_into(
     buckets: &[BucketInput],
     now_ms: i64,
     check: bool,

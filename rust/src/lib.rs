@@ -6,8 +6,8 @@
 pub mod bucket;
 
 pub use bucket::{
-    available, decide, decide_into, refill, time_until_available, BucketInput, CoreError,
-    CoreResult, Outcome, WriteMode,
+    available, decide, refill, time_until_available, BucketInput, CoreError, CoreResult, Outcome,
+    WriteMode,
 };
 
 #[cfg(feature = "python")]

@@ -87,31 +87,66 @@ fn bucket_inputs(obj: &Bound<'_, PyAny>) -> PyResult<Vec<BucketInput>> {
     }
 }
 
-/// The outcome as the Python 9-tuple (converted by PyO3's tuple impl: one `PyTuple_New`).
-type OutcomeTuple = (
-    i64,
-    bool,
-    Option<i64>,
-    i64,
-    i64,
-    i64,
-    i64,
-    Option<i64>,
-    Option<i64>,
-);
+/// One bucket's outcome of a decision (`docs/design.md` section 1), read by attribute.
+#[pyclass(frozen, eq, name = "Outcome", module = "zae_limiter._native")]
+#[derive(PartialEq, Eq)]
+struct PyOutcome {
+    #[pyo3(get)]
+    available_milli: i64,
+    #[pyo3(get)]
+    exceeded: bool,
+    #[pyo3(get)]
+    retry_after_ms: Option<i64>,
+    #[pyo3(get)]
+    write_mode: i64,
+    #[pyo3(get)]
+    write_value: i64,
+    #[pyo3(get)]
+    new_tokens_milli: i64,
+    #[pyo3(get)]
+    new_last_refill_ms: i64,
+    #[pyo3(get)]
+    cond_lo: Option<i64>,
+    #[pyo3(get)]
+    cond_hi: Option<i64>,
+}
 
-fn outcome(o: &Outcome) -> OutcomeTuple {
-    (
-        o.available_milli,
-        o.exceeded,
-        o.retry_after_ms,
-        o.write_mode.code(),
-        o.write_value,
-        o.new_tokens_milli,
-        o.new_last_refill_ms,
-        o.cond_lo,
-        o.cond_hi,
-    )
+#[pymethods]
+impl PyOutcome {
+    fn __repr__(&self) -> String {
+        fn opt(v: Option<i64>) -> String {
+            v.map_or_else(|| "None".to_owned(), |v| v.to_string())
+        }
+        format!(
+            "Outcome(available_milli={}, exceeded={}, retry_after_ms={}, write_mode={}, \
+             write_value={}, new_tokens_milli={}, new_last_refill_ms={}, cond_lo={}, cond_hi={})",
+            self.available_milli,
+            if self.exceeded { "True" } else { "False" },
+            opt(self.retry_after_ms),
+            self.write_mode,
+            self.write_value,
+            self.new_tokens_milli,
+            self.new_last_refill_ms,
+            opt(self.cond_lo),
+            opt(self.cond_hi),
+        )
+    }
+}
+
+impl From<&Outcome> for PyOutcome {
+    fn from(o: &Outcome) -> Self {
+        PyOutcome {
+            available_milli: o.available_milli,
+            exceeded: o.exceeded,
+            retry_after_ms: o.retry_after_ms,
+            write_mode: o.write_mode.code(),
+            write_value: o.write_value,
+            new_tokens_milli: o.new_tokens_milli,
+            new_last_refill_ms: o.new_last_refill_ms,
+            cond_lo: o.cond_lo,
+            cond_hi: o.cond_hi,
+        }
+    }
 }
 
 /// decide(buckets, now_ms, check, reanchor_ms) -> (admitted, outcomes)
@@ -129,7 +164,7 @@ fn decide<'py>(
     let check = flag(check, "check")?;
     let reanchor_ms = int(reanchor_ms, "reanchor_ms")?;
     let (admitted, outcomes) = bucket::decide(&inputs, now_ms, check, reanchor_ms)?;
-    let list = PyList::new(py, outcomes.iter().map(outcome))?;
+    let list = PyList::new(py, outcomes.iter().map(PyOutcome::from))?;
     (admitted, list).into_pyobject(py)
 }
 
@@ -195,6 +230,7 @@ fn refill(
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyOutcome>()?;
     m.add_function(wrap_pyfunction!(decide, m)?)?;
     m.add_function(wrap_pyfunction!(refill, m)?)?;
     m.add_function(wrap_pyfunction!(available, m)?)?;

@@ -255,7 +255,7 @@ def write_program(output_dir: Path, name: str, region: str,
     stack_name = schema.stack_name(short)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    from .. import __version__
+    from .._version import __version__
 
     config: dict[str, str] = {"aws:region": region, f"{PROJECT_NAME}:name": short}
     config.update({f"{PROJECT_NAME}:{k}": v for k, v in opts.config_values().items()})

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Final, overload
 
 import zae_limiter
+from zae_limiter._version import __version__
 
 __all__ = [
     "BUNDLED_MODULES",
@@ -87,6 +88,10 @@ def lambda_files() -> dict[str, bytes]:
         )
     files: dict[str, bytes] = {
         "lambda_function.py": LAMBDA_ENTRY_SOURCE.encode(),
+        # The bundle carries no distribution metadata: the version is written in.
+        "zae_limiter/_version.py": (
+            f'"""Written by the bundler."""\n\n__version__ = {__version__!r}\n'
+        ).encode(),
     }
     for module in BUNDLED_MODULES:
         path = root / module
