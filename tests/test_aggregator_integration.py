@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from zae_limiter.aggregator.handler import SnapshotTable, process_batch
 from zae_limiter.aggregator.stream import StreamRunner, to_lambda_record
 from zae_limiter.cli import main
 from zae_limiter.models import UsageSnapshot
-from zae_limiter.usage import query_args, snapshot_from_item
+from zae_limiter.repository import Repository
 
 pytestmark = pytest.mark.integration
 
@@ -91,9 +92,11 @@ class Aws:
 
     def snapshots(self, entity: str, resource: str | None = None, window: str | None = None
                   ) -> dict[tuple[str, str, str], UsageSnapshot]:
-        items = self.ddb.query(**query_args(TABLE, entity, resource, window))["Items"]
-        return {(s.resource, s.window, s.window_start): s
-                for s in map(snapshot_from_item, items)}
+        async def read() -> list[UsageSnapshot]:
+            async with Repository(TABLE, "us-east-1", self.endpoint_url) as repo:
+                return await repo.get_usage_snapshots(entity, resource, window)
+
+        return {(s.resource, s.window, s.window_start): s for s in asyncio.run(read())}
 
     def usage_items(self) -> list[dict[str, Any]]:
         items = self.ddb.scan(TableName=TABLE)["Items"]

@@ -25,7 +25,8 @@ from zae_limiter.aggregator.handler import (
     process_batch,
 )
 from zae_limiter.models import UsageSnapshot
-from zae_limiter.usage import query_args, snapshot_from_item, summarize
+from zae_limiter.repository import snapshot_from_item, usage_query
+from zae_limiter.usage import summarize
 
 HOUR_MS = 3_600_000
 # 2024-03-31T22:00:00Z: two hours before a day (and month) boundary.
@@ -393,22 +394,24 @@ def test_settings_from_env() -> None:
 # ---------------------------------------------------------------------------
 
 
-def test_query_args_shapes() -> None:
-    full = query_args("ZAEL-t", "e1", "gpt", "hourly", "2024-01-01T05:17:00Z",
-                      datetime(2024, 1, 1, 8, 0, tzinfo=UTC))
+def test_usage_query_shapes() -> None:
+    full = usage_query("e1", "gpt", "hourly", "2024-01-01T05:17:00Z",
+                       datetime(2024, 1, 1, 8, 0, tzinfo=UTC))
     assert full["KeyConditionExpression"] == "#pk = :pk AND #sk BETWEEN :lo AND :hi"
     assert full["ExpressionAttributeValues"][":lo"] == {
         "S": schema.usage_sk("gpt", "hourly", "2024-01-01T05:00Z")}
     assert "FilterExpression" not in full
 
-    every = query_args("ZAEL-t", "e1", None, "daily", start="2024-01-01")
+    every = usage_query("e1", None, "daily", start="2024-01-01")
     assert every["ExpressionAttributeValues"][":prefix"] == {"S": schema.usage_sk()}
     assert every["FilterExpression"] == "(#window = :w0 AND #ws >= :lo0)"
 
-    anything = query_args("ZAEL-t", "e1")
-    assert "FilterExpression" not in anything
+    anything = usage_query("e1")
+    assert "FilterExpression" not in anything and "TableName" not in anything
     with pytest.raises(ValueError):
-        query_args("ZAEL-t", "e1", "gpt", "weekly")
+        usage_query("e1", "gpt", "weekly")
+    with pytest.raises(ValueError):
+        usage_query("e1", "gpt", "hourly", start="yesterday")
 
 
 def test_snapshot_from_item_and_summarize() -> None:

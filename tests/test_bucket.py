@@ -24,7 +24,7 @@ with contextlib.suppress(ImportError):  # the extension is built in CI
 # 100 tokens per minute, burst 100: 1 token every 600 ms, i.e. whole quanta of 5 milli per 3 ms.
 RPM = (100_000, 100_000, 60_000)
 T0 = 1_700_000_000_000
-NONE, REL, ABS = 0, 1, 2
+NONE, REL, ABS, ADD = 0, 1, 2, 3
 
 
 @pytest.fixture(params=BACKENDS)
@@ -117,12 +117,20 @@ def test_more_than_burst_is_never_available(core: ModuleType) -> None:
 def test_cap_at_burst(core: ModuleType) -> None:
     assert core.available(*RPM, 99_000, T0, T0 + 600_000) == 100_000
     assert core.refill(*RPM, 99_000, T0, T0 + 600_000) == (100_000, T0 + 600_000)
-    # a consumption from a full bucket rewrites it absolutely, re-anchored at now
+    # a consumption from a full bucket rewrites it absolutely, re-anchored at the next epoch
+    # boundary: 3 ms quanta of 5 milli; the epoch is the reanchor interval capped at the quanta
+    # that refill at most max(1 token, 1% of burst) = 1 token: 200 quanta, 600 ms
     now = T0 + 600_000
-    admitted, o = one(core, 99_000, T0, 2_000, now)
+    admitted, o = one(core, 99_000, T0, 2_000, now, reanchor=60_000)
     assert admitted
+    boundary = -(-now // 600) * 600
+    assert now < boundary < now + 600
     # cap point: 100_000 - 1_000_000 added -> any stored value >= -900_000 means "full now"
-    assert o == (100_000, False, 0, ABS, 98_000, 98_000, now, -900_000, None)
+    assert o == (100_000, False, 0, ABS, 98_000, 98_000, boundary, -900_000, None)
+    # until the boundary nothing refills, so the bucket cannot be full again for later writers
+    assert core.available(*RPM, 98_000, boundary, boundary - 1) == 98_000
+    # with reanchor_ms = 0 the epoch is one quantum
+    assert one(core, 99_000, T0, 2_000, now)[1][6] == -(-now // 3) * 3
 
 
 def test_relative_consume_and_conditions(core: ModuleType) -> None:
@@ -155,15 +163,15 @@ def test_negative_after_forced_consume(core: ModuleType) -> None:
 
 
 def test_release_capped_at_burst(core: ModuleType) -> None:
-    # a release that would overfill: absolute to burst
+    # a release is an unconditional add, whether or not it overfills: reading caps at burst
     assert one(core, 99_500, T0, -1_000, T0) == (
         True,
-        (99_500, False, 0, ABS, 100_000, 100_000, T0, 99_000, None),
+        (99_500, False, 0, ADD, 1_000, 100_500, T0, None, None),
     )
-    # a release that fits: relative, conditioned on it still fitting
-    assert one(core, 50_000, T0, -1_000, T0) == (
+    assert core.available(*RPM, 100_500, T0, T0 + 5) == 100_000
+    assert one(core, 50_000, T0, -1_000, T0, check=False) == (
         True,
-        (50_000, False, 0, REL, 1_000, 51_000, T0, None, 98_999),
+        (50_000, False, 0, ADD, 1_000, 51_000, T0, None, None),
     )
     # a release never needs tokens, even with check
     assert one(core, -5_000, T0, -1_000, T0)[0] is True

@@ -115,7 +115,8 @@ def test_local_endpoint_deploy_status_delete(endpoint_url: str) -> None:
     runner = CliRunner()
     base = ["--name", "cli-app", "--endpoint-url", endpoint_url]
     result = runner.invoke(main, ["status", *base])
-    assert result.exit_code != 0 and "does not exist" in result.output
+    assert result.exit_code != 0 and "ZAEL-cli-app not found" in result.output
+    assert f"zae-limiter deploy --name cli-app --endpoint-url {endpoint_url}" in result.output
 
     result = runner.invoke(main, ["deploy", *base])
     assert result.exit_code == 0, result.output
@@ -224,3 +225,44 @@ def test_state_dir_is_overridable(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     assert automation.state_dir() == tmp_path / "state"
     monkeypatch.delenv("ZAE_LIMITER_PULUMI_HOME")
     assert automation.state_dir() == Path.home() / ".zae-limiter" / "pulumi"
+
+
+@pytest.fixture
+def no_aws_configuration(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A newcomer's machine: no AWS credentials, profile, region or config files at all."""
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                "AWS_DEFAULT_REGION", "AWS_REGION"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+
+
+@pytest.mark.integration
+def test_local_endpoint_needs_no_aws_configuration(endpoint_url: str,
+                                                   no_aws_configuration: None) -> None:
+    runner = CliRunner()
+    base = ["--name", "newcomer", "--endpoint-url", endpoint_url]
+    result = runner.invoke(main, ["deploy", *base])
+    assert result.exit_code == 0, result.output
+    assert "ZAEL-newcomer created" in result.output and "Error" not in result.output
+
+    result = runner.invoke(main, ["status", *base, "--json"])
+    assert result.exit_code == 0, result.output
+    version = json.loads(result.output)["version"]
+    assert "error" not in version, version
+    assert version["record_exists"] and version["compatible"]  # deploy wrote the record
+    result = runner.invoke(main, ["status", *base])
+    assert result.exit_code == 0 and "error" not in result.output, result.output
+    assert "record_exists" in result.output
+
+    # the operator commands too
+    for args in (["entity", "create", "k"], ["limits", "set", "k", "--limit", "rpm:5/minute"],
+                 ["bucket", "show", "k"], ["check"], ["aggregator", "run"],
+                 ["usage", "--entity", "k"], ["delete", "--yes"]):
+        result = runner.invoke(main, [*args, *base])
+        assert result.exit_code == 0, (args, result.output)
+        assert "credentials" not in result.output, (args, result.output)
+    # and nothing was written into the environment to get there
+    import os
+
+    assert "AWS_ACCESS_KEY_ID" not in os.environ and "AWS_DEFAULT_REGION" not in os.environ

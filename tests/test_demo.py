@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from zae_limiter import RateLimiter, StackOptions
 from zae_limiter.cli import main
-from zae_limiter.demo import PROJECT, RESOURCE, run_workload
+from zae_limiter.demo import PROJECT, RESOURCE, DemoReport, run_workload
 
 pytestmark = pytest.mark.integration
 
@@ -43,8 +43,6 @@ def test_workload_ledger_balances(endpoint_url: str) -> None:
             return report, project
 
     report, project = asyncio.run(go())
-    from zae_limiter.demo import DemoReport
-
     assert isinstance(report, DemoReport)
     admitted = sum(k.admitted for k in report.keys)
     assert admitted + sum(k.rejected for k in report.keys) == report.acquires
@@ -54,3 +52,37 @@ def test_workload_ledger_balances(endpoint_url: str) -> None:
     for key in report.keys:
         assert key.remaining["rpm"] == 20 - key.admitted
         assert key.remaining["tpm"] == 6_000 - key.tokens_actual
+
+
+def test_workload_shows_rejections_by_own_limit_and_by_project(endpoint_url: str) -> None:
+    """The default workload: the batch key meets its own tpm, the others the project's."""
+    frozen = 1_800_000_000_000
+
+    async def go() -> DemoReport:
+        async with RateLimiter(name="demo", endpoint_url=endpoint_url,
+                               stack_options=StackOptions(), clock=lambda: frozen) as limiter:
+            return await run_workload(limiter)
+
+    report = asyncio.run(go())
+    own = {k.entity_id: k.rejected_by_key for k in report.keys}
+    by_project = {k.entity_id: k.rejected_by_project for k in report.keys}
+    assert own["api-key-1"] > 0 and sum(by_project.values()) > 0, (own, by_project)
+    for key in report.keys:
+        assert key.rejected == key.rejected_by_key + key.rejected_by_project
+
+
+def test_demo_tables_are_whole_at_80_columns(endpoint_url: str) -> None:
+    result = CliRunner().invoke(main, ["demo", "--endpoint-url", endpoint_url],
+                                env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    for word in ("admitted", "rejected", "own limit", "by project", "max retry-after",
+                 "tokens est.", "tokens actual", "rpm left", "tpm left", "api-key-1",
+                 "api-key-3", "acme-project", "capacity/min", "remaining", "hourly snapshots",
+                 "matches clients"):
+        assert word in result.output, word
+    assert "…" not in result.output
+    rows = {line.split()[1]: line.split() for line in result.output.splitlines()
+            if line.startswith("│ api-key-") and len(line.split()) > 12}
+    # entity, admitted, rejected, own limit, by project: both kinds of rejection are shown
+    assert int(rows["api-key-1"][7]) > 0
+    assert sum(int(r[9]) for r in rows.values()) > 0

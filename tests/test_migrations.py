@@ -128,7 +128,9 @@ async def test_builtin_migration_forward_and_back(limiter: RateLimiter) -> None:
     for key, item in s1.items():
         if key in limit_items:
             lim = Limit.decode(item["limit_def"]["S"], item["limit_name"]["S"])
-            assert lim.encode() == v1_1_0.encode(item)
+            assert lim.encode() == ":".join(
+                item[f]["N"] for f in ("capacity", "burst", "refill_amount",
+                                       "refill_period_seconds"))
             assert without(item, "limit_def") == s0[key]  # nothing else touched
         else:
             assert item == s0[key]

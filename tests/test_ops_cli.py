@@ -13,7 +13,6 @@ from click.testing import CliRunner, Result
 
 from zae_limiter import Limit, RateLimiter, StackOptions, __version__
 from zae_limiter.cli import main
-from zae_limiter.cli.ops import parse_limit, parse_period
 from zae_limiter.repository import Repository
 
 pytestmark = pytest.mark.integration
@@ -57,17 +56,19 @@ def consume(endpoint_url: str, entity_id: str, resource: str, amounts: dict[str,
 
 
 def test_limit_syntax() -> None:
-    assert parse_limit("rpm:100/minute") == Limit.per_minute("rpm", 100)
-    assert parse_limit("tpm:10000/1m,burst=20000") == Limit.per_minute("tpm", 10000, 20000)
-    assert parse_limit("name=rpm,capacity=100,period=60,burst=120") == Limit.per_minute(
+    # The CLI's --limit is the library's text form (tests/test_limit_text.py covers the grammar).
+    assert Limit.parse("rpm:100/minute") == Limit.per_minute("rpm", 100)
+    assert Limit.parse("tpm:10000/1m,burst=20000") == Limit.per_minute("tpm", 10000, 20000)
+    assert Limit.parse("name=rpm,capacity=100,period=60,burst=120") == Limit.per_minute(
         "rpm", 100, 120)
-    assert parse_limit("r:10/30s,refill=5") == Limit.custom("r", 10, 5, 30)
-    assert parse_limit("d:1000/day") == Limit.per_day("d", 1000)
-    assert parse_period("3600") == 3600 and parse_period("2h") == 7200
+    assert Limit.parse("r:10/30s,refill=5") == Limit.custom("r", 10, 5, 30)
+    assert Limit.parse("d:1000/day") == Limit.per_day("d", 1000)
+    assert Limit.parse("p:1/3600").refill_period_seconds == 3600
+    assert Limit.parse("p:1/2h").refill_period_seconds == 7200
     for bad in ("rpm", "rpm:100", "rpm:x/minute", "rpm:100/fortnight", "name=rpm,capacity=1",
                 "rpm:100/minute,colour=red"):
         with pytest.raises(ValueError):
-            parse_limit(bad)
+            Limit.parse(bad)
 
 
 # -- versions ---------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ __all__ = [
     "I64_MAX",
     "I64_MIN",
     "WRITE_ABSOLUTE",
+    "WRITE_ADD",
     "WRITE_NONE",
     "WRITE_RELATIVE",
     "BucketInput",
@@ -50,6 +51,12 @@ WRITE_RELATIVE: Final = 1
 """``tokens += write_value``, anchor set to ``new_last_refill_ms``."""
 WRITE_ABSOLUTE: Final = 2
 """``tokens = write_value``, anchor set to ``new_last_refill_ms``."""
+WRITE_ADD: Final = 3
+"""``tokens += write_value`` with no condition and the anchor untouched (a give-back)."""
+
+# The refill a full bucket may forfeit when a write re-anchors it: one token or 1% of the burst.
+_FORFEIT_DIVISOR: Final = 100
+_ONE_TOKEN_MILLI: Final = 1000
 
 BucketInput: TypeAlias = tuple[int, int, int, int | None, int | None, int]
 """``(burst_milli, refill_amount_milli, refill_period_ms, tokens_milli | None,
@@ -165,6 +172,19 @@ def _steps(amount: int, period: int) -> tuple[int, int]:
     """``(step_ms, step_milli)``: the limit in whole refill quanta."""
     g = gcd(amount, period)
     return period // g, amount // g
+
+
+def _epoch_ms(burst: int, step_ms: int, step_milli: int, reanchor: int) -> int:
+    """The longest whole number of quanta whose refill is at most ``max(1 token, burst / 100)``,
+    at least one quantum, at most ``max(reanchor, one quantum)``."""
+    budget = max(burst // _FORFEIT_DIVISOR, _ONE_TOKEN_MILLI)
+    quanta = max(budget // step_milli, 1)
+    return min(quanta * step_ms, max(reanchor, step_ms))
+
+
+def _epoch_start(now: int, epoch: int) -> int:
+    """The first epoch boundary at or after ``now``."""
+    return -(-now // epoch) * epoch
 
 
 def _view(
@@ -341,23 +361,28 @@ def _write(
             avail, False, 0, WRITE_ABSOLUTE, absolute_value, absolute_value, now, None, None
         )
 
+    if delta < 0:
+        # A give-back commutes with every other write: adding tokens is exact in any state,
+        # since reading caps at burst. No condition, so concurrent writers never conflict.
+        return Outcome(
+            avail, False, 0, WRITE_ADD, _fit(-delta), _fit(tokens - delta), last, None, None
+        )
+
     _, _, q, added, _ = _view(burst, step_ms, step_milli, tokens, last, now)
     cap_point = burst - added + min(delta, 0)
     if tokens >= cap_point:
-        # Full now (or a release fills it): rewrite absolutely. Within the reanchor interval the
-        # anchor stays, so that concurrent writers' `last_refill` conditions still hold: a busy
-        # bucket hovering at full would otherwise make every other writer retry.
-        if now - last < reanchor:
-            value, anchor = _fit(absolute_value - added), last
-        else:
-            value, anchor = absolute_value, now
+        # Full now: the refill past the burst is lost, so the write must be absolute. It
+        # re-anchors the bucket at the next epoch boundary, deferring its refill until then: the
+        # writes that follow within the epoch see a bucket that cannot fill up again, so they
+        # are relative and concurrent writers all apply without invalidating each other.
+        anchor = _fit(_epoch_start(now, _epoch_ms(burst, step_ms, step_milli, reanchor)))
         return Outcome(
             avail,
             False,
             0,
             WRITE_ABSOLUTE,
-            value,
-            value,
+            absolute_value,
+            absolute_value,
             anchor,
             _lower_bound(cap_point),
             None,

@@ -69,6 +69,9 @@ class CapacityLedger:
     calls: Counter[str] = field(default_factory=Counter)
     read_units: float = 0.0
     write_units: float = 0.0
+    # Conditional bucket writes refused because another client changed the bucket first (each
+    # is also counted, and billed, as an UpdateItem call).
+    conflicts: int = 0
 
     def record(self, operation: str, *, rcu: float = 0.0, wcu: float = 0.0) -> None:
         self.calls[operation] += 1
@@ -85,9 +88,11 @@ class CapacityLedger:
             "total_calls": self.total_calls,
             "read_units": self.read_units,
             "write_units": self.write_units,
+            "conflicts": self.conflicts,
         }
 
     def reset(self) -> None:
         self.calls.clear()
         self.read_units = 0.0
         self.write_units = 0.0
+        self.conflicts = 0

@@ -14,6 +14,7 @@ from typing import Literal, Protocol
 from zae_limiter import bucket as _reference
 from zae_limiter.bucket import (
     WRITE_ABSOLUTE,
+    WRITE_ADD,
     WRITE_NONE,
     WRITE_RELATIVE,
     BucketInput,
@@ -22,6 +23,7 @@ from zae_limiter.bucket import (
 __all__ = [
     "BACKEND",
     "WRITE_ABSOLUTE",
+    "WRITE_ADD",
     "WRITE_NONE",
     "WRITE_RELATIVE",
     "BucketInput",

@@ -16,6 +16,8 @@ from .models import Limit
 
 PROJECT = "acme-project"
 RESOURCE = "gpt-4o"
+# The first key's prompts are this many times longer (a batch job): it meets its own tpm first.
+HEAVY_PROMPT_FACTOR = 4
 
 
 @dataclass
@@ -23,7 +25,8 @@ class KeyReport:
     entity_id: str
     admitted: int = 0
     rejected: int = 0
-    rejected_by_project: int = 0
+    rejected_by_key: int = 0  # its own limit was exceeded (the project's may have been too)
+    rejected_by_project: int = 0  # only the project's limit was exceeded (cascade)
     tokens_estimated: int = 0
     tokens_actual: int = 0
     max_retry_after: float = 0.0
@@ -51,7 +54,12 @@ async def run_workload(
     seed: int = 7,
 ) -> DemoReport:
     """Each client sends chat requests: estimate tokens, acquire rpm+tpm with cascade to the
-    project, then reconcile the estimate with the 'actual' count through `adjust`."""
+    project, then reconcile the estimate with the 'actual' count through `adjust`.
+
+    The first key runs a batch job with long prompts: it exhausts its own tpm early and is
+    rejected by its own limit, while the other keys together run into the project's limits
+    (rejections by cascade).
+    """
     rng = random.Random(seed)
     key_limits = [Limit.per_minute("rpm", 20), Limit.per_minute("tpm", 6_000)]
     project_limits = [Limit.per_minute("rpm", 50), Limit.per_minute("tpm", 12_000)]
@@ -66,9 +74,9 @@ async def run_workload(
         await limiter.set_limits(key_id, key_limits, resource=RESOURCE)
         reports.append(KeyReport(key_id))
 
-    async def client(report: KeyReport, client_rng: random.Random) -> None:
+    async def client(report: KeyReport, client_rng: random.Random, heavy: bool) -> None:
         for _ in range(requests_per_client):
-            estimate = client_rng.randint(100, 600)
+            estimate = client_rng.randint(100, 600) * (HEAVY_PROMPT_FACTOR if heavy else 1)
             try:
                 async with limiter.acquire(
                     report.entity_id,
@@ -85,7 +93,9 @@ async def run_workload(
                     report.tokens_actual += actual
             except RateLimitExceeded as exc:
                 report.rejected += 1
-                if any(v.entity_id == PROJECT for v in exc.violations):
+                if any(v.entity_id == report.entity_id for v in exc.violations):
+                    report.rejected_by_key += 1
+                else:
                     report.rejected_by_project += 1
                 report.max_retry_after = max(report.max_retry_after, exc.retry_after_seconds or 0.0)
             await asyncio.sleep(0)
@@ -93,8 +103,8 @@ async def run_workload(
     limiter.ledger.reset()
     await asyncio.gather(
         *(
-            client(report, random.Random(rng.random()))
-            for report in reports
+            client(report, random.Random(rng.random()), heavy=index == 0)
+            for index, report in enumerate(reports)
             for _ in range(clients_per_key)
         )
     )

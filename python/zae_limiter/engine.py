@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 from . import core
 from .cache import TTLCache
-from .exceptions import RateLimitExceeded
+from .exceptions import RateLimiterUnavailable, RateLimitExceeded
 from .models import Limit, LimitStatus
-from .storage import BucketItem, ConditionFailed, LimitWrite, RepositoryUnavailable, Storage
+from .storage import BucketItem, ConditionFailed, LimitWrite, Storage
 
 # Fold pending refill into the stored tokens at most once a minute per bucket: each fold moves the
 # anchor, which makes concurrent writers retry once, while leaving it alone is exact anyway.
@@ -158,12 +158,11 @@ class Engine:
                 pending = still
                 if not pending:
                     return
-            if check:
-                # Storage answered every round; other clients kept taking what this one saw.
-                # That is a denial under contention, not an outage: FAIL_OPEN must not admit it.
-                raise RateLimitExceeded(statuses(targets, seen, deltas))
-            raise RepositoryUnavailable(
-                f"bucket contention: gave up after {rounds} rounds of conflicting writes"
+            # Storage answered every round, but other clients kept changing the buckets first.
+            # No limit was shown exceeded, so this is no denial; nor is it an outage, so the
+            # public error is raised directly and FAIL_OPEN does not admit it.
+            raise RateLimiterUnavailable(
+                f"bucket contention: no write landed in {rounds} rounds of conflicting writes"
             )
         except BaseException:
             if committed and check:
@@ -251,6 +250,7 @@ def _writes(
             LimitWrite(
                 limit_name=limit.name,
                 absolute=out.write_mode == core.WRITE_ABSOLUTE,
+                unconditional=out.write_mode == core.WRITE_ADD,
                 value=out.write_value,
                 new_last_refill_ms=out.new_last_refill_ms,
                 expect_last_refill_ms=None if prior is None else prior.last_refill_ms,

@@ -7,6 +7,7 @@ caller's event loop for the GIL. Requires the `local` extra (`pip install "zae-l
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import subprocess
@@ -45,6 +46,7 @@ class LocalDynamoDB:
         self.port = port or free_port(host)
         self.startup_timeout = startup_timeout
         self._process: subprocess.Popen[bytes] | None = None
+        self.returncode: int | None = None
 
     @property
     def endpoint_url(self) -> str:
@@ -52,7 +54,29 @@ class LocalDynamoDB:
 
     @property
     def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
+        if self._process is None:
+            return False
+        self.returncode = self._process.poll()
+        return self.returncode is None
+
+    def _listen(self) -> socket.socket:
+        """The server's socket, bound and listening here: a port in use fails now, with a clear
+        message, and no other server can answer the readiness probe in the child's place."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            if os.name != "nt":  # as werkzeug does; Linux still refuses a port someone listens on
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((self.host, self.port))
+            sock.listen(128)
+        except OSError as exc:
+            sock.close()
+            reason = "is already in use" if exc.errno == errno.EADDRINUSE else f"failed: {exc}"
+            raise ZAELimiterError(
+                f"cannot serve on {self.host}:{self.port}: the port {reason} (another "
+                "`zae-limiter local`? choose another --port, or omit it for a free one)"
+            ) from exc
+        self.port = int(sock.getsockname()[1])
+        return sock
 
     def start(self) -> LocalDynamoDB:
         if self.running:
@@ -70,20 +94,24 @@ class LocalDynamoDB:
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (package_root, env.get("PYTHONPATH", "")) if p
         )
-        self._process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "zae_limiter.local",
-                "--host",
-                self.host,
-                "--port",
-                str(self.port),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=env,
-        )
+        sock = self._listen()
+        args = [sys.executable, "-m", "zae_limiter.local", "--host", self.host]
+        args += ["--port", str(self.port)]
+        try:
+            if os.name != "nt":
+                args += ["--fd", str(sock.fileno())]
+            else:  # no descriptor passing: free the port for the child (a small race remains)
+                sock.close()
+            self._process = subprocess.Popen(
+                args,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env=env,
+                pass_fds=(sock.fileno(),) if os.name != "nt" else (),
+            )
+        finally:
+            sock.close()  # the child has its own copy
+        self.returncode = None
         self._wait_until_ready()
         return self
 
@@ -119,6 +147,7 @@ class LocalDynamoDB:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=5)
+        self.returncode = process.returncode
 
     def __enter__(self) -> LocalDynamoDB:
         return self.start()
@@ -132,7 +161,7 @@ class LocalDynamoDB:
         self.stop()
 
 
-def serve(host: str, port: int) -> None:
+def serve(host: str, port: int, fd: int | None = None) -> None:
     """Run moto's server in this process until interrupted, one request at a time.
 
     moto applies a request's read-check-write without isolation, so two concurrent UpdateItems
@@ -149,7 +178,7 @@ def serve(host: str, port: int) -> None:
         MotoRequestHandler,
         create_backend_app,
     )
-    from werkzeug.serving import run_simple
+    from werkzeug.serving import make_server
 
     app = DomainDispatcherApplication(create_backend_app)
     lock = threading.Lock()
@@ -158,7 +187,16 @@ def serve(host: str, port: int) -> None:
         with lock:
             return list(app(environ, start_response))
 
-    run_simple(host, port, serialized, threaded=True, request_handler=MotoRequestHandler)
+    # `fd`: the socket the parent bound and listens on (`LocalDynamoDB._listen`).
+    server = make_server(
+        host, port, serialized, threaded=True, request_handler=MotoRequestHandler, fd=fd
+    )
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,9 +205,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="moto's DynamoDB server, serialized")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--fd", type=int, default=None, help="an inherited, listening socket")
     args = parser.parse_args(argv)
     os.environ.setdefault("MOTO_PORT", str(args.port))
-    serve(args.host, args.port)
+    serve(args.host, args.port, args.fd)
 
 
 if __name__ == "__main__":

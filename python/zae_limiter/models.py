@@ -10,6 +10,7 @@ from enum import StrEnum
 from typing import Any, ClassVar, Literal
 
 from .exceptions import ValidationError
+from .schema import USAGE_WINDOWS  # the storage fact; re-exported (public name)
 from .validation import (
     MAX_AMOUNT,
     validate_entity_id,
@@ -33,13 +34,70 @@ __all__ = [
 
 MAX_REFILL_PERIOD_SECONDS = 10 * 365 * 86400
 
-USAGE_WINDOWS: tuple[str, ...] = ("hourly", "daily")
-
 _LIMIT_FIELDS = ("name", "capacity", "burst", "refill_amount", "refill_period_seconds")
 
 # Canonical non-negative decimals only: int() would also take "+5", " 5", "1_0" and non-ASCII
 # digits, which would make two different stored strings decode to the same limit.
 _ENCODED_LIMIT_RE = re.compile(r"(?:0|[1-9][0-9]{0,15})(?::(?:0|[1-9][0-9]{0,15})){3}", re.ASCII)
+
+# The text form of a Limit (`Limit.parse`, `Limit.spec`); the stored form (`Limit.encode`) is its
+# four numbers, positional, in this order of the keys.
+LIMIT_SYNTAX = (
+    "NAME:CAPACITY/PERIOD[,burst=N][,refill=N] (e.g. rpm:100/minute, tpm:10000/1m,burst=20000) "
+    "or name=NAME,capacity=N,period=P[,burst=N][,refill=N]; PERIOD is seconds or "
+    "second|minute|hour|day, optionally with a count (30s, 5m)"
+)
+_TEXT_KEYS = {  # key in the text form -> Limit field
+    "name": "name",
+    "limit": "name",
+    "capacity": "capacity",
+    "burst": "burst",
+    "refill": "refill_amount",
+    "refill_amount": "refill_amount",
+    "period": "refill_period_seconds",
+    "refill_period": "refill_period_seconds",
+    "refill_period_seconds": "refill_period_seconds",
+}
+_TEXT_SHORT_KEYS = {  # Limit field -> its key in the canonical text form
+    "name": "name",
+    "capacity": "capacity",
+    "burst": "burst",
+    "refill_amount": "refill",
+    "refill_period_seconds": "period",
+}
+_STORED_KEYS = ("capacity", "burst", "refill", "period")
+_PERIOD_UNITS = {
+    "s": 1, "sec": 1, "second": 1, "seconds": 1,
+    "m": 60, "min": 60, "minute": 60, "minutes": 60,
+    "h": 3600, "hr": 3600, "hour": 3600, "hours": 3600,
+    "d": 86400, "day": 86400, "days": 86400,
+}  # fmt: skip
+_PERIOD_NAMES = {1: "second", 60: "minute", 3600: "hour", 86400: "day"}
+_PERIOD_RE = re.compile(r"([0-9]{1,20})?\s*([a-z]*)", re.ASCII)
+_TEXT_INT_RE = re.compile(r"[0-9]+(?:_[0-9]+)*", re.ASCII)
+_TEXT_INT_MAX_CHARS = 40  # far above MAX_AMOUNT's 16 digits; keeps int() away from huge inputs
+
+
+def _text_int(field: str, text: str) -> int:
+    if _TEXT_INT_RE.fullmatch(text) is None:
+        raise ValidationError(field, text, "must be a whole number (digits only)")
+    if len(text) > _TEXT_INT_MAX_CHARS:
+        raise ValidationError(field, text, f"must be at most {MAX_AMOUNT}")
+    return int(text)
+
+
+def _text_period(text: str) -> int:
+    match = _PERIOD_RE.fullmatch(text.strip().lower())
+    if match is None or (match.group(1) is None and not match.group(2)):
+        raise ValidationError(
+            "refill_period_seconds", text, "must be seconds or second|minute|hour|day (30s, 5m)"
+        )
+    count, unit = int(match.group(1) or 1), match.group(2)
+    if unit and unit not in _PERIOD_UNITS:
+        raise ValidationError(
+            "refill_period_seconds", text, f"unknown unit {unit!r} (use s, m, h, d or second..day)"
+        )
+    return count * (_PERIOD_UNITS[unit] if unit else 1)
 
 
 def _check_int(name: str, value: object, lo: int, hi: int) -> None:
@@ -167,22 +225,102 @@ class Limit:
         values: dict[str, Any] = {k: _from_decimal(data[k]) for k in _LIMIT_FIELDS}
         return cls(**values)
 
+    # -- text forms ---------------------------------------------------------------------------
+    #
+    # One grammar, two renderings. `spec`/`parse` is the text people and scripts use
+    # (`rpm:100/minute,burst=150`; see LIMIT_SYNTAX). `encode`/`decode` is the stored form written
+    # into every bucket item (`lm#<limit>`) and stored limit (`limit_def`): the four numbers of
+    # the explicit text form (`capacity=..,burst=..,refill=..,period=..`), positional, in
+    # canonical decimals, without the name (the attribute holds it). The stored form stays
+    # separate because tables, deployed aggregators and older clients hold and compare it byte
+    # for byte; `decode` goes through `parse`, so both accept the same limits.
+
+    SYNTAX: ClassVar[str] = LIMIT_SYNTAX
+
+    @classmethod
+    def parse(cls, text: str) -> Limit:
+        """A limit from its text form (LIMIT_SYNTAX): ``Limit.parse("rpm:100/minute")``,
+        ``Limit.parse("name=tpm,capacity=1000,period=60,burst=2000")``.
+
+        ``Limit.parse(limit.spec) == limit`` for every limit. Bad text raises `ValidationError`
+        naming the field (``capacity``, ``refill_period_seconds``, ...; ``limit`` for the shape).
+        """
+        if not isinstance(text, str):
+            raise ValidationError("limit", text, f"must be a string, not {type(text).__name__}")
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        if not parts:
+            raise ValidationError("limit", text, f"is empty; expected {LIMIT_SYNTAX}")
+        values: dict[str, str] = {}
+        if "=" not in parts[0]:
+            name, colon, rate = parts.pop(0).partition(":")
+            capacity, slash, period = rate.partition("/")
+            if not colon or not slash:
+                raise ValidationError("limit", text, f"expected {LIMIT_SYNTAX}")
+            values = {"name": name.strip(), "capacity": capacity.strip(), "period": period}
+        for part in parts:
+            key, eq, value = part.partition("=")
+            field = _TEXT_KEYS.get(key.strip().lower().replace("-", "_"))
+            if not eq:
+                raise ValidationError("limit", text, f"part {part!r} is not KEY=VALUE")
+            if field is None:
+                known = "name, capacity, period, burst, refill"
+                raise ValidationError("limit", text, f"unknown key {key.strip()!r} (use {known})")
+            short = _TEXT_SHORT_KEYS[field]
+            if short in values:
+                raise ValidationError(field, value, "is given twice")
+            values[short] = value.strip()
+        return cls._from_text(values)
+
+    @classmethod
+    def _from_text(cls, values: dict[str, str]) -> Limit:
+        """The limit of the text form's key/value pairs (keys: name, capacity, burst, refill,
+        period); the one place text becomes numbers."""
+        for key in ("name", "capacity", "period"):
+            if not values.get(key):
+                raise ValidationError(_TEXT_KEYS[key], None, "is missing")
+        capacity = _text_int("capacity", values["capacity"])
+        return cls(
+            name=values["name"],
+            capacity=capacity,
+            burst=_text_int("burst", values["burst"]) if "burst" in values else capacity,
+            refill_amount=(
+                _text_int("refill_amount", values["refill"]) if "refill" in values else capacity
+            ),
+            refill_period_seconds=_text_period(values["period"]),
+        )
+
+    @property
+    def spec(self) -> str:
+        """The canonical text form: ``rpm:100/minute``, ``tpm:1000/30s,burst=2000,refill=500``
+        (burst and refill only when they differ from the capacity)."""
+        period = self.refill_period_seconds
+        text = f"{self.name}:{self.capacity}/{_PERIOD_NAMES.get(period, f'{period}s')}"
+        if self.burst != self.capacity:
+            text += f",burst={self.burst}"
+        if self.refill_amount != self.capacity:
+            text += f",refill={self.refill_amount}"
+        return text
+
     def encode(self) -> str:
-        """Compact ``capacity:burst:refill_amount:refill_period_seconds`` (name excluded: it is
-        part of the attribute name in the bucket item)."""
+        """The stored form ``capacity:burst:refill_amount:refill_period_seconds`` (name excluded:
+        it is part of the attribute name in the bucket item)."""
         return f"{self.capacity}:{self.burst}:{self.refill_amount}:{self.refill_period_seconds}"
 
     @classmethod
     def decode(cls, encoded: str, name: str) -> Limit:
-        """Inverse of :meth:`encode`; the name comes from the attribute the string was read from."""
+        """Inverse of :meth:`encode`; the name comes from the attribute the string was read from.
+
+        Stricter than `parse` (canonical decimals only, so one limit has one stored string), then
+        read as the explicit text form.
+        """
         if not isinstance(encoded, str) or _ENCODED_LIMIT_RE.fullmatch(encoded) is None:
             raise ValidationError(
                 "limit",
                 encoded,
                 "must be 'capacity:burst:refill_amount:refill_period_seconds' in decimal digits",
             )
-        capacity, burst, amount, period = (int(p) for p in encoded.split(":"))
-        return cls(name, capacity, burst, amount, period)
+        numbers = dict(zip(_STORED_KEYS, encoded.split(":"), strict=True))
+        return cls._from_text({"name": name, **numbers})
 
 
 def _from_decimal(value: object) -> object:

@@ -1,15 +1,14 @@
 """Operator functions behind `zae-limiter` recovery commands: inspection, backups, restores.
 
-Kept apart from the click commands (`zae_limiter.cli.ops`) so scripts and other commands (e.g.
-`status`) can call them. Everything here reads and writes through `Repository`; keys come from
-`schema`.
+Kept apart from the click commands (`zae_limiter.cli`) so scripts and other commands (e.g.
+`status`) can call them. Everything here reads and writes through storage (`AdminStorage`,
+`Repository` on DynamoDB); no request is built here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,14 +18,13 @@ from typing import TYPE_CHECKING, Any
 from . import core, schema
 from .exceptions import ZAELimiterError
 from .models import Limit
+from .storage import Item
 
 if TYPE_CHECKING:
-    from .repository import Repository
+    from .storage import AdminStorage, Backup
 
 EXPORT_FORMAT = "zae-limiter-export/1"
 DEFAULT_BACKUP_DIR = "./zae-limiter-backups"
-
-Item = dict[str, dict[str, Any]]
 
 
 def _utcnow() -> datetime:
@@ -133,24 +131,15 @@ def limit_rows(item: Item, now_ms: int) -> list[LimitRow]:
     return rows
 
 
-async def bucket_items(repo: Repository, entity_id: str, resource: str | None = None) -> list[Item]:
-    if resource is not None:
-        response = await repo.call(
-            "get_item",
-            TableName=repo.table_name,
-            Key={
-                schema.PK: {"S": schema.entity_pk(entity_id)},
-                schema.SK: {"S": schema.bucket_sk(resource)},
-            },
-            ConsistentRead=True,
-        )
-        item = response.get("Item")
-        return [item] if item else []
-    return await repo.bucket_items(entity_id)
+async def bucket_items(
+    repo: AdminStorage, entity_id: str, resource: str | None = None
+) -> list[Item]:
+    """The entity's bucket items as stored (of `resource` only, if given)."""
+    return await repo.bucket_items(entity_id, resource)
 
 
 async def reset_buckets(
-    repo: Repository,
+    repo: AdminStorage,
     entity_id: str,
     resource: str | None = None,
     limits: Iterable[str] | None = None,
@@ -186,12 +175,12 @@ def export_path(directory: Path, table: str, label: str = "backup") -> Path:
 
 
 async def export_table(
-    repo: Repository, directory: Path | str = DEFAULT_BACKUP_DIR, label: str = "backup"
+    repo: AdminStorage, directory: Path | str = DEFAULT_BACKUP_DIR, label: str = "backup"
 ) -> dict[str, Any]:
     """Write every item of the table to a JSON file in `directory`; returns its summary."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    items = await repo.scan()
+    items = await repo.export_items()
     record = await repo.get_version_record() or {}
     path = export_path(directory, repo.table_name, label)
     exported_at = _utcnow().isoformat(timespec="seconds").replace("+00:00", "Z")
@@ -252,76 +241,46 @@ def list_exports(directory: Path | str, table: str | None = None) -> list[dict[s
     return sorted(found, key=lambda e: (str(e["created"]), e["id"]), reverse=True)
 
 
-async def import_table(repo: Repository, path: Path | str) -> dict[str, Any]:
+async def import_table(repo: AdminStorage, path: Path | str) -> dict[str, Any]:
     """Make the table hold exactly the items of an export (items not in it are deleted)."""
     document = read_export(path)
     items: list[Item] = list(document.get("items") or [])
-    current = await repo.scan(
-        ProjectionExpression="#pk, #sk",
-        ExpressionAttributeNames={"#pk": schema.PK, "#sk": schema.SK},
-    )
-    wanted = {(i[schema.PK]["S"], i[schema.SK]["S"]) for i in items}
-    stale = [
-        {schema.PK: i[schema.PK], schema.SK: i[schema.SK]}
-        for i in current
-        if (i[schema.PK]["S"], i[schema.SK]["S"]) not in wanted
-    ]
-    await repo.batch_write(puts=items, deletes=stale)
+    deleted = await repo.replace_items(items)
     return {
         "table": repo.table_name,
         "source": str(path),
         "source_table": document.get("table"),
         "restored_items": len(items),
-        "deleted_items": len(stale),
+        "deleted_items": deleted,
         "schema_version": document.get("schema_version"),
     }
 
 
-async def create_backup(repo: Repository, backup_name: str | None = None) -> dict[str, Any]:
-    """An on-demand DynamoDB backup (AWS); returns its summary."""
-    name = backup_name or f"{repo.table_name}-manual-{_stamp()}"
-    name = re.sub(r"[^A-Za-z0-9_.-]", "-", name)[:255]
-    response = await repo.call("create_backup", TableName=repo.table_name, BackupName=name)
-    details = response.get("BackupDetails", {})
-    created = details.get("BackupCreationDateTime")
+def _backup_summary(taken: Backup) -> dict[str, Any]:
     return {
         "kind": "aws-backup",
-        "id": details.get("BackupArn"),
-        "name": details.get("BackupName", name),
-        "table": repo.table_name,
-        "status": details.get("BackupStatus"),
-        "created": created.isoformat() if isinstance(created, datetime) else created,
+        "id": taken.id,
+        "name": taken.name,
+        "table": taken.table,
+        "status": taken.status,
+        "created": taken.created,
     }
 
 
-async def list_backups(repo: Repository) -> list[dict[str, Any]]:
-    found: list[dict[str, Any]] = []
-    start: str | None = None
-    while True:
-        args: dict[str, Any] = {"TableName": repo.table_name}
-        if start:
-            args["ExclusiveStartBackupArn"] = start
-        response = await repo.call("list_backups", **args)
-        for summary in response.get("BackupSummaries", []):
-            created = summary.get("BackupCreationDateTime")
-            found.append(
-                {
-                    "kind": "aws-backup",
-                    "id": summary.get("BackupArn"),
-                    "name": summary.get("BackupName"),
-                    "table": summary.get("TableName"),
-                    "status": summary.get("BackupStatus"),
-                    "created": created.isoformat() if isinstance(created, datetime) else created,
-                    "size_bytes": summary.get("BackupSizeBytes"),
-                }
-            )
-        start = response.get("LastEvaluatedBackupArn")
-        if not start:
-            return found
+async def create_backup(repo: AdminStorage, backup_name: str | None = None) -> dict[str, Any]:
+    """An on-demand DynamoDB backup (AWS); returns its summary."""
+    taken = await repo.create_backup(backup_name or f"{repo.table_name}-manual-{_stamp()}")
+    return _backup_summary(taken)
+
+
+async def list_backups(repo: AdminStorage) -> list[dict[str, Any]]:
+    return [
+        _backup_summary(b) | {"size_bytes": b.size_bytes} for b in await repo.list_backups()
+    ]
 
 
 async def backup(
-    repo: Repository,
+    repo: AdminStorage,
     *,
     local: bool,
     backup_dir: Path | str = DEFAULT_BACKUP_DIR,
@@ -356,7 +315,7 @@ def restore_hints(name: str, region: str, backup_arn: str | None = None) -> list
 # -- versions ---------------------------------------------------------------------------------
 
 
-async def version_status_async(repo: Repository) -> dict[str, Any]:
+async def version_status_async(repo: AdminStorage) -> dict[str, Any]:
     from .version import version_info
 
     return await version_info(repo)

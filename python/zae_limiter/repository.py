@@ -1,22 +1,32 @@
 """DynamoDB I/O: the only module that talks to the table (aioboto3, low-level client).
 
-It knows keys and item layout (through `schema`), retries and capacity accounting. It makes no
-rate-limiting decisions: bucket writes arrive as conditions and values computed by the core.
+`Repository` is the DynamoDB `zae_limiter.storage.Storage`. It knows keys and item layout
+(through `schema`), requests and expressions, DynamoDB's error codes, retries and capacity
+accounting. It makes no rate-limiting decisions: bucket writes arrive as conditions and values
+computed by the core.
+
+Errors leave it translated (callers need no botocore): a missing table is
+`InfrastructureNotFoundError`, an outage (unreachable, throttled past the retries, failing) is
+`RepositoryUnavailable`, any other refusal `StorageError` with DynamoDB's code (the `ClientError`
+is its `__cause__`). `error_code` reads a code where one is still needed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import itertools
 import logging
 import random
+import re
 import secrets
-import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import ROUND_HALF_EVEN, Decimal
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import aioboto3
 import aiohttp
@@ -24,21 +34,46 @@ import botocore.exceptions
 from botocore.config import Config
 
 from . import schema
+from .aggregator.snapshots import WINDOWS, format_window_start
 from .capacity import CapacityLedger, item_size, read_units, write_units
-from .exceptions import EntityExistsError, EntityNotFoundError
-from .models import Entity, Limit
+from .exceptions import (
+    EntityExistsError,
+    EntityNotFoundError,
+    InfrastructureNotFoundError,
+    ValidationError,
+)
+from .local import LOCAL_CREDENTIALS, LOCAL_REGION
+from .models import Entity, Limit, UsageSnapshot
+from .schema import error_code
 from .storage import (
+    Backup,
     BucketItem,
     ConditionFailed,
+    Item,
     LimitState,
     LimitWrite,
     RepositoryUnavailable,
+    Storage,
+    StorageError,
+    StoredLimit,
 )
+from .usage import Moment, check_range, snapshot_order
+
+__all__ = [
+    "Repository",
+    "RetryPolicy",
+    "bucket_from_item",
+    "entity_from_item",
+    "error_code",
+    "is_loopback",
+    "limit_from_item",
+    "snapshot_from_item",
+    "usage_query",
+]
 
 log = logging.getLogger("zae_limiter.repository")
 
 T = TypeVar("T")
-Item = dict[str, dict[str, Any]]
 
 # Errors after which DynamoDB has certainly not applied the request.
 _RETRYABLE_CODES = frozenset(
@@ -57,6 +92,41 @@ _SAFE_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
     botocore.exceptions.EndpointConnectionError,
     botocore.exceptions.ConnectTimeoutError,
 )
+# The table (or, for backups, the table named in the request) does not exist.
+_MISSING_TABLE_CODES = frozenset({"ResourceNotFoundException", "TableNotFoundException"})
+_CONDITION_FAILED = "ConditionalCheckFailedException"
+_TABLE_IN_USE = "ResourceInUseException"
+
+
+def is_loopback(endpoint_url: str | None) -> bool:
+    """True for an endpoint on this host (localhost, 127.0.0.0/8, ::1): a local DynamoDB, which
+    needs neither a region nor real credentials."""
+    if not endpoint_url:
+        return False
+    try:
+        host = urlsplit(endpoint_url if "//" in endpoint_url else f"//{endpoint_url}").hostname
+    except ValueError:
+        return False
+    if host is None:
+        return False
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address.is_loopback
+
+
+class _ConditionCheckFailed(StorageError):
+    """A conditional write was refused; `item` is what DynamoDB returned with the refusal
+    (ReturnValuesOnConditionCheckFailure), if anything. Handled inside this module."""
+
+    def __init__(self, message: str, item: Item | None) -> None:
+        super().__init__(_CONDITION_FAILED, message)
+        self.item = item
 
 
 
@@ -202,6 +272,103 @@ def limit_from_item(item: Item) -> Limit:
     )
 
 
+_STORED_LIMIT_FIELDS = ("capacity", "burst", "refill_amount", "refill_period_seconds")
+
+
+def _tokens(value: Mapping[str, Any]) -> int:
+    # Counters are exact decimals (millitoken precision); the model holds whole tokens.
+    return int(Decimal(str(value["N"])).to_integral_value(rounding=ROUND_HALF_EVEN))
+
+
+def snapshot_from_item(item: Mapping[str, Any]) -> UsageSnapshot:
+    """A `UsageSnapshot` from a snapshot item (low-level form); ValueError if it is not one."""
+    try:
+        resource, window, window_start = schema.parse_usage_sk(item[schema.SK]["S"])
+        entity_id = schema.entity_id_from_pk(item[schema.PK]["S"])
+        counters = {
+            str(limit): _tokens(value)
+            for limit, value in item.get("counters", {}).get("M", {}).items()
+        }
+        updated = item.get("updated_at", {}).get("S")
+    except (KeyError, TypeError, AttributeError, ArithmeticError) as exc:
+        raise ValueError(f"not a usage snapshot item: {exc!r}") from None
+    return UsageSnapshot(
+        entity_id=entity_id,
+        resource=resource,
+        window=window,
+        window_start=window_start,
+        counters=dict(sorted(counters.items())),
+        updated_at=updated,
+    )
+
+
+def usage_query(
+    entity_id: str,
+    resource: str | None = None,
+    window: str | None = None,
+    start: Moment | None = None,
+    end: Moment | None = None,
+) -> dict[str, Any]:
+    """Query arguments (all but TableName and paging) for an entity's usage snapshots.
+
+    `resource=None`: every resource; `window=None`: every window. `start`/`end` select snapshots
+    whose window contains or follows `start` and starts at or before `end` (both inclusive).
+    ValueError for an unknown window or an unreadable time.
+    """
+    lo, hi = check_range(window, start, end)
+    names: dict[str, str] = {"#pk": schema.PK, "#sk": schema.SK}
+    values: dict[str, Any] = {":pk": _s(schema.entity_pk(entity_id))}
+    args: dict[str, Any] = {}
+    if resource is not None and window is not None and lo is not None and hi is not None:
+        # Window starts of one window type sort chronologically, so the key range is exact.
+        values[":lo"] = _s(schema.usage_sk(resource, window, format_window_start(window, lo)))
+        values[":hi"] = _s(schema.usage_sk(resource, window, format_window_start(window, hi)))
+        args["KeyConditionExpression"] = "#pk = :pk AND #sk BETWEEN :lo AND :hi"
+    else:
+        if resource is None:
+            prefix = schema.usage_sk()
+        elif window is None:
+            prefix = schema.usage_sk(resource)
+        else:
+            prefix = schema.usage_sk(resource, window)
+        values[":prefix"] = _s(prefix)
+        args["KeyConditionExpression"] = "#pk = :pk AND begins_with(#sk, :prefix)"
+        clauses: list[str] = []
+        needs_window = resource is None and window is not None
+        if lo is not None or hi is not None or needs_window:
+            # Bounds are compared as window-start strings, which only sort within one window
+            # type: hence one clause per window type.
+            for i, w in enumerate([window] if window is not None else list(WINDOWS)):
+                parts: list[str] = []
+                if window is None or resource is None:
+                    names["#window"] = "window"
+                    values[f":w{i}"] = _s(w)
+                    parts.append(f"#window = :w{i}")
+                if lo is not None:
+                    names["#ws"] = "window_start"
+                    values[f":lo{i}"] = _s(format_window_start(w, lo))
+                    parts.append(f"#ws >= :lo{i}")
+                if hi is not None:
+                    names["#ws"] = "window_start"
+                    values[f":hi{i}"] = _s(format_window_start(w, hi))
+                    parts.append(f"#ws <= :hi{i}")
+                clauses.append("(" + " AND ".join(parts) + ")")
+            args["FilterExpression"] = " OR ".join(clauses)
+    args["ExpressionAttributeNames"] = names
+    args["ExpressionAttributeValues"] = values
+    return args
+
+
+def _iso_time(value: object) -> str | None:
+    if value is None:
+        return None
+    return value.isoformat() if isinstance(value, datetime) else str(value)
+
+
+def _size(value: object) -> int | None:
+    return int(value) if isinstance(value, int | str) and str(value).isdigit() else None
+
+
 class Repository:
     """Async access to one zae-limiter table.
 
@@ -252,13 +419,27 @@ class Repository:
                 self._client = await stack.enter_async_context(
                     self._session.client(
                         "dynamodb",
-                        region_name=self.region,
                         endpoint_url=self.endpoint_url,
                         config=config,
+                        **await self._where(),
                     )
                 )
                 self._stack = stack
         return self._client
+
+    async def _where(self) -> dict[str, Any]:
+        """Region (and, if need be, credentials) of the client. A loopback endpoint (a local
+        DynamoDB) needs neither: the region defaults to us-east-1 and, when botocore finds no
+        credentials, placeholders are used. What the caller or the environment configured wins."""
+        where: dict[str, Any] = {"region_name": self.region}
+        if not is_loopback(self.endpoint_url):
+            return where
+        if self.region is None and self._session.region_name is None:
+            where["region_name"] = LOCAL_REGION
+        # aioboto3's Session.get_credentials returns aiobotocore's coroutine.
+        if await self._session.get_credentials() is None:
+            where.update(LOCAL_CREDENTIALS)
+        return where
 
     async def close(self) -> None:
         stack, self._stack, self._client = self._stack, None, None
@@ -284,7 +465,7 @@ class Repository:
             try:
                 return await method(**kwargs)
             except botocore.exceptions.ClientError as exc:
-                code = exc.response.get("Error", {}).get("Code", "")
+                code = error_code(exc) or ""
                 status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
                 if code in _RETRYABLE_CODES:
                     self.ledger.record(f"{operation}:throttled")
@@ -292,7 +473,10 @@ class Repository:
                     continue
                 if code in _AMBIGUOUS_CODES or status >= 500:
                     raise _Ambiguous(exc) from exc
-                raise
+                raise self._translate(exc, code) from exc
+            except botocore.exceptions.ParamValidationError as exc:
+                # Refused before sending: retrying cannot help.
+                raise StorageError("ParamValidationError", str(exc)) from exc
             except _SAFE_TRANSPORT_ERRORS as exc:
                 if not _never_sent(exc):
                     raise _Ambiguous(exc) from exc
@@ -304,8 +488,17 @@ class Repository:
             f"DynamoDB {operation} failed after {self.retry.max_attempts} attempts: {last}", last
         )
 
+    def _translate(self, exc: botocore.exceptions.ClientError, code: str) -> Exception:
+        message = str(exc.response.get("Error", {}).get("Message", "")) or str(exc)
+        if code in _MISSING_TABLE_CODES:
+            return InfrastructureNotFoundError(self.table_name)
+        if code == _CONDITION_FAILED:
+            return _ConditionCheckFailed(message, exc.response.get("Item"))  # type: ignore[arg-type]
+        return StorageError(code or "UnknownError", message)
+
     async def call(self, operation: str, **kwargs: Any) -> dict[str, Any]:
-        """A call whose effect is idempotent: ambiguous failures are simply retried."""
+        """One raw DynamoDB call whose effect is idempotent: ambiguous failures are simply
+        retried. Errors are translated as everywhere (see the module's docstring)."""
         last: BaseException | None = None
         for attempt in range(self.retry.max_attempts):
             if attempt:
@@ -359,10 +552,8 @@ class Repository:
                 await asyncio.sleep(self.retry.delay(attempt))
             try:
                 response = await self._call("update_item", **kwargs)
-            except botocore.exceptions.ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
-                    raise
-                raw: Item | None = exc.response.get("Item")  # type: ignore[assignment]
+            except _ConditionCheckFailed as exc:
+                raw = exc.item
                 current = bucket_from_item(raw) if raw else None
                 if raw is None:
                     # Older servers do not return the item on failure: one read instead.
@@ -374,6 +565,7 @@ class Repository:
                     return current
                 if sent_unanswered and not _surely_absent(write_id, current, known_ids):
                     raise _unknown_outcome(last) from None
+                self.ledger.conflicts += 1
                 raise ConditionFailed(current) from None
             except _Ambiguous as exc:
                 last = exc.cause
@@ -404,21 +596,26 @@ class Repository:
         conditions: list[str] = []
         for w in writes:
             tk = expr.name(schema.limit_attr(schema.TOKENS, w.limit_name))
-            lr = expr.name(schema.limit_attr(schema.LAST_REFILL, w.limit_name))
-            if w.absolute:
-                sets.append(f"{tk} = {expr.value(_n(w.value))}")
+            if w.unconditional:
+                # ADD, not SET: on a limit reset meanwhile it creates tokens without an anchor,
+                # which reads as a full bucket, as a give-back to a full bucket should.
+                adds.append(f"{tk} {expr.value(_n(w.value))}")
             else:
-                sets.append(f"{tk} = {tk} + {expr.value(_n(w.value))}")
-            if w.absolute or w.new_last_refill_ms != w.expect_last_refill_ms:
-                sets.append(f"{lr} = {expr.value(_n(w.new_last_refill_ms))}")
-            if w.expect_last_refill_ms is None:
-                conditions.append(f"attribute_not_exists({lr})")
-            else:
-                conditions.append(f"{lr} = {expr.value(_n(w.expect_last_refill_ms))}")
-                if w.cond_lo is not None:
-                    conditions.append(f"{tk} >= {expr.value(_n(w.cond_lo))}")
-                if w.cond_hi is not None:
-                    conditions.append(f"{tk} <= {expr.value(_n(w.cond_hi))}")
+                lr = expr.name(schema.limit_attr(schema.LAST_REFILL, w.limit_name))
+                if w.absolute:
+                    sets.append(f"{tk} = {expr.value(_n(w.value))}")
+                else:
+                    sets.append(f"{tk} = {tk} + {expr.value(_n(w.value))}")
+                if w.absolute or w.new_last_refill_ms != w.expect_last_refill_ms:
+                    sets.append(f"{lr} = {expr.value(_n(w.new_last_refill_ms))}")
+                if w.expect_last_refill_ms is None:
+                    conditions.append(f"attribute_not_exists({lr})")
+                else:
+                    conditions.append(f"{lr} = {expr.value(_n(w.expect_last_refill_ms))}")
+                    if w.cond_lo is not None:
+                        conditions.append(f"{tk} >= {expr.value(_n(w.cond_lo))}")
+                    if w.cond_hi is not None:
+                        conditions.append(f"{tk} <= {expr.value(_n(w.cond_hi))}")
             if w.delta_milli:
                 counter = schema.CONSUMED if w.delta_milli > 0 else schema.RELEASED
                 counter_name = expr.name(schema.limit_attr(counter, w.limit_name))
@@ -461,8 +658,22 @@ class Repository:
     async def list_buckets(self, entity_id: str) -> list[BucketItem]:
         return [bucket_from_item(item) for item in await self.bucket_items(entity_id)]
 
-    async def bucket_items(self, entity_id: str) -> list[Item]:
-        """Every bucket item of the entity, as stored (low-level form)."""
+    async def bucket_items(self, entity_id: str, resource: str | None = None) -> list[Item]:
+        """The entity's bucket items (of `resource` only, if given) as stored: low-level form,
+        reset limits included; read consistently."""
+        if resource is not None:
+            response = await self.call(
+                "get_item",
+                TableName=self.table_name,
+                Key={
+                    schema.PK: _s(schema.entity_pk(entity_id)),
+                    schema.SK: _s(schema.bucket_sk(resource)),
+                },
+                ConsistentRead=True,
+            )
+            item: Item | None = response.get("Item")
+            self.ledger.record("GetItem", rcu=read_units(item_size(item), consistent=True))
+            return [item] if item else []
         return await self._query_all(
             KeyConditionExpression="#pk = :pk AND begins_with(#sk, :sk)",
             ExpressionAttributeNames={"#pk": schema.PK, "#sk": schema.SK},
@@ -488,17 +699,20 @@ class Repository:
         for limit_name in names:
             removes.append(expr.name(schema.limit_attr(schema.TOKENS, limit_name)))
             removes.append(expr.name(schema.limit_attr(schema.LAST_REFILL, limit_name)))
-        await self.call(
-            "update_item",
-            TableName=self.table_name,
-            Key={
-                schema.PK: _s(schema.entity_pk(entity_id)),
-                schema.SK: _s(schema.bucket_sk(resource)),
-            },
-            UpdateExpression="REMOVE " + ", ".join(removes),
-            ConditionExpression="attribute_exists(#pk)",
-            ExpressionAttributeNames=expr.names | {"#pk": schema.PK},
-        )
+        try:
+            await self.call(
+                "update_item",
+                TableName=self.table_name,
+                Key={
+                    schema.PK: _s(schema.entity_pk(entity_id)),
+                    schema.SK: _s(schema.bucket_sk(resource)),
+                },
+                UpdateExpression="REMOVE " + ", ".join(removes),
+                ConditionExpression="attribute_exists(#pk)",
+                ExpressionAttributeNames=expr.names | {"#pk": schema.PK},
+            )
+        except _ConditionCheckFailed:
+            return False  # deleted meanwhile
         self.ledger.record("UpdateItem", wcu=write_units(bucket.size))
         return True
 
@@ -528,9 +742,7 @@ class Repository:
                 ConditionExpression="attribute_not_exists(#pk)",
                 ExpressionAttributeNames={"#pk": schema.PK},
             )
-        except botocore.exceptions.ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
-                raise
+        except _ConditionCheckFailed:
             existing = await self.call(
                 "get_item", TableName=self.table_name, ConsistentRead=True,
                 Key={schema.PK: item[schema.PK], schema.SK: item[schema.SK]},
@@ -640,6 +852,84 @@ class Repository:
             },
         )
 
+    async def list_stored_limits(self) -> list[StoredLimit]:
+        """Every stored limit of the table (a consistent Scan: operator tools and migrations).
+        Items this library did not write (a field missing, an invalid limit) are left out."""
+        items = await self.scan(
+            FilterExpression="begins_with(#sk, :prefix)",
+            ExpressionAttributeNames={"#sk": schema.SK},
+            ExpressionAttributeValues={":prefix": _s(schema.LIMIT_PREFIX)},
+        )
+        found: list[StoredLimit] = []
+        for item in items:
+            if not all(f in item for f in _STORED_LIMIT_FIELDS):
+                continue
+            try:
+                limit = limit_from_item(item)
+                resource, _ = schema.parse_limit_sk(_get_s(item, schema.SK) or "")
+            except (ValidationError, ValueError, KeyError, TypeError):
+                continue
+            found.append(
+                StoredLimit(
+                    entity_id=schema.entity_id_from_pk(_get_s(item, schema.PK) or ""),
+                    resource=resource,
+                    limit=limit,
+                    definition=_get_s(item, schema.STORED_LIMIT_DEF),
+                )
+            )
+        return found
+
+    async def set_stored_limit_definition(
+        self, entity_id: str, resource: str, limit: Limit, definition: str | None
+    ) -> bool:
+        """Set (None: remove) the stored limit's `limit_def` copy, only while the item still
+        holds `limit` (a limit replaced or deleted meanwhile must not get a stale copy, nor be
+        recreated by the write); False when it does not."""
+        names = {"#pk": schema.PK, "#def": schema.STORED_LIMIT_DEF} | {
+            f"#{f}": f for f in _STORED_LIMIT_FIELDS
+        }
+        values = {f":{f}": _n(getattr(limit, f)) for f in _STORED_LIMIT_FIELDS}
+        if definition is None:
+            update = "REMOVE #def"
+        else:
+            update = "SET #def = :def"
+            values[":def"] = _s(definition)
+        try:
+            await self.call(
+                "update_item",
+                TableName=self.table_name,
+                Key={
+                    schema.PK: _s(schema.entity_pk(entity_id)),
+                    schema.SK: _s(schema.limit_sk(resource, limit.name)),
+                },
+                UpdateExpression=update,
+                ConditionExpression="attribute_exists(#pk) AND "
+                + " AND ".join(f"#{f} = :{f}" for f in _STORED_LIMIT_FIELDS),
+                ExpressionAttributeNames=names,
+                ExpressionAttributeValues=values,
+            )
+        except _ConditionCheckFailed:
+            return False
+        self.ledger.record("UpdateItem", wcu=1)
+        return True
+
+    # -- usage snapshots --------------------------------------------------------------------
+
+    async def get_usage_snapshots(
+        self,
+        entity_id: str,
+        resource: str | None = None,
+        window: str | None = None,
+        start: Moment | None = None,
+        end: Moment | None = None,
+    ) -> list[UsageSnapshot]:
+        """The entity's usage snapshots (eventually consistent), oldest window start first, then
+        by resource and window (`usage.snapshot_order`); None selects every resource / window.
+        ValueError for an unknown window or an unreadable time, before any request."""
+        args = usage_query(entity_id, resource, window, start, end)
+        items = await self._query_all(consistent=False, **args)
+        return sorted((snapshot_from_item(item) for item in items), key=snapshot_order)
+
     # -- version record ---------------------------------------------------------------------
 
     async def get_version_record(self) -> dict[str, Any] | None:
@@ -686,13 +976,33 @@ class Repository:
         )
         self.ledger.record("UpdateItem", wcu=1)
 
+    async def create_version_record(
+        self, fields: Mapping[str, str], updated_by: str = "zae-limiter"
+    ) -> bool:
+        """Write `SYSTEM#`/`#VERSION` with `fields` only if the table has no version record
+        (one conditional PutItem); False, changing nothing, when it has one."""
+        item: Item = {k: _s(v) for k, v in schema.version_key().items()}
+        item |= {k: _s(v) for k, v in fields.items()}
+        item |= {"updated_at": _s(_utcnow()), "updated_by": _s(updated_by)}
+        try:
+            await self.call(
+                "put_item",
+                TableName=self.table_name,
+                Item=item,
+                ConditionExpression="attribute_not_exists(#pk)",
+                ExpressionAttributeNames={"#pk": schema.PK},
+            )
+        except _ConditionCheckFailed:
+            return False
+        self.ledger.record("PutItem", wcu=write_units(item_size(item)))
+        return True
+
     # -- table ------------------------------------------------------------------------------
 
     async def table_exists(self) -> bool:
-        client = await self.client()
         try:
             await self.call("describe_table", TableName=self.table_name)
-        except client.exceptions.ResourceNotFoundException:
+        except InfrastructureNotFoundError:
             return False
         return True
 
@@ -701,39 +1011,129 @@ class Repository:
         billing_mode: str = "PAY_PER_REQUEST",
         read_capacity: int | None = None,
         write_capacity: int | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> bool:
-        """Create the table from the schema if it is missing; True when it was created."""
-        client = await self.client()
+        """Create the table from `schema.TABLE` if it is missing, tagged with `tags`, and wait
+        until it is ACTIVE; TTL is switched on (also on an existing table whose TTL is off).
+        True when this call created the table.
+
+        The one path that creates a table outside Pulumi: provisioning and
+        `infra.direct.ensure_table` (the CLI's local deploy) both come here.
+        """
+        created = False
+        if not await self.table_exists():
+            kwargs = schema.TABLE.create_table_kwargs(
+                self.table_name, billing_mode, read_capacity, write_capacity
+            )
+            if tags:
+                kwargs["Tags"] = [{"Key": k, "Value": v} for k, v in sorted(tags.items())]
+            try:
+                await self.call("create_table", **kwargs)
+                created = True
+            except StorageError as exc:
+                if exc.code != _TABLE_IN_USE:
+                    raise
+                # created concurrently by someone else: the outcome we wanted
+            client = await self.client()
+            try:
+                await client.get_waiter("table_exists").wait(
+                    TableName=self.table_name, WaiterConfig={"Delay": 1, "MaxAttempts": 60}
+                )
+            except botocore.exceptions.WaiterError as exc:
+                raise RepositoryUnavailable(
+                    f"table {self.table_name} did not become ACTIVE: {exc}", exc
+                ) from exc
+        await self._ensure_ttl()
+        return created
+
+    async def _ensure_ttl(self) -> None:
+        response = await self.call("describe_time_to_live", TableName=self.table_name)
+        status = response.get("TimeToLiveDescription", {}).get("TimeToLiveStatus")
+        if status in ("ENABLED", "ENABLING"):
+            return
         try:
             await self.call(
-                "create_table",
-                **schema.TABLE.create_table_kwargs(
-                    self.table_name, billing_mode, read_capacity, write_capacity
-                ),
+                "update_time_to_live",
+                TableName=self.table_name,
+                TimeToLiveSpecification={"Enabled": True, "AttributeName": schema.TTL_ATTRIBUTE},
             )
-        except client.exceptions.ResourceInUseException:
-            return False
-        waiter = client.get_waiter("table_exists")
-        await waiter.wait(TableName=self.table_name, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
-        await self.call(
-            "update_time_to_live",
-            TableName=self.table_name,
-            TimeToLiveSpecification={"Enabled": True, "AttributeName": schema.TTL_ATTRIBUTE},
-        )
-        return True
+        except StorageError as exc:
+            # A concurrent caller enabled it between our describe and update.
+            if exc.code != "ValidationException" or "already enabled" not in exc.message:
+                raise
 
     async def delete_table(self) -> bool:
-        client = await self.client()
         try:
             await self.call("delete_table", TableName=self.table_name)
-        except client.exceptions.ResourceNotFoundException:
+        except InfrastructureNotFoundError:
             return False
         return True
+
+    # -- whole-table views and backups (operator tools) -------------------------------------
+
+    async def export_items(self) -> list[Item]:
+        """Every item of the table, as stored (a consistent Scan)."""
+        return await self.scan()
+
+    async def replace_items(self, items: Sequence[Item]) -> int:
+        """Make the table hold exactly `items` (put all, delete the others); returns how many
+        other items were deleted."""
+        current = await self.scan(
+            ProjectionExpression="#pk, #sk",
+            ExpressionAttributeNames={"#pk": schema.PK, "#sk": schema.SK},
+        )
+        wanted = {(i[schema.PK]["S"], i[schema.SK]["S"]) for i in items}
+        stale = [
+            {schema.PK: i[schema.PK], schema.SK: i[schema.SK]}
+            for i in current
+            if (i[schema.PK]["S"], i[schema.SK]["S"]) not in wanted
+        ]
+        await self.batch_write(puts=list(items), deletes=stale)
+        return len(stale)
+
+    async def create_backup(self, name: str) -> Backup:
+        """An on-demand backup; characters DynamoDB does not allow in `name` become '-'."""
+        name = re.sub(r"[^A-Za-z0-9_.-]", "-", name)[:255]
+        response = await self.call("create_backup", TableName=self.table_name, BackupName=name)
+        details = response.get("BackupDetails", {})
+        return Backup(
+            id=details.get("BackupArn"),
+            name=details.get("BackupName", name),
+            table=self.table_name,
+            status=details.get("BackupStatus"),
+            created=_iso_time(details.get("BackupCreationDateTime")),
+            size_bytes=_size(details.get("BackupSizeBytes")),
+        )
+
+    async def list_backups(self) -> list[Backup]:
+        """The table's on-demand backups, as DynamoDB lists them."""
+        found: list[Backup] = []
+        start: str | None = None
+        while True:
+            args: dict[str, Any] = {"TableName": self.table_name}
+            if start:
+                args["ExclusiveStartBackupArn"] = start
+            response = await self.call("list_backups", **args)
+            for summary in response.get("BackupSummaries", []):
+                found.append(
+                    Backup(
+                        id=summary.get("BackupArn"),
+                        name=summary.get("BackupName"),
+                        table=summary.get("TableName"),
+                        status=summary.get("BackupStatus"),
+                        created=_iso_time(summary.get("BackupCreationDateTime")),
+                        size_bytes=_size(summary.get("BackupSizeBytes")),
+                    )
+                )
+            start = response.get("LastEvaluatedBackupArn")
+            if not start:
+                return found
 
     # -- helpers ----------------------------------------------------------------------------
 
     async def query(self, **kwargs: Any) -> list[Item]:
-        """Every item of an eventually consistent Query (all pages)."""
+        """Every item of an eventually consistent Query (all pages). Low-level, like `call` and
+        `scan`: not part of `Storage`, for DynamoDB-specific tools and tests."""
         kwargs.pop("TableName", None)
         return await self._query_all(consistent=False, **kwargs)
 
@@ -802,5 +1202,7 @@ class Repository:
                 raise RepositoryUnavailable("BatchWriteItem left unprocessed items")
 
 
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
+
+def _implements_storage(repository: Repository) -> Storage:
+    """Never called: mypy proves here that `Repository` implements every storage Protocol."""
+    return repository

@@ -249,3 +249,18 @@ TABLE: Final = TableDefinition(
 AGGREGATOR_FILTER_PATTERN: Final = {"dynamodb": {"Keys": {SK: {"S": [{"prefix": BUCKET_PREFIX}]}}}}
 
 USAGE_WINDOWS: Final = ("hourly", "daily")
+
+
+def error_code(exc: BaseException | None) -> str | None:
+    """DynamoDB's error code of a botocore `ClientError` (or anything shaped like one), else None.
+
+    Here rather than in `repository`, because the aggregator (a bare Lambda: no aioboto3) reads
+    codes from its own boto3 client too; `repository.error_code` is the same function.
+    """
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        error = response.get("Error")
+        if isinstance(error, dict):
+            code = error.get("Code")
+            return str(code) if code else None
+    return None

@@ -2,16 +2,35 @@
 
 `zae_limiter.repository.Repository` is the DynamoDB implementation; it is the only module that
 knows DynamoDB's error codes, expressions and key formats (through `schema`). A second backend
-implements `Storage` (see docs/design.md, "Storage interface").
+implements `Storage` (see docs/design.md, "Storage interface"); each part is also a Protocol of
+its own, so a component can ask for no more than it uses (the engine: `BucketStorage`).
+
+Errors every implementation raises, whatever its own client library says:
+
+- `RepositoryUnavailable`: the store could not be reached or kept failing within the retry
+  policy (an outage: the limiter's failure mode applies);
+- `zae_limiter.exceptions.InfrastructureNotFoundError`: the table (store) does not exist;
+- `StorageError`: the store refused the request for another reason (its own `code`);
+- `ConditionFailed`: only from `BucketStorage.write_bucket`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .exceptions import RateLimiterUnavailable
+
+if TYPE_CHECKING:
+    from .capacity import CapacityLedger
+    from .models import Entity, Limit, UsageSnapshot
+
+# An item as DynamoDB's low-level clients spell it (`{"S": ...}`, `{"N": ...}`, `{"M": ...}`): the
+# form of the operator tools' raw views and of the JSON export format (`zae_limiter.ops`). A
+# backend that is not DynamoDB produces and accepts its items in this form there.
+Item = dict[str, dict[str, Any]]
 
 
 class RepositoryUnavailable(RateLimiterUnavailable):
@@ -28,6 +47,16 @@ class ConditionFailed(Exception):
     def __init__(self, current: BucketItem | None) -> None:
         super().__init__("bucket condition failed")
         self.current = current
+
+
+class StorageError(Exception):
+    """A request the store refused for a reason other than an outage or a failed condition
+    (e.g. a validation or permission error); `code` is the store's own error code."""
+
+    def __init__(self, code: str, message: str = "") -> None:
+        super().__init__(f"{code}: {message}" if message else code)
+        self.code = code
+        self.message = message
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,21 +93,35 @@ class LimitWrite:
     cond_hi: int | None
     delta_milli: int
     definition: str | None = None  # written when the stored definition differs
+    # `tokens += value` with no condition and the anchor untouched (a give-back: exact in any
+    # state); `absolute`, the anchor and the bounds are then ignored.
+    unconditional: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class StoredLimit:
+    """A stored limit of (entity, resource) with its `limit_def` copy (schema >= 1.1.0)."""
+
+    entity_id: str
+    resource: str
+    limit: Limit
+    definition: str | None = None  # None: the item has no copy
 
 
-class StorageError(Exception):
-    """A request the store refused for a reason other than an outage or a failed condition
-    (e.g. a validation or permission error); `code` is the store's own error code."""
+@dataclass(frozen=True, slots=True)
+class Backup:
+    """An on-demand backup of the table, as the store reports it."""
 
-    def __init__(self, code: str, message: str = "") -> None:
-        super().__init__(f"{code}: {message}" if message else code)
-        self.code = code
+    id: str | None
+    name: str | None
+    table: str | None
+    status: str | None
+    created: str | None  # ISO-8601
+    size_bytes: int | None = None
 
 
-class Storage(Protocol):
-    """The buckets part of storage: what the acquire engine needs (see `Repository`)."""
+class BucketStorage(Protocol):
+    """The buckets: what the acquire engine needs."""
 
     async def get_bucket(self, entity_id: str, resource: str) -> BucketItem | None:
         """The bucket item, read consistently; None when it does not exist."""
@@ -96,3 +139,126 @@ class Storage(Protocol):
         """Apply every limit write of one bucket atomically, exactly once, or raise
         `ConditionFailed` with the current item."""
         ...
+
+
+class EntityStorage(Protocol):
+    """Entities and their stored limits: what the limiter resolves an acquire with."""
+
+    async def put_entity(self, entity: Entity) -> None:
+        """Create the entity; `EntityExistsError` when one with its id exists."""
+        ...
+
+    async def get_entity(self, entity_id: str) -> Entity | None: ...
+
+    async def get_children(self, parent_id: str) -> list[Entity]: ...
+
+    async def delete_entity(self, entity_id: str) -> int:
+        """Delete every item of the entity; `EntityNotFoundError` when it does not exist."""
+        ...
+
+    async def set_limits(self, entity_id: str, resource: str, limits: Sequence[Limit]) -> None:
+        """Replace the stored limits of (entity, resource)."""
+        ...
+
+    async def get_limits(self, entity_id: str, resource: str) -> list[Limit]: ...
+
+    async def get_all_limits(self, entity_id: str) -> dict[str, list[Limit]]: ...
+
+    async def delete_limits(self, entity_id: str, resource: str) -> int: ...
+
+
+class UsageStorage(Protocol):
+    """Usage snapshots (written by the aggregator)."""
+
+    async def get_usage_snapshots(
+        self,
+        entity_id: str,
+        resource: str | None = None,
+        window: str | None = None,
+        start: datetime | str | None = None,
+        end: datetime | str | None = None,
+    ) -> list[UsageSnapshot]:
+        """Snapshots oldest first (by window start, then resource, then window); None: any.
+        `ValueError` for an unknown window or an unreadable time, before any I/O."""
+        ...
+
+
+class AdminStorage(Protocol):
+    """The table itself, its version record, and the operator tools' views and backups."""
+
+    @property
+    def table_name(self) -> str: ...
+
+    @property
+    def ledger(self) -> CapacityLedger: ...
+
+    async def close(self) -> None: ...
+
+    async def table_exists(self) -> bool: ...
+
+    async def create_table(
+        self,
+        billing_mode: str = "PAY_PER_REQUEST",
+        read_capacity: int | None = None,
+        write_capacity: int | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> bool:
+        """Create the table if it is missing (True when this call created it), and wait until
+        it is usable."""
+        ...
+
+    async def delete_table(self) -> bool: ...
+
+    async def get_version_record(self) -> dict[str, Any] | None: ...
+
+    async def set_version_record(
+        self,
+        schema_version: str | None = None,
+        lambda_version: str | None = None,
+        min_client_version: str | None = None,
+        updated_by: str = "zae-limiter",
+        **extra: str,
+    ) -> None: ...
+
+    async def create_version_record(
+        self, fields: Mapping[str, str], updated_by: str = "zae-limiter"
+    ) -> bool:
+        """Write the version record only if there is none; False when there was one."""
+        ...
+
+    async def list_buckets(self, entity_id: str) -> list[BucketItem]: ...
+
+    async def bucket_items(self, entity_id: str, resource: str | None = None) -> list[Item]:
+        """The entity's bucket items as stored (reset limits included), read consistently."""
+        ...
+
+    async def reset_bucket(
+        self, entity_id: str, resource: str, limit_names: Sequence[str] | None = None
+    ) -> bool: ...
+
+    async def list_stored_limits(self) -> list[StoredLimit]:
+        """Every stored limit of every entity (a full read: operator tools and migrations)."""
+        ...
+
+    async def set_stored_limit_definition(
+        self, entity_id: str, resource: str, limit: Limit, definition: str | None
+    ) -> bool:
+        """Set (None: remove) the `limit_def` copy of a stored limit, only while the item still
+        holds `limit`; False when it does not (replaced or deleted meanwhile)."""
+        ...
+
+    async def export_items(self) -> list[Item]:
+        """Every item of the table, read consistently."""
+        ...
+
+    async def replace_items(self, items: Sequence[Item]) -> int:
+        """Make the table hold exactly `items`; returns how many other items were deleted."""
+        ...
+
+    async def create_backup(self, name: str) -> Backup: ...
+
+    async def list_backups(self) -> list[Backup]: ...
+
+
+class Storage(BucketStorage, EntityStorage, UsageStorage, AdminStorage, Protocol):
+    """Everything a storage backend implements (`Repository` is the DynamoDB one)."""

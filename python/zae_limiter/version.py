@@ -23,6 +23,10 @@ Rules, checked in this order (`check_compatibility`):
 A missing record (a table created by hand, or by a version before records existed) is treated as
 compatible and logged: refusing would lock operators out of tables that work. `zae-limiter
 upgrade` writes the record.
+
+A table's first record is written by `write_initial_record` only (directly, or through
+`record_deployment`): this client's schema version and a permissive minimum client version, in
+one conditional write, so concurrent writers cannot overwrite each other's first record.
 """
 
 from __future__ import annotations
@@ -34,7 +38,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
-from . import __version__, schema
+from . import schema
+from ._version import __version__
 from .exceptions import (
     IncompatibleSchemaError,
     MinimumClientVersionError,
@@ -43,7 +48,7 @@ from .exceptions import (
 
 if TYPE_CHECKING:
     from .models import StackOptions
-    from .repository import Repository
+    from .storage import AdminStorage
 
 log = logging.getLogger("zae_limiter.version")
 
@@ -242,7 +247,7 @@ def enforce(compatibility: Compatibility, mode: VersionCheck = "strict") -> Comp
 
 
 async def update_aggregator(
-    repo: Repository,
+    repo: AdminStorage,
     *,
     name: str,
     region: str,
@@ -284,7 +289,7 @@ async def update_aggregator(
 
 
 async def record_deployment(
-    repo: Repository,
+    repo: AdminStorage,
     *,
     client_version: str = CLIENT_VERSION,
     updated_by: str = "zae-limiter deploy",
@@ -295,20 +300,35 @@ async def record_deployment(
     limiter would see the previous `lambda_version` and redeploy again. A table without a record
     also gets its schema version and a permissive minimum client version.
     """
-    existing = await repo.get_version_record()
-    if existing is None:
-        await repo.set_version_record(
-            schema_version=CLIENT_SCHEMA_VERSION,
-            lambda_version=client_version,
-            min_client_version="0.0.0",
-            updated_by=updated_by,
-        )
-    else:
+    if not await write_initial_record(repo, updated_by=updated_by, lambda_version=client_version):
         await repo.set_version_record(lambda_version=client_version, updated_by=updated_by)
 
 
+# The minimum client version of a first record: every client may use the table.
+INITIAL_MIN_CLIENT_VERSION = "0.0.0"
+
+
+async def write_initial_record(
+    repo: AdminStorage, *, updated_by: str, lambda_version: str | None = None
+) -> bool:
+    """Write the version record of a table that has none; False (nothing written) when it has.
+
+    The record says `schema_version` = this client's schema (`schema.SCHEMA_VERSION`) and
+    `min_client_version` 0.0.0; `lambda_version` only when given (an aggregator was just
+    deployed, or a local table, which has none, is current). One conditional write: of
+    concurrent writers exactly one succeeds.
+    """
+    fields = {
+        "schema_version": CLIENT_SCHEMA_VERSION,
+        "min_client_version": INITIAL_MIN_CLIENT_VERSION,
+    }
+    if lambda_version is not None:
+        fields["lambda_version"] = lambda_version
+    return await repo.create_version_record(fields, updated_by=updated_by)
+
+
 async def ensure_compatible(
-    repo: Repository,
+    repo: AdminStorage,
     *,
     mode: VersionCheck = "strict",
     auto_update: bool = False,
@@ -337,7 +357,7 @@ async def ensure_compatible(
     return enforce(compat, mode)
 
 
-async def version_info(repo: Repository, client_version: str = CLIENT_VERSION) -> dict[str, Any]:
+async def version_info(repo: AdminStorage, client_version: str = CLIENT_VERSION) -> dict[str, Any]:
     """The version part of a deployment's status, JSON-able (for `status` and `version`)."""
     record = await repo.get_version_record()
     compat = check_compatibility(record, client_version)

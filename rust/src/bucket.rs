@@ -52,6 +52,9 @@ pub enum WriteMode {
     Relative = 1,
     /// `tokens = write_value`, anchor set to `new_last_refill_ms`.
     Absolute = 2,
+    /// `tokens += write_value` with no condition and the anchor untouched: a give-back, exact
+    /// whatever the stored state (a bucket never holds more than its burst when read).
+    Add = 3,
 }
 
 impl WriteMode {
@@ -61,6 +64,7 @@ impl WriteMode {
             WriteMode::None => 0,
             WriteMode::Relative => 1,
             WriteMode::Absolute => 2,
+            WriteMode::Add => 3,
         }
     }
 }
@@ -110,6 +114,29 @@ fn lower_bound(v: i128) -> CoreResult<Option<i64>> {
         Ok(None)
     } else {
         fit(v).map(Some)
+    }
+}
+
+/// The refill a full bucket may forfeit when a write re-anchors it: one token or 1% of the burst.
+const FORFEIT_DIVISOR: i128 = 100;
+const ONE_TOKEN_MILLI: i128 = 1000;
+
+/// The epoch of a limit, in ms: the longest whole number of quanta whose refill is at most
+/// `max(1 token, burst / 100)`, at least one quantum, at most `max(reanchor_ms, one quantum)`.
+fn epoch_ms(r: &Rate, reanchor_ms: i64) -> CoreResult<i128> {
+    let budget = div(r.burst, FORFEIT_DIVISOR)?.max(ONE_TOKEN_MILLI);
+    let quanta = div(budget, r.step_milli)?.max(1);
+    let longest = i128::from(reanchor_ms).max(r.step_ms);
+    Ok(mul(quanta, r.step_ms)?.min(longest))
+}
+
+/// The first epoch boundary at or after `now` (`now >= 0`, `epoch > 0`).
+fn epoch_start(now: i128, epoch: i128) -> CoreResult<i128> {
+    let floor = mul(div(now, epoch)?, epoch)?;
+    if floor == now {
+        Ok(now)
+    } else {
+        add(floor, epoch)
     }
 }
 
@@ -437,23 +464,29 @@ fn write(
         return Ok(());
     }
 
+    if delta < 0 {
+        // A give-back commutes with every other write: adding tokens is exact in any state,
+        // since reading caps at burst. No condition, so concurrent writers never conflict.
+        o.write_mode = WriteMode::Add;
+        o.write_value = fit(sub(0, delta)?)?;
+        o.new_tokens_milli = fit(sub(v.tokens, delta)?)?;
+        o.new_last_refill_ms = fit(v.last)?;
+        return Ok(());
+    }
+
     let cap_point = add(sub(r.burst, v.added)?, delta.min(0))?;
     if v.tokens >= cap_point {
-        // Full now (or a release fills it): rewrite absolutely. Within the reanchor interval the
-        // anchor stays, so that concurrent writers' `last_refill` conditions still hold: a busy
-        // bucket hovering at full would otherwise make every other writer retry.
+        // Full now: the refill past the burst is lost, so the write must be absolute. It
+        // re-anchors the bucket at the next epoch boundary, deferring its refill until then: the
+        // writes that follow within the epoch see a bucket that cannot fill up again, so they
+        // are relative and concurrent writers all apply without invalidating each other. The
+        // refill forfeited is at most one epoch's (`epoch_ms`).
+        let anchor = epoch_start(i128::from(now_ms), epoch_ms(r, reanchor_ms)?)?;
         o.write_mode = WriteMode::Absolute;
         o.cond_lo = lower_bound(cap_point)?;
-        if v.elapsed < i128::from(reanchor_ms) {
-            let value = fit(sub(i128::from(absolute_value), v.added)?)?;
-            o.write_value = value;
-            o.new_tokens_milli = value;
-            o.new_last_refill_ms = fit(v.last)?;
-        } else {
-            o.write_value = absolute_value;
-            o.new_tokens_milli = absolute_value;
-            o.new_last_refill_ms = now_ms;
-        }
+        o.write_value = absolute_value;
+        o.new_tokens_milli = absolute_value;
+        o.new_last_refill_ms = fit(anchor)?;
         return Ok(());
     }
 

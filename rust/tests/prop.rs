@@ -129,7 +129,9 @@ fn minus_capped(avail: i64, b: &BucketInput) -> i64 {
 /// Apply an outcome's write to a stored state `(tokens, last)` (None: tokens leave i64).
 fn apply(o: &Outcome, tokens: i64) -> Option<(i64, i64)> {
     match o.write_mode {
-        WriteMode::Relative => Some((tokens.checked_add(o.write_value)?, o.new_last_refill_ms)),
+        WriteMode::Relative | WriteMode::Add => {
+            Some((tokens.checked_add(o.write_value)?, o.new_last_refill_ms))
+        }
         WriteMode::Absolute => Some((o.write_value, o.new_last_refill_ms)),
         WriteMode::None => panic!("no write"),
     }

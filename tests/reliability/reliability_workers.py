@@ -127,3 +127,44 @@ async def _mixed(
         await lease.release(**{name: 1})
         ops["release"] += 1
         ledger["released"] += 1
+
+
+# The hot-bucket workload of an LLM gateway's big tenant: limits far from exhausted, so every
+# denial would be a false one (see test_hot_bucket.py).
+HOT_LIMITS = (Limit.per_day("rpm", 10**7), Limit.per_day("tpm", 10**9))
+HOT_ESTIMATE = 100
+HOT_EXTRA = 20
+
+
+def run_hot_worker(endpoint_url: str, table: str, entity_id: str, tasks: int,
+                   attempts: int) -> dict[str, Any]:
+    return asyncio.run(hot_worker(endpoint_url, table, entity_id, tasks, attempts))
+
+
+async def hot_worker(endpoint_url: str, table: str, entity_id: str, tasks: int,
+                     attempts: int) -> dict[str, Any]:
+    """`tasks` concurrent tasks, each `attempts` times: acquire(rpm 1, tpm 100), adjust(tpm +20)."""
+    ops: Counter[str] = Counter()
+    async with RateLimiter(name=table, endpoint_url=endpoint_url) as limiter:
+
+        async def task() -> None:
+            for _ in range(attempts):
+                ops["acquire"] += 1
+                try:
+                    async with limiter.acquire(
+                        entity_id, RESOURCE, list(HOT_LIMITS), {"rpm": 1, "tpm": HOT_ESTIMATE}
+                    ) as lease:
+                        ops["admitted"] += 1
+                        await lease.adjust(tpm=HOT_EXTRA)
+                        ops["adjusted"] += 1
+                except RateLimitExceeded as exc:
+                    ops["denied"] += 1
+                    ops["denied_with_violation"] += int(bool(exc.violations))
+                except RateLimiterUnavailable:
+                    ops["unavailable"] += 1
+
+        await asyncio.gather(*(task() for _ in range(tasks)))
+        ops["conflicts"] = limiter.ledger.conflicts
+        ops["update_calls"] = limiter.ledger.calls["UpdateItem"]
+        ops["get_calls"] = limiter.ledger.calls["GetItem"]
+    return dict(ops)

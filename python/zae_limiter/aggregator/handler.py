@@ -32,7 +32,7 @@ from .snapshots import (
 
 logger = logging.getLogger("zae_limiter.aggregator")
 
-DEFAULT_WINDOWS: Final = "hourly,daily"
+DEFAULT_WINDOWS: Final = ",".join(schema.USAGE_WINDOWS)
 DEFAULT_TTL_DAYS: Final = 90
 
 # Snapshot item attributes written here (and read by zae_limiter.usage).
@@ -56,16 +56,6 @@ def log_event(level: int, message: str, **fields: Any) -> None:
 
 class SnapshotConflictError(RuntimeError):
     """Too many concurrent writers kept winning the race for one snapshot."""
-
-
-def _error_code(exc: BaseException) -> str | None:
-    response = getattr(exc, "response", None)
-    if isinstance(response, Mapping):
-        error = response.get("Error")
-        if isinstance(error, Mapping):
-            code = error.get("Code")
-            return str(code) if code is not None else None
-    return None
 
 
 # ---------------------------------------------------------------------------
@@ -184,7 +174,7 @@ class SnapshotTable:
                 self.client.put_item(TableName=self.table_name, Item=new_item, **condition)
                 return True
             except Exception as exc:
-                if _error_code(exc) != "ConditionalCheckFailedException":
+                if schema.error_code(exc) != "ConditionalCheckFailedException":
                     raise
             # Jittered backoff so that racing writers stop colliding in lockstep.
             time.sleep(random.uniform(0, 0.01 * 2**attempt))

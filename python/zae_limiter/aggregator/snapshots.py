@@ -38,7 +38,7 @@ from .. import schema
 
 HOURLY: Final = "hourly"
 DAILY: Final = "daily"
-WINDOWS: Final[tuple[str, ...]] = (HOURLY, DAILY)
+WINDOWS: Final[tuple[str, ...]] = schema.USAGE_WINDOWS  # the one definition
 _FORMATS: Final = {HOURLY: "%Y-%m-%dT%H:00Z", DAILY: "%Y-%m-%d"}
 _LENGTHS: Final = {HOURLY: timedelta(hours=1), DAILY: timedelta(days=1)}
 

@@ -7,72 +7,38 @@ with boto3 (`zae_limiter.infra.direct`): no Pulumi, no Lambda, no alarms.
 
 from __future__ import annotations
 
-import functools
-import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import Any
 
 import click
-from rich.console import Console
 
-from .. import schema
-from ..exceptions import InfrastructureNotFoundError, ZAELimiterError
-from ..infra import InfraOptions, alarm_names, validate_deployment_name
+from .. import ops, schema
+from ..infra import InfraOptions, alarm_names
 from . import main
-from .render import emit_json, kv_table
+from .toolkit import (
+    Output,
+    Target,
+    confirm,
+    fields_table,
+    key_values,
+    not_found,
+    target_options,
+)
 
-if TYPE_CHECKING:
-    # boto3-stubs[dynamodb] is a dev dependency; without it the client is simply untyped.
-    from mypy_boto3_dynamodb import DynamoDBClient  # type: ignore[import-not-found,unused-ignore]
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-DEFAULT_REGION_ENV = "AWS_DEFAULT_REGION"
-
-
-def _console() -> Console:
-    # Built per call: CliRunner swaps sys.stdout, and a module-level Console would keep the old one.
-    return Console(highlight=False, soft_wrap=True)
-
-
-def _default_region() -> str:
-    return os.environ.get(DEFAULT_REGION_ENV) or os.environ.get("AWS_REGION") or "us-east-1"
+_NAME_HELP = "Deployment name: table ZAEL-<name>, stack ZAEL-<name>."
+_ENDPOINT_HELP = (
+    "A local DynamoDB (moto, DynamoDB Local): manage the table directly, without Pulumi."
+)
 
 
-def _friendly_errors(fn: Callable[P, R]) -> Callable[P, R]:
-    """Expected failures become one readable line and a non-zero exit, not a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return fn(*args, **kwargs)
-        except click.ClickException:
-            raise
-        except (ZAELimiterError, ValueError, FileExistsError) as exc:
-            raise click.ClickException(str(exc)) from exc
-        except Exception as exc:
-            # botocore's errors, without importing botocore for the isinstance check.
-            if type(exc).__module__.startswith(("botocore", "boto3")):
-                raise click.ClickException(f"{type(exc).__name__}: {exc}") from exc
-            raise
-
-    return wrapper
+def _target_options(*, json_output: bool = False) -> Callable[[Callable[..., Any]], Any]:
+    return target_options(
+        json_output=json_output, name_help=_NAME_HELP, endpoint_help=_ENDPOINT_HELP
+    )
 
 
-def _common(fn: Callable[P, R]) -> Callable[P, R]:
-    fn = click.option("--endpoint-url", default=None, metavar="URL",
-                      help="A local DynamoDB (moto, DynamoDB Local): manage the table directly, "
-                           "without Pulumi.")(fn)
-    fn = click.option("--region", default=_default_region, show_default="$AWS_DEFAULT_REGION or "
-                      "us-east-1", help="AWS region.")(fn)
-    fn = click.option("--name", required=True,
-                      help="Deployment name: table ZAEL-<name>, stack ZAEL-<name>.")(fn)
-    return fn
-
-
-def _stack_options(fn: Callable[P, R]) -> Callable[P, R]:
+def _stack_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     # Every flag defaults to None ("not given") so InfraOptions' defaults stay the only defaults.
     flags: list[Callable[[Callable[..., Any]], Callable[..., Any]]] = [
         click.option("--aggregator/--no-aggregator", default=None,
@@ -120,7 +86,7 @@ def _build_options(values: dict[str, Any]) -> InfraOptions:
     for key, value in values.items():
         if key == "tags":
             if value:
-                given["tags"] = _parse_tags(value)
+                given["tags"] = key_values(value, "--tag")
         elif key == "no_pitr":
             if value:
                 given["pitr_recovery_days"] = None
@@ -129,96 +95,29 @@ def _build_options(values: dict[str, Any]) -> InfraOptions:
     return InfraOptions.from_dict(given)
 
 
-def _parse_tags(pairs: tuple[str, ...]) -> dict[str, str]:
-    tags: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--tag")
-        tags[key] = value
-    return tags
-
-
-def _dynamodb(endpoint_url: str, region: str) -> DynamoDBClient:
-    import boto3
-
-    session = boto3.Session(region_name=region)
-    # Local endpoints accept any credentials; don't make people configure real ones for them.
-    placeholder = "local" if session.get_credentials() is None else None
-    return session.client(
-        "dynamodb",
-        endpoint_url=endpoint_url,
-        aws_access_key_id=placeholder,
-        aws_secret_access_key=placeholder,
-    )
-
-
 def _print_engine(line: str) -> None:
     click.echo(line.rstrip("\n"), err=True)
 
 
-
-# -- commands ----------------------------------------------------------------------------------
-
-
-@main.command()
-@_common
-@_stack_options
-@_friendly_errors
-def deploy(name: str, region: str, endpoint_url: str | None, **option_values: Any) -> None:
-    """Create or update the deployment (table, aggregator, alarms)."""
-    short = validate_deployment_name(name)
-    options = _build_options(option_values)
-    console = _console()
-    if endpoint_url:
-        from ..infra import direct
-
-        created = direct.ensure_table(_dynamodb(endpoint_url, region), short, options)
-        verb = "created" if created else "already exists:"
-        console.print(f"table {schema.table_name(short)} {verb} at {endpoint_url}")
-        if options.aggregator:
-            console.print("local endpoint: table only (no aggregator Lambda, queue or alarms)")
-        _record_deployment(short, region, endpoint_url)
-        return
-    from ..infra import automation
-
-    automation.require_pulumi()
-    console.print(f"deploying stack {schema.stack_name(short)} in {region} ...")
-    outputs = automation.deploy(short, region, options, on_output=_print_engine)
-    _record_deployment(short, region, None)
-    console.print(kv_table(f"{schema.stack_name(short)} deployed", outputs))
-
-
-def _record_deployment(short: str, region: str, endpoint_url: str | None) -> None:
+def _record_deployment(target: Target) -> None:
     """Write the version record: the Pulumi program does not, and limiters check it."""
-    import asyncio
-
-    from ..repository import Repository
     from ..version import record_deployment
 
-    async def go() -> None:
-        async with Repository(schema.table_name(short), region, endpoint_url) as repo:
-            await record_deployment(repo)
-
-    asyncio.run(go())
+    target.run(record_deployment)
 
 
-def _version_part(short: str, region: str, endpoint_url: str | None) -> dict[str, Any]:
-    from ..ops import version_status
-
+def _version_part(target: Target) -> dict[str, Any]:
     try:
-        return version_status(short, region, endpoint_url)
+        return target.run(ops.version_status_async)
     except Exception as exc:  # status must still show the rest when the record cannot be read
         return {"error": str(exc)}
 
 
-def _dlq_depth(region: str, dlq_url: object) -> object:
+def _dlq_depth(target: Target, dlq_url: object) -> object:
     if not isinstance(dlq_url, str) or not dlq_url:
         return None
-    import boto3
-
     try:
-        attrs = boto3.client("sqs", region_name=region).get_queue_attributes(
+        attrs = target.client("sqs").get_queue_attributes(
             QueueUrl=dlq_url, AttributeNames=["ApproximateNumberOfMessages"]
         )["Attributes"]
         return int(attrs["ApproximateNumberOfMessages"])
@@ -226,131 +125,135 @@ def _dlq_depth(region: str, dlq_url: object) -> object:
         return f"unavailable: {exc}"
 
 
+# -- commands ----------------------------------------------------------------------------------
+
+
 @main.command()
-@_common
+@_target_options()
 @_stack_options
-@_friendly_errors
-def preview(name: str, region: str, endpoint_url: str | None, **option_values: Any) -> None:
-    """Show what `deploy` would change, without changing anything."""
-    short = validate_deployment_name(name)
+def deploy(target: Target, out: Output, **option_values: Any) -> None:
+    """Create or update the deployment (table, aggregator, alarms)."""
     options = _build_options(option_values)
-    if endpoint_url:
+    if target.endpoint_url:
+        from ..infra import direct
+
+        created = direct.ensure_table(target.client("dynamodb"), target.name, options)
+        verb = "created" if created else "already exists:"
+        lines = [f"table {target.table} {verb} at {target.endpoint_url}"]
+        if options.aggregator:
+            lines.append("local endpoint: table only (no aggregator Lambda, queue or alarms)")
+        _record_deployment(target)
+        out.show(None, *lines)
+        return
+    from ..infra import automation
+
+    automation.require_pulumi()
+    out.note(f"deploying stack {target.stack} in {target.region} ...")
+    outputs = automation.deploy(target.name, target.region, options, on_output=_print_engine)
+    _record_deployment(target)
+    out.show(outputs, fields_table(f"{target.stack} deployed", outputs))
+
+
+@main.command()
+@_target_options()
+@_stack_options
+def preview(target: Target, out: Output, **option_values: Any) -> None:
+    """Show what `deploy` would change, without changing anything."""
+    options = _build_options(option_values)
+    if target.endpoint_url:
         raise click.ClickException("preview needs Pulumi; it has no meaning for --endpoint-url")
     from ..infra import automation
 
     automation.require_pulumi()
-    summary = automation.preview(short, region, options, on_output=_print_engine)
-    _console().print(kv_table(f"{schema.stack_name(short)}: planned changes", summary))
+    summary = automation.preview(target.name, target.region, options, on_output=_print_engine)
+    out.show(summary, fields_table(f"{target.stack}: planned changes", summary))
 
 
 @main.command()
-@_common
-@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
-@_friendly_errors
-def status(name: str, region: str, endpoint_url: str | None, as_json: bool) -> None:
+@_target_options(json_output=True)
+def status(target: Target, out: Output) -> None:
     """Show the deployment: table, stack outputs, last update."""
-    short = validate_deployment_name(name)
-    if endpoint_url:
+    if target.endpoint_url:
         from ..infra import direct
 
-        info = direct.describe(_dynamodb(endpoint_url, region), short)
-        if info["exists"]:
-            info["version"] = _version_part(short, region, endpoint_url)
-        if as_json:
-            emit_json(info)
-            if not info["exists"]:
-                raise SystemExit(1)
-            return
+        info = direct.describe(target.client("dynamodb"), target.name)
         if not info["exists"]:
-            raise click.ClickException(
-                f"table {info['table_name']} does not exist at {endpoint_url}"
-            )
-        version = info.pop("version", {})
-        _console().print(kv_table(f"table {info['table_name']}", info))
-        _console().print(kv_table("versions", version))
+            out.fail(info, not_found(f"table {target.table}", target))
+        info["version"] = _version_part(target)
+        table = {k: v for k, v in info.items() if k != "version"}
+        out.show(
+            info,
+            fields_table(f"table {info['table_name']}", table),
+            fields_table("versions", info["version"]),
+        )
         return
     from ..infra import automation
 
     automation.require_pulumi()
-    try:
-        info = automation.status(short, region)
-    except InfrastructureNotFoundError as exc:
-        raise click.ClickException(
-            f"{exc} (deploy it with: zae-limiter deploy --name {short})"
-        ) from exc
-    info["version"] = _version_part(short, region, None)
-    info["dlq_depth"] = _dlq_depth(region, info.get("outputs", {}).get("dlq_url"))
-    if as_json:
-        emit_json(info)
-        return
-    console = _console()
-    console.print(kv_table("versions", info["version"]))
-    console.print(f"aggregator DLQ depth: {info['dlq_depth']}")
-    console.print(kv_table(f"stack {info['stack']} ({info['region']})", info["outputs"]))
-    if info["options"]:
-        console.print(kv_table("options (non-default)", info["options"]))
+    info = automation.status(target.name, target.region)  # a missing stack: cli_errors' advice
+    info["version"] = _version_part(target)
+    info["dlq_depth"] = _dlq_depth(target, info.get("outputs", {}).get("dlq_url"))
     last = info.get("last_update")
-    if last:
-        console.print(f"last update: {last['kind']} {last['result']} at {last['ended']}")
+    out.show(
+        info,
+        fields_table("versions", info["version"]),
+        f"aggregator DLQ depth: {info['dlq_depth']}",
+        fields_table(f"stack {info['stack']} ({info['region']})", info["outputs"]),
+        *([fields_table("options (non-default)", info["options"])] if info["options"] else []),
+        *([f"last update: {last['kind']} {last['result']} at {last['ended']}"] if last else []),
+    )
 
 
 @main.command()
-@_common
+@_target_options()
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-@_friendly_errors
-def delete(name: str, region: str, endpoint_url: str | None, yes: bool) -> None:
+def delete(target: Target, out: Output, yes: bool) -> None:
     """Delete the deployment. A table with deletion protection is kept."""
-    short = validate_deployment_name(name)
-    table = schema.table_name(short)
-    console = _console()
-    if endpoint_url:
+    if target.endpoint_url:
         from ..infra import direct
 
-        if not yes:
-            click.confirm(f"Delete table {table} and all its data at {endpoint_url}?", abort=True)
-        deleted = direct.delete_table(_dynamodb(endpoint_url, region), short)
-        console.print(f"table {table} deleted" if deleted else f"table {table} did not exist")
+        confirm(yes, f"Delete table {target.table} and all its data at {target.endpoint_url}?")
+        deleted = direct.delete_table(target.client("dynamodb"), target.name)
+        out.show(None, f"table {target.table} " + ("deleted" if deleted else "did not exist"))
         return
     from ..infra import automation
 
     automation.require_pulumi()
-    if not yes:
-        click.confirm(
-            f"Destroy stack {schema.stack_name(short)} in {region} (Lambda, queue, alarms, and the "
-            f"table unless it has deletion protection)?",
-            abort=True,
-        )
-    automation.destroy(short, region, on_output=_print_engine)
-    console.print(f"stack {schema.stack_name(short)} destroyed")
-    console.print(
-        f"a table with deletion protection ({table}) is retained with its data; "
-        f"redeploy with --adopt-existing-table to manage it again, or delete it in AWS"
+    confirm(
+        yes,
+        f"Destroy stack {target.stack} in {target.region} (Lambda, queue, alarms, and the "
+        f"table unless it has deletion protection)?",
+    )
+    automation.destroy(target.name, target.region, on_output=_print_engine)
+    out.show(
+        None,
+        f"stack {target.stack} destroyed",
+        f"a table with deletion protection ({target.table}) is retained with its data; "
+        f"redeploy with --adopt-existing-table to manage it again, or delete it in AWS",
     )
 
 
 @main.command("pulumi-program")
-@_common
+@_target_options()
 @_stack_options
 @click.option("--output", "output", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory to write the Pulumi project to.")
 @click.option("--force", is_flag=True, help="Overwrite an existing project in the directory.")
-@_friendly_errors
-def pulumi_program(name: str, region: str, endpoint_url: str | None, output: Path, force: bool,
+def pulumi_program(target: Target, out: Output, output: Path, force: bool,
                    **option_values: Any) -> None:
     """Write a standalone Pulumi project for the deployment, to run `pulumi up` by hand."""
-    short = validate_deployment_name(name)
     options = _build_options(option_values)
-    if endpoint_url:
+    if target.endpoint_url:
         raise click.ClickException("--endpoint-url does not apply to a Pulumi program")
     if (output / "Pulumi.yaml").exists() and not force:
         raise click.ClickException(f"{output / 'Pulumi.yaml'} exists; use --force to overwrite")
     from ..infra import automation
 
-    written = automation.write_program(output, short, region, options)
-    console = _console()
-    console.print(f"wrote Pulumi project for {schema.stack_name(short)} to {output}:")
-    for path in written:
-        console.print(f"  {path.name}")
-    console.print(f"alarms: {', '.join(alarm_names(short, options.aggregator).values())}")
-    console.print(f"next: cd {output} && pulumi stack select --create {schema.stack_name(short)}"
-                  " && pulumi up")
+    written = automation.write_program(output, target.name, target.region, options)
+    out.show(
+        None,
+        f"wrote Pulumi project for {target.stack} to {output}:",
+        *(f"  {path.name}" for path in written),
+        f"alarms: {', '.join(alarm_names(target.name, options.aggregator).values())}",
+        f"next: cd {output} && pulumi stack select --create {target.stack} && pulumi up",
+    )

@@ -2,41 +2,58 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
+import signal
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+from typing import Any
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from ..demo import DemoReport
-from ..local import LOCAL_CREDENTIALS, LocalDynamoDB
+from ..local import LOCAL_REGION, LocalDynamoDB
 from . import main
+from .toolkit import Target, cli_errors, console, markup, new_table, use_target
 
-console = Console()
 
+@contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """`kill <pid>` stops the server like Ctrl+C does (the moto child is stopped too)."""
 
-def _local_credentials() -> None:
-    # moto accepts anything; without these botocore would look for (and maybe use) real ones.
-    os.environ.setdefault("AWS_ACCESS_KEY_ID", LOCAL_CREDENTIALS["aws_access_key_id"])
-    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", LOCAL_CREDENTIALS["aws_secret_access_key"])
-    os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @main.command()
 @click.option("--port", type=int, default=None, help="Port on 127.0.0.1 (default: a free one).")
+@cli_errors
 def local(port: int | None) -> None:
     """Serve an embedded DynamoDB (moto) on 127.0.0.1 until interrupted."""
-    with LocalDynamoDB(port=port) as db:
-        console.print(f"[bold green]DynamoDB endpoint:[/] {db.endpoint_url}")
-        console.print(f"  try: zae-limiter demo --endpoint-url {db.endpoint_url}")
-        console.print("Press Ctrl+C to stop.")
+    out = console()
+    with _stop_on_sigterm(), LocalDynamoDB(port=port) as db:
         try:
+            out.print(markup(f"[bold green]DynamoDB endpoint:[/] {db.endpoint_url}"))
+            out.print(f"  try: zae-limiter demo --endpoint-url {db.endpoint_url}")
+            out.print("Press Ctrl+C to stop.")
             while db.running:
                 time.sleep(0.5)
         except KeyboardInterrupt:
-            pass
+            return
+        raise click.ClickException(
+            f"the embedded DynamoDB on {db.endpoint_url} stopped unexpectedly"
+            f" (exit code {db.returncode})"
+        )
 
 
 @main.command()
@@ -49,62 +66,87 @@ def local(port: int | None) -> None:
 @click.option("--keys", default=3, show_default=True, help="API keys under the project.")
 @click.option("--clients", default=2, show_default=True, help="Concurrent clients per key.")
 @click.option("--requests", default=12, show_default=True, help="Requests per client.")
+@cli_errors
 def demo(name: str, endpoint_url: str | None, keys: int, clients: int, requests: int) -> None:
     """Run an LLM-gateway workload on an embedded DynamoDB and summarize it."""
-    _local_credentials()
     if endpoint_url is not None:
-        _run_demo(name, endpoint_url, keys, clients, requests)
+        _run_demo(use_target(Target.of(name, LOCAL_REGION, endpoint_url)), keys, clients, requests)
         return
-    with console.status("Starting the embedded DynamoDB..."), LocalDynamoDB() as db:
-        console.print(f"Embedded DynamoDB on [bold]{db.endpoint_url}[/]")
-        _run_demo(name, db.endpoint_url, keys, clients, requests)
+    out = console()
+    db = LocalDynamoDB()
+    with out.status("Starting the embedded DynamoDB..."):
+        db.start()
+    with db:
+        out.print(markup(f"Embedded DynamoDB on [bold]{db.endpoint_url}[/]"))
+        target = use_target(Target.of(name, LOCAL_REGION, db.endpoint_url))
+        _run_demo(target, keys, clients, requests)
 
 
-def _run_demo(name: str, endpoint_url: str, keys: int, clients: int, requests: int) -> None:
+def _run_demo(target: Target, keys: int, clients: int, requests: int) -> None:
     from .. import BACKEND
-    from ..demo import run_workload
-    from ..limiter import RateLimiter
+    from ..demo import PROJECT, run_workload
     from ..models import StackOptions
 
-    async def go() -> object:
-        async with RateLimiter(
-            name=name, endpoint_url=endpoint_url, stack_options=StackOptions()
-        ) as limiter:
-            return await run_workload(
-                limiter, keys=keys, clients_per_key=clients, requests_per_client=requests
-            )
-
+    out = console()
     started = time.monotonic()
-    report = asyncio.run(go())
-    elapsed = time.monotonic() - started
-    assert isinstance(report, DemoReport)
-    console.print(
-        f"\n[bold]{report.acquires}[/] chat requests from {keys * clients} concurrent clients "
-        f"on {keys} API keys of project [bold]acme-project[/] "
-        f"(core: {BACKEND}, {elapsed:.1f}s)\n"
+    with out.status(f"Running {keys * clients * requests} requests..."):
+        report = target.run_limiter(
+            lambda limiter: run_workload(
+                limiter, keys=keys, clients_per_key=clients, requests_per_client=requests
+            ),
+            stack_options=StackOptions(),
+            version_check="strict",
+        )
+        elapsed = time.monotonic() - started
+        usage = _usage(target, report)
+    out.print(
+        markup(
+            f"\n[bold]{report.acquires}[/] chat requests from {keys * clients} concurrent clients "
+            f"on {keys} API keys of project [bold]{PROJECT}[/] "
+            f"(core: {BACKEND}, {elapsed:.1f}s)\n"
+        )
     )
-    table = Table(
-        title="API keys (per-key limits: "
-        + ", ".join(f"{lim.name} {lim.capacity}/min" for lim in report.key_limits)
-        + ")"
+    out.print(_keys_table(report))
+    project = new_table(
+        f"Project {PROJECT} (cascade target)", ["limit", "capacity/min", "remaining"],
+        right=["capacity/min", "remaining"],
     )
-    for column in (
-        "entity",
-        "admitted",
-        "rejected",
-        "by project",
-        "max retry-after",
-        "tokens est.",
-        "tokens actual",
-        "rpm left",
-        "tpm left",
-    ):
-        table.add_column(column, justify="left" if column == "entity" else "right")
+    for limit in report.project_limits:
+        project.add_row(
+            limit.name, str(limit.capacity), str(report.project_remaining.get(limit.name))
+        )
+    out.print(project)
+    out.print(usage)
+    calls = ", ".join(f"{op} {n}" for op, n in sorted(report.calls.items()))
+    out.print(
+        f"DynamoDB: {calls}; {report.write_units:g} WCU, {report.read_units:g} RCU "
+        f"for {report.acquires} acquires with cascade and adjust."
+    )
+
+
+KEY_COLUMNS = (
+    "entity",
+    "admitted",
+    "rejected",
+    "own limit",
+    "by project",
+    "max retry-after",
+    "tokens est.",
+    "tokens actual",
+    "rpm left",
+    "tpm left",
+)
+
+
+def _keys_table(report: DemoReport) -> Any:
+    limits = ", ".join(f"{lim.name} {lim.capacity}/min" for lim in report.key_limits)
+    table = new_table(f"API keys (per-key limits: {limits})", KEY_COLUMNS, right=KEY_COLUMNS[1:])
     for key in report.keys:
         table.add_row(
             key.entity_id,
             str(key.admitted),
             str(key.rejected),
+            str(key.rejected_by_key),
             str(key.rejected_by_project),
             f"{key.max_retry_after:.2f}s",
             str(key.tokens_estimated),
@@ -112,52 +154,37 @@ def _run_demo(name: str, endpoint_url: str, keys: int, clients: int, requests: i
             str(key.remaining.get("rpm")),
             str(key.remaining.get("tpm")),
         )
-    console.print(table)
-    project = Table(title="Project acme-project (cascade target)")
-    project.add_column("limit")
-    project.add_column("capacity/min", justify="right")
-    project.add_column("remaining", justify="right")
-    for limit in report.project_limits:
-        project.add_row(
-            limit.name, str(limit.capacity), str(report.project_remaining.get(limit.name))
-        )
-    console.print(project)
-    _show_usage(name, endpoint_url, report)
-    calls = ", ".join(f"{op} {n}" for op, n in sorted(report.calls.items()))
-    console.print(
-        f"DynamoDB: {calls}; {report.write_units:g} WCU, {report.read_units:g} RCU "
-        f"for {report.acquires} acquires with cascade and adjust."
-    )
+    return table
 
 
-def _show_usage(name: str, endpoint_url: str, report: DemoReport) -> None:
-    """Run the aggregator once over the table's stream and show the snapshots it produced."""
-    import boto3
-
+def _usage(target: Target, report: DemoReport) -> Any:
+    """Run the aggregator once over the table's stream; the snapshots it produced, as a table."""
     from .. import schema
     from ..aggregator.stream import StreamRunner
     from ..demo import PROJECT, RESOURCE
     from ..limiter import RateLimiter
+    from ..models import UsageSummary
 
     runner = StreamRunner(
-        schema.table_name(name),
-        boto3.client("dynamodb", endpoint_url=endpoint_url, region_name="us-east-1"),
-        boto3.client("dynamodbstreams", endpoint_url=endpoint_url, region_name="us-east-1"),
+        target.table,
+        target.client("dynamodb"),
+        target.client("dynamodbstreams"),
         schema.USAGE_WINDOWS,
         ttl_days=90,
     )
     result = runner.run_once()
 
-    async def summaries() -> list[object]:
-        async with RateLimiter(name=name, endpoint_url=endpoint_url) as limiter:
-            return [
-                await limiter.get_usage_summary(entity_id, RESOURCE, window="hourly")
-                for entity_id in [*(key.entity_id for key in report.keys), PROJECT]
-            ]
+    async def summaries(limiter: RateLimiter) -> list[UsageSummary]:
+        return [
+            await limiter.get_usage_summary(entity_id, RESOURCE, window="hourly")
+            for entity_id in [*(key.entity_id for key in report.keys), PROJECT]
+        ]
 
-    table = Table(
-        title=f"Usage snapshots by the aggregator ({result.records} stream records, "
-        f"{result.snapshots_updated} snapshot writes)"
+    table = new_table(
+        f"Usage snapshots by the aggregator ({result.records} stream records, "
+        f"{result.snapshots_updated} snapshot writes)",
+        ["entity", "hourly snapshots", "rpm used", "tpm used", "matches clients"],
+        right=["hourly snapshots", "rpm used", "tpm used", "matches clients"],
     )
     # What the client side counted, to check the snapshots against.
     expected = {key.entity_id: (key.admitted, key.tokens_actual) for key in report.keys}
@@ -165,20 +192,13 @@ def _show_usage(name: str, endpoint_url: str, report: DemoReport) -> None:
         sum(key.admitted for key in report.keys),
         sum(key.tokens_actual for key in report.keys),
     )
-    for column in ("entity", "hourly snapshots", "rpm used", "tpm used", "matches clients"):
-        table.add_column(column, justify="left" if column == "entity" else "right")
-    for summary in asyncio.run(summaries()):
-        from ..models import UsageSummary
-
-        assert isinstance(summary, UsageSummary)
+    for summary in target.run_limiter(summaries):
+        used = (summary.totals.get("rpm", 0), summary.totals.get("tpm", 0))
         table.add_row(
             summary.entity_id,
             str(summary.snapshot_count),
-            str(summary.totals.get("rpm", 0)),
-            str(summary.totals.get("tpm", 0)),
-            "yes"
-            if (summary.totals.get("rpm", 0), summary.totals.get("tpm", 0))
-            == expected[summary.entity_id]
-            else "[red]no[/]",
+            str(used[0]),
+            str(used[1]),
+            "yes" if used == expected[summary.entity_id] else markup("[red]no[/]"),
         )
-    console.print(table)
+    return table

@@ -1,8 +1,9 @@
 """The table alone, provisioned directly with boto3: for local DynamoDB (moto, DynamoDB Local).
 
 No Pulumi, no Lambda, no alarms: local endpoints have no use for them. The table definition is
-`schema.TABLE`, the same one the Pulumi component deploys. Synchronous on purpose: it runs from
-the CLI and from test fixtures, outside any event loop.
+`schema.TABLE`, the same one the Pulumi component deploys, and creating it is
+`Repository.create_table`'s (`ensure_table` hands over to it). Synchronous on purpose: it runs
+from the CLI and from test fixtures, outside any event loop.
 """
 
 from __future__ import annotations
@@ -16,58 +17,53 @@ if TYPE_CHECKING:
     # boto3-stubs[dynamodb] is a dev dependency; without it the client is simply untyped.
     from mypy_boto3_dynamodb import DynamoDBClient  # type: ignore[import-not-found,unused-ignore]
 
+    from ..repository import Repository
+
 __all__ = ["delete_table", "describe", "ensure_table"]
-
-
-def _error_code(exc: Exception) -> str:
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        return str(response.get("Error", {}).get("Code", ""))
-    return ""
 
 
 def ensure_table(client: DynamoDBClient, name: str, options: object | None = None) -> bool:
     """Create table `ZAEL-<name>` with TTL if it does not exist; True when it was created.
 
-    `options` is a StackOptions, InfraOptions, mapping or None; only billing mode and capacities
-    apply here. An existing table is left as it is (its TTL is still switched on if it is off).
+    `options` is a StackOptions, InfraOptions, mapping or None; only billing mode, capacities and
+    tags apply here. An existing table is left as it is (its TTL is still switched on if it is
+    off). The table is created by `Repository.create_table`, the one creation path, at the
+    client's endpoint and region with the client's credentials; call this outside any event loop.
     """
+    import asyncio
+
     opts = coerce_options(options)
-    table = schema.table_name(name)
-    created = False
-    try:
-        client.describe_table(TableName=table)
-    except client.exceptions.ResourceNotFoundException:
-        kwargs = schema.TABLE.create_table_kwargs(
-            table, opts.billing_mode, opts.read_capacity, opts.write_capacity
-        )
-        if opts.tags:
-            kwargs["Tags"] = [{"Key": k, "Value": v} for k, v in sorted(opts.tags.items())]
+    repo = _repository(client, name)
+
+    async def create() -> bool:
         try:
-            client.create_table(**kwargs)
-            created = True
-        except client.exceptions.ResourceInUseException:
-            pass  # created concurrently by someone else: the outcome we wanted
-        client.get_waiter("table_exists").wait(
-            TableName=table, WaiterConfig={"Delay": 1, "MaxAttempts": 60}
-        )
-    _ensure_ttl(client, table)
-    return created
+            return await repo.create_table(
+                opts.billing_mode, opts.read_capacity, opts.write_capacity, tags=opts.tags
+            )
+        finally:
+            await repo.close()
+
+    return asyncio.run(create())
 
 
-def _ensure_ttl(client: DynamoDBClient, table: str) -> None:
-    ttl = client.describe_time_to_live(TableName=table).get("TimeToLiveDescription", {})
-    if ttl.get("TimeToLiveStatus") in ("ENABLED", "ENABLING"):
-        return
-    try:
-        client.update_time_to_live(
-            TableName=table,
-            TimeToLiveSpecification={"Enabled": True, "AttributeName": schema.TABLE.ttl_attribute},
-        )
-    except Exception as exc:
-        # A concurrent caller enabled it between our describe and update.
-        if _error_code(exc) != "ValidationException" or "already enabled" not in str(exc):
-            raise
+def _repository(client: DynamoDBClient, name: str) -> Repository:
+    import aioboto3
+
+    from ..repository import Repository
+
+    credentials = getattr(client, "_get_credentials", lambda: None)()
+    frozen = credentials.get_frozen_credentials() if credentials is not None else None
+    session = aioboto3.Session(
+        aws_access_key_id=frozen.access_key if frozen else None,
+        aws_secret_access_key=frozen.secret_key if frozen else None,
+        aws_session_token=frozen.token if frozen else None,
+    )
+    return Repository(
+        schema.table_name(name),
+        client.meta.region_name,
+        client.meta.endpoint_url,
+        session=session,
+    )
 
 
 def describe(client: DynamoDBClient, name: str) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """Schema migrations: ordered, recorded in the version record, never silently half-applied.
 
 A `Migration` brings the table from the previous schema version to `version` (`migrate`) and,
-when `reversible`, back (`rollback`). Both are async callables taking a `Repository`; both must be
-idempotent (a step interrupted and re-run must end in the same state) and must keep the data plane
-working for clients of the same major schema version while they run, since traffic does not stop.
+when `reversible`, back (`rollback`). Both are async callables taking the storage
+(`AdminStorage`; `Repository` on DynamoDB), and both must be idempotent (a step interrupted and
+re-run must end in the same state) and must keep the data plane working for clients of the same
+major schema version while they run, since traffic does not stop.
 
 `apply(repo, to_version)` runs the steps between the table's `schema_version` and `to_version` in
 order. Before a step it writes `migration_state` ("in progress: ...") into the version record;
@@ -27,7 +28,7 @@ from ..exceptions import ZAELimiterError
 from ..version import compare, parse
 
 if TYPE_CHECKING:
-    from ..repository import Repository
+    from ..storage import AdminStorage
 
 log = logging.getLogger("zae_limiter.migrations")
 
@@ -49,7 +50,7 @@ MIGRATION_LOG = "migration_log"
 MIGRATION_STATE = "migration_state"
 _LOG_KEEP = 50
 
-MigrationFn = Callable[["Repository"], Awaitable[None]]
+MigrationFn = Callable[["AdminStorage"], Awaitable[None]]
 Direction = Literal["forward", "backward"]
 
 
@@ -206,7 +207,11 @@ def _log_entry(step: Step, result: str, **extra: str) -> dict[str, str]:
 
 
 async def _append_log(
-    repo: Repository, record: dict[str, Any], entry: dict[str, str], updated_by: str, **fields: str
+    repo: AdminStorage,
+    record: dict[str, Any],
+    entry: dict[str, str],
+    updated_by: str,
+    **fields: str,
 ) -> None:
     try:
         history = json.loads(str(record.get(MIGRATION_LOG) or "[]"))
@@ -221,13 +226,13 @@ async def _append_log(
     )
 
 
-async def current_version(repo: Repository) -> tuple[str, dict[str, Any]]:
+async def current_version(repo: AdminStorage) -> tuple[str, dict[str, Any]]:
     record = await repo.get_version_record() or {}
     return str(record.get("schema_version") or BASE_VERSION), record
 
 
 async def apply(
-    repo: Repository,
+    repo: AdminStorage,
     to_version: str,
     dry_run: bool = False,
     *,
@@ -277,7 +282,7 @@ async def apply(
 
 
 async def _fail(
-    repo: Repository,
+    repo: AdminStorage,
     record: dict[str, Any],
     step: Step,
     exc: Exception,

@@ -10,72 +10,34 @@ simply lack it until the migration is run again. Rollback removes it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-import botocore.exceptions
+from typing import TYPE_CHECKING
 
 from .. import schema
+from . import Migration
 
 if TYPE_CHECKING:
-    from ..repository import Repository
-
-from . import Migration
+    from ..storage import AdminStorage
 
 VERSION = "1.1.0"
 LIMIT_DEF_ATTR = schema.STORED_LIMIT_DEF
-_FIELDS = ("capacity", "burst", "refill_amount", "refill_period_seconds")
 
 
-def encode(item: dict[str, Any]) -> str:
-    return ":".join(str(int(item[f]["N"])) for f in _FIELDS)
-
-
-async def _limit_items(repo: Repository, with_def: bool | None) -> list[dict[str, Any]]:
-    names = {"#sk": schema.SK, "#def": LIMIT_DEF_ATTR}
-    condition = "begins_with(#sk, :prefix)"
-    if with_def is True:
-        condition += " AND attribute_exists(#def)"
-    elif with_def is False:
-        condition += " AND attribute_not_exists(#def)"
-    return await repo.scan(
-        FilterExpression=condition,
-        ExpressionAttributeNames=names,
-        ExpressionAttributeValues={":prefix": {"S": schema.LIMIT_PREFIX}},
-    )
-
-
-async def migrate(repo: Repository) -> None:
-    for item in await _limit_items(repo, with_def=False):
-        if not all(f in item for f in _FIELDS):
-            continue  # not a limit this library wrote; leave it alone
-        values = {f":{f}": item[f] for f in _FIELDS}
-        try:
-            await repo.call(
-                "update_item",
-                TableName=repo.table_name,
-                Key={schema.PK: item[schema.PK], schema.SK: item[schema.SK]},
-                UpdateExpression="SET #def = :def",
-                # A limit replaced or deleted meanwhile (set_limits) must not get a stale copy.
-                ConditionExpression="attribute_exists(#pk) AND "
-                + " AND ".join(f"#{f} = :{f}" for f in _FIELDS),
-                ExpressionAttributeNames={"#def": LIMIT_DEF_ATTR, "#pk": schema.PK}
-                | {f"#{f}": f for f in _FIELDS},
-                ExpressionAttributeValues={":def": {"S": encode(item)}} | values,
+async def migrate(repo: AdminStorage) -> None:
+    for stored in await repo.list_stored_limits():
+        if stored.definition is None:
+            # Conditional on the limit being unchanged: one replaced or deleted meanwhile
+            # (set_limits) gets no stale copy.
+            await repo.set_stored_limit_definition(
+                stored.entity_id, stored.resource, stored.limit, stored.limit.encode()
             )
-        except botocore.exceptions.ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
-                raise
 
 
-async def rollback(repo: Repository) -> None:
-    for item in await _limit_items(repo, with_def=True):
-        await repo.call(
-            "update_item",
-            TableName=repo.table_name,
-            Key={schema.PK: item[schema.PK], schema.SK: item[schema.SK]},
-            UpdateExpression="REMOVE #def",
-            ExpressionAttributeNames={"#def": LIMIT_DEF_ATTR},
-        )
+async def rollback(repo: AdminStorage) -> None:
+    for stored in await repo.list_stored_limits():
+        if stored.definition is not None:
+            await repo.set_stored_limit_definition(
+                stored.entity_id, stored.resource, stored.limit, None
+            )
 
 
 MIGRATION = Migration(
