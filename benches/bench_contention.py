@@ -20,30 +20,15 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "reliability"))
-from reliability_workers import (  # noqa: E402
-    HOT_LIMITS,
-    RESOURCE,
+from reliability_workers import (
     hot_worker,
+    prepare_hot,
     run_hot_worker,
 )
-
-from zae_limiter import RateLimiter, StackOptions  # noqa: E402
 
 TABLE = "hotbench"
 ENTITY = "tenant"
 TASKS = (1, 4, 16, 64)
-
-
-async def _prepare(endpoint_url: str, fill: str) -> None:
-    async with RateLimiter(
-        name=TABLE, endpoint_url=endpoint_url, stack_options=StackOptions()
-    ) as limiter:
-        await limiter.create_entity(ENTITY)
-        if fill == "half":
-            async with limiter.acquire(
-                ENTITY, RESOURCE, list(HOT_LIMITS), {"rpm": 1, "tpm": 1}
-            ) as lease:
-                await lease.adjust(rpm=10**7 // 2, tpm=10**9 // 2)
 
 
 def _run(endpoint_url: str, processes: int, tasks: int, acquires: int) -> dict[str, int]:
@@ -75,7 +60,7 @@ def test_conflicts_per_acquire(
         for processes in (1, 3):
             for tasks in TASKS:
                 moto_server.reset()
-                asyncio.run(_prepare(moto_server.endpoint_url, fill))
+                asyncio.run(prepare_hot(moto_server.endpoint_url, TABLE, ENTITY, fill))
                 ops = _run(moto_server.endpoint_url, processes, tasks, acquires)
                 rows.append((fill, processes, tasks, ops))
     with capsys.disabled():

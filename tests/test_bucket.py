@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from zae_limiter import bucket as reference
+from zae_limiter.core import WRITE_ABSOLUTE, WRITE_ADD, WRITE_NONE, WRITE_RELATIVE
 
 BACKENDS: list[Any] = [pytest.param(reference, id="python")]
 with contextlib.suppress(ImportError):  # the extension is built in CI
@@ -24,7 +25,7 @@ with contextlib.suppress(ImportError):  # the extension is built in CI
 # 100 tokens per minute, burst 100: 1 token every 600 ms, i.e. whole quanta of 5 milli per 3 ms.
 RPM = (100_000, 100_000, 60_000)
 T0 = 1_700_000_000_000
-NONE, REL, ABS, ADD = 0, 1, 2, 3
+NONE, REL, ABS, ADD = WRITE_NONE, WRITE_RELATIVE, WRITE_ABSOLUTE, WRITE_ADD
 
 
 @pytest.fixture(params=BACKENDS)
@@ -53,16 +54,20 @@ def fields(outcome: Any) -> tuple[Any, ...]:
     return tuple(getattr(outcome, name) for name in reference.Outcome._fields)
 
 
-def decide(core: ModuleType, *args: Any) -> tuple[bool, list[tuple[Any, ...]]]:
-    admitted, outcomes = core.decide(*args)
-    return admitted, [fields(o) for o in outcomes]
+
+
+def boundary(now: int, epoch: int = 3) -> int:
+    """The epoch boundary at or after `now` (RPM with reanchor_ms 0: one 3 ms quantum)."""
+    return -(-now // epoch) * epoch
 
 
 def test_consume_from_new_bucket(core: ModuleType) -> None:
+    # created full, anchored at the epoch boundary like a write at full
     assert one(core, None, None, 1_000, T0) == (
         True,
-        (100_000, False, 0, ABS, 99_000, 99_000, T0, None, None),
+        (100_000, False, 0, ABS, 99_000, 99_000, boundary(T0), None, None),
     )
+    assert one(core, None, None, 1_000, T0, reanchor=60_000)[1][6] == boundary(T0, 600)
 
 
 def test_status_of_new_bucket_writes_nothing(core: ModuleType) -> None:
@@ -110,7 +115,7 @@ def test_more_than_burst_is_never_available(core: ModuleType) -> None:
     # but it can be forced
     assert one(core, None, None, 100_001, T0, check=False) == (
         True,
-        (100_000, False, 0, ABS, -1, -1, T0, None, None),
+        (100_000, False, 0, ABS, -1, -1, boundary(T0), None, None),
     )
 
 
@@ -192,28 +197,28 @@ def test_cascade_all_or_nothing(core: ModuleType) -> None:
         (*RPM, None, None, 1_000),  # parent rpm: fine (new)
         (*tpm, 100_000, T0, 500_000),  # parent tpm: exceeded
     ]
-    admitted, outcomes = decide(core, buckets, T0, True, 0)
+    admitted, outcomes = core.decide(buckets, T0, True, 0)
     assert not admitted
-    assert [o[1] for o in outcomes] == [False, False, False, True]
-    assert all(o[3] == NONE for o in outcomes)
-    assert [o[5:7] for o in outcomes] == [
+    assert [o.exceeded for o in outcomes] == [False, False, False, True]
+    assert all(o.write_mode == NONE for o in outcomes)
+    assert [(o.new_tokens_milli, o.new_last_refill_ms) for o in outcomes] == [
         (50_000, T0),
         (5_000_000, T0),
         (100_000, T0),
         (100_000, T0),
     ]
     # 400_000 short at 1/6 milli per ms (quanta of 500 milli per 3 ms): 800 quanta
-    assert outcomes[3][2] == 2_400
+    assert outcomes[3].retry_after_ms == 2_400
     assert core.time_until_available(buckets, T0) == 2_400
     # forced, everything is applied
-    admitted, outcomes = decide(core, buckets, T0, False, 0)
+    admitted, outcomes = core.decide(buckets, T0, False, 0)
     assert admitted
-    assert [o[3] for o in outcomes] == [REL, REL, ABS, REL]
-    assert [o[5] for o in outcomes] == [49_000, 4_500_000, 99_000, -400_000]
+    assert [o.write_mode for o in outcomes] == [REL, REL, ABS, REL]
+    assert [o.new_tokens_milli for o in outcomes] == [49_000, 4_500_000, 99_000, -400_000]
     # and once it has refilled, all are admitted
-    admitted, outcomes = decide(core, buckets, T0 + 2_400, True, 0)
+    admitted, outcomes = core.decide(buckets, T0 + 2_400, True, 0)
     assert admitted
-    assert outcomes[3][5] == 0
+    assert outcomes[3].new_tokens_milli == 0
 
 
 @pytest.mark.parametrize(

@@ -356,9 +356,12 @@ def _write(
     avail = status.available_milli
     absolute_value = burst - max(delta, 0)
     if tokens is None or last is None:
-        # Created full at now; the condition is "attribute does not exist".
+        # Created full: anchored like a write to a full bucket (below), so that the writers
+        # racing to create it find it relative-writable once it exists. The condition is
+        # "attribute does not exist".
+        anchor = _fit(_epoch_start(now, _epoch_ms(burst, step_ms, step_milli, reanchor)))
         return Outcome(
-            avail, False, 0, WRITE_ABSOLUTE, absolute_value, absolute_value, now, None, None
+            avail, False, 0, WRITE_ABSOLUTE, absolute_value, absolute_value, anchor, None, None
         )
 
     if delta < 0:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, TypeAlias
 
 from zae_limiter import bucket as _reference
 from zae_limiter.bucket import (
@@ -34,30 +34,11 @@ __all__ = [
     "time_until_available",
 ]
 
+if TYPE_CHECKING:
+    from zae_limiter import _native as _native_types
 
-
-class Outcome(Protocol):
-    """One bucket's outcome of `decide`: `zae_limiter.bucket.Outcome` or the native one."""
-
-    @property
-    def available_milli(self) -> int: ...
-    @property
-    def exceeded(self) -> bool: ...
-    @property
-    def retry_after_ms(self) -> int | None: ...
-    @property
-    def write_mode(self) -> int: ...
-    @property
-    def write_value(self) -> int: ...
-    @property
-    def new_tokens_milli(self) -> int: ...
-    @property
-    def new_last_refill_ms(self) -> int: ...
-    @property
-    def cond_lo(self) -> int | None: ...
-    @property
-    def cond_hi(self) -> int | None: ...
-
+# Either implementation's outcome: the same attributes (`bucket.Outcome` is the reference).
+Outcome: TypeAlias = "_reference.Outcome | _native_types.Outcome"
 
 BACKEND: Literal["native", "python"] = "python"
 

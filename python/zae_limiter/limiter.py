@@ -35,7 +35,7 @@ from .models import (
     UsageSummary,
 )
 from .repository import Repository, RetryPolicy
-from .schema import DEFAULT_RESOURCE, short_name, table_name
+from .schema import DEFAULT_RESOURCE, default_region, short_name, table_name
 from .storage import BucketItem, RepositoryUnavailable
 from .validation import validate_entity_id, validate_resource
 from .version import VERSION_CHECKS, Compatibility, VersionCheck, ensure_compatible
@@ -163,7 +163,7 @@ class RateLimiter:
                 mode=self.version_check,
                 auto_update=options is not None and options.auto_update,
                 name=self.name,
-                region=provisioning.default_region(self.region),
+                region=default_region(self.region),
                 endpoint_url=self.endpoint_url,
                 options=options,
             )

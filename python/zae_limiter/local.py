@@ -18,9 +18,10 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
+from . import schema
 from .exceptions import ZAELimiterError
 
-LOCAL_REGION = "us-east-1"
+LOCAL_REGION = schema.DEFAULT_REGION
 # moto accepts any credentials; these keep botocore from searching the environment for real ones.
 LOCAL_CREDENTIALS = {"aws_access_key_id": "local", "aws_secret_access_key": "local"}
 

@@ -7,19 +7,12 @@ On AWS the stack (table, aggregator, alarms) is Pulumi's to create, through the 
 from __future__ import annotations
 
 import asyncio
-import os
 
 from .exceptions import StackCreationError
 from .models import StackOptions
 from .repository import Repository
+from .schema import default_region
 from .version import CLIENT_VERSION, record_deployment, write_initial_record
-
-DEFAULT_REGION = "us-east-1"
-
-
-def default_region(region: str | None = None) -> str:
-    """`region`, else the environment's `AWS_DEFAULT_REGION`, else us-east-1."""
-    return region or os.environ.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
 
 
 async def provision(

@@ -734,15 +734,7 @@ class Repository:
             item["parent_id"] = _s(entity.parent_id)
             item[schema.GSI1PK] = _s(schema.parent_gsi_pk(entity.parent_id))
             item[schema.GSI1SK] = _s(schema.child_gsi_sk(entity.id))
-        try:
-            await self.call(
-                "put_item",
-                TableName=self.table_name,
-                Item=item,
-                ConditionExpression="attribute_not_exists(#pk)",
-                ExpressionAttributeNames={"#pk": schema.PK},
-            )
-        except _ConditionCheckFailed:
+        if not await self._put_new(item):
             existing = await self.call(
                 "get_item", TableName=self.table_name, ConsistentRead=True,
                 Key={schema.PK: item[schema.PK], schema.SK: item[schema.SK]},
@@ -984,6 +976,13 @@ class Repository:
         item: Item = {k: _s(v) for k, v in schema.version_key().items()}
         item |= {k: _s(v) for k, v in fields.items()}
         item |= {"updated_at": _s(_utcnow()), "updated_by": _s(updated_by)}
+        if not await self._put_new(item):
+            return False
+        self.ledger.record("PutItem", wcu=write_units(item_size(item)))
+        return True
+
+    async def _put_new(self, item: Item) -> bool:
+        """Put `item` unless an item with its key exists; False (nothing written) if one does."""
         try:
             await self.call(
                 "put_item",
@@ -994,7 +993,6 @@ class Repository:
             )
         except _ConditionCheckFailed:
             return False
-        self.ledger.record("PutItem", wcu=write_units(item_size(item)))
         return True
 
     # -- table ------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ and the Pulumi program all read this module, so it imports nothing but the stand
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -264,3 +265,17 @@ def error_code(exc: BaseException | None) -> str | None:
             code = error.get("Code")
             return str(code) if code else None
     return None
+
+
+# The region when none is given or configured (also that of every local endpoint).
+DEFAULT_REGION: Final = "us-east-1"
+
+
+def default_region(region: str | None = None) -> str:
+    """`region`, else `$AWS_DEFAULT_REGION`, else `$AWS_REGION`, else us-east-1."""
+    return (
+        region
+        or os.environ.get("AWS_DEFAULT_REGION")
+        or os.environ.get("AWS_REGION")
+        or DEFAULT_REGION
+    )

@@ -456,11 +456,13 @@ fn write(
     let absolute_value = fit(sub(r.burst, delta.max(0))?)?;
 
     if !v.exists {
-        // Created full at now; the condition is "attribute does not exist".
+        // Created full: anchored like a write to a full bucket (below), so that the writers
+        // racing to create it find it relative-writable once it exists. The condition is
+        // "attribute does not exist".
         o.write_mode = WriteMode::Absolute;
         o.write_value = absolute_value;
         o.new_tokens_milli = absolute_value;
-        o.new_last_refill_ms = now_ms;
+        o.new_last_refill_ms = fit(epoch_start(i128::from(now_ms), epoch_ms(r, reanchor_ms)?)?)?;
         return Ok(());
     }
 
@@ -553,14 +555,18 @@ mod tests {
 
     #[test]
     fn consume_relative_and_absolute() {
-        // a bucket that does not exist yet: created full, absolute, no bounds
+        // a bucket that does not exist yet: created full, absolute, no bounds, anchored at the
+        // epoch boundary (reanchor_ms 0: one quantum of 3 ms)
         let (ok, o) = decide(&[b(None, None, 1_000)], 10_000, true, 0).unwrap();
         assert!(ok);
         assert_eq!(o[0].write_mode, WriteMode::Absolute);
         assert_eq!(
             (o[0].write_value, o[0].new_last_refill_ms),
-            (99_000, 10_000)
+            (99_000, 10_002)
         );
+        // epoch of 100/minute with a 60 s reanchor interval: the quanta of one token, 600 ms
+        let (_, o) = decide(&[b(None, None, 1_000)], 10_000, true, 60_000).unwrap();
+        assert_eq!(o[0].new_last_refill_ms, 10_200);
         assert_eq!((o[0].cond_lo, o[0].cond_hi), (None, None));
 
         // existing, not full, no quantum yet: relative

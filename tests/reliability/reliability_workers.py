@@ -13,7 +13,13 @@ import time
 from collections import Counter
 from typing import Any
 
-from zae_limiter import Limit, RateLimiter, RateLimiterUnavailable, RateLimitExceeded
+from zae_limiter import (
+    Limit,
+    RateLimiter,
+    RateLimiterUnavailable,
+    RateLimitExceeded,
+    StackOptions,
+)
 
 FROZEN_MS = 1_800_000_000_000
 RESOURCE = "shared"
@@ -134,6 +140,19 @@ async def _mixed(
 HOT_LIMITS = (Limit.per_day("rpm", 10**7), Limit.per_day("tpm", 10**9))
 HOT_ESTIMATE = 100
 HOT_EXTRA = 20
+
+
+async def prepare_hot(endpoint_url: str, table: str, entity_id: str, fill: str) -> None:
+    """Create the table and the entity; `fill="half"` consumes half of both limits first."""
+    async with RateLimiter(
+        name=table, endpoint_url=endpoint_url, stack_options=StackOptions()
+    ) as limiter:
+        await limiter.create_entity(entity_id)
+        if fill == "half":
+            async with limiter.acquire(
+                entity_id, RESOURCE, list(HOT_LIMITS), {"rpm": 1, "tpm": 1}
+            ) as lease:
+                await lease.adjust(rpm=10**7 // 2, tpm=10**9 // 2)
 
 
 def run_hot_worker(endpoint_url: str, table: str, entity_id: str, tasks: int,

@@ -453,3 +453,21 @@ async def test_create_entity_with_a_lost_response_is_created_once(
         assert proxy.stats.injected.get(kind) == 1
         with pytest.raises(EntityExistsError):
             await limiter.create_entity("lost-answer")
+
+
+@pytest.mark.parametrize("operation", ["adjust", "consume", "release"])
+async def test_lease_operations_raise_the_public_error_under_throttling(
+    proxy: FaultProxy, warm: RateLimiter, figures: Figures, operation: str
+) -> None:
+    """A lease call whose write is throttled to exhaustion raises `RateLimiterUnavailable`
+    itself, never the repository's internal subclass or a storage error."""
+    from zae_limiter.storage import RepositoryUnavailable, StorageError
+
+    async with warm.acquire("k", RESOURCE, [LIMIT], {"tok": 2}) as lease:
+        proxy.inject("throttle", ops={"UpdateItem"})
+        with pytest.raises(RateLimiterUnavailable) as raised:
+            await getattr(lease, operation)(tok=1)
+        proxy.clear()
+    assert type(raised.value) is RateLimiterUnavailable
+    assert not isinstance(raised.value, (RepositoryUnavailable, StorageError))
+    figures.add(operations=1)

@@ -18,13 +18,12 @@ from figures import Figures
 from reliability_workers import (
     HOT_ESTIMATE,
     HOT_EXTRA,
-    HOT_LIMITS,
     RESOURCE,
     hot_worker,
+    prepare_hot,
     run_hot_worker,
 )
 
-from zae_limiter import RateLimiter, StackOptions
 from zae_limiter.repository import Repository
 
 pytestmark = pytest.mark.integration
@@ -32,18 +31,6 @@ pytestmark = pytest.mark.integration
 TABLE = "hot"
 ENTITY = "tenant"
 ACQUIRES = 160  # per case, split across processes and tasks
-
-
-async def prepare(endpoint_url: str, fill: str) -> None:
-    async with RateLimiter(
-        name=TABLE, endpoint_url=endpoint_url, stack_options=StackOptions()
-    ) as limiter:
-        await limiter.create_entity(ENTITY)
-        if fill == "half":
-            async with limiter.acquire(
-                ENTITY, RESOURCE, list(HOT_LIMITS), {"rpm": 1, "tpm": 1}
-            ) as lease:
-                await lease.adjust(rpm=10**7 // 2, tpm=10**9 // 2)
 
 
 async def consumed(endpoint_url: str) -> dict[str, int]:
@@ -79,7 +66,7 @@ def check(results: list[dict[str, Any]], before: dict[str, int], after: dict[str
 async def test_one_process_hot_bucket_has_no_false_denial(
     endpoint_url: str, figures: Figures, tasks: int, fill: str
 ) -> None:
-    await prepare(endpoint_url, fill)
+    await prepare_hot(endpoint_url, TABLE, ENTITY, fill)
     before = await consumed(endpoint_url)
     result = await hot_worker(endpoint_url, TABLE, ENTITY, tasks, max(1, ACQUIRES // tasks))
     check([result], before, await consumed(endpoint_url), figures, 1, tasks)
@@ -90,7 +77,7 @@ async def test_three_processes_hot_bucket_has_no_false_denial(
     endpoint_url: str, figures: Figures, fill: str
 ) -> None:
     processes, tasks = 3, 16
-    await prepare(endpoint_url, fill)
+    await prepare_hot(endpoint_url, TABLE, ENTITY, fill)
     before = await consumed(endpoint_url)
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(processes, mp_context=ctx) as pool:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-import os
 import re
 import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -44,7 +43,6 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 EXIT_FAILED = 1
-FALLBACK_REGION = "us-east-1"
 REGION_HELP = "AWS region."
 REGION_DEFAULT_TEXT = "$AWS_DEFAULT_REGION or us-east-1"
 # When stdout is not a terminal (a pipe, a file, click's test runner), rich would lay tables out
@@ -54,7 +52,7 @@ _TARGET_KEY = "zae_limiter.target"
 
 
 def default_region() -> str:
-    return os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or FALLBACK_REGION
+    return schema.default_region()
 
 
 # -- the target -------------------------------------------------------------------------------
@@ -339,10 +337,7 @@ def fmt_num(value: float | None) -> str | None:
 
 
 def _error_code(exc: BaseException) -> str:
-    response = getattr(exc, "response", None)
-    if isinstance(response, dict):
-        return str(response.get("Error", {}).get("Code", ""))
-    return ""
+    return schema.error_code(exc) or ""
 
 
 def _causes(exc: BaseException) -> Iterable[BaseException]:

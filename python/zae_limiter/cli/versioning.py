@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from rich.text import Text
 
-from .. import ops, schema
+from .. import ops
 from . import main
 from .toolkit import Output, Target, confirm, require, rows_table, target_options
 from .toolkit import fields_table as fields
@@ -63,11 +63,7 @@ def upgrade_cmd(target: Target, out: Output, force: bool) -> None:
             return {"action": "none", "detail": "already up to date", **compat.as_dict()}
         if record is None:
             # A table without a record predates version records: its items are the base schema.
-            await repo.set_version_record(
-                schema_version=schema.SCHEMA_VERSION,
-                min_client_version="0.0.0",
-                updated_by="zae-limiter upgrade",
-            )
+            await version.write_initial_record(repo, updated_by="zae-limiter upgrade")
         detail = await version.update_aggregator(
             repo,
             name=target.name,
