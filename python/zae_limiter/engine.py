@@ -61,9 +61,9 @@ class Engine:
         self.clock = clock or wall_clock_ms
         self.states: TTLCache[BucketKey, BucketItem | None] = TTLCache(0, cache_size)
 
-    async def targets(self, resource: str, limit_sets: Sequence[tuple[str, list[Limit]]]) -> list[
-        Target
-    ]:
+    async def targets(
+        self, resource: str, limit_sets: Sequence[tuple[str, list[Limit]]]
+    ) -> list[Target]:
         """Targets for `(entity_id, limits)` pairs: cached states, the missing ones read at once."""
         targets = [Target(eid, resource, limits) for eid, limits in limit_sets]
         missing: list[Target] = []
