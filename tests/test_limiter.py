@@ -176,6 +176,23 @@ async def test_cascade_needs_the_entity(limiter: RateLimiter) -> None:
             pass
 
 
+async def test_stored_parent_limit_below_the_request_is_a_validation_error(
+    limiter: RateLimiter,
+) -> None:
+    """The parent's stored burst is only known after resolving it: a request above it could
+    never be admitted, which is a ValidationError naming the field, and nothing is taken."""
+    await limiter.create_entity("proj")
+    await limiter.create_entity("key", parent_id="proj")
+    await limiter.set_limits("proj", [Limit.per_minute("rpm", 5)])
+    with pytest.raises(ValidationError) as raised:
+        async with limiter.acquire(
+            "key", "r", [RPM], {"rpm": 10}, cascade=True, use_stored_limits=True
+        ):
+            pytest.fail("admitted")
+    assert raised.value.field == "consume.rpm" and "'proj'" in str(raised.value.reason)
+    assert await limiter.available("key", "r", [RPM]) == {"rpm": 100}
+
+
 async def test_stored_limits_resource_then_default_then_argument(limiter: RateLimiter) -> None:
     await limiter.create_entity("k1")
     await limiter.set_limits("k1", [Limit.per_minute("rpm", 5)], resource="gpt-4")

@@ -338,7 +338,8 @@ class RateLimiter:
             sets = await self._limit_sets(
                 entity_id, resource, fallback, cascade, use_stored_limits
             )
-            check_consumable(sets, amounts)
+            if use_stored_limits:  # otherwise every set is `fallback`, checked above
+                check_consumable(sets, amounts)
             targets = await self._engine.targets(resource, sets)
             await self._engine.commit(targets, amounts)
         except OUTAGES as exc:

@@ -512,6 +512,11 @@ class Repository:
     # -- buckets ----------------------------------------------------------------------------
 
     async def get_bucket(self, entity_id: str, resource: str) -> BucketItem | None:
+        item = await self._bucket_item(entity_id, resource)
+        return bucket_from_item(item) if item else None
+
+    async def _bucket_item(self, entity_id: str, resource: str) -> Item | None:
+        """One bucket item as stored (low-level form), read consistently."""
         response = await self.call(
             "get_item",
             TableName=self.table_name,
@@ -521,10 +526,9 @@ class Repository:
             },
             ConsistentRead=True,
         )
-        item = response.get("Item")
-        size = item_size(item)
-        self.ledger.record("GetItem", rcu=read_units(size, consistent=True))
-        return bucket_from_item(item) if item else None
+        item: Item | None = response.get("Item")
+        self.ledger.record("GetItem", rcu=read_units(item_size(item), consistent=True))
+        return item
 
     async def write_bucket(
         self,
@@ -662,17 +666,7 @@ class Repository:
         """The entity's bucket items (of `resource` only, if given) as stored: low-level form,
         reset limits included; read consistently."""
         if resource is not None:
-            response = await self.call(
-                "get_item",
-                TableName=self.table_name,
-                Key={
-                    schema.PK: _s(schema.entity_pk(entity_id)),
-                    schema.SK: _s(schema.bucket_sk(resource)),
-                },
-                ConsistentRead=True,
-            )
-            item: Item | None = response.get("Item")
-            self.ledger.record("GetItem", rcu=read_units(item_size(item), consistent=True))
+            item = await self._bucket_item(entity_id, resource)
             return [item] if item else []
         return await self._query_all(
             KeyConditionExpression="#pk = :pk AND begins_with(#sk, :sk)",
