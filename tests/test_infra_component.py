@@ -502,3 +502,18 @@ def test_invalid_names_are_refused(name: str) -> None:
 
     with pytest.raises(ValueError, match="invalid name"):
         ZaeLimiterStack(name)
+
+
+def test_infra_options_are_stack_options_with_their_rules_and_a_private_copy_of_tags() -> None:
+    from types import MappingProxyType
+
+    from zae_limiter import StackOptions, ValidationError
+
+    tags = {"team": "gw"}
+    options = InfraOptions(tags=MappingProxyType(tags), snapshot_ttl_days=7)  # type: ignore[arg-type]
+    tags["team"] = "changed"
+    assert options.tags == {"team": "gw"} and isinstance(options.tags, dict)
+    assert isinstance(options, StackOptions)
+    assert options.stack_options() == StackOptions(tags={"team": "gw"}, snapshot_ttl_days=7)
+    with pytest.raises(ValidationError, match="snapshot_ttl_days"):
+        InfraOptions(snapshot_ttl_days=0)

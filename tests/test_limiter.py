@@ -315,3 +315,24 @@ def test_sync_limiter(endpoint_url: str) -> None:
         assert limiter.available("k1", "r", [RPM]) == {"rpm": 94}
         assert limiter.available("proj", "r", [RPM]) == {"rpm": 94}
         assert [e.id for e in limiter.get_children("proj")] == ["k1"]
+
+
+async def test_a_give_back_lands_without_a_condition_after_another_client_moved_the_anchor(
+    limiter: RateLimiter, endpoint_url: str
+) -> None:
+    """A release is an unconditional add: another client re-anchoring the bucket meanwhile
+    (here its clock is two minutes later, so its write folds the refill in) costs the release
+    no conflict and no extra round, and the tokens come back exactly."""
+    async with limiter.acquire("k1", "r", [RPM], {"rpm": 30}) as lease:
+        later = Clock(T0 + 120_000)
+        async with RateLimiter(name="test", endpoint_url=endpoint_url, clock=later) as other:
+            async with other.acquire("k1", "r", [RPM], {"rpm": 10}):
+                pass
+            limiter.ledger.reset()
+            await lease.release(rpm=20)
+            assert limiter.ledger.conflicts == 0
+            assert limiter.ledger.calls["UpdateItem"] == 1
+            # bucket: 70 left at T0, full again two minutes later, minus 10, plus 20 (capped)
+            assert await other.available("k1", "r", [RPM]) == {"rpm": 100}
+            async with other.acquire("k1", "r", [RPM], {"rpm": 100}):
+                pass

@@ -1,9 +1,7 @@
 """The package version, from the installed distribution's metadata (rust/Cargo.toml's version,
-which maturin writes into it). A leaf: it imports nothing of the package."""
+which maturin writes into it). A leaf: it imports nothing of the package. The Lambda bundle,
+which has no metadata, replaces this file with the version written in (`infra.package`)."""
 
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import version
 
-try:
-    __version__: str = version("zae-limiter")
-except PackageNotFoundError:  # a source tree on sys.path without an install (e.g. a Lambda zip)
-    __version__ = "0+unknown"
+__version__: str = version("zae-limiter")

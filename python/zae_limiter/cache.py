@@ -43,6 +43,3 @@ class TTLCache(Generic[K, V]):
 
     def clear(self) -> None:
         self._data.clear()
-
-    def __len__(self) -> int:
-        return len(self._data)
