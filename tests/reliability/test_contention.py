@@ -223,7 +223,9 @@ async def test_moving_clock_admits_at_most_burst_plus_refill(
         cascade=False,
         mix="count",
         frozen=False,
-        attempts=size.attempts * 2,
+        # Long enough that refill matters even though a write at full defers refill to the next
+        # epoch boundary (500 ms here).
+        attempts=size.attempts * 4,
     )
     record(figures, size, results)
     books = totals(results)
