@@ -254,3 +254,73 @@ def test_native_outcome_has_the_reference_fields_and_is_frozen() -> None:
         with pytest.raises(AttributeError):
             got.write_mode = 0
     assert outs[0] == native.decide(buckets, 5_000, True, 0)[1][0]
+
+
+# -- reserved blocks ------------------------------------------------------------------------
+
+
+def gen_amounts(rng: Random, n: int) -> Any:
+    """Amounts for a block of `n` limits: mostly valid, sometimes wrong in length, sign or type."""
+    k = rng.random()
+    if k < 0.05:
+        return rng.choice([None, 3, "12", {1: 2}])
+    length = n if rng.random() < 0.9 else rng.randint(0, n + 2)
+    values = [
+        rng.randint(0, 3_000) if rng.random() < 0.85 else wild_int(rng) for _ in range(length)
+    ]
+    return tuple(values) if rng.random() < 0.2 else values
+
+
+def block_script(rng: Random) -> list[tuple[str, Any]]:
+    return [
+        (op, None)
+        if op in ("drain", "take_spent")
+        else (op, [gen_amounts(rng, 2), gen_amounts(rng, 1)] if op == "take_all" else gen_amounts(rng, 2))
+        for op in rng.choices(["add", "take", "take_up_to", "drain", "take_spent", "take_all"],
+                              weights=[3, 4, 2, 1, 1, 2], k=rng.randint(1, 25))
+    ]
+
+
+def play(impl: Any, script: list[tuple[str, Any]]) -> list[Any]:
+    """Run `script` on two blocks of `impl` (one of 2 limits, one of 1); every result or error."""
+    a, b = impl.Block(2), impl.Block(1)
+    b.add([10_000])
+    trace: list[Any] = []
+    for op, arg in script:
+        if op == "take_all":
+            trace.append(run(impl.take_all, [a, b], arg))
+        elif arg is None:
+            trace.append(run(getattr(a, op)))
+        else:
+            trace.append(run(getattr(a, op), arg))
+        trace.append((a.held, a.spent, b.held, b.spent))
+    return trace
+
+
+@given(seed=SEEDS)
+@settings(max_examples=3_000, deadline=None)
+def test_blocks(seed: int) -> None:
+    script = block_script(Random(seed))
+    assert play(native, script) == play(reference, script), script
+
+
+def test_block_edge_cases() -> None:
+    for impl in (native, reference):
+        with pytest.raises(ValueError):
+            impl.Block(-1)
+        with pytest.raises(TypeError):
+            impl.Block(True)
+        block = impl.Block(1)
+        with pytest.raises(ValueError, match="distinct"):
+            impl.take_all([block, block], [[0], [0]])
+        with pytest.raises(TypeError):
+            impl.take_all([object()], [[0]])
+        block.add([I64_MAX])
+        with pytest.raises(OverflowError):
+            block.add([1])
+        assert block.take([I64_MAX]) is True
+        assert block.held == [0]
+        with pytest.raises(OverflowError):  # spent would pass i64
+            block.add([1])
+            block.take([1])
+        assert block.held == [1] and block.spent == [I64_MAX]

@@ -34,11 +34,13 @@ __all__ = [
     "WRITE_ADD",
     "WRITE_NONE",
     "WRITE_RELATIVE",
+    "Block",
     "BucketInput",
     "Outcome",
     "available",
     "decide",
     "refill",
+    "take_all",
     "time_until_available",
 ]
 
@@ -61,7 +63,6 @@ _ONE_TOKEN_MILLI: Final = 1000
 BucketInput: TypeAlias = tuple[int, int, int, int | None, int | None, int]
 """``(burst_milli, refill_amount_milli, refill_period_ms, tokens_milli | None,
 last_refill_ms | None, delta_milli)``."""
-
 
 
 class Outcome(NamedTuple):
@@ -409,3 +410,106 @@ def _write(
         cond_lo,
         cond_hi,
     )
+
+
+# -- reserved blocks (docs/design.md "Reservations"; rust/src/block.rs) -------------------------
+
+
+def _amounts(value: object) -> list[int]:
+    if not isinstance(value, list | tuple):
+        raise TypeError("amounts must be a list or a tuple of ints")
+    return [_int(v, "amount") for v in value]
+
+
+class Block:
+    """Tokens reserved from one bucket item, per limit: what the shared bucket already granted,
+    spent locally with no I/O. Amounts are millitokens, one per limit, never negative."""
+
+    __slots__ = ("_held", "_spent")
+
+    def __init__(self, limits: int) -> None:
+        n = _int(limits, "limits")
+        if n < 0:
+            raise ValueError("limits must not be negative")
+        self._held = [0] * n
+        self._spent = [0] * n
+
+    @property
+    def held(self) -> list[int]:
+        return list(self._held)
+
+    @property
+    def spent(self) -> list[int]:
+        """Spent since creation or the last `take_spent()`."""
+        return list(self._spent)
+
+    def _check(self, amounts: object) -> list[int]:
+        values = _amounts(amounts)
+        if len(values) != len(self._held):
+            raise ValueError("amounts must give one value per limit of the block")
+        if any(v < 0 for v in values):
+            raise ValueError("amounts must not be negative")
+        return values
+
+    def _covers(self, values: list[int]) -> bool:
+        return all(h >= v for h, v in zip(self._held, values, strict=True))
+
+    def _spend(self, values: list[int]) -> None:
+        spent = [_fit(s + v) for s, v in zip(self._spent, values, strict=True)]
+        self._held = [_fit(h - v) for h, v in zip(self._held, values, strict=True)]
+        self._spent = spent
+
+    def add(self, amounts: Sequence[int]) -> None:
+        values = self._check(amounts)
+        self._held = [_fit(h + v) for h, v in zip(self._held, values, strict=True)]
+
+    def take(self, amounts: Sequence[int]) -> bool:
+        """Take `amounts` if the block covers all of them; otherwise take nothing."""
+        values = self._check(amounts)
+        if not self._covers(values):
+            return False
+        self._spend(values)
+        return True
+
+    def take_up_to(self, amounts: Sequence[int]) -> list[int]:
+        """Take what the block holds of each amount; returns what it could not cover."""
+        values = self._check(amounts)
+        covered = [min(v, max(h, 0)) for h, v in zip(self._held, values, strict=True)]
+        self._spend(covered)
+        return [v - c for v, c in zip(values, covered, strict=True)]
+
+    def drain(self) -> list[int]:
+        held, self._held = self._held, [0] * len(self._held)
+        return held
+
+    def take_spent(self) -> list[int]:
+        spent, self._spent = self._spent, [0] * len(self._spent)
+        return spent
+
+    def __repr__(self) -> str:
+        return f"Block(held={self._held}, spent={self._spent})"
+
+
+def take_all(blocks: Sequence[Block], amounts: Sequence[Sequence[int]]) -> bool:
+    """All or nothing over several distinct blocks (an entity's and its parent's)."""
+    if not isinstance(blocks, list | tuple):
+        raise TypeError("blocks must be a list or a tuple of Block")
+    for block in blocks:
+        if not isinstance(block, Block):
+            raise TypeError(f"blocks must hold Block, not {type(block).__name__}")
+    if not isinstance(amounts, list | tuple):
+        raise TypeError("amounts must be a list or a tuple of lists")
+    lists = [_amounts(a) for a in amounts]
+    if any(a is b for i, a in enumerate(blocks) for b in blocks[i + 1 :]):
+        raise ValueError("take_all needs distinct blocks")
+    if len(blocks) != len(lists):
+        raise ValueError("take_all needs one amounts list per block")
+    values = [block._check(a) for block, a in zip(blocks, lists, strict=True)]
+    if not all(block._covers(v) for block, v in zip(blocks, values, strict=True)):
+        return False
+    for block, v in zip(blocks, values, strict=True):
+        for s, x in zip(block._spent, v, strict=True):
+            _fit(s + x)
+    for block, v in zip(blocks, values, strict=True):
+        block._spend(v)
+    return True

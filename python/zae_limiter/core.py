@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 from zae_limiter import bucket as _reference
 from zae_limiter.bucket import (
@@ -26,11 +26,13 @@ __all__ = [
     "WRITE_ADD",
     "WRITE_NONE",
     "WRITE_RELATIVE",
+    "Block",
     "BucketInput",
     "Outcome",
     "available",
     "decide",
     "refill",
+    "take_all",
     "time_until_available",
 ]
 
@@ -47,6 +49,8 @@ decide = _reference.decide
 refill = _reference.refill
 available = _reference.available
 time_until_available = _reference.time_until_available
+Block: type[_reference.Block] | type[_native_types.Block] = _reference.Block
+take_all: Callable[[Sequence[Any], Sequence[Sequence[int]]], bool] = _reference.take_all
 
 if os.environ.get("ZAE_LIMITER_NATIVE", "").strip() != "0":
     try:
@@ -58,4 +62,6 @@ if os.environ.get("ZAE_LIMITER_NATIVE", "").strip() != "0":
         refill = _native.refill
         available = _native.available
         time_until_available = _native.time_until_available
+        Block = _native.Block
+        take_all = _native.take_all
         BACKEND = "native"

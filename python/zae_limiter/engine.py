@@ -66,15 +66,20 @@ class Engine:
     ) -> list[Target]:
         """Targets for `(entity_id, limits)` pairs: cached states, the missing ones read at once."""
         targets = [Target(eid, resource, limits) for eid, limits in limit_sets]
+        await self.load(targets)
+        return targets
+
+    async def load(self, targets: Sequence[Target]) -> None:
+        """Give every target its last known state: cached, or read now (all at once)."""
         missing: list[Target] = []
         for target in targets:
-            hit, state = self.states.get((target.entity_id, resource))
+            hit, state = self.states.get((target.entity_id, target.resource))
             if hit:
                 target.state = state
+                target.fresh = False
             else:
                 missing.append(target)
         await self.refresh(missing)
-        return targets
 
     async def refresh(self, targets: Sequence[Target]) -> None:
         """Read every target's bucket again (consistently), at once."""
@@ -95,17 +100,31 @@ class Engine:
 
     async def commit(self, targets: Sequence[Target], amounts: Mapping[str, int]) -> None:
         """Consume `amounts` from every target, all or nothing, or raise `RateLimitExceeded`."""
-        await self._apply(targets, amounts, check=True)
+        await self._apply(targets, [amounts] * len(targets), check=True)
 
     async def force(self, targets: Sequence[Target], amounts: Mapping[str, int]) -> None:
         """Add `amounts` (negative: give back) to every target without a check."""
+        await self._apply(targets, [amounts] * len(targets), check=False)
+
+    async def commit_each(
+        self, targets: Sequence[Target], amounts: Sequence[Mapping[str, int]]
+    ) -> None:
+        """`commit` with each target's own amounts (all or nothing over the targets)."""
+        await self._apply(targets, amounts, check=True)
+
+    async def force_each(
+        self, targets: Sequence[Target], amounts: Sequence[Mapping[str, int]]
+    ) -> None:
+        """`force` with each target's own amounts."""
         await self._apply(targets, amounts, check=False)
 
     async def _apply(
-        self, targets: Sequence[Target], amounts: Mapping[str, int], check: bool
+        self, targets: Sequence[Target], amounts: Sequence[Mapping[str, int]], check: bool
     ) -> None:
-        milli = {name: amount * 1000 for name, amount in amounts.items()}
-        deltas = [[milli.get(limit.name, 0) for limit in t.limits] for t in targets]
+        deltas = [
+            [each.get(limit.name, 0) * 1000 for limit in t.limits]
+            for t, each in zip(targets, amounts, strict=True)
+        ]
         pending = [i for i, d in enumerate(deltas) if any(d)]
         committed: list[int] = []
         # Raw outcomes per target; LimitStatus objects are only built for a denial.
@@ -167,8 +186,10 @@ class Engine:
         except BaseException:
             if committed and check:
                 # Partial success of an all-or-nothing consume: give back what was taken.
-                give_back = {name: -amount for name, amount in amounts.items()}
-                await self.force([targets[i] for i in committed], give_back)
+                await self.force_each(
+                    [targets[i] for i in committed],
+                    [{name: -n for name, n in amounts[i].items()} for i in committed],
+                )
             raise
 
     async def _write(self, target: Target, writes: list[LimitWrite], now: int) -> BucketItem:

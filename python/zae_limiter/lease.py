@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
-from .engine import Engine, Target
+from .engine import Target
 from .exceptions import ValidationError
 from .failures import public_errors
 from .validation import validate_amount, validate_name, validate_signed_amount
@@ -15,6 +15,15 @@ from .validation import validate_amount, validate_name, validate_signed_amount
 log = logging.getLogger("zae_limiter")
 
 T = TypeVar("T")
+
+
+class Settler(Protocol):
+    """Where a lease's changes go: the engine (straight to the buckets) or a reserver (its
+    blocks first; `zae_limiter.reservations`)."""
+
+    async def commit(self, targets: Sequence[Target], amounts: Mapping[str, int]) -> None: ...
+
+    async def force(self, targets: Sequence[Target], amounts: Mapping[str, int]) -> None: ...
 
 
 class Lease:
@@ -26,13 +35,13 @@ class Lease:
 
     def __init__(
         self,
-        engine: Engine,
+        settler: Settler,
         targets: Sequence[Target],
         consumed: Mapping[str, int],
         *,
         fail_open: bool = False,
     ) -> None:
-        self._engine = engine
+        self._settler = settler
         self._targets = list(targets)
         self._consumed: dict[str, int] = dict(consumed)
         self._limit_names = {limit.name for limit in targets[0].limits} if targets else set()
@@ -66,7 +75,7 @@ class Lease:
         deltas = self._amounts(amounts, signed=True)
         if deltas and not self.fail_open:
             with public_errors():
-                await self._engine.force(self._targets, deltas)
+                await self._settler.force(self._targets, deltas)
         self._add(deltas)
 
     async def consume(self, **amounts: int) -> None:
@@ -75,7 +84,7 @@ class Lease:
         deltas = self._amounts(amounts, signed=False)
         if deltas and not self.fail_open:
             with public_errors():
-                await self._engine.commit(self._targets, deltas)
+                await self._settler.commit(self._targets, deltas)
         self._add(deltas)
 
     async def release(self, **amounts: int) -> None:
@@ -83,14 +92,14 @@ class Lease:
         deltas = self._amounts(amounts, signed=False)
         if deltas and not self.fail_open:
             with public_errors():
-                await self._engine.force(self._targets, {k: -v for k, v in deltas.items()})
+                await self._settler.force(self._targets, {k: -v for k, v in deltas.items()})
         self._add({k: -v for k, v in deltas.items()})
 
     async def _rollback(self) -> None:
         deltas = {k: -v for k, v in self._consumed.items() if v}
         if deltas and not self.fail_open:
             with public_errors():
-                await self._engine.force(self._targets, deltas)
+                await self._settler.force(self._targets, deltas)
         self._consumed = dict.fromkeys(self._consumed, 0)
 
     def _add(self, deltas: Mapping[str, int]) -> None:

@@ -30,11 +30,13 @@ from .models import (
     Entity,
     FailureMode,
     Limit,
+    Reservations,
     StackOptions,
     UsageSnapshot,
     UsageSummary,
 )
 from .repository import Repository, RetryPolicy
+from .reservations import Reserver
 from .schema import DEFAULT_RESOURCE, default_region, short_name, table_name
 from .storage import BucketItem, RepositoryUnavailable
 from .validation import validate_entity_id, validate_resource
@@ -71,6 +73,7 @@ class RateLimiter:
         bucket_cache_size: int = 10_000,
         repository: Repository | None = None,
         version_check: VersionCheck = "strict",
+        reservations: Reservations | None = None,
     ) -> None:
         if not isinstance(failure_mode, FailureMode):
             raise ValidationError("failure_mode", failure_mode, "must be a FailureMode")
@@ -91,7 +94,11 @@ class RateLimiter:
         self.repository = repository or Repository(
             self.table_name, region, endpoint_url, retry=retry
         )
+        if reservations is not None and not isinstance(reservations, Reservations):
+            raise ValidationError("reservations", reservations, "must be a Reservations or None")
+        self.reservations = reservations
         self._engine = Engine(self.repository, clock, bucket_cache_size)
+        self._reserver = None if reservations is None else Reserver(self._engine, reservations)
         self._entities: TTLCache[str, Entity | None] = TTLCache(limits_cache_ttl, bucket_cache_size)
         self._stored_limits: TTLCache[str, dict[str, list[Limit]]] = TTLCache(
             limits_cache_ttl, bucket_cache_size
@@ -111,6 +118,9 @@ class RateLimiter:
         await self.close()
 
     async def close(self) -> None:
+        """Give back reserved tokens (with `reservations`), then close the DynamoDB client."""
+        if self._reserver is not None:
+            await self._reserver.close()
         await self.repository.close()
 
     @property
@@ -228,6 +238,8 @@ class RateLimiter:
         self._entities.drop(entity_id)
         self._stored_limits.drop(entity_id)
         self._engine.forget(entity_id)
+        if self._reserver is not None:
+            self._reserver.forget(entity_id)
 
     async def get_children(self, parent_id: str) -> list[Entity]:
         validate_entity_id(parent_id, "parent_id")
@@ -335,20 +347,22 @@ class RateLimiter:
             check_consumable([(entity_id, fallback)], amounts)
         await self._ensure_ready()
         try:
-            sets = await self._limit_sets(
-                entity_id, resource, fallback, cascade, use_stored_limits
-            )
+            sets = await self._limit_sets(entity_id, resource, fallback, cascade, use_stored_limits)
             if use_stored_limits:  # otherwise every set is `fallback`, checked above
                 check_consumable(sets, amounts)
-            targets = await self._engine.targets(resource, sets)
-            await self._engine.commit(targets, amounts)
+            reserver = self._reserver
+            if reserver is not None:
+                targets = await reserver.acquire(resource, sets, amounts)
+            else:
+                targets = await self._engine.targets(resource, sets)
+                await self._engine.commit(targets, amounts)
         except OUTAGES as exc:
             if mode is not FailureMode.FAIL_OPEN:
                 raise unavailable(exc) from exc
             log.warning("DynamoDB unavailable, admitting (FAIL_OPEN): %s", exc)
             lease = Lease(self._engine, [], amounts, fail_open=True)
         else:
-            lease = Lease(self._engine, targets, amounts)
+            lease = Lease(reserver or self._engine, targets, amounts)
         async with held(lease):
             yield lease
 
@@ -412,9 +426,7 @@ class RateLimiter:
             check_consumable([(entity_id, fallback)], amounts, field="needed")
         chosen, state = await self._read(entity_id, resource, fallback, use_stored_limits)
         check_consumable([(entity_id, chosen)], amounts, field="needed")
-        inputs = [
-            bucket_input(limit, state, amounts.get(limit.name, 0) * 1000) for limit in chosen
-        ]
+        inputs = [bucket_input(limit, state, amounts.get(limit.name, 0) * 1000) for limit in chosen]
         ms = core.time_until_available(inputs, self._engine.clock())
         return 0.0 if ms is None else ms / 1000
 
@@ -453,4 +465,3 @@ class RateLimiter:
         """Totals and per-snapshot averages per limit over a range of snapshots."""
         snapshots = await self.get_usage_snapshots(entity_id, resource, window, start, end)
         return usage.summarize(snapshots, entity_id, resource, window, start, end)
-

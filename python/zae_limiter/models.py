@@ -664,3 +664,46 @@ class UsageSummary:
     snapshot_count: int
     totals: dict[str, int]
     averages: dict[str, float]
+
+
+def _seconds(value: object, field: str, *, positive: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValidationError(field, value, "must be a finite number of seconds")
+    if value < 0 or (positive and value == 0):
+        raise ValidationError(field, value, "must be positive" if positive else "must be >= 0")
+    return float(value)
+
+
+@dataclass(frozen=True, slots=True)
+class Reservations:
+    """How a limiter reserves tokens ahead (opt-in: `RateLimiter(reservations=Reservations())`).
+
+    Attributes:
+        max_share: the largest share of a limit's burst one process may hold reserved for one
+            bucket item (0 < max_share <= 1). A process that dies holding a block loses at most
+            this much of each limit, until refill brings it back: under-admission, never more.
+        hold_seconds: how long unused reserved tokens may stay reserved; then they go back to the
+            shared bucket. It also bounds how long tokens granted earlier can be spent later.
+        horizon_seconds: a block covers this much of the demand this process observed for the
+            item (<= `hold_seconds`), so a hot item costs about one write per horizon.
+        denial_memory_seconds: after the shared bucket refused, further requests for the item are
+            denied locally (no I/O, each with its retry-after) until the bucket could grant a
+            block again, for at most this long; 0 turns the memory off.
+    """
+
+    max_share: float = 0.1
+    hold_seconds: float = 2.0
+    horizon_seconds: float = 0.5
+    denial_memory_seconds: float = 1.0
+
+    def __post_init__(self) -> None:
+        share = self.max_share
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0 < share <= 1:
+            raise ValidationError("max_share", share, "must be a number in (0, 1]")
+        hold = _seconds(self.hold_seconds, "hold_seconds", positive=True)
+        horizon = _seconds(self.horizon_seconds, "horizon_seconds", positive=True)
+        _seconds(self.denial_memory_seconds, "denial_memory_seconds", positive=False)
+        if horizon > hold:
+            raise ValidationError(
+                "horizon_seconds", horizon, f"must not exceed hold_seconds ({hold})"
+            )

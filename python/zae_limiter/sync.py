@@ -17,7 +17,15 @@ from typing import Any, TypeVar
 from .capacity import CapacityLedger
 from .lease import SyncLease
 from .limiter import RateLimiter
-from .models import Entity, FailureMode, Limit, StackOptions, UsageSnapshot, UsageSummary
+from .models import (
+    Entity,
+    FailureMode,
+    Limit,
+    Reservations,
+    StackOptions,
+    UsageSnapshot,
+    UsageSummary,
+)
 from .repository import Repository, RetryPolicy
 from .schema import DEFAULT_RESOURCE
 from .version import VersionCheck
@@ -42,6 +50,7 @@ class SyncRateLimiter:
         bucket_cache_size: int = 10_000,
         repository: Repository | None = None,
         version_check: VersionCheck = "strict",
+        reservations: Reservations | None = None,
     ) -> None:
         self._limiter = RateLimiter(
             name,
@@ -55,6 +64,7 @@ class SyncRateLimiter:
             bucket_cache_size=bucket_cache_size,
             repository=repository,
             version_check=version_check,
+            reservations=reservations,
         )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -188,14 +198,24 @@ class SyncRateLimiter:
             )
         )
 
-    def get_usage_snapshots(self, entity_id: str, resource: str | None = None,
-                            window: str | None = "hourly", start: datetime | str | None = None,
-                            end: datetime | str | None = None) -> list[UsageSnapshot]:
+    def get_usage_snapshots(
+        self,
+        entity_id: str,
+        resource: str | None = None,
+        window: str | None = "hourly",
+        start: datetime | str | None = None,
+        end: datetime | str | None = None,
+    ) -> list[UsageSnapshot]:
         return self._run(self._limiter.get_usage_snapshots(entity_id, resource, window, start, end))
 
-    def get_usage_summary(self, entity_id: str, resource: str | None = None,
-                          window: str | None = "hourly", start: datetime | str | None = None,
-                          end: datetime | str | None = None) -> UsageSummary:
+    def get_usage_summary(
+        self,
+        entity_id: str,
+        resource: str | None = None,
+        window: str | None = "hourly",
+        start: datetime | str | None = None,
+        end: datetime | str | None = None,
+    ) -> UsageSummary:
         return self._run(self._limiter.get_usage_summary(entity_id, resource, window, start, end))
 
     def delete_stack(self) -> None:

@@ -3,8 +3,10 @@
 //! The math lives in [`bucket`] as plain Rust; the optional `python` feature adds the PyO3
 //! module `zae_limiter._native` on top of it.
 
+pub mod block;
 pub mod bucket;
 
+pub use block::{take_all, Block};
 pub use bucket::{
     available, decide, refill, time_until_available, BucketInput, CoreError, CoreResult, Outcome,
     WriteMode,

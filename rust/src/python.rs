@@ -10,6 +10,7 @@ use pyo3::exceptions::{PyOverflowError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyList, PyTuple};
 
+use crate::block::{self, Block};
 use crate::bucket::{self, BucketInput, CoreError, Outcome};
 
 impl From<CoreError> for PyErr {
@@ -228,9 +229,127 @@ fn refill(
     )?)
 }
 
+/// Amounts per limit: a list or tuple of ints (each converted like any other int).
+fn int_list(obj: &Bound<'_, PyAny>) -> PyResult<Vec<i64>> {
+    let items: Vec<Bound<'_, PyAny>> = if let Ok(list) = obj.cast::<PyList>() {
+        list.iter().collect()
+    } else if let Ok(tuple) = obj.cast::<PyTuple>() {
+        tuple.iter().collect()
+    } else {
+        return Err(PyTypeError::new_err(
+            "amounts must be a list or a tuple of ints",
+        ));
+    };
+    items.iter().map(|item| int(item, "amount")).collect()
+}
+
+/// Tokens reserved from one bucket item, per limit (`zae_limiter.bucket.Block` is the twin).
+#[pyclass(name = "Block", module = "zae_limiter._native")]
+struct PyBlock {
+    inner: Block,
+}
+
+#[pymethods]
+impl PyBlock {
+    #[new]
+    fn new(limits: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let n = int(limits, "limits")?;
+        let n =
+            usize::try_from(n).map_err(|_| PyValueError::new_err("limits must not be negative"))?;
+        Ok(PyBlock {
+            inner: Block::new(n),
+        })
+    }
+
+    #[getter]
+    fn held(&self) -> Vec<i64> {
+        self.inner.held().to_vec()
+    }
+
+    #[getter]
+    fn spent(&self) -> Vec<i64> {
+        self.inner.spent().to_vec()
+    }
+
+    fn add(&mut self, amounts: &Bound<'_, PyAny>) -> PyResult<()> {
+        Ok(self.inner.add(&int_list(amounts)?)?)
+    }
+
+    fn take(&mut self, amounts: &Bound<'_, PyAny>) -> PyResult<bool> {
+        Ok(self.inner.take(&int_list(amounts)?)?)
+    }
+
+    fn take_up_to(&mut self, amounts: &Bound<'_, PyAny>) -> PyResult<Vec<i64>> {
+        Ok(self.inner.take_up_to(&int_list(amounts)?)?)
+    }
+
+    fn drain(&mut self) -> Vec<i64> {
+        self.inner.drain()
+    }
+
+    fn take_spent(&mut self) -> Vec<i64> {
+        self.inner.take_spent()
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Block(held={:?}, spent={:?})",
+            self.inner.held(),
+            self.inner.spent()
+        )
+    }
+}
+
+/// take_all(blocks, amounts) -> bool: all or nothing over several distinct blocks.
+#[pyfunction]
+#[pyo3(signature = (blocks, amounts))]
+fn take_all(blocks: &Bound<'_, PyAny>, amounts: &Bound<'_, PyAny>) -> PyResult<bool> {
+    let blocks: Vec<Bound<'_, PyBlock>> = if let Ok(list) = blocks.cast::<PyList>() {
+        list.iter()
+            .map(|b| b.cast_into::<PyBlock>().map_err(PyErr::from))
+            .collect::<PyResult<_>>()?
+    } else if let Ok(tuple) = blocks.cast::<PyTuple>() {
+        tuple
+            .iter()
+            .map(|b| b.cast_into::<PyBlock>().map_err(PyErr::from))
+            .collect::<PyResult<_>>()?
+    } else {
+        return Err(PyTypeError::new_err(
+            "blocks must be a list or a tuple of Block",
+        ));
+    };
+    let lists: Vec<Vec<i64>> = if let Ok(list) = amounts.cast::<PyList>() {
+        list.iter().map(|a| int_list(&a)).collect::<PyResult<_>>()?
+    } else if let Ok(tuple) = amounts.cast::<PyTuple>() {
+        tuple
+            .iter()
+            .map(|a| int_list(&a))
+            .collect::<PyResult<_>>()?
+    } else {
+        return Err(PyTypeError::new_err(
+            "amounts must be a list or a tuple of lists",
+        ));
+    };
+    // Borrowing one block twice would fail inside PyO3; say what is wrong instead.
+    for (i, a) in blocks.iter().enumerate() {
+        if blocks.iter().skip(i.saturating_add(1)).any(|b| b.is(a)) {
+            return Err(PyValueError::new_err("take_all needs distinct blocks"));
+        }
+    }
+    let mut refs: Vec<PyRefMut<'_, PyBlock>> = blocks
+        .iter()
+        .map(|b| b.try_borrow_mut().map_err(PyErr::from))
+        .collect::<PyResult<_>>()?;
+    let mut inner: Vec<&mut Block> = refs.iter_mut().map(|r| &mut r.inner).collect();
+    let slices: Vec<&[i64]> = lists.iter().map(Vec::as_slice).collect();
+    Ok(block::take_all(&mut inner, &slices)?)
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyOutcome>()?;
+    m.add_class::<PyBlock>()?;
+    m.add_function(wrap_pyfunction!(take_all, m)?)?;
     m.add_function(wrap_pyfunction!(decide, m)?)?;
     m.add_function(wrap_pyfunction!(refill, m)?)?;
     m.add_function(wrap_pyfunction!(available, m)?)?;

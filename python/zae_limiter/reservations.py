@@ -1,0 +1,425 @@
+"""Reservations: blocks of tokens taken ahead from the shared buckets and spent locally.
+
+With `RateLimiter(reservations=Reservations())`, a process takes a *block* of tokens from a bucket
+item with one ordinary conditional write (the engine's commit: every limit of the item at once)
+and serves acquires from it with one call into the core (`core.Block`) and no I/O. Nothing is
+ever admitted that the shared bucket did not grant first, so the invariant of the buckets holds
+summed over every process; what a process holds and does not use goes back with an unconditional
+add (on `close()`, when the block's hold time ends, when its limits change). docs/design.md,
+"Reservations", gives the sizing rule, the failure cases and what `available()` reports.
+
+"Lease" names what one `acquire` yields; a reservation is a process's stock of tokens behind
+many leases. A `Lease` settles through a `Reserver` exactly as through the `Engine` (the same
+`commit` / `force`), which spends or refills the block first and writes only the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+
+from . import core
+from .engine import BucketKey, Engine, Target, bucket_input
+from .exceptions import RateLimitExceeded
+from .models import Limit, LimitStatus, Reservations
+
+__all__ = ["Reserver"]
+
+log = logging.getLogger("zae_limiter")
+
+# A block's observed rate is smoothed over its top-ups: half the old estimate, half the new.
+RATE_WEIGHT = 0.5
+# Shortest interval a rate is measured over (two top-ups closer than this are one burst).
+MIN_RATE_INTERVAL = 0.001
+
+
+class Holding:
+    """This process's block for one bucket item, with what sizing and denials need to know."""
+
+    __slots__ = (
+        "block",
+        "denied_until",
+        "expires_at",
+        "inflight",
+        "limits",
+        "queued",
+        "rate",
+        "target",
+        "topped_at",
+    )
+
+    def __init__(self, target: Target) -> None:
+        self.target = target
+        self.limits = target.limits
+        self.block = core.Block(len(target.limits))
+        self.rate = [0.0] * len(target.limits)  # millitokens per second spent from the block
+        self.queued = [0] * len(target.limits)  # needs of tasks waiting for a top-up
+        self.topped_at: float | None = None  # time.monotonic() of the last top-up
+        self.expires_at = math.inf  # when the held tokens go back
+        self.denied_until = 0.0  # the denial memory (time.monotonic())
+        self.inflight: asyncio.Future[None] | None = None  # the top-up under way
+
+    def covers(self, limits: Sequence[Limit]) -> bool:
+        return self.limits is limits or self.limits == limits
+
+
+class Reserver:
+    """Blocks of one limiter, per bucket item; settles leases against them (see module doc)."""
+
+    def __init__(self, engine: Engine, policy: Reservations) -> None:
+        self.engine = engine
+        self.policy = policy
+        self.holdings: dict[BucketKey, Holding] = {}
+        self._retired: list[Holding] = []  # replaced blocks still holding tokens
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # -- the hot path -----------------------------------------------------------------------
+
+    async def acquire(
+        self,
+        resource: str,
+        limit_sets: Sequence[tuple[str, list[Limit]]],
+        amounts: Mapping[str, int],
+    ) -> list[Target]:
+        """Take `amounts` from the blocks of every entity (a parent's too), reserving as needed;
+        raises `RateLimitExceeded` when the shared buckets cannot cover it."""
+        holdings = [self._holding(eid, resource, limits) for eid, limits in limit_sets]
+        await self._take(holdings, amounts)
+        return [h.target for h in holdings]
+
+    def _holding(self, entity_id: str, resource: str, limits: list[Limit]) -> Holding:
+        key = (entity_id, resource)
+        holding = self.holdings.get(key)
+        if holding is not None and holding.covers(limits):
+            return holding
+        if holding is not None:
+            # Its limits changed: what it holds goes back; the new block starts empty.
+            self._retire([holding])
+        holding = self.holdings[key] = Holding(Target(entity_id, resource, list(limits)))
+        return holding
+
+    async def _take(self, holdings: Sequence[Holding], amounts: Mapping[str, int]) -> None:
+        needs = [[amounts.get(limit.name, 0) * 1000 for limit in h.limits] for h in holdings]
+        while True:
+            if len(holdings) == 1:
+                if holdings[0].block.take(needs[0]):
+                    return
+            elif core.take_all([h.block for h in holdings], needs):
+                return
+            await self._top_up(holdings, needs)
+
+    # -- Settler: what a lease asks -----------------------------------------------------------
+
+    async def commit(self, targets: Sequence[Target], amounts: Mapping[str, int]) -> None:
+        holdings = self._holdings_of(targets)
+        if holdings is None:
+            await self.engine.commit(targets, amounts)
+        else:
+            await self._take(holdings, amounts)
+
+    async def force(self, targets: Sequence[Target], amounts: Mapping[str, int]) -> None:
+        """Forced amounts settle against the blocks: a give-back refills the block, a take
+        spends what it holds; only what no block covers is written."""
+        rest_targets: list[Target] = []
+        rests: list[dict[str, int]] = []
+        for target in targets:
+            holding = self.holdings.get((target.entity_id, target.resource))
+            if holding is None or holding.target is not target:
+                rest_targets.append(target)
+                rests.append(dict(amounts))
+                continue
+            signed = [amounts.get(limit.name, 0) * 1000 for limit in holding.limits]
+            back = [max(-a, 0) for a in signed]
+            if any(back):
+                holding.block.add(back)
+            take = [max(a, 0) for a in signed]
+            if any(take):
+                rest = holding.block.take_up_to(take)
+                if any(rest):
+                    rest_targets.append(target)
+                    rests.append(
+                        {
+                            lim.name: r // 1000
+                            for lim, r in zip(holding.limits, rest, strict=True)
+                            if r
+                        }
+                    )
+        if rest_targets:
+            await self.engine.force_each(rest_targets, rests)
+
+    def _holdings_of(self, targets: Sequence[Target]) -> list[Holding] | None:
+        holdings: list[Holding] = []
+        for target in targets:
+            holding = self.holdings.get((target.entity_id, target.resource))
+            if holding is None or holding.target is not target:
+                return None
+            holdings.append(holding)
+        return holdings
+
+    # -- reserving --------------------------------------------------------------------------
+
+    async def _top_up(self, holdings: Sequence[Holding], needs: list[list[int]]) -> None:
+        """Refill the blocks that cannot cover `needs` (one write per item), or wait for the
+        top-up already under way for one of them (then the caller tries its blocks again)."""
+        busy = [h.inflight for h in holdings if h.inflight is not None]
+        if busy:
+            for h, need in zip(holdings, needs, strict=True):
+                h.queued = [q + n for q, n in zip(h.queued, need, strict=True)]
+            try:
+                await asyncio.wait(busy)
+            finally:
+                for h, need in zip(holdings, needs, strict=True):
+                    h.queued = [q - n for q, n in zip(h.queued, need, strict=True)]
+            return
+        flight = asyncio.get_running_loop().create_future()
+        for h in holdings:
+            h.inflight = flight
+        try:
+            await self._reserve(holdings, needs)
+        finally:
+            for h in holdings:
+                h.inflight = None
+            flight.set_result(None)
+
+    async def _reserve(self, holdings: Sequence[Holding], needs: list[list[int]]) -> None:
+        now = time.monotonic()
+        if any(h.denied_until > now for h in holdings):
+            raise self._remembered_denial(holdings, needs, now)
+        targets = [h.target for h in holdings]
+        await self.engine.load(targets)
+        now_ms = self.engine.clock()
+        shorts = [_short(h, need) for h, need in zip(holdings, needs, strict=True)]
+        goals = [
+            self._goal(h, need, short, now, now_ms)
+            for h, need, short in zip(holdings, needs, shorts, strict=True)
+        ]
+        try:
+            try:
+                await self.engine.commit_each(
+                    targets, [_tokens(h, g) for h, g in zip(holdings, goals, strict=True)]
+                )
+            except RateLimitExceeded:
+                if goals == shorts:
+                    raise
+                # The stale view promised more than is left: take just what is needed (the states
+                # are fresh now).
+                goals = shorts
+                await self.engine.commit_each(
+                    targets, [_tokens(h, g) for h, g in zip(holdings, goals, strict=True)]
+                )
+        except RateLimitExceeded as exc:
+            raise self._denied(holdings, needs, shorts, exc) from None
+        expires = time.monotonic() + self.policy.hold_seconds
+        for h, goal in zip(holdings, goals, strict=True):
+            if any(goal):
+                h.block.add(goal)
+                h.expires_at = expires
+        self._arm()
+
+    def _goal(
+        self, holding: Holding, need: list[int], short: list[int], now: float, now_ms: int
+    ) -> list[int]:
+        """Millitokens to reserve per limit: at least the shortfall; up to the observed demand
+        over the horizon, `max_share` of the burst, and half of what else the bucket holds."""
+        spent = holding.block.take_spent()
+        if holding.topped_at is not None:
+            elapsed = max(now - holding.topped_at, MIN_RATE_INTERVAL)
+            holding.rate = [
+                s / elapsed if r == 0 else RATE_WEIGHT * r + (1 - RATE_WEIGHT) * s / elapsed
+                for r, s in zip(holding.rate, spent, strict=True)
+            ]
+        holding.topped_at = now
+        if not any(short):
+            return short
+        policy = self.policy
+        held = holding.block.held
+        goal: list[int] = []
+        for i, limit in enumerate(holding.limits):
+            wanted = max(
+                need[i] + holding.queued[i], _whole(holding.rate[i] * policy.horizon_seconds)
+            )
+            wanted = min(wanted, _whole(limit.burst_milli * policy.max_share, down=True))
+            extra = max(0, wanted - held[i] - short[i])
+            if extra:
+                inputs = bucket_input(limit, holding.target.state, 0)
+                left = core.available(*inputs[:5], now_ms) - short[i]
+                extra = min(extra, _whole(max(0, left) / 2, down=True))
+            goal.append(short[i] + extra)
+        return goal
+
+    def _denied(
+        self,
+        holdings: Sequence[Holding],
+        needs: list[list[int]],
+        shorts: list[list[int]],
+        exc: RateLimitExceeded,
+    ) -> RateLimitExceeded:
+        """The shared buckets refused even the shortfall: remember it until they could grant
+        a block again (bounded), and report the request against buckets and blocks together."""
+        memory = self.policy.denial_memory_seconds
+        wait = exc.retry_after_seconds
+        if memory and wait is not None:
+            now_ms = self.engine.clock()
+            block = [
+                bucket_input(limit, h.target.state, max(s, b))
+                for h, short in zip(holdings, shorts, strict=True)
+                for limit, s, b in zip(h.limits, short, self._block_size(h), strict=True)
+            ]
+            refill_ms = core.time_until_available(block, now_ms)
+            wait = min(memory, max(wait, math.inf if refill_ms is None else refill_ms / 1000))
+            until = time.monotonic() + wait
+            for h in holdings:
+                h.denied_until = until
+        # A client that waits the retry-after it is told finds the memory over.
+        return self._denial(holdings, needs, wait)
+
+    def _block_size(self, holding: Holding) -> list[int]:
+        """The block the observed demand asks for, per limit (what a denial waits for)."""
+        return [
+            min(
+                _whole(rate * self.policy.horizon_seconds),
+                _whole(limit.burst_milli * self.policy.max_share, down=True),
+            )
+            for rate, limit in zip(holding.rate, holding.limits, strict=True)
+        ]
+
+    def _remembered_denial(
+        self, holdings: Sequence[Holding], needs: list[list[int]], now: float
+    ) -> RateLimitExceeded:
+        until = max(h.denied_until for h in holdings)
+        return self._denial(holdings, needs, until - now)
+
+    def _denial(
+        self, holdings: Sequence[Holding], needs: list[list[int]], wait: float | None
+    ) -> RateLimitExceeded:
+        """`RateLimitExceeded` for a request, from the cached states: what the bucket and the
+        block hold together, and `wait` (at least the bucket's own wait) for each violation."""
+        now_ms = self.engine.clock()
+        inputs = [
+            bucket_input(limit, h.target.state, short)
+            for h, need in zip(holdings, needs, strict=True)
+            for limit, short in zip(h.limits, _short(h, need), strict=True)
+        ]
+        _, outcomes = core.decide(inputs, now_ms, True, 0)
+        cursor = 0
+        statuses: list[LimitStatus] = []
+        shown = any(out.exceeded for out in outcomes)
+        for h, need in zip(holdings, needs, strict=True):
+            held = h.block.held
+            for i, limit in enumerate(h.limits):
+                out = outcomes[cursor]
+                cursor += 1
+                exceeded = bool(out.exceeded) or (not shown and need[i] > held[i])
+                own = None if out.retry_after_ms is None else out.retry_after_ms / 1000
+                retry = (
+                    0.0 if not exceeded else None if own is None or wait is None else max(own, wait)
+                )
+                statuses.append(
+                    LimitStatus(
+                        entity_id=h.target.entity_id,
+                        resource=h.target.resource,
+                        limit_name=limit.name,
+                        limit=limit,
+                        available=(out.available_milli + held[i]) // 1000,
+                        requested=need[i] // 1000,
+                        exceeded=exceeded,
+                        retry_after_seconds=retry,
+                    )
+                )
+        return RateLimitExceeded(statuses)
+
+    # -- giving back ------------------------------------------------------------------------
+
+    def _arm(self) -> None:
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Give back what sits unused past its hold time; forget empty expired blocks."""
+        while True:
+            if self._retired:
+                retired, self._retired = self._retired, []
+                await self._give_back(retired)
+            now = time.monotonic()
+            due = [h for h in self.holdings.values() if h.expires_at <= now]
+            if due:
+                await self._give_back(due)
+                for h in due:
+                    key = (h.target.entity_id, h.target.resource)
+                    if (
+                        h.inflight is None
+                        and h.expires_at == math.inf
+                        and self.holdings.get(key) is h
+                    ):
+                        del self.holdings[key]
+            deadlines = [h.expires_at for h in self.holdings.values() if h.expires_at < math.inf]
+            if not deadlines:
+                return
+            await asyncio.sleep(max(0.0, min(deadlines) - time.monotonic()))
+
+    def _retire(self, holdings: Sequence[Holding]) -> None:
+        self._retired.extend(holdings)
+        self._arm()
+
+    async def _give_back(self, holdings: Sequence[Holding]) -> None:
+        targets: list[Target] = []
+        amounts: list[dict[str, int]] = []
+        for h in holdings:
+            h.expires_at = math.inf
+            held = h.block.drain()
+            if any(held):
+                targets.append(h.target)
+                amounts.append(
+                    {lim.name: -(x // 1000) for lim, x in zip(h.limits, held, strict=True) if x}
+                )
+        if not targets:
+            return
+        try:
+            await self.engine.force_each(targets, amounts)
+        except Exception as exc:
+            # An unknown outcome may have landed: putting the tokens back could spend them twice.
+            log.warning("reserved tokens not given back (%s); they return with refill", exc)
+
+    def forget(self, entity_id: str) -> None:
+        """Drop the entity's blocks without giving back (its items were deleted)."""
+        for key in [k for k in self.holdings if k[0] == entity_id]:
+            del self.holdings[key]
+
+    async def close(self) -> None:
+        """Give back everything held."""
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+        holdings = list(self.holdings.values()) + self._retired
+        self.holdings.clear()
+        self._retired = []
+        await self._give_back(holdings)
+
+    def held(self) -> dict[BucketKey, dict[str, int]]:
+        """Whole tokens held per bucket item and limit (for operators and tests)."""
+        return {
+            key: {lim.name: x // 1000 for lim, x in zip(h.limits, h.block.held, strict=True)}
+            for key, h in self.holdings.items()
+            if any(h.block.held)
+        }
+
+
+def _short(holding: Holding, need: list[int]) -> list[int]:
+    """Millitokens the block lacks for `need`, per limit."""
+    return [max(0, n - h) for n, h in zip(need, holding.block.held, strict=True)]
+
+
+def _whole(milli: float, down: bool = False) -> int:
+    """Millitokens rounded to whole tokens (blocks only ever hold whole tokens)."""
+    tokens = math.floor(milli / 1000) if down else math.ceil(milli / 1000)
+    return int(tokens) * 1000
+
+
+def _tokens(holding: Holding, milli: list[int]) -> dict[str, int]:
+    return {limit.name: -(-m // 1000) for limit, m in zip(holding.limits, milli, strict=True) if m}
