@@ -128,6 +128,11 @@ class RateLimiter:
         """DynamoDB calls and capacity units this limiter has used (see `CapacityLedger`)."""
         return self.repository.ledger
 
+    def reserved(self) -> dict[tuple[str, str], dict[str, int]]:
+        """Tokens this limiter holds reserved, per `(entity_id, resource)` and limit (empty
+        without `reservations`). They count as consumed in the shared bucket until given back."""
+        return {} if self._reserver is None else self._reserver.held()
+
     def clear_cache(self) -> None:
         """Forget every cached bucket state, entity and stored limit: the next operations read
         them again."""

@@ -96,6 +96,14 @@ class SyncRateLimiter:
         """Forget every cached bucket state, entity and stored limit."""
         self._limiter.clear_cache()
 
+    def reserved(self) -> dict[tuple[str, str], dict[str, int]]:
+        """Tokens held reserved, per `(entity_id, resource)` and limit (read on the loop)."""
+
+        async def read() -> dict[tuple[str, str], dict[str, int]]:
+            return self._limiter.reserved()
+
+        return self._run(read())
+
     @property
     def async_limiter(self) -> RateLimiter:
         return self._limiter
