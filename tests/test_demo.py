@@ -31,6 +31,23 @@ def test_demo_command_reports_and_usage_matches(endpoint_url: str) -> None:
     assert all(line.rstrip(" │").endswith("yes") for line in usage_rows), result.output
 
 
+def test_demo_with_reservations_usage_still_matches_clients(endpoint_url: str) -> None:
+    """Blocks are reserved and returned: once returned, the aggregator's net usage per entity is
+    what the clients used, token for token."""
+    result = CliRunner().invoke(
+        main,
+        ["demo", "--endpoint-url", endpoint_url, "--keys", "2", "--clients", "3",
+         "--requests", "8", "--reservations"],
+        env={"COLUMNS": "200"},
+    )
+    assert result.exit_code == 0, result.output
+    assert "reservations" in result.output
+    rows = [line for line in result.output.splitlines() if "api-key-" in line or PROJECT in line]
+    usage_rows = [line for line in rows if line.rstrip(" │").endswith(("yes", "no"))]
+    assert len(usage_rows) == 3
+    assert all(line.rstrip(" │").endswith("yes") for line in usage_rows), result.output
+
+
 def test_workload_ledger_balances(endpoint_url: str) -> None:
     frozen = 1_800_000_000_000
 

@@ -66,11 +66,21 @@ def local(port: int | None) -> None:
 @click.option("--keys", default=3, show_default=True, help="API keys under the project.")
 @click.option("--clients", default=2, show_default=True, help="Concurrent clients per key.")
 @click.option("--requests", default=12, show_default=True, help="Requests per client.")
+@click.option(
+    "--reservations/--no-reservations",
+    default=False,
+    show_default=True,
+    help="Serve acquires from reserved blocks of tokens (see docs/design.md, Reservations).",
+)
 @cli_errors
-def demo(name: str, endpoint_url: str | None, keys: int, clients: int, requests: int) -> None:
+def demo(
+    name: str, endpoint_url: str | None, keys: int, clients: int, requests: int,
+    reservations: bool,
+) -> None:
     """Run an LLM-gateway workload on an embedded DynamoDB and summarize it."""
     if endpoint_url is not None:
-        _run_demo(use_target(Target.of(name, LOCAL_REGION, endpoint_url)), keys, clients, requests)
+        target = use_target(Target.of(name, LOCAL_REGION, endpoint_url))
+        _run_demo(target, keys, clients, requests, reservations)
         return
     out = console()
     db = LocalDynamoDB()
@@ -79,13 +89,13 @@ def demo(name: str, endpoint_url: str | None, keys: int, clients: int, requests:
     with db:
         out.print(markup(f"Embedded DynamoDB on [bold]{db.endpoint_url}[/]"))
         target = use_target(Target.of(name, LOCAL_REGION, db.endpoint_url))
-        _run_demo(target, keys, clients, requests)
+        _run_demo(target, keys, clients, requests, reservations)
 
 
-def _run_demo(target: Target, keys: int, clients: int, requests: int) -> None:
+def _run_demo(target: Target, keys: int, clients: int, requests: int, reserve: bool) -> None:
     from .. import BACKEND
     from ..demo import PROJECT, run_workload
-    from ..models import StackOptions
+    from ..models import Reservations, StackOptions
 
     out = console()
     started = time.monotonic()
@@ -96,6 +106,7 @@ def _run_demo(target: Target, keys: int, clients: int, requests: int) -> None:
             ),
             stack_options=StackOptions(),
             version_check="strict",
+            reservations=Reservations() if reserve else None,
         )
         elapsed = time.monotonic() - started
         usage = _usage(target, report)
@@ -103,7 +114,7 @@ def _run_demo(target: Target, keys: int, clients: int, requests: int) -> None:
         markup(
             f"\n[bold]{report.acquires}[/] chat requests from {keys * clients} concurrent clients "
             f"on {keys} API keys of project [bold]{PROJECT}[/] "
-            f"(core: {BACKEND}, {elapsed:.1f}s)\n"
+            f"(core: {BACKEND}{', reservations' if reserve else ''}, {elapsed:.1f}s)\n"
         )
     )
     out.print(_keys_table(report))
