@@ -76,6 +76,7 @@ class Reserver:
         self.holdings: dict[BucketKey, Holding] = {}
         self._retired: list[Holding] = []  # replaced blocks still holding tokens
         self._sweeper: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()  # retired blocks are waiting to go back
 
     # -- the hot path -----------------------------------------------------------------------
 
@@ -339,8 +340,10 @@ class Reserver:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
     async def _sweep(self) -> None:
-        """Give back what sits unused past its hold time; forget empty expired blocks."""
+        """Give back what sits unused past its hold time, and retired blocks at once; forget
+        empty expired blocks. Ends when nothing is held (`_arm` starts it again)."""
         while True:
+            self._wake.clear()
             if self._retired:
                 retired, self._retired = self._retired, []
                 await self._give_back(retired)
@@ -350,20 +353,20 @@ class Reserver:
                 await self._give_back(due)
                 for h in due:
                     key = (h.target.entity_id, h.target.resource)
-                    if (
-                        h.inflight is None
-                        and h.expires_at == math.inf
-                        and self.holdings.get(key) is h
-                    ):
+                    idle = h.inflight is None and h.expires_at == math.inf
+                    if idle and self.holdings.get(key) is h:
                         del self.holdings[key]
             deadlines = [h.expires_at for h in self.holdings.values() if h.expires_at < math.inf]
-            if not deadlines:
+            if not deadlines and not self._retired:
                 return
-            await asyncio.sleep(max(0.0, min(deadlines) - time.monotonic()))
+            wait = max(0.0, min(deadlines) - time.monotonic()) if deadlines else 0.0
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait)
 
     def _retire(self, holdings: Sequence[Holding]) -> None:
         self._retired.extend(holdings)
         self._arm()
+        self._wake.set()
 
     async def _give_back(self, holdings: Sequence[Holding]) -> None:
         targets: list[Target] = []

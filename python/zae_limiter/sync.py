@@ -102,6 +102,8 @@ class SyncRateLimiter:
         async def read() -> dict[tuple[str, str], dict[str, int]]:
             return self._limiter.reserved()
 
+        if self._closed:  # the loop is stopped: nothing else touches the blocks
+            return self._limiter.reserved()
         return self._run(read())
 
     @property

@@ -1,0 +1,370 @@
+"""Reservations against moto's DynamoDB server: local decisions, exact books, giving back,
+sizing, cheap denials, cascade, and what `available()` reports (docs/design.md, Reservations).
+
+The clock of decisions is frozen (nothing refills) unless a test moves it, so every figure is
+exact; hold times and the denial memory run on the real monotonic clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from zae_limiter import (
+    Limit,
+    RateLimiter,
+    RateLimitExceeded,
+    Reservations,
+    StackOptions,
+    SyncRateLimiter,
+    ValidationError,
+)
+from zae_limiter.repository import Repository
+
+pytestmark = pytest.mark.integration
+
+T0 = 1_800_000_000_000
+HOT = [Limit.per_minute("rpm", 10_000), Limit.per_minute("tpm", 1_000_000)]
+
+
+class Clock:
+    def __init__(self, now: int = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> int:
+        return self.now
+
+
+@pytest.fixture
+async def limiter(endpoint_url: str) -> AsyncIterator[RateLimiter]:
+    async with RateLimiter(
+        name="res",
+        endpoint_url=endpoint_url,
+        stack_options=StackOptions(),
+        clock=Clock(),
+        reservations=Reservations(),
+    ) as lim:
+        yield lim
+
+
+async def stored(endpoint_url: str, entity_id: str, resource: str = "llm") -> dict[str, int]:
+    """Net millitokens ever consumed per limit, as the bucket item itself counts them."""
+    repo = Repository("res", None, endpoint_url)
+    try:
+        bucket = await repo.get_bucket(entity_id, resource)
+    finally:
+        await repo.close()
+    assert bucket is not None
+    return {n: s.consumed_milli - s.released_milli for n, s in bucket.limits.items()}
+
+
+async def hammer(lim: RateLimiter, entity: str, limits: list[Limit], n: int, tasks: int = 1,
+                 cascade: bool = False, consume: dict[str, int] | None = None) -> tuple[int, int]:
+    admitted = denied = 0
+
+    async def task() -> None:
+        nonlocal admitted, denied
+        for _ in range(n):
+            try:
+                async with lim.acquire(entity, "llm", limits, consume or {"rpm": 1},
+                                       cascade=cascade):
+                    admitted += 1
+            except RateLimitExceeded:
+                denied += 1
+
+    await asyncio.gather(*(task() for _ in range(tasks)))
+    return admitted, denied
+
+
+# -- the policy ---------------------------------------------------------------------------
+
+
+def test_default_policy_is_valid_and_frozen() -> None:
+    policy = Reservations()
+    assert 0 < policy.max_share <= 1
+    assert 0 < policy.horizon_seconds <= policy.hold_seconds
+    with pytest.raises(AttributeError):
+        policy.max_share = 0.5  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("max_share", 0), ("max_share", 1.5), ("max_share", True), ("max_share", "0.1"),
+        ("hold_seconds", 0), ("hold_seconds", -1), ("hold_seconds", float("inf")),
+        ("horizon_seconds", 0), ("horizon_seconds", 5.0),  # longer than the hold
+        ("denial_memory_seconds", -0.5), ("denial_memory_seconds", float("nan")),
+    ],
+)
+def test_bad_policy_names_the_field(field: str, value: object) -> None:
+    with pytest.raises(ValidationError) as info:
+        Reservations(**{field: value})  # type: ignore[arg-type]
+    assert info.value.field == field
+
+
+def test_limiter_rejects_a_policy_of_the_wrong_type() -> None:
+    with pytest.raises(ValidationError) as info:
+        RateLimiter(name="x", reservations={"max_share": 0.1})  # type: ignore[arg-type]
+    assert info.value.field == "reservations"
+
+
+# -- local decisions and exact books -------------------------------------------------------
+
+
+async def test_warm_acquires_are_served_without_any_call(limiter: RateLimiter) -> None:
+    await hammer(limiter, "k", HOT, 50)  # the demand is observed; blocks grow
+    limiter.ledger.reset()
+    admitted, _ = await hammer(limiter, "k", HOT, 200)
+    assert admitted == 200
+    calls = sum(limiter.ledger.calls.values())
+    assert calls <= 2, limiter.ledger.calls  # at most a top-up or two for 200 acquires
+    held = limiter.reserved()[("k", "llm")]
+    assert 0 < held["rpm"] <= 10_000 * Reservations().max_share
+
+
+async def test_nothing_is_admitted_beyond_the_bucket(endpoint_url: str) -> None:
+    limits = [Limit.per_minute("rpm", 100)]
+    async with RateLimiter(name="res", endpoint_url=endpoint_url, stack_options=StackOptions(),
+                           clock=Clock(), reservations=Reservations(max_share=0.5)) as lim:
+        admitted, denied = await hammer(lim, "k", limits, 30, tasks=8)
+        assert (admitted, denied) == (100, 140)
+        assert await lim.available("k", "llm", limits) == {"rpm": 0}
+    assert await stored(endpoint_url, "k") == {"rpm": 100_000}
+
+
+async def test_close_gives_back_what_was_not_used(endpoint_url: str) -> None:
+    async with RateLimiter(name="res", endpoint_url=endpoint_url, stack_options=StackOptions(),
+                           clock=Clock(), reservations=Reservations()) as lim:
+        admitted, _ = await hammer(lim, "k", HOT, 40, tasks=4)
+        held = lim.reserved()[("k", "llm")]
+        assert held["rpm"] > 0
+        # reserved tokens count as consumed until they are given back
+        assert (await lim.available("k", "llm", HOT))["rpm"] == 10_000 - admitted - held["rpm"]
+    assert lim.reserved() == {}
+    assert await stored(endpoint_url, "k") == {"rpm": admitted * 1000}
+    async with RateLimiter(name="res", endpoint_url=endpoint_url, clock=Clock()) as plain:
+        assert await plain.available("k", "llm", HOT) == {"rpm": 10_000 - admitted,
+                                                           "tpm": 1_000_000}
+
+
+async def test_unused_tokens_go_back_after_the_hold_time(endpoint_url: str) -> None:
+    policy = Reservations(hold_seconds=0.3, horizon_seconds=0.3)
+    async with RateLimiter(name="res", endpoint_url=endpoint_url, stack_options=StackOptions(),
+                           clock=Clock(), reservations=policy) as lim:
+        admitted, _ = await hammer(lim, "k", HOT, 30, tasks=4)
+        assert lim.reserved()
+        await asyncio.sleep(0.8)  # no call on the limiter meanwhile
+        assert lim.reserved() == {}
+        assert await stored(endpoint_url, "k") == {"rpm": admitted * 1000}
+
+
+async def test_changed_limits_return_the_old_block(limiter: RateLimiter,
+                                                   endpoint_url: str) -> None:
+    await hammer(limiter, "k", HOT, 30, tasks=4)
+    assert limiter.reserved()
+    smaller = [Limit.per_minute("rpm", 5_000)]
+    async with limiter.acquire("k", "llm", smaller, {"rpm": 1}):
+        pass
+    await asyncio.sleep(0.2)  # the old block goes back in the background
+    held = limiter.reserved().get(("k", "llm"), {})
+    assert set(held) <= {"rpm"}
+    net = await stored(endpoint_url, "k")
+    assert net.get("tpm", 0) == 0 and net["rpm"] == (30 * 4 + 1 + held.get("rpm", 0)) * 1000
+
+
+async def test_lease_changes_settle_against_the_block(limiter: RateLimiter,
+                                                      endpoint_url: str) -> None:
+    await hammer(limiter, "k", HOT, 20, tasks=4, consume={"rpm": 1, "tpm": 100})
+    key = ("k", "llm")
+    async with limiter.acquire("k", "llm", HOT, {"rpm": 1, "tpm": 100}) as lease:
+        limiter.ledger.reset()
+        await lease.adjust(tpm=-50)  # back into the block
+        await lease.adjust(tpm=20)  # out of the block
+        await lease.release(rpm=1)
+        assert lease.consumed == {"rpm": 0, "tpm": 70}
+    assert limiter.ledger.calls.get("UpdateItem", 0) == 0
+    # more than the block holds: the block's part is spent, only the rest is written
+    async with limiter.acquire("k", "llm", HOT, {"rpm": 1}) as lease:
+        held = limiter.reserved()[key]["tpm"]
+        limiter.ledger.reset()
+        await lease.adjust(tpm=held + 5_000)
+    assert limiter.ledger.calls["UpdateItem"] == 1
+    assert limiter.reserved().get(key, {}).get("tpm", 0) == 0
+    with pytest.raises(RuntimeError):
+        async with limiter.acquire("k", "llm", HOT, {"rpm": 3, "tpm": 300}):
+            raise RuntimeError("rolled back into the block")
+    await limiter.close()
+    net = await stored(endpoint_url, "k")
+    assert net == {"rpm": (80 + 1) * 1000, "tpm": (80 * 100 + 70 + held + 5_000) * 1000}
+
+
+async def test_consume_is_checked_against_block_and_bucket(endpoint_url: str) -> None:
+    limits = [Limit.per_minute("rpm", 10)]
+    async with RateLimiter(name="res", endpoint_url=endpoint_url, stack_options=StackOptions(),
+                           clock=Clock(), reservations=Reservations(max_share=1.0)) as lim:
+        async with lim.acquire("k", "llm", limits, {"rpm": 4}) as lease:
+            await lease.consume(rpm=6)
+            with pytest.raises(RateLimitExceeded) as info:
+                await lease.consume(rpm=1)
+            assert lease.consumed == {"rpm": 10}
+        assert info.value.violations[0].available == 0
+    assert await stored(endpoint_url, "k") == {"rpm": 10_000}
+
+
+# -- sizing --------------------------------------------------------------------------------
+
+
+async def test_blocks_stay_small_when_the_bucket_runs_low(endpoint_url: str) -> None:
+    """One process never takes more than half of what is left beyond its request, nor more
+    than `max_share` of the burst."""
+    limits = [Limit.per_minute("rpm", 1_000)]
+    async with RateLimiter(name="res", endpoint_url=endpoint_url, stack_options=StackOptions(),
+                           clock=Clock(), reservations=Reservations(max_share=0.2)) as lim:
+        await hammer(lim, "k", limits, 100, tasks=8)  # 800 of 1000 used
+        for _ in range(300):
+            held = lim.reserved().get(("k", "llm"), {}).get("rpm", 0)
+            left = (await lim.available("k", "llm", limits))["rpm"]
+            assert held <= 200
+            assert held <= left, (held, left)
+            try:
+                async with lim.acquire("k", "llm", limits, {"rpm": 1}):
+                    pass
+            except RateLimitExceeded:
+                break
+        assert (await lim.available("k", "llm", limits))["rpm"] == 0
+
+
+async def test_a_block_follows_the_observed_demand(limiter: RateLimiter) -> None:
+    async with limiter.acquire("k", "llm", HOT, {"rpm": 1}):
+        pass
+    first = limiter.reserved().get(("k", "llm"), {}).get("rpm", 0)
+    assert first == 0  # one request asks for nothing more than itself
+    await hammer(limiter, "k", HOT, 50, tasks=8)
+    assert limiter.reserved()[("k", "llm")]["rpm"] > 8
+
+
+# -- cheap denials -------------------------------------------------------------------------
+
+
+async def test_a_flood_of_denials_costs_about_no_calls(endpoint_url: str) -> None:
+    clock = Clock()
+    limits = [Limit.per_minute("rpm", 60)]  # one token a second
+    async with RateLimiter(name="res", endpoint_url=endpoint_url, stack_options=StackOptions(),
+                           clock=clock, reservations=Reservations()) as lim:
+        await hammer(lim, "k", limits, 20, tasks=3)
+        assert (await lim.available("k", "llm", limits))["rpm"] == 0
+        lim.ledger.reset()
+        retries: list[float] = []
+        for _ in range(300):
+            with pytest.raises(RateLimitExceeded) as info:
+                async with lim.acquire("k", "llm", limits, {"rpm": 1}):
+                    pass
+            assert info.value.retry_after_seconds is not None
+            retries.append(info.value.retry_after_seconds)
+        assert sum(lim.ledger.calls.values()) <= 1, lim.ledger.calls
+        assert all(r > 0 for r in retries)
+        # the bucket refills one token a second: nobody is told to wait longer than that
+        assert max(retries) <= 1.0 + 1e-9
+        clock.now += 1_000  # a token refilled; the memory ends within its bound
+        await asyncio.sleep(Reservations().denial_memory_seconds)
+        async with lim.acquire("k", "llm", limits, {"rpm": 1}):
+            pass
+
+
+async def test_denial_reports_what_block_and_bucket_hold(endpoint_url: str) -> None:
+    limits = [Limit.per_minute("rpm", 10)]
+    async with RateLimiter(name="res", endpoint_url=endpoint_url, stack_options=StackOptions(),
+                           clock=Clock(), reservations=Reservations(max_share=1.0)) as lim:
+        await hammer(lim, "k", limits, 7)
+        with pytest.raises(RateLimitExceeded) as info:
+            async with lim.acquire("k", "llm", limits, {"rpm": 5}):
+                pass
+        (violation,) = info.value.violations
+        assert (violation.requested, violation.limit_name) == (5, "rpm")
+        assert violation.available == 3
+        assert violation.retry_after_seconds is not None and violation.retry_after_seconds > 0
+
+
+# -- cascade -------------------------------------------------------------------------------
+
+
+async def test_cascade_reserves_from_the_parent_too(endpoint_url: str) -> None:
+    child_limits = [Limit.per_minute("rpm", 1_000)]
+    async with RateLimiter(name="res", endpoint_url=endpoint_url, stack_options=StackOptions(),
+                           clock=Clock(), reservations=Reservations(max_share=0.5)) as lim:
+        await lim.create_entity("proj")
+        for child in ("a", "b", "c"):
+            await lim.create_entity(child, parent_id="proj")
+        admitted = 0
+        for child in ("a", "b", "c"):
+            got, _ = await hammer(lim, child, child_limits, 30, tasks=4, cascade=True)
+            admitted += got
+        assert admitted == 360
+    assert await stored(endpoint_url, "proj") == {"rpm": 360_000}
+    for child in ("a", "b", "c"):
+        assert await stored(endpoint_url, child) == {"rpm": 120_000}
+
+
+async def test_cascade_denial_by_a_hot_parent_is_exact(endpoint_url: str) -> None:
+    """Without stored limits the parent's buckets use the same limits: the first child uses
+    up the parent's 40, the second is denied by the parent alone."""
+    async with RateLimiter(name="res", endpoint_url=endpoint_url, stack_options=StackOptions(),
+                           clock=Clock(), reservations=Reservations(max_share=0.5)) as lim:
+        await lim.create_entity("proj")
+        for child in ("a", "b"):
+            await lim.create_entity(child, parent_id="proj")
+        got_a, _ = await hammer(lim, "a", [Limit.per_minute("rpm", 40)], 20, tasks=2,
+                                cascade=True)
+        got_b, _ = await hammer(lim, "b", [Limit.per_minute("rpm", 40)], 20, tasks=2,
+                                cascade=True)
+        assert (got_a, got_b) == (40, 0)
+    assert await stored(endpoint_url, "proj") == {"rpm": 40_000}
+    assert await stored(endpoint_url, "a") == {"rpm": 40_000}
+
+
+async def test_parent_limit_binds_across_children(endpoint_url: str) -> None:
+    async with RateLimiter(name="res", endpoint_url=endpoint_url, stack_options=StackOptions(),
+                           clock=Clock(), reservations=Reservations(max_share=0.5)) as lim:
+        await lim.create_entity("proj")
+        await lim.set_limits("proj", [Limit.per_minute("rpm", 30)], resource="llm")
+        for child in ("a", "b"):
+            await lim.create_entity(child, parent_id="proj")
+            await lim.set_limits(child, [Limit.per_minute("rpm", 100)], resource="llm")
+        total = 0
+        denied_by_parent = 0
+        for _ in range(25):
+            for child in ("a", "b"):
+                try:
+                    async with lim.acquire(child, "llm", None, {"rpm": 1}, cascade=True,
+                                           use_stored_limits=True):
+                        total += 1
+                except RateLimitExceeded as exc:
+                    denied_by_parent += all(v.entity_id == "proj" for v in exc.violations)
+        assert total == 30 and denied_by_parent == 20
+    assert (await stored(endpoint_url, "proj"))["rpm"] == 30_000
+
+
+# -- the sync twin and entity deletion -----------------------------------------------------
+
+
+def test_sync_limiter_reserves_and_gives_back(endpoint_url: str) -> None:
+    with SyncRateLimiter(name="res", endpoint_url=endpoint_url, stack_options=StackOptions(),
+                         clock=Clock(), reservations=Reservations()) as lim:
+        for _ in range(60):
+            with lim.acquire("k", "llm", HOT, {"rpm": 1, "tpm": 10}) as lease:
+                lease.adjust(tpm=5)
+        assert lim.reserved()
+    assert lim.reserved() == {}
+    assert asyncio.run(stored(endpoint_url, "k")) == {"rpm": 60_000, "tpm": 900_000}
+
+
+async def test_deleting_an_entity_drops_its_blocks(limiter: RateLimiter) -> None:
+    await limiter.create_entity("gone")
+    await hammer(limiter, "gone", HOT, 20, tasks=4)
+    assert limiter.reserved()
+    await limiter.delete_entity("gone")
+    assert limiter.reserved() == {}
+    await limiter.close()  # nothing is given back to a deleted item
+    assert await limiter.repository.get_bucket("gone", "llm") is None
