@@ -272,13 +272,17 @@ def gen_amounts(rng: Random, n: int) -> Any:
 
 
 def block_script(rng: Random) -> list[tuple[str, Any]]:
-    return [
-        (op, None)
-        if op in ("drain", "take_spent")
-        else (op, [gen_amounts(rng, 2), gen_amounts(rng, 1)] if op == "take_all" else gen_amounts(rng, 2))
-        for op in rng.choices(["add", "take", "take_up_to", "drain", "take_spent", "take_all"],
-                              weights=[3, 4, 2, 1, 1, 2], k=rng.randint(1, 25))
-    ]
+    ops = rng.choices(["add", "take", "take_up_to", "drain", "take_spent", "take_all"],
+                      weights=[3, 4, 2, 1, 1, 2], k=rng.randint(1, 25))
+    script: list[tuple[str, Any]] = []
+    for op in ops:
+        if op in ("drain", "take_spent"):
+            script.append((op, None))
+        elif op == "take_all":
+            script.append((op, [gen_amounts(rng, 2), gen_amounts(rng, 1)]))
+        else:
+            script.append((op, gen_amounts(rng, 2)))
+    return script
 
 
 def play(impl: Any, script: list[tuple[str, Any]]) -> list[Any]:

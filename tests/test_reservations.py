@@ -368,3 +368,25 @@ async def test_deleting_an_entity_drops_its_blocks(limiter: RateLimiter) -> None
     assert limiter.reserved() == {}
     await limiter.close()  # nothing is given back to a deleted item
     assert await limiter.repository.get_bucket("gone", "llm") is None
+
+
+async def test_waiting_the_retry_after_gets_through(endpoint_url: str) -> None:
+    """Each denial's retry-after is when this process will admit again (the bucket's own wait,
+    or the end of the denial memory, whichever is later): waiting it, the retry is admitted."""
+    limits = [Limit.per_second("rps", 10)]
+    async with RateLimiter(name="res", endpoint_url=endpoint_url, stack_options=StackOptions(),
+                           reservations=Reservations()) as lim:
+        admitted, _ = await hammer(lim, "k", limits, 10, consume={"rps": 1})
+        assert admitted >= 10
+        for _ in range(4):
+            while True:  # drain what refilled meanwhile
+                try:
+                    async with lim.acquire("k", "llm", limits, {"rps": 1}):
+                        pass
+                except RateLimitExceeded as exc:
+                    wait = exc.retry_after_seconds
+                    break
+            assert wait is not None and 0 < wait <= Reservations().denial_memory_seconds
+            await asyncio.sleep(wait + 0.002)
+            async with lim.acquire("k", "llm", limits, {"rps": 1}):
+                pass

@@ -6,7 +6,12 @@ from collections.abc import Mapping, Sequence
 
 from .exceptions import ValidationError
 from .models import Limit
-from .validation import validate_amount, validate_name
+from .validation import MAX_AMOUNT, validate_amount, validate_name
+
+# Limit names already found valid: a service uses a handful, and checking each on every acquire
+# would cost more than a decision served from a reserved block.
+_VALID_NAMES: set[str] = set()
+_VALID_NAMES_MAX = 4096
 
 
 def check_limits(limits: Sequence[Limit], allow_empty: bool = False) -> list[Limit]:
@@ -31,8 +36,14 @@ def check_consume(consume: Mapping[str, int], field: str = "consume") -> dict[st
         raise ValidationError(field, consume, "must be a mapping of limit name to amount")
     result: dict[str, int] = {}
     for name, amount in consume.items():
-        validate_name(name, field=f"{field}.{name}" if isinstance(name, str) else field)
-        result[name] = validate_amount(amount, field=f"{field}.{name}")
+        if name not in _VALID_NAMES:
+            validate_name(name, field=f"{field}.{name}" if isinstance(name, str) else field)
+            if len(_VALID_NAMES) < _VALID_NAMES_MAX:
+                _VALID_NAMES.add(name)
+        if type(amount) is int and 0 <= amount <= MAX_AMOUNT:
+            result[name] = amount
+        else:
+            result[name] = validate_amount(amount, field=f"{field}.{name}")
     return result
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
 from .engine import Target
@@ -110,17 +110,37 @@ class Lease:
         return f"Lease(entity_id={self.entity_id!r}, consumed={self._consumed!r})"
 
 
-@asynccontextmanager
-async def held(lease: Lease) -> AsyncIterator[Lease]:
-    """Yield `lease`; if the block raises, give back everything it holds, then re-raise."""
-    try:
-        yield lease
-    except BaseException:
-        try:
-            await lease._rollback()
-        except Exception:  # the caller's exception matters more than a failed give-back
-            log.exception("rollback of %r failed; its consumption stands", lease)
-        raise
+class LeaseScope:
+    """The `async with` of `acquire`: admits on entry, yields the lease; if the block raises,
+    gives back everything the lease holds, then re-raises.
+
+    A plain class rather than `contextlib.asynccontextmanager`: acquiring is the hot path, and an
+    async generator per call costs more than the decision itself when it is served locally.
+    """
+
+    __slots__ = ("_admit", "_lease")
+
+    def __init__(self, admit: Callable[[], Awaitable[Lease]]) -> None:
+        self._admit = admit
+        self._lease: Lease | None = None
+
+    async def __aenter__(self) -> Lease:
+        if self._lease is not None:
+            raise RuntimeError("an acquire can be entered only once")
+        self._lease = await self._admit()
+        return self._lease
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None and self._lease is not None:
+            try:
+                await self._lease._rollback()
+            except Exception:  # the caller's exception matters more than a failed give-back
+                log.exception("rollback of %r failed; its consumption stands", self._lease)
 
 
 class SyncLease:

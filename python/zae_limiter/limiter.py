@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 
 from . import core, provisioning, usage
@@ -25,7 +24,7 @@ from .exceptions import (
     ValidationError,
 )
 from .failures import OUTAGES, public_errors, unavailable
-from .lease import Lease, held
+from .lease import Lease, LeaseScope
 from .models import (
     Entity,
     FailureMode,
@@ -329,8 +328,7 @@ class RateLimiter:
 
     # -- acquire ----------------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def acquire(
+    def acquire(
         self,
         entity_id: str,
         resource: str,
@@ -339,10 +337,26 @@ class RateLimiter:
         cascade: bool = False,
         use_stored_limits: bool = False,
         failure_mode: FailureMode | None = None,
-    ) -> AsyncIterator[Lease]:
-        """Take `consume` from every limit (and the parent's, with `cascade`) or raise
-        `RateLimitExceeded`; the consumption stands on a normal exit and is given back if the
-        block raises."""
+    ) -> LeaseScope:
+        """`async with limiter.acquire(...) as lease:` takes `consume` from every limit (and the
+        parent's, with `cascade`) or raises `RateLimitExceeded`; the consumption stands on a
+        normal exit and is given back if the block raises. Arguments are checked on entry."""
+        return LeaseScope(
+            lambda: self._admit(
+                entity_id, resource, limits, consume, cascade, use_stored_limits, failure_mode
+            )
+        )
+
+    async def _admit(
+        self,
+        entity_id: str,
+        resource: str,
+        limits: Sequence[Limit] | None,
+        consume: Mapping[str, int],
+        cascade: bool,
+        use_stored_limits: bool,
+        failure_mode: FailureMode | None,
+    ) -> Lease:
         mode = self._failure_mode(failure_mode)
         validate_entity_id(entity_id)
         validate_resource(resource)
@@ -350,9 +364,12 @@ class RateLimiter:
         amounts = check_consume(consume)
         if not use_stored_limits:  # the limits are known: reject before any I/O
             check_consumable([(entity_id, fallback)], amounts)
-        await self._ensure_ready()
+        if not self._ready:
+            await self._ensure_ready()
         try:
-            sets = await self._limit_sets(entity_id, resource, fallback, cascade, use_stored_limits)
+            sets = await self._limit_sets(
+                entity_id, resource, fallback, cascade, use_stored_limits
+            )
             if use_stored_limits:  # otherwise every set is `fallback`, checked above
                 check_consumable(sets, amounts)
             reserver = self._reserver
@@ -365,11 +382,8 @@ class RateLimiter:
             if mode is not FailureMode.FAIL_OPEN:
                 raise unavailable(exc) from exc
             log.warning("DynamoDB unavailable, admitting (FAIL_OPEN): %s", exc)
-            lease = Lease(self._engine, [], amounts, fail_open=True)
-        else:
-            lease = Lease(reserver or self._engine, targets, amounts)
-        async with held(lease):
-            yield lease
+            return Lease(self._engine, [], amounts, fail_open=True)
+        return Lease(reserver or self._engine, targets, amounts)
 
     def _failure_mode(self, failure_mode: FailureMode | None) -> FailureMode:
         if failure_mode is None:
