@@ -390,3 +390,24 @@ async def test_waiting_the_retry_after_gets_through(endpoint_url: str) -> None:
             await asyncio.sleep(wait + 0.002)
             async with lim.acquire("k", "llm", limits, {"rps": 1}):
                 pass
+
+
+async def test_a_parent_denial_is_not_remembered_for_the_child_alone(endpoint_url: str) -> None:
+    async with RateLimiter(name="res", endpoint_url=endpoint_url, stack_options=StackOptions(),
+                           clock=Clock(), reservations=Reservations()) as lim:
+        await lim.create_entity("proj")
+        await lim.create_entity("a", parent_id="proj")
+        await lim.set_limits("proj", [Limit.per_minute("rpm", 5)], resource="llm")
+        await lim.set_limits("a", [Limit.per_minute("rpm", 100)], resource="llm")
+        for _ in range(5):
+            async with lim.acquire("a", "llm", None, {"rpm": 1}, cascade=True,
+                                   use_stored_limits=True):
+                pass
+        with pytest.raises(RateLimitExceeded) as info:
+            async with lim.acquire("a", "llm", None, {"rpm": 1}, cascade=True,
+                                   use_stored_limits=True):
+                pass
+        assert {v.entity_id for v in info.value.violations} == {"proj"}
+        # without cascade only the child's own bucket counts, and it has room
+        async with lim.acquire("a", "llm", None, {"rpm": 1}, use_stored_limits=True):
+            pass

@@ -273,8 +273,12 @@ class Reserver:
             refill_ms = core.time_until_available(block, now_ms)
             wait = min(memory, max(wait, math.inf if refill_ms is None else refill_ms / 1000))
             until = time.monotonic() + wait
+            # Only the items that refused: a child's own bucket is not short because its
+            # parent's was.
+            refused = {v.entity_id for v in exc.violations}
             for h in holdings:
-                h.denied_until = until
+                if h.target.entity_id in refused:
+                    h.denied_until = until
         # A client that waits the retry-after it is told finds the memory over.
         return self._denial(holdings, needs, wait)
 
