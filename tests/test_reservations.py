@@ -393,8 +393,9 @@ async def test_waiting_the_retry_after_gets_through(endpoint_url: str) -> None:
 
 
 async def test_a_parent_denial_is_not_remembered_for_the_child_alone(endpoint_url: str) -> None:
+    # max_share 1% of 100: blocks of one request, so every acquire asks the bucket
     async with RateLimiter(name="res", endpoint_url=endpoint_url, stack_options=StackOptions(),
-                           clock=Clock(), reservations=Reservations()) as lim:
+                           clock=Clock(), reservations=Reservations(max_share=0.01)) as lim:
         await lim.create_entity("proj")
         await lim.create_entity("a", parent_id="proj")
         await lim.set_limits("proj", [Limit.per_minute("rpm", 5)], resource="llm")
