@@ -46,6 +46,7 @@ class Holding:
         "expires_at",
         "inflight",
         "limits",
+        "live",
         "queued",
         "rate",
         "target",
@@ -62,6 +63,7 @@ class Holding:
         self.expires_at = math.inf  # when the held tokens go back
         self.denied_until = 0.0  # the denial memory (time.monotonic())
         self.inflight: asyncio.Future[None] | None = None  # the top-up under way
+        self.live = True  # False once given back for good, replaced or forgotten
 
     def covers(self, limits: Sequence[Limit]) -> bool:
         return self.limits is limits or self.limits == limits
@@ -89,8 +91,7 @@ class Reserver:
         """Take `amounts` from the blocks of every entity (a parent's too), reserving as needed;
         raises `RateLimitExceeded` when the shared buckets cannot cover it."""
         holdings = [self._holding(eid, resource, limits) for eid, limits in limit_sets]
-        await self._take(holdings, amounts)
-        return [h.target for h in holdings]
+        return [h.target for h in await self._take(holdings, amounts)]
 
     def _holding(self, entity_id: str, resource: str, limits: list[Limit]) -> Holding:
         key = (entity_id, resource)
@@ -103,15 +104,25 @@ class Reserver:
         holding = self.holdings[key] = Holding(Target(entity_id, resource, list(limits)))
         return holding
 
-    async def _take(self, holdings: Sequence[Holding], amounts: Mapping[str, int]) -> None:
+    async def _take(
+        self, holdings: Sequence[Holding], amounts: Mapping[str, int]
+    ) -> Sequence[Holding]:
+        """Spend `amounts` from the blocks (topping them up as needed); the blocks spent from."""
         needs = [[amounts.get(limit.name, 0) * 1000 for limit in h.limits] for h in holdings]
         while True:
             if len(holdings) == 1:
                 if holdings[0].block.take(needs[0]):
-                    return
+                    return holdings
             elif core.take_all([h.block for h in holdings], needs):
-                return
+                return holdings
             await self._top_up(holdings, needs)
+            if not all(h.live for h in holdings):
+                # Given back, replaced or forgotten while this task waited: a block no longer
+                # in `holdings` would never be given back, so take the current ones.
+                holdings = [
+                    self._holding(h.target.entity_id, h.target.resource, h.limits)
+                    for h in holdings
+                ]
 
     # -- Settler: what a lease asks -----------------------------------------------------------
 
@@ -123,10 +134,13 @@ class Reserver:
             await self._take(holdings, amounts)
 
     async def force(self, targets: Sequence[Target], amounts: Mapping[str, int]) -> None:
-        """Forced amounts settle against the blocks: a give-back refills the block, a take
-        spends what it holds; only what no block covers is written."""
+        """Forced amounts settle against the blocks: a take spends what the block holds, a
+        give-back refills it; only what no block covers is written. All or nothing: if that
+        write fails, the blocks are as they were."""
         rest_targets: list[Target] = []
         rests: list[dict[str, int]] = []
+        spent: list[tuple[Holding, list[int]]] = []
+        backs: list[tuple[Holding, list[int]]] = []
         for target in targets:
             holding = self.holdings.get((target.entity_id, target.resource))
             if holding is None or holding.target is not target:
@@ -136,10 +150,11 @@ class Reserver:
             signed = [amounts.get(limit.name, 0) * 1000 for limit in holding.limits]
             back = [max(-a, 0) for a in signed]
             if any(back):
-                holding.block.add(back)
+                backs.append((holding, back))
             take = [max(a, 0) for a in signed]
             if any(take):
                 rest = holding.block.take_up_to(take)
+                spent.append((holding, [t - r for t, r in zip(take, rest, strict=True)]))
                 if any(rest):
                     rest_targets.append(target)
                     rests.append(
@@ -150,7 +165,15 @@ class Reserver:
                         }
                     )
         if rest_targets:
-            await self.engine.force_each(rest_targets, rests)
+            try:
+                await self.engine.force_each(rest_targets, rests)
+            except BaseException:
+                for holding, covered in spent:  # adding back is always possible
+                    holding.block.add(covered)
+                raise
+        # Give-backs last: once in a block they may be spent, and could not be undone.
+        for holding, back in backs:
+            holding.block.add(back)
 
     def _holdings_of(self, targets: Sequence[Target]) -> list[Holding] | None:
         holdings: list[Holding] = []
@@ -219,6 +242,8 @@ class Reserver:
             if any(goal):
                 h.block.add(goal)
                 h.expires_at = expires
+        # A block that stopped being live during the write goes back with what it got.
+        self._retire([h for h in holdings if not h.live])
         self._arm()
 
     def _goal(
@@ -359,6 +384,7 @@ class Reserver:
                     key = (h.target.entity_id, h.target.resource)
                     idle = h.inflight is None and h.expires_at == math.inf
                     if idle and self.holdings.get(key) is h:
+                        h.live = False
                         del self.holdings[key]
             deadlines = [h.expires_at for h in self.holdings.values() if h.expires_at < math.inf]
             if not deadlines and not self._retired:
@@ -368,6 +394,10 @@ class Reserver:
                 await asyncio.wait_for(self._wake.wait(), wait)
 
     def _retire(self, holdings: Sequence[Holding]) -> None:
+        if not holdings:
+            return
+        for h in holdings:
+            h.live = False
         self._retired.extend(holdings)
         self._arm()
         self._wake.set()
@@ -394,7 +424,7 @@ class Reserver:
     def forget(self, entity_id: str) -> None:
         """Drop the entity's blocks without giving back (its items were deleted)."""
         for key in [k for k in self.holdings if k[0] == entity_id]:
-            del self.holdings[key]
+            self.holdings.pop(key).live = False
 
     async def close(self) -> None:
         """Give back everything held."""

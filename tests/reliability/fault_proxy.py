@@ -16,6 +16,14 @@ Faults are armed with `inject(kind, ops=..., count=N | None, probability=p, matc
 next N matching requests (or every one, while armed) with probability p, optionally only those
 whose body contains `match` (e.g. one entity's key). Every request is recorded with the
 fault it received, so tests can count attempts and check retry spacing.
+
+A *write ceiling* (`ceiling(writes_per_second, window=1.0)`) models DynamoDB's per-partition
+write limit, scaled down: per item (table and key, read from the JSON body of `UpdateItem`,
+`PutItem` and `DeleteItem`), at most `writes_per_second * window` writes are forwarded within any
+sliding `window` seconds; a write above it gets the ``throttle`` answer (not forwarded), recorded
+as fault ``ceiling`` and counted in `stats.injected["ceiling"]`. Only forwarded writes count
+against it, so a client that retries throttled writes is admitted as soon as the window allows.
+Armed faults act on the writes the ceiling lets through; `clear()` removes the ceiling too.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import socket
 import struct
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 KINDS = ("refuse", "hang", "cut", "reset", "delay", "throttle", "error500")
@@ -44,6 +52,30 @@ _THROTTLE = (
     "Consider increasing your provisioning level with the UpdateTable API.",
 )
 _ERROR500 = (500, "Internal Server Error", "InternalServerError", "Internal server error")
+# Single-item writes: the ones the write ceiling counts per item.
+ITEM_WRITE_OPS = frozenset({"PutItem", "UpdateItem", "DeleteItem"})
+CEILING = "ceiling"
+
+ItemKey = tuple[str, str, str]  # (TableName, PK, SK)
+
+
+def item_key(body: bytes) -> ItemKey | None:
+    """(TableName, PK, SK) of a single-item request's JSON body (the `Key`, or a PutItem's
+    `Item`); None if the body does not name one."""
+    try:
+        request = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(request, dict):
+        return None
+    key = request.get("Key") or request.get("Item")
+    if not isinstance(key, dict):
+        return None
+    parts: list[str] = []
+    for attr in ("PK", "SK"):  # zae_limiter.schema.PK / SK
+        value = key.get(attr)
+        parts.append(next(iter(value.values()), "") if isinstance(value, dict) and value else "")
+    return str(request.get("TableName", "")), str(parts[0]), str(parts[1])
 
 
 @dataclass
@@ -70,6 +102,7 @@ class Seen:
     fault: str | None
     body: bytes = b""
     status: int | None = None  # set when DynamoDB answered (whatever the client got)
+    item: ItemKey | None = None  # (TableName, PK, SK) of a single-item write, else None
 
 
 @dataclass
@@ -77,6 +110,27 @@ class ProxyStats:
     seen: list[Seen] = field(default_factory=list)
     injected: Counter[str] = field(default_factory=Counter)
     connections: int = 0
+    # Per item, under a write ceiling: writes forwarded / throttled by the ceiling.
+    item_forwarded: Counter[ItemKey] = field(default_factory=Counter)
+    item_throttled: Counter[ItemKey] = field(default_factory=Counter)
+
+
+@dataclass
+class Ceiling:
+    """At most `limit` forwarded writes per item within any sliding `window` seconds."""
+
+    limit: int
+    window: float
+    forwarded: dict[ItemKey, deque[float]] = field(default_factory=dict)
+
+    def admit(self, key: ItemKey, now: float) -> bool:
+        times = self.forwarded.setdefault(key, deque())
+        while times and times[0] <= now - self.window:
+            times.popleft()
+        if len(times) >= self.limit:
+            return False
+        times.append(now)
+        return True
 
 
 class FaultProxy:
@@ -89,6 +143,7 @@ class FaultProxy:
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._faults: list[Fault] = []
+        self._ceiling: Ceiling | None = None
         self.stats = ProxyStats()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
@@ -149,10 +204,25 @@ class FaultProxy:
                 )
             )
 
+    def ceiling(self, writes_per_second: float | None, window: float = 1.0) -> None:
+        """Forward at most `writes_per_second * window` (rounded down, at least 1) single-item
+        writes per item within any sliding `window` seconds; throttle the others. None removes
+        the ceiling. Arming it again starts with empty windows."""
+        if writes_per_second is None:
+            with self._lock:
+                self._ceiling = None
+            return
+        if writes_per_second <= 0 or window <= 0:
+            raise ValueError("writes_per_second and window must be positive")
+        limit = max(1, int(writes_per_second * window + 1e-9))
+        with self._lock:
+            self._ceiling = Ceiling(limit, window)
+
     def clear(self) -> None:
-        """Disarm every fault (and listen again after `refuse`)."""
+        """Disarm every fault and the write ceiling (and listen again after `refuse`)."""
         with self._lock:
             self._faults.clear()
+            self._ceiling = None
         if self._refusing:
             self._run(self._listen())
 
@@ -167,6 +237,53 @@ class FaultProxy:
     def writes(self) -> list[Seen]:
         with self._lock:
             return [s for s in self.stats.seen if s.op in WRITE_OPS]
+
+    def _over_ceiling(self, op: str, key: ItemKey | None, now: float) -> bool:
+        """True when the write ceiling refuses this request (a single-item write over it)."""
+        with self._lock:
+            ceiling = self._ceiling
+            if ceiling is None or key is None or op not in ITEM_WRITE_OPS:
+                return False
+            if ceiling.admit(key, now):
+                return False
+            self.stats.injected[CEILING] += 1
+            self.stats.item_throttled[key] += 1
+            return True
+
+    def _unadmit(self, key: ItemKey | None, at: float) -> None:
+        """A write the ceiling let through was not forwarded after all (an armed fault
+        answered it): it does not count against the ceiling."""
+        with self._lock:
+            ceiling = self._ceiling
+            if ceiling is None or key is None:
+                return
+            times = ceiling.forwarded.get(key)
+            if times is not None:
+                with contextlib.suppress(ValueError):
+                    times.remove(at)
+
+    def item_writes(self, key: ItemKey) -> tuple[int, int]:
+        """(forwarded, throttled by the ceiling) single-item writes to `key` since the last
+        `reset_stats()`."""
+        with self._lock:
+            return self.stats.item_forwarded[key], self.stats.item_throttled[key]
+
+    def max_forwarded_in_window(
+        self, key: ItemKey, window: float = 1.0, since: float | None = None
+    ) -> int:
+        """The most writes to `key` forwarded within any `window` seconds (from the records;
+        only those at or after `since`, a `time.monotonic()`)."""
+        times = sorted(
+            s.at
+            for s in self.requests()
+            if s.item == key and s.status is not None and (since is None or s.at >= since)
+        )
+        best = start = 0
+        for end, at in enumerate(times):
+            while times[start] <= at - window:
+                start += 1
+            best = max(best, end - start + 1)
+        return best
 
     def _pick(self, op: str, body: bytes) -> Fault | None:
         with self._lock:
@@ -228,11 +345,24 @@ class FaultProxy:
                 length = int(headers.get("content-length", "0"))
                 body = await reader.readexactly(length) if length else b""
                 op = headers.get("x-amz-target", "").rpartition(".")[2]
+                key = item_key(body) if op in ITEM_WRITE_OPS else None
+                now = time.monotonic()
+                if self._over_ceiling(op, key, now):
+                    with self._lock:
+                        self.stats.seen.append(Seen(now, op, CEILING, body, item=key))
+                    writer.write(_error_response(*_THROTTLE))
+                    await writer.drain()
+                    continue
                 fault = self._pick(op, body)
-                seen = Seen(time.monotonic(), op, fault.kind if fault else None, body)
+                seen = Seen(now, op, fault.kind if fault else None, body, item=key)
                 with self._lock:
                     self.stats.seen.append(seen)
                 kind = fault.kind if fault else None
+                if kind in ("hang", "throttle", "error500"):
+                    self._unadmit(key, now)  # not forwarded: not a write to the item
+                elif key is not None:
+                    with self._lock:
+                        self.stats.item_forwarded[key] += 1
                 if kind == "hang":
                     # Never answer; wait (bounded) for the client to give up and close.
                     with contextlib.suppress(Exception):
