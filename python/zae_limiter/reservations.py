@@ -78,7 +78,8 @@ class Reserver:
         self.holdings: dict[BucketKey, Holding] = {}
         self._retired: list[Holding] = []  # replaced blocks still holding tokens
         self._sweeper: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()  # retired blocks are waiting to go back
+        self._wake = asyncio.Event()  # retired blocks are waiting to go back, or closing
+        self._closing = False
 
     # -- the hot path -----------------------------------------------------------------------
 
@@ -371,7 +372,7 @@ class Reserver:
     async def _sweep(self) -> None:
         """Give back what sits unused past its hold time, and retired blocks at once; forget
         empty expired blocks. Ends when nothing is held (`_arm` starts it again)."""
-        while True:
+        while not self._closing:
             self._wake.clear()
             if self._retired:
                 retired, self._retired = self._retired, []
@@ -417,9 +418,18 @@ class Reserver:
             return
         try:
             await self.engine.force_each(targets, amounts)
-        except Exception as exc:
+        except BaseException as exc:
             # An unknown outcome may have landed: putting the tokens back could spend them twice.
-            log.warning("reserved tokens not given back (%s); they return with refill", exc)
+            lost = ", ".join(
+                f"{t.entity_id}/{t.resource} {a}" for t, a in zip(targets, amounts, strict=True)
+            )
+            log.warning(
+                "reserved tokens not given back (%s): %s; they return with refill",
+                type(exc).__name__ if isinstance(exc, asyncio.CancelledError) else exc,
+                lost,
+            )
+            if not isinstance(exc, Exception):
+                raise
 
     def forget(self, entity_id: str) -> None:
         """Drop the entity's blocks without giving back (its items were deleted)."""
@@ -427,16 +437,20 @@ class Reserver:
             self.holdings.pop(key).live = False
 
     async def close(self) -> None:
-        """Give back everything held."""
-        sweeper, self._sweeper = self._sweeper, None
-        if sweeper is not None:
-            sweeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+        """Give back everything held. A give-back already under way is awaited, not cancelled:
+        its block is drained, so cancelling it would lose the tokens."""
+        self._closing = True
+        try:
+            sweeper, self._sweeper = self._sweeper, None
+            if sweeper is not None:
+                self._wake.set()
                 await sweeper
-        holdings = list(self.holdings.values()) + self._retired
-        self.holdings.clear()
-        self._retired = []
-        await self._give_back(holdings)
+            holdings = list(self.holdings.values()) + self._retired
+            self.holdings.clear()
+            self._retired = []
+            await self._give_back(holdings)
+        finally:
+            self._closing = False
 
     def held(self) -> dict[BucketKey, dict[str, int]]:
         """Whole tokens held per bucket item and limit (for operators and tests)."""

@@ -3,11 +3,18 @@
 Each worker runs `tasks` concurrent asyncio tasks, each doing `attempts` operations on one
 entity's bucket (and its parent's with cascade), and returns its own exact ledger: every token it
 was admitted, took later, gave back or rolled back, counted only when the call returned.
+
+With `reserve=True` the worker's limiter has `Reservations()`: acquires are served from blocks
+taken from the shared bucket, leases settle against the blocks first, and what a block still
+holds goes back when its hold time ends and at `close()`. The ledger counts what the callers
+were given, as without reservations; the worker also reports what its blocks held when it closed
+and every give-back the limiter logged as failed (none may fail here: there is no fault).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections import Counter
@@ -18,6 +25,7 @@ from zae_limiter import (
     RateLimiter,
     RateLimiterUnavailable,
     RateLimitExceeded,
+    Reservations,
     StackOptions,
 )
 
@@ -27,6 +35,21 @@ RESOURCE = "shared"
 
 class Abort(Exception):
     """Raised inside an acquire block: the lease must be given back exactly."""
+
+
+GIVE_BACK_FAILED = "reserved tokens not given back"
+
+
+class GiveBackFailures(logging.Handler):
+    """Collects the limiter's warnings that reserved tokens could not be given back."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith(GIVE_BACK_FAILED):
+            self.records.append(record)
 
 
 def run_worker(
@@ -40,9 +63,26 @@ def run_worker(
     seed: int,
     mix: str,
     frozen: bool,
+    reserve: bool = False,
+    pace: float = 0.0,
+    hold_seconds: float | None = None,
 ) -> dict[str, Any]:
     return asyncio.run(
-        _worker(endpoint_url, table, entity_id, limit, tasks, attempts, cascade, seed, mix, frozen)
+        _worker(
+            endpoint_url,
+            table,
+            entity_id,
+            limit,
+            tasks,
+            attempts,
+            cascade,
+            seed,
+            mix,
+            frozen,
+            reserve,
+            pace,
+            hold_seconds,
+        )
     )
 
 
@@ -57,13 +97,33 @@ async def _worker(
     seed: int,
     mix: str,
     frozen: bool,
+    reserve: bool = False,
+    pace: float = 0.0,
+    hold_seconds: float | None = None,
 ) -> dict[str, Any]:
+    """`pace`: seconds a task waits after a denial before its next attempt (denials that a
+    reservation's denial memory answers locally take no time at all). `hold_seconds`: the
+    reservations' hold time (default: `Reservations()`'s)."""
     rng = random.Random(seed)
     ops: Counter[str] = Counter()
     # Tokens, as far as this process knows for certain (a call counts once it returned).
     ledger = {"consumed": 0, "released": 0, "checked": 0}
     clock = (lambda: FROZEN_MS) if frozen else None
-    async with RateLimiter(name=table, endpoint_url=endpoint_url, clock=clock) as limiter:
+    failures = GiveBackFailures()
+    logging.getLogger("zae_limiter").addHandler(failures)
+    limiter = RateLimiter(
+        name=table,
+        endpoint_url=endpoint_url,
+        clock=clock,
+        reservations=(
+            None
+            if not reserve
+            else Reservations()
+            if hold_seconds is None
+            else Reservations(hold_seconds=hold_seconds)
+        ),
+    )
+    async with limiter:
 
         async def task() -> None:
             # Each task rolls back its first admitted acquire, so every run has rollbacks to
@@ -91,6 +151,8 @@ async def _worker(
                             raise Abort
                 except RateLimitExceeded:
                     ops["denied"] += 1
+                    if pace:
+                        await asyncio.sleep(pace)
                 except RateLimiterUnavailable:
                     ops["unavailable"] += 1
                 except Abort:
@@ -99,12 +161,20 @@ async def _worker(
         started_ms = time.time_ns() // 1_000_000
         await asyncio.gather(*(task() for _ in range(tasks)))
         ended_ms = time.time_ns() // 1_000_000
+        # What the blocks still hold goes back when the limiter closes (the `async with` ends).
+        held_at_close = sum(n for held in limiter.reserved().values() for n in held.values())
+    logging.getLogger("zae_limiter").removeHandler(failures)
+    ops["update_calls"] = limiter.ledger.calls["UpdateItem"]
+    ops["get_calls"] = limiter.ledger.calls["GetItem"]
     return {
         "entity_id": entity_id,
         "ops": dict(ops),
         **ledger,
         "started_ms": started_ms,
         "ended_ms": ended_ms,
+        "held_at_close": held_at_close,
+        "held_after_close": limiter.reserved(),
+        "give_back_failures": [r.getMessage() for r in failures.records],
     }
 
 
