@@ -17,9 +17,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from . import schema
 from .exceptions import ZAELimiterError
+
+if TYPE_CHECKING:
+    from werkzeug.serving import WSGIRequestHandler
 
 LOCAL_REGION = schema.DEFAULT_REGION
 # moto accepts any credentials; these keep botocore from searching the environment for real ones.
@@ -41,11 +45,17 @@ class LocalDynamoDB:
     """
 
     def __init__(
-        self, port: int | None = None, host: str = "127.0.0.1", startup_timeout: float = 30.0
+        self,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        startup_timeout: float = 30.0,
+        keep_alive: bool = True,
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
         self.startup_timeout = startup_timeout
+        # HTTP/1.1 keep-alive, as DynamoDB does; False: a new connection for every request.
+        self.keep_alive = keep_alive
         self._process: subprocess.Popen[bytes] | None = None
         self.returncode: int | None = None
 
@@ -98,6 +108,8 @@ class LocalDynamoDB:
         sock = self._listen()
         args = [sys.executable, "-m", "zae_limiter.local", "--host", self.host]
         args += ["--port", str(self.port)]
+        if not self.keep_alive:
+            args.append("--no-keep-alive")
         try:
             if os.name != "nt":
                 args += ["--fd", str(sock.fileno())]
@@ -162,13 +174,23 @@ class LocalDynamoDB:
         self.stop()
 
 
-def serve(host: str, port: int, fd: int | None = None) -> None:
+# An idle keep-alive connection is closed by the server after this long. Clients close theirs
+# sooner (aiobotocore after 12 s idle), so a client never reuses one the server dropped; the
+# timeout only reclaims the threads of clients that went away without closing.
+KEEP_ALIVE_IDLE_TIMEOUT = 300.0
+
+
+def serve(host: str, port: int, fd: int | None = None, keep_alive: bool = True) -> None:
     """Run moto's server in this process until interrupted, one request at a time.
 
     moto applies a request's read-check-write without isolation, so two concurrent UpdateItems
     on one item can lose an update (measured: 391 of 400 increments survived). DynamoDB applies
     every single-item write atomically; serializing requests behind one lock restores that
     guarantee while connections are still accepted concurrently.
+
+    Connections are kept alive (HTTP/1.1), as DynamoDB's are (`keep_alive=False`: closed after
+    every response, werkzeug's own behaviour). Keep-alive changes how requests arrive, not how
+    they are applied: every request, on any connection, still runs alone behind the lock.
     """
     import threading
     from collections.abc import Callable, Iterable
@@ -188,16 +210,111 @@ def serve(host: str, port: int, fd: int | None = None) -> None:
         with lock:
             return list(app(environ, start_response))
 
+    handler = keep_alive_handler() if keep_alive else MotoRequestHandler
     # `fd`: the socket the parent bound and listens on (`LocalDynamoDB._listen`).
-    server = make_server(
-        host, port, serialized, threaded=True, request_handler=MotoRequestHandler, fd=fd
-    )
+    server = make_server(host, port, serialized, threaded=True, request_handler=handler, fd=fd)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         pass
     finally:
         server.server_close()
+
+
+def keep_alive_handler() -> type[WSGIRequestHandler]:
+    """moto's request handler, answering with a Content-Length and keeping the connection open.
+
+    werkzeug's own `run_wsgi` always sends `Connection: close`: it cannot tell where a request
+    body it did not read ends and the next request begins. This one reads the whole body
+    (Content-Length) before calling the application, so the stream is always at the next
+    request line. Requests it cannot frame that way (a chunked body, HEAD) and clients that ask
+    for `Connection: close` (or speak HTTP/1.0) get werkzeug's handling and the connection is
+    closed after them.
+    """
+    import io
+    from collections.abc import Callable
+    from typing import Any
+
+    from moto.moto_server.werkzeug_app import MotoRequestHandler
+
+    no_body = frozenset({204, 304})
+
+    class KeepAliveRequestHandler(MotoRequestHandler):
+        protocol_version = "HTTP/1.1"
+        timeout = KEEP_ALIVE_IDLE_TIMEOUT
+
+        def run_wsgi(self) -> None:
+            length = self.headers.get("Content-Length", "0").strip()
+            if (
+                self.close_connection  # HTTP/1.0, or the client sent `Connection: close`
+                or self.command == "HEAD"
+                or "Transfer-Encoding" in self.headers
+                or not length.isdigit()
+            ):
+                self.close_connection = True
+                super().run_wsgi()
+                return
+            # http.server has already answered an `Expect: 100-continue` (parse_request).
+            body = self.rfile.read(int(length)) if int(length) else b""
+            if len(body) < int(length):  # the client went away mid-request
+                self.close_connection = True
+                return
+            self.environ = environ = self.make_environ()
+            environ["wsgi.input"] = io.BytesIO(body)
+            environ["CONTENT_LENGTH"] = str(len(body))
+            code, reason, headers, data = self._respond(environ)
+            lines = [
+                f"{self.protocol_version} {code} {reason}",
+                f"Server: {self.version_string()}",
+                f"Date: {self.date_time_string()}",
+            ]
+            lines += [
+                f"{key}: {value}"
+                for key, value in headers
+                if key.lower() not in ("content-length", "connection", "transfer-encoding")
+            ]
+            if code >= 200 and code not in no_body:
+                lines.append(f"Content-Length: {len(data)}")
+            if self.close_connection:
+                lines.append("Connection: close")
+            # Head and body in one send: as two small writes they would meet Nagle's algorithm
+            # and the client's delayed ACK (40 ms a response), and cost the client two reads.
+            self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + data)
+            self.log_request(code, len(data))
+
+        def _respond(
+            self, environ: dict[str, Any]
+        ) -> tuple[int, str, list[tuple[str, str]], bytes]:
+            """The application's answer to one request: status, reason, headers, whole body."""
+            status: list[str] = []
+            headers: list[tuple[str, str]] = []
+            chunks: list[bytes] = []
+
+            def start_response(
+                status_line: str, response_headers: list[tuple[str, str]], exc_info: Any = None
+            ) -> Callable[[bytes], None]:
+                status[:] = [status_line]
+                headers[:] = response_headers
+                return chunks.append
+
+            try:
+                result = self.server.app(environ, start_response)
+                try:
+                    chunks.extend(result)
+                finally:
+                    close = getattr(result, "close", None)
+                    if close is not None:
+                        close()
+                code_text, _, reason = status[0].partition(" ")
+                code = int(code_text)
+            except Exception as exc:  # as werkzeug does: a 500, logged; then close
+                self.close_connection = True
+                self.log_error("error on request: %r", exc)
+                return 500, "Internal Server Error", [("Content-Type", "text/plain")], b""
+            data = b"".join(chunks) if code >= 200 and code not in no_body else b""
+            return code, reason, headers, data
+
+    return KeepAliveRequestHandler
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -207,9 +324,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--fd", type=int, default=None, help="an inherited, listening socket")
+    parser.add_argument(
+        "--no-keep-alive", action="store_true", help="close the connection after every response"
+    )
     args = parser.parse_args(argv)
     os.environ.setdefault("MOTO_PORT", str(args.port))
-    serve(args.host, args.port, args.fd)
+    serve(args.host, args.port, args.fd, keep_alive=not args.no_keep_alive)
 
 
 if __name__ == "__main__":

@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import itertools
+import json
 import logging
+import platform
 import random
 import re
 import secrets
@@ -29,11 +32,15 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aioboto3
+import aiobotocore
 import aiohttp
 import botocore.exceptions
+import botocore.validate
+from aiobotocore.parsers import AioJSONParser, AioResponseParserFactory
 from botocore.config import Config
 
 from . import schema
+from ._version import __version__
 from .aggregator.snapshots import WINDOWS, format_window_start
 from .capacity import CapacityLedger, item_size, read_units, write_units
 from .exceptions import (
@@ -129,7 +136,6 @@ class _ConditionCheckFailed(StorageError):
         self.item = item
 
 
-
 def _surely_absent(write_id: str, current: BucketItem | None, known_ids: tuple[str, ...]) -> bool:
     """True when `current` proves that the write `write_id` has not landed: its id is not in
     the ring of recent write ids, and the ring still reaches back to the item the decision was
@@ -141,6 +147,10 @@ def _surely_absent(write_id: str, current: BucketItem | None, known_ids: tuple[s
     if len(current.write_ids) < len(schema.WRITE_ID_SLOTS):
         return True
     return bool(known_ids) and known_ids[0] in current.write_ids
+
+
+def _invalid(exc: botocore.exceptions.ParamValidationError) -> StorageError:
+    return StorageError("ParamValidationError", str(exc))
 
 
 def _unknown_outcome(cause: BaseException | None) -> RepositoryUnavailable:
@@ -221,10 +231,15 @@ def _utcnow() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def bucket_from_item(item: Item) -> BucketItem:
+# Attribute names repeat in every bucket item: parse each once.
+_limit_attr = functools.lru_cache(maxsize=4096)(schema.parse_limit_attr)
+
+
+def bucket_from_item(item: Item, size: int | None = None) -> BucketItem:
+    """The bucket of a bucket item; `size` is the item's size if the caller has it already."""
     fields: dict[str, dict[str, Any]] = {}
     for attr, value in item.items():
-        parsed = schema.parse_limit_attr(attr)
+        parsed = _limit_attr(attr)
         if parsed is not None:
             fields.setdefault(parsed[1], {})[parsed[0]] = value
     limits: dict[str, LimitState] = {}
@@ -247,7 +262,7 @@ def bucket_from_item(item: Item) -> BucketItem:
         limits=limits,
         write_time_ms=_get_n(item, schema.WRITE_TIME),
         write_ids=tuple(w for w in (_get_s(item, s) for s in schema.WRITE_ID_SLOTS) if w),
-        size=item_size(item),
+        size=item_size(item) if size is None else size,
     )
 
 
@@ -369,6 +384,260 @@ def _size(value: object) -> int | None:
     return int(value) if isinstance(value, int | str) and str(value).isdigit() else None
 
 
+# -- bucket writes: the request -------------------------------------------------------------
+
+
+def bucket_update_request(
+    table_name: str,
+    entity_id: str,
+    resource: str,
+    writes: Sequence[LimitWrite],
+    now_ms: int,
+    write_id: str,
+) -> dict[str, Any]:
+    """The UpdateItem arguments of one bucket write, built from scratch: the definition of the
+    request. `Repository` sends the same request from parts built once per write shape
+    (`_UpdateShape`); the two are kept equal by tests/test_repository_hot_path.py."""
+    expr = _Expr()
+    sets: list[str] = []
+    adds: list[str] = []
+    conditions: list[str] = []
+    for w in writes:
+        tk = expr.name(schema.limit_attr(schema.TOKENS, w.limit_name))
+        if w.unconditional:
+            # ADD, not SET: on a limit reset meanwhile it creates tokens without an anchor,
+            # which reads as a full bucket, as a give-back to a full bucket should.
+            adds.append(f"{tk} {expr.value(_n(w.value))}")
+        else:
+            lr = expr.name(schema.limit_attr(schema.LAST_REFILL, w.limit_name))
+            if w.absolute:
+                sets.append(f"{tk} = {expr.value(_n(w.value))}")
+            else:
+                sets.append(f"{tk} = {tk} + {expr.value(_n(w.value))}")
+            if w.absolute or w.new_last_refill_ms != w.expect_last_refill_ms:
+                sets.append(f"{lr} = {expr.value(_n(w.new_last_refill_ms))}")
+            if w.expect_last_refill_ms is None:
+                conditions.append(f"attribute_not_exists({lr})")
+            else:
+                conditions.append(f"{lr} = {expr.value(_n(w.expect_last_refill_ms))}")
+                if w.cond_lo is not None:
+                    conditions.append(f"{tk} >= {expr.value(_n(w.cond_lo))}")
+                if w.cond_hi is not None:
+                    conditions.append(f"{tk} <= {expr.value(_n(w.cond_hi))}")
+        if w.delta_milli:
+            counter = schema.CONSUMED if w.delta_milli > 0 else schema.RELEASED
+            counter_name = expr.name(schema.limit_attr(counter, w.limit_name))
+            adds.append(f"{counter_name} {expr.value(_n(abs(w.delta_milli)))}")
+        if w.definition is not None:
+            lm = expr.name(schema.limit_attr(schema.LIMIT_DEF, w.limit_name))
+            sets.append(f"{lm} = {expr.value(_s(w.definition))}")
+    sets.append(f"{expr.name(schema.WRITE_TIME)} = {expr.value(_n(now_ms))}")
+    sets.append(f"{expr.name('entity_id')} = {expr.value(_s(entity_id))}")
+    sets.append(f"{expr.name('resource')} = {expr.value(_s(resource))}")
+    # Shift the ring of recent write ids; SET reads every right-hand side from the old item.
+    slots = [expr.name(slot) for slot in schema.WRITE_ID_SLOTS]
+    empty = expr.value(_s(""))
+    wid = expr.value(_s(write_id))
+    sets.append(f"{slots[0]} = {wid}")
+    for newer, older in itertools.pairwise(slots):
+        sets.append(f"{older} = if_not_exists({newer}, {empty})")
+    update = "SET " + ", ".join(sets)
+    if adds:
+        update += " ADD " + ", ".join(adds)
+    kwargs: dict[str, Any] = {
+        "TableName": table_name,
+        "Key": _bucket_key(entity_id, resource),
+        "UpdateExpression": update,
+        "ExpressionAttributeNames": expr.names,
+        "ExpressionAttributeValues": expr.values,
+        "ReturnValues": "ALL_NEW",
+    }
+    # A resend of a write whose earlier attempt may still land (a response lost or timed out
+    # in flight) must not apply twice: each write id applies at most once.
+    conditions.append("NOT (" + " OR ".join(f"{slot} = {wid}" for slot in slots) + ")")
+    if conditions:
+        kwargs["ConditionExpression"] = " AND ".join(conditions)
+        kwargs["ReturnValuesOnConditionCheckFailure"] = "ALL_OLD"
+    return kwargs
+
+
+def _bucket_key(entity_id: str, resource: str) -> dict[str, Any]:
+    return {
+        schema.PK: _s(schema.entity_pk(entity_id)),
+        schema.SK: _s(schema.bucket_sk(resource)),
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class _UpdateShape:
+    """What a bucket UpdateItem's arguments hold for every write of one *shape* (which limits,
+    and for each: the kind of write, whether the anchor moves, which bounds, the counter, a
+    definition): the expressions, the attribute names and the value placeholders in order.
+    Only the values differ between two writes of one shape. Shared by every request of the
+    shape, so never modified: botocore only reads the arguments it is given."""
+
+    update: str
+    condition: str
+    names: Mapping[str, str]
+    value_keys: tuple[str, ...]
+
+    @classmethod
+    def of(cls, request: Mapping[str, Any]) -> _UpdateShape:
+        return cls(
+            update=request["UpdateExpression"],
+            condition=request["ConditionExpression"],
+            names=request["ExpressionAttributeNames"],
+            value_keys=tuple(request["ExpressionAttributeValues"]),
+        )
+
+
+def _shape_and_values(
+    writes: Sequence[LimitWrite], now_ms: int, entity_id: str, resource: str, write_id: str
+) -> tuple[tuple[tuple[object, ...], ...], list[dict[str, Any]]]:
+    """The shape of a bucket write (what `_UpdateShape` depends on) and its values, in the order
+    `bucket_update_request` numbers them: one pass, no strings built."""
+    shape: list[tuple[object, ...]] = []
+    values: list[dict[str, Any]] = []
+    for w in writes:
+        values.append({"N": str(w.value)})
+        if w.unconditional:  # ADD tokens; no anchor, no condition
+            kind: tuple[object, ...] = ("add",)
+        else:
+            moved = w.absolute or w.new_last_refill_ms != w.expect_last_refill_ms
+            if moved:
+                values.append({"N": str(w.new_last_refill_ms)})
+            if w.expect_last_refill_ms is None:  # must not exist yet: no bounds
+                kind = ("new", w.absolute, moved)
+            else:
+                values.append({"N": str(w.expect_last_refill_ms)})
+                if w.cond_lo is not None:
+                    values.append({"N": str(w.cond_lo)})
+                if w.cond_hi is not None:
+                    values.append({"N": str(w.cond_hi)})
+                kind = ("set", w.absolute, moved, w.cond_lo is not None, w.cond_hi is not None)
+        if w.delta_milli:
+            values.append({"N": str(abs(w.delta_milli))})
+        if w.definition is not None:
+            values.append({"S": w.definition})
+        counter = (w.delta_milli > 0) - (w.delta_milli < 0)
+        shape.append((w.limit_name, kind, counter, w.definition is not None))
+    values.append({"N": str(now_ms)})
+    values.append({"S": entity_id})
+    values.append({"S": resource})
+    values.append({"S": ""})
+    values.append({"S": write_id})
+    return tuple(shape), values
+
+
+# Bound on the request parts a repository keeps (write shapes, item keys): a limiter sees few
+# shapes, but may see any number of entities. Beyond it the oldest are forgotten.
+_PARTS_CACHE_SIZE = 1024
+
+
+def _remember(cache: dict[Any, T], key: Any, value: T) -> T:
+    if len(cache) >= _PARTS_CACHE_SIZE:
+        del cache[next(iter(cache))]
+    cache[key] = value
+    return value
+
+
+# -- responses: items without botocore's walk of the model ---------------------------------------
+
+# Outputs whose plain JSON *is* botocore's parse when every attribute value is plain (below): the
+# item reads and writes. Their other members (ConsumedCapacity, ...) are left to botocore.
+_PLAIN_OUTPUTS: Mapping[str, frozenset[str]] = {
+    "GetItemOutput": frozenset({"Item"}),
+    "UpdateItemOutput": frozenset({"Attributes"}),
+}
+# Attribute-value tags botocore returns exactly as JSON has them; B and BS it decodes (base64).
+_PLAIN_TAGS = frozenset({"S", "N", "SS", "NS", "M", "L", "NULL", "BOOL"})
+# Tokens after which the JSON may not be botocore's parse: a binary value, a null (dropped).
+_NOT_PLAIN = re.compile(rb'"BS?"|null')
+
+
+def _plain_values(values: Iterable[Any]) -> bool:
+    """True when every attribute value is a JSON object of plain tags only (lists and maps of
+    plain values included), so that botocore's parse of it would be the JSON unchanged."""
+    for value in values:
+        if type(value) is not dict or not value.keys() <= _PLAIN_TAGS:
+            return False
+        nested = value.get("M")
+        if nested is not None and (type(nested) is not dict or not _plain_values(nested.values())):
+            return False
+        nested = value.get("L")
+        if nested is not None and (type(nested) is not list or not _plain_values(nested)):
+            return False
+    return True
+
+
+def plain_item_body(raw_body: bytes, output: str) -> dict[str, Any] | None:
+    """The parse of a GetItem or UpdateItem response body when it is the JSON itself (a plain
+    item: the bucket items and every item this library writes), else None (botocore parses).
+
+    botocore's parse walks the service model for every attribute value of the item, and for an
+    item of strings and numbers returns what `json.loads` does (the model is the check: an
+    unknown member or a null would be dropped, a binary decoded; any of them, and any other
+    member of the output, is left to botocore)."""
+    members = _PLAIN_OUTPUTS.get(output)
+    if members is None or not raw_body or _NOT_PLAIN.search(raw_body) is not None:
+        return None
+    try:
+        parsed = json.loads(raw_body.decode("utf-8"))
+    except ValueError:
+        return None
+    if type(parsed) is not dict or not parsed.keys() <= members:
+        return None
+    for item in parsed.values():
+        if type(item) is not dict or not _plain_values(item.values()):
+            return None
+    return parsed
+
+
+# aiobotocore's stubs leave out the parts overridden here.
+_JSONParser: Any = AioJSONParser
+_ParserFactory: Any = AioResponseParserFactory
+
+
+class _ItemJSONParser(_JSONParser):  # type: ignore[misc]
+    def _handle_json_body(self, raw_body: bytes, shape: Any) -> Any:
+        if shape is not None:
+            parsed = plain_item_body(raw_body, shape.name)
+            if parsed is not None:
+                return parsed
+        return super()._handle_json_body(raw_body, shape)
+
+
+class _ItemParserFactory(_ParserFactory):  # type: ignore[misc]
+    """aiobotocore's parser factory, whose JSON parser takes plain items as they come."""
+
+    def create_parser(self, protocol_name: str) -> Any:
+        if protocol_name == "json":
+            return _ItemJSONParser(**self._defaults)
+        return super().create_parser(protocol_name)
+
+
+def _parse_items_plainly(client: Any) -> bool:
+    """Give the client's endpoint `_ItemParserFactory` (with the factory's defaults), if it has
+    aiobotocore's own factory where this version of aiobotocore keeps it; True if it did. On any
+    other layout the client keeps parsing as it does: slower, never different."""
+    endpoint = getattr(client, "_endpoint", None)
+    factory = getattr(endpoint, "_response_parser_factory", None)
+    if type(factory) is not AioResponseParserFactory:
+        return False
+    plain = _ItemParserFactory()
+    plain.set_parser_defaults(**getattr(factory, "_defaults", {}))
+    endpoint._response_parser_factory = plain  # type: ignore[union-attr]
+    return True
+
+
+# The User-Agent header, fixed: botocore otherwise rebuilds it (twice) for every request, with
+# per-request feature metadata, one of the largest client costs of a call.
+_USER_AGENT = (
+    f"zae-limiter/{__version__} aiobotocore/{aiobotocore.__version__} "
+    f"Python/{platform.python_version()}"
+)
+
+
 class Repository:
     """Async access to one zae-limiter table.
 
@@ -399,6 +668,11 @@ class Repository:
         self._stack: contextlib.AsyncExitStack | None = None
         self._client: Any = None
         self._client_lock = asyncio.Lock()
+        # Request parts built once (see `_bucket_update`, `_bucket_key`).
+        self._update_shapes: dict[tuple[tuple[object, ...], ...], _UpdateShape] = {}
+        self._keys: dict[tuple[str, str], dict[str, Any]] = {}
+        self._input_shapes: dict[str, Any] = {}
+        self._parses_items_plainly = False  # see `_parse_items_plainly`
 
     # -- client lifecycle -------------------------------------------------------------------
 
@@ -407,25 +681,33 @@ class Repository:
             return self._client
         async with self._client_lock:
             if self._client is None:
-                # Our own retry loop owns retries: botocore's would replay non-idempotent
-                # bucket writes after a lost response and double them.
-                config = Config(
-                    retries={"total_max_attempts": 1, "mode": "standard"},
-                    connect_timeout=self.retry.connect_timeout,
-                    read_timeout=self.retry.read_timeout,
-                    max_pool_connections=self._max_pool_connections,
-                )
                 stack = contextlib.AsyncExitStack()
-                self._client = await stack.enter_async_context(
+                client = await stack.enter_async_context(
                     self._session.client(
                         "dynamodb",
                         endpoint_url=self.endpoint_url,
-                        config=config,
+                        config=self._client_config(),
                         **await self._where(),
                     )
                 )
-                self._stack = stack
+                self._parses_items_plainly = _parse_items_plainly(client)
+                self._client, self._stack = client, stack
         return self._client
+
+    def _client_config(self) -> Config:
+        return Config(
+            # Our own retry loop owns retries: botocore's would replay non-idempotent bucket
+            # writes after a lost response and double them.
+            retries={"total_max_attempts": 1, "mode": "standard"},
+            connect_timeout=self.retry.connect_timeout,
+            read_timeout=self.retry.read_timeout,
+            max_pool_connections=self._max_pool_connections,
+            # Checking every request against the service model was the largest single cost of
+            # a bucket write in botocore. The bucket requests are built here from checked
+            # arguments and need no check; every other request is checked by `call` itself.
+            parameter_validation=False,
+            user_agent=_USER_AGENT,
+        )
 
     async def _where(self) -> dict[str, Any]:
         """Region (and, if need be, credentials) of the client. A loopback endpoint (a local
@@ -454,8 +736,9 @@ class Repository:
 
     # -- calls and retries ------------------------------------------------------------------
 
-    async def _call(self, operation: str, **kwargs: Any) -> dict[str, Any]:
-        """One DynamoDB call with bounded, jittered retries of errors that did not apply."""
+    async def _call(self, operation: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """One DynamoDB call with bounded, jittered retries of errors that did not apply. The
+        request is not checked against the service model (see `call`)."""
         client = await self.client()
         method: Callable[..., Awaitable[dict[str, Any]]] = getattr(client, operation)
         last: BaseException | None = None
@@ -475,8 +758,9 @@ class Repository:
                     raise _Ambiguous(exc) from exc
                 raise self._translate(exc, code) from exc
             except botocore.exceptions.ParamValidationError as exc:
-                # Refused before sending: retrying cannot help.
-                raise StorageError("ParamValidationError", str(exc)) from exc
+                # Refused before sending (`call` checks requests; botocore may still refuse
+                # some itself): retrying cannot help.
+                raise _invalid(exc) from exc
             except _SAFE_TRANSPORT_ERRORS as exc:
                 if not _never_sent(exc):
                     raise _Ambiguous(exc) from exc
@@ -498,13 +782,39 @@ class Repository:
 
     async def call(self, operation: str, **kwargs: Any) -> dict[str, Any]:
         """One raw DynamoDB call whose effect is idempotent: ambiguous failures are simply
-        retried. Errors are translated as everywhere (see the module's docstring)."""
+        retried. Errors are translated as everywhere (see the module's docstring).
+
+        The request is checked against the service model first, as botocore's own parameter
+        validation would (it is off in the client): arguments it refuses raise
+        `StorageError("ParamValidationError", ...)` and nothing is sent.
+        """
+        await self._check(operation, kwargs)
+        return await self._idempotent(operation, kwargs)
+
+    async def _check(self, operation: str, kwargs: Mapping[str, Any]) -> None:
+        shape = self._input_shapes.get(operation)
+        if shape is None:
+            meta = (await self.client()).meta
+            api = meta.method_to_api_mapping.get(operation)
+            if api is None:
+                return  # not an operation: the call fails as it always did
+            shape = meta.service_model.operation_model(api).input_shape
+            if shape is None:
+                return
+            self._input_shapes[operation] = shape
+        try:
+            botocore.validate.validate_parameters(kwargs, shape)
+        except botocore.exceptions.ParamValidationError as exc:
+            raise _invalid(exc) from exc
+
+    async def _idempotent(self, operation: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """`_call`, also retrying ambiguous failures (the effect of the call is idempotent)."""
         last: BaseException | None = None
         for attempt in range(self.retry.max_attempts):
             if attempt:
                 await asyncio.sleep(self.retry.delay(attempt))
             try:
-                return await self._call(operation, **kwargs)
+                return await self._call(operation, kwargs)
             except _Ambiguous as exc:
                 last = exc.cause
         raise RepositoryUnavailable(f"DynamoDB {operation} kept failing: {last}", last)
@@ -512,23 +822,22 @@ class Repository:
     # -- buckets ----------------------------------------------------------------------------
 
     async def get_bucket(self, entity_id: str, resource: str) -> BucketItem | None:
-        item = await self._bucket_item(entity_id, resource)
-        return bucket_from_item(item) if item else None
+        item, size = await self._bucket_item(entity_id, resource)
+        return bucket_from_item(item, size) if item else None
 
-    async def _bucket_item(self, entity_id: str, resource: str) -> Item | None:
-        """One bucket item as stored (low-level form), read consistently."""
-        response = await self.call(
-            "get_item",
-            TableName=self.table_name,
-            Key={
-                schema.PK: _s(schema.entity_pk(entity_id)),
-                schema.SK: _s(schema.bucket_sk(resource)),
-            },
-            ConsistentRead=True,
-        )
+    async def _bucket_item(self, entity_id: str, resource: str) -> tuple[Item | None, int]:
+        """One bucket item as stored (low-level form), read consistently, and its size. A
+        request built here (not checked: see `_client_config`)."""
+        request = {
+            "TableName": self.table_name,
+            "Key": self._bucket_key(entity_id, resource),
+            "ConsistentRead": True,
+        }
+        response = await self._idempotent("get_item", request)
         item: Item | None = response.get("Item")
-        self.ledger.record("GetItem", rcu=read_units(item_size(item), consistent=True))
-        return item
+        size = item_size(item)
+        self.ledger.record("GetItem", rcu=read_units(size, consistent=True))
+        return item, size
 
     async def write_bucket(
         self,
@@ -555,7 +864,7 @@ class Repository:
             if attempt:
                 await asyncio.sleep(self.retry.delay(attempt))
             try:
-                response = await self._call("update_item", **kwargs)
+                response = await self._call("update_item", kwargs)
             except _ConditionCheckFailed as exc:
                 raw = exc.item
                 current = bucket_from_item(raw) if raw else None
@@ -594,70 +903,32 @@ class Repository:
         now_ms: int,
         write_id: str,
     ) -> dict[str, Any]:
-        expr = _Expr()
-        sets: list[str] = []
-        adds: list[str] = []
-        conditions: list[str] = []
-        for w in writes:
-            tk = expr.name(schema.limit_attr(schema.TOKENS, w.limit_name))
-            if w.unconditional:
-                # ADD, not SET: on a limit reset meanwhile it creates tokens without an anchor,
-                # which reads as a full bucket, as a give-back to a full bucket should.
-                adds.append(f"{tk} {expr.value(_n(w.value))}")
-            else:
-                lr = expr.name(schema.limit_attr(schema.LAST_REFILL, w.limit_name))
-                if w.absolute:
-                    sets.append(f"{tk} = {expr.value(_n(w.value))}")
-                else:
-                    sets.append(f"{tk} = {tk} + {expr.value(_n(w.value))}")
-                if w.absolute or w.new_last_refill_ms != w.expect_last_refill_ms:
-                    sets.append(f"{lr} = {expr.value(_n(w.new_last_refill_ms))}")
-                if w.expect_last_refill_ms is None:
-                    conditions.append(f"attribute_not_exists({lr})")
-                else:
-                    conditions.append(f"{lr} = {expr.value(_n(w.expect_last_refill_ms))}")
-                    if w.cond_lo is not None:
-                        conditions.append(f"{tk} >= {expr.value(_n(w.cond_lo))}")
-                    if w.cond_hi is not None:
-                        conditions.append(f"{tk} <= {expr.value(_n(w.cond_hi))}")
-            if w.delta_milli:
-                counter = schema.CONSUMED if w.delta_milli > 0 else schema.RELEASED
-                counter_name = expr.name(schema.limit_attr(counter, w.limit_name))
-                adds.append(f"{counter_name} {expr.value(_n(abs(w.delta_milli)))}")
-            if w.definition is not None:
-                lm = expr.name(schema.limit_attr(schema.LIMIT_DEF, w.limit_name))
-                sets.append(f"{lm} = {expr.value(_s(w.definition))}")
-        sets.append(f"{expr.name(schema.WRITE_TIME)} = {expr.value(_n(now_ms))}")
-        sets.append(f"{expr.name('entity_id')} = {expr.value(_s(entity_id))}")
-        sets.append(f"{expr.name('resource')} = {expr.value(_s(resource))}")
-        # Shift the ring of recent write ids; SET reads every right-hand side from the old item.
-        slots = [expr.name(slot) for slot in schema.WRITE_ID_SLOTS]
-        empty = expr.value(_s(""))
-        wid = expr.value(_s(write_id))
-        sets.append(f"{slots[0]} = {wid}")
-        for newer, older in itertools.pairwise(slots):
-            sets.append(f"{older} = if_not_exists({newer}, {empty})")
-        update = "SET " + ", ".join(sets)
-        if adds:
-            update += " ADD " + ", ".join(adds)
-        kwargs: dict[str, Any] = {
+        """`bucket_update_request`, from the parts of its write shape (built on first use)."""
+        shape_key, values = _shape_and_values(writes, now_ms, entity_id, resource, write_id)
+        shape = self._update_shapes.get(shape_key)
+        if shape is None:
+            request = bucket_update_request(
+                self.table_name, entity_id, resource, writes, now_ms, write_id
+            )
+            shape = _remember(self._update_shapes, shape_key, _UpdateShape.of(request))
+        return {
             "TableName": self.table_name,
-            "Key": {
-                schema.PK: _s(schema.entity_pk(entity_id)),
-                schema.SK: _s(schema.bucket_sk(resource)),
-            },
-            "UpdateExpression": update,
-            "ExpressionAttributeNames": expr.names,
-            "ExpressionAttributeValues": expr.values,
+            "Key": self._bucket_key(entity_id, resource),
+            "UpdateExpression": shape.update,
+            "ConditionExpression": shape.condition,
+            "ExpressionAttributeNames": shape.names,
+            "ExpressionAttributeValues": dict(zip(shape.value_keys, values, strict=True)),
             "ReturnValues": "ALL_NEW",
+            "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
         }
-        # A resend of a write whose earlier attempt may still land (a response lost or timed out
-        # in flight) must not apply twice: each write id applies at most once.
-        conditions.append("NOT (" + " OR ".join(f"{slot} = {wid}" for slot in slots) + ")")
-        if conditions:
-            kwargs["ConditionExpression"] = " AND ".join(conditions)
-            kwargs["ReturnValuesOnConditionCheckFailure"] = "ALL_OLD"
-        return kwargs
+
+    def _bucket_key(self, entity_id: str, resource: str) -> dict[str, Any]:
+        """The Key of a bucket item, built once per item (shared by its requests, never
+        modified)."""
+        key = self._keys.get((entity_id, resource))
+        if key is None:
+            key = _remember(self._keys, (entity_id, resource), _bucket_key(entity_id, resource))
+        return key
 
     async def list_buckets(self, entity_id: str) -> list[BucketItem]:
         return [bucket_from_item(item) for item in await self.bucket_items(entity_id)]
@@ -666,7 +937,7 @@ class Repository:
         """The entity's bucket items (of `resource` only, if given) as stored: low-level form,
         reset limits included; read consistently."""
         if resource is not None:
-            item = await self._bucket_item(entity_id, resource)
+            item, _ = await self._bucket_item(entity_id, resource)
             return [item] if item else []
         return await self._query_all(
             KeyConditionExpression="#pk = :pk AND begins_with(#sk, :sk)",
@@ -730,7 +1001,9 @@ class Repository:
             item[schema.GSI1SK] = _s(schema.child_gsi_sk(entity.id))
         if not await self._put_new(item):
             existing = await self.call(
-                "get_item", TableName=self.table_name, ConsistentRead=True,
+                "get_item",
+                TableName=self.table_name,
+                ConsistentRead=True,
                 Key={schema.PK: item[schema.PK], schema.SK: item[schema.SK]},
             )
             if existing.get("Item", {}).get("create_id") != item["create_id"]:
@@ -1192,7 +1465,6 @@ class Repository:
                 self.ledger.record("BatchWriteItem", wcu=float(done - len(pending)))
             if pending:
                 raise RepositoryUnavailable("BatchWriteItem left unprocessed items")
-
 
 
 def _implements_storage(repository: Repository) -> Storage:
