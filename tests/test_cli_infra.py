@@ -77,9 +77,9 @@ def test_pulumi_program_writes_a_runnable_project(no_pulumi_cli: None, tmp_path:
         "aws:region": "eu-west-1",
         "zae-limiter:name": "app",
         "zae-limiter:lambda_memory_mb": "512",
-        "zae-limiter:pitr_recovery_days": "null",
+        "zae-limiter:point_in_time_recovery": "false",
         "zae-limiter:tags": '{"team": "payments"}',
-        "zae-limiter:usage_windows": '["hourly"]',
+        "zae-limiter:usage_windows": "hourly",
     }
     again = CliRunner().invoke(main, ["pulumi-program", "--name", "app", "--output", str(out)])
     assert again.exit_code != 0 and "--force" in again.output

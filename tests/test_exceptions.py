@@ -26,6 +26,7 @@ from zae_limiter.exceptions import (
     RateLimitError,
     RateLimiterUnavailable,
     RateLimitExceeded,
+    RequestTooLarge,
     StackAlreadyExistsError,
     StackCreationError,
     ValidationError,
@@ -112,15 +113,12 @@ def test_message_groups_cascade_violations() -> None:
     assert exc.primary_violation.entity_id == "proj"
 
 
-def test_no_violations() -> None:
-    exc = RateLimitExceeded([status(available=900, requested=1, retry=0.0)])
-    assert exc.violations == []
-    assert exc.primary_violation is None
-    assert exc.retry_after_seconds == 0.0
-    assert exc.retry_after_ms == 0
-    assert exc.retry_after_header == "0"
-    assert "exceeded" in str(exc)
-    assert RateLimitExceeded([]).as_dict()["limits"] == []
+def test_no_violations_is_a_value_error() -> None:
+    """As in 0.2.0: a denial must name an exceeded limit."""
+    with pytest.raises(ValueError, match="at least one violation"):
+        RateLimitExceeded([status(available=900, requested=1, retry=0.0)])
+    with pytest.raises(ValueError):
+        RateLimitExceeded([])
 
 
 @pytest.mark.parametrize(
@@ -225,15 +223,16 @@ def test_rate_limit_exceeded_properties(specs: list[tuple[bool, float | None]]) 
         status(f"l{i}", retry=(r if exceeded else 0.0), exceeded=exceeded)
         for i, (exceeded, r) in enumerate(specs)
     ]
-    exc = RateLimitExceeded(statuses)
     violations = [s for s in statuses if s.exceeded]
+    if not violations:
+        with pytest.raises(ValueError):
+            RateLimitExceeded(statuses)
+        return
+    exc = RateLimitExceeded(statuses)
     assert exc.violations == violations
     assert len(exc.passed) + len(exc.violations) == len(statuses)
     waits = [s.retry_after_seconds for s in violations]
-    if not violations:
-        assert exc.retry_after_seconds == 0.0
-        assert exc.primary_violation is None
-    elif None in waits:
+    if None in waits:
         assert exc.retry_after_seconds is None
         assert exc.primary_violation is not None
         assert exc.primary_violation.retry_after_seconds is None
@@ -353,7 +352,7 @@ def _all_exceptions() -> list[ZAELimiterError]:
         VersionError("v"),
         RateLimitExceeded([status(), status("rpm", available=9, requested=1, retry=0.0)]),
         RateLimitExceeded([status(retry=None)]),
-        RateLimitExceeded([]),
+        RequestTooLarge([status(retry=None)], "consume.tpm", 10**6),
         # Not an OSError subclass: CPython itself unpickles those as plain OSError at protocols < 3.
         RateLimiterUnavailable("down", TypeError("boom"), stack_name="ZAEL-x"),
         RateLimiterUnavailable("down"),

@@ -79,6 +79,12 @@ class Mocks(pulumi.runtime.Mocks):  # type: ignore[misc]
         if args.token == "aws:dynamodb/getTable:getTable":
             arn = f"arn:aws:dynamodb:{REGION}:{ACCOUNT}:table/{args.args['name']}"
             return {"arn": arn, "name": args.args["name"], "streamArn": f"{arn}/stream/X"}
+        if args.token == "aws:index/getPartition:getPartition":
+            return {"id": "aws", "partition": "aws", "dnsSuffix": "amazonaws.com",
+                    "reverseDnsPrefix": "com.amazonaws"}
+        if args.token == "aws:index/getCallerIdentity:getCallerIdentity":
+            return {"id": ACCOUNT, "accountId": ACCOUNT, "userId": "AIDA",
+                    "arn": f"arn:aws:iam::{ACCOUNT}:user/deployer"}
         return {}
 
     def of_type(self, typ: str) -> list[Recorded]:
@@ -236,9 +242,17 @@ def test_table_options(lambda_zip: Path) -> None:
 
 
 def test_pitr_can_be_turned_off(lambda_zip: Path) -> None:
-    mocks, _ = deploy(lambda_zip=lambda_zip, pitr_recovery_days=None)
+    mocks, _ = deploy(lambda_zip=lambda_zip, point_in_time_recovery=False)
     assert mocks.one("aws:dynamodb/table:Table").inputs["pointInTimeRecovery"] == {
         "enabled": False
+    }
+
+
+def test_pitr_none_is_the_aws_default_period_as_in_0_2_0(lambda_zip: Path) -> None:
+    # 0.2.0's default: PITR on, no period given (AWS's, 35 days); deployed explicitly here.
+    mocks, _ = deploy(lambda_zip=lambda_zip, pitr_recovery_days=None)
+    assert mocks.one("aws:dynamodb/table:Table").inputs["pointInTimeRecovery"] == {
+        "enabled": True, "recoveryPeriodInDays": 35
     }
 
 
@@ -350,6 +364,15 @@ def test_role_name_format_and_permission_boundary(lambda_zip: Path) -> None:
     assert role["permissionsBoundary"] == boundary
 
 
+def test_permission_boundary_given_as_a_policy_name_is_this_accounts_policy(
+    lambda_zip: Path,
+) -> None:
+    # 0.2.0 took "a policy name or full ARN"; a name is a customer-managed policy.
+    mocks, _ = deploy(lambda_zip=lambda_zip, permission_boundary="MyBoundary")
+    role = mocks.one("aws:iam/role:Role").inputs
+    assert role["permissionsBoundary"] == f"arn:aws:iam::{ACCOUNT}:policy/MyBoundary"
+
+
 def test_app_policy_is_only_this_table(lambda_zip: Path) -> None:
     mocks, _ = deploy(lambda_zip=lambda_zip)
     assert not mocks.of_type("aws:iam/policy:Policy")
@@ -357,13 +380,35 @@ def test_app_policy_is_only_this_table(lambda_zip: Path) -> None:
     policy = mocks.one("aws:iam/policy:Policy").inputs
     assert policy["name"] == "ZAEL-app-app"
     table_arn = mocks.one("aws:dynamodb/table:Table").outputs["arn"]
-    (statement,) = _statements(policy["policy"])
+    allows = [s for s in _statements(policy["policy"]) if s["Effect"] == "Allow"]
+    (statement,) = allows  # the other statement is a Deny (test_app_policy_audit_trail)
     assert sorted(_as_list(statement["Action"])) == sorted(
         f"dynamodb:{a}" for a in ("GetItem", "PutItem", "UpdateItem", "DeleteItem", "Query",
                                   "BatchGetItem", "BatchWriteItem", "TransactWriteItems",
                                   "ConditionCheckItem", "DescribeTable")
     )
     assert sorted(_as_list(statement["Resource"])) == sorted([table_arn, f"{table_arn}/index/*"])
+
+
+def test_app_policy_audit_trail(lambda_zip: Path) -> None:
+    """Audit needs nothing new (PutItem to record, Query to read, GetItem to settle a resend),
+    and applications cannot update or delete an audit event."""
+    mocks, _ = deploy(lambda_zip=lambda_zip, create_app_policy=True)
+    table_arn = mocks.one("aws:dynamodb/table:Table").outputs["arn"]
+    statements = _statements(mocks.one("aws:iam/policy:Policy").inputs["policy"])
+    (allow,) = [s for s in statements if s["Effect"] == "Allow"]
+    (deny,) = [s for s in statements if s["Effect"] == "Deny"]
+    assert {"dynamodb:PutItem", "dynamodb:Query", "dynamodb:GetItem"} <= set(
+        _as_list(allow["Action"]))
+    assert sorted(_as_list(deny["Action"])) == [
+        "dynamodb:BatchWriteItem", "dynamodb:DeleteItem", "dynamodb:TransactWriteItems",
+        "dynamodb:UpdateItem"]
+    assert _as_list(deny["Resource"]) == [table_arn]
+    assert deny["Condition"] == {
+        "ForAnyValue:StringLike": {"dynamodb:LeadingKeys": [schema.audit_pk("") + "*"]}}
+    assert schema.audit_pk("key-1").startswith(schema.audit_pk(""))
+    # only audit partitions: the entity partitions the deny must not touch use another prefix
+    assert not schema.entity_pk("key-1").startswith(schema.audit_pk(""))
 
 
 # -- alarms ----------------------------------------------------------------------------------

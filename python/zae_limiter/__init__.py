@@ -20,26 +20,38 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__
 from .core import BACKEND
 from .exceptions import (
+    EntityError,
     EntityExistsError,
     EntityNotFoundError,
     IncompatibleSchemaError,
+    InfrastructureError,
     InfrastructureNotFoundError,
     InvalidIdentifierError,
     InvalidNameError,
     MinimumClientVersionError,
+    RateLimitError,
     RateLimiterUnavailable,
     RateLimitExceeded,
+    RequestTooLarge,
+    StackAlreadyExistsError,
     StackCreationError,
     ValidationError,
+    VersionError,
     VersionMismatchError,
     ZAELimiterError,
 )
 from .models import (
+    AuditAction,
+    AuditEvent,
+    BucketState,
     Entity,
+    EntityCapacity,
     FailureMode,
     Limit,
+    LimitName,
     LimitStatus,
     Reservations,
+    ResourceCapacity,
     StackOptions,
     UsageSnapshot,
     UsageSummary,
@@ -49,6 +61,7 @@ if TYPE_CHECKING:
     from .lease import Lease, SyncLease
     from .limiter import RateLimiter
     from .repository import Repository
+    from .stack_manager import StackManager
     from .sync import SyncRateLimiter
 
 _LAZY = {
@@ -57,6 +70,7 @@ _LAZY = {
     "Lease": ("lease", "Lease"),
     "SyncLease": ("lease", "SyncLease"),
     "Repository": ("repository", "Repository"),
+    "StackManager": ("stack_manager", "StackManager"),
 }
 
 
@@ -73,30 +87,43 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "BACKEND",
+    "AuditAction",
+    "AuditEvent",
+    "BucketState",
     "Entity",
+    "EntityCapacity",
+    "EntityError",
     "EntityExistsError",
     "EntityNotFoundError",
     "FailureMode",
     "IncompatibleSchemaError",
+    "InfrastructureError",
     "InfrastructureNotFoundError",
     "InvalidIdentifierError",
     "InvalidNameError",
     "Lease",
     "Limit",
+    "LimitName",
     "LimitStatus",
     "MinimumClientVersionError",
+    "RateLimitError",
     "RateLimitExceeded",
     "RateLimiter",
     "RateLimiterUnavailable",
     "Repository",
+    "RequestTooLarge",
     "Reservations",
+    "ResourceCapacity",
+    "StackAlreadyExistsError",
     "StackCreationError",
+    "StackManager",
     "StackOptions",
     "SyncLease",
     "SyncRateLimiter",
     "UsageSnapshot",
     "UsageSummary",
     "ValidationError",
+    "VersionError",
     "VersionMismatchError",
     "ZAELimiterError",
     "__version__",

@@ -51,18 +51,33 @@ def check_consumable(
     limit_sets: Sequence[tuple[str, Sequence[Limit]]],
     amounts: Mapping[str, int],
     field: str = "consume",
+    *,
+    burst: bool = True,
 ) -> None:
-    """Every amount names a limit of the first entity and fits every entity's burst."""
+    """Every amount names a limit of the first entity and (with `burst`) fits every entity's
+    burst; an acquire leaves the burst to `oversized`, since it raises `RequestTooLarge`."""
     own = {limit.name for limit in limit_sets[0][1]}
     for name in amounts:
         if name not in own:
             raise ValidationError(f"{field}.{name}", name, "no limit of that name")
+    if burst and (too := oversized(limit_sets, amounts, field)) is not None:
+        entity_id, limit, key = too
+        raise ValidationError(
+            key,
+            amounts[limit.name],
+            f"exceeds the burst ({limit.burst}) of {entity_id!r}'s limit; "
+            "it could never be admitted",
+        )
+
+
+def oversized(
+    limit_sets: Sequence[tuple[str, Sequence[Limit]]],
+    amounts: Mapping[str, int],
+    field: str = "consume",
+) -> tuple[str, Limit, str] | None:
+    """The first (entity_id, limit, field) whose amount exceeds the limit's burst, if any."""
     for entity_id, limits in limit_sets:
         for limit in limits:
             if amounts.get(limit.name, 0) > limit.burst:
-                raise ValidationError(
-                    f"{field}.{limit.name}",
-                    amounts[limit.name],
-                    f"exceeds the burst ({limit.burst}) of {entity_id!r}'s limit; "
-                    "it could never be admitted",
-                )
+                return entity_id, limit, f"{field}.{limit.name}"
+    return None

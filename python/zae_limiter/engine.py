@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from . import core
 from .cache import TTLCache
-from .exceptions import RateLimiterUnavailable, RateLimitExceeded
+from .exceptions import RateLimiterUnavailable, RateLimitExceeded, RequestTooLarge
 from .models import Limit, LimitStatus
 from .storage import BucketItem, ConditionFailed, LimitWrite, Storage
 
@@ -229,6 +229,26 @@ def bucket_input(limit: Limit, state: BucketItem | None, delta: int) -> core.Buc
         None if s is None else s.last_refill_ms,
         delta,
     )
+
+
+def request_too_large(
+    targets: Sequence[Target], amounts: Mapping[str, int], now_ms: int, field: str
+) -> RequestTooLarge:
+    """`RequestTooLarge` for `amounts` over the targets' last known states (no I/O)."""
+    deltas = [[amounts.get(limit.name, 0) * 1000 for limit in t.limits] for t in targets]
+    inputs = [
+        bucket_input(limit, t.state, delta)
+        for t, ds in zip(targets, deltas, strict=True)
+        for limit, delta in zip(t.limits, ds, strict=True)
+    ]
+    _, outcomes = core.decide(inputs, now_ms, True, REANCHOR_MS)
+    seen: dict[int, Sequence[core.Outcome]] = {}
+    cursor = 0
+    for i, t in enumerate(targets):
+        seen[i] = outcomes[cursor : cursor + len(t.limits)]
+        cursor += len(t.limits)
+    name = field.rpartition(".")[2]
+    return RequestTooLarge(statuses(targets, seen, deltas), field, amounts.get(name))
 
 
 def statuses(

@@ -27,6 +27,7 @@ __all__ = [
     "RateLimitError",
     "RateLimitExceeded",
     "RateLimiterUnavailable",
+    "RequestTooLarge",
     "StackAlreadyExistsError",
     "StackCreationError",
     "ValidationError",
@@ -135,6 +136,9 @@ class RateLimitExceeded(RateLimitError):
         self.statuses: list[LimitStatus] = list(statuses)
         self.violations: list[LimitStatus] = [s for s in self.statuses if s.exceeded]
         self.passed: list[LimitStatus] = [s for s in self.statuses if not s.exceeded]
+        if not self.violations:
+            # A denial that names no exceeded limit would tell the caller nothing to act on.
+            raise ValueError("RateLimitExceeded requires at least one violation")
 
         self.primary_violation: LimitStatus | None = None
         self.retry_after_seconds: float | None = 0.0
@@ -146,7 +150,9 @@ class RateLimitExceeded(RateLimitError):
                 best = key
                 self.primary_violation = v
                 self.retry_after_seconds = wait
-        super().__init__(self._format_message())
+        # Not super(): in `RequestTooLarge` the next class is `ValidationError`, whose
+        # constructor wants a field; the message is all `Exception` needs.
+        Exception.__init__(self, self._format_message())
 
     @property
     def retryable(self) -> bool:
@@ -173,8 +179,6 @@ class RateLimitExceeded(RateLimitError):
         return str(-(-ms // 1000))
 
     def _format_message(self) -> str:
-        if not self.violations:
-            return "Rate limit exceeded (no limit reported as exceeded)"
         # Cascaded checks mix the entity's and its parent's limits; group so each
         # (entity, resource) is named once.
         groups: dict[tuple[str, str], list[str]] = {}
@@ -274,7 +278,18 @@ class StackAlreadyExistsError(StackCreationError):
 class InfrastructureNotFoundError(InfrastructureError):
     """The table / stack has not been deployed."""
 
-    def __init__(self, name: str, message: str | None = None) -> None:
+    def __init__(
+        self,
+        stack_name: str | None = None,
+        message: str | None = None,
+        *,
+        name: str | None = None,
+    ) -> None:
+        # `stack_name` is 0.x's keyword; `name` the one this project used first.
+        if stack_name is None and name is None:
+            raise TypeError("InfrastructureNotFoundError needs the stack (table) name")
+        name = stack_name if stack_name is not None else name
+        assert name is not None
         self.name = name
         # 0.x exposed both; the stack and its table share one name.
         self.stack_name = name
@@ -396,3 +411,35 @@ class InvalidIdentifierError(ValidationError):
 
 class InvalidNameError(ValidationError):
     """A name (limit name, resource) is invalid."""
+
+
+class RequestTooLarge(RateLimitExceeded, ValidationError):
+    """The request asks for more than a limit's burst: no bucket can ever hold it, so no wait
+    helps (`retry_after_seconds`, `retry_after_ms` and `retry_after_header` are None,
+    `retryable` is False).
+
+    It is a `RateLimitExceeded` (code mapping denials to 429 catches it, and `violations` say
+    which limit, `requested` and `available`) and a `ValidationError` (`field` names the
+    amount, e.g. ``consume.tpm``). An HTTP layer should not answer 429 with a Retry-After for
+    it: 413 (Content Too Large) when the cost comes from the request's size (an LLM prompt's
+    tokens), else 400; see docs/compatibility.md.
+    """
+
+    def __init__(self, statuses: list[LimitStatus], field: str, value: object) -> None:
+        RateLimitExceeded.__init__(self, statuses)
+        self.field = field
+        self.value = value
+        never = next((v for v in self.violations if v.retry_after_seconds is None), None)
+        where = (
+            f"the burst ({never.limit.burst}) of {never.entity_id!r}'s limit {never.limit_name!r}"
+            if never is not None
+            else "the limit's burst"
+        )
+        self.reason = f"exceeds {where}; it could never be admitted"
+
+    def as_dict(self) -> dict[str, Any]:
+        """`RateLimitExceeded`'s body (same `error`, for code that dispatches on it), with
+        `reason` saying that no wait helps."""
+        body = super().as_dict()
+        body["reason"] = "request_exceeds_burst"
+        return body

@@ -7,7 +7,8 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
-from .engine import Target
+from .arguments import oversized
+from .engine import Target, request_too_large
 from .exceptions import ValidationError
 from .failures import public_errors
 from .validation import validate_amount, validate_name, validate_signed_amount
@@ -24,6 +25,10 @@ class Settler(Protocol):
     async def commit(self, targets: Sequence[Target], amounts: Mapping[str, int]) -> None: ...
 
     async def force(self, targets: Sequence[Target], amounts: Mapping[str, int]) -> None: ...
+
+    def clock(self) -> int:
+        """Now, in the milliseconds decisions use."""
+        ...
 
 
 class Lease:
@@ -83,6 +88,9 @@ class Lease:
         limit (or the parent's, with cascade) cannot cover it."""
         deltas = self._amounts(amounts, signed=False)
         if deltas and not self.fail_open:
+            sets = [(t.entity_id, t.limits) for t in self._targets]
+            if (too := oversized(sets, deltas)) is not None:
+                raise request_too_large(self._targets, deltas, self._settler.clock(), too[2])
             with public_errors():
                 await self._settler.commit(self._targets, deltas)
         self._add(deltas)
@@ -103,6 +111,8 @@ class Lease:
         self._consumed = dict.fromkeys(self._consumed, 0)
 
     def _add(self, deltas: Mapping[str, int]) -> None:
+        if self.fail_open:  # nothing was taken from any bucket, so nothing is held
+            return
         for name, value in deltas.items():
             self._consumed[name] = self._consumed.get(name, 0) + value
 

@@ -13,23 +13,27 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 
-from . import core, provisioning, usage
-from .arguments import check_consumable, check_consume, check_limits
+from . import audit, core, provisioning, usage
+from .arguments import check_consumable, check_consume, check_limits, oversized
 from .cache import TTLCache
 from .capacity import CapacityLedger
-from .engine import Engine, bucket_input
+from .engine import Engine, Target, bucket_input, request_too_large
 from .exceptions import (
     EntityNotFoundError,
     InfrastructureNotFoundError,
+    RequestTooLarge,
     ValidationError,
 )
-from .failures import OUTAGES, public_errors, unavailable
+from .failures import OUTAGES, UNREACHABLE, public_errors, unavailable
 from .lease import Lease, LeaseScope
 from .models import (
+    AuditEvent,
     Entity,
+    EntityCapacity,
     FailureMode,
     Limit,
     Reservations,
+    ResourceCapacity,
     StackOptions,
     UsageSnapshot,
     UsageSummary,
@@ -38,8 +42,19 @@ from .repository import Repository, RetryPolicy
 from .reservations import Reserver
 from .schema import DEFAULT_RESOURCE, default_region, short_name, table_name
 from .storage import BucketItem, RepositoryUnavailable
-from .validation import validate_entity_id, validate_resource
-from .version import VERSION_CHECKS, Compatibility, VersionCheck, ensure_compatible
+from .validation import (
+    validate_entity_id,
+    validate_name,
+    validate_principal,
+    validate_resource,
+)
+from .version import (
+    VERSION_CHECKS,
+    Compatibility,
+    VersionCheck,
+    ensure_compatible,
+    legacy_version_check,
+)
 
 log = logging.getLogger("zae_limiter")
 
@@ -65,6 +80,9 @@ class RateLimiter:
         endpoint_url: str | None = None,
         stack_options: StackOptions | None = None,
         failure_mode: FailureMode = FailureMode.FAIL_CLOSED,
+        auto_update: bool | None = None,
+        strict_version: bool | None = None,
+        skip_version_check: bool | None = None,
         *,
         retry: RetryPolicy | None = None,
         clock: Callable[[], int] | None = None,
@@ -82,6 +100,10 @@ class RateLimiter:
             raise ValidationError(
                 "version_check", version_check, f"must be one of {', '.join(VERSION_CHECKS)}"
             )
+        version_check = legacy_version_check(version_check, strict_version, skip_version_check)
+        if auto_update is not None and not isinstance(auto_update, bool):
+            raise ValidationError("auto_update", auto_update, "must be a bool or None")
+        self.auto_update = auto_update
         self.table_name = table_name(name)
         self.name = short_name(self.table_name)
         self.region = region
@@ -121,6 +143,11 @@ class RateLimiter:
         if self._reserver is not None:
             await self._reserver.close()
         await self.repository.close()
+
+    @property
+    def _repository(self) -> Repository:
+        # 0.x's name for `repository`: code and test fixtures written for 0.2 reach for it.
+        return self.repository
 
     @property
     def ledger(self) -> CapacityLedger:
@@ -175,7 +202,11 @@ class RateLimiter:
             self.compatibility = await ensure_compatible(
                 self.repository,
                 mode=self.version_check,
-                auto_update=options is not None and options.auto_update,
+                auto_update=(
+                    self.auto_update
+                    if self.auto_update is not None
+                    else options is not None and options.auto_update
+                ),
                 name=self.name,
                 region=default_region(self.region),
                 endpoint_url=self.endpoint_url,
@@ -189,6 +220,25 @@ class RateLimiter:
             return True
         self._version_retry_at = time.monotonic() + VERSION_RETRY_SECONDS
         return False
+
+    async def create_stack(
+        self, stack_options: StackOptions | None = None
+    ) -> provisioning.StackResult:
+        """Create the infrastructure unless it exists (zae-limiter 0.2.0's `create_stack`).
+
+        On AWS the Pulumi stack (needs the Pulumi CLI), on a local endpoint the table. Options:
+        `stack_options`, else this limiter's `stack_options`, else the defaults. Returns
+        `{"stack_id", "stack_name", "status", ...}` ("CREATE_COMPLETE", or the status of the
+        stack that already existed, with a "message"; see `zae_limiter.provisioning`). Raises
+        StackCreationError (StackAlreadyExistsError when another process created it first).
+        """
+        return await provisioning.create_stack(
+            self.repository,
+            stack_options if stack_options is not None else self.stack_options,
+            name=self.name,
+            region=self.region,
+            endpoint_url=self.endpoint_url,
+        )
 
     async def delete_stack(self) -> None:
         """Delete the table (and, on AWS, the Pulumi stack)."""
@@ -205,7 +255,11 @@ class RateLimiter:
         name: str | None = None,
         parent_id: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        *,
+        principal: str | None = None,
     ) -> Entity:
+        """Create the entity (its parent must exist) and record `ENTITY_CREATED` (by
+        `principal`, if given) in its audit trail."""
         if metadata is not None and not isinstance(metadata, Mapping):
             raise ValidationError("metadata", metadata, "must be a mapping of str to str")
         entity = Entity(
@@ -214,6 +268,7 @@ class RateLimiter:
             parent_id=None if parent_id is None else validate_entity_id(parent_id, "parent_id"),
             metadata=dict(metadata or {}),
         )
+        principal = validate_principal(principal)
         await self._ensure_ready()
         with public_errors():
             if (
@@ -222,6 +277,7 @@ class RateLimiter:
             ):
                 raise EntityNotFoundError(entity.parent_id)
             await self.repository.put_entity(entity)
+        await audit.record(self.repository, audit.entity_created(entity, principal))
         stored = await self.get_entity(entity.id)
         return stored or entity
 
@@ -234,16 +290,20 @@ class RateLimiter:
             self._entities.put(entity_id, entity)
         return entity
 
-    async def delete_entity(self, entity_id: str) -> None:
+    async def delete_entity(self, entity_id: str, *, principal: str | None = None) -> None:
+        """Delete the entity and its buckets, stored limits and usage snapshots, and record
+        `ENTITY_DELETED`: its audit trail is kept (and expires on its own, 90 days per event)."""
         validate_entity_id(entity_id)
+        principal = validate_principal(principal)
         await self._ensure_ready()
         with public_errors():
-            await self.repository.delete_entity(entity_id)
+            count = await self.repository.delete_entity(entity_id)
         self._entities.drop(entity_id)
         self._stored_limits.drop(entity_id)
         self._engine.forget(entity_id)
         if self._reserver is not None:
             self._reserver.forget(entity_id)
+        await audit.record(self.repository, audit.entity_deleted(entity_id, principal, count))
 
     async def get_children(self, parent_id: str) -> list[Entity]:
         validate_entity_id(parent_id, "parent_id")
@@ -254,15 +314,25 @@ class RateLimiter:
     # -- stored limits ----------------------------------------------------------------------
 
     async def set_limits(
-        self, entity_id: str, limits: Sequence[Limit], resource: str = DEFAULT_RESOURCE
+        self,
+        entity_id: str,
+        limits: Sequence[Limit],
+        resource: str = DEFAULT_RESOURCE,
+        *,
+        principal: str | None = None,
     ) -> None:
+        """Replace the stored limits of (entity, resource); records `LIMITS_SET`."""
         validate_entity_id(entity_id)
         validate_resource(resource)
         checked = check_limits(limits)
+        principal = validate_principal(principal)
         await self._ensure_ready()
         with public_errors():
             await self.repository.set_limits(entity_id, resource, checked)
         self._stored_limits.drop(entity_id)
+        await audit.record(
+            self.repository, audit.limits_set(entity_id, resource, checked, principal)
+        )
 
     async def get_limits(self, entity_id: str, resource: str = DEFAULT_RESOURCE) -> list[Limit]:
         validate_entity_id(entity_id)
@@ -271,13 +341,46 @@ class RateLimiter:
         with public_errors():
             return await self.repository.get_limits(entity_id, resource)
 
-    async def delete_limits(self, entity_id: str, resource: str = DEFAULT_RESOURCE) -> None:
+    async def delete_limits(
+        self, entity_id: str, resource: str = DEFAULT_RESOURCE, *, principal: str | None = None
+    ) -> None:
+        """Delete the stored limits of (entity, resource); records `LIMITS_DELETED`."""
         validate_entity_id(entity_id)
         validate_resource(resource)
+        principal = validate_principal(principal)
         await self._ensure_ready()
         with public_errors():
-            await self.repository.delete_limits(entity_id, resource)
+            count = await self.repository.delete_limits(entity_id, resource)
         self._stored_limits.drop(entity_id)
+        await audit.record(
+            self.repository, audit.limits_deleted(entity_id, resource, principal, count)
+        )
+
+    # -- audit trail ------------------------------------------------------------------------
+
+    async def get_audit_events(
+        self,
+        entity_id: str,
+        limit: int = 100,
+        start_event_id: str | None = None,
+        *,
+        oldest_first: bool = False,
+    ) -> list[AuditEvent]:
+        """Up to `limit` of the entity's audit events, newest first (`oldest_first=True`: oldest
+        first). Next page: `start_event_id=` the last event id of this one. The trail of a
+        deleted entity stays readable until its events expire (90 days each)."""
+        validate_entity_id(entity_id)
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValidationError("limit", limit, "must be a positive integer")
+        if start_event_id is not None and not audit.is_event_id(start_event_id):
+            raise ValidationError("start_event_id", start_event_id, "is not an audit event id")
+        if not isinstance(oldest_first, bool):
+            raise ValidationError("oldest_first", oldest_first, "must be a bool")
+        await self._ensure_ready()
+        with public_errors():
+            return await self.repository.get_audit_events(
+                entity_id, limit, start_event_id, oldest_first=oldest_first
+            )
 
     async def _resolve_limits(
         self, entity_id: str, resource: str, fallback: list[Limit]
@@ -363,7 +466,9 @@ class RateLimiter:
         fallback = check_limits(limits or [], allow_empty=use_stored_limits)
         amounts = check_consume(consume)
         if not use_stored_limits:  # the limits are known: reject before any I/O
-            check_consumable([(entity_id, fallback)], amounts)
+            check_consumable([(entity_id, fallback)], amounts, burst=False)
+            if (too := oversized([(entity_id, fallback)], amounts)) is not None:
+                raise await self._too_large(resource, [(entity_id, fallback)], amounts, too[2])
         if not self._ready:
             await self._ensure_ready()
         try:
@@ -371,7 +476,9 @@ class RateLimiter:
                 entity_id, resource, fallback, cascade, use_stored_limits
             )
             if use_stored_limits:  # otherwise every set is `fallback`, checked above
-                check_consumable(sets, amounts)
+                check_consumable(sets, amounts, burst=False)
+                if (too := oversized(sets, amounts)) is not None:
+                    raise await self._too_large(resource, sets, amounts, too[2])
             reserver = self._reserver
             if reserver is not None:
                 targets = await reserver.acquire(resource, sets, amounts)
@@ -382,8 +489,25 @@ class RateLimiter:
             if mode is not FailureMode.FAIL_OPEN:
                 raise unavailable(exc) from exc
             log.warning("DynamoDB unavailable, admitting (FAIL_OPEN): %s", exc)
-            return Lease(self._engine, [], amounts, fail_open=True)
+            return Lease(self._engine, [], {}, fail_open=True)
         return Lease(reserver or self._engine, targets, amounts)
+
+    async def _too_large(
+        self,
+        resource: str,
+        sets: list[tuple[str, list[Limit]]],
+        amounts: Mapping[str, int],
+        field: str,
+    ) -> RequestTooLarge:
+        """The error for a request no bucket can ever hold, raised whatever the failure mode:
+        what the buckets hold is reported when it can be read (a full bucket otherwise)."""
+        try:
+            if not self._ready:
+                await self._ensure_ready()
+            targets = await self._engine.targets(resource, sets)
+        except UNREACHABLE:
+            targets = [Target(eid, resource, limits) for eid, limits in sets]
+        return request_too_large(targets, amounts, self._engine.clock(), field)
 
     def _failure_mode(self, failure_mode: FailureMode | None) -> FailureMode:
         if failure_mode is None:
@@ -449,6 +573,38 @@ class RateLimiter:
         ms = core.time_until_available(inputs, self._engine.clock())
         return 0.0 if ms is None else ms / 1000
 
+    async def get_resource_capacity(
+        self, resource: str, limit_name: str, parents_only: bool = False
+    ) -> ResourceCapacity:
+        """Capacity and what is available now of one limit of `resource`, per entity that has a
+        bucket for it, and summed (`parents_only`: root entities only). Reads every bucket of
+        the resource (a Scan): a report, not for the hot path. Reserved tokens count as used."""
+        validate_resource(resource)
+        validate_name(limit_name)
+        if not isinstance(parents_only, bool):
+            raise ValidationError("parents_only", parents_only, "must be a bool")
+        await self._ensure_ready()
+        with public_errors():
+            buckets = await self.repository.resource_buckets(resource)
+            now = self._engine.clock()
+            entities: list[EntityCapacity] = []
+            for bucket in sorted(buckets, key=lambda b: b.entity_id):
+                state = bucket.limits.get(limit_name)
+                if state is None or state.definition is None:
+                    continue  # no bucket of that limit, or one reset by an operator
+                if parents_only:
+                    entity = await self.repository.get_entity(bucket.entity_id)
+                    if entity is None or not entity.is_parent:
+                        continue
+                limit = Limit.decode(state.definition, limit_name)
+                burst, amount, period, tokens, last, _ = bucket_input(limit, bucket, 0)
+                left = core.available(burst, amount, period, tokens, last, now) // 1000
+                used = _used(limit.capacity, left)
+                entities.append(EntityCapacity(bucket.entity_id, limit.capacity, left, used))
+        total = sum(e.capacity for e in entities)
+        left = sum(e.available for e in entities)
+        return ResourceCapacity(resource, limit_name, total, left, _used(total, left), entities)
+
     # -- usage ------------------------------------------------------------------------------
 
     async def get_usage_snapshots(
@@ -484,3 +640,8 @@ class RateLimiter:
         """Totals and per-snapshot averages per limit over a range of snapshots."""
         snapshots = await self.get_usage_snapshots(entity_id, resource, window, start, end)
         return usage.summarize(snapshots, entity_id, resource, window, start, end)
+
+
+def _used(capacity: int, available: int) -> float:
+    """Percent of `capacity` in use (over 100 after over-consumption; 0 without capacity)."""
+    return (capacity - available) / capacity * 100 if capacity > 0 else 0.0

@@ -42,6 +42,7 @@ from botocore.config import Config
 from . import schema
 from ._version import __version__
 from .aggregator.snapshots import WINDOWS, format_window_start
+from .audit import event_time_ms
 from .capacity import CapacityLedger, item_size, read_units, write_units
 from .exceptions import (
     EntityExistsError,
@@ -50,7 +51,7 @@ from .exceptions import (
     ValidationError,
 )
 from .local import LOCAL_CREDENTIALS, LOCAL_REGION
-from .models import Entity, Limit, UsageSnapshot
+from .models import AuditEvent, Entity, Limit, UsageSnapshot
 from .schema import error_code
 from .storage import (
     Backup,
@@ -69,6 +70,8 @@ from .usage import Moment, check_range, snapshot_order
 __all__ = [
     "Repository",
     "RetryPolicy",
+    "audit_event_from_item",
+    "audit_item",
     "bucket_from_item",
     "entity_from_item",
     "error_code",
@@ -288,6 +291,78 @@ def limit_from_item(item: Item) -> Limit:
 
 
 _STORED_LIMIT_FIELDS = ("capacity", "burst", "refill_amount", "refill_period_seconds")
+
+
+def _to_av(value: Any) -> dict[str, Any]:
+    """A JSON-like value (an audit event's details) as an AttributeValue."""
+    if value is None:
+        return {"NULL": True}
+    if isinstance(value, bool):
+        return {"BOOL": value}
+    if isinstance(value, int | float | Decimal):
+        return {"N": str(value)}
+    if isinstance(value, str):
+        return {"S": value}
+    if isinstance(value, Mapping):
+        return {"M": {str(k): _to_av(v) for k, v in value.items()}}
+    if isinstance(value, list | tuple):
+        return {"L": [_to_av(v) for v in value]}
+    return {"S": str(value)}
+
+
+def _from_av(av: Mapping[str, Any]) -> Any:
+    if "S" in av:
+        return str(av["S"])
+    if "N" in av:
+        text = str(av["N"])
+        return int(text) if re.fullmatch(r"-?[0-9]+", text) else float(text)
+    if "BOOL" in av:
+        return bool(av["BOOL"])
+    if "M" in av:
+        return {str(k): _from_av(v) for k, v in av["M"].items()}
+    if "L" in av:
+        return [_from_av(v) for v in av["L"]]
+    return None  # NULL, and binary or set types this library never writes
+
+
+def audit_item(event: AuditEvent) -> Item:
+    """The item of an audit event: `AUDIT#<entity>` / `#AUDIT#<event id>`, expiring 90 days after
+    the event (`schema.audit_ttl` of the id's millisecond)."""
+    item: Item = {
+        schema.PK: _s(schema.audit_pk(event.entity_id)),
+        schema.SK: _s(schema.audit_sk(event.event_id)),
+        schema.AUDIT_EVENT_ID: _s(event.event_id),
+        schema.AUDIT_TIMESTAMP: _s(event.timestamp),
+        schema.AUDIT_ACTION: _s(event.action),
+        schema.AUDIT_ENTITY_ID: _s(event.entity_id),
+        schema.AUDIT_DETAILS: _to_av(dict(event.details)),
+        schema.TTL_ATTRIBUTE: _n(schema.audit_ttl(event_time_ms(event.event_id))),
+    }
+    if event.principal is not None:
+        item[schema.AUDIT_PRINCIPAL] = _s(event.principal)
+    if event.resource is not None:
+        item[schema.AUDIT_RESOURCE] = _s(event.resource)
+    return item
+
+
+def audit_event_from_item(item: Item) -> AuditEvent:
+    """The event of an audit item (also of one written by 0.2.0, whose fields sit in `data`)."""
+    fields: Mapping[str, Any] = item
+    nested = item.get("data", {}).get("M")
+    if isinstance(nested, Mapping) and schema.AUDIT_ACTION in nested:
+        fields = nested
+    values = {k: _from_av(v) for k, v in fields.items() if isinstance(v, Mapping)}
+    sk = _get_s(item, schema.SK) or ""
+    details = values.get(schema.AUDIT_DETAILS)
+    return AuditEvent(
+        event_id=str(values.get(schema.AUDIT_EVENT_ID) or schema.event_id_from_audit_sk(sk)),
+        timestamp=str(values.get(schema.AUDIT_TIMESTAMP) or ""),
+        action=str(values.get(schema.AUDIT_ACTION) or ""),
+        entity_id=str(values.get(schema.AUDIT_ENTITY_ID) or ""),
+        principal=values.get(schema.AUDIT_PRINCIPAL),
+        resource=values.get(schema.AUDIT_RESOURCE),
+        details=details if isinstance(details, dict) else {},
+    )
 
 
 def _tokens(value: Mapping[str, Any]) -> int:
@@ -930,6 +1005,20 @@ class Repository:
             key = _remember(self._keys, (entity_id, resource), _bucket_key(entity_id, resource))
         return key
 
+    async def resource_buckets(self, resource: str) -> list[BucketItem]:
+        """Every entity's bucket item of `resource`. A Scan: the table has no index by resource
+        (one would cost a write on every acquire to keep), so this is for reports, not the hot
+        path."""
+        items = await self.scan(
+            FilterExpression="#sk = :sk AND begins_with(#pk, :pk)",
+            ExpressionAttributeNames={"#pk": schema.PK, "#sk": schema.SK},
+            ExpressionAttributeValues={
+                ":sk": _s(schema.bucket_sk(resource)),
+                ":pk": _s(schema.ENTITY_PREFIX),
+            },
+        )
+        return [bucket_from_item(item) for item in items]
+
     async def list_buckets(self, entity_id: str) -> list[BucketItem]:
         return [bucket_from_item(item) for item in await self.bucket_items(entity_id)]
 
@@ -1032,7 +1121,8 @@ class Repository:
         return [entity_from_item(item) for item in items]
 
     async def delete_entity(self, entity_id: str) -> int:
-        """Delete every item of the entity (metadata, buckets, limits, usage); returns a count."""
+        """Delete every item of the entity (metadata, buckets, limits, usage); returns a count.
+        Its audit events are not among them (`AUDIT#<id>` partition): they outlive it."""
         items = await self._query_all(
             KeyConditionExpression="#pk = :pk",
             ExpressionAttributeNames={"#pk": schema.PK},
@@ -1137,6 +1227,71 @@ class Repository:
                 )
             )
         return found
+
+    # -- audit events -----------------------------------------------------------------------
+
+    async def put_audit_event(self, event: AuditEvent) -> None:
+        """Write an audit event once: a PutItem only if no item has its key, so a resend after a
+        lost response (or a second call with the same event) never doubles it. An item with the
+        key that is not this event raises `StorageError("AuditEventExists")`."""
+        item = audit_item(event)
+        if not await self._put_new(item):
+            existing = await self.call(
+                "get_item",
+                TableName=self.table_name,
+                ConsistentRead=True,
+                Key={schema.PK: item[schema.PK], schema.SK: item[schema.SK]},
+            )
+            stored = existing.get("Item") or {}
+            same = (schema.AUDIT_ACTION, schema.AUDIT_TIMESTAMP, schema.AUDIT_ENTITY_ID)
+            if any(stored.get(attr) != item[attr] for attr in same):
+                raise StorageError(
+                    "AuditEventExists", f"another audit event has the id {event.event_id}"
+                )
+            return  # our own earlier attempt landed
+        self.ledger.record("PutItem", wcu=write_units(item_size(item)))
+
+    async def get_audit_events(
+        self,
+        entity_id: str,
+        limit: int = 100,
+        start_event_id: str | None = None,
+        *,
+        oldest_first: bool = False,
+    ) -> list[AuditEvent]:
+        """Up to `limit` of the entity's audit events, newest first (`oldest_first`: oldest
+        first), starting after `start_event_id` in that order (paging: pass the last id of the
+        previous page). Read consistently; events outlive the entity."""
+        key_values = {":pk": _s(schema.audit_pk(entity_id)), ":sk": _s(schema.audit_sk())}
+        args: dict[str, Any] = {
+            "TableName": self.table_name,
+            "KeyConditionExpression": "#pk = :pk AND begins_with(#sk, :sk)",
+            "ExpressionAttributeNames": {"#pk": schema.PK, "#sk": schema.SK},
+            "ExpressionAttributeValues": key_values,
+            "ScanIndexForward": oldest_first,
+            "ConsistentRead": True,
+        }
+        start_key: dict[str, Any] | None = None
+        if start_event_id is not None:
+            start_key = {
+                schema.PK: key_values[":pk"],
+                schema.SK: _s(schema.audit_sk(start_event_id)),
+            }
+        events: list[AuditEvent] = []
+        while len(events) < limit:
+            page_args = dict(args, Limit=limit - len(events))
+            if start_key:
+                page_args["ExclusiveStartKey"] = start_key
+            response = await self.call("query", **page_args)
+            page = response.get("Items", [])
+            self.ledger.record(
+                "Query", rcu=read_units(sum(item_size(i) for i in page), consistent=True)
+            )
+            events.extend(audit_event_from_item(item) for item in page)
+            start_key = response.get("LastEvaluatedKey")
+            if not start_key:
+                break
+        return events[:limit]
 
     async def set_stored_limit_definition(
         self, entity_id: str, resource: str, limit: Limit, definition: str | None
@@ -1341,8 +1496,9 @@ class Repository:
         return await self.scan()
 
     async def replace_items(self, items: Sequence[Item]) -> int:
-        """Make the table hold exactly `items` (put all, delete the others); returns how many
-        other items were deleted."""
+        """Make the table hold exactly `items` (put all, delete the others) but for audit events:
+        those not in `items` are kept (a restore must not erase the trail of what happened since
+        the export). Returns how many other items were deleted."""
         current = await self.scan(
             ProjectionExpression="#pk, #sk",
             ExpressionAttributeNames={"#pk": schema.PK, "#sk": schema.SK},
@@ -1352,6 +1508,7 @@ class Repository:
             {schema.PK: i[schema.PK], schema.SK: i[schema.SK]}
             for i in current
             if (i[schema.PK]["S"], i[schema.SK]["S"]) not in wanted
+            and not schema.is_audit_key(i[schema.PK]["S"], i[schema.SK]["S"])
         ]
         await self.batch_write(puts=list(items), deletes=stale)
         return len(stale)

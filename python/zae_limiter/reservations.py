@@ -127,6 +127,9 @@ class Reserver:
 
     # -- Settler: what a lease asks -----------------------------------------------------------
 
+    def clock(self) -> int:
+        return self.engine.clock()
+
     async def commit(self, targets: Sequence[Target], amounts: Mapping[str, int]) -> None:
         holdings = self._holdings_of(targets)
         if holdings is None:

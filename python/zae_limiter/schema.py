@@ -32,6 +32,11 @@ SYSTEM_PK: Final = "SYSTEM#"
 VERSION_SK: Final = "#VERSION"
 PARENT_PREFIX: Final = "PARENT#"
 CHILD_PREFIX: Final = "CHILD#"
+# Audit events live in a partition of their own per entity (`AUDIT#<id>`), not in the entity's
+# `ENTITY#<id>` partition: every read of an entity's items (metadata, buckets, limits, usage) and
+# `delete_entity`'s cleanup never meet them, and the trail outlives the entity (0.2.0's layout).
+AUDIT_PK_PREFIX: Final = "AUDIT#"
+AUDIT_PREFIX: Final = "#AUDIT#"
 
 # The resource that holds an entity's fallback limits. It starts with "_" on purpose, so it
 # cannot collide with any user-chosen resource name (those must start with a letter).
@@ -51,6 +56,16 @@ WRITE_TIME: Final = "ts"
 # Stored-limit items (schema >= 1.1.0): the limit in the bucket item's `lm#` encoding.
 STORED_LIMIT_DEF: Final = "limit_def"
 WRITE_ID_SLOTS: Final = ("w0", "w1", "w2", "w3")
+# Audit event items: one per event, written once (never updated), expiring through the table's
+# TTL attribute (`TTL_ATTRIBUTE`, shared with the usage snapshots) 90 days after the event.
+AUDIT_EVENT_ID: Final = "event_id"
+AUDIT_TIMESTAMP: Final = "timestamp"
+AUDIT_ACTION: Final = "action"
+AUDIT_ENTITY_ID: Final = "entity_id"
+AUDIT_PRINCIPAL: Final = "principal"
+AUDIT_RESOURCE: Final = "resource"
+AUDIT_DETAILS: Final = "details"
+AUDIT_TTL_SECONDS: Final = 90 * 86400
 
 
 def table_name(name: str) -> str:
@@ -133,6 +148,32 @@ def parse_usage_sk(sk: str) -> tuple[str, str, str]:
     if len(parts) != 3:
         raise ValueError(f"malformed usage key: {sk!r}")
     return parts[0], parts[1], parts[2]
+
+
+def audit_pk(entity_id: str) -> str:
+    """The partition of an entity's audit events (kept when the entity is deleted)."""
+    return f"{AUDIT_PK_PREFIX}{entity_id}"
+
+
+def audit_sk(event_id: str | None = None) -> str:
+    """An audit event's key; without an id, the prefix of every event. Event ids sort in time
+    order, so one Query of the partition reads the events in time order (either way)."""
+    return AUDIT_PREFIX if event_id is None else f"{AUDIT_PREFIX}{event_id}"
+
+
+def event_id_from_audit_sk(sk: str) -> str:
+    if not sk.startswith(AUDIT_PREFIX) or len(sk) == len(AUDIT_PREFIX):
+        raise ValueError(f"not an audit key: {sk!r}")
+    return sk[len(AUDIT_PREFIX) :]
+
+
+def is_audit_key(pk: str, sk: str) -> bool:
+    return pk.startswith(AUDIT_PK_PREFIX) and sk.startswith(AUDIT_PREFIX)
+
+
+def audit_ttl(event_ms: int) -> int:
+    """The TTL (epoch seconds) of an audit event written at `event_ms`: 90 days later."""
+    return event_ms // 1000 + AUDIT_TTL_SECONDS
 
 
 def parent_gsi_pk(parent_id: str) -> str:

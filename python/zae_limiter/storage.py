@@ -25,7 +25,7 @@ from .exceptions import RateLimiterUnavailable
 
 if TYPE_CHECKING:
     from .capacity import CapacityLedger
-    from .models import Entity, Limit, UsageSnapshot
+    from .models import AuditEvent, Entity, Limit, UsageSnapshot
 
 # An item as DynamoDB's low-level clients spell it (`{"S": ...}`, `{"N": ...}`, `{"M": ...}`): the
 # form of the operator tools' raw views and of the JSON export format (`zae_limiter.ops`). A
@@ -140,9 +140,15 @@ class BucketStorage(Protocol):
         `ConditionFailed` with the current item."""
         ...
 
+    async def resource_buckets(self, resource: str) -> list[BucketItem]:
+        """Every entity's bucket item of `resource` (a report for operators: it may read the
+        whole table)."""
+        ...
+
 
 class EntityStorage(Protocol):
-    """Entities and their stored limits: what the limiter resolves an acquire with."""
+    """Entities and their stored limits: what the limiter resolves an acquire with; and the
+    audit trail of changes to them."""
 
     async def put_entity(self, entity: Entity) -> None:
         """Create the entity; `EntityExistsError` when one with its id exists."""
@@ -165,6 +171,22 @@ class EntityStorage(Protocol):
     async def get_all_limits(self, entity_id: str) -> dict[str, list[Limit]]: ...
 
     async def delete_limits(self, entity_id: str, resource: str) -> int: ...
+
+    async def put_audit_event(self, event: AuditEvent) -> None:
+        """Record an audit event exactly once (a resend never doubles it)."""
+        ...
+
+    async def get_audit_events(
+        self,
+        entity_id: str,
+        limit: int = 100,
+        start_event_id: str | None = None,
+        *,
+        oldest_first: bool = False,
+    ) -> list[AuditEvent]:
+        """Up to `limit` events of the entity, newest first (or oldest first), after
+        `start_event_id` in that order; read consistently. Events outlive the entity."""
+        ...
 
 
 class UsageStorage(Protocol):

@@ -18,10 +18,12 @@ from .capacity import CapacityLedger
 from .lease import SyncLease
 from .limiter import RateLimiter
 from .models import (
+    AuditEvent,
     Entity,
     FailureMode,
     Limit,
     Reservations,
+    ResourceCapacity,
     StackOptions,
     UsageSnapshot,
     UsageSummary,
@@ -43,6 +45,9 @@ class SyncRateLimiter:
         endpoint_url: str | None = None,
         stack_options: StackOptions | None = None,
         failure_mode: FailureMode = FailureMode.FAIL_CLOSED,
+        auto_update: bool | None = None,
+        strict_version: bool | None = None,
+        skip_version_check: bool | None = None,
         *,
         retry: RetryPolicy | None = None,
         clock: Callable[[], int] | None = None,
@@ -58,6 +63,9 @@ class SyncRateLimiter:
             endpoint_url,
             stack_options,
             failure_mode,
+            auto_update,
+            strict_version,
+            skip_version_check,
             retry=retry,
             clock=clock,
             limits_cache_ttl=limits_cache_ttl,
@@ -162,28 +170,53 @@ class SyncRateLimiter:
         name: str | None = None,
         parent_id: str | None = None,
         metadata: Mapping[str, str] | None = None,
+        *,
+        principal: str | None = None,
     ) -> Entity:
-        return self._run(self._limiter.create_entity(entity_id, name, parent_id, metadata))
+        return self._run(
+            self._limiter.create_entity(entity_id, name, parent_id, metadata, principal=principal)
+        )
 
     def get_entity(self, entity_id: str) -> Entity | None:
         return self._run(self._limiter.get_entity(entity_id))
 
-    def delete_entity(self, entity_id: str) -> None:
-        self._run(self._limiter.delete_entity(entity_id))
+    def delete_entity(self, entity_id: str, *, principal: str | None = None) -> None:
+        self._run(self._limiter.delete_entity(entity_id, principal=principal))
 
     def get_children(self, parent_id: str) -> list[Entity]:
         return self._run(self._limiter.get_children(parent_id))
 
     def set_limits(
-        self, entity_id: str, limits: Sequence[Limit], resource: str = DEFAULT_RESOURCE
+        self,
+        entity_id: str,
+        limits: Sequence[Limit],
+        resource: str = DEFAULT_RESOURCE,
+        *,
+        principal: str | None = None,
     ) -> None:
-        self._run(self._limiter.set_limits(entity_id, limits, resource))
+        self._run(self._limiter.set_limits(entity_id, limits, resource, principal=principal))
 
     def get_limits(self, entity_id: str, resource: str = DEFAULT_RESOURCE) -> list[Limit]:
         return self._run(self._limiter.get_limits(entity_id, resource))
 
-    def delete_limits(self, entity_id: str, resource: str = DEFAULT_RESOURCE) -> None:
-        self._run(self._limiter.delete_limits(entity_id, resource))
+    def delete_limits(
+        self, entity_id: str, resource: str = DEFAULT_RESOURCE, *, principal: str | None = None
+    ) -> None:
+        self._run(self._limiter.delete_limits(entity_id, resource, principal=principal))
+
+    def get_audit_events(
+        self,
+        entity_id: str,
+        limit: int = 100,
+        start_event_id: str | None = None,
+        *,
+        oldest_first: bool = False,
+    ) -> list[AuditEvent]:
+        return self._run(
+            self._limiter.get_audit_events(
+                entity_id, limit, start_event_id, oldest_first=oldest_first
+            )
+        )
 
     def available(
         self,
@@ -218,6 +251,11 @@ class SyncRateLimiter:
     ) -> list[UsageSnapshot]:
         return self._run(self._limiter.get_usage_snapshots(entity_id, resource, window, start, end))
 
+    def get_resource_capacity(
+        self, resource: str, limit_name: str, parents_only: bool = False
+    ) -> ResourceCapacity:
+        return self._run(self._limiter.get_resource_capacity(resource, limit_name, parents_only))
+
     def get_usage_summary(
         self,
         entity_id: str,
@@ -227,6 +265,9 @@ class SyncRateLimiter:
         end: datetime | str | None = None,
     ) -> UsageSummary:
         return self._run(self._limiter.get_usage_summary(entity_id, resource, window, start, end))
+
+    def create_stack(self, stack_options: StackOptions | None = None) -> dict[str, Any]:
+        return self._run(self._limiter.create_stack(stack_options))
 
     def delete_stack(self) -> None:
         self._run(self._limiter.delete_stack())

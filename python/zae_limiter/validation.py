@@ -17,10 +17,12 @@ __all__ = [
     "MAX_AMOUNT",
     "MAX_IDENTIFIER_LENGTH",
     "MAX_NAME_LENGTH",
+    "MAX_PRINCIPAL_LENGTH",
     "MAX_RESOURCE_LENGTH",
     "validate_amount",
     "validate_entity_id",
     "validate_name",
+    "validate_principal",
     "validate_resource",
     "validate_signed_amount",
 ]
@@ -28,6 +30,7 @@ __all__ = [
 MAX_IDENTIFIER_LENGTH = 256
 MAX_NAME_LENGTH = 64
 MAX_RESOURCE_LENGTH = 256
+MAX_PRINCIPAL_LENGTH = 256
 
 # Amounts are stored as millitokens in signed 64-bit integers (max ~9.2e18); 10**15 tokens is
 # 10**18 millitokens, leaving headroom for sums of a few amounts before anything overflows.
@@ -40,6 +43,9 @@ MAX_AMOUNT = 10**15
 _IDENTIFIER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-:@]*", re.ASCII)
 _NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]*", re.ASCII)
 _RESOURCE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]*(?:/[A-Za-z0-9_.\-]+)*", re.ASCII)
+# 0.2.0's identifier characters, plus those of IAM ARNs and e-mail addresses ("/", "+", "=",
+# ","), so `arn:aws:iam::123456789012:user/alice` and `ops+oncall@example.com` are principals.
+_PRINCIPAL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-:@/+=,]*", re.ASCII)
 
 
 def validate_entity_id(value: object, field: str = "entity_id") -> str:
@@ -110,6 +116,34 @@ def validate_resource(value: object, field: str = "resource") -> str:
             value,
             "must start with an ASCII letter and contain only ASCII letters, digits, "
             "underscore, hyphen, dot, or '/' between non-empty segments",
+        )
+    return value
+
+
+def validate_principal(value: object, field: str = "principal") -> str | None:
+    """Validate who made a change (recorded in its audit event); None: not said.
+
+    1..256 ASCII characters: a letter or digit, then letters, digits, ``_ . - : @ / + = ,``
+    (no '#', no spaces or control characters).
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidIdentifierError(field, value, f"must be a string, not {type(value).__name__}")
+    if not value:
+        raise InvalidIdentifierError(field, value, "cannot be empty (pass None for no principal)")
+    if len(value) > MAX_PRINCIPAL_LENGTH:
+        raise InvalidIdentifierError(
+            field, value, f"exceeds maximum length of {MAX_PRINCIPAL_LENGTH}"
+        )
+    if "#" in value:
+        raise InvalidIdentifierError(field, value, "cannot contain '#' (reserved delimiter)")
+    if _PRINCIPAL_RE.fullmatch(value) is None:
+        raise InvalidIdentifierError(
+            field,
+            value,
+            "must start with an ASCII letter or digit and contain only ASCII letters, digits "
+            "and _ . - : @ / + = ,",
         )
     return value
 

@@ -43,6 +43,7 @@ from ._version import __version__
 from .exceptions import (
     IncompatibleSchemaError,
     MinimumClientVersionError,
+    ValidationError,
     VersionMismatchError,
 )
 
@@ -223,6 +224,34 @@ def check_compatibility(
         # A record we cannot read is as dangerous as a major mismatch: refuse.
         return Compatibility(False, f"unreadable version record: {exc}", kind="schema", **base)
     return Compatibility(True, "compatible", **base)
+
+
+def legacy_version_check(
+    version_check: VersionCheck, strict_version: object, skip_version_check: object
+) -> VersionCheck:
+    """`version_check` with 0.x's keywords folded in: `skip_version_check=True` is "skip",
+    `strict_version=False` is "relaxed"; None leaves `version_check` as given. Keywords that
+    contradict an explicit `version_check` are a `ValidationError`, not a silent choice."""
+    for field, value in (("strict_version", strict_version),
+                         ("skip_version_check", skip_version_check)):
+        if value is not None and not isinstance(value, bool):
+            raise ValidationError(field, value, "must be a bool or None")
+    wanted: VersionCheck | None = None
+    if skip_version_check:
+        wanted = "skip"
+    elif strict_version is not None:
+        wanted = "strict" if strict_version else "relaxed"
+    contradicts = (
+        wanted is not None and wanted != version_check and version_check != "strict"
+    ) or (skip_version_check is False and version_check == "skip")
+    if contradicts:  # "strict" is the default: an explicit other value was given
+        raise ValidationError(
+            "version_check",
+            version_check,
+            f"contradicts strict_version={strict_version!r}, "
+            f"skip_version_check={skip_version_check!r}",
+        )
+    return wanted or version_check
 
 
 def enforce(compatibility: Compatibility, mode: VersionCheck = "strict") -> Compatibility:

@@ -243,6 +243,8 @@ def parse_record(record: Mapping[str, Any], now_ms: int) -> BucketChange | str:
         raise PoisonRecordError("record has no keys")
     pk = _string(keys.get(schema.PK), schema.PK)
     sk = _string(keys.get(schema.SK), schema.SK)
+    if schema.is_audit_key(pk, sk):
+        return "audit event"  # written (and expired by TTL) without any consumption
     if not schema.is_bucket_key(pk, sk):
         return "not a bucket item"
     new = dynamodb.get("NewImage")

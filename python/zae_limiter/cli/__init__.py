@@ -13,6 +13,7 @@ options, error handler, output); the library itself never imports this package.
 | `buckets` | `bucket show / reset` |
 | `backups` | `backup create / list`, `restore` |
 | `aggregator` | `aggregator run`, `usage`, `dlq replay` |
+| `audit` | `audit` (an entity's audit trail) |
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ MODULES = (
     "buckets",
     "backups",
     "aggregator",
+    "audit",
 )
 
 # Sub-modules add their commands to `main` on import. Missing optional parts (e.g. Pulumi) must not

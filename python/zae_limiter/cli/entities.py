@@ -6,9 +6,10 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .. import schema
+from .. import audit, schema
 from ..exceptions import EntityNotFoundError, ZAELimiterError
 from ..models import Entity, Limit
+from ..validation import validate_principal
 from . import main
 from .toolkit import (
     EXIT_FAILED,
@@ -23,6 +24,9 @@ from .toolkit import (
 
 if TYPE_CHECKING:
     from ..limiter import RateLimiter
+    from ..repository import Repository
+
+PRINCIPAL_HELP = "Who makes the change, recorded in the audit trail (e.g. a user or an IAM ARN)."
 
 
 @main.group()
@@ -46,6 +50,7 @@ def entity_dict(e: Entity) -> dict[str, Any]:
 @click.option("--parent", "parent_id", default=None, help="Parent entity (for cascade).")
 @click.option("--display-name", default=None, help="Human-readable name.")
 @click.option("--meta", multiple=True, metavar="KEY=VALUE", help="Metadata (repeatable).")
+@click.option("--principal", default=None, help=PRINCIPAL_HELP)
 def entity_create(
     target: Target,
     out: Output,
@@ -53,11 +58,14 @@ def entity_create(
     parent_id: str | None,
     display_name: str | None,
     meta: tuple[str, ...],
+    principal: str | None,
 ) -> None:
-    """Create an entity (the parent must exist)."""
+    """Create an entity (the parent must exist); recorded in its audit trail."""
     metadata = key_values(meta, "--meta")
     created = target.run_limiter(
-        lambda lim: lim.create_entity(entity_id, display_name, parent_id, metadata)
+        lambda lim: lim.create_entity(
+            entity_id, display_name, parent_id, metadata, principal=principal
+        )
     )
     data = entity_dict(created)
     out.show(data, fields_table(f"entity {entity_id} created", data))
@@ -88,10 +96,21 @@ def entity_show(target: Target, out: Output, entity_id: str) -> None:
 @target_options()
 @click.argument("entity_id")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-def entity_delete(target: Target, out: Output, entity_id: str, yes: bool) -> None:
-    """Delete an entity with its buckets, stored limits and usage snapshots."""
+@click.option("--principal", default=None, help=PRINCIPAL_HELP)
+def entity_delete(
+    target: Target, out: Output, entity_id: str, yes: bool, principal: str | None
+) -> None:
+    """Delete an entity with its buckets, stored limits and usage snapshots (its audit trail is
+    kept, and records the deletion)."""
+    principal = validate_principal(principal)
     confirm(yes, f"Delete entity {entity_id} and all its items from {target.table}?")
-    count = target.run(lambda repo: repo.delete_entity(entity_id))
+
+    async def work(repo: Repository) -> int:
+        count = await repo.delete_entity(entity_id)
+        await audit.record(repo, audit.entity_deleted(entity_id, principal, count))
+        return count
+
+    count = target.run(work)
     out.show(
         {"entity_id": entity_id, "deleted_items": count},
         f"entity {entity_id} deleted ({count} items)",

@@ -89,7 +89,7 @@ def _build_options(values: dict[str, Any]) -> InfraOptions:
                 given["tags"] = key_values(value, "--tag")
         elif key == "no_pitr":
             if value:
-                given["pitr_recovery_days"] = None
+                given["point_in_time_recovery"] = False
         elif value is not None:
             given[key] = value
     return InfraOptions.from_dict(given)

@@ -9,14 +9,17 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .. import schema
+from .. import audit, schema
 from ..exceptions import ValidationError
 from ..models import LIMIT_SYNTAX, Limit
+from ..validation import validate_principal
 from . import main
+from .entities import PRINCIPAL_HELP
 from .toolkit import Output, Target, confirm, rows_table, target_options
 
 if TYPE_CHECKING:
     from ..limiter import RateLimiter
+    from ..repository import Repository
 
 
 class LimitParam(click.ParamType[Limit, Any]):
@@ -65,11 +68,20 @@ def limits() -> None:
     type=LimitParam(),
     help=f"Repeatable. {LIMIT_SYNTAX}.",
 )
+@click.option("--principal", default=None, help=PRINCIPAL_HELP)
 def limits_set(
-    target: Target, out: Output, entity_id: str, resource: str, parsed: tuple[Limit, ...]
+    target: Target,
+    out: Output,
+    entity_id: str,
+    resource: str,
+    parsed: tuple[Limit, ...],
+    principal: str | None,
 ) -> None:
-    """Replace the stored limits of (ENTITY_ID, --resource) with the given ones."""
-    target.run_limiter(lambda lim: lim.set_limits(entity_id, list(parsed), resource))
+    """Replace the stored limits of (ENTITY_ID, --resource) with the given ones (recorded in the
+    entity's audit trail)."""
+    target.run_limiter(
+        lambda lim: lim.set_limits(entity_id, list(parsed), resource, principal=principal)
+    )
     out.show(
         {"entity_id": entity_id, "resource": resource, "limits": [limit_dict(x) for x in parsed]},
         f"stored for {entity_id}/{resource}: " + ", ".join(x.spec for x in parsed),
@@ -101,10 +113,20 @@ def limits_get(target: Target, out: Output, entity_id: str, resource: str | None
 @click.argument("entity_id")
 @click.option("--resource", default=schema.DEFAULT_RESOURCE, show_default=True)
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
-def limits_delete(target: Target, out: Output, entity_id: str, resource: str, yes: bool) -> None:
-    """Delete the stored limits of (ENTITY_ID, --resource)."""
+@click.option("--principal", default=None, help=PRINCIPAL_HELP)
+def limits_delete(
+    target: Target, out: Output, entity_id: str, resource: str, yes: bool, principal: str | None
+) -> None:
+    """Delete the stored limits of (ENTITY_ID, --resource) (recorded in the audit trail)."""
+    principal = validate_principal(principal)
     confirm(yes, f"Delete the stored limits of {entity_id}/{resource}?")
-    count = target.run(lambda repo: repo.delete_limits(entity_id, resource))
+
+    async def work(repo: Repository) -> int:
+        count = await repo.delete_limits(entity_id, resource)
+        await audit.record(repo, audit.limits_deleted(entity_id, resource, principal, count))
+        return count
+
+    count = target.run(work)
     out.show(
         {"entity_id": entity_id, "resource": resource, "deleted": count},
         f"deleted {count} stored limit(s) of {entity_id}/{resource}",

@@ -115,11 +115,13 @@ def alarm_names(name: str, aggregator: bool = True) -> dict[str, str]:
 class InfraOptions(StackOptions):
     """Everything a deployment can be tuned with.
 
-    A `StackOptions` (every field, default and rule of it is inherited) plus the infrastructure
-    details a limiter does not carry. `coerce_options` builds one from a StackOptions.
+    A `StackOptions` (every field, default and rule of it is inherited, `alarms` and the
+    point-in-time recovery settings included) plus the infrastructure details a limiter does not
+    carry. `coerce_options` builds one from a StackOptions. The generated constructor takes the
+    field names only; `from_dict` (and so `coerce_options` of a mapping) also takes zae-limiter
+    0.2.0's names (`StackOptions.LEGACY_NAMES`).
     """
 
-    alarms: bool = True
     error_threshold: float = 1
     throttle_threshold: float = 0
     dlq_threshold: float = 0
@@ -166,10 +168,6 @@ class InfraOptions(StackOptions):
     def provisioned(self) -> bool:
         return self.billing_mode == "PROVISIONED"
 
-    @property
-    def duration_threshold_ms(self) -> float:
-        return self.lambda_timeout_seconds * 1000 * self.duration_threshold_pct / 100
-
     def replace(self, **changes: Any) -> InfraOptions:
         return dataclasses.replace(self, **changes)
 
@@ -179,16 +177,6 @@ class InfraOptions(StackOptions):
         data["usage_windows"] = list(self.usage_windows)
         data["tags"] = dict(self.tags)
         return data
-
-    def config_values(self) -> dict[str, str]:
-        """Pulumi stack config (option → config string) for the options that differ from the
-        defaults: strings as they are, everything else as JSON (`options_from_config` reads it)."""
-        defaults = InfraOptions().to_dict()
-        return {
-            key: value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-            for key, value in self.to_dict().items()
-            if value != defaults[key]
-        }
 
     @classmethod
     def from_config_values(cls, config: Mapping[str, str]) -> InfraOptions:
@@ -213,11 +201,12 @@ class InfraOptions(StackOptions):
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> InfraOptions:
-        known = {f.name for f in dataclasses.fields(cls)}
+        """Options from a mapping of option names (0.2.0's names too; see StackOptions)."""
+        known = {f.name for f in dataclasses.fields(cls)} | set(StackOptions.LEGACY_NAMES)
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown infrastructure options: {', '.join(unknown)}")
-        values = dict(data)
+        values = StackOptions.translate_legacy_names(dict(data))
         windows = values.get("usage_windows")
         if isinstance(windows, str):
             values["usage_windows"] = tuple(w.strip() for w in windows.split(",") if w.strip())

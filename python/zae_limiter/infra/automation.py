@@ -15,7 +15,7 @@ import importlib.util
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -30,14 +30,18 @@ __all__ = [
     "INSTALL_HINT",
     "PROGRAM_SOURCE",
     "PROJECT_NAME",
+    "ConcurrentDeploymentError",
     "PulumiNotInstalledError",
     "deploy",
     "destroy",
     "preview",
     "pulumi_cli_available",
     "require_pulumi",
+    "stack_id",
+    "stack_status",
     "state_dir",
     "status",
+    "status_from_history",
     "write_program",
 ]
 
@@ -72,6 +76,10 @@ class PulumiNotInstalledError(InfrastructureError):
     def __init__(self, missing: str) -> None:
         self.missing = missing
         super().__init__(f"{missing} not found; {INSTALL_HINT}")
+
+
+class ConcurrentDeploymentError(StackCreationError):
+    """Another deployment (or destroy) of the same stack is running."""
 
 
 def pulumi_cli_available() -> bool:
@@ -159,11 +167,14 @@ def _configure(stack: auto.Stack, name: str, region: str, options: InfraOptions)
     stack.set_all_config({key: auto.ConfigValue(value) for key, value in wanted.items()})
 
 
-def _error(stack_name: str, exc: Exception) -> InfrastructureError:
+def _reason(exc: Exception) -> str:
     # The CLI's stderr ends with the useful part; keep the message to a readable size.
     text = str(exc).strip().splitlines()
-    reason = " ".join(line.strip() for line in text[-6:] if line.strip()) or type(exc).__name__
-    return StackCreationError(stack_name, reason)
+    return " ".join(line.strip() for line in text[-6:] if line.strip()) or type(exc).__name__
+
+
+def _error(stack_name: str, exc: Exception) -> InfrastructureError:
+    return StackCreationError(stack_name, _reason(exc))
 
 
 def deploy(name: str, region: str, options: object | None = None, *,
@@ -176,9 +187,73 @@ def deploy(name: str, region: str, options: object | None = None, *,
 
     try:
         result = stack.up(on_output=on_output, color="never")
+    except auto.ConcurrentUpdateError as exc:
+        raise ConcurrentDeploymentError(
+            stack.name, f"another update of the stack is in progress: {_reason(exc)}"
+        ) from exc
     except auto.CommandError as exc:
         raise _error(stack.name, exc) from exc
     return {key: value.value for key, value in result.outputs.items()}
+
+
+def stack_id(name: str) -> str:
+    """The stack's fully qualified name in the local backend (`organization/zae-limiter/ZAEL-x`;
+    a self-managed backend's organisation is always `organization`)."""
+    return f"organization/{PROJECT_NAME}/{schema.stack_name(validate_deployment_name(name))}"
+
+
+# CloudFormation's stack status names, which zae-limiter 0.2.0 reported, for the latest update or
+# destroy of a Pulumi stack: (kind, result, deployed before) -> status.
+_STATUS: Final = {
+    ("update", "succeeded", False): "CREATE_COMPLETE",
+    ("update", "succeeded", True): "UPDATE_COMPLETE",
+    ("update", "in-progress", False): "CREATE_IN_PROGRESS",
+    ("update", "in-progress", True): "UPDATE_IN_PROGRESS",
+    ("update", "failed", False): "CREATE_FAILED",
+    ("update", "failed", True): "UPDATE_FAILED",
+    ("destroy", "succeeded", False): "DELETE_COMPLETE",
+    ("destroy", "succeeded", True): "DELETE_COMPLETE",
+    ("destroy", "in-progress", False): "DELETE_IN_PROGRESS",
+    ("destroy", "in-progress", True): "DELETE_IN_PROGRESS",
+    ("destroy", "failed", False): "DELETE_FAILED",
+    ("destroy", "failed", True): "DELETE_FAILED",
+}
+
+
+def status_from_history(history: Sequence[Any]) -> str | None:
+    """A CloudFormation-style status from a stack's update history (newest first, as
+    `Stack.history()` returns it; entries with `kind` and `result`), None if nothing was ever
+    deployed or destroyed. Refreshes, previews and imports do not count; an update is a creation
+    ("CREATE_...") unless a successful update followed the last successful destroy before it."""
+    entries = [u for u in history if getattr(u, "kind", None) in ("update", "destroy")]
+    if not entries:
+        return None
+    latest, older = entries[0], entries[1:]
+    deployed_before = False
+    for entry in older:
+        if entry.result != "succeeded":
+            continue
+        if entry.kind == "destroy":
+            break
+        deployed_before = True
+        break
+    return _STATUS.get((latest.kind, latest.result, deployed_before), "UNKNOWN")
+
+
+def stack_status(name: str) -> str | None:
+    """The deployment's status as CloudFormation would name it (see `status_from_history`);
+    None when there is no such stack or it was never deployed."""
+    try:
+        stack = _stack(name, create=False)
+    except InfrastructureNotFoundError:
+        return None
+    from pulumi import automation as auto
+
+    try:
+        history = stack.history()
+    except auto.CommandError as exc:
+        raise InfrastructureError(f"cannot read stack {stack.name}: {exc}") from exc
+    return status_from_history(history)
 
 
 def preview(name: str, region: str, options: object | None = None, *,

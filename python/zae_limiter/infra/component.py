@@ -40,6 +40,7 @@ from .package import HANDLER, cached_lambda_zip
 __all__ = [
     "AGGREGATOR_ROLE_ACTIONS",
     "APP_POLICY_ACTIONS",
+    "AUDIT_TRAIL_DENIED_ACTIONS",
     "LAMBDA_RUNTIME",
     "TYPE_TOKEN",
     "ZaeLimiterStack",
@@ -78,6 +79,14 @@ APP_POLICY_ACTIONS: Final = (
     "dynamodb:GetItem",
     "dynamodb:PutItem",
     "dynamodb:Query",
+    "dynamodb:TransactWriteItems",
+    "dynamodb:UpdateItem",
+)
+# The audit trail is append-only for applications: they record events with a conditional
+# PutItem (and read them with Query/GetItem), never update or delete one; TTL expires them.
+AUDIT_TRAIL_DENIED_ACTIONS: Final = (
+    "dynamodb:BatchWriteItem",
+    "dynamodb:DeleteItem",
     "dynamodb:TransactWriteItems",
     "dynamodb:UpdateItem",
 )
@@ -145,7 +154,8 @@ def aggregator_policy_document(table_arn: str, dlq_arn: str, log_group_arn: str)
 
 
 def app_policy_document(table_arn: str) -> dict[str, Any]:
-    """What an application using the limiter needs: this table and its indexes, nothing else."""
+    """What an application using the limiter needs: this table and its indexes, nothing else;
+    and no way to update or delete audit events (`AUDIT#` partitions) it recorded."""
     return {
         "Version": "2012-10-17",
         "Statement": [
@@ -154,7 +164,21 @@ def app_policy_document(table_arn: str) -> dict[str, Any]:
                 "Effect": "Allow",
                 "Action": list(APP_POLICY_ACTIONS),
                 "Resource": [table_arn, f"{table_arn}/index/*"],
-            }
+            },
+            {
+                # Audit events need PutItem (conditional: never overwrites) and Query, both
+                # allowed above. IAM cannot demand the condition, so PutItem stays possible on
+                # an existing event; everything that updates or deletes one is refused.
+                "Sid": "AuditTrailIsAppendOnly",
+                "Effect": "Deny",
+                "Action": list(AUDIT_TRAIL_DENIED_ACTIONS),
+                "Resource": table_arn,
+                "Condition": {
+                    "ForAnyValue:StringLike": {
+                        "dynamodb:LeadingKeys": [f"{schema.AUDIT_PK_PREFIX}*"]
+                    }
+                },
+            },
         ],
     }
 
@@ -281,11 +305,14 @@ class ZaeLimiterStack(pulumi.ComponentResource):
             # StackOptions requires both capacities with PROVISIONED; the fallback matches
             # schema.TableDefinition.create_table_kwargs.
             capacity = (o.read_capacity or 5, o.write_capacity or 5)
+        # pitr_recovery_days=None is AWS's default period, as in zae-limiter 0.2.0; it is given
+        # explicitly so that a stack moving from another period to None does go back to it.
         pitr = (
             aws.dynamodb.TablePointInTimeRecoveryArgs(
-                enabled=True, recovery_period_in_days=o.pitr_recovery_days
+                enabled=True,
+                recovery_period_in_days=o.pitr_recovery_days or o.PITR_DEFAULT_RECOVERY_DAYS,
             )
-            if o.pitr_recovery_days is not None
+            if o.point_in_time_recovery
             else aws.dynamodb.TablePointInTimeRecoveryArgs(enabled=False)
         )
         return aws.dynamodb.Table(
@@ -357,7 +384,7 @@ class ZaeLimiterStack(pulumi.ComponentResource):
             f"{prefix}-aggregator-role",
             name=role_name(self.name, o.role_name_format),
             assume_role_policy=_LAMBDA_ASSUME_ROLE,
-            permissions_boundary=o.permission_boundary,
+            permissions_boundary=self._boundary_arn(o.permission_boundary),
             description=f"zae-limiter aggregator of {prefix}",
             tags=self._tags,
             opts=child,
@@ -431,6 +458,18 @@ class ZaeLimiterStack(pulumi.ComponentResource):
             tags=self._tags,
             # AWS checks the role can read the stream when the mapping is created.
             opts=pulumi.ResourceOptions(parent=self, depends_on=[self.role_policy]),
+        )
+
+    def _boundary_arn(self, boundary: str | None) -> pulumi.Input[str] | None:
+        """A permissions boundary given as a policy name (as zae-limiter 0.2.0 allowed) is the
+        customer-managed policy of that name in the deploying account; an ARN is kept."""
+        if boundary is None or boundary.startswith("arn:"):
+            return boundary
+        invoke = pulumi.InvokeOutputOptions(parent=self)
+        partition = aws.get_partition_output(opts=invoke)
+        identity = aws.get_caller_identity_output(opts=invoke)
+        return pulumi.Output.all(partition, identity).apply(
+            lambda found: f"arn:{found[0].partition}:iam::{found[1].account_id}:policy/{boundary}"
         )
 
     # -- alarms --------------------------------------------------------------------------------
