@@ -15,8 +15,6 @@ from .storage import RepositoryUnavailable, StorageError
 # What the failure mode applies to: the store could not be reached, kept failing, or refused the
 # request (`StorageError`, e.g. throttling past the retries or a rejected request).
 OUTAGES: tuple[type[BaseException], ...] = (RepositoryUnavailable, StorageError)
-# An outage, or one already turned into the public error (e.g. by the version check).
-UNREACHABLE: tuple[type[BaseException], ...] = (*OUTAGES, RateLimiterUnavailable)
 
 
 def unavailable(exc: BaseException) -> RateLimiterUnavailable:

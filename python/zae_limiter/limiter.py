@@ -24,7 +24,7 @@ from .exceptions import (
     RequestTooLarge,
     ValidationError,
 )
-from .failures import OUTAGES, UNREACHABLE, public_errors, unavailable
+from .failures import OUTAGES, public_errors, unavailable
 from .lease import Lease, LeaseScope
 from .models import (
     AuditEvent,
@@ -468,7 +468,7 @@ class RateLimiter:
         if not use_stored_limits:  # the limits are known: reject before any I/O
             check_consumable([(entity_id, fallback)], amounts, burst=False)
             if (too := oversized([(entity_id, fallback)], amounts)) is not None:
-                raise await self._too_large(resource, [(entity_id, fallback)], amounts, too[2])
+                raise self._too_large(resource, [(entity_id, fallback)], amounts, too[2])
         if not self._ready:
             await self._ensure_ready()
         try:
@@ -478,7 +478,7 @@ class RateLimiter:
             if use_stored_limits:  # otherwise every set is `fallback`, checked above
                 check_consumable(sets, amounts, burst=False)
                 if (too := oversized(sets, amounts)) is not None:
-                    raise await self._too_large(resource, sets, amounts, too[2])
+                    raise self._too_large(resource, sets, amounts, too[2])
             reserver = self._reserver
             if reserver is not None:
                 targets = await reserver.acquire(resource, sets, amounts)
@@ -492,21 +492,19 @@ class RateLimiter:
             return Lease(self._engine, [], {}, fail_open=True)
         return Lease(reserver or self._engine, targets, amounts)
 
-    async def _too_large(
+    def _too_large(
         self,
         resource: str,
         sets: list[tuple[str, list[Limit]]],
         amounts: Mapping[str, int],
         field: str,
     ) -> RequestTooLarge:
-        """The error for a request no bucket can ever hold, raised whatever the failure mode:
-        what the buckets hold is reported when it can be read (a full bucket otherwise)."""
-        try:
-            if not self._ready:
-                await self._ensure_ready()
-            targets = await self._engine.targets(resource, sets)
-        except UNREACHABLE:
-            targets = [Target(eid, resource, limits) for eid, limits in sets]
+        """The error for a request no bucket can ever hold, raised in every failure mode and
+        with no I/O (a flood of them costs nothing): what the buckets hold is as this client
+        last saw them, a full bucket if it never did."""
+        targets = [Target(eid, resource, limits) for eid, limits in sets]
+        for target in targets:
+            _, target.state = self._engine.states.get((target.entity_id, resource))
         return request_too_large(targets, amounts, self._engine.clock(), field)
 
     def _failure_mode(self, failure_mode: FailureMode | None) -> FailureMode:
