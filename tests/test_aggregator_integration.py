@@ -244,13 +244,13 @@ def test_dlq_replay_applies_the_failed_batches_and_empties_the_queue(aws: Aws) -
 
     queue_url = aws.sqs.create_queue(QueueName=schema.aggregator_dlq_name(NAME))["QueueUrl"]
     aws.sqs.send_message(QueueUrl=queue_url, MessageBody=_on_failure_message(e1, shard))
-    # The operator guide's manual loop assumed bodies holding the event itself: accepted too.
-    aws.sqs.send_message(QueueUrl=queue_url, MessageBody=json.dumps({"Records": e2}))
+    aws.sqs.send_message(QueueUrl=queue_url, MessageBody=_on_failure_message(e2, shard))
 
     result = replay(aws.sqs, queue_url, aws.streams, SnapshotTable(aws.ddb, TABLE), WINDOWS, 90,
                     clock=lambda: NOW, wait_seconds=0)
     assert result.as_dict() == {"received": 2, "replayed": 2, "records": len(records),
-                                "failed": 0, "deleted": 2, "snapshots_updated": 4, "errors": []}
+                                "failed": 0, "rejected": 0, "deleted": 2, "snapshots_updated": 4,
+                                "errors": []}
     assert aws.snapshots("e1")[("gpt", "hourly", "2024-05-01T10:00Z")].counters == {"rpm": 3}
     assert aws.snapshots("e2")[("gpt", "hourly", "2024-05-01T10:00Z")].counters == {"rpm": 5}
     attrs = aws.sqs.get_queue_attributes(
@@ -266,11 +266,64 @@ def test_dlq_message_that_cannot_be_replayed_is_kept(aws: Aws) -> None:
     aws.sqs.send_message(QueueUrl=queue_url, MessageBody='{"unexpected": true}')
     result = replay(aws.sqs, queue_url, aws.streams, SnapshotTable(aws.ddb, TABLE), WINDOWS, 90,
                     wait_seconds=0, visibility_timeout=0)
-    assert (result.received, result.failed, result.deleted) == (1, 1, 0)
-    assert "neither DDBStreamBatchInfo" in result.errors[0]
+    assert (result.received, result.rejected, result.failed, result.deleted) == (1, 1, 0, 0)
+    assert "no DDBStreamBatchInfo" in result.errors[0]
     attrs = aws.sqs.get_queue_attributes(QueueUrl=queue_url,
                                          AttributeNames=["ApproximateNumberOfMessages"])
     assert attrs["Attributes"]["ApproximateNumberOfMessages"] == "1"
+
+
+def _forge(entity: str, resource: str, ts: int, tokens: int) -> dict[str, Any]:
+    """A stream record as an attacker able to send to the queue would write it."""
+    keys = {schema.PK: {"S": schema.entity_pk(entity)},
+            schema.SK: {"S": schema.bucket_sk(resource)}}
+    image = {**keys, "entity_id": {"S": entity}, "resource": {"S": resource},
+             schema.WRITE_TIME: {"N": str(ts)},
+             schema.limit_attr(schema.CONSUMED, "tpm"): {"N": str(tokens * 1000)}}
+    return {"eventID": "1", "eventName": "MODIFY", "eventSource": "aws:dynamodb",
+            "eventSourceARN": f"arn:aws:dynamodb:us-east-1:123456789012:table/{TABLE}/stream/x",
+            "dynamodb": {"Keys": keys, "SequenceNumber": "99999999999999999999",
+                         "OldImage": {**keys, "entity_id": {"S": entity},
+                                      "resource": {"S": resource},
+                                      schema.WRITE_TIME: {"N": str(ts - 1)},
+                                      schema.limit_attr(schema.CONSUMED, "tpm"): {"N": "0"}},
+                         "NewImage": image, "StreamViewType": "NEW_AND_OLD_IMAGES"}}
+
+
+def test_dlq_replay_rejects_forged_bodies_and_applies_nothing(aws: Aws) -> None:
+    """A message carrying records (or pointing at another table's stream) is never applied."""
+    t0 = ms(2024, 5, 1, 10, 15)
+    aws.write("victim", "gpt", t0, consume={"tpm": 9000})
+    assert aws.runner().run_once().failed == 0
+    before = aws.usage_items()
+    assert aws.snapshots("victim")[("gpt", "hourly", "2024-05-01T10:00Z")].counters == {"tpm": 9}
+
+    queue_url = aws.sqs.create_queue(QueueName=schema.aggregator_dlq_name(NAME))["QueueUrl"]
+    forged = _forge("victim", "gpt", t0 + 5, 1_000_000_000)
+    aws.sqs.send_message(QueueUrl=queue_url, MessageBody=json.dumps({"Records": [forged]}))
+    aws.sqs.send_message(QueueUrl=queue_url,
+                         MessageBody=json.dumps({"requestPayload": {"Records": [forged]}}))
+    records = aws.stream_records()
+    shard = aws.streams.describe_stream(StreamArn=records[0]["eventSourceARN"])[
+        "StreamDescription"]["Shards"][0]["ShardId"]
+    foreign = json.loads(_on_failure_message(records, shard))
+    foreign["DDBStreamBatchInfo"]["streamArn"] = (
+        "arn:aws:dynamodb:us-east-1:123456789012:table/ZAEL-other/stream/2024-01-01T00:00:00.000")
+    aws.sqs.send_message(QueueUrl=queue_url, MessageBody=json.dumps(foreign))
+
+    result = replay(aws.sqs, queue_url, aws.streams, SnapshotTable(aws.ddb, TABLE), WINDOWS, 90,
+                    clock=lambda: NOW, wait_seconds=0, visibility_timeout=0)
+    assert aws.snapshots("victim")[("gpt", "hourly", "2024-05-01T10:00Z")].counters == {"tpm": 9}
+    assert aws.usage_items() == before
+    assert (result.received, result.rejected, result.replayed, result.deleted) == (3, 3, 0, 0)
+    assert result.records == 0 and result.snapshots_updated == 0
+    assert all("rejected" in error for error in result.errors)
+
+    cli = CliRunner()
+    out = cli.invoke(main, ["dlq", "replay", "--name", NAME, "--endpoint-url", aws.endpoint_url,
+                            "--region", "us-east-1"])
+    assert out.exit_code == 1 and "rejected" in out.output, out.output
+    assert aws.usage_items() == before
 
 
 def test_cli_run_usage_and_dlq(aws: Aws) -> None:

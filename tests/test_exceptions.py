@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from zae_limiter import exceptions as exc_mod
 from zae_limiter.exceptions import (
+    ConfigurationError,
     EntityError,
     EntityExistsError,
     EntityNotFoundError,
@@ -353,6 +354,7 @@ def _all_exceptions() -> list[ZAELimiterError]:
         RateLimitExceeded([status(), status("rpm", available=9, requested=1, retry=0.0)]),
         RateLimitExceeded([status(retry=None)]),
         RequestTooLarge([status(retry=None)], "consume.tpm", 10**6),
+        ConfigurationError("AccessDeniedException", "not authorized", TypeError("boom")),
         # Not an OSError subclass: CPython itself unpickles those as plain OSError at protocols < 3.
         RateLimiterUnavailable("down", TypeError("boom"), stack_name="ZAEL-x"),
         RateLimiterUnavailable("down"),
@@ -434,3 +436,26 @@ def test_pickle_keeps_notes() -> None:
     exc.add_note("while acquiring")
     clone = pickle.loads(pickle.dumps(exc))
     assert clone.__notes__ == ["while acquiring"]
+
+
+def test_client_dict_reveals_nothing_about_a_parent() -> None:
+    limit = Limit.per_minute("tpm", 1_000)
+    own = LimitStatus("key-1", "gpt-4", "tpm", limit, 400, 100, False, 0.0)
+    parent = LimitStatus("secret-project", "gpt-4", "tpm", Limit.per_minute("tpm", 99_000),
+                         3, 100, True, 4.5)
+    exc = RateLimitExceeded([own, parent])
+    body = exc.client_dict()
+    text = json.dumps(body, allow_nan=False)
+    assert "secret-project" not in text and "99000" not in text
+    assert body["retry_after_seconds"] == 4.5
+    mine, shared = body["limits"]
+    assert (mine["limit_name"], mine["capacity"], mine["available"]) == ("tpm", 1_000, 400)
+    assert "entity_id" not in mine
+    assert shared == {"limit_name": "tpm", "shared": True, "exceeded": True,
+                      "retry_after_seconds": 4.5}
+    # the operator's view keeps everything
+    assert "secret-project" in json.dumps(exc.as_dict())
+    too_large = RequestTooLarge([LimitStatus("key-1", "gpt-4", "tpm", limit, 5, 2_000, True,
+                                             None)], "consume.tpm", 2_000)
+    assert too_large.client_dict()["reason"] == "request_exceeds_burst"
+    assert too_large.client_dict()["retry_after_seconds"] is None

@@ -348,7 +348,6 @@ def test_aggregator_role_is_least_privilege(lambda_zip: Path) -> None:
         "dynamodb:ListStreams": {"*"},
         "dynamodb:GetItem": {table_arn},
         "dynamodb:PutItem": {table_arn},
-        "dynamodb:UpdateItem": {table_arn},
         "sqs:SendMessage": {dlq_arn},
         "logs:CreateLogStream": {log_arn, f"{log_arn}:*"},
         "logs:PutLogEvents": {log_arn, f"{log_arn}:*"},
@@ -380,14 +379,18 @@ def test_app_policy_is_only_this_table(lambda_zip: Path) -> None:
     policy = mocks.one("aws:iam/policy:Policy").inputs
     assert policy["name"] == "ZAEL-app-app"
     table_arn = mocks.one("aws:dynamodb/table:Table").outputs["arn"]
-    allows = [s for s in _statements(policy["policy"]) if s["Effect"] == "Allow"]
-    (statement,) = allows  # the other statement is a Deny (test_app_policy_audit_trail)
-    assert sorted(_as_list(statement["Action"])) == sorted(
-        f"dynamodb:{a}" for a in ("GetItem", "PutItem", "UpdateItem", "DeleteItem", "Query",
-                                  "BatchGetItem", "BatchWriteItem", "TransactWriteItems",
-                                  "ConditionCheckItem", "DescribeTable")
-    )
-    assert sorted(_as_list(statement["Resource"])) == sorted([table_arn, f"{table_arn}/index/*"])
+    grants: dict[str, set[str]] = {}
+    for statement in _statements(policy["policy"]):
+        if statement["Effect"] == "Allow":  # the Deny: test_app_policy_audit_trail
+            for action in _as_list(statement["Action"]):
+                grants.setdefault(action, set()).update(_as_list(statement["Resource"]))
+    # Exactly what Repository calls: no BatchGetItem, ConditionCheckItem, TransactWriteItems or
+    # DeleteItem (no call site), and nothing but Query on the indexes.
+    assert grants == {
+        **{f"dynamodb:{a}": {table_arn} for a in ("GetItem", "PutItem", "UpdateItem",
+                                                  "BatchWriteItem", "DescribeTable")},
+        "dynamodb:Query": {table_arn, f"{table_arn}/index/*"},
+    }
 
 
 def test_app_policy_audit_trail(lambda_zip: Path) -> None:
@@ -396,10 +399,9 @@ def test_app_policy_audit_trail(lambda_zip: Path) -> None:
     mocks, _ = deploy(lambda_zip=lambda_zip, create_app_policy=True)
     table_arn = mocks.one("aws:dynamodb/table:Table").outputs["arn"]
     statements = _statements(mocks.one("aws:iam/policy:Policy").inputs["policy"])
-    (allow,) = [s for s in statements if s["Effect"] == "Allow"]
+    allowed = {a for s in statements if s["Effect"] == "Allow" for a in _as_list(s["Action"])}
     (deny,) = [s for s in statements if s["Effect"] == "Deny"]
-    assert {"dynamodb:PutItem", "dynamodb:Query", "dynamodb:GetItem"} <= set(
-        _as_list(allow["Action"]))
+    assert {"dynamodb:PutItem", "dynamodb:Query", "dynamodb:GetItem"} <= allowed
     assert sorted(_as_list(deny["Action"])) == [
         "dynamodb:BatchWriteItem", "dynamodb:DeleteItem", "dynamodb:TransactWriteItems",
         "dynamodb:UpdateItem"]
@@ -562,3 +564,93 @@ def test_infra_options_are_stack_options_with_their_rules_and_a_private_copy_of_
     assert options.stack_options() == StackOptions(tags={"team": "gw"}, snapshot_ttl_days=7)
     with pytest.raises(ValidationError, match="snapshot_ttl_days"):
         InfraOptions(snapshot_ttl_days=0)
+
+
+# -- hardening -------------------------------------------------------------------------------
+
+
+def test_uploaded_code_is_exactly_the_hashed_bytes(tmp_path: Path) -> None:
+    """Changing the given zip after the program read it cannot change what is uploaded."""
+    import base64
+    import hashlib
+    import zipfile
+
+    given = tmp_path / "given.zip"
+    with zipfile.ZipFile(given, "w") as archive:
+        archive.writestr("lambda_function.py", "def handler(event, context):\n    return {}\n")
+    mocks, _ = deploy(lambda_zip=given)
+    function = mocks.one("aws:lambda/function:Function").inputs
+    given.write_bytes(b"swapped after hashing")  # before Pulumi reads the archive for upload
+    uploaded = Path(function["code"].path).read_bytes()
+    assert base64.b64encode(hashlib.sha256(uploaded).digest()).decode() == (
+        function["sourceCodeHash"])
+    assert Path(function["code"].path).parent.stat().st_mode & 0o077 == 0
+
+
+def test_dlq_is_always_encrypted(lambda_zip: Path) -> None:
+    mocks, _ = deploy(lambda_zip=lambda_zip)
+    queue = mocks.one("aws:sqs/queue:Queue").inputs
+    assert queue.get("sqsManagedSseEnabled") is True and not queue.get("kmsMasterKeyId")
+    kms = f"arn:aws:kms:{REGION}:{ACCOUNT}:key/abcd"
+    mocks, _ = deploy(lambda_zip=lambda_zip, kms_key_arn=kms)
+    queue = mocks.one("aws:sqs/queue:Queue").inputs
+    assert queue["kmsMasterKeyId"] == kms and not queue.get("sqsManagedSseEnabled")
+    # ...and the aggregator may use that key to send to it, through SQS only.
+    (kms_grant,) = [s for s in _statements(mocks.one("aws:iam/rolePolicy:RolePolicy")
+                                           .inputs["policy"]) if s["Resource"] == kms]
+    assert sorted(_as_list(kms_grant["Action"])) == ["kms:Decrypt", "kms:GenerateDataKey"]
+    assert kms_grant["Condition"] == {
+        "StringEquals": {"kms:ViaService": f"sqs.{REGION}.amazonaws.com"}}
+
+
+def test_dlq_policy_only_the_aggregator_over_tls(lambda_zip: Path) -> None:
+    mocks, _ = deploy(lambda_zip=lambda_zip)
+    queue = mocks.one("aws:sqs/queue:Queue").outputs
+    role_arn = mocks.one("aws:iam/role:Role").outputs["arn"]
+    policy = mocks.one("aws:sqs/queuePolicy:QueuePolicy").inputs
+    assert policy["queueUrl"] == queue["url"]
+    statements = {s["Sid"]: s for s in _statements(policy["policy"])}
+    for statement in statements.values():
+        assert statement["Resource"] == queue["arn"]
+    tls = statements["DenyInsecureTransport"]
+    assert (tls["Effect"], tls["Principal"], tls["Action"]) == ("Deny", "*", "sqs:*")
+    assert tls["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+    others = statements["OnlyTheAggregatorMaySend"]
+    assert (others["Effect"], others["Principal"], others["Action"]) == (
+        "Deny", "*", "sqs:SendMessage")
+    assert others["Condition"] == {"ArnNotEquals": {"aws:PrincipalArn": role_arn}}
+    allows = [s for s in statements.values() if s["Effect"] == "Allow"]
+    assert allows == [{"Sid": "AggregatorSendsFailureRecords", "Effect": "Allow",
+                       "Principal": {"AWS": role_arn}, "Action": "sqs:SendMessage",
+                       "Resource": queue["arn"]}]
+
+
+def _spy_table_options(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The ResourceOptions the component gives its table (Pulumi's mocks do not see options)."""
+    import pulumi_aws as aws
+
+    from zae_limiter.infra import component
+
+    seen: list[Any] = []
+    real = aws.dynamodb.Table
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs.get("opts"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(component.aws.dynamodb, "Table", spy)
+    return seen
+
+
+def test_protected_table_is_retained_on_delete(
+    lambda_zip: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = _spy_table_options(monkeypatch)
+    mocks, stack = deploy(lambda_zip=lambda_zip)
+    (opts,) = seen
+    assert mocks.one("aws:dynamodb/table:Table").inputs["deletionProtectionEnabled"] is True
+    assert opts.retain_on_delete is True
+    assert opts.parent is stack
+    seen.clear()
+    deploy(lambda_zip=lambda_zip, deletion_protection=False)
+    assert seen[0].retain_on_delete is False

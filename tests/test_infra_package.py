@@ -128,3 +128,85 @@ def test_imports_in_a_bare_lambda_like_runtime(bundle: bytes, tmp_path: Path) ->
     assert response == "{'batchItemFailures': []}"
     assert "zae_limiter.aggregator.handler" in loaded.split()
     assert "zae_limiter.repository" not in loaded.split()
+
+
+# -- the private build directory -------------------------------------------------------------
+
+
+def test_bundle_is_written_to_a_private_directory(tmp_path: Path) -> None:
+    path, digest = cached_lambda_zip(tmp_path / "cache")
+    mode = os.stat(tmp_path / "cache").st_mode & 0o777
+    assert mode == 0o700 and os.stat(tmp_path / "cache").st_uid == os.getuid()
+    assert os.stat(path).st_mode & 0o077 == 0
+    assert source_code_hash(path.read_bytes()) == digest
+
+
+def test_default_directory_is_per_user_and_private(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    path, _ = cached_lambda_zip()
+    assert path.parent == tmp_path / f"zae-limiter-lambda-{os.getuid()}"
+    assert os.stat(path.parent).st_mode & 0o777 == 0o700
+
+
+def test_group_writable_directory_is_refused(tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o770)
+    with pytest.raises(PermissionError, match="accessible to other users"):
+        cached_lambda_zip(shared)
+    assert not list(shared.iterdir())
+
+
+def test_symlinked_directory_is_refused(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(real)
+    with pytest.raises(PermissionError, match="symbolic link"):
+        cached_lambda_zip(tmp_path / "link")
+    assert not list(real.iterdir())
+
+
+def test_directory_of_another_user_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    # The directory's owner is this process's uid; pretend to be someone else.
+    monkeypatch.setattr(os, "getuid", lambda: os.stat(theirs).st_uid + 1)
+    with pytest.raises(PermissionError, match="owned by uid"):
+        cached_lambda_zip(theirs)
+
+
+def test_unsafe_default_directory_is_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Someone else created the predictable default path first (here: world-writable).
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    planted = tmp_path / f"zae-limiter-lambda-{os.getuid()}"
+    planted.mkdir()
+    planted.chmod(0o777)
+    path, digest = cached_lambda_zip()
+    assert path.parent != planted and not list(planted.iterdir())
+    assert os.stat(path.parent).st_mode & 0o777 == 0o700
+    assert source_code_hash(path.read_bytes()) == digest
+
+
+def test_a_swapped_cached_file_is_not_reused(tmp_path: Path, bundle: bytes) -> None:
+    path, digest = cached_lambda_zip(tmp_path / "cache")
+    path.write_bytes(b"not the bundle")
+    again, digest_again = cached_lambda_zip(tmp_path / "cache")
+    assert (again, digest_again) == (path, digest)
+    assert again.read_bytes() == bundle
+
+
+def test_staged_zip_is_a_private_copy_of_the_hashed_bytes(tmp_path: Path) -> None:
+    from zae_limiter.infra.package import stage_lambda_zip
+
+    source = tmp_path / "given.zip"
+    source.write_bytes(b"original")
+    path, digest = stage_lambda_zip(source.read_bytes(), tmp_path / "cache")
+    source.write_bytes(b"swapped after hashing")
+    assert path != source and path.read_bytes() == b"original"
+    assert digest == source_code_hash(b"original")

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__
 from .core import BACKEND
 from .exceptions import (
+    ConfigurationError,
     EntityError,
     EntityExistsError,
     EntityNotFoundError,
@@ -90,6 +91,7 @@ __all__ = [
     "AuditAction",
     "AuditEvent",
     "BucketState",
+    "ConfigurationError",
     "Entity",
     "EntityCapacity",
     "EntityError",

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from .models import LimitStatus
 
 __all__ = [
+    "ConfigurationError",
     "EntityError",
     "EntityExistsError",
     "EntityNotFoundError",
@@ -206,6 +207,38 @@ class RateLimitExceeded(RateLimitError):
             "limits": [s.as_dict() for s in self.statuses],
         }
 
+    def client_dict(self) -> dict[str, Any]:
+        """JSON-ready body safe to return to the client that was denied: its own limits in full,
+        a parent's (cascade) only as an anonymous shared limit: no id, capacity or remaining
+        tokens of another entity. `as_dict()` is the operator's view, for logs."""
+        own = self.statuses[0].entity_id if self.statuses else None
+        limits: list[dict[str, Any]] = []
+        for status in self.statuses:
+            if status.entity_id == own:
+                view = status.as_dict()
+                view.pop("entity_id", None)
+                limits.append(view)
+            else:
+                retry = _finite_or_none(status.retry_after_seconds)
+                limits.append({
+                    "limit_name": status.limit_name,
+                    "shared": True,
+                    "exceeded": status.exceeded,
+                    "retry_after_seconds": retry if status.exceeded else 0.0,
+                })
+        if self.retry_after_seconds is None:
+            message = "Rate limit exceeded: the request exceeds a limit and can never succeed"
+        else:
+            wait = _format_seconds(self.retry_after_seconds)
+            message = f"Rate limit exceeded; retry after {wait}s"
+        return {
+            "error": "rate_limit_exceeded",
+            "message": message,
+            "retry_after_seconds": self.retry_after_seconds,
+            "retry_after_ms": self.retry_after_ms,
+            "limits": limits,
+        }
+
 
 class RateLimiterUnavailable(RateLimitError):
     """The backing store could not be reached and the limiter fails closed.
@@ -273,6 +306,24 @@ class StackCreationError(InfrastructureError):
 
 class StackAlreadyExistsError(StackCreationError):
     """The stack already exists (informational; creation was not needed)."""
+
+
+class ConfigurationError(InfrastructureError):
+    """DynamoDB refused the request for a reason no retry and no failure mode can fix: the
+    credentials are missing, unknown or expired, a permission is missing, the region is not set,
+    or the request is malformed. Raised in every failure mode: `FAIL_OPEN` admits only when
+    DynamoDB cannot be reached, never on a misconfiguration.
+
+    Attributes:
+        code: the cause as DynamoDB or the client library named it (e.g.
+            ``AccessDeniedException``, ``UnrecognizedClientException``, ``NoCredentialsError``).
+        cause: the underlying exception.
+    """
+
+    def __init__(self, code: str, message: str, cause: BaseException | None = None) -> None:
+        self.code = code
+        self.cause = cause
+        super().__init__(f"DynamoDB refused the request ({code}): {message}")
 
 
 class InfrastructureNotFoundError(InfrastructureError):
@@ -441,5 +492,10 @@ class RequestTooLarge(RateLimitExceeded, ValidationError):
         """`RateLimitExceeded`'s body (same `error`, for code that dispatches on it), with
         `reason` saying that no wait helps."""
         body = super().as_dict()
+        body["reason"] = "request_exceeds_burst"
+        return body
+
+    def client_dict(self) -> dict[str, Any]:
+        body = super().client_dict()
         body["reason"] = "request_exceeds_burst"
         return body

@@ -9,24 +9,35 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from .exceptions import RateLimiterUnavailable
+from .exceptions import ConfigurationError, RateLimiterUnavailable
 from .storage import RepositoryUnavailable, StorageError
 
-# What the failure mode applies to: the store could not be reached, kept failing, or refused the
-# request (`StorageError`, e.g. throttling past the retries or a rejected request).
-OUTAGES: tuple[type[BaseException], ...] = (RepositoryUnavailable, StorageError)
+# Every error the hot path can meet from storage is one of two kinds, decided here:
+# - an outage: the store could not be reached, timed out, was throttled or kept failing past
+#   the retries (`RepositoryUnavailable`); the failure mode applies (FAIL_OPEN admits);
+# - a configuration error: the store answered and refused for a reason no retry can fix
+#   (`StorageError`: access denied, unknown or expired credentials, no credentials or region,
+#   a malformed request); raised as `ConfigurationError` in every failure mode.
+# A missing table is `InfrastructureNotFoundError`, raised by the repository itself.
+OUTAGES: tuple[type[BaseException], ...] = (RepositoryUnavailable,)
 
 
 def unavailable(exc: BaseException) -> RateLimiterUnavailable:
     return RateLimiterUnavailable(f"rate limiter unavailable: {exc}", exc)
 
 
+def misconfigured(exc: StorageError) -> ConfigurationError:
+    return ConfigurationError(exc.code, exc.message or str(exc), exc)
+
+
 @contextmanager
 def public_errors() -> Iterator[None]:
-    """Outages and refusals surface as the public `RateLimiterUnavailable`, never as storage's
-    own exception types: lease operations and management calls have no failure mode (storage
-    itself raises `InfrastructureNotFoundError` for a missing table)."""
+    """Outages surface as the public `RateLimiterUnavailable` and refusals as
+    `ConfigurationError`, never as storage's own exception types: lease operations and
+    management calls have no failure mode."""
     try:
         yield
     except OUTAGES as exc:
         raise unavailable(exc) from exc
+    except StorageError as exc:
+        raise misconfigured(exc) from exc

@@ -74,10 +74,24 @@ class Lease:
                 result[name] = value
         return result
 
+    def _held_back(self, field: str, gives: Mapping[str, int]) -> None:
+        """A lease gives back at most what it holds: its net consumption of a limit never goes
+        below zero, or it would add capacity it never took (to its parent's bucket too)."""
+        if self.fail_open:  # nothing was taken; the call changes nothing
+            return
+        for name, amount in gives.items():
+            held = self._consumed.get(name, 0)
+            if amount > held:
+                raise ValidationError(
+                    f"{field}.{name}", -amount, f"gives back more than this lease holds ({held})"
+                )
+
     async def adjust(self, **amounts: int) -> None:
         """Consume more (positive) or give back (negative) without a check: buckets may go
-        negative, e.g. to reconcile an LLM call's real token count with its estimate."""
+        negative, e.g. to reconcile an LLM call's real token count with its estimate. A give-back
+        beyond what the lease holds is a `ValidationError` (nothing changes)."""
         deltas = self._amounts(amounts, signed=True)
+        self._held_back("adjust", {k: -v for k, v in deltas.items() if v < 0})
         if deltas and not self.fail_open:
             with public_errors():
                 await self._settler.force(self._targets, deltas)
@@ -96,8 +110,10 @@ class Lease:
         self._add(deltas)
 
     async def release(self, **amounts: int) -> None:
-        """Give tokens back early; a bucket never refills past its burst."""
+        """Give tokens back early, at most what the lease holds; a bucket never refills past its
+        burst."""
         deltas = self._amounts(amounts, signed=False)
+        self._held_back("release", deltas)
         if deltas and not self.fail_open:
             with public_errors():
                 await self._settler.force(self._targets, {k: -v for k, v in deltas.items()})

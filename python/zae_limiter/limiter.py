@@ -24,7 +24,7 @@ from .exceptions import (
     RequestTooLarge,
     ValidationError,
 )
-from .failures import OUTAGES, public_errors, unavailable
+from .failures import OUTAGES, misconfigured, public_errors, unavailable
 from .lease import Lease, LeaseScope
 from .models import (
     AuditEvent,
@@ -41,7 +41,7 @@ from .models import (
 from .repository import Repository, RetryPolicy
 from .reservations import Reserver
 from .schema import DEFAULT_RESOURCE, default_region, short_name, table_name
-from .storage import BucketItem, RepositoryUnavailable
+from .storage import BucketItem, RepositoryUnavailable, StorageError
 from .validation import (
     validate_entity_id,
     validate_name,
@@ -185,7 +185,10 @@ class RateLimiter:
                 except RepositoryUnavailable as exc:
                     raise unavailable(exc) from exc
             self._provisioned = True
-            self._ready = await self._check_version()
+            try:
+                self._ready = await self._check_version()
+            except StorageError as exc:  # e.g. no permission to read the version record
+                raise misconfigured(exc) from exc
 
     async def _check_version(self) -> bool:
         """Check the version record once per limiter; True when the check is settled.
@@ -485,6 +488,8 @@ class RateLimiter:
             else:
                 targets = await self._engine.targets(resource, sets)
                 await self._engine.commit(targets, amounts)
+        except StorageError as exc:  # a refusal: the failure mode does not apply
+            raise misconfigured(exc) from exc
         except OUTAGES as exc:
             if mode is not FailureMode.FAIL_OPEN:
                 raise unavailable(exc) from exc

@@ -2,16 +2,25 @@
 
 moto runs in a child process (not a thread) so that its request handling never competes with the
 caller's event loop for the GIL. Requires the `local` extra (`pip install "zae-limiter[local]"`).
+
+The child dies with the process that started it, however that one ends (`stop()`, an exception,
+SIGTERM, SIGKILL): it holds the read end of a pipe whose only write end is the parent's, and
+exits when the pipe reaches end-of-file (the kernel closes the write end whatever kills the
+parent), or when its parent process changes; on Linux `PR_SET_PDEATHSIG` kills it too. It only
+ever listens on loopback: anyone who can connect can reset or read every table.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import os
+import select
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +37,26 @@ if TYPE_CHECKING:
 LOCAL_REGION = schema.DEFAULT_REGION
 # moto accepts any credentials; these keep botocore from searching the environment for real ones.
 LOCAL_CREDENTIALS = {"aws_access_key_id": "local", "aws_secret_access_key": "local"}
+
+
+def loopback_host(host: str) -> str:
+    """`host` if it is an IPv4 loopback address ("localhost": 127.0.0.1), else a clear error.
+
+    The embedded DynamoDB has no authentication and serves `/moto-api/reset`: bound to any other
+    address, anyone on the network could read, change or wipe its tables.
+    """
+    if host.strip().lower() == "localhost":
+        return "127.0.0.1"
+    try:
+        address = ipaddress.IPv4Address(host.strip())
+    except ValueError:
+        address = None
+    if address is None or not address.is_loopback:
+        raise ZAELimiterError(
+            f"the embedded DynamoDB only listens on loopback (127.0.0.1), not on {host!r}: it "
+            "has no authentication, and anyone who can reach it can read or wipe its tables"
+        )
+    return str(address)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -51,12 +80,14 @@ class LocalDynamoDB:
         startup_timeout: float = 30.0,
         keep_alive: bool = True,
     ) -> None:
-        self.host = host
-        self.port = port or free_port(host)
+        self.host = loopback_host(host)
+        self.port = port or free_port(self.host)
         self.startup_timeout = startup_timeout
         # HTTP/1.1 keep-alive, as DynamoDB does; False: a new connection for every request.
         self.keep_alive = keep_alive
         self._process: subprocess.Popen[bytes] | None = None
+        # Write end of the lifeline pipe: the child exits when it reaches end-of-file.
+        self._lifeline: int | None = None
         self.returncode: int | None = None
 
     @property
@@ -107,12 +138,22 @@ class LocalDynamoDB:
         )
         sock = self._listen()
         args = [sys.executable, "-m", "zae_limiter.local", "--host", self.host]
-        args += ["--port", str(self.port)]
+        args += ["--port", str(self.port), "--parent-pid", str(os.getpid())]
         if not self.keep_alive:
             args.append("--no-keep-alive")
+        # PR_SET_PDEATHSIG fires when the *thread* that started the child ends: only ask for it
+        # from the main thread, or a server started from a worker thread would die with it.
+        if threading.current_thread() is threading.main_thread():
+            args.append("--die-with-parent-thread")
+        pass_fds: tuple[int, ...] = ()
+        lifeline_read: int | None = None
         try:
             if os.name != "nt":
-                args += ["--fd", str(sock.fileno())]
+                # Both ends are non-inheritable: only the child gets the read end (pass_fds), and
+                # no other child of this process gets the write end, which would keep it open.
+                lifeline_read, self._lifeline = os.pipe()
+                args += ["--fd", str(sock.fileno()), "--lifeline-fd", str(lifeline_read)]
+                pass_fds = (sock.fileno(), lifeline_read)
             else:  # no descriptor passing: free the port for the child (a small race remains)
                 sock.close()
             self._process = subprocess.Popen(
@@ -120,13 +161,27 @@ class LocalDynamoDB:
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
                 env=env,
-                pass_fds=(sock.fileno(),) if os.name != "nt" else (),
+                pass_fds=pass_fds,
             )
+        except BaseException:
+            self._close_lifeline()
+            raise
         finally:
-            sock.close()  # the child has its own copy
+            sock.close()  # the child has its own copies
+            if lifeline_read is not None:
+                os.close(lifeline_read)
         self.returncode = None
-        self._wait_until_ready()
+        try:
+            self._wait_until_ready()
+        except BaseException:  # a failed start, or Ctrl+C / SIGTERM while waiting: no orphan
+            self.stop()
+            raise
         return self
+
+    def _close_lifeline(self) -> None:
+        lifeline, self._lifeline = self._lifeline, None
+        if lifeline is not None:
+            os.close(lifeline)
 
     def _wait_until_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
@@ -152,14 +207,24 @@ class LocalDynamoDB:
 
     def stop(self) -> None:
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
+        if process is None:
+            self._close_lifeline()
             return
-        process.terminate()
         try:
-            process.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait(timeout=5)
+        except BaseException:  # interrupted (a second Ctrl+C): never leave the child behind
+            with contextlib.suppress(OSError):
+                process.kill()
+            raise
+        finally:
+            # Closing the write end alone makes the child exit, should it still be running.
+            self._close_lifeline()
         self.returncode = process.returncode
 
     def __enter__(self) -> LocalDynamoDB:
@@ -213,6 +278,12 @@ def serve(host: str, port: int, fd: int | None = None, keep_alive: bool = True) 
     handler = keep_alive_handler() if keep_alive else MotoRequestHandler
     # `fd`: the socket the parent bound and listens on (`LocalDynamoDB._listen`).
     server = make_server(host, port, serialized, threaded=True, request_handler=handler, fd=fd)
+    bound = str(server.socket.getsockname()[0])
+    try:
+        loopback_host(bound)  # an inherited socket (`fd`) could be bound anywhere
+    except ZAELimiterError:
+        server.server_close()
+        raise
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -317,19 +388,97 @@ def keep_alive_handler() -> type[WSGIRequestHandler]:
     return KeepAliveRequestHandler
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# How often the watchdog checks that the parent process is still this process's parent.
+PARENT_POLL_INTERVAL = 0.5
+
+
+def set_parent_death_signal() -> bool:
+    """Linux: the kernel sends this process SIGKILL when the thread that started it ends.
+
+    False where that is not available (not Linux, no libc); the watchdog still applies.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import ctypes.util
+    import signal
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return int(libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _parent_gone(parent_pid: int) -> bool:
+    # Reparented (to init or a subreaper): the parent has exited.
+    return os.getppid() != parent_pid
+
+
+def watch_parent(parent_pid: int, lifeline_fd: int | None) -> threading.Thread:
+    """A daemon thread that ends this process as soon as the parent is gone: the lifeline pipe
+    reaches end-of-file (its write end, held by the parent only, is closed however the parent
+    ended, even by SIGKILL) or the parent pid changes (no pipe: Windows, or an old caller).
+
+    The exit is immediate (`os._exit`): there is no one left to serve, and a clean shutdown of
+    a server that may be mid-request could hang.
+    """
+
+    def watch() -> None:
+        while True:
+            if lifeline_fd is not None:
+                try:
+                    ready, _, _ = select.select([lifeline_fd], [], [], PARENT_POLL_INTERVAL)
+                    if ready and not os.read(lifeline_fd, 1):  # end-of-file
+                        os._exit(0)
+                except OSError:
+                    os._exit(0)
+            else:
+                time.sleep(PARENT_POLL_INTERVAL)
+            if _parent_gone(parent_pid):
+                os._exit(0)
+
+    thread = threading.Thread(target=watch, name="zae-limiter-parent-watchdog", daemon=True)
+    thread.start()
+    return thread
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description="moto's DynamoDB server, serialized")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="a loopback address only")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--fd", type=int, default=None, help="an inherited, listening socket")
     parser.add_argument(
         "--no-keep-alive", action="store_true", help="close the connection after every response"
     )
+    parser.add_argument(
+        "--parent-pid", type=int, default=None, help="exit once this is no longer the parent"
+    )
+    parser.add_argument(
+        "--lifeline-fd", type=int, default=None, help="exit when this inherited pipe reaches EOF"
+    )
+    parser.add_argument(
+        "--die-with-parent-thread",
+        action="store_true",
+        help="Linux: SIGKILL when the thread that started this process ends (PR_SET_PDEATHSIG)",
+    )
     args = parser.parse_args(argv)
+    try:
+        host = loopback_host(args.host)
+    except ZAELimiterError as exc:
+        parser.error(str(exc))
+    if args.parent_pid is not None:
+        if args.die_with_parent_thread:
+            set_parent_death_signal()
+        # The parent may have died before the death signal was set: it would never come.
+        if _parent_gone(args.parent_pid):
+            os._exit(0)
+        watch_parent(args.parent_pid, args.lifeline_fd)
     os.environ.setdefault("MOTO_PORT", str(args.port))
-    serve(args.host, args.port, args.fd, keep_alive=not args.no_keep_alive)
+    serve(host, args.port, args.fd, keep_alive=not args.no_keep_alive)
 
 
 if __name__ == "__main__":

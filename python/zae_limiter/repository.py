@@ -96,6 +96,12 @@ _RETRYABLE_CODES = frozenset(
         "ServiceUnavailableException",
     }
 )
+# The client cannot sign or address a request at all: a configuration error, never sent.
+_CLIENT_SETUP_ERRORS: tuple[type[BaseException], ...] = (
+    botocore.exceptions.NoCredentialsError,
+    botocore.exceptions.PartialCredentialsError,
+    botocore.exceptions.NoRegionError,
+)
 # Errors after which the request may or may not have been applied.
 _AMBIGUOUS_CODES = frozenset({"InternalServerError", "InternalFailure"})
 _SAFE_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
@@ -814,7 +820,10 @@ class Repository:
     async def _call(self, operation: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
         """One DynamoDB call with bounded, jittered retries of errors that did not apply. The
         request is not checked against the service model (see `call`)."""
-        client = await self.client()
+        try:
+            client = await self.client()
+        except _CLIENT_SETUP_ERRORS as exc:
+            raise StorageError(type(exc).__name__, str(exc)) from exc
         method: Callable[..., Awaitable[dict[str, Any]]] = getattr(client, operation)
         last: BaseException | None = None
         for attempt in range(self.retry.max_attempts):
@@ -836,6 +845,9 @@ class Repository:
                 # Refused before sending (`call` checks requests; botocore may still refuse
                 # some itself): retrying cannot help.
                 raise _invalid(exc) from exc
+            except _CLIENT_SETUP_ERRORS as exc:
+                # No credentials (or region) to sign with: nothing was sent, no retry helps.
+                raise StorageError(type(exc).__name__, str(exc)) from exc
             except _SAFE_TRANSPORT_ERRORS as exc:
                 if not _never_sent(exc):
                     raise _Ambiguous(exc) from exc

@@ -11,6 +11,8 @@ The proxy understands just enough HTTP/1.1 to see request boundaries and each re
 - ``delay``    wait ``delay`` seconds, then forward (after a client timeout, the write still lands).
 - ``throttle`` HTTP 400 ProvisionedThroughputExceededException (not forwarded).
 - ``error500`` HTTP 500 InternalServerError (not forwarded).
+- ``denied``   HTTP 400 AccessDeniedException (a missing permission; not forwarded).
+- ``unrecognized`` HTTP 400 UnrecognizedClientException (a revoked or unknown key; not forwarded).
 
 Faults are armed with `inject(kind, ops=..., count=N | None, probability=p, match=b"...")`: the
 next N matching requests (or every one, while armed) with probability p, optionally only those
@@ -39,7 +41,9 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-KINDS = ("refuse", "hang", "cut", "reset", "delay", "throttle", "error500")
+KINDS = (
+    "refuse", "hang", "cut", "reset", "delay", "throttle", "error500", "denied", "unrecognized"
+)
 WRITE_OPS = frozenset(
     {"PutItem", "UpdateItem", "DeleteItem", "BatchWriteItem", "TransactWriteItems"}
 )
@@ -52,6 +56,24 @@ _THROTTLE = (
     "Consider increasing your provisioning level with the UpdateTable API.",
 )
 _ERROR500 = (500, "Internal Server Error", "InternalServerError", "Internal server error")
+# Answers of a misconfigured client (a missing permission, a revoked or unknown key).
+_REFUSALS = {
+    "throttle": _THROTTLE,
+    "error500": _ERROR500,
+    "denied": (
+        400,
+        "Bad Request",
+        "AccessDeniedException",
+        "User: arn:aws:iam::123456789012:user/app is not authorized to perform: "
+        "dynamodb:UpdateItem on resource: arn:aws:dynamodb:us-east-1:123456789012:table/x",
+    ),
+    "unrecognized": (
+        400,
+        "Bad Request",
+        "UnrecognizedClientException",
+        "The security token included in the request is invalid.",
+    ),
+}
 # Single-item writes: the ones the write ceiling counts per item.
 ITEM_WRITE_OPS = frozenset({"PutItem", "UpdateItem", "DeleteItem"})
 CEILING = "ceiling"
@@ -358,7 +380,7 @@ class FaultProxy:
                 with self._lock:
                     self.stats.seen.append(seen)
                 kind = fault.kind if fault else None
-                if kind in ("hang", "throttle", "error500"):
+                if kind == "hang" or kind in _REFUSALS:
                     self._unadmit(key, now)  # not forwarded: not a write to the item
                 elif key is not None:
                     with self._lock:
@@ -368,9 +390,8 @@ class FaultProxy:
                     with contextlib.suppress(Exception):
                         await asyncio.wait_for(reader.read(), 60)
                     return
-                if kind in ("throttle", "error500"):
-                    spec = _THROTTLE if kind == "throttle" else _ERROR500
-                    writer.write(_error_response(*spec))
+                if kind in _REFUSALS:
+                    writer.write(_error_response(*_REFUSALS[kind]))
                     await writer.drain()
                     continue
                 if kind == "delay" and fault is not None:

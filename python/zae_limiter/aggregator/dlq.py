@@ -16,9 +16,14 @@ discarded records for a DynamoDB event source" in the Lambda developer guide)::
 So a replay reads that sequence range back from the stream (AT_SEQUENCE_NUMBER) and runs it
 through the same ``process_batch``. That only works while the stream still holds the records
 (24 hours): older messages fail with a clear error and stay in the queue for an operator to
-decide. Bodies that already hold a Lambda stream event (``{"Records": [...]}``, as the manual
-loop in the operator guide assumed) are processed as they are. A message is deleted only after
-all of its records were applied; replaying twice is harmless because folding is idempotent.
+decide. A message is deleted only after all of its records were applied; replaying twice is
+harmless because folding is idempotent.
+
+Message bodies are not trusted: anyone able to send to the queue could write one. Only the
+pointer above is accepted, and only for this table's stream; the records themselves always come
+from the stream. Anything else -- a body carrying records (``{"Records": [...]}``), which would
+let its sender write any usage it likes, or a pointer into another table's stream -- is
+*rejected*: counted and reported, never applied, and left in the queue for an operator.
 """
 
 from __future__ import annotations
@@ -34,7 +39,11 @@ from .stream import to_lambda_record
 
 
 class ReplayError(RuntimeError):
-    """A message whose records cannot be recovered (malformed, or no longer in the stream)."""
+    """A message whose records cannot be recovered (no longer in the stream, failing again)."""
+
+
+class RejectedMessage(ReplayError):
+    """A message that is not a stream-failure pointer into this table's stream: never applied."""
 
 
 @dataclass
@@ -43,6 +52,7 @@ class ReplayResult:
     replayed: int = 0
     records: int = 0
     failed: int = 0
+    rejected: int = 0
     deleted: int = 0
     snapshots_updated: int = 0
     errors: list[str] = field(default_factory=list)
@@ -53,6 +63,7 @@ class ReplayResult:
             "replayed": self.replayed,
             "records": self.records,
             "failed": self.failed,
+            "rejected": self.rejected,
             "deleted": self.deleted,
             "snapshots_updated": self.snapshots_updated,
             "errors": list(self.errors),
@@ -107,29 +118,54 @@ def fetch_batch_records(streams: Any, info: Mapping[str, Any]) -> list[dict[str,
     return records
 
 
-def records_from_body(body: str, streams: Any) -> list[dict[str, Any]]:
+def _stream_table(stream_arn: str) -> str | None:
+    """The table name of a DynamoDB stream ARN (``arn:...:table/<name>/stream/<label>``)."""
+    head, sep, rest = stream_arn.partition(":table/")
+    name, sep2, label = rest.partition("/stream/")
+    if not (head.startswith("arn:") and sep and sep2 and name and label):
+        return None
+    return name
+
+
+def records_from_body(body: str, streams: Any, table_name: str | None = None
+                      ) -> list[dict[str, Any]]:
+    """The records a stream-failure pointer designates, re-read from the stream.
+
+    Raises `RejectedMessage` for any other body (including one carrying records) and for a
+    pointer whose stream is not `table_name`'s (when given).
+    """
     try:
         message = json.loads(body)
     except ValueError as exc:
-        raise ReplayError(f"message body is not JSON: {exc}") from None
+        raise RejectedMessage(f"message body is not JSON: {exc}") from None
     if isinstance(message, Mapping) and message.get("Type") == "Notification":
         # Delivered through an SNS topic: the invocation record is the notification's text.
-        return records_from_body(str(message.get("Message", "")), streams)
+        return records_from_body(str(message.get("Message", "")), streams, table_name)
     if not isinstance(message, Mapping):
-        raise ReplayError("message body is not a JSON object")
+        raise RejectedMessage("message body is not a JSON object")
     info = message.get("DDBStreamBatchInfo")
-    if isinstance(info, Mapping):
-        return fetch_batch_records(streams, info)
-    for candidate in (message, message.get("requestPayload")):
-        if isinstance(candidate, Mapping) and isinstance(candidate.get("Records"), list):
-            return [r for r in candidate["Records"] if isinstance(r, dict)]
-    raise ReplayError("message holds neither DDBStreamBatchInfo nor a stream event (Records)")
+    if not isinstance(info, Mapping):
+        if "Records" in message or "requestPayload" in message:
+            raise RejectedMessage(
+                "message carries records instead of a DDBStreamBatchInfo pointer: bodies are "
+                "not trusted, only the stream's own records are replayed"
+            )
+        raise RejectedMessage("message holds no DDBStreamBatchInfo (not a stream-failure record)")
+    arn = info.get("streamArn")
+    if not isinstance(arn, str) or _stream_table(arn) is None:
+        raise RejectedMessage(f"DDBStreamBatchInfo has no valid streamArn ({arn!r})")
+    if table_name is not None and _stream_table(arn) != table_name:
+        raise RejectedMessage(f"DDBStreamBatchInfo points at another table's stream ({arn})")
+    return fetch_batch_records(streams, info)
 
 
 def replay(sqs: Any, queue_url: str, streams: Any, table: SnapshotTable, windows: Sequence[str],
            ttl_days: int, clock: Clock = time.time, max_messages: int | None = None,
            wait_seconds: int = 1, visibility_timeout: int = 60) -> ReplayResult:
     """Reprocess the queue's messages; delete each one whose records were all applied.
+
+    Only stream-failure pointers into ``table``'s stream are replayed; other messages are
+    counted in ``rejected`` (and ``errors``), not applied and not deleted.
 
     A message that fails stays invisible for ``visibility_timeout`` seconds; should it come back
     within the same run anyway (short timeout), the run stops instead of going round in circles.
@@ -154,7 +190,8 @@ def replay(sqs: Any, queue_url: str, streams: Any, table: SnapshotTable, windows
             seen.add(message_id)
             result.received += 1
             try:
-                records = records_from_body(str(message.get("Body", "")), streams)
+                records = records_from_body(str(message.get("Body", "")), streams,
+                                            getattr(table, "table_name", None))
                 result.records += len(records)
                 batch_result = process_batch(records, table, windows, ttl_days, clock)
                 result.snapshots_updated += batch_result.snapshots_updated
@@ -163,6 +200,10 @@ def replay(sqs: Any, queue_url: str, streams: Any, table: SnapshotTable, windows
                         f"{batch_result.failed} of {len(records)} records failed again "
                         f"(first: {batch_result.failed_sequence_numbers[:1]})"
                     )
+            except RejectedMessage as exc:
+                result.rejected += 1
+                result.errors.append(f"{message_id}: rejected: {exc}")
+                continue
             except Exception as exc:
                 result.failed += 1
                 result.errors.append(f"{message_id}: {exc}")

@@ -159,7 +159,11 @@ def dlq() -> None:
 @click.option("--ttl-days", type=click.IntRange(min=1), default=90, show_default=True)
 def replay(target: Target, out: Output, max_messages: int | None, windows: str,
            ttl_days: int) -> None:
-    """Reprocess the records of failed batches and delete the messages that succeed."""
+    """Reprocess the records of failed batches and delete the messages that succeed.
+
+    Only the stream-failure pointers Lambda writes are replayed, their records re-read from the
+    table's stream; any other message (one carrying records, say) is rejected: reported, never
+    applied, and kept in the queue."""
     from .. import schema
     from ..aggregator import dlq as dlq_replay
     from ..aggregator.handler import SnapshotTable
@@ -178,5 +182,11 @@ def replay(target: Target, out: Output, max_messages: int | None, windows: str,
     counts = result.as_dict()
     out.show(counts, _counts_line({k: v for k, v in counts.items() if k != "errors"}),
              *(Stderr(f"failed: {error}") for error in result.errors))
+    problems = []
     if result.failed:
-        raise click.ClickException(f"{result.failed} message(s) could not be replayed; kept")
+        problems.append(f"{result.failed} message(s) could not be replayed")
+    if result.rejected:
+        problems.append(f"{result.rejected} message(s) rejected as not stream-failure records "
+                        "(not applied)")
+    if problems:
+        raise click.ClickException("; ".join(problems) + "; kept in the queue")

@@ -16,23 +16,32 @@ from ..local import LOCAL_REGION, LocalDynamoDB
 from . import main
 from .toolkit import Target, cli_errors, console, markup, new_table, use_target
 
+# Signals that stop `zae-limiter local` like Ctrl+C (SIGINT) does. Any other end of the process
+# (SIGKILL, a crash) takes the moto child with it too: it watches its parent (`LocalDynamoDB`).
+STOP_SIGNALS = tuple(
+    getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+
 
 @contextmanager
 def _stop_on_sigterm() -> Iterator[None]:
-    """`kill <pid>` stops the server like Ctrl+C does (the moto child is stopped too)."""
+    """`kill <pid>` (or a closed terminal) stops the server like Ctrl+C does, and the moto child
+    is stopped cleanly too."""
 
     def stop(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
+    previous: dict[int, Any] = {}
     try:
-        previous = signal.signal(signal.SIGTERM, stop)
+        for signum in STOP_SIGNALS:
+            previous[signum] = signal.signal(signum, stop)
     except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
+        pass
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 @main.command()
@@ -41,6 +50,7 @@ def _stop_on_sigterm() -> Iterator[None]:
 def local(port: int | None) -> None:
     """Serve an embedded DynamoDB (moto) on 127.0.0.1 until interrupted."""
     out = console()
+    # The signal handlers come first: a SIGTERM while the child starts stops it too (`start`).
     with _stop_on_sigterm(), LocalDynamoDB(port=port) as db:
         try:
             out.print(markup(f"[bold green]DynamoDB endpoint:[/] {db.endpoint_url}"))

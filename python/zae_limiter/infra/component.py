@@ -35,10 +35,11 @@ from . import (
     role_name,
     validate_deployment_name,
 )
-from .package import HANDLER, cached_lambda_zip
+from .package import HANDLER, cached_lambda_zip, stage_lambda_zip
 
 __all__ = [
     "AGGREGATOR_ROLE_ACTIONS",
+    "APP_INDEX_ACTIONS",
     "APP_POLICY_ACTIONS",
     "AUDIT_TRAIL_DENIED_ACTIONS",
     "LAMBDA_RUNTIME",
@@ -46,6 +47,7 @@ __all__ = [
     "ZaeLimiterStack",
     "aggregator_policy_document",
     "app_policy_document",
+    "dlq_policy_document",
     "options_from_config",
     "stack_program",
 ]
@@ -65,23 +67,25 @@ AGGREGATOR_ROLE_ACTIONS: Final = (
     "dynamodb:ListStreams",
     "dynamodb:GetItem",
     "dynamodb:PutItem",
-    "dynamodb:UpdateItem",
     "sqs:SendMessage",
     "logs:CreateLogStream",
     "logs:PutLogEvents",
 )
+# Exactly the operations the library's Repository calls on an existing table (GetItem,
+# UpdateItem, PutItem, Query, BatchWriteItem for bulk deletes, DescribeTable); no BatchGetItem,
+# ConditionCheckItem, TransactWriteItems or DeleteItem: nothing calls them. Scan and the table's
+# lifecycle (CreateTable, DeleteTable, backups) are operator tools, not an application's.
 APP_POLICY_ACTIONS: Final = (
-    "dynamodb:BatchGetItem",
     "dynamodb:BatchWriteItem",
-    "dynamodb:ConditionCheckItem",
-    "dynamodb:DeleteItem",
     "dynamodb:DescribeTable",
     "dynamodb:GetItem",
     "dynamodb:PutItem",
     "dynamodb:Query",
-    "dynamodb:TransactWriteItems",
     "dynamodb:UpdateItem",
 )
+# On the indexes (index/*) only reads happen (Query on GSI1 for an entity's children).
+APP_INDEX_ACTIONS: Final = ("dynamodb:Query",)
+KMS_QUEUE_ACTIONS: Final = ("kms:Decrypt", "kms:GenerateDataKey")
 # The audit trail is append-only for applications: they record events with a conditional
 # PutItem (and read them with Query/GetItem), never update or delete one; TTL expires them.
 AUDIT_TRAIL_DENIED_ACTIONS: Final = (
@@ -106,9 +110,12 @@ _LAMBDA_ASSUME_ROLE: Final = json.dumps(
 )
 
 
-def aggregator_policy_document(table_arn: str, dlq_arn: str, log_group_arn: str) -> dict[str, Any]:
-    """The aggregator's permissions: this table's stream and items, its DLQ, its log group."""
-    return {
+def aggregator_policy_document(
+    table_arn: str, dlq_arn: str, log_group_arn: str, kms_key_arn: str | None = None
+) -> dict[str, Any]:
+    """The aggregator's permissions: this table's stream and items, its DLQ, its log group (and,
+    when the DLQ is encrypted with a customer key, that key for sending to it)."""
+    document: dict[str, Any] = {
         "Version": "2012-10-17",
         "Statement": [
             {
@@ -118,8 +125,10 @@ def aggregator_policy_document(table_arn: str, dlq_arn: str, log_group_arn: str)
                 "Resource": f"{table_arn}/stream/*",
             },
             {
-                # ListStreams does not support resource-level permissions: AWS only accepts "*"
-                # here. It reveals stream ARNs, not data; the Lambda service's poller uses it.
+                # ListStreams does not support resource-level permissions (the Service
+                # Authorization Reference lists no resource type for it, and CDK's
+                # StreamGrants.list grants it on "*"): "*" is as tight as AWS allows. It reveals
+                # stream ARNs, not data; the Lambda service's poller uses it.
                 "Sid": "ListStreamsRequiresWildcard",
                 "Effect": "Allow",
                 "Action": ["dynamodb:ListStreams"],
@@ -129,10 +138,10 @@ def aggregator_policy_document(table_arn: str, dlq_arn: str, log_group_arn: str)
                 # Usage snapshots are items of this table (same ENTITY# partitions as the buckets,
                 # so a dynamodb:LeadingKeys condition could not narrow this further). The
                 # aggregator reads a snapshot and writes it back with a conditional PutItem
-                # (optimistic versioning); UpdateItem is for in-place counters.
+                # (optimistic versioning); it calls nothing else on the table.
                 "Sid": "WriteUsageSnapshots",
                 "Effect": "Allow",
-                "Action": ["dynamodb:GetItem", "dynamodb:PutItem", "dynamodb:UpdateItem"],
+                "Action": ["dynamodb:GetItem", "dynamodb:PutItem"],
                 "Resource": table_arn,
             },
             {
@@ -151,6 +160,56 @@ def aggregator_policy_document(table_arn: str, dlq_arn: str, log_group_arn: str)
             },
         ],
     }
+    if kms_key_arn:
+        document["Statement"].append({
+            # Sending to an SSE-KMS queue needs the key's GenerateDataKey and Decrypt.
+            "Sid": "EncryptForOwnDeadLetterQueue",
+            "Effect": "Allow",
+            "Action": list(KMS_QUEUE_ACTIONS),
+            "Resource": kms_key_arn,
+            "Condition": {
+                "StringEquals": {"kms:ViaService": f"sqs.{_region(dlq_arn)}.amazonaws.com"}
+            },
+        })
+    return document
+
+
+def _region(arn: str) -> str:
+    parts = arn.split(":")
+    return parts[3] if len(parts) > 3 else "*"
+
+
+def dlq_policy_document(dlq_arn: str, role_arn: str) -> dict[str, Any]:
+    """The DLQ's queue policy: TLS only, and only the aggregator's role (as which the event
+    source mapping writes its on-failure records) may send to it."""
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Sid": "DenyInsecureTransport",
+                "Effect": "Deny",
+                "Principal": "*",
+                "Action": "sqs:*",
+                "Resource": dlq_arn,
+                "Condition": {"Bool": {"aws:SecureTransport": "false"}},
+            },
+            {
+                "Sid": "OnlyTheAggregatorMaySend",
+                "Effect": "Deny",
+                "Principal": "*",
+                "Action": "sqs:SendMessage",
+                "Resource": dlq_arn,
+                "Condition": {"ArnNotEquals": {"aws:PrincipalArn": role_arn}},
+            },
+            {
+                "Sid": "AggregatorSendsFailureRecords",
+                "Effect": "Allow",
+                "Principal": {"AWS": role_arn},
+                "Action": "sqs:SendMessage",
+                "Resource": dlq_arn,
+            },
+        ],
+    }
 
 
 def app_policy_document(table_arn: str) -> dict[str, Any]:
@@ -163,7 +222,13 @@ def app_policy_document(table_arn: str) -> dict[str, Any]:
                 "Sid": "UseRateLimiterTable",
                 "Effect": "Allow",
                 "Action": list(APP_POLICY_ACTIONS),
-                "Resource": [table_arn, f"{table_arn}/index/*"],
+                "Resource": table_arn,
+            },
+            {
+                "Sid": "QueryRateLimiterIndexes",
+                "Effect": "Allow",
+                "Action": list(APP_INDEX_ACTIONS),
+                "Resource": f"{table_arn}/index/*",
             },
             {
                 # Audit events need PutItem (conditional: never overwrites) and Query, both
@@ -249,6 +314,7 @@ class ZaeLimiterStack(pulumi.ComponentResource):
         self.log_group: aws.cloudwatch.LogGroup | None = None
         self.role: aws.iam.Role | None = None
         self.role_policy: aws.iam.RolePolicy | None = None
+        self.dlq_policy: aws.sqs.QueuePolicy | None = None
         self.function: aws.lambda_.Function | None = None
         self.event_source_mapping: aws.lambda_.EventSourceMapping | None = None
         if o.aggregator:
@@ -367,7 +433,10 @@ class ZaeLimiterStack(pulumi.ComponentResource):
             f"{prefix}-aggregator-dlq",
             name=schema.aggregator_dlq_name(self.name),
             message_retention_seconds=DLQ_RETENTION_SECONDS,
-            sqs_managed_sse_enabled=True,
+            # Encrypted at rest: with the table's customer key when one is configured, else
+            # SQS-managed keys. Never unencrypted.
+            kms_master_key_id=o.kms_key_arn,
+            sqs_managed_sse_enabled=None if o.kms_key_arn else True,
             tags=self._tags,
             opts=child,
         )
@@ -396,17 +465,30 @@ class ZaeLimiterStack(pulumi.ComponentResource):
             policy=pulumi.Output.all(table_arn, self.dlq.arn, self.log_group.arn).apply(
                 lambda arns: json.dumps(
                     aggregator_policy_document(
-                        str(arns[0]), str(arns[1]), _strip_arn_suffix(str(arns[2]))
+                        str(arns[0]), str(arns[1]), _strip_arn_suffix(str(arns[2])),
+                        o.kms_key_arn,
                     ),
                     sort_keys=True,
                 )
             ),
             opts=child,
         )
+        # The DLQ's replay trusts only pointers into the stream, and the queue itself accepts
+        # messages only over TLS and from the aggregator's role.
+        self.dlq_policy = aws.sqs.QueuePolicy(
+            f"{prefix}-aggregator-dlq-policy",
+            queue_url=self.dlq.url,
+            policy=pulumi.Output.all(self.dlq.arn, self.role.arn).apply(
+                lambda arns: json.dumps(
+                    dlq_policy_document(str(arns[0]), str(arns[1])), sort_keys=True
+                )
+            ),
+            opts=child,
+        )
         if lambda_zip is not None:
-            from .package import source_code_hash
-
-            zip_path, code_hash = lambda_zip, source_code_hash(Path(lambda_zip).read_bytes())
+            # Read once; what is hashed is what is uploaded: a private copy of these bytes, so
+            # changing the given file afterwards cannot change the code behind the hash.
+            zip_path, code_hash = stage_lambda_zip(Path(lambda_zip).read_bytes())
         else:
             zip_path, code_hash = cached_lambda_zip()
         self.function = aws.lambda_.Function(
@@ -457,7 +539,9 @@ class ZaeLimiterStack(pulumi.ComponentResource):
             ),
             tags=self._tags,
             # AWS checks the role can read the stream when the mapping is created.
-            opts=pulumi.ResourceOptions(parent=self, depends_on=[self.role_policy]),
+            opts=pulumi.ResourceOptions(
+                parent=self, depends_on=[self.role_policy, self.dlq_policy]
+            ),
         )
 
     def _boundary_arn(self, boundary: str | None) -> pulumi.Input[str] | None:

@@ -6,14 +6,22 @@ directory, which makes this work from a wheel as well as from a source checkout.
 
 Deterministic (fixed timestamps and permissions, sorted entries): the same sources always give the
 same bytes, so Pulumi sees no change and does not redeploy the function when nothing changed.
+
+The file Pulumi uploads lives in a private directory (created 0700; its owner, mode and type are
+checked on every use, a symlink is never followed), and `source_code_hash` is computed from the
+very bytes written there: nobody else can swap the file between hashing and upload. A directory
+that fails the check is refused when given explicitly, and replaced by a fresh private temporary
+directory when it is the default one (someone else may have created that path first).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import os
+import stat
 import tempfile
 import zipfile
 from collections.abc import Iterator
@@ -30,7 +38,9 @@ __all__ = [
     "build_lambda_zip",
     "cached_lambda_zip",
     "lambda_files",
+    "private_directory",
     "source_code_hash",
+    "stage_lambda_zip",
 ]
 
 HANDLER: Final = "lambda_function.handler"
@@ -139,20 +149,80 @@ def source_code_hash(data: bytes) -> str:
     return base64.b64encode(hashlib.sha256(data).digest()).decode()
 
 
+def default_cache_directory() -> Path:
+    """Per user, under the temp dir: `zae-limiter-lambda-<uid>`."""
+    return Path(tempfile.gettempdir()) / f"zae-limiter-lambda-{os.getuid()}"
+
+
+def _check_private(directory: Path) -> None:
+    """Raise PermissionError unless `directory` is a real directory (not a symlink) owned by
+    this user with no group or other permissions."""
+    info = os.lstat(directory)
+    if stat.S_ISLNK(info.st_mode):
+        raise PermissionError(f"{directory} is a symbolic link; refusing to use it")
+    if not stat.S_ISDIR(info.st_mode):
+        raise PermissionError(f"{directory} is not a directory")
+    if info.st_uid != os.getuid():
+        raise PermissionError(f"{directory} is owned by uid {info.st_uid}, not {os.getuid()}")
+    if info.st_mode & 0o077:
+        raise PermissionError(
+            f"{directory} is accessible to other users (mode {stat.S_IMODE(info.st_mode):o}); "
+            "expected 0700"
+        )
+
+
+def private_directory(directory: Path | None = None) -> Path:
+    """`directory` (default: `default_cache_directory()`), created 0700 if missing, checked.
+
+    An explicit directory that is not private raises PermissionError; a default one that is not
+    is left alone and a fresh `tempfile.mkdtemp()` directory is used instead.
+    """
+    explicit = directory is not None
+    path = Path(directory) if directory is not None else default_cache_directory()
+    try:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, 0o700)
+        _check_private(path)
+    except (PermissionError, FileNotFoundError, NotADirectoryError):
+        if explicit:
+            raise
+        path = Path(tempfile.mkdtemp(prefix="zae-limiter-lambda-"))
+        _check_private(path)
+    return path
+
+
+def stage_lambda_zip(data: bytes, directory: Path | None = None) -> tuple[Path, str]:
+    """`data` written once per content into a private directory; (path, hash of `data`).
+
+    The hash is of the bytes given, and the file holding them is only writable by this user;
+    a cached file is reused only if it is a regular file of this user holding exactly `data`.
+    """
+    digest = hashlib.sha256(data).hexdigest()
+    path = private_directory(directory) / f"aggregator-{digest[:32]}.zip"
+    if not _holds(path, data):
+        _atomic_write(path, data)
+    return path, source_code_hash(data)
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return False
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+            return False
+        return handle.read() == data
+
+
 def cached_lambda_zip(directory: Path | None = None) -> tuple[Path, str]:
-    """The bundle written once per content to `directory` (default: the temp dir); (path, hash).
+    """The bundle written once per content to a private `directory`; (path, hash).
 
     Pulumi needs a file for the function's code; naming it by content lets concurrent programs
     share it without one overwriting the file another is reading.
     """
-    data = build_lambda_zip()
-    digest = hashlib.sha256(data).hexdigest()
-    directory = directory or Path(tempfile.gettempdir()) / "zae-limiter-lambda"
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"aggregator-{digest[:32]}.zip"
-    if not path.is_file() or path.read_bytes() != data:
-        _atomic_write(path, data)
-    return path, source_code_hash(data)
+    return stage_lambda_zip(build_lambda_zip(), directory)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
