@@ -346,7 +346,7 @@ async def test_outage_during_reserve_meets_the_failure_mode(
                     await lease.consume(tok=1)
                     await lease.release(tok=1)
                     assert len(proxy.requests()) == requests, "a fail_open lease wrote"
-                    assert lease.consumed == {"tok": 5}
+                    assert lease.consumed == {}  # a fail-open lease takes nothing
                 figures.add(admitted=1)
             elapsed = time.monotonic() - started
             assert elapsed <= UNAVAILABLE_BOUND_S, f"{kind}: {elapsed:.2f}s"
