@@ -241,6 +241,8 @@ def test_version_keywords_map_onto_version_check() -> None:
     # positional, in 0.2.0's order
     positional = RateLimiter("a", None, None, None, FailureMode.FAIL_OPEN, False, True, True)
     assert positional.version_check == "skip" and positional.auto_update is False
+    # 0.2's fixtures reach for `limiter._repository`
+    assert positional._repository is positional.repository
     sync = SyncRateLimiter(name="a", skip_version_check=True, auto_update=False)
     try:
         assert sync.async_limiter.version_check == "skip"

@@ -17,7 +17,6 @@ __all__ = [
     "MAX_AMOUNT",
     "MAX_IDENTIFIER_LENGTH",
     "MAX_NAME_LENGTH",
-    "MAX_PRINCIPAL_LENGTH",
     "MAX_RESOURCE_LENGTH",
     "validate_amount",
     "validate_entity_id",
@@ -30,7 +29,6 @@ __all__ = [
 MAX_IDENTIFIER_LENGTH = 256
 MAX_NAME_LENGTH = 64
 MAX_RESOURCE_LENGTH = 256
-MAX_PRINCIPAL_LENGTH = 256
 
 # Amounts are stored as millitokens in signed 64-bit integers (max ~9.2e18); 10**15 tokens is
 # 10**18 millitokens, leaving headroom for sums of a few amounts before anything overflows.
@@ -48,29 +46,40 @@ _RESOURCE_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]*(?:/[A-Za-z0-9_.\-]+)*", re.
 _PRINCIPAL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-:@/+=,]*", re.ASCII)
 
 
-def validate_entity_id(value: object, field: str = "entity_id") -> str:
-    """Validate an identifier (entity or parent id).
-
-    1..256 ASCII characters: a letter or digit, then letters, digits, ``_ . - : @``.
-    """
+def _identifier(
+    value: object, field: str, pattern: re.Pattern[str], empty: str, allowed: str
+) -> str:
+    """The checks an identifier-like value shares (entity ids, principals): a non-empty string
+    of at most 256 characters without the key delimiter, matching `pattern`."""
     if not isinstance(value, str):
         raise InvalidIdentifierError(field, value, f"must be a string, not {type(value).__name__}")
     if not value:
-        raise InvalidIdentifierError(field, value, "cannot be empty")
+        raise InvalidIdentifierError(field, value, empty)
     if len(value) > MAX_IDENTIFIER_LENGTH:
         raise InvalidIdentifierError(
             field, value, f"exceeds maximum length of {MAX_IDENTIFIER_LENGTH}"
         )
     if "#" in value:
         raise InvalidIdentifierError(field, value, "cannot contain '#' (reserved delimiter)")
-    if _IDENTIFIER_RE.fullmatch(value) is None:
+    if pattern.fullmatch(value) is None:
         raise InvalidIdentifierError(
-            field,
-            value,
-            "must start with an ASCII letter or digit and contain only ASCII letters, digits, "
-            "underscore, hyphen, dot, colon or @",
+            field, value, f"must start with an ASCII letter or digit and contain only {allowed}"
         )
     return value
+
+
+def validate_entity_id(value: object, field: str = "entity_id") -> str:
+    """Validate an identifier (entity or parent id).
+
+    1..256 ASCII characters: a letter or digit, then letters, digits, ``_ . - : @``.
+    """
+    return _identifier(
+        value,
+        field,
+        _IDENTIFIER_RE,
+        "cannot be empty",
+        "ASCII letters, digits, underscore, hyphen, dot, colon or @",
+    )
 
 
 def validate_name(value: object, field: str = "limit_name") -> str:
@@ -128,24 +137,13 @@ def validate_principal(value: object, field: str = "principal") -> str | None:
     """
     if value is None:
         return None
-    if not isinstance(value, str):
-        raise InvalidIdentifierError(field, value, f"must be a string, not {type(value).__name__}")
-    if not value:
-        raise InvalidIdentifierError(field, value, "cannot be empty (pass None for no principal)")
-    if len(value) > MAX_PRINCIPAL_LENGTH:
-        raise InvalidIdentifierError(
-            field, value, f"exceeds maximum length of {MAX_PRINCIPAL_LENGTH}"
-        )
-    if "#" in value:
-        raise InvalidIdentifierError(field, value, "cannot contain '#' (reserved delimiter)")
-    if _PRINCIPAL_RE.fullmatch(value) is None:
-        raise InvalidIdentifierError(
-            field,
-            value,
-            "must start with an ASCII letter or digit and contain only ASCII letters, digits "
-            "and _ . - : @ / + = ,",
-        )
-    return value
+    return _identifier(
+        value,
+        field,
+        _PRINCIPAL_RE,
+        "cannot be empty (pass None for no principal)",
+        "ASCII letters, digits and _ . - : @ / + = ,",
+    )
 
 
 def _as_int(value: object, field: str) -> int:
