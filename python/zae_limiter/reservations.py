@@ -240,6 +240,10 @@ class Reserver:
                     targets, [_tokens(h, g) for h, g in zip(holdings, goals, strict=True)]
                 )
         except RateLimitExceeded as exc:
+            if not any(any(_short(h, need)) for h, need in zip(holdings, needs, strict=True)):
+                # A lease gave tokens back into the blocks while the buckets were asked: the
+                # blocks cover the request now, so this is no denial; the caller takes again.
+                return
             raise self._denied(holdings, needs, shorts, exc) from None
         expires = time.monotonic() + self.policy.hold_seconds
         for h, goal in zip(holdings, goals, strict=True):
