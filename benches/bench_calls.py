@@ -96,10 +96,13 @@ class Before(Repository):
         writes: Sequence[LimitWrite],
         now_ms: int,
         write_id: str,
+        expires_at: int | None = None,
     ) -> dict[str, Any]:
         if not self.fresh_requests:
-            return super()._bucket_update(entity_id, resource, writes, now_ms, write_id)
-        return bucket_update_request(self.table_name, entity_id, resource, writes, now_ms, write_id)
+            return super()._bucket_update(entity_id, resource, writes, now_ms, write_id, expires_at)
+        return bucket_update_request(
+            self.table_name, entity_id, resource, writes, now_ms, write_id, expires_at
+        )
 
     def _bucket_key(self, entity_id: str, resource: str) -> dict[str, Any]:
         if not self.fresh_requests:

@@ -139,13 +139,14 @@ def limit_write(draw: st.DrawFn, name: str) -> LimitWrite:
 
 
 @st.composite
-def bucket_write(draw: st.DrawFn) -> tuple[str, str, list[LimitWrite], int, str]:
+def bucket_write(draw: st.DrawFn) -> tuple[str, str, list[LimitWrite], int, str, int | None]:
     names = draw(st.lists(LIMIT_NAMES, min_size=1, max_size=4, unique=True))
     writes = [draw(limit_write(name)) for name in names]
     entity = draw(st.sampled_from(["a", "b", "tenant-1"]))
     resource = draw(st.sampled_from(["llm", "api", schema.DEFAULT_RESOURCE]))
     write_id = draw(st.text("abcdefgh0123456789-_", min_size=8, max_size=8))
-    return entity, resource, writes, draw(ANCHOR), write_id
+    expires_at = draw(st.none() | st.integers(min_value=0, max_value=253_402_300_799))
+    return entity, resource, writes, draw(ANCHOR), write_id, expires_at
 
 
 # One repository for every example: its parts, built by earlier examples, are reused by later.
@@ -155,7 +156,7 @@ SHARED = Repository(name="shapes")
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(bucket_write(), min_size=1, max_size=6))
 def test_bucket_requests_are_the_requests_built_from_scratch(
-    batch: list[tuple[str, str, list[LimitWrite], int, str]],
+    batch: list[tuple[str, str, list[LimitWrite], int, str, int | None]],
 ) -> None:
     built = [SHARED._bucket_update(*args) for args in batch]
     for args, request in zip(batch, built, strict=True):

@@ -61,6 +61,7 @@ from .models import (
 if TYPE_CHECKING:
     from .lease import Lease, SyncLease
     from .limiter import RateLimiter
+    from .metrics import Metrics
     from .repository import Repository
     from .stack_manager import StackManager
     from .sync import SyncRateLimiter
@@ -71,6 +72,7 @@ _LAZY = {
     "Lease": ("lease", "Lease"),
     "SyncLease": ("lease", "SyncLease"),
     "Repository": ("repository", "Repository"),
+    "Metrics": ("metrics", "Metrics"),
     "StackManager": ("stack_manager", "StackManager"),
 }
 
@@ -107,6 +109,7 @@ __all__ = [
     "Limit",
     "LimitName",
     "LimitStatus",
+    "Metrics",
     "MinimumClientVersionError",
     "RateLimitError",
     "RateLimitExceeded",

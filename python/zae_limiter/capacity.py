@@ -1,7 +1,9 @@
 """DynamoDB capacity units from item sizes, by AWS's published rules.
 
 moto's ConsumedCapacity figures are not DynamoDB's, so the repository counts its own: each call's
-read/write units are derived from the sizes of the items it touched.
+read/write units are derived from the sizes of the items it touched. Observers attached to the
+ledger (`zae_limiter.metrics.Metrics`) see every call, throttle, retry and conflict as it happens,
+so the repository reports to the ledger alone.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from decimal import Decimal
-from typing import Any
+from typing import Any, Protocol
 
 WRITE_UNIT_BYTES = 1024
 READ_UNIT_BYTES = 4096
@@ -62,6 +64,25 @@ def read_units(size: int, consistent: bool) -> float:
     return float(units) if consistent else units / 2
 
 
+def api_name(operation: str) -> str:
+    """DynamoDB's name of an operation (`UpdateItem`) from the client's method (`update_item`)."""
+    if "_" not in operation and operation[:1].isupper():
+        return operation
+    return "".join(part.capitalize() for part in operation.split("_"))
+
+
+class LedgerObserver(Protocol):
+    """What a ledger tells its observers; operations arrive under DynamoDB's names."""
+
+    def called(self, operation: str, rcu: float, wcu: float) -> None: ...
+
+    def throttled(self, operation: str) -> None: ...
+
+    def retried(self, operation: str) -> None: ...
+
+    def conflicted(self, resource: str | None) -> None: ...
+
+
 @dataclass
 class CapacityLedger:
     """Calls and capacity units per DynamoDB operation, as DynamoDB would bill them."""
@@ -72,11 +93,44 @@ class CapacityLedger:
     # Conditional bucket writes refused because another client changed the bucket first (each
     # is also counted, and billed, as an UpdateItem call).
     conflicts: int = 0
+    observers: list[LedgerObserver] = field(default_factory=list)
+
+    def attach(self, observer: LedgerObserver) -> None:
+        """Tell `observer` of everything recorded from now on (once, however often attached)."""
+        if all(o is not observer for o in self.observers):
+            self.observers.append(observer)
+
+    def detach(self, observer: LedgerObserver) -> None:
+        self.observers = [o for o in self.observers if o is not observer]
 
     def record(self, operation: str, *, rcu: float = 0.0, wcu: float = 0.0) -> None:
         self.calls[operation] += 1
         self.read_units += rcu
         self.write_units += wcu
+        for observer in self.observers:
+            observer.called(operation, rcu, wcu)
+
+    def throttled(self, operation: str) -> None:
+        """A call DynamoDB refused for throughput (not billed; the repository retries it).
+        Counted in `calls` as `<operation>:throttled`."""
+        self.calls[f"{operation}:throttled"] += 1
+        if self.observers:
+            name = api_name(operation)
+            for observer in self.observers:
+                observer.throttled(name)
+
+    def retried(self, operation: str) -> None:
+        """The repository sends `operation` again (after a throttle or a failure)."""
+        if self.observers:
+            name = api_name(operation)
+            for observer in self.observers:
+                observer.retried(name)
+
+    def conflict(self, resource: str | None = None) -> None:
+        """A conditional bucket write refused: another client changed the bucket first."""
+        self.conflicts += 1
+        for observer in self.observers:
+            observer.conflicted(resource)
 
     @property
     def total_calls(self) -> int:
@@ -92,6 +146,7 @@ class CapacityLedger:
         }
 
     def reset(self) -> None:
+        """Zero the counts (observers stay attached and keep their own totals)."""
         self.calls.clear()
         self.read_units = 0.0
         self.write_units = 0.0

@@ -12,12 +12,15 @@ decision is made again on it. Only denials are confirmed with a fresh read.
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from . import core
+from . import core, expiry
 from .cache import TTLCache
 from .exceptions import RateLimiterUnavailable, RateLimitExceeded, RequestTooLarge
 from .models import Limit, LimitStatus
@@ -29,6 +32,10 @@ REANCHOR_MS = 60_000
 MAX_ROUNDS = 12
 # Give-backs and adjustments must land: losing one leaves capacity consumed for nothing.
 MAX_FORCED_ROUNDS = 48
+# How long `close` waits for writes detached from calls their deadline cut short.
+DRAIN_SECONDS = 10.0
+
+log = logging.getLogger("zae_limiter")
 
 BucketKey = tuple[str, str]
 
@@ -60,6 +67,7 @@ class Engine:
         self.storage = storage
         self.clock = clock or wall_clock_ms
         self.states: TTLCache[BucketKey, BucketItem | None] = TTLCache(0, cache_size)
+        self._background: set[asyncio.Task[None]] = set()
 
     async def targets(
         self, resource: str, limit_sets: Sequence[tuple[str, list[Limit]]]
@@ -105,6 +113,12 @@ class Engine:
     async def force(self, targets: Sequence[Target], amounts: Mapping[str, int]) -> None:
         """Add `amounts` (negative: give back) to every target without a check."""
         await self._apply(targets, [amounts] * len(targets), check=False)
+
+    def settle_local(
+        self, targets: Sequence[Target], amounts: Mapping[str, int], check: bool
+    ) -> bool:
+        """The engine holds nothing locally: every change is a write (see `Reserver`)."""
+        return False
 
     async def commit_each(
         self, targets: Sequence[Target], amounts: Sequence[Mapping[str, int]]
@@ -183,14 +197,41 @@ class Engine:
             raise RateLimiterUnavailable(
                 f"bucket contention: no write landed in {rounds} rounds of conflicting writes"
             )
-        except BaseException:
+        except BaseException as exc:
             if committed and check:
-                # Partial success of an all-or-nothing consume: give back what was taken.
-                await self.force_each(
-                    [targets[i] for i in committed],
-                    [{name: -n for name, n in amounts[i].items()} for i in committed],
+                # Partial success of an all-or-nothing consume: give back what was taken. The
+                # give-back is a task of its own, so a deadline cancelling this call (which
+                # does not wait for it then) cannot cancel it and lose the tokens.
+                back = self.detach(
+                    self.force_each(
+                        [targets[i] for i in committed],
+                        [{name: -n for name, n in amounts[i].items()} for i in committed],
+                    ),
+                    "give-back after a partial consume",
                 )
+                if not isinstance(exc, asyncio.CancelledError):
+                    await asyncio.shield(back)
             raise
+
+    def detach(
+        self, work: Coroutine[Any, Any, None], what: str | None = None
+    ) -> asyncio.Task[None]:
+        """Run `work` as a task that outlives its caller's cancellation (a deadline): writes
+        that must land once started. Kept until done; `drain` waits for the rest. A failure no
+        caller waited for is logged, naming `what`."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        task.add_done_callback(functools.partial(_report, what))
+        return task
+
+    async def drain(self, timeout: float = DRAIN_SECONDS) -> None:
+        """Wait for the detached writes still under way (at close), at most `timeout` seconds."""
+        if not self._background:
+            return
+        _, pending = await asyncio.wait(list(self._background), timeout=timeout)
+        if pending:
+            log.warning("%d detached bucket writes still under way at close", len(pending))
 
     async def _write(self, target: Target, writes: list[LimitWrite], now: int) -> BucketItem:
         key = (target.entity_id, target.resource)
@@ -202,20 +243,46 @@ class Engine:
                 now,
                 known_size=target.state.size if target.state else 0,
                 known_ids=target.state.write_ids if target.state else (),
+                expires_at=expiry.planned(target.limits, target.state, writes, now),
             )
         except ConditionFailed as exc:
             self._learn(target, exc.current)
             raise
-        except Exception:
+        except BaseException:  # cancelled too: a write cut short may still land
             self.states.drop(key)
             raise
         self._learn(target, state)
+        self._outlive(target, state, now)
         return state
 
     def _learn(self, target: Target, state: BucketItem | None) -> None:
         target.state = state
         target.fresh = True
         self.states.put((target.entity_id, target.resource), state)
+
+    def _outlive(self, target: Target, state: BucketItem, now: int) -> None:
+        """Make the item outlive its state as written: a write on a stale view (relative, so
+        applied to newer tokens) may have set an expiry earlier than the state requires (see
+        `zae_limiter.expiry`). The rare correction is detached: off the caller's path, and no
+        deadline cuts it short."""
+        due = expiry.required(target.limits, state, now)
+        if state.expires_at is None or state.expires_at < due:
+            self.detach(self._extend_expiry(target, due, state.size), "bucket expiry extension")
+
+    async def _extend_expiry(self, target: Target, expires_at: int, size: int) -> None:
+        await self.storage.extend_bucket_expiry(
+            target.entity_id, target.resource, expires_at, known_size=size
+        )
+
+
+def _report(what: str | None, task: asyncio.Task[None]) -> None:
+    """Retrieve a detached task's outcome (asyncio warns about unretrieved ones) and log a
+    failure when it was a write that must land."""
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None and what is not None:
+        log.warning("%s failed: %s", what, exc)
 
 
 def bucket_input(limit: Limit, state: BucketItem | None, delta: int) -> core.BucketInput:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
+from . import core
 from .arguments import oversized
-from .engine import Target, request_too_large
+from .deadline import Bounded, DeadlineExceeded
+from .engine import Target, bucket_input, request_too_large
 from .exceptions import ValidationError
 from .failures import public_errors
+from .models import LimitStatus
 from .validation import validate_amount, validate_name, validate_signed_amount
 
 log = logging.getLogger("zae_limiter")
@@ -25,6 +30,18 @@ class Settler(Protocol):
     async def commit(self, targets: Sequence[Target], amounts: Mapping[str, int]) -> None: ...
 
     async def force(self, targets: Sequence[Target], amounts: Mapping[str, int]) -> None: ...
+
+    def settle_local(
+        self, targets: Sequence[Target], amounts: Mapping[str, int], check: bool
+    ) -> bool:
+        """Apply the change with no I/O if it can be (True), else change nothing (False)."""
+        ...
+
+    def detach(
+        self, work: Coroutine[Any, Any, None], what: str | None = None
+    ) -> asyncio.Task[None]:
+        """Run a write that must land as a task a caller's deadline cannot cancel."""
+        ...
 
     def clock(self) -> int:
         """Now, in the milliseconds decisions use."""
@@ -45,8 +62,10 @@ class Lease:
         consumed: Mapping[str, int],
         *,
         fail_open: bool = False,
+        deadline: float | None = None,
     ) -> None:
         self._settler = settler
+        self._deadline = deadline
         self._targets = list(targets)
         self._consumed: dict[str, int] = dict(consumed)
         self._limit_names = {limit.name for limit in targets[0].limits} if targets else set()
@@ -61,6 +80,32 @@ class Lease:
     @property
     def entity_id(self) -> str | None:
         return self._targets[0].entity_id if self._targets else None
+
+    def statuses(self) -> list[LimitStatus]:
+        """Every limit of this lease (the parent's too, with cascade) as the acquire left it,
+        with no I/O: `available` is what the bucket holds now by the state its last write
+        returned, `requested` what this lease holds. With reservations it is the shared bucket
+        as of the block's last top-up, the blocks counted as used: what `available()` reports.
+        Empty for a fail-open lease (no bucket was seen)."""
+        now = self._settler.clock()
+        result: list[LimitStatus] = []
+        for target in self._targets:
+            for limit in target.limits:
+                burst, amount, period, tokens, last, _ = bucket_input(limit, target.state, 0)
+                milli = core.available(burst, amount, period, tokens, last, now)
+                result.append(
+                    LimitStatus(
+                        entity_id=target.entity_id,
+                        resource=target.resource,
+                        limit_name=limit.name,
+                        limit=limit,
+                        available=milli // 1000,
+                        requested=self._consumed.get(limit.name, 0),
+                        exceeded=False,
+                        retry_after_seconds=0.0,
+                    )
+                )
+        return result
 
     def _amounts(self, amounts: Mapping[str, object], signed: bool) -> dict[str, int]:
         result: dict[str, int] = {}
@@ -93,20 +138,22 @@ class Lease:
         deltas = self._amounts(amounts, signed=True)
         self._held_back("adjust", {k: -v for k, v in deltas.items() if v < 0})
         if deltas and not self.fail_open:
-            with public_errors():
-                await self._settler.force(self._targets, deltas)
+            await self._force(deltas, "adjust")
         self._add(deltas)
 
     async def consume(self, **amounts: int) -> None:
         """Take more, checked like `acquire`: raises `RateLimitExceeded` and takes nothing if any
-        limit (or the parent's, with cascade) cannot cover it."""
+        limit (or the parent's, with cascade) cannot cover it. At the deadline it raises
+        `RateLimiterUnavailable` (a decision not made takes nothing)."""
         deltas = self._amounts(amounts, signed=False)
         if deltas and not self.fail_open:
             sets = [(t.entity_id, t.limits) for t in self._targets]
             if (too := oversized(sets, deltas)) is not None:
                 raise request_too_large(self._targets, deltas, self._settler.clock(), too[2])
-            with public_errors():
-                await self._settler.commit(self._targets, deltas)
+            if not self._settler.settle_local(self._targets, deltas, check=True):
+                with public_errors():
+                    async with Bounded(self._deadline):
+                        await self._settler.commit(self._targets, deltas)
         self._add(deltas)
 
     async def release(self, **amounts: int) -> None:
@@ -115,16 +162,29 @@ class Lease:
         deltas = self._amounts(amounts, signed=False)
         self._held_back("release", deltas)
         if deltas and not self.fail_open:
-            with public_errors():
-                await self._settler.force(self._targets, {k: -v for k, v in deltas.items()})
+            await self._force({k: -v for k, v in deltas.items()}, "release")
         self._add({k: -v for k, v in deltas.items()})
 
     async def _rollback(self) -> None:
         deltas = {k: -v for k, v in self._consumed.items() if v}
         if deltas and not self.fail_open:
-            with public_errors():
-                await self._settler.force(self._targets, deltas)
+            await self._force(deltas, "rollback")
         self._consumed = dict.fromkeys(self._consumed, 0)
+
+    async def _force(self, deltas: Mapping[str, int], what: str) -> None:
+        """An unchecked change, which must land: at the deadline the call returns and the write
+        goes on in the background (retrying it would apply it twice); only a failure within
+        the deadline raises."""
+        if self._settler.settle_local(self._targets, deltas, check=False):
+            return
+        write = self._settler.detach(self._settler.force(self._targets, deltas))
+        try:
+            async with Bounded(self._deadline):
+                with public_errors():
+                    await asyncio.shield(write)
+        except DeadlineExceeded as exc:
+            log.warning("%s of %r goes on past its deadline: %s", what, self, exc)
+            write.add_done_callback(functools.partial(_late_failure, what, repr(self)))
 
     def _add(self, deltas: Mapping[str, int]) -> None:
         if self.fail_open:  # nothing was taken from any bucket, so nothing is held
@@ -134,6 +194,11 @@ class Lease:
 
     def __repr__(self) -> str:
         return f"Lease(entity_id={self.entity_id!r}, consumed={self._consumed!r})"
+
+
+def _late_failure(what: str, lease: str, write: asyncio.Task[None]) -> None:
+    if not write.cancelled() and (exc := write.exception()) is not None:
+        log.error("%s of %s, which went on past its deadline, failed: %s", what, lease, exc)
 
 
 class LeaseScope:
@@ -179,6 +244,9 @@ class SyncLease:
     @property
     def consumed(self) -> dict[str, int]:
         return self._lease.consumed
+
+    def statuses(self) -> list[LimitStatus]:
+        return self._lease.statuses()
 
     @property
     def entity_id(self) -> str | None:

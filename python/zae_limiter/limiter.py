@@ -17,15 +17,19 @@ from . import audit, core, provisioning, usage
 from .arguments import check_consumable, check_consume, check_limits, oversized
 from .cache import TTLCache
 from .capacity import CapacityLedger
+from .deadline import DEFAULT_DEADLINE_SECONDS, Bounded, check_deadline
 from .engine import Engine, Target, bucket_input, request_too_large
 from .exceptions import (
     EntityNotFoundError,
     InfrastructureNotFoundError,
+    RateLimiterUnavailable,
+    RateLimitExceeded,
     RequestTooLarge,
     ValidationError,
 )
 from .failures import OUTAGES, misconfigured, public_errors, unavailable
 from .lease import Lease, LeaseScope
+from .metrics import ADMITTED, DENIED, FAIL_OPEN, NO_METRICS, UNAVAILABLE, Metrics
 from .models import (
     AuditEvent,
     Entity,
@@ -91,6 +95,8 @@ class RateLimiter:
         repository: Repository | None = None,
         version_check: VersionCheck = "strict",
         reservations: Reservations | None = None,
+        deadline: float | None = DEFAULT_DEADLINE_SECONDS,
+        metrics: Metrics | None = None,
     ) -> None:
         if not isinstance(failure_mode, FailureMode):
             raise ValidationError("failure_mode", failure_mode, "must be a FailureMode")
@@ -110,6 +116,9 @@ class RateLimiter:
         self.endpoint_url = endpoint_url
         self.stack_options = stack_options
         self.failure_mode = failure_mode
+        self.deadline = None if deadline is None else check_deadline(deadline)
+        """Seconds an `acquire`, a lease operation or `available` may wait on DynamoDB,
+        retries and the version check included (None: only the retry policy bounds them)."""
         self.version_check: VersionCheck = version_check
         self.compatibility: Compatibility | None = None
         self.repository = repository or Repository(
@@ -118,6 +127,13 @@ class RateLimiter:
         if reservations is not None and not isinstance(reservations, Reservations):
             raise ValidationError("reservations", reservations, "must be a Reservations or None")
         self.reservations = reservations
+        if metrics is not None and not isinstance(metrics, Metrics):
+            raise ValidationError("metrics", metrics, "must be a Metrics or None")
+        self.metrics = NO_METRICS if metrics is None else metrics
+        """Where acquires are reported; it also observes the repository's ledger (a repository
+        passed in included), so it sees every DynamoDB call."""
+        if metrics is not None:
+            self.repository.ledger.attach(metrics)
         self._engine = Engine(self.repository, clock, bucket_cache_size)
         self._reserver = None if reservations is None else Reserver(self._engine, reservations)
         self._entities: TTLCache[str, Entity | None] = TTLCache(limits_cache_ttl, bucket_cache_size)
@@ -142,6 +158,7 @@ class RateLimiter:
         """Give back reserved tokens (with `reservations`), then close the DynamoDB client."""
         if self._reserver is not None:
             await self._reserver.close()
+        await self._engine.drain()
         await self.repository.close()
 
     @property
@@ -189,6 +206,14 @@ class RateLimiter:
                 self._ready = await self._check_version()
             except StorageError as exc:  # e.g. no permission to read the version record
                 raise misconfigured(exc) from exc
+
+    async def _open(self) -> None:
+        """The DynamoDB client, built before an operation's deadline starts (see
+        `Repository.open`)."""
+        try:
+            await self.repository.open()
+        except StorageError as exc:  # no credentials or region
+            raise misconfigured(exc) from exc
 
     async def _check_version(self) -> bool:
         """Check the version record once per limiter; True when the check is settled.
@@ -393,7 +418,7 @@ class RateLimiter:
         if not hit or stored is None:
             stored = await self.repository.get_all_limits(entity_id)
             self._stored_limits.put(entity_id, stored)
-        return list(stored.get(resource) or stored.get(DEFAULT_RESOURCE) or fallback)
+        return _chosen(stored, resource, fallback)
 
     async def _parent_of(self, entity_id: str) -> str | None:
         hit, entity = self._entities.get(entity_id)
@@ -413,6 +438,9 @@ class RateLimiter:
         use_stored_limits: bool,
     ) -> list[tuple[str, list[Limit]]]:
         """`(entity_id, limits)` for the entity and, with `cascade`, its parent."""
+        known = self._known_limit_sets(entity_id, resource, fallback, cascade, use_stored_limits)
+        if known is not None:
+            return known
         ids = [entity_id]
         if cascade:
             parent = await self._parent_of(entity_id)
@@ -432,6 +460,35 @@ class RateLimiter:
             sets.append((eid, limits))
         return sets
 
+    def _known_limit_sets(
+        self,
+        entity_id: str,
+        resource: str,
+        fallback: list[Limit],
+        cascade: bool,
+        use_stored_limits: bool,
+    ) -> list[tuple[str, list[Limit]]] | None:
+        """`_limit_sets` from the caches alone (no I/O); None when it needs a read."""
+        ids = [entity_id]
+        if cascade:
+            hit, entity = self._entities.get(entity_id)
+            if not hit or entity is None:
+                return None
+            if entity.parent_id is not None:
+                ids.append(entity.parent_id)
+        if not use_stored_limits:
+            return [(eid, fallback) for eid in ids] if fallback else None
+        sets: list[tuple[str, list[Limit]]] = []
+        for eid in ids:
+            hit, stored = self._stored_limits.get(eid)
+            if not hit or stored is None:
+                return None
+            limits = _chosen(stored, resource, fallback)
+            if not limits:
+                return None  # `_limit_sets` raises the error
+            sets.append((eid, limits))
+        return sets
+
     # -- acquire ----------------------------------------------------------------------------
 
     def acquire(
@@ -443,13 +500,26 @@ class RateLimiter:
         cascade: bool = False,
         use_stored_limits: bool = False,
         failure_mode: FailureMode | None = None,
+        *,
+        deadline: float | None = None,
     ) -> LeaseScope:
         """`async with limiter.acquire(...) as lease:` takes `consume` from every limit (and the
         parent's, with `cascade`) or raises `RateLimitExceeded`; the consumption stands on a
-        normal exit and is given back if the block raises. Arguments are checked on entry."""
+        normal exit and is given back if the block raises. Arguments are checked on entry.
+
+        `deadline` (seconds; default: the limiter's) bounds the wait on DynamoDB, retries
+        included: past it, FAIL_OPEN admits and FAIL_CLOSED raises `RateLimiterUnavailable`.
+        The lease's own operations use the same deadline."""
         return LeaseScope(
             lambda: self._admit(
-                entity_id, resource, limits, consume, cascade, use_stored_limits, failure_mode
+                entity_id,
+                resource,
+                limits,
+                consume,
+                cascade,
+                use_stored_limits,
+                failure_mode,
+                deadline,
             )
         )
 
@@ -462,8 +532,39 @@ class RateLimiter:
         cascade: bool,
         use_stored_limits: bool,
         failure_mode: FailureMode | None,
+        deadline: float | None,
+    ) -> Lease:
+        args = (entity_id, resource, limits, consume, cascade, use_stored_limits, failure_mode)
+        metrics = self.metrics
+        if metrics is NO_METRICS:
+            return await self._decide(*args, deadline)
+        started = time.perf_counter()
+        try:
+            lease = await self._decide(*args, deadline)
+        except RateLimitExceeded as exc:  # RequestTooLarge too: a denial
+            names = tuple(v.limit_name for v in exc.violations)
+            metrics.acquired(resource, entity_id, DENIED, time.perf_counter() - started, names)
+            raise
+        except RateLimiterUnavailable:
+            metrics.acquired(resource, entity_id, UNAVAILABLE, time.perf_counter() - started)
+            raise
+        result = FAIL_OPEN if lease.fail_open else ADMITTED
+        metrics.acquired(resource, entity_id, result, time.perf_counter() - started)
+        return lease
+
+    async def _decide(
+        self,
+        entity_id: str,
+        resource: str,
+        limits: Sequence[Limit] | None,
+        consume: Mapping[str, int],
+        cascade: bool,
+        use_stored_limits: bool,
+        failure_mode: FailureMode | None,
+        deadline: float | None,
     ) -> Lease:
         mode = self._failure_mode(failure_mode)
+        seconds = self._deadline_of(deadline)
         validate_entity_id(entity_id)
         validate_resource(resource)
         fallback = check_limits(limits or [], allow_empty=use_stored_limits)
@@ -472,30 +573,51 @@ class RateLimiter:
             check_consumable([(entity_id, fallback)], amounts, burst=False)
             if (too := oversized([(entity_id, fallback)], amounts)) is not None:
                 raise self._too_large(resource, [(entity_id, fallback)], amounts, too[2])
+        reserver = self._reserver
+        if reserver is not None and self._ready:
+            # Served from the blocks with no I/O: nothing to bound, so no timer is armed.
+            sets = self._known_limit_sets(entity_id, resource, fallback, cascade, use_stored_limits)
+            if sets is not None:
+                if use_stored_limits:
+                    self._check_stored(resource, sets, amounts)
+                targets = reserver.take_local(resource, sets, amounts)
+                if targets is not None:
+                    return Lease(reserver, targets, amounts, deadline=seconds)
         if not self._ready:
-            await self._ensure_ready()
+            await self._open()
         try:
-            sets = await self._limit_sets(
-                entity_id, resource, fallback, cascade, use_stored_limits
-            )
-            if use_stored_limits:  # otherwise every set is `fallback`, checked above
-                check_consumable(sets, amounts, burst=False)
-                if (too := oversized(sets, amounts)) is not None:
-                    raise self._too_large(resource, sets, amounts, too[2])
-            reserver = self._reserver
-            if reserver is not None:
-                targets = await reserver.acquire(resource, sets, amounts)
-            else:
-                targets = await self._engine.targets(resource, sets)
-                await self._engine.commit(targets, amounts)
+            async with Bounded(seconds):
+                if not self._ready:
+                    await self._ensure_ready()
+                sets = await self._limit_sets(
+                    entity_id, resource, fallback, cascade, use_stored_limits
+                )
+                if use_stored_limits:  # otherwise every set is `fallback`, checked above
+                    self._check_stored(resource, sets, amounts)
+                if reserver is not None:
+                    targets = await reserver.acquire(resource, sets, amounts)
+                else:
+                    targets = await self._engine.targets(resource, sets)
+                    await self._engine.commit(targets, amounts)
         except StorageError as exc:  # a refusal: the failure mode does not apply
             raise misconfigured(exc) from exc
-        except OUTAGES as exc:
+        except OUTAGES as exc:  # the deadline passing too
             if mode is not FailureMode.FAIL_OPEN:
                 raise unavailable(exc) from exc
             log.warning("DynamoDB unavailable, admitting (FAIL_OPEN): %s", exc)
             return Lease(self._engine, [], {}, fail_open=True)
-        return Lease(reserver or self._engine, targets, amounts)
+        return Lease(reserver or self._engine, targets, amounts, deadline=seconds)
+
+    def _check_stored(
+        self, resource: str, sets: list[tuple[str, list[Limit]]], amounts: Mapping[str, int]
+    ) -> None:
+        """The checks `_admit` makes before any I/O when the limits are given, for stored ones."""
+        check_consumable(sets, amounts, burst=False)
+        if (too := oversized(sets, amounts)) is not None:
+            raise self._too_large(resource, sets, amounts, too[2])
+
+    def _deadline_of(self, deadline: float | None) -> float | None:
+        return self.deadline if deadline is None else check_deadline(deadline)
 
     def _too_large(
         self,
@@ -527,12 +649,16 @@ class RateLimiter:
         resource: str,
         limits: Sequence[Limit] | None,
         use_stored_limits: bool = False,
+        *,
+        deadline: float | None = None,
     ) -> dict[str, int]:
-        """Tokens available now per limit (negative after over-consumption). One read."""
+        """Tokens available now per limit (negative after over-consumption). One read, within
+        `deadline` (default: the limiter's), else `RateLimiterUnavailable`."""
         validate_entity_id(entity_id)
         validate_resource(resource)
         fallback = check_limits(limits or [], allow_empty=use_stored_limits)
-        chosen, state = await self._read(entity_id, resource, fallback, use_stored_limits)
+        seconds = self._deadline_of(deadline)
+        chosen, state = await self._read(entity_id, resource, fallback, use_stored_limits, seconds)
         now = self._engine.clock()
         result: dict[str, int] = {}
         for limit in chosen:
@@ -542,17 +668,25 @@ class RateLimiter:
         return result
 
     async def _read(
-        self, entity_id: str, resource: str, fallback: list[Limit], use_stored_limits: bool
+        self,
+        entity_id: str,
+        resource: str,
+        fallback: list[Limit],
+        use_stored_limits: bool,
+        seconds: float | None,
     ) -> tuple[list[Limit], BucketItem | None]:
         """The limits that apply and the bucket item, freshly read (it refreshes the cache)."""
-        await self._ensure_ready()
+        if not self._ready:
+            await self._open()
         with public_errors():
-            chosen = (
-                await self._resolve_limits(entity_id, resource, fallback)
-                if use_stored_limits
-                else fallback
-            )
-            state = await self._engine.read(entity_id, resource)
+            async with Bounded(seconds):
+                await self._ensure_ready()
+                chosen = (
+                    await self._resolve_limits(entity_id, resource, fallback)
+                    if use_stored_limits
+                    else fallback
+                )
+                state = await self._engine.read(entity_id, resource)
         return chosen, state
 
     async def time_until_available(
@@ -562,15 +696,19 @@ class RateLimiter:
         limits: Sequence[Limit] | None,
         needed: Mapping[str, int],
         use_stored_limits: bool = False,
+        *,
+        deadline: float | None = None,
     ) -> float:
-        """Seconds until every limit can cover `needed` (0.0 if it can now)."""
+        """Seconds until every limit can cover `needed` (0.0 if it can now); bounded like
+        `available`."""
         validate_entity_id(entity_id)
         validate_resource(resource)
         fallback = check_limits(limits or [], allow_empty=use_stored_limits)
         amounts = check_consume(needed, field="needed")
+        seconds = self._deadline_of(deadline)
         if not use_stored_limits:  # the limits are known: reject before any I/O
             check_consumable([(entity_id, fallback)], amounts, field="needed")
-        chosen, state = await self._read(entity_id, resource, fallback, use_stored_limits)
+        chosen, state = await self._read(entity_id, resource, fallback, use_stored_limits, seconds)
         check_consumable([(entity_id, chosen)], amounts, field="needed")
         inputs = [bucket_input(limit, state, amounts.get(limit.name, 0) * 1000) for limit in chosen]
         ms = core.time_until_available(inputs, self._engine.clock())
@@ -643,6 +781,11 @@ class RateLimiter:
         """Totals and per-snapshot averages per limit over a range of snapshots."""
         snapshots = await self.get_usage_snapshots(entity_id, resource, window, start, end)
         return usage.summarize(snapshots, entity_id, resource, window, start, end)
+
+
+def _chosen(stored: dict[str, list[Limit]], resource: str, fallback: list[Limit]) -> list[Limit]:
+    """The resource's stored limits, then the entity's `_default_`, then `fallback`."""
+    return list(stored.get(resource) or stored.get(DEFAULT_RESOURCE) or fallback)
 
 
 def _used(capacity: int, available: int) -> float:

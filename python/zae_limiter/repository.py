@@ -272,6 +272,7 @@ def bucket_from_item(item: Item, size: int | None = None) -> BucketItem:
         write_time_ms=_get_n(item, schema.WRITE_TIME),
         write_ids=tuple(w for w in (_get_s(item, s) for s in schema.WRITE_ID_SLOTS) if w),
         size=item_size(item) if size is None else size,
+        expires_at=_get_n(item, schema.TTL_ATTRIBUTE),
     )
 
 
@@ -475,10 +476,12 @@ def bucket_update_request(
     writes: Sequence[LimitWrite],
     now_ms: int,
     write_id: str,
+    expires_at: int | None = None,
 ) -> dict[str, Any]:
     """The UpdateItem arguments of one bucket write, built from scratch: the definition of the
-    request. `Repository` sends the same request from parts built once per write shape
-    (`_UpdateShape`); the two are kept equal by tests/test_repository_hot_path.py."""
+    request. `expires_at` (epoch seconds): the item's new expiry, if any. `Repository` sends the
+    same request from parts built once per write shape (`_UpdateShape`); the two are kept equal
+    by tests/test_repository_hot_path.py."""
     expr = _Expr()
     sets: list[str] = []
     adds: list[str] = []
@@ -515,6 +518,8 @@ def bucket_update_request(
     sets.append(f"{expr.name(schema.WRITE_TIME)} = {expr.value(_n(now_ms))}")
     sets.append(f"{expr.name('entity_id')} = {expr.value(_s(entity_id))}")
     sets.append(f"{expr.name('resource')} = {expr.value(_s(resource))}")
+    if expires_at is not None:
+        sets.append(f"{expr.name(schema.TTL_ATTRIBUTE)} = {expr.value(_n(expires_at))}")
     # Shift the ring of recent write ids; SET reads every right-hand side from the old item.
     slots = [expr.name(slot) for slot in schema.WRITE_ID_SLOTS]
     empty = expr.value(_s(""))
@@ -573,7 +578,12 @@ class _UpdateShape:
 
 
 def _shape_and_values(
-    writes: Sequence[LimitWrite], now_ms: int, entity_id: str, resource: str, write_id: str
+    writes: Sequence[LimitWrite],
+    now_ms: int,
+    entity_id: str,
+    resource: str,
+    write_id: str,
+    expires_at: int | None = None,
 ) -> tuple[tuple[tuple[object, ...], ...], list[dict[str, Any]]]:
     """The shape of a bucket write (what `_UpdateShape` depends on) and its values, in the order
     `bucket_update_request` numbers them: one pass, no strings built."""
@@ -605,6 +615,9 @@ def _shape_and_values(
     values.append({"N": str(now_ms)})
     values.append({"S": entity_id})
     values.append({"S": resource})
+    if expires_at is not None:
+        values.append({"N": str(expires_at)})
+        shape.append((schema.TTL_ATTRIBUTE,))  # a limit's part is never a 1-tuple
     values.append({"S": ""})
     values.append({"S": write_id})
     return tuple(shape), values
@@ -757,6 +770,15 @@ class Repository:
 
     # -- client lifecycle -------------------------------------------------------------------
 
+    async def open(self) -> None:
+        """Build the client now. Loading botocore's service model costs a few hundred
+        milliseconds of CPU once: the limiter does it before a deadline starts, which bounds
+        the wait on DynamoDB, not this."""
+        try:
+            await self.client()
+        except _CLIENT_SETUP_ERRORS as exc:
+            raise StorageError(type(exc).__name__, str(exc)) from exc
+
     async def client(self) -> Any:
         if self._client is not None:
             return self._client
@@ -828,6 +850,7 @@ class Repository:
         last: BaseException | None = None
         for attempt in range(self.retry.max_attempts):
             if attempt:
+                self.ledger.retried(operation)
                 await asyncio.sleep(self.retry.delay(attempt))
             try:
                 return await method(**kwargs)
@@ -835,7 +858,7 @@ class Repository:
                 code = error_code(exc) or ""
                 status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
                 if code in _RETRYABLE_CODES:
-                    self.ledger.record(f"{operation}:throttled")
+                    self.ledger.throttled(operation)
                     last = exc
                     continue
                 if code in _AMBIGUOUS_CODES or status >= 500:
@@ -899,6 +922,7 @@ class Repository:
         last: BaseException | None = None
         for attempt in range(self.retry.max_attempts):
             if attempt:
+                self.ledger.retried(operation)
                 await asyncio.sleep(self.retry.delay(attempt))
             try:
                 return await self._call(operation, kwargs)
@@ -934,8 +958,10 @@ class Repository:
         now_ms: int,
         known_size: int = 0,
         known_ids: tuple[str, ...] = (),
+        expires_at: int | None = None,
     ) -> BucketItem:
-        """Apply one conditional UpdateItem for every limit write of the bucket.
+        """Apply one conditional UpdateItem for every limit write of the bucket (setting the
+        item's expiry to `expires_at`, if given).
 
         Raises `ConditionFailed` with the current item when any condition does not hold. A write
         whose response was lost is resolved by reading the item's recent write ids, so it is
@@ -944,11 +970,12 @@ class Repository:
         landed, the outcome is unknown and `RepositoryUnavailable` is raised instead of a resend.
         """
         write_id = secrets.token_urlsafe(6)
-        kwargs = self._bucket_update(entity_id, resource, writes, now_ms, write_id)
+        kwargs = self._bucket_update(entity_id, resource, writes, now_ms, write_id, expires_at)
         last: BaseException | None = None
         sent_unanswered = False  # an earlier attempt may have landed
         for attempt in range(self.retry.max_attempts):
             if attempt:
+                self.ledger.retried("update_item")
                 await asyncio.sleep(self.retry.delay(attempt))
             try:
                 response = await self._call("update_item", kwargs)
@@ -965,7 +992,7 @@ class Repository:
                     return current
                 if sent_unanswered and not _surely_absent(write_id, current, known_ids):
                     raise _unknown_outcome(last) from None
-                self.ledger.conflicts += 1
+                self.ledger.conflict(resource)
                 raise ConditionFailed(current) from None
             except _Ambiguous as exc:
                 last = exc.cause
@@ -989,13 +1016,16 @@ class Repository:
         writes: Sequence[LimitWrite],
         now_ms: int,
         write_id: str,
+        expires_at: int | None = None,
     ) -> dict[str, Any]:
         """`bucket_update_request`, from the parts of its write shape (built on first use)."""
-        shape_key, values = _shape_and_values(writes, now_ms, entity_id, resource, write_id)
+        shape_key, values = _shape_and_values(
+            writes, now_ms, entity_id, resource, write_id, expires_at
+        )
         shape = self._update_shapes.get(shape_key)
         if shape is None:
             request = bucket_update_request(
-                self.table_name, entity_id, resource, writes, now_ms, write_id
+                self.table_name, entity_id, resource, writes, now_ms, write_id, expires_at
             )
             shape = _remember(self._update_shapes, shape_key, _UpdateShape.of(request))
         return {
@@ -1008,6 +1038,30 @@ class Repository:
             "ReturnValues": "ALL_NEW",
             "ReturnValuesOnConditionCheckFailure": "ALL_OLD",
         }
+
+    async def extend_bucket_expiry(
+        self, entity_id: str, resource: str, expires_at: int, known_size: int = 0
+    ) -> bool:
+        """Set the bucket item's expiry to `expires_at` only if it is earlier (or unset) and the
+        item exists: one conditional UpdateItem. Monotone, so a resend after a lost response
+        and a race between writers both leave the latest expiry. False when nothing changed."""
+        try:
+            await self.call(
+                "update_item",
+                TableName=self.table_name,
+                Key=self._bucket_key(entity_id, resource),
+                UpdateExpression="SET #ttl = :ttl",
+                ConditionExpression="attribute_exists(#pk) AND "
+                "(attribute_not_exists(#ttl) OR #ttl < :ttl)",
+                ExpressionAttributeNames={"#pk": schema.PK, "#ttl": schema.TTL_ATTRIBUTE},
+                ExpressionAttributeValues={":ttl": _n(expires_at)},
+            )
+        except _ConditionCheckFailed:
+            # Refused writes are billed too (one unit per started KB of the item).
+            self.ledger.record("UpdateItem", wcu=write_units(known_size))
+            return False
+        self.ledger.record("UpdateItem", wcu=write_units(known_size))
+        return True
 
     def _bucket_key(self, entity_id: str, resource: str) -> dict[str, Any]:
         """The Key of a bucket item, built once per item (shared by its requests, never
@@ -1625,6 +1679,7 @@ class Repository:
                 if not pending:
                     break
                 if attempt:
+                    self.ledger.retried("batch_write_item")
                     await asyncio.sleep(self.retry.delay(attempt))
                 response = await self.call(
                     "batch_write_item", RequestItems={self.table_name: pending}

@@ -20,7 +20,8 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
+from typing import Any
 
 from . import core
 from .engine import BucketKey, Engine, Target, bucket_input
@@ -94,6 +95,29 @@ class Reserver:
         holdings = [self._holding(eid, resource, limits) for eid, limits in limit_sets]
         return [h.target for h in await self._take(holdings, amounts)]
 
+    def take_local(
+        self,
+        resource: str,
+        limit_sets: Sequence[tuple[str, list[Limit]]],
+        amounts: Mapping[str, int],
+    ) -> list[Target] | None:
+        """`acquire` when the blocks cover it, with no I/O and no await; None otherwise (then
+        `acquire` reserves)."""
+        holdings = [self._holding(eid, resource, limits) for eid, limits in limit_sets]
+        if self._spend(holdings, [self._needs(h, amounts) for h in holdings]):
+            return [h.target for h in holdings]
+        return None
+
+    @staticmethod
+    def _needs(holding: Holding, amounts: Mapping[str, int]) -> list[int]:
+        return [amounts.get(limit.name, 0) * 1000 for limit in holding.limits]
+
+    @staticmethod
+    def _spend(holdings: Sequence[Holding], needs: list[list[int]]) -> bool:
+        if len(holdings) == 1:
+            return holdings[0].block.take(needs[0])
+        return core.take_all([h.block for h in holdings], needs)
+
     def _holding(self, entity_id: str, resource: str, limits: list[Limit]) -> Holding:
         key = (entity_id, resource)
         holding = self.holdings.get(key)
@@ -109,26 +133,47 @@ class Reserver:
         self, holdings: Sequence[Holding], amounts: Mapping[str, int]
     ) -> Sequence[Holding]:
         """Spend `amounts` from the blocks (topping them up as needed); the blocks spent from."""
-        needs = [[amounts.get(limit.name, 0) * 1000 for limit in h.limits] for h in holdings]
+        needs = [self._needs(h, amounts) for h in holdings]
         while True:
-            if len(holdings) == 1:
-                if holdings[0].block.take(needs[0]):
-                    return holdings
-            elif core.take_all([h.block for h in holdings], needs):
+            if self._spend(holdings, needs):
                 return holdings
             await self._top_up(holdings, needs)
             if not all(h.live for h in holdings):
                 # Given back, replaced or forgotten while this task waited: a block no longer
                 # in `holdings` would never be given back, so take the current ones.
                 holdings = [
-                    self._holding(h.target.entity_id, h.target.resource, h.limits)
-                    for h in holdings
+                    self._holding(h.target.entity_id, h.target.resource, h.limits) for h in holdings
                 ]
 
     # -- Settler: what a lease asks -----------------------------------------------------------
 
     def clock(self) -> int:
         return self.engine.clock()
+
+    def detach(
+        self, work: Coroutine[Any, Any, None], what: str | None = None
+    ) -> asyncio.Task[None]:
+        return self.engine.detach(work, what)
+
+    def settle_local(
+        self, targets: Sequence[Target], amounts: Mapping[str, int], check: bool
+    ) -> bool:
+        """Settle a lease's change against its blocks alone, with no I/O: True when they cover
+        it (then it is done), False when it needs `commit`/`force` (nothing changed)."""
+        holdings = self._holdings_of(targets)
+        if holdings is None:
+            return False
+        if check:
+            return self._spend(holdings, [self._needs(h, amounts) for h in holdings])
+        signed = [self._needs(h, amounts) for h in holdings]
+        takes = [[max(a, 0) for a in s] for s in signed]
+        if any(any(t) for t in takes) and not self._spend(holdings, takes):
+            return False
+        for h, s in zip(holdings, signed, strict=True):
+            back = [max(-a, 0) for a in s]
+            if any(back):
+                h.block.add(back)
+        return True
 
     async def commit(self, targets: Sequence[Target], amounts: Mapping[str, int]) -> None:
         holdings = self._holdings_of(targets)
@@ -203,15 +248,19 @@ class Reserver:
                 for h, need in zip(holdings, needs, strict=True):
                     h.queued = [q - n for q, n in zip(h.queued, need, strict=True)]
             return
-        flight = asyncio.get_running_loop().create_future()
+        # The reservation is a task of its own: a caller whose deadline passes stops waiting,
+        # but a write already sent still lands its tokens in the blocks instead of losing them.
+        flight = self.engine.detach(self._flight(holdings, needs))
         for h in holdings:
             h.inflight = flight
+        await asyncio.shield(flight)
+
+    async def _flight(self, holdings: Sequence[Holding], needs: list[list[int]]) -> None:
         try:
             await self._reserve(holdings, needs)
         finally:
             for h in holdings:
                 h.inflight = None
-            flight.set_result(None)
 
     async def _reserve(self, holdings: Sequence[Holding], needs: list[list[int]]) -> None:
         now = time.monotonic()
@@ -448,6 +497,11 @@ class Reserver:
         its block is drained, so cancelling it would lose the tokens."""
         self._closing = True
         try:
+            # A top-up under way (its caller may have stopped waiting at its deadline) lands
+            # its tokens in a block: wait for it, or they would be reserved for good.
+            flights = {h.inflight for h in self.holdings.values() if h.inflight is not None}
+            if flights:
+                await asyncio.wait(flights)
             sweeper, self._sweeper = self._sweeper, None
             if sweeper is not None:
                 self._wake.set()

@@ -78,6 +78,8 @@ class BucketItem:
     write_time_ms: int | None = None
     write_ids: tuple[str, ...] = ()
     size: int = 0
+    # When the store may delete the item (epoch seconds; None: never). See `zae_limiter.expiry`.
+    expires_at: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,9 +137,18 @@ class BucketStorage(Protocol):
         now_ms: int,
         known_size: int = 0,
         known_ids: tuple[str, ...] = (),
+        expires_at: int | None = None,
     ) -> BucketItem:
         """Apply every limit write of one bucket atomically, exactly once, or raise
-        `ConditionFailed` with the current item."""
+        `ConditionFailed` with the current item. `expires_at` (epoch seconds), if given, is set
+        as the item's expiry by the same write."""
+        ...
+
+    async def extend_bucket_expiry(
+        self, entity_id: str, resource: str, expires_at: int, known_size: int = 0
+    ) -> bool:
+        """Move the item's expiry to `expires_at` unless it is already as late (never earlier;
+        a repeat changes nothing), without creating an item; False when nothing changed."""
         ...
 
     async def resource_buckets(self, resource: str) -> list[BucketItem]:

@@ -15,8 +15,10 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from .capacity import CapacityLedger
+from .deadline import DEFAULT_DEADLINE_SECONDS
 from .lease import SyncLease
 from .limiter import RateLimiter
+from .metrics import Metrics
 from .models import (
     AuditEvent,
     Entity,
@@ -56,6 +58,8 @@ class SyncRateLimiter:
         repository: Repository | None = None,
         version_check: VersionCheck = "strict",
         reservations: Reservations | None = None,
+        deadline: float | None = DEFAULT_DEADLINE_SECONDS,
+        metrics: Metrics | None = None,
     ) -> None:
         self._limiter = RateLimiter(
             name,
@@ -73,6 +77,8 @@ class SyncRateLimiter:
             repository=repository,
             version_check=version_check,
             reservations=reservations,
+            deadline=deadline,
+            metrics=metrics,
         )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -151,9 +157,18 @@ class SyncRateLimiter:
         cascade: bool = False,
         use_stored_limits: bool = False,
         failure_mode: FailureMode | None = None,
+        *,
+        deadline: float | None = None,
     ) -> Iterator[SyncLease]:
         manager = self._limiter.acquire(
-            entity_id, resource, limits, consume, cascade, use_stored_limits, failure_mode
+            entity_id,
+            resource,
+            limits,
+            consume,
+            cascade,
+            use_stored_limits,
+            failure_mode,
+            deadline=deadline,
         )
         lease = self._run(manager.__aenter__())
         try:
@@ -224,8 +239,14 @@ class SyncRateLimiter:
         resource: str,
         limits: Sequence[Limit] | None,
         use_stored_limits: bool = False,
+        *,
+        deadline: float | None = None,
     ) -> dict[str, int]:
-        return self._run(self._limiter.available(entity_id, resource, limits, use_stored_limits))
+        return self._run(
+            self._limiter.available(
+                entity_id, resource, limits, use_stored_limits, deadline=deadline
+            )
+        )
 
     def time_until_available(
         self,
@@ -234,10 +255,12 @@ class SyncRateLimiter:
         limits: Sequence[Limit] | None,
         needed: Mapping[str, int],
         use_stored_limits: bool = False,
+        *,
+        deadline: float | None = None,
     ) -> float:
         return self._run(
             self._limiter.time_until_available(
-                entity_id, resource, limits, needed, use_stored_limits
+                entity_id, resource, limits, needed, use_stored_limits, deadline=deadline
             )
         )
 

@@ -124,6 +124,7 @@ class Seen:
     fault: str | None
     body: bytes = b""
     status: int | None = None  # set when DynamoDB answered (whatever the client got)
+    response: bytes = b""  # DynamoDB's whole answer (whatever the client got)
     item: ItemKey | None = None  # (TableName, PK, SK) of a single-item write, else None
 
 
@@ -398,6 +399,7 @@ class FaultProxy:
                     await asyncio.sleep(fault.delay)
                 response, keep_alive = await self._forward(head, body)
                 seen.status = int(response.split(b" ", 2)[1])
+                seen.response = response
                 if kind == "reset":
                     _abort(writer)
                     return

@@ -29,6 +29,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from figures import MOTO_DEADLINE
+
 from zae_limiter import (
     Limit,
     RateLimiter,
@@ -83,7 +85,7 @@ async def prepare(
     """Create the table, the parent (if any) and the entities, and each one's bucket item,
     full: one admitted acquire of 1 of every limit, rolled back (the give-back fills it)."""
     async with RateLimiter(
-        name=table, endpoint_url=endpoint_url, stack_options=StackOptions()
+        name=table, endpoint_url=endpoint_url, stack_options=StackOptions(), deadline=MOTO_DEADLINE
     ) as limiter:
         if parent is not None:
             await limiter.create_entity(parent)
@@ -169,6 +171,7 @@ async def ceiling_worker(
         endpoint_url=endpoint_url,
         reservations=reservations,
         retry=RetryPolicy(max_attempts=max_attempts),
+        deadline=MOTO_DEADLINE,
     )
     sync = Path(sync_dir)
     try:

@@ -46,7 +46,7 @@ from typing import Any
 
 import pytest
 from fault_proxy import CEILING, FaultProxy, ItemKey
-from figures import Figures
+from figures import MOTO_DEADLINE, Figures
 from reservation_workers import GO_FILE, RESOURCE, prepare, run_ceiling_worker
 
 from zae_limiter import (
@@ -520,6 +520,7 @@ async def _warm_reserving_limiter(
         endpoint_url=proxy.endpoint_url,
         reservations=RESERVATIONS,
         retry=RetryPolicy(max_attempts=2),
+        deadline=MOTO_DEADLINE,
     )
     kept = 0
     for _ in range(20):  # an observed demand: later blocks cover more than the shortfall
@@ -598,6 +599,7 @@ async def test_child_block_forgotten_while_waiting_for_the_hot_parent_leaks_noth
         name=table,
         endpoint_url=proxy.endpoint_url,
         reservations=Reservations(hold_seconds=1.0, horizon_seconds=0.5),
+        deadline=MOTO_DEADLINE,
     )
 
     async def take(child: str) -> None:

@@ -40,6 +40,7 @@ from fault_proxy import FaultProxy
 from figures import Figures, Size
 from reliability_workers import GiveBackFailures
 from test_faults import (
+    DEADLINE_S,
     LIMIT,
     RESOURCE,
     UNAVAILABLE_BOUND_S,
@@ -64,13 +65,17 @@ OUTAGE_ROUNDS = 2
 
 
 def reserving(
-    proxy: FaultProxy, mode: FailureMode = FailureMode.FAIL_CLOSED, hold: float = 30.0
+    proxy: FaultProxy,
+    mode: FailureMode = FailureMode.FAIL_CLOSED,
+    hold: float = 30.0,
+    deadline: float | None = DEADLINE_S,
 ) -> RateLimiter:
     """A limiter with reservations through the proxy (frozen clock: nothing refills)."""
     return limiter_for(
         proxy,
         mode,
         reservations=Reservations(hold_seconds=hold, horizon_seconds=min(0.5, hold)),
+        deadline=deadline,
     )
 
 
@@ -383,8 +388,10 @@ async def test_cascade_reserve_parent_failure_gives_child_block_back(
     reserve throttled to exhaustion after the child's landed: the acquire raises and the
     child's block is given back; a lost answer to the parent's reserve counts exactly once.
     When the child's give-back fails too, the child's block stays consumed: exactly the reserve
-    that landed (under-admission; only the acquire's error tells)."""
-    async with reserving(proxy) as limiter:
+    that landed (under-admission; only the acquire's error tells). No deadline: with one, the
+    acquire returns at it and the give-back goes on, landing once the proxy is cleared (what
+    test_deadline.py proves); here it must run out of retries first."""
+    async with reserving(proxy, deadline=None) as limiter:
         await limiter.create_entity("proj")
         await limiter.create_entity("k", parent_id="proj")
         async with limiter.acquire("k", RESOURCE, [LIMIT], {"tok": 1}, cascade=True):
@@ -492,3 +499,27 @@ async def test_close_during_a_give_back_at_hold_expiry(
     assert dropped == reported, (
         f"close() during a give-back lost {dropped} reserved tokens; {reported} reported"
     )
+
+
+async def test_a_give_back_while_a_top_up_is_denied_admits(proxy: FaultProxy) -> None:
+    """A lease gives tokens back into the block while another acquire's top-up is being denied
+    by the empty shared bucket (here, during the fresh read that confirms the denial): the
+    blocks then cover that acquire, so it is admitted, not denied. (Found by a CI run: the
+    denial used to stand, a false one.)"""
+    async with reserving(proxy) as limiter:
+        async with limiter.acquire("k", RESOURCE, [LIMIT], {"tok": LIMIT.capacity}) as big:
+            assert held(limiter) == 0  # the whole bucket is this lease's: block and bucket empty
+
+            async def one() -> dict[str, int]:
+                async with limiter.acquire("k", RESOURCE, [LIMIT], {"tok": 1}) as lease:
+                    return lease.consumed
+
+            proxy.inject("delay", ops={"GetItem"}, count=1, delay=0.4)
+            waiting = asyncio.create_task(one())
+            await asyncio.sleep(0.15)
+            assert not waiting.done(), "the top-up did not wait on its confirming read"
+            await big.release(tok=5)  # into the block, no I/O
+            assert await waiting == {"tok": 1}
+            assert proxy.stats.injected["delay"] == 1
+        assert held(limiter) == 4
+    assert (await stored(proxy))["net"] == (LIMIT.capacity - 5 + 1) * 1000

@@ -1,0 +1,1 @@
+"""Runnable examples of zae-limiter (run from the repository root: `python -m examples.<name>`)."""

@@ -1,0 +1,152 @@
+"""When a bucket item may vanish: the expiry (the table's TTL attribute) of every bucket write.
+
+A bucket item that does not exist reads as full buckets (the core's rule), so the item may be
+deleted by DynamoDB's TTL once every limit in it would be full again anyway: no decision changes.
+Without an expiry, every entity id ever seen (an application keyed on untrusted ids) keeps an
+item forever.
+
+The expiry of an item is the latest of
+
+- the moment its slowest limit is full again (`core.time_until_available` of a whole burst).
+  Every limit stored in the item counts, also one the writer does not decide with (it is read
+  from its stored definition, `lm#<l>`); a limit whose definition cannot be read keeps the item
+  forever, as before. Reserved tokens are consumed in the bucket, so they are covered;
+- the end of the longest usage window (`schema.USAGE_WINDOWS`) of the item's last write: a bucket
+  created again later restarts its counters at 0, and the aggregator would count the overlap of
+  the new counters with the old ones in the same window only once (an under-count). Created
+  after the window ended, the new item's records fall in other windows;
+
+plus `MARGIN_MS` (limiter clocks and DynamoDB's disagree a little), rounded up to a whole hour
+(`GRID_S`: writers whose views differ by a little write the same value, so corrections stay
+rare), and at most `LATEST` (DynamoDB's and Python's dates end with the year 9999).
+
+Concurrent writers. Writes are relative (`tokens += value`, applied to the stored value), so a
+writer's view, and the expiry it writes (`planned`), may be older than the state its write
+produces; forced writes can push a bucket arbitrarily deep below zero. Every write returns the
+item as written (atomically), and the engine compares its expiry with what that state requires
+(`required`): when it is earlier, one conditional update raises it (`extend_bucket_expiry`:
+only ever later, so a repeat or a race changes nothing but to the latest). Sound because an
+item changes only through writes, each writer checks the state its own write produced, and a
+correction never lowers an expiry: after the last write's check the item lives at least until
+its state is full again. What is left: a writer that stops (crash, outage) between its write
+and the correction leaves the item's expiry early until the bucket's next write.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Final
+
+from . import core
+from .aggregator.snapshots import WINDOWS, window_end, window_start
+from .exceptions import ValidationError
+from .models import Limit
+from .storage import BucketItem, LimitWrite
+
+__all__ = ["GRID_S", "LATEST", "MARGIN_MS", "planned", "required"]
+
+MARGIN_MS: Final = 60_000
+GRID_S: Final = 3_600
+LATEST: Final = 253_402_300_799  # 9999-12-31T23:59:59Z, in epoch seconds
+
+_HOUR_MS: Final = 3_600_000
+
+
+# One limit's state as the expiry needs it: (tokens_milli, last_refill_ms, stored definition).
+_State = tuple[int, int, str | None]
+# A limit's rate as the core takes it: (burst_milli, refill_amount_milli, refill_period_ms).
+_Rate = tuple[int, int, int]
+
+
+def required(limits: Sequence[Limit], state: BucketItem, now_ms: int) -> int:
+    """The expiry (epoch seconds) the item `state` needs at `now_ms`; `limits` are those the
+    caller decides with (a limit of the item not among them is read from its definition)."""
+    write_ms = now_ms if state.write_time_ms is None else state.write_time_ms
+    states = {
+        name: (s.tokens_milli, s.last_refill_ms, s.definition) for name, s in state.limits.items()
+    }
+    return _expiry(limits, states, write_ms, now_ms)
+
+
+def planned(
+    limits: Sequence[Limit], view: BucketItem | None, writes: Sequence[LimitWrite], now_ms: int
+) -> int:
+    """The expiry a write of `writes` at `now_ms` sets: what the state it leaves on the
+    writer's `view` requires."""
+    priors = view.limits if view is not None else {}
+    states = {name: (s.tokens_milli, s.last_refill_ms, s.definition) for name, s in priors.items()}
+    for write in writes:
+        after = _applied(states.get(write.limit_name), write)
+        if after is None:
+            states.pop(write.limit_name, None)
+        else:
+            states[write.limit_name] = after
+    return _expiry(limits, states, now_ms, now_ms)
+
+
+def _applied(prior: _State | None, write: LimitWrite) -> _State | None:
+    """The limit's state after `write` (storage's `LimitWrite` rules); None: it reads full."""
+    definition = write.definition
+    if definition is None and prior is not None:
+        definition = prior[2]
+    if write.unconditional:
+        if prior is None:
+            return None  # tokens added without an anchor: a full bucket
+        return prior[0] + write.value, prior[1], definition
+    if write.absolute or prior is None:
+        return write.value, write.new_last_refill_ms, definition
+    return prior[0] + write.value, write.new_last_refill_ms, definition
+
+
+def _expiry(
+    limits: Sequence[Limit], states: Mapping[str, _State], write_ms: int, now_ms: int
+) -> int:
+    known = {
+        limit.name: (limit.burst_milli, limit.refill_amount_milli, limit.refill_period_ms)
+        for limit in limits
+    }
+    buckets: list[core.BucketInput] = []
+    for name, (tokens, last, definition) in states.items():
+        rate = known.get(name)
+        stored = _stored_rate(definition)
+        if rate is None and stored is None:
+            return LATEST  # cannot tell when it is full again: keep it
+        if rate is not None:
+            buckets.append((rate[0], rate[1], rate[2], tokens, last, rate[0]))
+        if stored is not None and stored != rate:
+            # Another client's definition: either may be the one the next decision uses.
+            buckets.append((stored[0], stored[1], stored[2], tokens, last, stored[0]))
+    try:
+        wait = core.time_until_available(buckets, now_ms)
+        usage_end = _usage_end_ms(write_ms // _HOUR_MS)
+    except (OverflowError, ValueError, OSError):
+        # A debt refilling beyond signed 64-bit ms, a time past the year 9999.
+        return LATEST
+    if wait is None:  # never: a whole burst is never more than the burst
+        return LATEST
+    until = max(now_ms + wait, usage_end) + MARGIN_MS
+    grid_ms = GRID_S * 1000
+    return min(-(-until // grid_ms) * GRID_S, LATEST)
+
+
+@functools.lru_cache(maxsize=4096)
+def _stored_rate(definition: str | None) -> _Rate | None:
+    """The rate of a stored definition (`lm#<l>`), None if there is none or it is unreadable.
+    The name plays no part in the rate, so any valid one serves to decode."""
+    if definition is None:
+        return None
+    try:
+        limit = Limit.decode(definition, "limit")
+    except ValidationError:
+        return None
+    return limit.burst_milli, limit.refill_amount_milli, limit.refill_period_ms
+
+
+@functools.lru_cache(maxsize=64)
+def _usage_end_ms(hour: int) -> int:
+    """End (ms) of the longest usage window containing the hour `hour` (hours since the
+    epoch): every window is whole UTC hours, so the hour decides it (and is cached)."""
+    ts_ms = hour * _HOUR_MS
+    ends = [window_end(w, window_start(w, ts_ms)) for w in WINDOWS]
+    return int(max(ends).timestamp()) * 1000

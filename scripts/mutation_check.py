@@ -1,0 +1,298 @@
+"""Mutation check: do the tests catch a broken guard?
+
+For each guard in MUTANTS, a scratch copy of the repository gets one textual change that removes
+the guard (each original snippet must occur exactly once, so the check fails loudly when the
+code moves), and the few tests that should catch it run against that copy; every mutant must
+make them fail. Before the mutants, the unmutated copy must pass the same tests, or a failure
+would prove nothing. Prints one row per mutant: its tests, whether they caught it (and which
+failed), and the seconds it took. Exits 1 unless every mutant was caught.
+
+    .venv/bin/python scripts/mutation_check.py               # every mutant
+    .venv/bin/python scripts/mutation_check.py --only cond_hi --only give_back
+    .venv/bin/python scripts/mutation_check.py --snippets-only  # the table still matches
+
+The copy holds the files git knows of (tracked, and untracked but not ignored) plus the built
+extension (`python/zae_limiter/_native*.so`, from `pip install -e`); its tests import its own
+package (`PYTHONPATH=<copy>/python` comes first), which the check verifies before running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = Path("python/zae_limiter")
+REPOSITORY = str(PACKAGE / "repository.py")
+ENGINE = str(PACKAGE / "engine.py")
+LEASE = str(PACKAGE / "lease.py")
+
+STALE = "tests/reliability/test_stale_views.py"
+FAULTS = "tests/reliability/test_faults.py"
+CHAOS = f"{FAULTS}::test_chaos"
+LATE_WRITE = f"{FAULTS}::test_transient_fault_is_absorbed[delay-UpdateItem]"
+CASCADE = f"{FAULTS}::test_cascade_parent_failure_gives_child_back"
+HOT_PATH = "tests/test_repository_hot_path.py"
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str  # relative to the repository root
+    original: str  # must occur exactly once in the file
+    replacement: str
+    tests: tuple[str, ...]  # pytest node ids, relative to the repository root
+
+
+def vacuous(name: str, original: str, attr: str) -> Mutant:
+    """A mutant of the condition `conditions.append(f"<condition>")` in the bucket write's
+    builder: made to hold whenever `attr` exists, so the guard is gone while its value
+    placeholders stay in use (DynamoDB refuses unused ones) and the request stays valid."""
+    head, tail = 'conditions.append(f"', '")'
+    if not (original.startswith(head) and original.endswith(tail)):
+        raise ValueError(f"{name}: not a condition of the builder: {original!r}")
+    condition = original[len(head) : -len(tail)]
+    replacement = f"{head}({condition} OR attribute_exists({attr})){tail}"
+    return Mutant(name, REPOSITORY, original, replacement, (STALE,))
+
+
+# The bucket write's conditions are built as text in `bucket_update_request`, which is also the
+# limiter's path: `Repository._bucket_update` builds each write shape's expressions with it (once
+# per shape) and only fills in the values itself (`_shape_and_values`), so a condition removed in
+# the text is removed from every write the limiter sends. The bounds' values are mutated on that
+# fast path too (their reference builder unchanged), which only the limiter's own writes see.
+MUTANTS: tuple[Mutant, ...] = (
+    Mutant(
+        "write_id",  # each write id applies at most once: a late copy of a resent write
+        REPOSITORY,
+        'conditions.append("NOT (" + " OR ".join(f"{slot} = {wid}" for slot in slots) + ")")',
+        'conditions.append(f"(attribute_exists({slots[0]}) OR attribute_not_exists({slots[0]}))")',
+        (CHAOS, LATE_WRITE),
+    ),
+    Mutant(
+        "resend_only_if_absent",  # after a lost response, resend only if the ring proves it
+        REPOSITORY,
+        "return bool(known_ids) and known_ids[0] in current.write_ids",
+        "return True",
+        (CHAOS,),
+    ),
+    # enough tokens; bucket not full; the anchor the decision was made on; a bucket the
+    # decision saw missing is created only if still missing
+    vacuous("cond_lo", 'conditions.append(f"{tk} >= {expr.value(_n(w.cond_lo))}")', "{tk}"),
+    vacuous("cond_hi", 'conditions.append(f"{tk} <= {expr.value(_n(w.cond_hi))}")', "{tk}"),
+    vacuous(
+        "expect_last_refill_ms",
+        'conditions.append(f"{lr} = {expr.value(_n(w.expect_last_refill_ms))}")',
+        "{lr}",
+    ),
+    vacuous("create_if_absent", 'conditions.append(f"attribute_not_exists({lr})")', "{lr}"),
+    Mutant(
+        "fast_path_cond_lo",  # the limiter's own value of the lower bound
+        REPOSITORY,
+        'values.append({"N": str(w.cond_lo)})',
+        'values.append({"N": str(-(2**63))})',
+        (STALE,),
+    ),
+    Mutant(
+        "fast_path_cond_hi",  # the limiter's own value of the upper bound
+        REPOSITORY,
+        'values.append({"N": str(w.cond_hi)})',
+        'values.append({"N": str(2**63 - 1)})',
+        (STALE,),
+    ),
+    Mutant(
+        "give_back",  # a partial cascade gives back what it took
+        ENGINE,
+        "if committed and check:",
+        "if committed and check and False:",
+        (CASCADE,),
+    ),
+    Mutant(
+        "lease_adjust",  # adjust writes
+        LEASE,
+        'await self._force(deltas, "adjust")',
+        "pass",
+        (
+            "tests/test_limiter.py::test_adjust_can_go_negative_and_release_caps_at_burst",
+            "tests/test_cost.py::test_exit_costs_nothing_and_adjust_or_rollback_one_call_per_entity",
+        ),
+    ),
+    Mutant(
+        "deadline",  # an operation waits on DynamoDB at most its deadline
+        str(PACKAGE / "deadline.py"),
+        "        if self._seconds is not None:\n            self._timeout = asyncio.timeout(",
+        "        if False:\n            self._timeout = asyncio.timeout(",
+        ("tests/reliability/test_deadline.py::test_reads_are_bounded_by_the_deadline",),
+    ),
+)
+PENDING: tuple[str, ...] = ()
+
+
+def repository_files(root: Path) -> list[str]:
+    """What git knows of: tracked files, and untracked ones not ignored (work in progress)."""
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=root,
+        check=True,
+        capture_output=True,
+    ).stdout
+    return sorted({name for name in out.decode().split("\0") if name})
+
+
+def make_copy(root: Path, scratch: Path) -> None:
+    for name in repository_files(root):
+        source = root / name
+        if source.is_file():  # a tracked file deleted in the work tree is skipped
+            target = scratch / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    native = sorted((root / PACKAGE).glob("_native*.so"))
+    if not native:
+        sys.exit(f"no built extension in {root / PACKAGE}: run pip install -e '.[dev]' first")
+    for library in native:
+        shutil.copy2(library, scratch / PACKAGE / library.name)
+
+
+def missing_snippets(scratch: Path, mutants: tuple[Mutant, ...]) -> list[str]:
+    problems = []
+    for m in mutants:
+        text = (scratch / m.path).read_text()
+        count = text.count(m.original)
+        if count != 1:
+            problems.append(
+                f"mutant {m.name!r}: snippet found {count} times (must be once) in {m.path}: "
+                f"{m.original!r}"
+            )
+    return problems
+
+
+def environment(scratch: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(scratch / "python"), env.get("PYTHONPATH")) if p
+    )
+    env.pop("ZAE_RELIABILITY_SIZE", None)  # the CI size
+    env.pop("ZAE_LIMITER_NATIVE", None)  # the extension the limiter uses by default
+    return env
+
+
+def check_imports_copy(scratch: Path) -> None:
+    probe = "import zae_limiter, zae_limiter._native as n; print(zae_limiter.__file__, n.__file__)"
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=scratch,
+        env=environment(scratch),
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    for path in out:
+        if not Path(path).resolve().is_relative_to(scratch.resolve()):
+            sys.exit(f"the scratch copy's tests would import {path}, not the copy")
+
+
+@dataclass
+class Run:
+    seconds: float
+    status: int
+    failed: list[str]
+
+
+def run_tests(scratch: Path, tests: tuple[str, ...], report: Path) -> Run:
+    started = time.monotonic()
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            *tests,
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--timeout=120",
+            f"--junitxml={report}",
+        ],
+        cwd=scratch,
+        env=environment(scratch),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    failed = []
+    if report.exists():
+        for case in ET.parse(report).iter("testcase"):
+            if case.find("failure") is not None or case.find("error") is not None:
+                failed.append(f"{case.get('classname', '').rpartition('.')[2]}::{case.get('name')}")
+    if proc.returncode not in (0, 1):  # 2-5: interrupted, internal or usage error, no tests
+        print(proc.stdout[-4000:], proc.stderr[-4000:], sep="\n", file=sys.stderr)
+    return Run(time.monotonic() - started, proc.returncode, failed)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", action="append", help="run only this mutant (repeatable)")
+    parser.add_argument(
+        "--snippets-only",
+        action="store_true",
+        help="only check that every mutant's snippet occurs exactly once (no tests run)",
+    )
+    args = parser.parse_args()
+    mutants = tuple(m for m in MUTANTS if not args.only or m.name in args.only)
+    unknown = set(args.only or ()) - {m.name for m in MUTANTS}
+    if unknown:
+        sys.exit(f"unknown mutants: {sorted(unknown)}")
+
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="zae-mutation-") as tmp:
+        scratch = Path(tmp) / "repo"
+        make_copy(ROOT, scratch)
+        problems = missing_snippets(scratch, mutants)
+        if problems:
+            print("the mutation table no longer matches the code:", *problems, sep="\n  ")
+            return 1
+        if args.snippets_only:
+            print(f"every snippet occurs once: {', '.join(m.name for m in mutants)}")
+            return 0
+        check_imports_copy(scratch)
+        reports = Path(tmp) / "reports"
+        reports.mkdir()
+
+        selected = tuple(dict.fromkeys(t for m in mutants for t in m.tests))
+        baseline = run_tests(scratch, selected, reports / "baseline.xml")
+        rows = [("(none: the unmutated copy)", selected, baseline.status == 0, baseline)]
+        if baseline.status != 0:
+            print(f"the unmutated copy fails the selected tests: {baseline.failed}")
+        else:
+            for m in mutants:
+                path = scratch / m.path
+                original = path.read_text()
+                path.write_text(original.replace(m.original, m.replacement, 1))
+                try:
+                    run = run_tests(scratch, m.tests, reports / f"{m.name}.xml")
+                finally:
+                    path.write_text(original)
+                rows.append((m.name, m.tests, run.status == 1 and bool(run.failed), run))
+
+    print(f"\n{'mutant':<28} {'caught':<7} {'seconds':>7}  tests run (failed)")
+    for name, tests, ok, run in rows:
+        caught = ("passes" if ok else "FAILS") if run is baseline else ("yes" if ok else "NO")
+        shown = ", ".join(t.rpartition("/")[2] for t in tests)
+        print(f"{name:<28} {caught:<7} {run.seconds:7.1f}  {shown}")
+        if run is not baseline and run.failed:
+            print(f"{'':<45}failed: {', '.join(run.failed)}")
+    for name in PENDING:
+        print(f"{name:<28} {'-':<7} {'-':>7}  (not filled in yet: see the TODO in MUTANTS)")
+    print(f"\ntotal: {time.monotonic() - started:.0f} s")
+    return 0 if all(ok for _, _, ok, _ in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

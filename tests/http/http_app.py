@@ -1,0 +1,127 @@
+"""The application the uvicorn tests serve (`uvicorn --factory http_app:create_app`).
+
+Each route is wrapped in its own `RateLimitMiddleware`, all over one limiter on the table the
+test created (`ZAEL_HTTP_ENDPOINT`, `ZAEL_HTTP_TABLE`), except `/down`, whose limiter points at a
+port nobody listens on (`ZAEL_HTTP_DEAD_ENDPOINT`) and fails closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route, request_response
+
+from zae_limiter import FailureMode, Limit, RateLimiter
+from zae_limiter.asgi import RateLimitMiddleware, Served, header_key, total_tokens
+from zae_limiter.repository import RetryPolicy
+
+# 30 a day: nothing refills during a test (one token every 48 minutes).
+EXACT = Limit.per_day("rpd", 30)
+# Per-day limits small enough that refill stays under one token over a test (86 s and 43 s).
+FIELDS = [Limit.per_day("rpd", 1000), Limit.per_day("tpd", 2000)]
+FIELDS_COST = {"rpd": 1, "tpd": 5}
+FAST = Limit.per_second("rps", 1)
+STREAM = [Limit.per_day("rpd", 1000), Limit.per_day("tpd", 4000)]
+STREAM_ESTIMATE = {"rpd": 1, "tpd": 100}
+# What the hook charges for a stream the client left: no usage chunk ever came.
+DISCONNECTED_COST = 7
+UNITS = {"tpd": "tokens"}
+
+key = header_key("x-api-key")
+
+
+def reconcile(served: Served) -> Mapping[str, int] | None:
+    if served.disconnected and not served.complete:
+        return {"tpd": DISCONNECTED_COST}
+    tokens = total_tokens(served.tail)
+    return None if tokens is None else {"tpd": tokens}
+
+
+async def ok(request: Request) -> Response:
+    return JSONResponse({"ok": True})
+
+
+async def stream(request: Request) -> Response:
+    """An OpenAI-shaped SSE chat completion: `chunks` deltas, then the usage chunk."""
+    chunks = int(request.query_params.get("chunks", "5"))
+    delay = float(request.query_params.get("delay", "0"))
+    total = int(request.query_params["total"])
+
+    async def events() -> AsyncIterator[bytes]:
+        for i in range(chunks):
+            delta = {"choices": [{"index": 0, "delta": {"content": f"tok{i} "}}]}
+            yield f"data: {json.dumps(delta)}\n\n".encode()
+            await asyncio.sleep(delay)
+        usage = {"choices": [], "usage": {"prompt_tokens": 3, "total_tokens": total}}
+        yield f"data: {json.dumps(usage)}\n\n".encode()
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def health(request: Request) -> Response:
+    return JSONResponse({"ok": True})
+
+
+def create_app() -> Starlette:
+    table = os.environ["ZAEL_HTTP_TABLE"]
+    # moto serializes requests and answers about 100 a second: 70 concurrent acquires wait
+    # longer than the default deadline, which is meant for DynamoDB.
+    limiter = RateLimiter(name=table, endpoint_url=os.environ["ZAEL_HTTP_ENDPOINT"], deadline=60.0)
+    dead = RateLimiter(
+        name=table,
+        endpoint_url=os.environ["ZAEL_HTTP_DEAD_ENDPOINT"],
+        failure_mode=FailureMode.FAIL_CLOSED,
+        retry=RetryPolicy(max_attempts=1, connect_timeout=0.5, read_timeout=0.5),
+    )
+
+    def limited(endpoint: Callable[[Request], Awaitable[Response]], **options: Any) -> Any:
+        return RateLimitMiddleware(request_response(endpoint), limiter=limiter, key=key, **options)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await limiter.close()
+        await dead.close()
+
+    routes = [
+        Route("/health", health),
+        Route("/exact", limited(ok, limits=[EXACT], resource="exact")),
+        Route(
+            "/fields",
+            limited(
+                ok,
+                limits=FIELDS,
+                resource="fields",
+                cost=lambda scope: FIELDS_COST,
+                quota_units=UNITS,
+            ),
+        ),
+        Route("/fast", limited(ok, limits=[FAST], resource="fast")),
+        Route(
+            "/stream",
+            limited(
+                stream,
+                limits=STREAM,
+                resource="stream",
+                cost=lambda scope: STREAM_ESTIMATE,
+                quota_units=UNITS,
+                reconcile=reconcile,
+            ),
+        ),
+        Route(
+            "/down",
+            RateLimitMiddleware(
+                request_response(ok), limiter=dead, limits=[EXACT], key=key, resource="down"
+            ),
+        ),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)

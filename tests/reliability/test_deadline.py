@@ -1,0 +1,263 @@
+"""The per-operation deadline bounds every call on the hot path, whatever DynamoDB does.
+
+The limiters here talk to moto through `FaultProxy` with a retry policy that alone would let a
+hung endpoint hold a call for many seconds (a read timeout of `READ_TIMEOUT_S` per attempt);
+the deadline is far shorter. What each test proves, with a hung endpoint (requests read, never
+answered):
+
+- `acquire` returns within 1.5x the deadline: FAIL_CLOSED raises `RateLimiterUnavailable`,
+  FAIL_OPEN admits, on a cold limiter (the version check is pending) and a warm one, with the
+  limiter's deadline and a per-call one, with and without reservations;
+- `available` and `time_until_available` raise within the bound;
+- a lease's `adjust` returns within the bound and its write goes on: once the endpoint answers,
+  it lands exactly once; `consume` raises within the bound;
+- a bucket write that DynamoDB applies after the deadline (delayed) is reconciled: the next
+  acquire learns it, and it counts once (its write id appears once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from fault_proxy import FaultProxy
+from figures import Figures
+
+from zae_limiter import (
+    FailureMode,
+    Limit,
+    RateLimiter,
+    RateLimiterUnavailable,
+    Reservations,
+    StackOptions,
+    SyncRateLimiter,
+    ValidationError,
+)
+from zae_limiter.deadline import DeadlineExceeded
+from zae_limiter.repository import Repository, RetryPolicy
+
+pytestmark = pytest.mark.integration
+
+TABLE = "deadline"
+RESOURCE = "api"
+LIMIT = Limit.per_day("tok", 1000)  # refills under one token over a test
+DEADLINE_S = 0.5
+BOUND_S = 1.5 * DEADLINE_S
+SETUP_S = 10.0  # calls that must succeed, even on a loaded machine
+READ_TIMEOUT_S = 3.0
+# Without the deadline, one hung request alone costs READ_TIMEOUT_S (several times BOUND_S).
+POLICY = RetryPolicy(max_attempts=4, connect_timeout=2.0, read_timeout=READ_TIMEOUT_S)
+
+
+def limiter_for(
+    proxy: FaultProxy,
+    mode: FailureMode = FailureMode.FAIL_CLOSED,
+    reservations: Reservations | None = None,
+    deadline: float | None = DEADLINE_S,
+) -> RateLimiter:
+    return RateLimiter(
+        name=TABLE,
+        endpoint_url=proxy.endpoint_url,
+        stack_options=StackOptions(),
+        failure_mode=mode,
+        retry=POLICY,
+        reservations=reservations,
+        deadline=deadline,
+    )
+
+
+async def timed(call: Callable[[], Awaitable[Any]]) -> tuple[float, Any]:
+    started = time.monotonic()
+    result = await call()
+    return time.monotonic() - started, result
+
+
+async def stored_net(proxy: FaultProxy, entity_id: str = "k") -> int:
+    """Net tokens consumed from the bucket as moto holds it (read directly, not proxied)."""
+    repo = Repository(TABLE, None, f"http://{proxy.upstream[0]}:{proxy.upstream[1]}")
+    try:
+        bucket = await repo.get_bucket(entity_id, RESOURCE)
+    finally:
+        await repo.close()
+    if bucket is None:
+        return 0
+    state = bucket.limits[LIMIT.name]
+    return (state.consumed_milli - state.released_milli) // 1000
+
+
+@pytest.fixture
+async def table(proxy: FaultProxy) -> AsyncIterator[None]:
+    """The table exists and holds the version record; the bucket of "k" has 1 token taken."""
+    async with (
+        limiter_for(proxy, deadline=None) as limiter,
+        limiter.acquire("k", RESOURCE, [LIMIT], {"tok": 1}),
+    ):
+        pass
+    proxy.reset_stats()
+    yield
+
+
+async def unavailable_within_bound(
+    proxy: FaultProxy, call: Callable[[], Awaitable[Any]], bound: float = BOUND_S
+) -> float:
+    started = time.monotonic()
+    with pytest.raises(RateLimiterUnavailable) as raised:
+        await call()
+    elapsed = time.monotonic() - started
+    assert elapsed <= bound, f"{elapsed:.2f}s past a bound of {bound}s"
+    assert isinstance(raised.value.cause, DeadlineExceeded), raised.value.cause
+    assert proxy.requests(), "no request reached the endpoint"
+    return elapsed
+
+
+async def acquire_once(limiter: RateLimiter, **kwargs: Any) -> bool:
+    """One acquire of 2 tokens; True when it was a fail-open admission."""
+    async with limiter.acquire("k", RESOURCE, [LIMIT], {"tok": 2}, **kwargs) as lease:
+        return lease.fail_open
+
+
+@pytest.mark.parametrize("reserved", [False, True], ids=["direct", "reserved"])
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+async def test_acquire_is_bounded_by_the_deadline(
+    proxy: FaultProxy, table: None, figures: Figures, warm: bool, reserved: bool
+) -> None:
+    policy = Reservations() if reserved else None
+    closed = limiter_for(proxy, reservations=policy)
+    opened = limiter_for(proxy, FailureMode.FAIL_OPEN, reservations=policy)
+    try:
+        for limiter in (closed, opened):
+            # Building the client is local work done once, before any deadline starts (see
+            # `Repository.open`); a cold limiter has done nothing else.
+            await limiter.repository.open()
+            if warm:  # the version check is done and the bucket cached
+                await limiter.available("k", RESOURCE, [LIMIT], deadline=SETUP_S)
+        proxy.inject("hang")
+
+        elapsed = await unavailable_within_bound(proxy, lambda: acquire_once(closed))
+        figures.worst(f"deadline_unavailable_after_s.{warm=}.{reserved=}", round(elapsed, 2))
+
+        elapsed, fail_open = await timed(lambda: acquire_once(opened))
+        assert fail_open is True
+        assert elapsed <= BOUND_S, f"FAIL_OPEN admitted after {elapsed:.2f}s"
+        figures.worst(f"deadline_fail_open_after_s.{warm=}.{reserved=}", round(elapsed, 2))
+
+        # A per-call deadline overrides the limiter's, both ways.
+        await unavailable_within_bound(
+            proxy, lambda: acquire_once(closed, deadline=0.2), bound=1.5 * 0.2
+        )
+        elapsed, fail_open = await timed(
+            lambda: acquire_once(closed, failure_mode=FailureMode.FAIL_OPEN, deadline=0.2)
+        )
+        assert fail_open is True and elapsed <= 1.5 * 0.2
+        figures.add(operations=4, admitted=2)
+    finally:
+        proxy.clear()
+        await closed.close()
+        await opened.close()
+    # Nothing was admitted through a bucket: whatever a cancelled reservation took went back.
+    assert await stored_net(proxy) == 1
+
+
+async def test_reads_are_bounded_by_the_deadline(proxy: FaultProxy, table: None) -> None:
+    async with limiter_for(proxy) as limiter:
+        proxy.inject("hang")
+        await unavailable_within_bound(proxy, lambda: limiter.available("k", RESOURCE, [LIMIT]))
+        await unavailable_within_bound(
+            proxy,
+            lambda: limiter.time_until_available("k", RESOURCE, [LIMIT], {"tok": 5}),
+        )
+        await unavailable_within_bound(
+            proxy,
+            lambda: limiter.available("k", RESOURCE, [LIMIT], deadline=0.2),
+            bound=1.5 * 0.2,
+        )
+        proxy.clear()
+        assert await limiter.available("k", RESOURCE, [LIMIT], deadline=SETUP_S) == {"tok": 999}
+
+
+async def test_lease_operations_are_bounded_and_adjust_still_lands(
+    proxy: FaultProxy, table: None
+) -> None:
+    limiter = limiter_for(proxy)
+    try:
+        # Warm (the acquire then only writes): the lease keeps its acquire's deadline.
+        await limiter.available("k", RESOURCE, [LIMIT], deadline=SETUP_S)
+        async with limiter.acquire("k", RESOURCE, [LIMIT], {"tok": 2}) as lease:
+            proxy.inject("hang")
+            # An adjustment must land: the call returns at the deadline, the write goes on.
+            elapsed, _ = await timed(lambda: lease.adjust(tok=5))
+            assert elapsed <= BOUND_S, f"adjust returned after {elapsed:.2f}s"
+            assert lease.consumed == {"tok": 7}
+            # A checked take is a decision: not made in time, it raises and takes nothing.
+            await unavailable_within_bound(proxy, lambda: lease.consume(tok=1))
+            assert lease.consumed == {"tok": 7}
+            proxy.clear()
+    finally:
+        await limiter.close()  # waits for the adjustment still under way
+    assert await stored_net(proxy) == 1 + 7
+
+
+async def test_a_write_landing_after_the_deadline_counts_once(
+    proxy: FaultProxy, table: None
+) -> None:
+    async with limiter_for(proxy) as limiter:
+        await limiter.available("k", RESOURCE, [LIMIT], deadline=SETUP_S)  # cached: only writes
+        delay = 2 * DEADLINE_S
+        proxy.inject("delay", ops={"UpdateItem"}, count=1, delay=delay)
+        await unavailable_within_bound(proxy, lambda: acquire_once(limiter))
+        await asyncio.sleep(delay)  # the delayed write reaches moto and is applied
+        assert await stored_net(proxy) == 1 + 2
+        # The limiter does not know whether its write landed: it learns it, never resends it.
+        assert await acquire_once(limiter, deadline=SETUP_S) is False
+    writes = [seen for seen in proxy.requests("UpdateItem") if seen.status == 200]
+    assert len(writes) == 2
+    assert await stored_net(proxy) == 1 + 2 + 2
+
+
+async def test_without_a_deadline_the_retry_policy_alone_bounds_a_call(
+    proxy: FaultProxy, table: None
+) -> None:
+    """The control: the same hang holds a call past the bound when the deadline is off (so
+    the tests above measure the deadline, not a fast failure)."""
+    async with limiter_for(proxy, deadline=None) as limiter:
+        await limiter.available("k", RESOURCE, [LIMIT])
+        proxy.inject("hang", count=1)
+        elapsed, _ = await timed(lambda: acquire_once(limiter))
+        assert elapsed >= READ_TIMEOUT_S > BOUND_S
+
+
+def test_sync_limiter_passes_the_deadline(proxy: FaultProxy, table: None) -> None:
+    with SyncRateLimiter(
+        name=TABLE, endpoint_url=proxy.endpoint_url, retry=POLICY, deadline=5.0
+    ) as limiter:
+        assert limiter.async_limiter.deadline == 5.0
+        limiter.available("k", RESOURCE, [LIMIT], deadline=SETUP_S)
+        proxy.inject("hang")
+        started = time.monotonic()
+        with (
+            pytest.raises(RateLimiterUnavailable),
+            limiter.acquire("k", RESOURCE, [LIMIT], {"tok": 1}, deadline=0.3),
+        ):
+            pass
+        assert time.monotonic() - started <= 1.5 * 0.3
+        proxy.clear()
+
+
+@pytest.mark.parametrize("value", [0, -1, float("nan"), float("inf"), "1", True])
+async def test_a_bad_deadline_is_a_validation_error(proxy: FaultProxy, value: object) -> None:
+    with pytest.raises(ValidationError) as raised:
+        RateLimiter(name=TABLE, endpoint_url=proxy.endpoint_url, deadline=value)  # type: ignore[arg-type]
+    assert raised.value.field == "deadline"
+    limiter = limiter_for(proxy)
+    try:
+        with pytest.raises(ValidationError) as raised:
+            await acquire_once(limiter, deadline=value)
+        assert raised.value.field == "deadline"
+        with pytest.raises(ValidationError):
+            await limiter.available("k", RESOURCE, [LIMIT], deadline=value)  # type: ignore[arg-type]
+        assert proxy.requests() == []  # rejected before any I/O
+    finally:
+        await limiter.close()
