@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 
 from . import audit, core, provisioning, usage
@@ -514,33 +514,29 @@ class RateLimiter:
             lambda: self._admit(
                 entity_id,
                 resource,
-                limits,
-                consume,
-                cascade,
-                use_stored_limits,
-                failure_mode,
-                deadline,
+                lambda: self._decide(
+                    entity_id,
+                    resource,
+                    limits,
+                    consume,
+                    cascade,
+                    use_stored_limits,
+                    failure_mode,
+                    deadline,
+                ),
             )
         )
 
     async def _admit(
-        self,
-        entity_id: str,
-        resource: str,
-        limits: Sequence[Limit] | None,
-        consume: Mapping[str, int],
-        cascade: bool,
-        use_stored_limits: bool,
-        failure_mode: FailureMode | None,
-        deadline: float | None,
+        self, entity_id: str, resource: str, decide: Callable[[], Awaitable[Lease]]
     ) -> Lease:
-        args = (entity_id, resource, limits, consume, cascade, use_stored_limits, failure_mode)
+        """`decide()`, its outcome and latency reported to `metrics`."""
         metrics = self.metrics
         if metrics is NO_METRICS:
-            return await self._decide(*args, deadline)
+            return await decide()
         started = time.perf_counter()
         try:
-            lease = await self._decide(*args, deadline)
+            lease = await decide()
         except RateLimitExceeded as exc:  # RequestTooLarge too: a denial
             names = tuple(v.limit_name for v in exc.violations)
             metrics.acquired(resource, entity_id, DENIED, time.perf_counter() - started, names)
