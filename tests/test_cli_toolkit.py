@@ -161,14 +161,23 @@ async def _consume_unregistered(endpoint_url: str) -> None:
         pass
 
 
+async def _downgrade_record(endpoint_url: str) -> None:
+    """Make the table's record say 1.0.0, as a table created by an earlier release does."""
+    async with RateLimiter(name="kit", endpoint_url=endpoint_url) as lim:
+        await lim.repository.set_version_record(schema_version="1.0.0")
+
+
 def test_migrate_dry_run_without_to_plans_the_latest(table: str) -> None:
     base = ["--name", "kit", "--endpoint-url", table]
     assert "default: the latest" in invoke("migrate", "--help").output
+    asyncio.run(_downgrade_record(table))
     plan = json.loads(invoke("migrate", "--dry-run", *base, "--json").output)
     assert plan["dry_run"] and plan["from_version"] == "1.0.0"
-    assert plan["to_version"] == "1.1.0" and [p["to_version"] for p in plan["planned"]] == ["1.1.0"]
+    assert plan["to_version"] == "1.2.0"
+    assert [p["to_version"] for p in plan["planned"]] == ["1.1.0", "1.2.0"]
     text = invoke("migrate", "--dry-run", *base)
     assert text.exit_code == 0 and "migrate 1.0.0 -> 1.1.0" in text.output
+    assert "migrate 1.1.0 -> 1.2.0" in text.output
     assert json.loads(invoke("version", *base, "--json").output)["schema_version"] == "1.0.0"
     assert invoke("migrate", "--dry-run").exit_code == 2  # still needs a table to plan for
 
@@ -181,7 +190,7 @@ def test_tables_never_truncate_at_80_columns(table: str) -> None:
     env = {"COLUMNS": "80"}
     shown = invoke("bucket", "show", "key", *base, env=env)
     assert shown.exit_code == 0, shown.output
-    for word in ("resource", "definition", "last_refill", "available", "consumed", "released",
+    for word in ("resource", "definition", "full_at", "available", "consumed", "released",
                  "gpt-4o", "1000:1500:1000:3600", "10:10:10:3600"):
         assert word in shown.output, word
     assert "…" not in shown.output

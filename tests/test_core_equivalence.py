@@ -2,7 +2,7 @@
 
 Each operation is checked on 10,000 generated cases mixing realistic buckets (valid limits,
 states near ``now``) with wild ones (i64 bounds, ints outside i64, wrong types, half states,
-anchors in the future, deltas beyond burst).
+states long full or deep in debt, `full_at` beyond a DynamoDB number, deltas beyond burst).
 """
 
 from __future__ import annotations
@@ -35,8 +35,7 @@ FIELDS = (
     "retry_after_ms",
     "write_mode",
     "write_value",
-    "new_tokens_milli",
-    "new_last_refill_ms",
+    "new_full_at",
     "cond_lo",
     "cond_hi",
 )
@@ -56,8 +55,19 @@ def wild_int(rng: Random) -> Any:
     return rng.choice(WRONG_TYPES)
 
 
-def wild_opt_int(rng: Random) -> Any:
-    return None if rng.random() < 0.3 else wild_int(rng)
+FULL_AT_MAX = 10**38 - 1
+
+
+def wild_full_at(rng: Random) -> Any:
+    """None, i64-sized values, the edges of a DynamoDB number, or beyond it."""
+    k = rng.random()
+    if k < 0.3:
+        return None
+    if k < 0.6:
+        return wild_int(rng)
+    if k < 0.8:
+        return rng.choice([FULL_AT_MAX, -FULL_AT_MAX, FULL_AT_MAX + 1, -FULL_AT_MAX - 1, 2**127])
+    return rng.randint(-FULL_AT_MAX, FULL_AT_MAX)
 
 
 def gen_now(rng: Random) -> int:
@@ -78,15 +88,18 @@ def gen_limit(rng: Random) -> tuple[int, int, int]:
 
 def realistic_bucket(rng: Random, now: int) -> tuple[Any, ...]:
     burst, amount, period = gen_limit(rng)
-    if rng.random() < 0.2:
-        tokens, last = None, None
-    else:
-        tokens = rng.randint(-2 * burst, burst + 5) if rng.random() < 0.9 else rng.choice(EDGES)
-        last = (
-            rng.randint(now - 10 * abs(period), now + 1_000)
-            if rng.random() < 0.9
-            else rng.choice(EDGES)
-        )
+    full_at: Any = None
+    if rng.random() >= 0.2:
+        if rng.random() < 0.9:
+            # a balance from deep debt to full, at an instant around now
+            tokens = rng.randint(-2 * burst, burst + 5)
+            at = max(0, rng.randint(now - 10 * abs(period), now + 1_000))
+            try:
+                full_at = reference.full_at_of(burst, amount, period, tokens, at)
+            except (ValueError, OverflowError):
+                full_at = rng.choice(EDGES)
+        else:
+            full_at = wild_full_at(rng)
     k = rng.random()
     if k < 0.15:
         delta = 0
@@ -98,20 +111,13 @@ def realistic_bucket(rng: Random, now: int) -> tuple[Any, ...]:
         delta = rng.randint(burst, burst + 10)
     else:
         delta = rng.choice(EDGES)
-    return (burst, amount, period, tokens, last, delta)
+    return (burst, amount, period, full_at, delta)
 
 
 def wild_bucket(rng: Random) -> Any:
     if rng.random() < 0.9:
-        return (
-            wild_int(rng),
-            wild_int(rng),
-            wild_int(rng),
-            wild_opt_int(rng),
-            wild_opt_int(rng),
-            wild_int(rng),
-        )
-    return rng.choice([(1, 1, 1, None, None), [1, 1, 1, None, None, 0], 5, None])
+        return (wild_int(rng), wild_int(rng), wild_int(rng), wild_full_at(rng), wild_int(rng))
+    return rng.choice([(1, 1, 1, None), [1, 1, 1, None, 0], (1, 1, 1, None, 0, 0), 5, None])
 
 
 def gen_buckets(rng: Random, now: int) -> Any:
@@ -130,14 +136,22 @@ def maybe_wild(rng: Random, value: Any, p: float = 0.1) -> Any:
 
 
 def gen_single(rng: Random) -> tuple[Any, ...]:
-    """Arguments for available / refill."""
+    """Arguments for available."""
     now = gen_now(rng)
     if rng.random() < 0.25:
         b = wild_bucket(rng)
-        if not isinstance(b, tuple) or len(b) != 6:
-            b = (1, 1, 1, None, None, 0)
-        return (*b[:5], maybe_wild(rng, now, 0.5))
-    return (*realistic_bucket(rng, now)[:5], now)
+        if not isinstance(b, tuple) or len(b) != 5:
+            b = (1, 1, 1, None, 0)
+        return (*b[:4], maybe_wild(rng, now, 0.5))
+    return (*realistic_bucket(rng, now)[:4], now)
+
+
+def gen_full_at_of(rng: Random) -> tuple[Any, ...]:
+    """Arguments for full_at_of: a limit, a balance, an instant."""
+    now = gen_now(rng)
+    burst, amount, period = gen_limit(rng)
+    tokens = rng.randint(-2 * burst, burst + 5) if rng.random() < 0.8 else wild_int(rng)
+    return (burst, amount, period, tokens, maybe_wild(rng, now, 0.2))
 
 
 def plain(result: Any) -> Any:
@@ -175,8 +189,7 @@ def test_decide(seed: int) -> None:
     buckets = gen_buckets(rng, now)
     k = rng.random()
     check = rng.choice([0, 1, None, "x"]) if k < 0.03 else k < 0.6
-    reanchor = rng.choice([0, rng.randint(0, 100_000), wild_int(rng)])
-    same("decide", buckets, maybe_wild(rng, now), check, reanchor)
+    same("decide", buckets, maybe_wild(rng, now), check)
 
 
 @EXAMPLES
@@ -195,44 +208,57 @@ def test_available(seed: int) -> None:
 
 @EXAMPLES
 @given(seed=SEEDS)
-def test_refill(seed: int) -> None:
-    same("refill", *gen_single(Random(seed)))
+def test_full_at_of(seed: int) -> None:
+    same("full_at_of", *gen_full_at_of(Random(seed)))
 
 
 def test_edges_exhaustive() -> None:
     """Every combination of edge values for the single-bucket functions."""
-    values: list[Any] = [I64_MIN, -1, 0, 1, 7, I64_MAX, None]
+    levels: list[Any] = [
+        -FULL_AT_MAX - 1, -FULL_AT_MAX, I64_MIN, -1, 0, 1, 7, I64_MAX, FULL_AT_MAX, None
+    ]
     for burst in [I64_MIN, 0, 1, 5, I64_MAX]:
         for amount in [1, 3, I64_MAX]:
             for period in [0, 1, 2, I64_MAX]:
-                for tokens in values:
-                    for last in values:
-                        for now in [-1, 0, 3, I64_MAX]:
-                            args = (burst, amount, period, tokens, last, now)
-                            same("available", *args)
-                            same("refill", *args)
-                            for delta in [I64_MIN, -1, 0, 1, 6, I64_MAX]:
-                                b = (burst, amount, period, tokens, last, delta)
-                                same("time_until_available", [b], now)
-                                same("decide", [b], now, True, 0)
-                                same("decide", [b, b], now, False, 1)
+                for full_at in levels:
+                    for now in [-1, 0, 3, I64_MAX]:
+                        same("available", burst, amount, period, full_at, now)
+                        for delta in [I64_MIN, -1, 0, 1, 6, I64_MAX]:
+                            same("full_at_of", burst, amount, period, delta, now)
+                            b = (burst, amount, period, full_at, delta)
+                            same("time_until_available", [b], now)
+                            same("decide", [b], now, True)
+                            same("decide", [b, b], now, False)
 
 
 def test_keywords_and_edge_cases() -> None:
-    b = (100_000, 100_000, 60_000, 50_000, 10_000, 1_000)
+    b = (100_000, 100_000, 60_000, 350_000, 1_000)
     cases: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = [
-        ("decide", (), {"buckets": [b], "now_ms": 10_700, "check": True, "reanchor_ms": 0}),
-        ("decide", ([],), {"now_ms": 0, "check": False, "reanchor_ms": 0}),
+        ("decide", (), {"buckets": [b], "now_ms": 10_700, "check": True}),
+        ("decide", ([],), {"now_ms": 0, "check": False}),
         ("time_until_available", ((b,),), {"now_ms": 5}),
-        ("available", b[:5], {"now_ms": 0}),
-        ("refill", b[:5], {"now_ms": 10**12}),
-        ("refill", (1, 1, 1, None, None, 0), {}),
-        ("available", (1, 1, 1, None, 1, "x"), {}),
-        ("available", (0, 1, 1, None, 1, -1), {}),
-        ("available", (0, 1, 1, None, 1, 2**64), {}),
-        ("decide", ([b, (1, 2)], -1, True, 0), {}),
-        ("decide", ([b], 0, True, -1), {}),
-        ("decide", ({b}, 0, True, 0), {}),
+        ("available", b[:4], {"now_ms": 0}),
+        (
+            "full_at_of",
+            (),
+            {
+                "burst_milli": 1,
+                "refill_amount_milli": 1,
+                "refill_period_ms": 1,
+                "tokens_milli": 0,
+                "now_ms": 5,
+            },
+        ),
+        ("full_at_of", (1, 1, 1, None, 0), {}),
+        ("available", (1, 1, 1, None, "x"), {}),
+        ("available", (1, 1, 1, True, 0), {}),
+        ("available", (0, 1, 1, None, -1), {}),
+        ("available", (0, 1, 1, 2**127, -1), {}),
+        ("available", (0, 1, 1, None, 2**64), {}),
+        ("decide", ([b, (1, 2)], -1, True), {}),
+        ("decide", ([b], 0, 1), {}),
+        ("decide", ({b}, 0, True), {}),
+        ("decide", ([b], 0, True, 0), {}),
     ]
     for name, args, kwargs in cases:
         expected = run(lambda: getattr(reference, name)(*args, **kwargs))  # noqa: B023
@@ -241,9 +267,9 @@ def test_keywords_and_edge_cases() -> None:
 
 
 def test_native_outcome_has_the_reference_fields_and_is_frozen() -> None:
-    buckets = [(10_000, 1_000, 1_000, 4_000, 1_000, 1_000), (10_000, 1_000, 1_000, None, None, 0)]
-    admitted, outs = native.decide(buckets, 5_000, True, 0)
-    ref_admitted, ref_outs = reference.decide(buckets, 5_000, True, 0)
+    buckets = [(10_000, 1_000, 1_000, 9_000, 1_000), (10_000, 1_000, 1_000, None, 0)]
+    admitted, outs = native.decide(buckets, 5_000, True)
+    ref_admitted, ref_outs = reference.decide(buckets, 5_000, True)
     assert admitted is ref_admitted is True
     for got, want in zip(outs, ref_outs, strict=True):
         assert type(got).__name__ == "Outcome"
@@ -253,7 +279,7 @@ def test_native_outcome_has_the_reference_fields_and_is_frozen() -> None:
             assert type(getattr(got, name)) is type(getattr(want, name)), name
         with pytest.raises(AttributeError):
             got.write_mode = 0
-    assert outs[0] == native.decide(buckets, 5_000, True, 0)[1][0]
+    assert outs[0] == native.decide(buckets, 5_000, True)[1][0]
 
 
 # -- reserved blocks ------------------------------------------------------------------------

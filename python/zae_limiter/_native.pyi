@@ -3,10 +3,18 @@
 from collections.abc import Sequence
 from typing import final
 
-__all__ = ["Block", "Outcome", "available", "decide", "refill", "take_all", "time_until_available"]
+__all__ = [
+    "Block",
+    "Outcome",
+    "available",
+    "decide",
+    "full_at_of",
+    "take_all",
+    "time_until_available",
+]
 
 # A type alias of the stub only (the extension has no such name).
-_BucketInput = tuple[int, int, int, int | None, int | None, int]
+_BucketInput = tuple[int, int, int, int | None, int]
 
 @final
 class Outcome:
@@ -23,31 +31,27 @@ class Outcome:
     @property
     def write_value(self) -> int: ...
     @property
-    def new_tokens_milli(self) -> int: ...
-    @property
-    def new_last_refill_ms(self) -> int: ...
+    def new_full_at(self) -> int | None: ...
     @property
     def cond_lo(self) -> int | None: ...
     @property
     def cond_hi(self) -> int | None: ...
 
 def decide(
-    buckets: Sequence[_BucketInput], now_ms: int, check: bool, reanchor_ms: int
+    buckets: Sequence[_BucketInput], now_ms: int, check: bool
 ) -> tuple[bool, list[Outcome]]: ...
-def refill(
+def full_at_of(
     burst_milli: int,
     refill_amount_milli: int,
     refill_period_ms: int,
     tokens_milli: int,
-    last_refill_ms: int,
     now_ms: int,
-) -> tuple[int, int]: ...
+) -> int: ...
 def available(
     burst_milli: int,
     refill_amount_milli: int,
     refill_period_ms: int,
-    tokens_milli: int | None,
-    last_refill_ms: int | None,
+    full_at: int | None,
     now_ms: int,
 ) -> int: ...
 def time_until_available(buckets: Sequence[_BucketInput], now_ms: int) -> int | None: ...

@@ -5,19 +5,21 @@ tests prove they return identical outputs and raise the same exception types. Us
 ``zae_limiter.core``, which picks the native backend when it is available.
 
 All amounts are integer millitokens, all times integer milliseconds since the Unix epoch. A
-limit is ``(burst_milli, refill_amount_milli, refill_period_ms)``, all > 0. Refill is added in
-whole quanta of ``step_milli`` every ``step_ms`` (the limit's rate divided by the gcd of amount
-and period), so any sequence of refills adds exactly what one refill over the span would.
+limit is ``(burst_milli, refill_amount_milli, refill_period_ms)``, all > 0. A bucket's whole
+state is one number, ``full_at``: the instant it is full again, in *ticks* of ``1 / step_milli``
+ms, where ``step_milli / step_ms`` is the limit's rate reduced by the gcd of amount and period.
+One ms is ``step_milli`` ticks and one millitoken ``step_ms`` ticks, so refill and consumption
+are whole numbers of ticks and every decision is exact.
 
 Arguments are checked in signature order (for ``buckets``: bucket by bucket, field by field):
 
 - ``TypeError``: not an int (``bool`` is not accepted as an int; objects with ``__index__``
-  are), ``check`` not a ``bool``, ``buckets`` not a list or tuple, a bucket not a 6-tuple;
-- ``OverflowError``: an int outside signed 64-bit.
+  are), ``check`` not a ``bool``, ``buckets`` not a list or tuple, a bucket not a 5-tuple;
+- ``OverflowError``: an int outside signed 64-bit, or a ``full_at`` beyond ``FULL_AT_MAX``.
 
-Then the values are validated (``ValueError``: non-positive burst/amount/period, only one of
-tokens/last_refill given, negative ``now_ms`` or ``reanchor_ms``), and finally computed: every
-result must fit signed 64-bit, else ``OverflowError``. A denial is a returned value.
+Then the values are validated (``ValueError``: non-positive burst/amount/period, negative
+``now_ms``), and finally computed: amounts and times must fit signed 64-bit and a ``full_at`` a
+DynamoDB number, else ``OverflowError``. A denial is a returned value.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from math import gcd
 from typing import Final, NamedTuple, SupportsIndex, TypeAlias
 
 __all__ = [
+    "FULL_AT_MAX",
     "I64_MAX",
     "I64_MIN",
     "WRITE_ABSOLUTE",
@@ -39,30 +42,28 @@ __all__ = [
     "Outcome",
     "available",
     "decide",
-    "refill",
+    "full_at_of",
     "take_all",
     "time_until_available",
 ]
 
 I64_MIN: Final = -(2**63)
 I64_MAX: Final = 2**63 - 1
+FULL_AT_MAX: Final = 10**38 - 1
+"""The largest magnitude of a stored ``full_at``: DynamoDB numbers hold 38 significant digits."""
 
 WRITE_NONE: Final = 0
 """No write (denied, or delta 0)."""
 WRITE_RELATIVE: Final = 1
-"""``tokens += write_value``, anchor set to ``new_last_refill_ms``."""
+"""``full_at += write_value`` under ``cond_lo <= full_at [<= cond_hi]``."""
 WRITE_ABSOLUTE: Final = 2
-"""``tokens = write_value``, anchor set to ``new_last_refill_ms``."""
+"""``full_at = write_value`` under ``full_at <= cond_hi``, or "does not exist" when the input
+did not exist."""
 WRITE_ADD: Final = 3
-"""``tokens += write_value`` with no condition and the anchor untouched (a give-back)."""
+"""``full_at += write_value`` (negative) with no condition (a give-back)."""
 
-# The refill a full bucket may forfeit when a write re-anchors it: one token or 1% of the burst.
-_FORFEIT_DIVISOR: Final = 100
-_ONE_TOKEN_MILLI: Final = 1000
-
-BucketInput: TypeAlias = tuple[int, int, int, int | None, int | None, int]
-"""``(burst_milli, refill_amount_milli, refill_period_ms, tokens_milli | None,
-last_refill_ms | None, delta_milli)``."""
+BucketInput: TypeAlias = tuple[int, int, int, int | None, int]
+"""``(burst_milli, refill_amount_milli, refill_period_ms, full_at | None, delta_milli)``."""
 
 
 class Outcome(NamedTuple):
@@ -74,8 +75,7 @@ class Outcome(NamedTuple):
     retry_after_ms: int | None
     write_mode: int
     write_value: int
-    new_tokens_milli: int
-    new_last_refill_ms: int
+    new_full_at: int | None
     cond_lo: int | None
     cond_hi: int | None
 
@@ -83,35 +83,42 @@ class Outcome(NamedTuple):
 # --- argument conversion ------------------------------------------------------------------------
 
 
+def _index(value: object, name: str) -> int:
+    if type(value) is int:
+        return value
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, not bool")
+    if isinstance(value, SupportsIndex):
+        return operator.index(value)
+    raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+
+
 def _int(value: object, name: str) -> int:
     """An int fitting signed 64-bit (``TypeError`` / ``OverflowError`` otherwise)."""
-    if type(value) is int:
-        v = value
-    elif isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, not bool")
-    elif isinstance(value, SupportsIndex):
-        v = operator.index(value)
-    else:
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    v = _index(value, name)
     if not I64_MIN <= v <= I64_MAX:
         raise OverflowError(f"{name} does not fit signed 64-bit: {v}")
     return v
 
 
-def _opt_int(value: object, name: str) -> int | None:
-    return None if value is None else _int(value, name)
+def _full_at(value: object) -> int | None:
+    if value is None:
+        return None
+    v = _index(value, "full_at")
+    if not -FULL_AT_MAX <= v <= FULL_AT_MAX:
+        raise OverflowError(f"full_at does not fit a DynamoDB number: {v}")
+    return v
 
 
 def _bucket(value: object) -> BucketInput:
-    if not isinstance(value, tuple) or len(value) != 6:
-        raise TypeError("a bucket must be a tuple of 6 items")
-    burst, amount, period, tokens, last_refill, delta = value
+    if not isinstance(value, tuple) or len(value) != 5:
+        raise TypeError("a bucket must be a tuple of 5 items")
+    burst, amount, period, full_at, delta = value
     return (
         _int(burst, "burst_milli"),
         _int(amount, "refill_amount_milli"),
         _int(period, "refill_period_ms"),
-        _opt_int(tokens, "tokens_milli"),
-        _opt_int(last_refill, "last_refill_ms"),
+        _full_at(full_at),
         _int(delta, "delta_milli"),
     )
 
@@ -145,140 +152,108 @@ def _check_limit(burst: int, amount: int, period: int) -> None:
         raise ValueError(f"refill_period_ms must be > 0, got {period}")
 
 
-def _check_state(tokens: int | None, last_refill: int | None) -> None:
-    if (tokens is None) != (last_refill is None):
-        raise ValueError("tokens_milli and last_refill_ms must both be given or both be None")
-
-
-def _check_bucket(b: BucketInput) -> None:
-    _check_limit(b[0], b[1], b[2])
-    _check_state(b[3], b[4])
-
-
 def _fit(v: int) -> int:
+    """An amount or a time: must fit signed 64-bit."""
     if not I64_MIN <= v <= I64_MAX:
         raise OverflowError("integer overflow in token-bucket arithmetic")
     return v
 
 
-def _lower_bound(v: int) -> int | None:
-    """A bound ``tokens >= v`` below the i64 range holds for every stored value: no bound."""
-    return None if v < I64_MIN else _fit(v)
+def _level(v: int) -> int:
+    """A stored ``full_at`` or a bound on it: must fit a DynamoDB number."""
+    if not -FULL_AT_MAX <= v <= FULL_AT_MAX:
+        raise OverflowError("integer overflow in token-bucket arithmetic")
+    return v
 
 
 # --- the math -----------------------------------------------------------------------------------
 
 
-def _steps(amount: int, period: int) -> tuple[int, int]:
-    """``(step_ms, step_milli)``: the limit in whole refill quanta."""
-    g = gcd(amount, period)
-    return period // g, amount // g
+class _Rate(NamedTuple):
+    """A limit in whole refill quanta: ``step_milli`` millitokens every ``step_ms``."""
+
+    burst: int
+    step_ms: int
+    step_milli: int
+
+    @classmethod
+    def of(cls, burst: int, amount: int, period: int) -> _Rate:
+        g = gcd(amount, period)
+        return cls(burst, period // g, amount // g)
 
 
-def _epoch_ms(burst: int, step_ms: int, step_milli: int, reanchor: int) -> int:
-    """The longest whole number of quanta whose refill is at most ``max(1 token, burst / 100)``,
-    at least one quantum, at most ``max(reanchor, one quantum)``."""
-    budget = max(burst // _FORFEIT_DIVISOR, _ONE_TOKEN_MILLI)
-    quanta = max(budget // step_milli, 1)
-    return min(quanta * step_ms, max(reanchor, step_ms))
+class _View(NamedTuple):
+    """A bucket at ``now``: ``debt`` ticks until full again (0 when full), ``available``
+    millitokens now (``burst - ceil(debt / step_ms)``)."""
 
+    full_at: int | None
+    now_ticks: int
+    debt: int
+    available: int
 
-def _epoch_start(now: int, epoch: int) -> int:
-    """The first epoch boundary at or after ``now``."""
-    return -(-now // epoch) * epoch
+    @classmethod
+    def of(cls, r: _Rate, full_at: int | None, now: int) -> _View:
+        now_ticks = now * r.step_milli
+        debt = 0 if full_at is None else max(full_at - now_ticks, 0)
+        return cls(full_at, now_ticks, debt, r.burst - -(-debt // r.step_ms))
 
+    def covers(self, r: _Rate, delta: int) -> bool:
+        return self.debt <= (r.burst - delta) * r.step_ms
 
-def _view(
-    burst: int, step_ms: int, step_milli: int, tokens: int | None, last: int | None, now: int
-) -> tuple[int, int, int, int, int]:
-    """The bucket at ``now``: ``(tokens, last_refill, q, added, available)``.
-
-    A bucket that does not exist yet is full, anchored at ``now``. ``q`` is the number of whole
-    quanta since the anchor (0 for an anchor in the future), ``added = q * step_milli``.
-    """
-    if tokens is None or last is None:
-        return burst, now, 0, 0, burst
-    q = (now - last) // step_ms if now > last else 0
-    added = q * step_milli
-    return tokens, last, q, added, min(burst, tokens + added)
-
-
-def _wait(
-    burst: int,
-    step_ms: int,
-    step_milli: int,
-    last: int,
-    q: int,
-    avail: int,
-    delta: int,
-    now: int,
-) -> int | None:
-    """Ms until ``available >= delta``: 0 if already or ``delta <= 0``; ``None`` if never."""
-    if delta > burst:
-        return None
-    if delta <= 0 or avail >= delta:
-        return 0
-    # available < delta <= burst: the refill is not capped. The first quantum covering the
-    # shortfall is the k-th after the current one.
-    k = -(-(delta - avail) // step_milli)
-    return _fit(last + (q + k) * step_ms - now)
+    def wait(self, r: _Rate, delta: int, now: int) -> int | None:
+        """Ms until ``delta`` is there: 0 if already or ``delta <= 0``; ``None`` if never."""
+        if delta > r.burst:
+            return None
+        if delta <= 0 or self.covers(r, delta):
+            return 0
+        full_at = self.now_ticks if self.full_at is None else self.full_at
+        due = -(-(full_at - (r.burst - delta) * r.step_ms) // r.step_milli)
+        return _fit(max(due - now, 0))
 
 
 def available(
     burst_milli: int,
     refill_amount_milli: int,
     refill_period_ms: int,
-    tokens_milli: int | None,
-    last_refill_ms: int | None,
+    full_at: int | None,
     now_ms: int,
 ) -> int:
-    """Tokens (milli) available at ``now_ms``; ``burst`` for a bucket that does not exist yet.
+    """Millitokens available at ``now_ms``; ``burst`` for a bucket that does not exist yet.
 
     May be negative after forced consumption.
     """
     burst = _int(burst_milli, "burst_milli")
     amount = _int(refill_amount_milli, "refill_amount_milli")
     period = _int(refill_period_ms, "refill_period_ms")
-    tokens = _opt_int(tokens_milli, "tokens_milli")
-    last = _opt_int(last_refill_ms, "last_refill_ms")
+    level = _full_at(full_at)
     now = _int(now_ms, "now_ms")
     _check_limit(burst, amount, period)
-    _check_state(tokens, last)
     _check_now(now)
-    step_ms, step_milli = _steps(amount, period)
-    return _view(burst, step_ms, step_milli, tokens, last, now)[4]
+    return _fit(_View.of(_Rate.of(burst, amount, period), level, now).available)
 
 
-def refill(
+def full_at_of(
     burst_milli: int,
     refill_amount_milli: int,
     refill_period_ms: int,
     tokens_milli: int,
-    last_refill_ms: int,
     now_ms: int,
-) -> tuple[int, int]:
-    """Eager refill to ``now_ms``: ``(tokens_milli, last_refill_ms)``.
-
-    The anchor moves by whole quanta only; a bucket that reaches burst is capped at burst and
-    re-anchored at ``now_ms``. An anchor in the future refills nothing.
-    """
+) -> int:
+    """The ``full_at`` of a bucket holding ``tokens_milli`` at ``now_ms`` (at least burst: full
+    now). Converts a balance into the stored form (another layout, another definition)."""
     burst = _int(burst_milli, "burst_milli")
     amount = _int(refill_amount_milli, "refill_amount_milli")
     period = _int(refill_period_ms, "refill_period_ms")
     tokens = _int(tokens_milli, "tokens_milli")
-    last = _int(last_refill_ms, "last_refill_ms")
     now = _int(now_ms, "now_ms")
     _check_limit(burst, amount, period)
     _check_now(now)
-    step_ms, step_milli = _steps(amount, period)
-    _, _, q, added, _ = _view(burst, step_ms, step_milli, tokens, last, now)
-    if tokens + added >= burst:
-        return burst, now
-    return tokens + added, last + q * step_ms
+    r = _Rate.of(burst, amount, period)
+    return _level(now * r.step_milli + max(burst - tokens, 0) * r.step_ms)
 
 
 def time_until_available(buckets: Sequence[BucketInput], now_ms: int) -> int | None:
-    """Ms until every bucket with ``delta > 0`` has ``available >= delta`` (0 if already).
+    """Ms until every bucket with ``delta > 0`` has ``delta`` available (0 if already).
 
     ``None`` if some delta exceeds its burst (it never will).
     """
@@ -286,130 +261,89 @@ def time_until_available(buckets: Sequence[BucketInput], now_ms: int) -> int | N
     now = _int(now_ms, "now_ms")
     _check_now(now)
     for b in parsed:
-        _check_bucket(b)
-    if any(delta > burst for burst, _, _, _, _, delta in parsed):
+        _check_limit(b[0], b[1], b[2])
+    if any(delta > burst for burst, _, _, _, delta in parsed):
         return None
     longest = 0
-    for burst, amount, period, tokens, last, delta in parsed:
-        step_ms, step_milli = _steps(amount, period)
-        _, anchor, q, _, avail = _view(burst, step_ms, step_milli, tokens, last, now)
-        wait = _wait(burst, step_ms, step_milli, anchor, q, avail, delta, now)
+    for burst, amount, period, full_at, delta in parsed:
+        r = _Rate.of(burst, amount, period)
+        wait = _View.of(r, full_at, now).wait(r, delta, now)
         if wait is not None:
             longest = max(longest, wait)
     return longest
 
 
 def decide(
-    buckets: Sequence[BucketInput], now_ms: int, check: bool, reanchor_ms: int
+    buckets: Sequence[BucketInput], now_ms: int, check: bool
 ) -> tuple[bool, list[Outcome]]:
     """One acquire decision over a flat list of buckets: ``(admitted, outcomes)``.
 
-    With ``check`` it is all-or-nothing: a bucket with ``delta > 0`` and ``available < delta`` is
-    exceeded, and if any is, nothing is written. Without ``check`` every delta is applied (forced:
-    may go negative) and nothing is ever exceeded. See design.md for the write rules.
+    With ``check`` it is all-or-nothing: a bucket with ``delta > 0`` that does not hold
+    ``delta`` is exceeded, and if any is, nothing is written. Without ``check`` every delta is
+    applied (forced: may go negative) and nothing is ever exceeded. See design.md for the write
+    rules.
     """
     parsed = _buckets(buckets)
     now = _int(now_ms, "now_ms")
     check = _bool(check, "check")
-    reanchor = _int(reanchor_ms, "reanchor_ms")
     _check_now(now)
-    if reanchor < 0:
-        raise ValueError(f"reanchor_ms must be >= 0, got {reanchor}")
     for b in parsed:
-        _check_bucket(b)
+        _check_limit(b[0], b[1], b[2])
 
     # Pass 1: availability, exceeded, retry_after; nothing written yet.
     outcomes: list[Outcome] = []
+    views: list[tuple[_Rate, _View]] = []
     admitted = True
-    for burst, amount, period, tokens, last, delta in parsed:
-        step_ms, step_milli = _steps(amount, period)
-        t, anchor, q, _, avail = _view(burst, step_ms, step_milli, tokens, last, now)
-        exceeded = check and delta > 0 and avail < delta
-        retry = _wait(burst, step_ms, step_milli, anchor, q, avail, delta, now) if exceeded else 0
+    for burst, amount, period, full_at, delta in parsed:
+        r = _Rate.of(burst, amount, period)
+        v = _View.of(r, full_at, now)
+        views.append((r, v))
+        exceeded = check and delta > 0 and not v.covers(r, delta)
+        retry = v.wait(r, delta, now) if exceeded else 0
         admitted = admitted and not exceeded
-        outcomes.append(Outcome(avail, exceeded, retry, WRITE_NONE, 0, t, anchor, None, None))
+        outcomes.append(
+            Outcome(_fit(v.available), exceeded, retry, WRITE_NONE, 0, full_at, None, None)
+        )
     if not admitted:
         return False, outcomes
 
     # Pass 2: the writes.
-    for i, (burst, amount, period, tokens, last, delta) in enumerate(parsed):
-        if delta != 0:
-            step_ms, step_milli = _steps(amount, period)
-            outcomes[i] = _write(
-                outcomes[i], burst, step_ms, step_milli, tokens, last, delta, now, check, reanchor
-            )
+    for i, (b, (r, v)) in enumerate(zip(parsed, views, strict=True)):
+        if b[4] != 0:
+            outcomes[i] = _write(outcomes[i], r, v, b[4], check)
     return True, outcomes
 
 
-def _write(
-    status: Outcome,
-    burst: int,
-    step_ms: int,
-    step_milli: int,
-    tokens: int | None,
-    last: int | None,
-    delta: int,
-    now: int,
-    check: bool,
-    reanchor: int,
-) -> Outcome:
-    """The write of one admitted bucket with a non-zero delta."""
+def _write(status: Outcome, r: _Rate, v: _View, delta: int, check: bool) -> Outcome:
+    """The write of one admitted bucket with a non-zero delta. Each rule is exact for every
+    stored state its condition accepts (design.md, "Concurrent writers")."""
     avail = status.available_milli
-    absolute_value = burst - max(delta, 0)
-    if tokens is None or last is None:
-        # Created full: anchored like a write to a full bucket (below), so that the writers
-        # racing to create it find it relative-writable once it exists. The condition is
-        # "attribute does not exist".
-        anchor = _fit(_epoch_start(now, _epoch_ms(burst, step_ms, step_milli, reanchor)))
-        return Outcome(
-            avail, False, 0, WRITE_ABSOLUTE, absolute_value, absolute_value, anchor, None, None
-        )
-
+    ticks = delta * r.step_ms
+    if v.full_at is None:
+        # Created full at now (the condition is "does not exist").
+        value = _level(v.now_ticks + max(ticks, 0))
+        return Outcome(avail, False, 0, WRITE_ABSOLUTE, value, value, None, None)
     if delta < 0:
-        # A give-back commutes with every other write: adding tokens is exact in any state,
-        # since reading caps at burst. No condition, so concurrent writers never conflict.
+        # A give-back commutes with every other write: a bucket never reads fuller than full,
+        # so moving `full_at` back is exact in any state and needs no condition.
+        value = _level(ticks)
         return Outcome(
-            avail, False, 0, WRITE_ADD, _fit(-delta), _fit(tokens - delta), last, None, None
+            avail, False, 0, WRITE_ADD, value, _level(v.full_at + ticks), None, None
         )
-
-    _, _, q, added, _ = _view(burst, step_ms, step_milli, tokens, last, now)
-    cap_point = burst - added + min(delta, 0)
-    if tokens >= cap_point:
-        # Full now: the refill past the burst is lost, so the write must be absolute. It
-        # re-anchors the bucket at the next epoch boundary, deferring its refill until then: the
-        # writes that follow within the epoch see a bucket that cannot fill up again, so they
-        # are relative and concurrent writers all apply without invalidating each other.
-        anchor = _fit(_epoch_start(now, _epoch_ms(burst, step_ms, step_milli, reanchor)))
-        return Outcome(
-            avail,
-            False,
-            0,
-            WRITE_ABSOLUTE,
-            absolute_value,
-            absolute_value,
-            anchor,
-            _lower_bound(cap_point),
-            None,
-        )
-
-    # Not capped: tokens + added - min(delta, 0) < burst, so available = tokens + added.
-    cond_hi = _fit(cap_point - 1)
-    cond_lo = _lower_bound(delta - added) if check and delta > 0 else None
-    if q > 0 and now - last >= reanchor:
-        value, anchor = added - delta, last + q * step_ms
-    else:
-        value, anchor = -delta, last
-    return Outcome(
-        avail,
-        False,
-        0,
-        WRITE_RELATIVE,
-        _fit(value),
-        _fit(tokens + value),
-        _fit(anchor),
-        cond_lo,
-        cond_hi,
-    )
+    if v.debt == 0:
+        # Full at now: the refill past the burst is lost, so the new state is absolute. Its
+        # condition pins "full at my now"; a writer that finds the bucket refilled past that
+        # by its own now is full there too and overwrites nothing it should have kept.
+        value = _level(v.now_ticks + ticks)
+        return Outcome(avail, False, 0, WRITE_ABSOLUTE, value, value, None, v.now_ticks)
+    # Not full at now: consumption moves `full_at` later by its ticks, applied to whatever is
+    # stored, as long as the stored bucket is still not full at now (else the refill past the
+    # burst would be counted) and, checked, still holds `delta`.
+    value = _level(ticks)
+    new = _level(v.full_at + ticks)
+    lo = _level(v.now_ticks + 1)
+    hi = _level(v.now_ticks + (r.burst - delta) * r.step_ms) if check else None
+    return Outcome(avail, False, 0, WRITE_RELATIVE, value, new, lo, hi)
 
 
 # -- reserved blocks (docs/design.md "Reservations"; rust/src/block.rs) -------------------------

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 from zae_limiter import bucket as _reference
 from zae_limiter.bucket import (
+    FULL_AT_MAX,
     WRITE_ABSOLUTE,
     WRITE_ADD,
     WRITE_NONE,
@@ -22,6 +23,7 @@ from zae_limiter.bucket import (
 
 __all__ = [
     "BACKEND",
+    "FULL_AT_MAX",
     "WRITE_ABSOLUTE",
     "WRITE_ADD",
     "WRITE_NONE",
@@ -31,7 +33,7 @@ __all__ = [
     "Outcome",
     "available",
     "decide",
-    "refill",
+    "full_at_of",
     "take_all",
     "time_until_available",
 ]
@@ -44,9 +46,9 @@ Outcome: TypeAlias = "_reference.Outcome | _native_types.Outcome"
 
 BACKEND: Literal["native", "python"] = "python"
 
-decide: Callable[[Sequence[BucketInput], int, bool, int], tuple[bool, Sequence[Outcome]]]
+decide: Callable[[Sequence[BucketInput], int, bool], tuple[bool, Sequence[Outcome]]]
 decide = _reference.decide
-refill = _reference.refill
+full_at_of = _reference.full_at_of
 available = _reference.available
 time_until_available = _reference.time_until_available
 Block: type[_reference.Block] | type[_native_types.Block] = _reference.Block
@@ -59,7 +61,7 @@ if os.environ.get("ZAE_LIMITER_NATIVE", "").strip() != "0":
         pass
     else:
         decide = _native.decide
-        refill = _native.refill
+        full_at_of = _native.full_at_of
         available = _native.available
         time_until_available = _native.time_until_available
         Block = _native.Block

@@ -20,15 +20,12 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from . import core, expiry
+from . import core, expiry, stored
 from .cache import TTLCache
 from .exceptions import RateLimiterUnavailable, RateLimitExceeded, RequestTooLarge
 from .models import Limit, LimitStatus
 from .storage import BucketItem, ConditionFailed, LimitWrite, Storage
 
-# Fold pending refill into the stored tokens at most once a minute per bucket: each fold moves the
-# anchor, which makes concurrent writers retry once, while leaving it alone is exact anyway.
-REANCHOR_MS = 60_000
 MAX_ROUNDS = 12
 # Give-backs and adjustments must land: losing one leaves capacity consumed for nothing.
 MAX_FORCED_ROUNDS = 48
@@ -152,11 +149,11 @@ class Engine:
                 # Statuses are reported for every target, but only pending ones are written.
                 decide_on = sorted(set(pending) | (set() if seen else set(range(len(targets)))))
                 inputs = [
-                    bucket_input(limit, targets[i].state, delta)
+                    bucket_input(limit, targets[i].state, delta, now)
                     for i in decide_on
                     for limit, delta in zip(targets[i].limits, deltas[i], strict=True)
                 ]
-                admitted, outcomes = core.decide(inputs, now, check, REANCHOR_MS)
+                admitted, outcomes = core.decide(inputs, now, check)
                 cursor = 0
                 plans: dict[int, list[LimitWrite]] = {}
                 for i in decide_on:
@@ -164,7 +161,7 @@ class Engine:
                     part = outcomes[cursor : cursor + len(target.limits)]
                     cursor += len(target.limits)
                     seen[i] = part
-                    plans[i] = _writes(target, part, deltas[i])
+                    plans[i] = _writes(target, part, deltas[i], now)
                 if not admitted:
                     # Only a stale view of a short bucket can make a denial wrong.
                     stale = [
@@ -285,17 +282,23 @@ def _report(what: str | None, task: asyncio.Task[None]) -> None:
         log.warning("%s failed: %s", what, exc)
 
 
-def bucket_input(limit: Limit, state: BucketItem | None, delta: int) -> core.BucketInput:
-    """The core's view of one limit's bucket, with `delta` millitokens to apply."""
+def bucket_input(
+    limit: Limit, state: BucketItem | None, delta: int, now_ms: int
+) -> core.BucketInput:
+    """The core's view of one limit's bucket at `now_ms`, with `delta` millitokens to apply."""
     s = state.limits.get(limit.name) if state else None
     return (
         limit.burst_milli,
         limit.refill_amount_milli,
         limit.refill_period_ms,
-        None if s is None else s.tokens_milli,
-        None if s is None else s.last_refill_ms,
+        stored.full_at(limit, s, now_ms),
         delta,
     )
+
+
+def available_milli(limit: Limit, state: BucketItem | None, now_ms: int) -> int:
+    """Millitokens `limit`'s bucket in `state` holds at `now_ms` (negative: in debt)."""
+    return stored.available(limit, state.limits.get(limit.name) if state else None, now_ms)
 
 
 def request_too_large(
@@ -304,11 +307,11 @@ def request_too_large(
     """`RequestTooLarge` for `amounts` over the targets' last known states (no I/O)."""
     deltas = [[amounts.get(limit.name, 0) * 1000 for limit in t.limits] for t in targets]
     inputs = [
-        bucket_input(limit, t.state, delta)
+        bucket_input(limit, t.state, delta, now_ms)
         for t, ds in zip(targets, deltas, strict=True)
         for limit, delta in zip(t.limits, ds, strict=True)
     ]
-    _, outcomes = core.decide(inputs, now_ms, True, REANCHOR_MS)
+    _, outcomes = core.decide(inputs, now_ms, True)
     seen: dict[int, Sequence[core.Outcome]] = {}
     cursor = 0
     for i, t in enumerate(targets):
@@ -346,7 +349,7 @@ def _status(target: Target, limit: Limit, outcome: core.Outcome, delta: int) -> 
 
 
 def _writes(
-    target: Target, outcomes: Sequence[core.Outcome], deltas: Sequence[int]
+    target: Target, outcomes: Sequence[core.Outcome], deltas: Sequence[int], now_ms: int
 ) -> list[LimitWrite]:
     writes: list[LimitWrite] = []
     for limit, out, delta in zip(target.limits, outcomes, deltas, strict=True):
@@ -354,18 +357,36 @@ def _writes(
             continue
         prior = target.state.limits.get(limit.name) if target.state else None
         encoded = limit.encode()
+        definition = None if prior is not None and prior.definition == encoded else encoded
+        if prior is not None and stored.replaces(limit, prior):
+            # The decision was made on the state converted to this limit's ticks: the write
+            # replaces the stored state, on condition that it is still exactly what was read.
+            assert out.new_full_at is not None
+            legacy = prior.legacy
+            writes.append(
+                LimitWrite(
+                    limit_name=limit.name,
+                    mode=core.WRITE_ABSOLUTE,
+                    value=out.new_full_at,
+                    cond_lo=prior.full_at,
+                    cond_hi=prior.full_at,
+                    delta_milli=delta,
+                    definition=definition,
+                    legacy=legacy,
+                    fence=None if legacy is None else stored.fence(limit, now_ms),
+                )
+            )
+            continue
         writes.append(
             LimitWrite(
                 limit_name=limit.name,
-                absolute=out.write_mode == core.WRITE_ABSOLUTE,
-                unconditional=out.write_mode == core.WRITE_ADD,
+                mode=out.write_mode,
                 value=out.write_value,
-                new_last_refill_ms=out.new_last_refill_ms,
-                expect_last_refill_ms=None if prior is None else prior.last_refill_ms,
                 cond_lo=out.cond_lo,
                 cond_hi=out.cond_hi,
                 delta_milli=delta,
-                definition=None if prior is not None and prior.definition == encoded else encoded,
+                definition=definition,
+                create=prior is None,
             )
         )
     return writes

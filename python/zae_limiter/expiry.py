@@ -20,7 +20,7 @@ plus `MARGIN_MS` (limiter clocks and DynamoDB's disagree a little), rounded up t
 (`GRID_S`: writers whose views differ by a little write the same value, so corrections stay
 rare), and at most `LATEST` (DynamoDB's and Python's dates end with the year 9999).
 
-Concurrent writers. Writes are relative (`tokens += value`, applied to the stored value), so a
+Concurrent writers. Writes are relative (`full_at += value`, applied to the stored value), so a
 writer's view, and the expiry it writes (`planned`), may be older than the state its write
 produces; forced writes can push a bucket arbitrarily deep below zero. Every write returns the
 item as written (atomically), and the engine compares its expiry with what that state requires
@@ -38,11 +38,10 @@ import functools
 from collections.abc import Mapping, Sequence
 from typing import Final
 
-from . import core
+from . import core, stored
 from .aggregator.snapshots import WINDOWS, window_end, window_start
-from .exceptions import ValidationError
 from .models import Limit
-from .storage import BucketItem, LimitWrite
+from .storage import BucketItem, LimitState, LimitWrite
 
 __all__ = ["GRID_S", "LATEST", "MARGIN_MS", "planned", "required"]
 
@@ -53,20 +52,11 @@ LATEST: Final = 253_402_300_799  # 9999-12-31T23:59:59Z, in epoch seconds
 _HOUR_MS: Final = 3_600_000
 
 
-# One limit's state as the expiry needs it: (tokens_milli, last_refill_ms, stored definition).
-_State = tuple[int, int, str | None]
-# A limit's rate as the core takes it: (burst_milli, refill_amount_milli, refill_period_ms).
-_Rate = tuple[int, int, int]
-
-
 def required(limits: Sequence[Limit], state: BucketItem, now_ms: int) -> int:
     """The expiry (epoch seconds) the item `state` needs at `now_ms`; `limits` are those the
     caller decides with (a limit of the item not among them is read from its definition)."""
     write_ms = now_ms if state.write_time_ms is None else state.write_time_ms
-    states = {
-        name: (s.tokens_milli, s.last_refill_ms, s.definition) for name, s in state.limits.items()
-    }
-    return _expiry(limits, states, write_ms, now_ms)
+    return _expiry(limits, state.limits, write_ms, now_ms)
 
 
 def planned(
@@ -74,8 +64,7 @@ def planned(
 ) -> int:
     """The expiry a write of `writes` at `now_ms` sets: what the state it leaves on the
     writer's `view` requires."""
-    priors = view.limits if view is not None else {}
-    states = {name: (s.tokens_milli, s.last_refill_ms, s.definition) for name, s in priors.items()}
+    states = dict(view.limits) if view is not None else {}
     for write in writes:
         after = _applied(states.get(write.limit_name), write)
         if after is None:
@@ -85,62 +74,42 @@ def planned(
     return _expiry(limits, states, now_ms, now_ms)
 
 
-def _applied(prior: _State | None, write: LimitWrite) -> _State | None:
+def _applied(prior: LimitState | None, write: LimitWrite) -> LimitState | None:
     """The limit's state after `write` (storage's `LimitWrite` rules); None: it reads full."""
     definition = write.definition
     if definition is None and prior is not None:
-        definition = prior[2]
-    if write.unconditional:
-        if prior is None:
-            return None  # tokens added without an anchor: a full bucket
-        return prior[0] + write.value, prior[1], definition
-    if write.absolute or prior is None:
-        return write.value, write.new_last_refill_ms, definition
-    return prior[0] + write.value, write.new_last_refill_ms, definition
+        definition = prior.definition
+    if write.mode == core.WRITE_ABSOLUTE:
+        return LimitState(write.value, definition=definition)
+    if prior is None or prior.full_at is None:
+        return None  # an add without a state (a reset limit): a full bucket
+    return LimitState(prior.full_at + write.value, definition=definition)
 
 
 def _expiry(
-    limits: Sequence[Limit], states: Mapping[str, _State], write_ms: int, now_ms: int
+    limits: Sequence[Limit], states: Mapping[str, LimitState], write_ms: int, now_ms: int
 ) -> int:
-    known = {
-        limit.name: (limit.burst_milli, limit.refill_amount_milli, limit.refill_period_ms)
-        for limit in limits
-    }
-    buckets: list[core.BucketInput] = []
-    for name, (tokens, last, definition) in states.items():
-        rate = known.get(name)
-        stored = _stored_rate(definition)
-        if rate is None and stored is None:
-            return LATEST  # cannot tell when it is full again: keep it
-        if rate is not None:
-            buckets.append((rate[0], rate[1], rate[2], tokens, last, rate[0]))
-        if stored is not None and stored != rate:
-            # Another client's definition: either may be the one the next decision uses.
-            buckets.append((stored[0], stored[1], stored[2], tokens, last, stored[0]))
+    known = {limit.name: limit for limit in limits}
+    full = now_ms
     try:
-        wait = core.time_until_available(buckets, now_ms)
+        for name, state in states.items():
+            limit = known.get(name)
+            # The stored definition and the caller's may differ: either may be the one the
+            # next decision uses, so the later of the two counts.
+            candidates = [stored.full_ms(state, limit, now_ms)]
+            if limit is not None and stored.replaces(limit, state):
+                level = stored.full_at(limit, state, now_ms)
+                candidates.append(stored.full_ms(LimitState(level), limit, now_ms))
+            if any(c is None for c in candidates):
+                return LATEST  # cannot tell when it is full again: keep it
+            full = max([full, *(c for c in candidates if c is not None)])
         usage_end = _usage_end_ms(write_ms // _HOUR_MS)
     except (OverflowError, ValueError, OSError):
         # A debt refilling beyond signed 64-bit ms, a time past the year 9999.
         return LATEST
-    if wait is None:  # never: a whole burst is never more than the burst
-        return LATEST
-    until = max(now_ms + wait, usage_end) + MARGIN_MS
+    until = max(full, usage_end) + MARGIN_MS
     grid_ms = GRID_S * 1000
     return min(-(-until // grid_ms) * GRID_S, LATEST)
-
-
-@functools.lru_cache(maxsize=4096)
-def _stored_rate(definition: str | None) -> _Rate | None:
-    """The rate of a stored definition (`lm#<l>`), None if there is none or it is unreadable.
-    The name plays no part in the rate, so any valid one serves to decode."""
-    if definition is None:
-        return None
-    try:
-        limit = Limit.decode(definition, "limit")
-    except ValidationError:
-        return None
-    return limit.burst_milli, limit.refill_amount_milli, limit.refill_period_ms
 
 
 @functools.lru_cache(maxsize=64)

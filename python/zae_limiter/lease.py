@@ -9,10 +9,9 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
-from . import core
 from .arguments import oversized
 from .deadline import Bounded, DeadlineExceeded
-from .engine import Target, bucket_input, request_too_large
+from .engine import Target, available_milli, request_too_large
 from .exceptions import ValidationError
 from .failures import public_errors
 from .models import LimitStatus
@@ -91,8 +90,7 @@ class Lease:
         result: list[LimitStatus] = []
         for target in self._targets:
             for limit in target.limits:
-                burst, amount, period, tokens, last, _ = bucket_input(limit, target.state, 0)
-                milli = core.available(burst, amount, period, tokens, last, now)
+                milli = available_milli(limit, target.state, now)
                 result.append(
                     LimitStatus(
                         entity_id=target.entity_id,

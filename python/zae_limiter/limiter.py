@@ -18,7 +18,7 @@ from .arguments import check_consumable, check_consume, check_limits, oversized
 from .cache import TTLCache
 from .capacity import CapacityLedger
 from .deadline import DEFAULT_DEADLINE_SECONDS, Bounded, check_deadline
-from .engine import Engine, Target, bucket_input, request_too_large
+from .engine import Engine, Target, available_milli, bucket_input, request_too_large
 from .exceptions import (
     EntityNotFoundError,
     InfrastructureNotFoundError,
@@ -658,9 +658,7 @@ class RateLimiter:
         now = self._engine.clock()
         result: dict[str, int] = {}
         for limit in chosen:
-            burst, amount, period, tokens, last_refill, _ = bucket_input(limit, state, 0)
-            result[limit.name] = core.available(burst, amount, period, tokens, last_refill, now)
-            result[limit.name] //= 1000
+            result[limit.name] = available_milli(limit, state, now) // 1000
         return result
 
     async def _read(
@@ -706,8 +704,11 @@ class RateLimiter:
             check_consumable([(entity_id, fallback)], amounts, field="needed")
         chosen, state = await self._read(entity_id, resource, fallback, use_stored_limits, seconds)
         check_consumable([(entity_id, chosen)], amounts, field="needed")
-        inputs = [bucket_input(limit, state, amounts.get(limit.name, 0) * 1000) for limit in chosen]
-        ms = core.time_until_available(inputs, self._engine.clock())
+        now = self._engine.clock()
+        inputs = [
+            bucket_input(limit, state, amounts.get(limit.name, 0) * 1000, now) for limit in chosen
+        ]
+        ms = core.time_until_available(inputs, now)
         return 0.0 if ms is None else ms / 1000
 
     async def get_resource_capacity(
@@ -734,8 +735,7 @@ class RateLimiter:
                     if entity is None or not entity.is_parent:
                         continue
                 limit = Limit.decode(state.definition, limit_name)
-                burst, amount, period, tokens, last, _ = bucket_input(limit, bucket, 0)
-                left = core.available(burst, amount, period, tokens, last, now) // 1000
+                left = available_milli(limit, bucket, now) // 1000
                 used = _used(limit.capacity, left)
                 entities.append(EntityCapacity(bucket.entity_id, limit.capacity, left, used))
         total = sum(e.capacity for e in entities)

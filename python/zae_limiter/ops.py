@@ -15,10 +15,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import core, schema
+from . import schema, stored
 from .exceptions import ZAELimiterError
 from .models import Limit
-from .storage import Item
+from .storage import Item, LimitState
 
 if TYPE_CHECKING:
     from .storage import AdminStorage, Backup
@@ -56,13 +56,12 @@ class LimitRow:
     resource: str
     limit: str
     definition: str | None
-    tokens: float | None
-    last_refill: str | None
+    full_at: str | None  # when the bucket is full again (ISO-8601), None when full or unknown
     available: float | None
     burst: int | None
     consumed: float
     released: float
-    state: str  # "ok" | "reset (full)" | "no definition"
+    state: str  # "ok" | "1.x layout" | "reset (full)" | "no definition"
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -70,8 +69,7 @@ class LimitRow:
             "resource": self.resource,
             "limit": self.limit,
             "definition": self.definition,
-            "tokens": self.tokens,
-            "last_refill": self.last_refill,
+            "full_at": self.full_at,
             "available": self.available,
             "burst": self.burst,
             "consumed": self.consumed,
@@ -93,34 +91,33 @@ def limit_rows(item: Item, now_ms: int) -> list[LimitRow]:
     rows: list[LimitRow] = []
     for name in sorted(fields):
         attrs = fields[name]
-        tokens = None if schema.TOKENS not in attrs else int(attrs[schema.TOKENS])
-        anchor = None if schema.LAST_REFILL not in attrs else int(attrs[schema.LAST_REFILL])
+        level = None if schema.FULL_AT not in attrs else int(attrs[schema.FULL_AT])
+        legacy = None
+        if level is None and schema.TOKENS in attrs and schema.LAST_REFILL in attrs:
+            legacy = int(attrs[schema.TOKENS]), int(attrs[schema.LAST_REFILL])
         definition = attrs.get(schema.LIMIT_DEF)
         available: float | None = None
         burst: int | None = None
-        state = "ok" if tokens is not None and anchor is not None else "reset (full)"
+        full: str | None = None
+        state = "ok" if level is not None else "1.x layout" if legacy else "reset (full)"
         if definition is None:
             state = "no definition"
         else:
             limit = Limit.decode(str(definition), name)
             burst = limit.burst
-            milli = core.available(
-                limit.burst_milli,
-                limit.refill_amount_milli,
-                limit.refill_period_ms,
-                tokens if anchor is not None else None,
-                anchor if tokens is not None else None,
-                now_ms,
-            )
-            available = milli / 1000
+            limit_state = None
+            if level is not None or legacy is not None:
+                limit_state = LimitState(level, definition=str(definition), legacy=legacy)
+            available = stored.available(limit, limit_state, now_ms) / 1000
+            due = None if limit_state is None else stored.full_ms(limit_state, limit, now_ms)
+            full = iso_ms(due) if due is not None and due > now_ms else None
         rows.append(
             LimitRow(
                 entity_id=entity_id,
                 resource=resource,
                 limit=name,
                 definition=None if definition is None else str(definition),
-                tokens=None if tokens is None else tokens / 1000,
-                last_refill=iso_ms(anchor),
+                full_at=full,
                 available=available,
                 burst=burst,
                 consumed=int(attrs.get(schema.CONSUMED, 0)) / 1000,

@@ -39,7 +39,7 @@ import botocore.validate
 from aiobotocore.parsers import AioJSONParser, AioResponseParserFactory
 from botocore.config import Config
 
-from . import schema
+from . import core, schema
 from ._version import __version__
 from .aggregator.snapshots import WINDOWS, format_window_start
 from .audit import event_time_ms
@@ -253,15 +253,19 @@ def bucket_from_item(item: Item, size: int | None = None) -> BucketItem:
             fields.setdefault(parsed[1], {})[parsed[0]] = value
     limits: dict[str, LimitState] = {}
     for limit_name, attrs in fields.items():
-        if schema.TOKENS not in attrs or schema.LAST_REFILL not in attrs:
-            continue  # reset limit: counters survive, state does not; the bucket is full again
+        full_at = attrs.get(schema.FULL_AT)
+        legacy: tuple[int, int] | None = None
+        if full_at is None:
+            if schema.TOKENS not in attrs or schema.LAST_REFILL not in attrs:
+                continue  # reset limit: counters survive, state does not; the bucket is full
+            legacy = int(attrs[schema.TOKENS]["N"]), int(attrs[schema.LAST_REFILL]["N"])
         definition = attrs.get(schema.LIMIT_DEF)
         limits[limit_name] = LimitState(
-            tokens_milli=int(attrs[schema.TOKENS]["N"]),
-            last_refill_ms=int(attrs[schema.LAST_REFILL]["N"]),
+            full_at=None if full_at is None else int(full_at["N"]),
             consumed_milli=int(attrs.get(schema.CONSUMED, {"N": "0"})["N"]),
             released_milli=int(attrs.get(schema.RELEASED, {"N": "0"})["N"]),
             definition=None if definition is None else str(definition["S"]),
+            legacy=legacy,
         )
     pk = _get_s(item, schema.PK) or ""
     sk = _get_s(item, schema.SK) or ""
@@ -487,27 +491,31 @@ def bucket_update_request(
     adds: list[str] = []
     conditions: list[str] = []
     for w in writes:
-        tk = expr.name(schema.limit_attr(schema.TOKENS, w.limit_name))
-        if w.unconditional:
-            # ADD, not SET: on a limit reset meanwhile it creates tokens without an anchor,
-            # which reads as a full bucket, as a give-back to a full bucket should.
-            adds.append(f"{tk} {expr.value(_n(w.value))}")
+        fa = expr.name(schema.limit_attr(schema.FULL_AT, w.limit_name))
+        if w.mode == core.WRITE_ADD:
+            # ADD, not SET: on a limit reset meanwhile it starts from 0, a bucket full since
+            # 1970, as a give-back to a full bucket should leave it.
+            adds.append(f"{fa} {expr.value(_n(w.value))}")
+        elif w.mode == core.WRITE_RELATIVE:
+            sets.append(f"{fa} = {fa} + {expr.value(_n(w.value))}")
         else:
+            sets.append(f"{fa} = {expr.value(_n(w.value))}")
+        if w.create or w.legacy is not None:
             lr = expr.name(schema.limit_attr(schema.LAST_REFILL, w.limit_name))
-            if w.absolute:
-                sets.append(f"{tk} = {expr.value(_n(w.value))}")
-            else:
-                sets.append(f"{tk} = {tk} + {expr.value(_n(w.value))}")
-            if w.absolute or w.new_last_refill_ms != w.expect_last_refill_ms:
-                sets.append(f"{lr} = {expr.value(_n(w.new_last_refill_ms))}")
-            if w.expect_last_refill_ms is None:
+            conditions.append(f"attribute_not_exists({fa})")
+            if w.legacy is None:
                 conditions.append(f"attribute_not_exists({lr})")
             else:
-                conditions.append(f"{lr} = {expr.value(_n(w.expect_last_refill_ms))}")
-                if w.cond_lo is not None:
-                    conditions.append(f"{tk} >= {expr.value(_n(w.cond_lo))}")
-                if w.cond_hi is not None:
-                    conditions.append(f"{tk} <= {expr.value(_n(w.cond_hi))}")
+                tk = expr.name(schema.limit_attr(schema.TOKENS, w.limit_name))
+                conditions.append(f"{tk} = {expr.value(_n(w.legacy[0]))}")
+                conditions.append(f"{lr} = {expr.value(_n(w.legacy[1]))}")
+                if w.fence is not None:
+                    sets.append(f"{tk} = {expr.value(_n(w.fence[0]))}")
+                    sets.append(f"{lr} = {expr.value(_n(w.fence[1]))}")
+        if w.cond_lo is not None:
+            conditions.append(f"{fa} >= {expr.value(_n(w.cond_lo))}")
+        if w.cond_hi is not None:
+            conditions.append(f"{fa} <= {expr.value(_n(w.cond_hi))}")
         if w.delta_milli:
             counter = schema.CONSUMED if w.delta_milli > 0 else schema.RELEASED
             counter_name = expr.name(schema.limit_attr(counter, w.limit_name))
@@ -591,21 +599,22 @@ def _shape_and_values(
     values: list[dict[str, Any]] = []
     for w in writes:
         values.append({"N": str(w.value)})
-        if w.unconditional:  # ADD tokens; no anchor, no condition
-            kind: tuple[object, ...] = ("add",)
+        if w.create:
+            kind: tuple[object, ...] = (w.mode, "create")
+        elif w.legacy is not None:
+            values.append({"N": str(w.legacy[0])})
+            values.append({"N": str(w.legacy[1])})
+            if w.fence is not None:
+                values.append({"N": str(w.fence[0])})
+                values.append({"N": str(w.fence[1])})
+            kind = (w.mode, "legacy", w.fence is not None)
         else:
-            moved = w.absolute or w.new_last_refill_ms != w.expect_last_refill_ms
-            if moved:
-                values.append({"N": str(w.new_last_refill_ms)})
-            if w.expect_last_refill_ms is None:  # must not exist yet: no bounds
-                kind = ("new", w.absolute, moved)
-            else:
-                values.append({"N": str(w.expect_last_refill_ms)})
-                if w.cond_lo is not None:
-                    values.append({"N": str(w.cond_lo)})
-                if w.cond_hi is not None:
-                    values.append({"N": str(w.cond_hi)})
-                kind = ("set", w.absolute, moved, w.cond_lo is not None, w.cond_hi is not None)
+            kind = (w.mode,)
+        if w.cond_lo is not None:
+            values.append({"N": str(w.cond_lo)})
+        if w.cond_hi is not None:
+            values.append({"N": str(w.cond_hi)})
+        kind += (w.cond_lo is not None, w.cond_hi is not None)
         if w.delta_milli:
             values.append({"N": str(abs(w.delta_milli))})
         if w.definition is not None:
@@ -1088,6 +1097,18 @@ class Repository:
     async def list_buckets(self, entity_id: str) -> list[BucketItem]:
         return [bucket_from_item(item) for item in await self.bucket_items(entity_id)]
 
+    async def all_buckets(self) -> list[BucketItem]:
+        """Every bucket item of the table (a consistent Scan: migrations and reports)."""
+        items = await self.scan(
+            FilterExpression="begins_with(#sk, :sk) AND begins_with(#pk, :pk)",
+            ExpressionAttributeNames={"#pk": schema.PK, "#sk": schema.SK},
+            ExpressionAttributeValues={
+                ":sk": _s(schema.BUCKET_PREFIX),
+                ":pk": _s(schema.ENTITY_PREFIX),
+            },
+        )
+        return [bucket_from_item(item) for item in items]
+
     async def bucket_items(self, entity_id: str, resource: str | None = None) -> list[Item]:
         """The entity's bucket items (of `resource` only, if given) as stored: low-level form,
         reset limits included; read consistently."""
@@ -1117,8 +1138,8 @@ class Repository:
         expr = _Expr()
         removes = []
         for limit_name in names:
-            removes.append(expr.name(schema.limit_attr(schema.TOKENS, limit_name)))
-            removes.append(expr.name(schema.limit_attr(schema.LAST_REFILL, limit_name)))
+            for state_field in (schema.FULL_AT, schema.TOKENS, schema.LAST_REFILL):
+                removes.append(expr.name(schema.limit_attr(state_field, limit_name)))
         try:
             await self.call(
                 "update_item",
@@ -1134,6 +1155,38 @@ class Repository:
         except _ConditionCheckFailed:
             return False  # deleted meanwhile
         self.ledger.record("UpdateItem", wcu=write_units(bucket.size))
+        return True
+
+    async def restore_legacy_state(
+        self,
+        entity_id: str,
+        resource: str,
+        limit_name: str,
+        full_at: int,
+        legacy: tuple[int, int],
+    ) -> bool:
+        """Put one limit back in the 1.x layout (tokens at an anchor), only while it still holds
+        exactly `full_at` (rolling back schema 1.2.0; traffic may go on). False when it changed
+        meanwhile or the item is gone."""
+        expr = _Expr()
+        fa = expr.name(schema.limit_attr(schema.FULL_AT, limit_name))
+        tk = expr.name(schema.limit_attr(schema.TOKENS, limit_name))
+        lr = expr.name(schema.limit_attr(schema.LAST_REFILL, limit_name))
+        update = f"SET {tk} = {expr.value(_n(legacy[0]))}, {lr} = {expr.value(_n(legacy[1]))}"
+        condition = f"{fa} = {expr.value(_n(full_at))}"
+        try:
+            await self.call(
+                "update_item",
+                TableName=self.table_name,
+                Key=self._bucket_key(entity_id, resource),
+                UpdateExpression=f"{update} REMOVE {fa}",
+                ConditionExpression=condition,
+                ExpressionAttributeNames=expr.names,
+                ExpressionAttributeValues=expr.values,
+            )
+        except _ConditionCheckFailed:
+            return False
+        self.ledger.record("UpdateItem", wcu=1)
         return True
 
     # -- entities ---------------------------------------------------------------------------

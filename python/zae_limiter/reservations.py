@@ -24,7 +24,7 @@ from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any
 
 from . import core
-from .engine import BucketKey, Engine, Target, bucket_input
+from .engine import BucketKey, Engine, Target, available_milli, bucket_input
 from .exceptions import RateLimitExceeded
 from .models import Limit, LimitStatus, Reservations
 
@@ -328,8 +328,7 @@ class Reserver:
             wanted = min(wanted, _whole(limit.burst_milli * policy.max_share, down=True))
             extra = max(0, wanted - held[i] - short[i])
             if extra:
-                inputs = bucket_input(limit, holding.target.state, 0)
-                left = core.available(*inputs[:5], now_ms) - short[i]
+                left = available_milli(limit, holding.target.state, now_ms) - short[i]
                 extra = min(extra, _whole(max(0, left) / 2, down=True))
             goal.append(short[i] + extra)
         return goal
@@ -348,7 +347,7 @@ class Reserver:
         if memory and wait is not None:
             now_ms = self.engine.clock()
             block = [
-                bucket_input(limit, h.target.state, max(s, b))
+                bucket_input(limit, h.target.state, max(s, b), now_ms)
                 for h, short in zip(holdings, shorts, strict=True)
                 for limit, s, b in zip(h.limits, short, self._block_size(h), strict=True)
             ]
@@ -387,11 +386,11 @@ class Reserver:
         block hold together, and `wait` (at least the bucket's own wait) for each violation."""
         now_ms = self.engine.clock()
         inputs = [
-            bucket_input(limit, h.target.state, short)
+            bucket_input(limit, h.target.state, short, now_ms)
             for h, need in zip(holdings, needs, strict=True)
             for limit, short in zip(h.limits, _short(h, need), strict=True)
         ]
-        _, outcomes = core.decide(inputs, now_ms, True, 0)
+        _, outcomes = core.decide(inputs, now_ms, True)
         cursor = 0
         statuses: list[LimitStatus] = []
         shown = any(out.exceeded for out in outcomes)

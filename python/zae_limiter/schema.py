@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Final
 
-SCHEMA_VERSION: Final = "1.0.0"
+SCHEMA_VERSION: Final = "1.2.0"
 
 TABLE_PREFIX: Final = "ZAEL-"
 
@@ -46,12 +46,15 @@ SEP: Final = "#"
 # Bucket item: one item per (entity, resource) holding every limit, so that a warm acquire of any
 # number of limits is a single conditional UpdateItem. Per-limit attribute names are
 # "<field>#<limit>"; limit names never contain "#", so the split is unambiguous.
-TOKENS: Final = "tk"
-LAST_REFILL: Final = "lr"
+FULL_AT: Final = "fa"
 CONSUMED: Final = "cn"
 RELEASED: Final = "rl"
 LIMIT_DEF: Final = "lm"
-BUCKET_FIELDS: Final = (TOKENS, LAST_REFILL, CONSUMED, RELEASED, LIMIT_DEF)
+# The 1.x layout's state (schema < 1.2.0): tokens at an anchor. Read to convert it, and left as
+# a fence that 1.x clients read as exhausted (`zae_limiter.stored`).
+TOKENS: Final = "tk"
+LAST_REFILL: Final = "lr"
+BUCKET_FIELDS: Final = (FULL_AT, CONSUMED, RELEASED, LIMIT_DEF, TOKENS, LAST_REFILL)
 WRITE_TIME: Final = "ts"
 # Stored-limit items (schema >= 1.1.0): the limit in the bucket item's `lm#` encoding.
 STORED_LIMIT_DEF: Final = "limit_def"

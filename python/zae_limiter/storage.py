@@ -61,11 +61,16 @@ class StorageError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class LimitState:
-    tokens_milli: int
-    last_refill_ms: int
+    """One limit's bucket as stored: `full_at` (the instant it is full again, in the ticks of
+    `definition`; docs/design.md section 1), the counters, and the definition it was written
+    with. A state still in the 1.x layout has `full_at` None and `legacy` (tokens at an anchor,
+    ms), read through `zae_limiter.stored` and replaced by its next write."""
+
+    full_at: int | None
     consumed_milli: int = 0
     released_milli: int = 0
     definition: str | None = None
+    legacy: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,20 +89,25 @@ class BucketItem:
 
 @dataclass(frozen=True, slots=True)
 class LimitWrite:
-    """One limit's part of a bucket write, translated from a core decision."""
+    """One limit's part of a bucket write, translated from a core decision.
+
+    `mode` is the core's (`core.WRITE_RELATIVE`: `full_at += value`; `WRITE_ABSOLUTE`:
+    `full_at = value`; `WRITE_ADD`: `full_at += value` with no condition at all). The
+    conditions, all of which must hold: the stored `full_at` within `cond_lo`/`cond_hi`;
+    `create`: the limit has no state in either layout; `legacy`: the limit holds exactly this
+    1.x state (tokens, anchor) and no `full_at`, which the write replaces by `fence` (see
+    `zae_limiter.stored`)."""
 
     limit_name: str
-    absolute: bool
+    mode: int
     value: int
-    new_last_refill_ms: int
-    expect_last_refill_ms: int | None  # None: the limit must not exist yet
     cond_lo: int | None
     cond_hi: int | None
     delta_milli: int
     definition: str | None = None  # written when the stored definition differs
-    # `tokens += value` with no condition and the anchor untouched (a give-back: exact in any
-    # state); `absolute`, the anchor and the bounds are then ignored.
-    unconditional: bool = False
+    create: bool = False
+    legacy: tuple[int, int] | None = None
+    fence: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,6 +270,22 @@ class AdminStorage(Protocol):
         ...
 
     async def list_buckets(self, entity_id: str) -> list[BucketItem]: ...
+
+    async def all_buckets(self) -> list[BucketItem]:
+        """Every bucket item of the table, read consistently (migrations, reports)."""
+        ...
+
+    async def restore_legacy_state(
+        self,
+        entity_id: str,
+        resource: str,
+        limit_name: str,
+        full_at: int,
+        legacy: tuple[int, int],
+    ) -> bool:
+        """Put one limit back in the 1.x layout (tokens, anchor) only while it holds exactly
+        `full_at`; False when it changed meanwhile (rolling back schema 1.2.0)."""
+        ...
 
     async def bucket_items(self, entity_id: str, resource: str | None = None) -> list[Item]:
         """The entity's bucket items as stored (reset limits included), read consistently."""

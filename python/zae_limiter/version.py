@@ -334,7 +334,9 @@ async def record_deployment(
 
 
 # The minimum client version of a first record: every client may use the table.
-INITIAL_MIN_CLIENT_VERSION = "0.0.0"
+# The oldest client that understands the schema a table is created with (1.2.0: `fa#` states,
+# read since 1.1.0); older ones would take a state they cannot read for a full bucket.
+INITIAL_MIN_CLIENT_VERSION = "1.1.0"
 
 
 async def write_initial_record(

@@ -8,8 +8,8 @@ pub mod bucket;
 
 pub use block::{take_all, Block};
 pub use bucket::{
-    available, decide, refill, time_until_available, BucketInput, CoreError, CoreResult, Outcome,
-    WriteMode,
+    available, decide, full_at_of, time_until_available, BucketInput, CoreError, CoreResult,
+    Outcome, WriteMode, FULL_AT_MAX,
 };
 
 #[cfg(feature = "python")]

@@ -2,7 +2,8 @@
 //!
 //! Arguments are converted in signature order (buckets field by field first). Conversion
 //! failures raise `TypeError` (wrong type; `bool` is not accepted as an integer, and `check`
-//! must be a `bool`) or `OverflowError` (an int outside signed 64-bit); then the core validates
+//! must be a `bool`) or `OverflowError` (an int outside signed 64-bit, or a `full_at` beyond
+//! `FULL_AT_MAX`); then the core validates
 //! (`ValueError`) and computes (`OverflowError`). The pure-Python reference
 //! `zae_limiter.bucket` follows the same order, so both raise the same exception types.
 
@@ -11,7 +12,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyList, PyTuple};
 
 use crate::block::{self, Block};
-use crate::bucket::{self, BucketInput, CoreError, Outcome};
+use crate::bucket::{self, BucketInput, CoreError, Outcome, FULL_AT_MAX};
 
 impl From<CoreError> for PyErr {
     fn from(e: CoreError) -> PyErr {
@@ -32,11 +33,21 @@ fn int(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<i64> {
     obj.extract::<i64>()
 }
 
-fn opt_int(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Option<i64>> {
+/// A bucket's `full_at`: None, or an int within a DynamoDB number (`|v| <= FULL_AT_MAX`).
+fn opt_full_at(obj: &Bound<'_, PyAny>) -> PyResult<Option<i128>> {
     if obj.is_none() {
-        Ok(None)
+        return Ok(None);
+    }
+    if obj.is_instance_of::<PyBool>() {
+        return Err(PyTypeError::new_err("full_at must be an int, not bool"));
+    }
+    let v = obj.extract::<i128>()?;
+    if (-FULL_AT_MAX..=FULL_AT_MAX).contains(&v) {
+        Ok(Some(v))
     } else {
-        int(obj, name).map(Some)
+        Err(PyOverflowError::new_err(format!(
+            "full_at does not fit a DynamoDB number: {v}"
+        )))
     }
 }
 
@@ -50,10 +61,10 @@ fn flag(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<bool> {
 fn bucket_input(obj: &Bound<'_, PyAny>) -> PyResult<BucketInput> {
     let t = obj
         .cast::<PyTuple>()
-        .map_err(|_| PyTypeError::new_err("a bucket must be a tuple of 6 items"))?;
-    if t.len() != 6 {
+        .map_err(|_| PyTypeError::new_err("a bucket must be a tuple of 5 items"))?;
+    if t.len() != 5 {
         return Err(PyTypeError::new_err(format!(
-            "a bucket must be a tuple of 6 items, got {}",
+            "a bucket must be a tuple of 5 items, got {}",
             t.len()
         )));
     }
@@ -61,9 +72,8 @@ fn bucket_input(obj: &Bound<'_, PyAny>) -> PyResult<BucketInput> {
         burst_milli: int(&*t.get_borrowed_item(0)?, "burst_milli")?,
         refill_amount_milli: int(&*t.get_borrowed_item(1)?, "refill_amount_milli")?,
         refill_period_ms: int(&*t.get_borrowed_item(2)?, "refill_period_ms")?,
-        tokens_milli: opt_int(&*t.get_borrowed_item(3)?, "tokens_milli")?,
-        last_refill_ms: opt_int(&*t.get_borrowed_item(4)?, "last_refill_ms")?,
-        delta_milli: int(&*t.get_borrowed_item(5)?, "delta_milli")?,
+        full_at: opt_full_at(&*t.get_borrowed_item(3)?)?,
+        delta_milli: int(&*t.get_borrowed_item(4)?, "delta_milli")?,
     })
 }
 
@@ -101,33 +111,30 @@ struct PyOutcome {
     #[pyo3(get)]
     write_mode: i64,
     #[pyo3(get)]
-    write_value: i64,
+    write_value: i128,
     #[pyo3(get)]
-    new_tokens_milli: i64,
+    new_full_at: Option<i128>,
     #[pyo3(get)]
-    new_last_refill_ms: i64,
+    cond_lo: Option<i128>,
     #[pyo3(get)]
-    cond_lo: Option<i64>,
-    #[pyo3(get)]
-    cond_hi: Option<i64>,
+    cond_hi: Option<i128>,
 }
 
 #[pymethods]
 impl PyOutcome {
     fn __repr__(&self) -> String {
-        fn opt(v: Option<i64>) -> String {
+        fn opt<T: ToString>(v: Option<T>) -> String {
             v.map_or_else(|| "None".to_owned(), |v| v.to_string())
         }
         format!(
             "Outcome(available_milli={}, exceeded={}, retry_after_ms={}, write_mode={}, \
-             write_value={}, new_tokens_milli={}, new_last_refill_ms={}, cond_lo={}, cond_hi={})",
+             write_value={}, new_full_at={}, cond_lo={}, cond_hi={})",
             self.available_milli,
             if self.exceeded { "True" } else { "False" },
             opt(self.retry_after_ms),
             self.write_mode,
             self.write_value,
-            self.new_tokens_milli,
-            self.new_last_refill_ms,
+            opt(self.new_full_at),
             opt(self.cond_lo),
             opt(self.cond_hi),
         )
@@ -142,29 +149,26 @@ impl From<&Outcome> for PyOutcome {
             retry_after_ms: o.retry_after_ms,
             write_mode: o.write_mode.code(),
             write_value: o.write_value,
-            new_tokens_milli: o.new_tokens_milli,
-            new_last_refill_ms: o.new_last_refill_ms,
+            new_full_at: o.new_full_at,
             cond_lo: o.cond_lo,
             cond_hi: o.cond_hi,
         }
     }
 }
 
-/// decide(buckets, now_ms, check, reanchor_ms) -> (admitted, outcomes)
+/// decide(buckets, now_ms, check) -> (admitted, outcomes)
 #[pyfunction]
-#[pyo3(signature = (buckets, now_ms, check, reanchor_ms))]
+#[pyo3(signature = (buckets, now_ms, check))]
 fn decide<'py>(
     py: Python<'py>,
     buckets: &Bound<'py, PyAny>,
     now_ms: &Bound<'py, PyAny>,
     check: &Bound<'py, PyAny>,
-    reanchor_ms: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyTuple>> {
     let inputs = bucket_inputs(buckets)?;
     let now_ms = int(now_ms, "now_ms")?;
     let check = flag(check, "check")?;
-    let reanchor_ms = int(reanchor_ms, "reanchor_ms")?;
-    let (admitted, outcomes) = bucket::decide(&inputs, now_ms, check, reanchor_ms)?;
+    let (admitted, outcomes) = bucket::decide(&inputs, now_ms, check)?;
     let list = PyList::new(py, outcomes.iter().map(PyOutcome::from))?;
     (admitted, list).into_pyobject(py)
 }
@@ -181,50 +185,40 @@ fn time_until_available(
     Ok(bucket::time_until_available(&inputs, now_ms)?)
 }
 
-/// available(burst_milli, refill_amount_milli, refill_period_ms, tokens_milli, last_refill_ms,
-/// now_ms) -> int
+/// available(burst_milli, refill_amount_milli, refill_period_ms, full_at, now_ms) -> int
 #[pyfunction]
-#[pyo3(signature = (
-    burst_milli, refill_amount_milli, refill_period_ms, tokens_milli, last_refill_ms, now_ms
-))]
+#[pyo3(signature = (burst_milli, refill_amount_milli, refill_period_ms, full_at, now_ms))]
 fn available(
     burst_milli: &Bound<'_, PyAny>,
     refill_amount_milli: &Bound<'_, PyAny>,
     refill_period_ms: &Bound<'_, PyAny>,
-    tokens_milli: &Bound<'_, PyAny>,
-    last_refill_ms: &Bound<'_, PyAny>,
+    full_at: &Bound<'_, PyAny>,
     now_ms: &Bound<'_, PyAny>,
 ) -> PyResult<i64> {
     Ok(bucket::available(
         int(burst_milli, "burst_milli")?,
         int(refill_amount_milli, "refill_amount_milli")?,
         int(refill_period_ms, "refill_period_ms")?,
-        opt_int(tokens_milli, "tokens_milli")?,
-        opt_int(last_refill_ms, "last_refill_ms")?,
+        opt_full_at(full_at)?,
         int(now_ms, "now_ms")?,
     )?)
 }
 
-/// refill(burst_milli, refill_amount_milli, refill_period_ms, tokens_milli, last_refill_ms,
-/// now_ms) -> (tokens_milli, last_refill_ms)
+/// full_at_of(burst_milli, refill_amount_milli, refill_period_ms, tokens_milli, now_ms) -> int
 #[pyfunction]
-#[pyo3(signature = (
-    burst_milli, refill_amount_milli, refill_period_ms, tokens_milli, last_refill_ms, now_ms
-))]
-fn refill(
+#[pyo3(signature = (burst_milli, refill_amount_milli, refill_period_ms, tokens_milli, now_ms))]
+fn full_at_of(
     burst_milli: &Bound<'_, PyAny>,
     refill_amount_milli: &Bound<'_, PyAny>,
     refill_period_ms: &Bound<'_, PyAny>,
     tokens_milli: &Bound<'_, PyAny>,
-    last_refill_ms: &Bound<'_, PyAny>,
     now_ms: &Bound<'_, PyAny>,
-) -> PyResult<(i64, i64)> {
-    Ok(bucket::refill(
+) -> PyResult<i128> {
+    Ok(bucket::full_at_of(
         int(burst_milli, "burst_milli")?,
         int(refill_amount_milli, "refill_amount_milli")?,
         int(refill_period_ms, "refill_period_ms")?,
         int(tokens_milli, "tokens_milli")?,
-        int(last_refill_ms, "last_refill_ms")?,
         int(now_ms, "now_ms")?,
     )?)
 }
@@ -351,7 +345,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyBlock>()?;
     m.add_function(wrap_pyfunction!(take_all, m)?)?;
     m.add_function(wrap_pyfunction!(decide, m)?)?;
-    m.add_function(wrap_pyfunction!(refill, m)?)?;
+    m.add_function(wrap_pyfunction!(full_at_of, m)?)?;
     m.add_function(wrap_pyfunction!(available, m)?)?;
     m.add_function(wrap_pyfunction!(time_until_available, m)?)?;
     Ok(())

@@ -9,7 +9,8 @@
 
 use proptest::prelude::*;
 use zae_limiter_core::{
-    available, decide, refill, time_until_available, BucketInput, CoreError, Outcome, WriteMode,
+    available, decide, full_at_of, time_until_available, BucketInput, CoreError, Outcome,
+    WriteMode, FULL_AT_MAX,
 };
 
 /// Any i64, biased towards the edges.
@@ -28,38 +29,28 @@ fn any_i64() -> impl Strategy<Value = i64> {
     ]
 }
 
-fn any_opt_i64() -> impl Strategy<Value = Option<i64>> {
-    prop_oneof![Just(None), any_i64().prop_map(Some)]
+fn any_level() -> impl Strategy<Value = Option<i128>> {
+    prop_oneof![
+        Just(None),
+        Just(Some(FULL_AT_MAX)),
+        Just(Some(-FULL_AT_MAX)),
+        Just(Some(FULL_AT_MAX + 1)),
+        Just(Some(i128::MIN)),
+        any_i64().prop_map(|v| Some(i128::from(v))),
+        any::<i128>().prop_map(Some),
+    ]
 }
 
 fn any_bucket() -> impl Strategy<Value = BucketInput> {
-    (
-        any_i64(),
-        any_i64(),
-        any_i64(),
-        any_opt_i64(),
-        any_opt_i64(),
-        any_i64(),
+    (any_i64(), any_i64(), any_i64(), any_level(), any_i64()).prop_map(
+        |(burst_milli, refill_amount_milli, refill_period_ms, full_at, delta_milli)| BucketInput {
+            burst_milli,
+            refill_amount_milli,
+            refill_period_ms,
+            full_at,
+            delta_milli,
+        },
     )
-        .prop_map(
-            |(
-                burst_milli,
-                refill_amount_milli,
-                refill_period_ms,
-                tokens_milli,
-                last_refill_ms,
-                d,
-            )| {
-                BucketInput {
-                    burst_milli,
-                    refill_amount_milli,
-                    refill_period_ms,
-                    tokens_milli,
-                    last_refill_ms,
-                    delta_milli: d,
-                }
-            },
-        )
 }
 
 /// A valid limit in realistic ranges (plus a few extreme rates).
@@ -81,12 +72,16 @@ fn valid_bucket(now: i64) -> impl Strategy<Value = BucketInput> {
         limit(),
         any::<bool>(),
         -2_000_000_000_i64..=2_000_000_000,
-        -100_000_i64..=100_000,
+        0_i64..=100_000,
         0_u8..4,
     )
         .prop_flat_map(move |((burst, amount, period), exists, t, back, dkind)| {
-            let tokens = if exists { Some(t.min(burst)) } else { None };
-            let last = if exists { Some(now - back * 7) } else { None };
+            // a state that held `t` (at most burst) `back` ms ago
+            let full_at = if exists {
+                full_at_of(burst, amount, period, t.min(burst), now - back).ok()
+            } else {
+                None
+            };
             let delta = match dkind {
                 0 => Just(0_i64).boxed(),
                 1 => (1_i64..=burst.min(2_000_000_000)).boxed(),
@@ -97,8 +92,7 @@ fn valid_bucket(now: i64) -> impl Strategy<Value = BucketInput> {
                 burst_milli: burst,
                 refill_amount_milli: amount,
                 refill_period_ms: period,
-                tokens_milli: tokens,
-                last_refill_ms: last,
+                full_at,
                 delta_milli,
             })
         })
@@ -108,13 +102,12 @@ fn now_strategy() -> impl Strategy<Value = i64> {
     1_000_000_i64..=4_000_000_000_000
 }
 
-fn avail_of(b: &BucketInput, tokens: Option<i64>, last: Option<i64>, now: i64) -> i64 {
+fn avail_of(b: &BucketInput, full_at: Option<i128>, now: i64) -> i64 {
     available(
         b.burst_milli,
         b.refill_amount_milli,
         b.refill_period_ms,
-        tokens,
-        last,
+        full_at,
         now,
     )
     .unwrap()
@@ -126,14 +119,25 @@ fn minus_capped(avail: i64, b: &BucketInput) -> i64 {
     i64::try_from(v).unwrap()
 }
 
-/// Apply an outcome's write to a stored state `(tokens, last)` (None: tokens leave i64).
-fn apply(o: &Outcome, tokens: i64) -> Option<(i64, i64)> {
+/// Apply an outcome's write to a stored `full_at` (None: it does not exist).
+fn apply(o: &Outcome, stored: Option<i128>) -> Option<i128> {
     match o.write_mode {
-        WriteMode::Relative | WriteMode::Add => {
-            Some((tokens.checked_add(o.write_value)?, o.new_last_refill_ms))
-        }
-        WriteMode::Absolute => Some((o.write_value, o.new_last_refill_ms)),
-        WriteMode::None => panic!("no write"),
+        WriteMode::None => stored,
+        WriteMode::Absolute => Some(o.write_value),
+        // DynamoDB's ADD on a missing number starts from 0: long full
+        WriteMode::Add => Some(stored.unwrap_or(0) + o.write_value),
+        WriteMode::Relative => Some(stored.unwrap() + o.write_value),
+    }
+}
+
+/// The condition DynamoDB evaluates for the write (repository.bucket_update_request).
+fn holds(o: &Outcome, stored: Option<i128>, input: Option<i128>) -> bool {
+    match o.write_mode {
+        WriteMode::None | WriteMode::Add => true,
+        _ if input.is_none() => stored.is_none(),
+        _ => stored.is_some_and(|f| {
+            o.cond_lo.is_none_or(|lo| f >= lo) && o.cond_hi.is_none_or(|hi| f <= hi)
+        }),
     }
 }
 
@@ -144,76 +148,60 @@ proptest! {
     fn nothing_panics(
         buckets in prop::collection::vec(any_bucket(), 0..5),
         now in any_i64(),
-        reanchor in any_i64(),
         check in any::<bool>(),
         b in any_bucket(),
     ) {
-        let _ = decide(&buckets, now, check, reanchor);
+        let _ = decide(&buckets, now, check);
         let _ = time_until_available(&buckets, now);
-        let _ = available(
-            b.burst_milli, b.refill_amount_milli, b.refill_period_ms,
-            b.tokens_milli, b.last_refill_ms, now,
-        );
-        let _ = refill(
-            b.burst_milli, b.refill_amount_milli, b.refill_period_ms,
-            b.tokens_milli.unwrap_or(0), b.last_refill_ms.unwrap_or(0), now,
-        );
+        let _ = available(b.burst_milli, b.refill_amount_milli, b.refill_period_ms, b.full_at, now);
+        let _ = full_at_of(b.burst_milli, b.refill_amount_milli, b.refill_period_ms, b.delta_milli, now);
     }
 
     #[test]
     fn errors_are_classified(b in any_bucket(), now in any_i64()) {
-        let r = available(
-            b.burst_milli, b.refill_amount_milli, b.refill_period_ms,
-            b.tokens_milli, b.last_refill_ms, now,
-        );
+        let r = available(b.burst_milli, b.refill_amount_milli, b.refill_period_ms, b.full_at, now);
         let invalid = b.burst_milli <= 0 || b.refill_amount_milli <= 0
-            || b.refill_period_ms <= 0 || b.tokens_milli.is_some() != b.last_refill_ms.is_some()
-            || now < 0;
-        prop_assert_eq!(matches!(r, Err(CoreError::Invalid(_))), invalid);
-        // available never overflows on valid input, and is capped at burst
+            || b.refill_period_ms <= 0 || now < 0;
+        let out_of_range = b.full_at.is_some_and(|f| !(-FULL_AT_MAX..=FULL_AT_MAX).contains(&f));
+        if invalid && !out_of_range {
+            prop_assert!(matches!(r, Err(CoreError::Invalid(_))));
+        }
+        if out_of_range {
+            prop_assert!(r.is_err());
+        }
+        // available is capped at burst
         if let Ok(a) = r {
             prop_assert!(a <= b.burst_milli);
         }
     }
 
+    /// `full_at_of` is the inverse of `available` at that instant.
     #[test]
-    fn refill_never_exceeds_burst(b in any_bucket(), t in any_i64(), l in any_i64(), now in any_i64()) {
-        if let Ok((tokens, last)) =
-            refill(b.burst_milli, b.refill_amount_milli, b.refill_period_ms, t, l, now)
-        {
-            prop_assert!(tokens <= b.burst_milli);
-            prop_assert!(tokens >= t.min(b.burst_milli));
-            // the anchor moves forward by whole quanta, or to now when capped
-            prop_assert!(last == now || (last >= l && last <= now.max(l)));
-            // the refilled state has the same availability
-            prop_assert_eq!(
-                available(b.burst_milli, b.refill_amount_milli, b.refill_period_ms,
-                          Some(tokens), Some(last), now).unwrap(),
-                available(b.burst_milli, b.refill_amount_milli, b.refill_period_ms,
-                          Some(t), Some(l), now).unwrap()
-            );
+    fn full_at_of_holds_the_balance(
+        (burst, amount, period) in limit(),
+        t in -2_000_000_000_i64..=2_000_000_000,
+        now in now_strategy(),
+    ) {
+        if let Ok(f) = full_at_of(burst, amount, period, t, now) {
+            prop_assert_eq!(available(burst, amount, period, Some(f), now).unwrap(), t.min(burst));
         }
     }
 
+    /// Many small refills add exactly what one over the span does: the state is one number and
+    /// reads are pure, so there is no drift to accumulate; the refill rate is the limit's.
     #[test]
-    fn refill_has_no_drift(
+    fn refill_is_the_limits_rate(
         (burst, amount, period) in limit(),
-        t in -1_000_000_000_i64..1_000_000_000,
-        l in 0_i64..10_000_000,
-        steps in prop::collection::vec(0_i64..100_000, 1..20),
+        now in now_strategy(),
+        later in 0_i64..100_000_000,
     ) {
-        let t = t.min(burst - 1);
-        let end = l + steps.iter().sum::<i64>();
-        let once = refill(burst, amount, period, t, l, end).unwrap();
-        if once.0 < burst {
-            // not capped over the whole span: many small refills add exactly the same
-            let (mut tokens, mut last, mut now) = (t, l, l);
-            for s in &steps {
-                now += s;
-                (tokens, last) = refill(burst, amount, period, tokens, last, now).unwrap();
-            }
-            prop_assert_eq!((tokens, last), once);
+        if burst == i64::MAX {
+            return Ok(());
         }
+        let empty = full_at_of(burst, amount, period, 0, now).unwrap();
+        let got = i128::from(available(burst, amount, period, Some(empty), now + later).unwrap());
+        let exact = (i128::from(later) * i128::from(amount) / i128::from(period)).min(i128::from(burst));
+        prop_assert_eq!(got, exact);
     }
 
     #[test]
@@ -221,13 +209,12 @@ proptest! {
         (now, buckets) in now_strategy()
             .prop_flat_map(|now| (Just(now), prop::collection::vec(valid_bucket(now), 1..5))),
         check in any::<bool>(),
-        reanchor in prop_oneof![Just(0_i64), 0_i64..100_000],
         pick in any::<u64>(),
     ) {
         // with realistic limits nothing overflows; with burst = i64::MAX it may (e.g. a retry
-        // or a forced write far outside i64), which is then reported, never wrapped
+        // far outside i64), which is then reported, never wrapped
         let extreme = buckets.iter().any(|b| b.burst_milli == i64::MAX);
-        let decided = decide(&buckets, now, check, reanchor);
+        let decided = decide(&buckets, now, check);
         let wait = time_until_available(&buckets, now);
         if extreme && (decided.is_err() || wait.is_err()) {
             prop_assert!(decided.as_ref().err().is_none_or(|e| *e == CoreError::Overflow));
@@ -238,7 +225,6 @@ proptest! {
         let wait = wait.unwrap();
         prop_assert_eq!(outs.len(), buckets.len());
         let any_exceeded = outs.iter().any(|o| o.exceeded);
-        // all-or-nothing
         prop_assert_eq!(admitted, !any_exceeded);
         if !check {
             prop_assert!(admitted);
@@ -256,7 +242,11 @@ proptest! {
             }
         }
         for (b, o) in buckets.iter().zip(&outs) {
-            let avail = avail_of(b, b.tokens_milli, b.last_refill_ms, now);
+            if b.burst_milli == i64::MAX {
+                // the rest reads states whose balance may leave i64 (covered by nothing_panics)
+                continue;
+            }
+            let avail = avail_of(b, b.full_at, now);
             prop_assert_eq!(o.available_milli, avail);
             let over = check && b.delta_milli > 0 && avail < b.delta_milli;
             prop_assert_eq!(o.exceeded, over);
@@ -267,53 +257,45 @@ proptest! {
                 (true, Some(r)) => {
                     prop_assert!(r > 0);
                     if let Some(at) = now.checked_add(r) {
-                        let (t, l) = (b.tokens_milli, b.last_refill_ms);
-                        prop_assert!(avail_of(b, t, l, at) >= b.delta_milli);
-                        prop_assert!(avail_of(b, t, l, at - 1) < b.delta_milli);
+                        prop_assert!(avail_of(b, b.full_at, at) >= b.delta_milli);
+                        prop_assert!(avail_of(b, b.full_at, at - 1) < b.delta_milli);
                     }
                 }
             }
-            let input_state = (
-                b.tokens_milli.unwrap_or(b.burst_milli),
-                b.last_refill_ms.unwrap_or(now),
-            );
             if !admitted || b.delta_milli == 0 {
                 prop_assert_eq!(o.write_mode, WriteMode::None);
-                prop_assert_eq!((o.new_tokens_milli, o.new_last_refill_ms), input_state);
+                prop_assert_eq!(o.new_full_at, b.full_at);
                 prop_assert_eq!((o.cond_lo, o.cond_hi), (None, None));
                 continue;
             }
             prop_assert!(o.write_mode != WriteMode::None);
-            // the write applied to the input state gives the new state
-            let new_state = (o.new_tokens_milli, o.new_last_refill_ms);
-            prop_assert_eq!(apply(o, input_state.0), Some(new_state));
-            // which has the expected availability
-            let after = avail_of(b, Some(o.new_tokens_milli), Some(o.new_last_refill_ms), now);
-            prop_assert_eq!(after, minus_capped(avail, b));
-            if b.tokens_milli.is_none() {
+            // the write applied to the input state gives the new state, which holds what it
+            // held minus delta (capped at burst)
+            prop_assert_eq!(apply(o, b.full_at), o.new_full_at);
+            prop_assert_eq!(avail_of(b, o.new_full_at, now), minus_capped(avail, b));
+            prop_assert!(holds(o, b.full_at, b.full_at));
+            if b.full_at.is_none() {
                 prop_assert_eq!(o.write_mode, WriteMode::Absolute);
                 prop_assert_eq!((o.cond_lo, o.cond_hi), (None, None));
                 continue;
             }
-            // the input state satisfies its own condition
-            let t = input_state.0;
-            prop_assert!(o.cond_lo.is_none_or(|lo| t >= lo));
-            prop_assert!(o.cond_hi.is_none_or(|hi| t <= hi));
-            // any other stored state satisfying the condition (same anchor, concurrent writers)
-            // gets a correct result from the same write
-            let (near_lo, near_hi) = (t.saturating_sub(3_000_000_000), t.saturating_add(3_000_000_000));
-            let lo = o.cond_lo.unwrap_or(near_lo).max(near_lo);
-            let hi = o.cond_hi.unwrap_or(near_hi).min(near_hi);
+            // any other stored state satisfying the condition (concurrent writers) gets the
+            // result a decision on that state would give: exact whatever the interleaving
+            let f = b.full_at.unwrap();
+            let reach = 3_000_000_000_000_i128;
+            let lo = o.cond_lo.unwrap_or(f - reach).max(f - reach);
+            let hi = o.cond_hi.unwrap_or(f + reach).min(f + reach);
             prop_assert!(lo <= hi);
-            let span = u64::try_from(hi - lo).unwrap() + 1;
-            let other = lo + i64::try_from(pick % span).unwrap();
-            let other_avail = avail_of(b, Some(other), b.last_refill_ms, now);
+            let span = u128::try_from(hi - lo).unwrap() + 1;
+            let other = lo + i128::try_from(u128::from(pick) % span).unwrap();
+            let other_avail = avail_of(b, Some(other), now);
             if check && b.delta_milli > 0 {
                 prop_assert!(other_avail >= b.delta_milli);
             }
-            if let Some((nt, nl)) = apply(o, other) {
-                prop_assert_eq!(avail_of(b, Some(nt), Some(nl), now), minus_capped(other_avail, b));
-            }
+            let written = apply(o, Some(other));
+            prop_assert_eq!(avail_of(b, written, now), minus_capped(other_avail, b));
+            let (_, fresh) = decide(&[BucketInput { full_at: Some(other), ..*b }], now, check).unwrap();
+            prop_assert_eq!(written, apply(&fresh[0], Some(other)));
         }
     }
 }
@@ -322,52 +304,12 @@ proptest! {
 // Concurrent writers (docs/design.md, "Concurrent writers"): a simulated table applies a write
 // only when its condition holds on the stored state, as DynamoDB does.
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct Stored {
-    tokens: Option<i64>,
-    last: Option<i64>,
-}
-
-fn holds(o: &Outcome, s: &Stored, expect_last: Option<i64>) -> bool {
-    if o.write_mode == WriteMode::Add {
-        return true;
-    }
-    match expect_last {
-        None => s.last.is_none(),
-        Some(l) => {
-            s.last == Some(l)
-                && s.tokens.is_some_and(|t| {
-                    o.cond_lo.is_none_or(|lo| t >= lo) && o.cond_hi.is_none_or(|hi| t <= hi)
-                })
-        }
-    }
-}
-
-fn store(o: &Outcome, s: &Stored) -> Stored {
-    match o.write_mode {
-        WriteMode::None => *s,
-        WriteMode::Absolute => Stored {
-            tokens: Some(o.write_value),
-            last: Some(o.new_last_refill_ms),
-        },
-        WriteMode::Add => Stored {
-            tokens: Some(s.tokens.unwrap_or(0) + o.write_value),
-            last: s.last,
-        },
-        WriteMode::Relative => Stored {
-            tokens: Some(s.tokens.unwrap() + o.write_value),
-            last: Some(o.new_last_refill_ms),
-        },
-    }
-}
-
-fn bucket_at(limit: (i64, i64, i64), s: &Stored, delta: i64) -> BucketInput {
+fn bucket_at(limit: (i64, i64, i64), full_at: Option<i128>, delta: i64) -> BucketInput {
     BucketInput {
         burst_milli: limit.0,
         refill_amount_milli: limit.1,
         refill_period_ms: limit.2,
-        tokens_milli: s.tokens,
-        last_refill_ms: s.last,
+        full_at,
         delta_milli: delta,
     }
 }
@@ -376,51 +318,46 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 600, ..ProptestConfig::default() })]
 
     /// Writers holding one stale view of a full (or half-full, or absent) bucket land in any
-    /// order within one epoch: every applied write has the effect of a decision made on the
-    /// stored state, nothing is denied, no writer conflicts twice, and the bucket never offers
-    /// more than burst minus what was taken.
+    /// order, each deciding at its own clock (which may lag the others'): every applied write
+    /// has the effect of a decision made on the stored state at that writer's now, nothing is
+    /// denied, and no writer conflicts more than twice.
     #[test]
-    fn racing_writers_are_exact_and_conflict_at_most_once(
+    fn racing_writers_are_exact_and_conflict_boundedly(
         limit in prop_oneof![
             Just((10_000_000_000_i64, 10_000_000_000_i64, 86_400_000_i64)),
             Just((100_000, 100_000, 60_000)),
+            Just((1_000_000, 100_000_000, 60_000)),
         ],
         fill in 0_u8..3,
         writes in prop::collection::vec((1_i64..800, any::<bool>(), 0_i64..3), 2..60),
     ) {
         let now0 = 1_800_000_000_000_i64;
-        let reanchor = 60_000;
         let start = match fill {
-            0 => Stored { tokens: None, last: None },
-            1 => Stored { tokens: Some(limit.0), last: Some(now0 - 600_000) },
-            _ => Stored { tokens: Some(limit.0 / 2), last: Some(now0 - 600_000) },
+            0 => None,
+            1 => Some(full_at_of(limit.0, limit.1, limit.2, limit.0, now0 - 600_000).unwrap()),
+            _ => Some(full_at_of(limit.0, limit.1, limit.2, limit.0 / 2, now0).unwrap()),
         };
         let mut table = start;
         let mut now = now0;
-        let mut taken = 0_i64;
         for (delta, check, advance) in writes {
             now += advance;
             let mut view = start;
             let mut conflicts = 0;
             loop {
-                let (admitted, outs) = decide(&[bucket_at(limit, &view, delta)], now, check, reanchor).unwrap();
+                let (admitted, outs) = decide(&[bucket_at(limit, view, delta)], now, check).unwrap();
                 prop_assert!(admitted, "denied on a bucket far from empty");
                 let o = outs[0];
-                if !holds(&o, &table, view.last) {
+                if !holds(&o, table, view) {
                     conflicts += 1;
-                    prop_assert!(conflicts <= 1, "a writer conflicted twice");
+                    prop_assert!(conflicts <= 2, "a writer conflicted three times");
                     view = table;
                     continue;
                 }
-                let (_, fresh) = decide(&[bucket_at(limit, &table, delta)], now, check, reanchor).unwrap();
-                prop_assert_eq!(store(&o, &table), store(&fresh[0], &table));
-                table = store(&o, &table);
-                taken += delta;
+                let (_, fresh) = decide(&[bucket_at(limit, table, delta)], now, check).unwrap();
+                prop_assert_eq!(apply(&o, table), apply(&fresh[0], table));
+                table = apply(&o, table);
                 break;
             }
-            let offered = available(limit.0, limit.1, limit.2, table.tokens, table.last, now).unwrap();
-            let before = available(limit.0, limit.1, limit.2, start.tokens, start.last, now).unwrap();
-            prop_assert!(offered <= before - taken + (now - now0) * limit.1 / limit.2 + limit.1 / limit.2);
         }
     }
 }

@@ -19,15 +19,14 @@ BUCKET_COLUMNS = [
     "resource",
     "limit",
     "definition",
-    "tokens",
-    "last_refill",
+    "full_at",
     "available",
     "burst",
     "consumed",
     "released",
     "state",
 ]
-NUMBERS = ("tokens", "available", "consumed", "released")
+NUMBERS = ("available", "consumed", "released")
 
 
 @main.group()
@@ -40,7 +39,7 @@ def bucket() -> None:
 @click.argument("entity_id")
 @click.option("--resource", default=None, help="Only this resource's bucket item.")
 def bucket_show(target: Target, out: Output, entity_id: str, resource: str | None) -> None:
-    """Every limit of the entity's bucket item(s): stored tokens, anchor, available now
+    """Every limit of the entity's bucket item(s): when it is full again, available now
     (computed by the core from the definition stored in `lm#<limit>`), consumed and released.
 
     Exit 1 when the entity has neither buckets nor an entity record.

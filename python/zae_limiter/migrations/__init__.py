@@ -328,9 +328,10 @@ async def _fail(
 
 
 def _load_builtin() -> None:
-    from . import v1_1_0
+    from . import v1_1_0, v1_2_0
 
     register(v1_1_0.MIGRATION)
+    register(v1_2_0.MIGRATION)
 
 
 _load_builtin()
