@@ -183,7 +183,8 @@ def test_cascade_all_or_nothing(core: ModuleType) -> None:
     admitted, outcomes = core.decide(buckets, T0, False)
     assert admitted
     assert [o.write_mode for o in outcomes] == [REL, REL, ABS, REL]
-    assert [core.available(*b[:3], o.new_full_at, T0) for b, o in zip(buckets, outcomes)] == [
+    after = zip(buckets, outcomes, strict=True)
+    assert [core.available(*b[:3], o.new_full_at, T0) for b, o in after] == [
         49_000,
         4_500_000,
         99_000,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
+from math import gcd
 from typing import Any
 
 import boto3
@@ -58,35 +59,31 @@ def bucket(states: dict[str, LimitState], ts: int | None = T0) -> BucketItem:
     return BucketItem("e", "r", states, write_time_ms=ts)
 
 
+def _step_milli(limit: Limit) -> int:
+    return limit.refill_amount_milli // gcd(limit.refill_amount_milli, limit.refill_period_ms)
+
+
+def held(limit: Limit, tokens: int, at: int = T0, definition: str | None = None) -> LimitState:
+    """A stored state holding `tokens` millitokens at `at`."""
+    rate = (limit.burst_milli, limit.refill_amount_milli, limit.refill_period_ms)
+    return LimitState(core.full_at_of(*rate, tokens, at), definition=definition)
+
+
 def full_at(limit: Limit, state: LimitState, now: int) -> int:
-    """When the limit is full again, from the refill rule itself: whole quanta of the rate
-    since the anchor (design.md section 1), not from the core."""
-    deficit = limit.burst_milli - state.tokens_milli
-    if deficit <= 0:
-        return now
-    step_ms = limit.refill_period_ms // _gcd(limit.refill_amount_milli, limit.refill_period_ms)
-    step_milli = limit.refill_amount_milli * step_ms // limit.refill_period_ms
-    return max(now, state.last_refill_ms + -(-deficit // step_milli) * step_ms)
+    """When the limit is full again, from the stored form itself (design.md section 1: the
+    state is the instant it is full, in ticks of 1/step_milli ms), not from the core."""
+    assert state.full_at is not None
+    return max(now, -(-state.full_at // _step_milli(limit)))
 
 
-def _gcd(a: int, b: int) -> int:
-    while b:
-        a, b = b, a % b
-    return a
+def tokens_of(limit: Limit, state: LimitState, at: int = T0) -> int:
+    return core.available(
+        limit.burst_milli, limit.refill_amount_milli, limit.refill_period_ms, state.full_at, at
+    )
 
 
 def is_full(limit: Limit, state: LimitState, at_ms: int) -> bool:
-    return (
-        core.available(
-            limit.burst_milli,
-            limit.refill_amount_milli,
-            limit.refill_period_ms,
-            state.tokens_milli,
-            state.last_refill_ms,
-            at_ms,
-        )
-        >= limit.burst_milli
-    )
+    return tokens_of(limit, state, at_ms) >= limit.burst_milli
 
 
 def hour_ceil_s(ms: int) -> int:
@@ -98,8 +95,8 @@ def hour_ceil_s(ms: int) -> int:
 
 def test_the_slowest_limit_decides() -> None:
     states = {
-        "rpm": LimitState(0, T0),  # full a minute later
-        "rpd": LimitState(-500_000, T0),  # 1500 tokens short: a day and a half
+        "rpm": held(RPM, 0),  # full a minute later
+        "rpd": held(RPD, -500_000),  # 1500 tokens short: a day and a half
     }
     both = expiry.required([RPM, RPD], bucket(states), T0)
     assert both == expiry.required([RPD, RPM], bucket(states), T0)
@@ -115,16 +112,16 @@ def test_the_slowest_limit_decides() -> None:
 
 @pytest.mark.parametrize("tokens", [1_000_000, 0, -1, -500_000, -(10**9)])
 def test_a_negative_balance_lives_until_repaid(tokens: int) -> None:
-    state = LimitState(tokens, T0)
+    state = held(RPD, tokens)
     ttl = expiry.required([RPD], bucket({"rpd": state}), T0)
     assert is_full(RPD, state, ttl * 1000 - expiry.MARGIN_MS)
     assert ttl == hour_ceil_s(max(full_at(RPD, state, T0), DAY_END) + expiry.MARGIN_MS)
-    deeper = LimitState(tokens - 1_000_000, T0)
+    deeper = held(RPD, tokens - 1_000_000)
     assert expiry.required([RPD], bucket({"rpd": deeper}), T0) > ttl
 
 
 def test_the_usage_window_of_the_last_write_bounds_it_below() -> None:
-    full = {"rpm": LimitState(RPM.burst_milli, T0)}
+    full = {"rpm": held(RPM, RPM.burst_milli)}
     for write_ms in (T0, DAY_END - 1, DAY_END):
         ttl = expiry.required([RPM], bucket(full, ts=write_ms), write_ms)
         day_end = (write_ms // (24 * HOUR) + 1) * 24 * HOUR
@@ -136,18 +133,18 @@ def test_the_usage_window_of_the_last_write_bounds_it_below() -> None:
 
 
 def test_limits_the_caller_does_not_know_count_by_their_stored_definition() -> None:
-    rpd = LimitState(-500_000, T0, definition=RPD.encode())
-    rpm = LimitState(0, T0, definition=RPM.encode())
+    rpd = held(RPD, -500_000, definition=RPD.encode())
+    rpm = held(RPM, 0, definition=RPM.encode())
     known = expiry.required([RPM, RPD], bucket({"rpm": rpm, "rpd": rpd}), T0)
     assert expiry.required([RPM], bucket({"rpm": rpm, "rpd": rpd}), T0) == known
     # Stored slower than the caller's limit (another client's definition): the later counts.
     slower = Limit.custom("rpd", 1000, 1000, 10 * 86400)
-    other = LimitState(-500_000, T0, definition=slower.encode())
+    other = held(slower, -500_000, definition=slower.encode())
     later = expiry.required([RPD], bucket({"rpd": other}), T0)
     assert later == hour_ceil_s(full_at(slower, other, T0) + expiry.MARGIN_MS) > known
     # No definition to read: nothing tells when it is full, so the item is kept.
     for definition in (None, "not a limit"):
-        unknown = LimitState(0, T0, definition=definition)
+        unknown = LimitState(T0, definition=definition)
         assert expiry.required([RPM], bucket({"rpm": rpm, "x": unknown}), T0) == expiry.LATEST
 
 
@@ -155,22 +152,22 @@ def test_it_is_capped_at_the_year_9999() -> None:
     latest = datetime.fromtimestamp(expiry.LATEST, UTC)
     assert (latest.year, latest.month, latest.day, latest.hour) == (9999, 12, 31, 23)
     # A debt whose refill takes longer than there are years left.
-    deep = LimitState(-(10**15), T0)
+    deep = held(RPD, -(10**15))
     assert expiry.required([RPD], bucket({"rpd": deep}), T0) == expiry.LATEST
     # A refill that does not fit signed 64-bit milliseconds (the core's overflow).
     slow = Limit.custom("slow", 1, 1, 10 * 365 * 86400)
-    bottom = LimitState(-(2**63), T0)
+    bottom = held(slow, -(2**63))
     assert expiry.required([slow], bucket({"slow": bottom}), T0) == expiry.LATEST
     # A write in the last hour of the year 9999: its usage window ends in the year 10000.
     last_hour = (expiry.LATEST + 1) * 1000 - HOUR
-    full = {"rpm": LimitState(RPM.burst_milli, last_hour)}
+    full = {"rpm": held(RPM, RPM.burst_milli, last_hour)}
     assert expiry.required([RPM], bucket(full, ts=last_hour), last_hour) == expiry.LATEST
 
 
 def test_a_give_back_to_a_reset_limit_reads_full() -> None:
-    """Tokens added without an anchor (a limit reset meanwhile) read as a full bucket: the
-    write plans the expiry of a full bucket for it."""
-    give_back = LimitWrite("rpd", False, 5_000, 0, None, None, None, -5_000, unconditional=True)
+    """Tokens added to no state (a limit reset meanwhile) read as a full bucket: the write
+    plans the expiry of a full bucket for it."""
+    give_back = LimitWrite("rpd", core.WRITE_ADD, -5_000 * 864, None, None, -5_000)
     assert expiry.planned([RPD], None, [give_back], T0) == expiry.required([RPD], bucket({}), T0)
 
 
@@ -187,17 +184,9 @@ def writes_of(
     inputs: list[core.BucketInput] = []
     for limit, delta in zip(limits, deltas, strict=True):
         s = view.limits.get(limit.name)
-        inputs.append(
-            (
-                limit.burst_milli,
-                limit.refill_amount_milli,
-                limit.refill_period_ms,
-                None if s is None else s.tokens_milli,
-                None if s is None else s.last_refill_ms,
-                delta,
-            )
-        )
-    admitted, outcomes = core.decide(inputs, now, check, 60_000)
+        rate = (limit.burst_milli, limit.refill_amount_milli, limit.refill_period_ms)
+        inputs.append((*rate, None if s is None else s.full_at, delta))
+    admitted, outcomes = core.decide(inputs, now, check)
     if not admitted:
         return None
     writes: list[LimitWrite] = []
@@ -208,15 +197,13 @@ def writes_of(
         writes.append(
             LimitWrite(
                 limit.name,
-                out.write_mode == core.WRITE_ABSOLUTE,
+                out.write_mode,
                 out.write_value,
-                out.new_last_refill_ms,
-                None if prior is None else prior.last_refill_ms,
                 out.cond_lo,
                 out.cond_hi,
                 delta,
                 limit.encode(),
-                out.write_mode == core.WRITE_ADD,
+                create=prior is None,
             )
         )
     return writes
@@ -225,17 +212,17 @@ def writes_of(
 def holds(stored: BucketItem, writes: list[LimitWrite]) -> bool:
     """The update's conditions, as DynamoDB evaluates them on the stored item."""
     for w in writes:
-        if w.unconditional:
+        if w.mode == core.WRITE_ADD:
             continue
         s = stored.limits.get(w.limit_name)
-        if w.expect_last_refill_ms is None:
+        if w.create:
             ok = s is None
         else:
             ok = (
                 s is not None
-                and s.last_refill_ms == w.expect_last_refill_ms
-                and (w.cond_lo is None or s.tokens_milli >= w.cond_lo)
-                and (w.cond_hi is None or s.tokens_milli <= w.cond_hi)
+                and s.full_at is not None
+                and (w.cond_lo is None or s.full_at >= w.cond_lo)
+                and (w.cond_hi is None or s.full_at <= w.cond_hi)
             )
         if not ok:
             return False
@@ -243,17 +230,13 @@ def holds(stored: BucketItem, writes: list[LimitWrite]) -> bool:
 
 
 def stored_after(stored: BucketItem, writes: list[LimitWrite], now: int) -> BucketItem:
-    """What DynamoDB holds after the update: relative values apply to the *stored* tokens."""
+    """What DynamoDB holds after the update: relative values apply to the *stored* state."""
     limits = dict(stored.limits)
     for w in writes:
         s = limits.get(w.limit_name)
-        if w.unconditional:
-            if s is not None:
-                limits[w.limit_name] = LimitState(s.tokens_milli + w.value, s.last_refill_ms)
-        elif w.absolute or s is None:
-            limits[w.limit_name] = LimitState(w.value, w.new_last_refill_ms)
-        else:
-            limits[w.limit_name] = LimitState(s.tokens_milli + w.value, w.new_last_refill_ms)
+        base = 0 if s is None or s.full_at is None else s.full_at
+        value = w.value if w.mode == core.WRITE_ABSOLUTE else base + w.value
+        limits[w.limit_name] = LimitState(value, definition=w.definition)
     return bucket(limits, ts=now)
 
 
@@ -274,7 +257,7 @@ def test_a_write_on_any_view_ends_with_an_expiry_the_state_needs(
 
     def states() -> dict[str, LimitState]:
         return {
-            limit.name: LimitState(data.draw(st.integers(-(10**12), limit.burst_milli)), anchor)
+            limit.name: held(limit, data.draw(st.integers(-(10**12), limit.burst_milli)), anchor)
             for limit, anchor in zip(limits, anchors, strict=True)
         }
 
@@ -392,7 +375,7 @@ async def test_a_stale_relative_write_cannot_leave_the_expiry_early(
     assert limiter.ledger.calls["UpdateItem"] - before_a == 2
     item = await stored_bucket(limiter, "k")
     taken = 951_000 if stale_write == "consume" else 3_901_000
-    assert item.limits["rpd"].tokens_milli == RPD.burst_milli - taken
+    assert tokens_of(RPD, item.limits["rpd"]) == RPD.burst_milli - taken
     assert_full_at_expiry([RPM, RPD], item)
     assert item.expires_at == expiry.required([RPM, RPD], item, T0)
 
@@ -413,9 +396,9 @@ async def test_reserved_tokens_keep_the_item(endpoint_url: str, clock: Clock) ->
                 pass
         item = await stored_bucket(lim, "k")  # while the block is held
     spent = 150_000  # a day and more to refill
-    assert RPW.burst_milli - item.limits["rpw"].tokens_milli > spent
+    assert RPW.burst_milli - tokens_of(RPW, item.limits["rpw"]) > spent
     assert_full_at_expiry([RPW], item)
-    spent_only = LimitState(RPW.burst_milli - spent, item.limits["rpw"].last_refill_ms)
+    spent_only = held(RPW, RPW.burst_milli - spent)
     assert item.expires_at is not None
     assert item.expires_at > expiry.required([RPW], bucket({"rpw": spent_only}), T0)
 
@@ -542,7 +525,7 @@ def test_a_bucket_created_again_after_expiry_is_counted_in_full() -> None:
     """Counters restart at 0 in a new item; created no earlier than the old one's expiry, its
     records fall outside every window of the old one's, so no usage overlaps and none is lost."""
     old_ts = DAY_END - HOUR // 2  # the old item's last write: late in its day
-    ttl = expiry.required([RPM], bucket({"rpm": LimitState(0, old_ts)}, ts=old_ts), old_ts)
+    ttl = expiry.required([RPM], bucket({"rpm": held(RPM, 0, old_ts)}, ts=old_ts), old_ts)
     old = [
         stream_record(1, "INSERT", None, bucket_image({"cn#rpm": 5_000}, ttl, T0)),
         stream_record(

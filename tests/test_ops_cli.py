@@ -176,8 +176,8 @@ def test_bucket_show_and_reset_restores_a_full_bucket(table: str) -> None:
     llm_tpm = rows[("llm", "tpm")]
     assert llm_tpm["definition"] == "1000:1500:1000:3600"
     assert llm_tpm["burst"] == 1500 and llm_tpm["consumed"] == 900 and llm_tpm["released"] == 0
-    assert 600 <= llm_tpm["available"] < 610 and llm_tpm["tokens"] == 600
-    assert llm_tpm["state"] == "ok" and llm_tpm["last_refill"].endswith("Z")
+    assert 600 <= llm_tpm["available"] < 610
+    assert llm_tpm["state"] == "ok" and llm_tpm["full_at"].endswith("Z")
     assert rows[("img", "rpm")]["available"] < 1
     assert "buckets of key" in cli(table, "bucket", "show", "key").output
 
@@ -185,8 +185,8 @@ def test_bucket_show_and_reset_restores_a_full_bucket(table: str) -> None:
     reset = js(table, "bucket", "reset", "key", "--resource", "llm", "--limit", "tpm", "--yes")
     assert reset["reset"] == [{"entity_id": "key", "resource": "llm", "limits": ["tpm"]}]
     rows = {(r["resource"], r["limit"]): r for r in js(table, "bucket", "show", "key")["limits"]}
-    assert rows[("llm", "tpm")] | {"last_refill": None} == rows[("llm", "tpm")] | {
-        "available": 1500, "tokens": None, "state": "reset (full)", "consumed": 900}
+    assert rows[("llm", "tpm")] == rows[("llm", "tpm")] | {
+        "available": 1500, "full_at": None, "state": "reset (full)", "consumed": 900}
     assert rows[("llm", "rpm")]["available"] < 7
     # every bucket of the entity
     cli(table, "bucket", "reset", "key", input="n\n", code=1)
@@ -249,11 +249,17 @@ def test_aws_backups_through_the_api(table: str) -> None:
     assert [b["id"] for b in listed] == [taken["id"]]
 
 
+async def _as_created_by_1_0(endpoint_url: str) -> None:
+    async with RateLimiter(name="ops", endpoint_url=endpoint_url) as lim:
+        await lim.repository.set_version_record(schema_version="1.0.0")
+
+
 def test_migrate_commands(table: str, tmp_path: Path) -> None:
     js(table, "limits", "set", "key", "--limit", "rpm:10/minute")
+    asyncio.run(_as_created_by_1_0(table))
     listing = js(table, "migrate", "list")
     assert listing["schema_version"] == "1.0.0"
-    assert [x["version"] for x in listing["migrations"]] == ["1.1.0"]
+    assert [x["version"] for x in listing["migrations"]] == ["1.1.0", "1.2.0"]
     plan = js(table, "migrate", "--to", "1.1.0", "--dry-run")
     assert plan["dry_run"] and [p["to_version"] for p in plan["planned"]] == ["1.1.0"]
     assert not tmp_path.exists() or not any(tmp_path.iterdir())

@@ -28,7 +28,7 @@ from botocore.parsers import JSONParser
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from zae_limiter import schema
+from zae_limiter import core, schema
 from zae_limiter.local import LocalDynamoDB
 from zae_limiter.repository import (
     Repository,
@@ -47,14 +47,17 @@ async def repo(endpoint_url: str) -> AsyncIterator[Repository]:
         yield r
 
 
-def _create(name: str, tokens: int, definition: str = "1:1:1:1") -> LimitWrite:
+def _create(name: str, full_at: int, definition: str = "1:1:1:1") -> LimitWrite:
     """The first write of a limit: absolute, must not exist yet."""
-    return LimitWrite(name, True, tokens, NOW, None, None, None, 0, definition)
+    return LimitWrite(name, core.WRITE_ABSOLUTE, full_at, None, None, 0, definition, create=True)
 
 
-def _take(name: str, milli: int, anchor: int = NOW, lo: int | None = None) -> LimitWrite:
-    """A relative write (consume `milli`) on the anchor `anchor`."""
-    return LimitWrite(name, False, -milli, anchor, anchor, lo, None, milli)
+def _take(
+    name: str, milli: int, lo: int | None = None, hi: int | None = None
+) -> LimitWrite:
+    """A relative write consuming `milli` (a millitoken is one tick of the `1:1:1:1` limit),
+    under `lo <= full_at <= hi`."""
+    return LimitWrite(name, core.WRITE_RELATIVE, milli, lo, hi, milli)
 
 
 def _sent(repo_client: Any) -> list[Any]:
@@ -118,23 +121,26 @@ async def test_bad_bucket_input_is_refused_by_the_table(repo: Repository) -> Non
 
 LIMIT_NAMES = st.sampled_from(["rpm", "tpm", "rpd", "limit0", "x"])
 MILLI = st.integers(min_value=-(2**62), max_value=2**62)
+LEVEL = st.integers(min_value=-(10**38) + 1, max_value=10**38 - 1)
 ANCHOR = st.integers(min_value=0, max_value=2**62)
+MODES = st.sampled_from([core.WRITE_RELATIVE, core.WRITE_ABSOLUTE, core.WRITE_ADD])
 
 
 @st.composite
 def limit_write(draw: st.DrawFn, name: str) -> LimitWrite:
-    expect = draw(st.none() | ANCHOR)
+    kind = draw(st.sampled_from(["plain", "create", "legacy", "fenced"]))
+    legacy = (draw(MILLI), draw(ANCHOR)) if kind in ("legacy", "fenced") else None
     return LimitWrite(
         limit_name=name,
-        absolute=draw(st.booleans()),
-        value=draw(MILLI),
-        new_last_refill_ms=draw(st.just(expect) | ANCHOR) if expect is not None else draw(ANCHOR),
-        expect_last_refill_ms=expect,
-        cond_lo=draw(st.none() | MILLI),
-        cond_hi=draw(st.none() | MILLI),
+        mode=draw(MODES),
+        value=draw(LEVEL),
+        cond_lo=draw(st.none() | LEVEL),
+        cond_hi=draw(st.none() | LEVEL),
         delta_milli=draw(st.just(0) | MILLI),
         definition=draw(st.none() | st.sampled_from(["1:1:1:1", "100:120:100:60"])),
-        unconditional=draw(st.booleans()),
+        create=kind == "create",
+        legacy=legacy,
+        fence=(draw(MILLI), draw(ANCHOR)) if kind == "fenced" else None,
     )
 
 
@@ -205,7 +211,7 @@ async def test_parts_do_not_leak_between_items_and_limit_sets(repo: Repository) 
         assert bucket is not None and sorted(bucket.limits) == sorted(names)
         for name in names:
             state = bucket.limits[name]
-            assert state.tokens_milli == base[entity, resource] - taken[entity, resource]
+            assert state.full_at == base[entity, resource] + taken[entity, resource]
             assert state.consumed_milli == taken[entity, resource]
             assert state.definition == "1:1:1:1"
         (raw,) = await repo.bucket_items(entity, resource)
@@ -229,26 +235,28 @@ async def test_shared_parts_are_never_modified(repo: Repository) -> None:
 
 async def test_conditions_still_fail(repo: Repository) -> None:
     created = await repo.write_bucket("e", "r", [_create("rpm", 10_000)], NOW)
-    assert created.limits["rpm"].tokens_milli == 10_000
+    assert created.limits["rpm"].full_at == 10_000
+    legacy = LimitWrite("rpm", core.WRITE_ABSOLUTE, 7, None, None, 0, legacy=(5, 6), fence=(1, 2))
     refused = [
         [_create("rpm", 5_000)],  # exists already
-        [_take("rpm", 1_000, anchor=NOW - 1)],  # another anchor
-        [_take("rpm", 1_000, lo=20_000)],  # not enough tokens
-        [_take("rpm", 1_000), _take("tpm", 1_000)],  # one of two limits does not exist
+        [_take("rpm", 1_000, lo=10_001)],  # full at the writer's now (below its lower bound)
+        [_take("rpm", 1_000, hi=9_999)],  # not enough tokens (above its upper bound)
+        [_take("rpm", 1_000, lo=0), _take("tpm", 1_000, lo=0)],  # tpm does not exist
+        [legacy],  # not in the 1.x layout
     ]
     for writes in refused:
         with pytest.raises(ConditionFailed) as info:
             await repo.write_bucket("e", "r", writes, NOW)
         current = info.value.current
-        assert current is not None and current.limits["rpm"].tokens_milli == 10_000
+        assert current is not None and current.limits["rpm"].full_at == 10_000
     assert repo.ledger.conflicts == len(refused)
     # The same shapes, now holding: applied.
-    assert (await repo.write_bucket("e", "r", [_take("rpm", 1_000, lo=1_000)], NOW)).limits[
-        "rpm"
-    ].tokens_milli == 9_000
-    give_back = LimitWrite("rpm", False, 500, 0, None, None, None, -500, unconditional=True)
+    assert (
+        await repo.write_bucket("e", "r", [_take("rpm", 1_000, lo=10_000, hi=10_000)], NOW)
+    ).limits["rpm"].full_at == 11_000
+    give_back = LimitWrite("rpm", core.WRITE_ADD, -500, None, None, -500)
     after = await repo.write_bucket("e", "r", [give_back], NOW)
-    assert after.limits["rpm"].tokens_milli == 9_500 and after.limits["rpm"].released_milli == 500
+    assert after.limits["rpm"].full_at == 10_500 and after.limits["rpm"].released_milli == 500
 
 
 async def test_a_write_id_applies_once(repo: Repository) -> None:
@@ -260,7 +268,7 @@ async def test_a_write_id_applies_once(repo: Repository) -> None:
         await repo._call("update_item", request)
     assert info.value.code == "ConditionalCheckFailedException"
     bucket = await repo.get_bucket("e", "r")
-    assert bucket is not None and bucket.limits["rpm"].tokens_milli == 9_000
+    assert bucket is not None and bucket.limits["rpm"].full_at == 11_000
     assert bucket.write_ids[0] == "resend01"
 
 

@@ -15,6 +15,7 @@ import botocore.exceptions
 import pytest
 
 from zae_limiter import InfrastructureNotFoundError, Limit, schema, storage
+from zae_limiter.core import WRITE_ABSOLUTE
 from zae_limiter.repository import Repository, error_code, is_loopback
 from zae_limiter.storage import LimitWrite, StorageError
 from zae_limiter.version import CLIENT_SCHEMA_VERSION, write_initial_record
@@ -103,8 +104,8 @@ def bare_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
 
 
-def _write(limit: str, tokens: int) -> LimitWrite:
-    return LimitWrite(limit, True, tokens, 1_000, None, None, None, 0, "10:10:10:60")
+def _write(limit: str, full_at: int) -> LimitWrite:
+    return LimitWrite(limit, WRITE_ABSOLUTE, full_at, None, None, 0, "10:10:10:60", create=True)
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
@@ -116,9 +117,9 @@ async def test_loopback_endpoint_needs_no_region_or_credentials(
     async with Repository(name="bare", endpoint_url=url) as repo:
         assert await repo.create_table() is True
         written = await repo.write_bucket("e1", "r", [_write("rpm", 7_000)], now_ms=1_000)
-        assert written.limits["rpm"].tokens_milli == 7_000
+        assert written.limits["rpm"].full_at == 7_000
         read = await repo.get_bucket("e1", "r")
-        assert read is not None and read.limits["rpm"].tokens_milli == 7_000
+        assert read is not None and read.limits["rpm"].full_at == 7_000
         client = await repo.client()
         assert client.meta.region_name == "us-east-1"
         assert client._request_signer._credentials.access_key == "local"
@@ -218,7 +219,7 @@ async def test_write_initial_record_writes_once(repo: Repository) -> None:
     assert record is not None
     assert record | {"updated_at": ""} == {
         "schema_version": CLIENT_SCHEMA_VERSION,
-        "min_client_version": "0.0.0",
+        "min_client_version": INITIAL_MIN_CLIENT_VERSION,
         "lambda_version": "9.9.9",
         "updated_by": "first",
         "updated_at": "",

@@ -47,6 +47,7 @@ from zae_limiter import (
     StackOptions,
     schema,
 )
+from zae_limiter import stored as stored_state
 from zae_limiter.repository import Repository, RetryPolicy
 
 pytestmark = pytest.mark.integration
@@ -130,7 +131,7 @@ async def stored(proxy: FaultProxy, entity_id: str = "k") -> dict[str, int]:
     return {
         "cn": s.consumed_milli,
         "rl": s.released_milli,
-        "tk": s.tokens_milli,
+        "tk": stored_state.available(LIMIT, s, FROZEN_MS),
         "net": s.consumed_milli - s.released_milli,
     }
 
