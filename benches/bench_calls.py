@@ -36,6 +36,7 @@ from aiobotocore.parsers import AioResponseParserFactory
 from botocore.config import Config
 
 from zae_limiter import schema
+from zae_limiter.core import WRITE_ABSOLUTE, WRITE_RELATIVE
 from zae_limiter.local import LocalDynamoDB
 from zae_limiter.repository import Repository, bucket_from_item, bucket_update_request
 from zae_limiter.storage import BucketItem, LimitWrite
@@ -45,8 +46,8 @@ ENTITY, RESOURCE = "key", "llm"
 NOW = 1_800_000_000_000
 LIMITS = ("rpm", "tpm")
 BURST = 10**12
-# The warm write of an acquire of 2 limits: relative, anchor unchanged, both bounds, counters.
-WARM = [LimitWrite(n, False, -1_000, NOW, NOW, 1_000, BURST - 1, 1_000) for n in LIMITS]
+# The warm write of an acquire of 2 limits: relative, both bounds, counters.
+WARM = [LimitWrite(n, WRITE_RELATIVE, 1_000, NOW, 10**30, 1_000) for n in LIMITS]
 
 
 class Before(Repository):
@@ -129,7 +130,9 @@ def _ops(repo: Repository) -> dict[str, Callable[[], Awaitable[Any]]]:
 async def _prepare(repo: Repository) -> None:
     """The table and a bucket item that every `WARM` write keeps warm."""
     await repo.create_table()
-    first = [LimitWrite(n, True, BURST // 2, NOW, None, None, None, 0, "1:1:1:1") for n in LIMITS]
+    first = [
+        LimitWrite(n, WRITE_ABSOLUTE, BURST, None, None, 0, "1:1:1:1", create=True) for n in LIMITS
+    ]
     await repo.write_bucket(ENTITY, RESOURCE, first, NOW)
 
 

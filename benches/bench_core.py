@@ -27,9 +27,15 @@ NOW = 1_700_000_000_123
 RPM = (100_000, 100_000, 60_000)
 TPM = (10_000_000, 10_000_000, 60_000)
 
-# Warm buckets (existing, not full): the common case, a relative write folding the refill in.
-ENTITY = [(*RPM, 50_000, NOW - 1_234, 1_000), (*TPM, 5_000_000, NOW - 1_234, 2_000_000)]
-PARENT = [(*RPM, 70_000, NOW - 4_321, 1_000), (*TPM, 8_000_000, NOW - 4_321, 2_000_000)]
+# Warm buckets (existing, not full): the common case, a relative write.
+ENTITY = [
+    (*RPM, reference.full_at_of(*RPM, 50_000, NOW - 1_234), 1_000),
+    (*TPM, reference.full_at_of(*TPM, 5_000_000, NOW - 1_234), 2_000_000),
+]
+PARENT = [
+    (*RPM, reference.full_at_of(*RPM, 70_000, NOW - 4_321), 1_000),
+    (*TPM, reference.full_at_of(*TPM, 8_000_000, NOW - 4_321), 2_000_000),
+]
 CASES = {
     "1-limit": ENTITY[:1],
     "2-limits": ENTITY,
@@ -44,7 +50,7 @@ def _decide(core: Any, buckets: list[Any]) -> Callable[[], Any]:
     decide = core.decide
 
     def run() -> Any:
-        return decide(buckets, NOW, True, 1_000)
+        return decide(buckets, NOW, True)
 
     return run
 

@@ -84,28 +84,24 @@ MUTANTS: tuple[Mutant, ...] = (
         "return True",
         (CHAOS,),
     ),
-    # enough tokens; bucket not full; the anchor the decision was made on; a bucket the
-    # decision saw missing is created only if still missing
-    vacuous("cond_lo", 'conditions.append(f"{tk} >= {expr.value(_n(w.cond_lo))}")', "{tk}"),
-    vacuous("cond_hi", 'conditions.append(f"{tk} <= {expr.value(_n(w.cond_hi))}")', "{tk}"),
-    vacuous(
-        "expect_last_refill_ms",
-        'conditions.append(f"{lr} = {expr.value(_n(w.expect_last_refill_ms))}")',
-        "{lr}",
-    ),
-    vacuous("create_if_absent", 'conditions.append(f"attribute_not_exists({lr})")', "{lr}"),
+    # not full at the writer's now (relative writes); full at its now (writes at full) and
+    # enough tokens (checked relative writes); a bucket the decision saw missing is created
+    # only if still missing in both layouts
+    vacuous("cond_lo", 'conditions.append(f"{fa} >= {expr.value(_n(w.cond_lo))}")', "{fa}"),
+    vacuous("cond_hi", 'conditions.append(f"{fa} <= {expr.value(_n(w.cond_hi))}")', "{fa}"),
+    vacuous("create_if_absent", 'conditions.append(f"attribute_not_exists({fa})")', "{fa}"),
     Mutant(
         "fast_path_cond_lo",  # the limiter's own value of the lower bound
         REPOSITORY,
         'values.append({"N": str(w.cond_lo)})',
-        'values.append({"N": str(-(2**63))})',
+        'values.append({"N": str(-(10**37))})',
         (STALE,),
     ),
     Mutant(
         "fast_path_cond_hi",  # the limiter's own value of the upper bound
         REPOSITORY,
         'values.append({"N": str(w.cond_hi)})',
-        'values.append({"N": str(2**63 - 1)})',
+        'values.append({"N": str(10**37)})',
         (STALE,),
     ),
     Mutant(

@@ -126,7 +126,7 @@ async def test_migration_and_lazy_conversion_decide_alike(
     record = await limiter.repository.get_version_record()
     assert record is not None and record["schema_version"] == "1.2.0"
     assert record["min_client_version"] == v1_2_0.MIN_CLIENT_VERSION
-    for i, (limit, tokens, anchor) in enumerate(CASES):
+    for i, (limit, tokens, _anchor) in enumerate(CASES):
         (bucket,) = await limiter.repository.list_buckets(f"k{i}")
         state = bucket.limits[limit.name]
         assert state.legacy is None and state.full_at is not None

@@ -18,7 +18,11 @@ from zae_limiter import InfrastructureNotFoundError, Limit, schema, storage
 from zae_limiter.core import WRITE_ABSOLUTE
 from zae_limiter.repository import Repository, error_code, is_loopback
 from zae_limiter.storage import LimitWrite, StorageError
-from zae_limiter.version import CLIENT_SCHEMA_VERSION, write_initial_record
+from zae_limiter.version import (
+    CLIENT_SCHEMA_VERSION,
+    INITIAL_MIN_CLIENT_VERSION,
+    write_initial_record,
+)
 
 PROTOCOLS = (
     storage.BucketStorage,

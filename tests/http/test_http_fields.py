@@ -113,7 +113,8 @@ def test_effective_window_bounds_the_wait_for_the_next_unit(
     state = (limit.burst_milli, limit.refill_amount_milli, limit.refill_period_ms)
     tokens = limit.burst_milli - used_milli
     now = t0 + elapsed_ms
-    milli = core.available(*state, tokens, t0, now)
+    full_at = core.full_at_of(*state, tokens, t0)
+    milli = core.available(*state, full_at, now)
     available = milli // 1000
     window = effective_window(limit, available)
     r = max(0, available)
@@ -123,7 +124,7 @@ def test_effective_window_bounds_the_wait_for_the_next_unit(
     if (r + 1) * 1000 > limit.burst_milli:
         assert window == math.ceil(one_unit_ms / 1000)  # full: one unit's refill time
         return
-    wait_ms = core.time_until_available([(*state, tokens, t0, (r + 1) * 1000)], now)
+    wait_ms = core.time_until_available([(*state, full_at, (r + 1) * 1000)], now)
     assert wait_ms is not None and wait_ms > 0
     assert wait_ms <= window * 1000 < wait_ms + 1000 + one_unit_ms + step_ms
 

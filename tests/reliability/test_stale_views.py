@@ -19,7 +19,6 @@ from zae_limiter import Limit, RateLimiter, RateLimitExceeded, StackOptions
 
 pytestmark = pytest.mark.integration
 
-# A multiple of the bucket's epoch (6 s, one token), so a write at full anchors at now.
 T0 = 1_800_000_000_000
 LIMIT = Limit.per_minute("tok", 10)  # burst 10, one token of refill every 6 s
 RESOURCE = "api"
@@ -61,11 +60,12 @@ async def drain(limiter: RateLimiter) -> int:
 
 
 async def test_a_stale_view_short_of_full_does_not_overfill_the_bucket(clients: Clients) -> None:
-    """The upper bound (`cond_hi`, "not full"). B last saw 1 token; A gave 8 back (an
-    unconditional add) and refill made the bucket full, with one token of refill over the
-    burst. B's view is not full, so B writes relatively; applied to the full bucket, that
-    write would keep the token over the burst. It is refused, and B's write at full re-anchors:
-    11 tokens in all (10, plus 2 of refill, less the 1 a full bucket cannot hold)."""
+    """The lower bound of a relative write (`cond_lo`, "not full at my now"). B last saw 1
+    token; A gave 8 back (an unconditional add) and refill made the bucket full, with one token
+    of refill over the burst. B's view is not full, so B writes relatively; applied to the full
+    bucket, that write would keep the token over the burst. It is refused, and B's write at
+    full is absolute: 11 tokens in all (10, plus 2 of refill, less the 1 a full bucket cannot
+    hold)."""
     a, b, now = clients
     async with a.acquire("k", RESOURCE, [LIMIT], {"tok": 8}) as lease:
         assert await take(b)  # B reads 2 tokens and takes one: its view is 1
@@ -81,7 +81,8 @@ async def test_a_stale_view_short_of_full_does_not_overfill_the_bucket(clients: 
 async def test_a_stale_view_of_enough_tokens_does_not_overdraw_the_bucket(
     clients: Clients,
 ) -> None:
-    """The lower bound (`cond_lo`, "enough tokens"). A last saw 5 tokens; B took 4 of them.
+    """The upper bound of a relative write (`cond_hi`, "enough tokens"). A last saw 5 tokens; B
+    took 4 of them.
     A's write of 5 would overdraw the bucket by 4: it is refused and A, deciding on the 1 token
     the bucket holds, is denied. 10 tokens in all."""
     a, b, _ = clients
@@ -93,12 +94,11 @@ async def test_a_stale_view_of_enough_tokens_does_not_overdraw_the_bucket(
 
 
 async def test_a_stale_anchor_does_not_refill_the_bucket_twice(clients: Clients) -> None:
-    """The anchor (`expect_last_refill_ms`). Both clients' views are anchored a minute ago, so
-    both see the bucket full after a minute of refill. A takes all 10, which re-anchors the
-    bucket at now. B's view still counts the minute's refill; its write at full would hold for
-    the stored tokens (0 is at least what a full bucket holds after a minute) and refill the
-    bucket a second time. It is refused and B is denied: 20 tokens in the minute in all (the
-    burst and a minute of refill)."""
+    """The bound of a write at full (`cond_hi`, "full at my now"). Both clients' views date from
+    a minute ago, so both see the bucket full after a minute of refill. A takes all 10: the
+    bucket is full again only a minute from now. B's view is full; its absolute write would
+    overwrite A's and refill the bucket a second time. It is refused and B is denied: 20
+    tokens in the minute in all (the burst and a minute of refill)."""
     a, b, now = clients
     assert await take(a, 9)  # A creates the bucket: its view is 1
     assert await take(b)  # B reads 1 and takes it: its view is 0, anchored at T0
@@ -110,7 +110,7 @@ async def test_a_stale_anchor_does_not_refill_the_bucket_twice(clients: Clients)
 
 
 async def test_a_stale_view_of_no_bucket_does_not_create_it_again(clients: Clients) -> None:
-    """The create condition (`attribute_not_exists` of the anchor). B read the bucket before it
+    """The create condition (`attribute_not_exists` of the state). B read the bucket before it
     existed, so its view is a full bucket that nobody wrote; A then created it and took all 10.
     B's create would overwrite A's: it is refused and B is denied. 10 tokens in all."""
     a, b, _ = clients
