@@ -47,7 +47,7 @@ NOW = 1_800_000_000_000
 LIMITS = ("rpm", "tpm")
 BURST = 10**12
 # The warm write of an acquire of 2 limits: relative, both bounds, counters.
-WARM = [LimitWrite(n, WRITE_RELATIVE, 1_000, NOW, 10**30, 1_000) for n in LIMITS]
+WARM = [LimitWrite(n, WRITE_RELATIVE, 1_000, NOW, 10**31, 1_000) for n in LIMITS]
 
 
 class Before(Repository):
@@ -131,7 +131,8 @@ async def _prepare(repo: Repository) -> None:
     """The table and a bucket item that every `WARM` write keeps warm."""
     await repo.create_table()
     first = [
-        LimitWrite(n, WRITE_ABSOLUTE, BURST, None, None, 0, "1:1:1:1", create=True) for n in LIMITS
+        LimitWrite(n, WRITE_ABSOLUTE, 10**30, None, None, 0, "1:1:1:1", create=True)
+        for n in LIMITS
     ]
     await repo.write_bucket(ENTITY, RESOURCE, first, NOW)
 

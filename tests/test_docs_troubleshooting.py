@@ -29,8 +29,8 @@ PLACEHOLDERS = {
     "<parent_id>": "project-1",
     "<resource>": "gpt-4o",
     "<limit_name>": "tpm",
-    "<version>": "1.1.0",
-    "<previous_version>": "1.0.0",
+    "<version>": "1.2.0",
+    "<previous_version>": "1.1.0",
 }
 
 

@@ -141,11 +141,17 @@ class Engine:
         # Raw outcomes per target; LimitStatus objects are only built for a denial.
         seen: dict[int, Sequence[core.Outcome]] = {}
         rounds = MAX_ROUNDS if check else MAX_FORCED_ROUNDS
+        # One decision instant for every round: a writer refused because another one made the
+        # bucket not full at this instant decides again on a bucket that stays not full at it
+        # (consumption only moves `full_at` later), so it conflicts about once. A fresh instant
+        # each round would find a fast-refilling bucket full again and race the others anew.
+        # Only a denial takes a fresh instant: refill since then may cover the request.
+        now = self.clock()
+        current = True  # `now` was taken for this round's decision
         try:
             for round_ in range(rounds):
                 if round_:
                     await asyncio.sleep(random.uniform(0, min(0.2, 0.005 * 2**round_)))
-                now = self.clock()
                 # Statuses are reported for every target, but only pending ones are written.
                 decide_on = sorted(set(pending) | (set() if seen else set(range(len(targets)))))
                 inputs = [
@@ -169,8 +175,9 @@ class Engine:
                         for i in pending
                         if not targets[i].fresh and any(out.exceeded for out in seen[i])
                     ]
-                    if stale:
+                    if stale or not current:
                         await self.refresh(stale)
+                        now, current = self.clock(), True
                         continue
                     raise RateLimitExceeded(statuses(targets, seen, deltas))
                 results = await asyncio.gather(
@@ -188,6 +195,7 @@ class Engine:
                 pending = still
                 if not pending:
                     return
+                current = False
             # Storage answered every round, but other clients kept changing the buckets first.
             # No limit was shown exceeded, so this is no denial; nor is it an outage, so the
             # public error is raised directly and FAIL_OPEN does not admit it.
