@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -91,13 +90,11 @@ def _sf_bytes(value: bytes) -> str:
 
 def effective_window(limit: Limit, available: int) -> int:
     """Whole seconds, rounded up, until `limit` holds one whole unit more than it reports now
-    (`available` whole units, negative after over-consumption). The core refills in whole
-    quanta (docs/design.md, section 1), so this counts quanta; it is an upper bound, since
-    whole units do not tell how much of the next unit has already come back."""
+    (`available` whole units, negative after over-consumption), at the limit's rate (the core
+    refills continuously, docs/design.md section 1). An upper bound, since whole units do not
+    tell how much of the next unit has already come back."""
     needed_milli = ((available if available > 0 else 0) + 1 - available) * 1000
-    amount, period = limit.refill_amount_milli, limit.refill_period_ms
-    g = math.gcd(amount, period)
-    wait_ms = -(-needed_milli * g // amount) * (period // g)
+    wait_ms = -(-needed_milli * limit.refill_period_ms // limit.refill_amount_milli)
     return -(-wait_ms // 1000)
 
 

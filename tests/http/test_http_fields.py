@@ -107,7 +107,7 @@ def test_effective_window_bounds_the_wait_for_the_next_unit(
     burst: int, amount: int, period: int, used_milli: int, elapsed_ms: int
 ) -> None:
     """Within `t` the limit regains its next whole unit (so no more than `r` is usable
-    before), and `t` overshoots that moment by less than one second plus one quantum."""
+    before), and `t` overshoots that moment by less than one second plus one unit's refill."""
     limit = Limit.custom("x", burst, amount, period)
     t0 = 10**12
     state = (limit.burst_milli, limit.refill_amount_milli, limit.refill_period_ms)
@@ -118,9 +118,9 @@ def test_effective_window_bounds_the_wait_for_the_next_unit(
     available = milli // 1000
     window = effective_window(limit, available)
     r = max(0, available)
-    g = math.gcd(limit.refill_amount_milli, limit.refill_period_ms)
-    step_milli, step_ms = limit.refill_amount_milli // g, limit.refill_period_ms // g
-    one_unit_ms = math.ceil(1000 / step_milli) * step_ms  # the quanta that bring back a unit
+    step_ms = limit.refill_period_ms // math.gcd(limit.refill_amount_milli, limit.refill_period_ms)
+    # the refill time of one unit, at the limit's rate
+    one_unit_ms = -(-1000 * limit.refill_period_ms // limit.refill_amount_milli)
     if (r + 1) * 1000 > limit.burst_milli:
         assert window == math.ceil(one_unit_ms / 1000)  # full: one unit's refill time
         return
