@@ -74,7 +74,9 @@ class Lease:
 
     @property
     def consumed(self) -> dict[str, int]:
-        """Net tokens this lease holds per limit (after adjustments and releases)."""
+        """Net tokens this lease holds per limit (after adjustments and releases). A take
+        counts once its write is known to have landed (an `adjust` that went on past its
+        deadline, when it lands); a give-back counts at once, whatever happens to its write."""
         return dict(self._consumed)
 
     @property
