@@ -103,6 +103,7 @@ CHAOS_DELAYS_S = tuple(POLICY.read_timeout + past for past in (0.05, 0.1, 0.15))
 # lease's adjust, release or rollback goes on as a detached write.
 DETACH_DEADLINE_S = 0.3
 RELEASED = json.dumps(schema.limit_attr(schema.RELEASED, LIMIT.name)).encode()
+CONSUMED = json.dumps(schema.limit_attr(schema.CONSUMED, LIMIT.name)).encode()
 # The engine's line for a give-back it did not see land (and will not send again).
 UNCONFIRMED = re.compile(r"give-back of \{'tok': (\d+)\} to k/api not confirmed")
 
@@ -427,6 +428,31 @@ async def test_a_give_back_in_flight_is_never_resent(proxy: FaultProxy, figures:
     assert limiter.ledger.unconfirmed_give_backs == 1
     assert limiter.ledger.unconfirmed_give_back_tokens == {"tok": 2}
     figures.add(ledger_checks=1, chaos_late_give_backs_applied=1)
+
+
+async def test_a_take_past_its_deadline_is_held_once_it_landed(
+    proxy: FaultProxy, figures: Figures
+) -> None:
+    """An adjust(+5) cut short by its deadline goes on detached, and fails: every attempt hangs,
+    it never lands. The block then raises: the rollback gives back the 2 the lease certainly
+    holds, not the 5 it never got. Held as soon as the adjust returned, those 5 would be given
+    back without ever having been taken: minted."""
+    async with limiter_for(proxy, deadline=DETACH_DEADLINE_S) as limiter:
+        async with limiter.acquire("k", RESOURCE, [LIMIT], {"tok": 1}):
+            pass  # the bucket exists and is cached
+        with pytest.raises(RuntimeError):
+            async with limiter.acquire("k", RESOURCE, [LIMIT], {"tok": 2}) as lease:
+                proxy.inject("hang", ops={"UpdateItem"}, match=CONSUMED)  # not the rollback
+                await lease.adjust(tok=5)  # returns at the deadline; its write goes on
+                assert lease.consumed == {"tok": 2}
+                raise RuntimeError("abort")
+    # `close()` waited for the detached adjust, which failed.
+    proxy.clear()
+    assert lease.consumed == {"tok": 0}
+    after = await stored(proxy)
+    assert after["net"] == (1 + 2 - 2) * 1000, "a take that never landed was given back"
+    assert proxy.stats.injected["hang"] == POLICY.max_attempts
+    figures.add(ledger_checks=1)
 
 
 async def test_a_give_back_is_not_retried_after_a_503(proxy: FaultProxy, warm: RateLimiter) -> None:
