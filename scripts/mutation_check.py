@@ -45,6 +45,7 @@ NEVER_RESENT = f"{FAULTS}::test_a_give_back_in_flight_is_never_resent"
 NO_503_RETRY = f"{FAULTS}::test_a_give_back_is_not_retried_after_a_503"
 TAKE_LANDED = f"{FAULTS}::test_a_take_past_its_deadline_is_held_once_it_landed"
 FAIL_CLOSED_BOOKS = f"{FAULTS}::test_lease_calls_fail_closed"
+CASCADE_CHILD = f"{FAULTS}::test_cascade_child_failure_gives_parent_back"
 
 
 @dataclass(frozen=True)
@@ -118,6 +119,13 @@ MUTANTS: tuple[Mutant, ...] = (
         "if committed and check:",
         "if committed and check and False:",
         (CASCADE,),
+    ),
+    Mutant(
+        "round_results_sorted",  # a write that landed beside a failed one is given back too
+        ENGINE,
+        "still.append(i)\n                        failure = failure or result",
+        "raise result",
+        (CASCADE_CHILD,),
     ),
     Mutant(
         "lease_adjust",  # adjust writes

@@ -370,6 +370,26 @@ async def test_cascade_parent_failure_gives_child_back(
     figures.add(operations=3, admitted=2, ledger_checks=2)
 
 
+async def test_cascade_child_failure_gives_parent_back(proxy: FaultProxy, figures: Figures) -> None:
+    """The parent's write lands, the child's (sent in the same round, sorted first) is
+    throttled to exhaustion: the parent's consumption is given back too, not only what landed
+    before the failure in the round's order."""
+    async with limiter_for(proxy) as limiter:
+        await limiter.create_entity("proj")
+        await limiter.create_entity("k", parent_id="proj")
+        async with limiter.acquire("k", RESOURCE, [LIMIT], {"tok": 1}, cascade=True):
+            pass
+        proxy.inject("throttle", ops={"UpdateItem"}, match=b"ENTITY#k")
+        with pytest.raises(RateLimiterUnavailable):
+            async with limiter.acquire("k", RESOURCE, [LIMIT], {"tok": 5}, cascade=True):
+                pytest.fail("admitted without the child")
+        proxy.clear()
+    child, parent = await stored(proxy, "k"), await stored(proxy, "proj")
+    assert child["net"] == 1000 and parent["net"] == 1000
+    assert parent["cn"] == 6000 and parent["rl"] == 5000, "the parent's write was given back"
+    figures.add(operations=2, admitted=1, ledger_checks=2)
+
+
 async def test_lease_calls_fail_closed(proxy: FaultProxy, warm: RateLimiter) -> None:
     """adjust/consume/release during an outage raise RateLimiterUnavailable (FAIL_CLOSED) in
     bounded time. The lease's books keep only the takes that landed, and count the failed
