@@ -46,6 +46,7 @@ NO_503_RETRY = f"{FAULTS}::test_a_give_back_is_not_retried_after_a_503"
 TAKE_LANDED = f"{FAULTS}::test_a_take_past_its_deadline_is_held_once_it_landed"
 FAIL_CLOSED_BOOKS = f"{FAULTS}::test_lease_calls_fail_closed"
 CASCADE_CHILD = f"{FAULTS}::test_cascade_child_failure_gives_parent_back"
+MIXED = f"{FAULTS}::test_a_write_mixing_a_take_and_a_give_back_is_never_resent"
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,13 @@ MUTANTS: tuple[Mutant, ...] = (
         "                if give_back:\n                    # No fence keeps",
         "                if False:\n                    # No fence keeps",
         (NEVER_RESENT,),
+    ),
+    Mutant(
+        "mixed_write_is_a_give_back",  # one give-back part makes the whole write a give-back
+        REPOSITORY,
+        "return any(w.delta_milli < 0 or w.unconditional for w in writes)",
+        "return all(w.delta_milli < 0 or w.unconditional for w in writes)",
+        (MIXED,),
     ),
     Mutant(
         "give_back_503_ambiguous",  # a give-back is retried only after a throttle, not a 503

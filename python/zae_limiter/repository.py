@@ -170,7 +170,7 @@ def _surely_absent(write_id: str, current: BucketItem | None, known_ids: tuple[s
     return bool(known_ids) and known_ids[0] in current.write_ids
 
 
-def gives_back(writes: Sequence[LimitWrite]) -> bool:
+def _gives_back(writes: Sequence[LimitWrite]) -> bool:
     """True when applying `writes` twice could add tokens: a part that gives back (or adds
     tokens unconditionally). A write mixing such a part with consumption counts as a give-back:
     the mix is one UpdateItem, applied whole or not at all."""
@@ -1002,7 +1002,7 @@ class Repository:
         was made on: when so many writes followed that the ring no longer tells whether this one
         landed, the outcome is unknown and `RepositoryUnavailable` is raised instead of a resend.
 
-        A give-back (`gives_back(writes)`) is never sent again once a copy may be in flight: a
+        A give-back (`_gives_back(writes)`) is never sent again once a copy may be in flight: a
         copy delayed past the read timeout can land after its resend and after four more writes
         pushed its id out of the ring, and nothing in the request can refuse it then. Unless the
         read finds its id (it landed), it raises `RepositoryUnavailable`; the tokens may or may
@@ -1010,7 +1010,7 @@ class Repository:
         """
         write_id = secrets.token_urlsafe(6)
         kwargs = self._bucket_update(entity_id, resource, writes, now_ms, write_id, expires_at)
-        give_back = gives_back(writes)
+        give_back = _gives_back(writes)
         retryable = _THROTTLE_CODES if give_back else _RETRYABLE_CODES
         last: BaseException | None = None
         sent_unanswered = False  # an earlier attempt may have landed

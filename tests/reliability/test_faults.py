@@ -450,6 +450,25 @@ async def test_a_give_back_in_flight_is_never_resent(proxy: FaultProxy, figures:
     figures.add(ledger_checks=1, chaos_late_give_backs_applied=1)
 
 
+async def test_a_write_mixing_a_take_and_a_give_back_is_never_resent(proxy: FaultProxy) -> None:
+    """adjust(tok=+1, tpm=-100) is one UpdateItem with a consuming part and a give-back part:
+    held past the read timeout, it is not sent again (a second landing would give the 100
+    back twice). The lease holds the give-back as made and the take as not (it did not know it
+    landed); the held copy then lands, once."""
+    tpm = Limit.per_hour("tpm", 10_000)
+    async with limiter_for(proxy, deadline=None) as limiter:
+        async with limiter.acquire("k", RESOURCE, [LIMIT, tpm], {"tok": 1, "tpm": 500}) as lease:
+            proxy.reset_stats()
+            proxy.inject("delay", ops={"UpdateItem"}, count=1, delay=HOLD_S)
+            with pytest.raises(RateLimiterUnavailable):
+                await lease.adjust(tok=1, tpm=-100)
+            assert lease.consumed == {"tok": 1, "tpm": 400}
+        await asyncio.sleep(HOLD_S)  # the held copy lands
+    assert len(proxy.requests("UpdateItem")) == 1, "the mixed write was sent again"
+    assert limiter.ledger.unconfirmed_give_back_tokens == {"tpm": 100}
+    assert (await stored(proxy))["net"] == 2000  # the take's part landed with the held copy
+
+
 async def test_a_take_past_its_deadline_is_held_once_it_landed(
     proxy: FaultProxy, figures: Figures
 ) -> None:
