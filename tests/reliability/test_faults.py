@@ -390,6 +390,31 @@ async def test_cascade_child_failure_gives_parent_back(proxy: FaultProxy, figure
     figures.add(operations=2, admitted=1, ledger_checks=2)
 
 
+async def test_a_delayed_give_back_after_a_partial_cascade_lands_once(
+    proxy: FaultProxy, figures: Figures
+) -> None:
+    """The child's write fails, the parent's landed, and the parent's give-back is held past
+    the read timeout: it is not sent again (counted as unconfirmed), and the held copy lands
+    once, so the parent ends where it began."""
+    async with limiter_for(proxy, deadline=None) as limiter:
+        await limiter.create_entity("proj")
+        await limiter.create_entity("k", parent_id="proj")
+        async with limiter.acquire("k", RESOURCE, [LIMIT], {"tok": 1}, cascade=True):
+            pass
+        proxy.inject("throttle", ops={"UpdateItem"}, match=b"ENTITY#k")
+        proxy.inject("delay", ops={"UpdateItem"}, count=1, delay=HOLD_S, match=RELEASED)
+        with pytest.raises(RateLimiterUnavailable):
+            async with limiter.acquire("k", RESOURCE, [LIMIT], {"tok": 5}, cascade=True):
+                pytest.fail("admitted without the child")
+        assert limiter.ledger.unconfirmed_give_back_tokens == {"tok": 5}
+        await asyncio.sleep(HOLD_S)  # the held copy lands
+        proxy.clear()
+    parent = await stored(proxy, "proj")
+    assert proxy.stats.injected["delay"] == 1
+    assert parent["net"] == 1000 and parent["rl"] == 5000, "the give-back landed once"
+    figures.add(operations=2, admitted=1, ledger_checks=1)
+
+
 async def test_lease_calls_fail_closed(proxy: FaultProxy, warm: RateLimiter) -> None:
     """adjust/consume/release during an outage raise RateLimiterUnavailable (FAIL_CLOSED) in
     bounded time. The lease's books keep only the takes that landed, and count the failed
