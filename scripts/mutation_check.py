@@ -47,6 +47,10 @@ TAKE_LANDED = f"{FAULTS}::test_a_take_past_its_deadline_is_held_once_it_landed"
 FAIL_CLOSED_BOOKS = f"{FAULTS}::test_lease_calls_fail_closed"
 CASCADE_CHILD = f"{FAULTS}::test_cascade_child_failure_gives_parent_back"
 MIXED = f"{FAULTS}::test_a_write_mixing_a_take_and_a_give_back_is_never_resent"
+BLOCK_BACK = (
+    "tests/reliability/test_reservation_faults.py"
+    "::test_failed_adjust_still_puts_its_give_back_in_the_block"
+)
 
 
 @dataclass(frozen=True)
@@ -181,6 +185,14 @@ MUTANTS: tuple[Mutant, ...] = (
         "        self._add({name: n for name, n in deltas.items() if n < 0})",
         "takes = {}\n        self._add(dict(deltas))",
         (TAKE_LANDED,),
+    ),
+    Mutant(
+        "block_takes_give_back_on_failure",  # a lease's give-back to a block survives a failure
+        str(PACKAGE / "reservations.py"),
+        "                for holding, back in backs:\n                    holding.block.add(back)\n"
+        "                raise",
+        "                raise",
+        (BLOCK_BACK,),
     ),
     Mutant(
         "unconfirmed_give_backs_counted",  # the ledger counts what may not have come back
