@@ -24,8 +24,9 @@ test proves:
   nothing; no block is held afterwards, and a reserve DynamoDB applied without the client
   learning it counts exactly once;
 - cascade: the parent's reserve failing after the child's landed gives the child's back;
-- a failed adjust leaves the block as it was, and `close()` during a give-back at hold expiry
-  lets it finish (two bugs found here, since fixed).
+- a failed adjust leaves the block as it was but for its give-back parts, which go in (the
+  lease counts them as made), and `close()` during a give-back at hold expiry lets it finish
+  (two bugs found here, since fixed).
 """
 
 from __future__ import annotations
