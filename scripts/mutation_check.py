@@ -41,6 +41,16 @@ CHAOS = f"{FAULTS}::test_chaos"
 LATE_WRITE = f"{FAULTS}::test_transient_fault_is_absorbed[delay-UpdateItem]"
 CASCADE = f"{FAULTS}::test_cascade_parent_failure_gives_child_back"
 HOT_PATH = "tests/test_repository_hot_path.py"
+NEVER_RESENT = f"{FAULTS}::test_a_give_back_in_flight_is_never_resent"
+NO_503_RETRY = f"{FAULTS}::test_a_give_back_is_not_retried_after_a_503"
+TAKE_LANDED = f"{FAULTS}::test_a_take_past_its_deadline_is_held_once_it_landed"
+FAIL_CLOSED_BOOKS = f"{FAULTS}::test_lease_calls_fail_closed"
+CASCADE_CHILD = f"{FAULTS}::test_cascade_child_failure_gives_parent_back"
+MIXED = f"{FAULTS}::test_a_write_mixing_a_take_and_a_give_back_is_never_resent"
+BLOCK_BACK = (
+    "tests/reliability/test_reservation_faults.py"
+    "::test_failed_adjust_still_puts_its_give_back_in_the_block"
+)
 
 
 @dataclass(frozen=True)
@@ -112,6 +122,13 @@ MUTANTS: tuple[Mutant, ...] = (
         (CASCADE,),
     ),
     Mutant(
+        "round_results_sorted",  # a write that landed beside a failed one is given back too
+        ENGINE,
+        "still.append(i)\n                        failure = failure or result",
+        "raise result",
+        (CASCADE_CHILD,),
+    ),
+    Mutant(
         "lease_adjust",  # adjust writes
         LEASE,
         'await self._force(deltas, "adjust")',
@@ -120,6 +137,65 @@ MUTANTS: tuple[Mutant, ...] = (
             "tests/test_limiter.py::test_adjust_can_go_negative_and_release_caps_at_burst",
             "tests/test_cost.py::test_exit_costs_nothing_and_adjust_or_rollback_one_call_per_entity",
         ),
+    ),
+    Mutant(
+        "give_back_not_resent",  # a give-back whose copy may be in flight is not sent again
+        REPOSITORY,
+        "                if give_back:\n                    # No fence keeps",
+        "                if False:\n                    # No fence keeps",
+        (NEVER_RESENT,),
+    ),
+    Mutant(
+        "mixed_write_is_a_give_back",  # one give-back part makes the whole write a give-back
+        REPOSITORY,
+        "return any(w.delta_milli < 0 or w.unconditional for w in writes)",
+        "return all(w.delta_milli < 0 or w.unconditional for w in writes)",
+        (MIXED,),
+    ),
+    Mutant(
+        "give_back_503_ambiguous",  # a give-back is retried only after a throttle, not a 503
+        REPOSITORY,
+        "retryable = _THROTTLE_CODES if give_back else _RETRYABLE_CODES",
+        "retryable = _RETRYABLE_CODES",
+        (NO_503_RETRY,),
+    ),
+    Mutant(
+        "botocore_sends_once",  # botocore's own retries would resend a give-back after a 503
+        REPOSITORY,
+        'retries={"total_max_attempts": 1, "mode": "standard"}',
+        'retries={"total_max_attempts": 3, "mode": "standard"}',
+        (NO_503_RETRY,),
+    ),
+    Mutant(
+        "lease_gives_before_write",  # a give-back leaves the lease's books whatever its fate
+        LEASE,
+        "takes = {name: n for name, n in deltas.items() if n > 0}\n"
+        "        self._add({name: n for name, n in deltas.items() if n < 0})",
+        "takes = dict(deltas)",
+        (NEVER_RESENT, FAIL_CLOSED_BOOKS),
+    ),
+    Mutant(
+        "lease_takes_once_landed",  # a take enters the lease's books once it landed
+        LEASE,
+        "takes = {name: n for name, n in deltas.items() if n > 0}\n"
+        "        self._add({name: n for name, n in deltas.items() if n < 0})",
+        "takes = {}\n        self._add(dict(deltas))",
+        (TAKE_LANDED,),
+    ),
+    Mutant(
+        "block_takes_give_back_on_failure",  # a lease's give-back to a block survives a failure
+        str(PACKAGE / "reservations.py"),
+        "                for holding, back in backs:\n                    holding.block.add(back)\n"
+        "                raise",
+        "                raise",
+        (BLOCK_BACK,),
+    ),
+    Mutant(
+        "unconfirmed_give_backs_counted",  # the ledger counts what may not have come back
+        ENGINE,
+        "            if not check:\n                self._unconfirmed(",
+        "            if False:\n                self._unconfirmed(",
+        (NEVER_RESENT, NO_503_RETRY),
     ),
     Mutant(
         "deadline",  # an operation waits on DynamoDB at most its deadline

@@ -353,6 +353,29 @@ async def test_retries_counted_under_throttling(
 
 
 @pytest.mark.integration
+async def test_unconfirmed_give_backs_counted_by_resource_and_limit(
+    reader: InMemoryMetricReader, metrics: Metrics, proxy: FaultProxy
+) -> None:
+    """A release whose write fails is not sent again (it might land twice): its tokens are
+    reported, per resource and limit, and only its own."""
+    async with RateLimiter(
+        name="test",
+        endpoint_url=proxy.endpoint_url,
+        stack_options=StackOptions(),
+        retry=FAST,
+        metrics=metrics,
+    ) as limiter:
+        async with limiter.acquire("k1", "chat", [RPM, TPM], {"rpm": 1, "tpm": 500}) as lease:
+            await lease.release(tpm=100)  # lands: not counted
+            proxy.inject("error500", ops={"UpdateItem"}, count=1)
+            with pytest.raises(RateLimiterUnavailable):
+                await lease.release(tpm=300)
+        assert limiter.ledger.unconfirmed_give_back_tokens == {"tpm": 300}
+    out = exported(reader)
+    assert out["zae_limiter.give_back.unconfirmed"] == {attrs(resource="chat", limit="tpm"): 300}
+
+
+@pytest.mark.integration
 async def test_acquire_outcomes_through_the_limiter(
     reader: InMemoryMetricReader, metrics: Metrics, limiter: RateLimiter
 ) -> None:

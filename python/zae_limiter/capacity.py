@@ -82,6 +82,8 @@ class LedgerObserver(Protocol):
 
     def conflicted(self, resource: str | None) -> None: ...
 
+    def give_back_unconfirmed(self, resource: str, limit_name: str, tokens: int) -> None: ...
+
 
 @dataclass
 class CapacityLedger:
@@ -93,6 +95,11 @@ class CapacityLedger:
     # Conditional bucket writes refused because another client changed the bucket first (each
     # is also counted, and billed, as an UpdateItem call).
     conflicts: int = 0
+    # Give-backs whose write failed or whose outcome is unknown: never sent again (a copy still
+    # in flight could land after the resend and add the tokens twice), so their tokens may stay
+    # consumed until refill. Writes, and whole tokens per limit name.
+    unconfirmed_give_backs: int = 0
+    unconfirmed_give_back_tokens: Counter[str] = field(default_factory=Counter)
     observers: list[LedgerObserver] = field(default_factory=list)
 
     def attach(self, observer: LedgerObserver) -> None:
@@ -132,6 +139,15 @@ class CapacityLedger:
         for observer in self.observers:
             observer.conflicted(resource)
 
+    def give_back_unconfirmed(self, resource: str, tokens: dict[str, int]) -> None:
+        """A give-back write (`tokens` per limit name) failed or may not have landed; it is
+        not sent again."""
+        self.unconfirmed_give_backs += 1
+        self.unconfirmed_give_back_tokens.update(tokens)
+        for observer in self.observers:
+            for name, amount in tokens.items():
+                observer.give_back_unconfirmed(resource, name, amount)
+
     @property
     def total_calls(self) -> int:
         return sum(self.calls.values())
@@ -143,6 +159,8 @@ class CapacityLedger:
             "read_units": self.read_units,
             "write_units": self.write_units,
             "conflicts": self.conflicts,
+            "unconfirmed_give_backs": self.unconfirmed_give_backs,
+            "unconfirmed_give_back_tokens": dict(self.unconfirmed_give_back_tokens),
         }
 
     def reset(self) -> None:
@@ -151,3 +169,5 @@ class CapacityLedger:
         self.read_units = 0.0
         self.write_units = 0.0
         self.conflicts = 0
+        self.unconfirmed_give_backs = 0
+        self.unconfirmed_give_back_tokens.clear()

@@ -185,14 +185,20 @@ class Engine:
                     return_exceptions=True,
                 )
                 still: list[int] = []
+                failure: BaseException | None = None
+                # Every result is sorted out before a failure is raised: a write that landed
+                # beside a failed one must be given back (checked) or not counted as lost.
                 for i, result in zip(pending, results, strict=True):
                     if isinstance(result, ConditionFailed):
                         still.append(i)
                     elif isinstance(result, BaseException):
-                        raise result
+                        still.append(i)
+                        failure = failure or result
                     else:
                         committed.append(i)
                 pending = still
+                if failure is not None:
+                    raise failure
                 if not pending:
                     return
                 current = False
@@ -203,6 +209,8 @@ class Engine:
                 f"bucket contention: no write landed in {rounds} rounds of conflicting writes"
             )
         except BaseException as exc:
+            if not check:
+                self._unconfirmed([targets[i] for i in pending], [amounts[i] for i in pending], exc)
             if committed and check:
                 # Partial success of an all-or-nothing consume: give back what was taken. The
                 # give-back is a task of its own, so a deadline cancelling this call (which
@@ -217,6 +225,29 @@ class Engine:
                 if not isinstance(exc, asyncio.CancelledError):
                     await asyncio.shield(back)
             raise
+
+    def _unconfirmed(
+        self,
+        targets: Sequence[Target],
+        amounts: Sequence[Mapping[str, int]],
+        exc: BaseException,
+    ) -> None:
+        """Count and log the give-backs among forced writes that did not certainly land. None
+        is sent again: after a lost response the first copy may still land, and once the item's
+        ring of write ids has rotated nothing would refuse it (docs/design.md, section 4)."""
+        for target, each in zip(targets, amounts, strict=True):
+            back = {name: -n for name, n in each.items() if n < 0}
+            if not back:
+                continue
+            self.storage.ledger.give_back_unconfirmed(target.resource, back)
+            log.warning(
+                "give-back of %s to %s/%s not confirmed (%s): not sent again; those tokens "
+                "may stay consumed until refill",
+                back,
+                target.entity_id,
+                target.resource,
+                type(exc).__name__ if isinstance(exc, asyncio.CancelledError) else exc,
+            )
 
     def detach(
         self, work: Coroutine[Any, Any, None], what: str | None = None

@@ -73,7 +73,9 @@ class Lease:
 
     @property
     def consumed(self) -> dict[str, int]:
-        """Net tokens this lease holds per limit (after adjustments and releases)."""
+        """Net tokens this lease holds per limit (after adjustments and releases). A take
+        counts once its write is known to have landed (an `adjust` that went on past its
+        deadline, when it lands); a give-back counts at once, whatever happens to its write."""
         return dict(self._consumed)
 
     @property
@@ -137,7 +139,6 @@ class Lease:
         self._held_back("adjust", {k: -v for k, v in deltas.items() if v < 0})
         if deltas and not self.fail_open:
             await self._force(deltas, "adjust")
-        self._add(deltas)
 
     async def consume(self, **amounts: int) -> None:
         """Take more, checked like `acquire`: raises `RateLimitExceeded` and takes nothing if any
@@ -161,7 +162,6 @@ class Lease:
         self._held_back("release", deltas)
         if deltas and not self.fail_open:
             await self._force({k: -v for k, v in deltas.items()}, "release")
-        self._add({k: -v for k, v in deltas.items()})
 
     async def _rollback(self) -> None:
         deltas = {k: -v for k, v in self._consumed.items() if v}
@@ -172,17 +172,41 @@ class Lease:
     async def _force(self, deltas: Mapping[str, int], what: str) -> None:
         """An unchecked change, which must land: at the deadline the call returns and the write
         goes on in the background (retrying it would apply it twice); only a failure within
-        the deadline raises."""
-        if self._settler.settle_local(self._targets, deltas, check=False):
+        the deadline raises.
+
+        The books err toward under-admission whatever the outcome: what the change gives back
+        leaves them before the write (a give-back that fails or may not have landed is never
+        given again, by this lease or its rollback: it could then land twice and mint tokens),
+        what it takes enters them once its write is known to have landed (a rollback never
+        gives back a take that did not land)."""
+        if self.fail_open:
             return
+        if self._settler.settle_local(self._targets, deltas, check=False):
+            self._add(deltas)
+            return
+        takes = {name: n for name, n in deltas.items() if n > 0}
+        self._add({name: n for name, n in deltas.items() if n < 0})
         write = self._settler.detach(self._settler.force(self._targets, deltas))
         try:
             async with Bounded(self._deadline):
                 with public_errors():
                     await asyncio.shield(write)
         except DeadlineExceeded as exc:
-            log.warning("%s of %r goes on past its deadline: %s", what, self, exc)
-            write.add_done_callback(functools.partial(_late_failure, what, repr(self)))
+            log.warning("%s %s of %r goes on past its deadline: %s", what, dict(deltas), self, exc)
+            write.add_done_callback(functools.partial(self._landed_late, takes, what, repr(self)))
+            return
+        self._add(takes)
+
+    def _landed_late(
+        self, takes: Mapping[str, int], what: str, lease: str, write: asyncio.Task[None]
+    ) -> None:
+        if write.cancelled():
+            return
+        exc = write.exception()
+        if exc is None:
+            self._add(takes)
+        else:
+            log.error("%s of %s, which went on past its deadline, failed: %s", what, lease, exc)
 
     def _add(self, deltas: Mapping[str, int]) -> None:
         if self.fail_open:  # nothing was taken from any bucket, so nothing is held
@@ -192,11 +216,6 @@ class Lease:
 
     def __repr__(self) -> str:
         return f"Lease(entity_id={self.entity_id!r}, consumed={self._consumed!r})"
-
-
-def _late_failure(what: str, lease: str, write: asyncio.Task[None]) -> None:
-    if not write.cancelled() and (exc := write.exception()) is not None:
-        log.error("%s of %s, which went on past its deadline, failed: %s", what, lease, exc)
 
 
 class LeaseScope:
@@ -229,7 +248,8 @@ class LeaseScope:
             try:
                 await self._lease._rollback()
             except Exception:  # the caller's exception matters more than a failed give-back
-                log.exception("rollback of %r failed; its consumption stands", self._lease)
+                # Its give-back left the books first: it may have landed and is never resent.
+                log.exception("rollback of %r failed; its give-back may not land", self._lease)
 
 
 class SyncLease:

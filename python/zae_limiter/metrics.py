@@ -67,6 +67,7 @@ WRITE_CAPACITY = "zae_limiter.dynamodb.write_capacity"
 THROTTLES = "zae_limiter.dynamodb.throttles"
 RETRIES = "zae_limiter.dynamodb.retries"
 CONFLICTS = "zae_limiter.write.conflicts"
+UNCONFIRMED_GIVE_BACKS = "zae_limiter.give_back.unconfirmed"
 COUNTERS = (
     (ACQUIRES, "{acquire}", "Acquires decided, by resource and result."),
     (DENIALS, "{denial}", "Limits acquires were denied by, by resource and limit."),
@@ -76,6 +77,12 @@ COUNTERS = (
     (THROTTLES, "{call}", "DynamoDB calls refused for throughput (not billed), by operation."),
     (RETRIES, "{retry}", "DynamoDB calls sent again after a throttle or a failure, by operation."),
     (CONFLICTS, "{conflict}", "Bucket writes refused: another client changed the bucket first."),
+    (
+        UNCONFIRMED_GIVE_BACKS,
+        "{token}",
+        "Tokens of give-backs that failed or may not have landed, never sent again (they stay "
+        "consumed until refill), by resource and limit.",
+    ),
 )
 DURATION = "zae_limiter.acquire.duration"
 
@@ -139,6 +146,7 @@ _MAKERS: dict[str, Callable[..., Attributes]] = {
     ACQUIRES: _acquire_attributes,
     DENIALS: _denial_attributes,
     CONFLICTS: _resource_attributes,
+    UNCONFIRMED_GIVE_BACKS: _denial_attributes,
 }
 
 
@@ -264,6 +272,7 @@ class Metrics:
         self._throttles = tallies[THROTTLES]
         self._retries = tallies[RETRIES]
         self._conflicts = tallies[CONFLICTS]
+        self._unconfirmed = tallies[UNCONFIRMED_GIVE_BACKS]
         instruments = _instruments_of(meter_provider) if enabled else None
         if instruments is not None:
             instruments.add(tallies)
@@ -316,6 +325,10 @@ class Metrics:
     def conflicted(self, resource: str | None) -> None:
         if self.enabled:
             self._conflicts.add((resource,))
+
+    def give_back_unconfirmed(self, resource: str, limit_name: str, tokens: int) -> None:
+        if self.enabled:
+            self._unconfirmed.add((resource, limit_name, None), tokens)
 
 
 NO_METRICS = Metrics(enabled=False)

@@ -96,6 +96,18 @@ _RETRYABLE_CODES = frozenset(
         "ServiceUnavailableException",
     }
 )
+# Of those, the ones DynamoDB answers before it looks at the item (admission control): a
+# refused give-back is resent only after one of these. A 503 (ServiceUnavailable) is retried
+# blindly for other writes, where applying twice costs capacity at worst; an added give-back
+# applied twice would mint tokens, and nothing guarantees a 503 was refused before applying.
+_THROTTLE_CODES = frozenset(
+    {
+        "ProvisionedThroughputExceededException",
+        "ThrottlingException",
+        "RequestLimitExceeded",
+        "LimitExceededException",
+    }
+)
 # The client cannot sign or address a request at all: a configuration error, never sent.
 _CLIENT_SETUP_ERRORS: tuple[type[BaseException], ...] = (
     botocore.exceptions.NoCredentialsError,
@@ -158,6 +170,13 @@ def _surely_absent(write_id: str, current: BucketItem | None, known_ids: tuple[s
     return bool(known_ids) and known_ids[0] in current.write_ids
 
 
+def _gives_back(writes: Sequence[LimitWrite]) -> bool:
+    """True when applying `writes` twice could add tokens: a part that gives back (or adds
+    tokens unconditionally). A write mixing such a part with consumption counts as a give-back:
+    the mix is one UpdateItem, applied whole or not at all."""
+    return any(w.delta_milli < 0 or w.unconditional for w in writes)
+
+
 def _invalid(exc: botocore.exceptions.ParamValidationError) -> StorageError:
     return StorageError("ParamValidationError", str(exc))
 
@@ -166,6 +185,14 @@ def _unknown_outcome(cause: BaseException | None) -> RepositoryUnavailable:
     return RepositoryUnavailable(
         "a bucket write's response was lost and too many writes followed to tell whether it "
         f"landed: {cause}",
+        cause,
+    )
+
+
+def _unconfirmed_give_back(cause: BaseException | None) -> RepositoryUnavailable:
+    return RepositoryUnavailable(
+        "a give-back's response was lost and its write id is not on the item: it may still "
+        f"land, so it is not sent again (it could land twice and mint tokens): {cause}",
         cause,
     )
 
@@ -848,9 +875,15 @@ class Repository:
 
     # -- calls and retries ------------------------------------------------------------------
 
-    async def _call(self, operation: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        """One DynamoDB call with bounded, jittered retries of errors that did not apply. The
-        request is not checked against the service model (see `call`)."""
+    async def _call(
+        self,
+        operation: str,
+        kwargs: Mapping[str, Any],
+        retryable: frozenset[str] = _RETRYABLE_CODES,
+    ) -> dict[str, Any]:
+        """One DynamoDB call with bounded, jittered retries of errors that did not apply
+        (`retryable`: the codes taken as refused before applying; any other 5xx is ambiguous).
+        The request is not checked against the service model (see `call`)."""
         try:
             client = await self.client()
         except _CLIENT_SETUP_ERRORS as exc:
@@ -866,11 +899,11 @@ class Repository:
             except botocore.exceptions.ClientError as exc:
                 code = error_code(exc) or ""
                 status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-                if code in _RETRYABLE_CODES:
+                if code in retryable:
                     self.ledger.throttled(operation)
                     last = exc
                     continue
-                if code in _AMBIGUOUS_CODES or status >= 500:
+                if code in _AMBIGUOUS_CODES or code in _RETRYABLE_CODES or status >= 500:
                     raise _Ambiguous(exc) from exc
                 raise self._translate(exc, code) from exc
             except botocore.exceptions.ParamValidationError as exc:
@@ -977,9 +1010,17 @@ class Repository:
         neither lost nor applied twice. `known_ids` are the write ids of the item the decision
         was made on: when so many writes followed that the ring no longer tells whether this one
         landed, the outcome is unknown and `RepositoryUnavailable` is raised instead of a resend.
+
+        A give-back (`_gives_back(writes)`) is never sent again once a copy may be in flight: a
+        copy delayed past the read timeout can land after its resend and after four more writes
+        pushed its id out of the ring, and nothing in the request can refuse it then. Unless the
+        read finds its id (it landed), it raises `RepositoryUnavailable`; the tokens may or may
+        not come back (capacity lost at worst, never minted).
         """
         write_id = secrets.token_urlsafe(6)
         kwargs = self._bucket_update(entity_id, resource, writes, now_ms, write_id, expires_at)
+        give_back = _gives_back(writes)
+        retryable = _THROTTLE_CODES if give_back else _RETRYABLE_CODES
         last: BaseException | None = None
         sent_unanswered = False  # an earlier attempt may have landed
         for attempt in range(self.retry.max_attempts):
@@ -987,7 +1028,7 @@ class Repository:
                 self.ledger.retried("update_item")
                 await asyncio.sleep(self.retry.delay(attempt))
             try:
-                response = await self._call("update_item", kwargs)
+                response = await self._call("update_item", kwargs, retryable)
             except _ConditionCheckFailed as exc:
                 raw = exc.item
                 current = bucket_from_item(raw) if raw else None
@@ -1010,6 +1051,10 @@ class Repository:
                 if current is not None and write_id in current.write_ids:
                     self.ledger.record("UpdateItem", wcu=write_units(known_size, current.size))
                     return current
+                if give_back:
+                    # No fence keeps the copy in flight from landing after a resend, once the
+                    # ring has rotated: under-admit rather than risk adding the tokens twice.
+                    raise _unconfirmed_give_back(last) from None
                 if not _surely_absent(write_id, current, known_ids):
                     raise _unknown_outcome(last) from None
                 continue  # it did not land: safe to send again

@@ -184,8 +184,10 @@ class Reserver:
 
     async def force(self, targets: Sequence[Target], amounts: Mapping[str, int]) -> None:
         """Forced amounts settle against the blocks: a take spends what the block holds, a
-        give-back refills it; only what no block covers is written. All or nothing: if that
-        write fails, the blocks are as they were."""
+        give-back refills it; only what no block covers is written. If that write fails, what
+        the blocks covered of its takes goes back into them, and the give-backs still go in:
+        the lease counts a give-back as made whatever happens to the write (it never makes one
+        twice), and none of it was written for an item whose block takes it."""
         rest_targets: list[Target] = []
         rests: list[dict[str, int]] = []
         spent: list[tuple[Holding, list[int]]] = []
@@ -219,6 +221,8 @@ class Reserver:
             except BaseException:
                 for holding, covered in spent:  # adding back is always possible
                     holding.block.add(covered)
+                for holding, back in backs:
+                    holding.block.add(back)
                 raise
         # Give-backs last: once in a block they may be spent, and could not be undone.
         for holding, back in backs:

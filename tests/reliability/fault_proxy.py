@@ -11,6 +11,7 @@ The proxy understands just enough HTTP/1.1 to see request boundaries and each re
 - ``delay``    wait ``delay`` seconds, then forward (after a client timeout, the write still lands).
 - ``throttle`` HTTP 400 ProvisionedThroughputExceededException (not forwarded).
 - ``error500`` HTTP 500 InternalServerError (not forwarded).
+- ``error503`` HTTP 503 ServiceUnavailable (not forwarded; a real 503 gives no such promise).
 - ``denied``   HTTP 400 AccessDeniedException (a missing permission; not forwarded).
 - ``unrecognized`` HTTP 400 UnrecognizedClientException (a revoked or unknown key; not forwarded).
 
@@ -42,7 +43,16 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 KINDS = (
-    "refuse", "hang", "cut", "reset", "delay", "throttle", "error500", "denied", "unrecognized"
+    "refuse",
+    "hang",
+    "cut",
+    "reset",
+    "delay",
+    "throttle",
+    "error500",
+    "error503",
+    "denied",
+    "unrecognized",
 )
 WRITE_OPS = frozenset(
     {"PutItem", "UpdateItem", "DeleteItem", "BatchWriteItem", "TransactWriteItems"}
@@ -60,6 +70,7 @@ _ERROR500 = (500, "Internal Server Error", "InternalServerError", "Internal serv
 _REFUSALS = {
     "throttle": _THROTTLE,
     "error500": _ERROR500,
+    "error503": (503, "Service Unavailable", "ServiceUnavailable", "Service unavailable"),
     "denied": (
         400,
         "Bad Request",

@@ -24,8 +24,9 @@ test proves:
   nothing; no block is held afterwards, and a reserve DynamoDB applied without the client
   learning it counts exactly once;
 - cascade: the parent's reserve failing after the child's landed gives the child's back;
-- a failed adjust leaves the block as it was, and `close()` during a give-back at hold expiry
-  lets it finish (two bugs found here, since fixed).
+- a failed adjust leaves the block as it was but for its give-back parts, which go in (the
+  lease counts them as made), and `close()` during a give-back at hold expiry lets it finish
+  (two bugs found here, since fixed).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from test_faults import (
     DEADLINE_S,
     LIMIT,
     RESOURCE,
+    TABLE,
     UNAVAILABLE_BOUND_S,
     bucket_write,
     limiter_for,
@@ -51,10 +53,12 @@ from test_faults import (
 
 from zae_limiter import (
     FailureMode,
+    Limit,
     RateLimiter,
     RateLimiterUnavailable,
     Reservations,
 )
+from zae_limiter.repository import Repository
 
 pytestmark = pytest.mark.integration
 
@@ -199,12 +203,14 @@ async def test_fault_on_reserve_is_absorbed(
 
 # (kind, ops, count, outcome): `landed` (given back exactly once), `failed` (never applied: the
 # block is dropped with a warning), `unknown` (applied, but not even a read could tell: dropped
-# with a warning although it landed).
+# with a warning although it landed). A hung give-back is `failed` even once: to the client it
+# is a request that may still be in flight, and a give-back is never sent again then (a late
+# copy could land after the resend and mint tokens).
 GIVE_BACK_FAULTS = [
     ("cut", {"UpdateItem"}, 1, "landed"),
     ("reset", {"UpdateItem"}, 1, "landed"),
     ("throttle", {"UpdateItem"}, 1, "landed"),
-    ("hang", {"UpdateItem"}, 1, "landed"),
+    ("hang", {"UpdateItem"}, 1, "failed"),
     ("cut", {"UpdateItem"}, None, "landed"),
     ("throttle", {"UpdateItem"}, None, "failed"),
     ("hang", {"UpdateItem"}, None, "failed"),
@@ -472,6 +478,48 @@ async def test_failed_adjust_keeps_the_tokens_it_took_from_the_block(
         f"a failed adjust lost {lost} reserved tokens (the block held {block}): neither given "
         "back nor reported"
     )
+
+
+async def test_failed_adjust_still_puts_its_give_back_in_the_block(
+    proxy: FaultProxy, figures: Figures, give_back_failures: GiveBackFailures
+) -> None:
+    """adjust(tok=+more than the block, tpm=-100): the tok block covers part of the take, the
+    rest must be written; the tpm give-back goes into the tpm block, no write. The write fails
+    (throttled to exhaustion). The lease counts the give-back as made whatever the write's fate
+    (it never gives it twice), so the block must still take it: else those 100 tokens would be
+    neither held nor given back, consumed for nothing."""
+    tpm = Limit.per_hour("tpm", 100_000)
+    limits = [LIMIT, tpm]
+    async with reserving(proxy) as limiter:
+        kept = {"tok": 0, "tpm": 0}
+        for _ in range(10):
+            async with limiter.acquire("k", RESOURCE, limits, {"tok": 2, "tpm": 200}):
+                kept = {"tok": kept["tok"] + 2, "tpm": kept["tpm"] + 200}
+            if limiter.reserved().get(KEY, {}).get("tok"):
+                break
+        async with limiter.acquire("k", RESOURCE, limits, {"tok": 1, "tpm": 300}) as lease:
+            kept = {"tok": kept["tok"] + 1, "tpm": kept["tpm"] + 300}
+            before = limiter.reserved()[KEY]
+            assert before["tok"] > 0
+            proxy.inject("throttle", ops={"UpdateItem"})
+            with pytest.raises(RateLimiterUnavailable):
+                await lease.adjust(tok=before["tok"] + 5, tpm=-100)
+            proxy.clear()
+            assert lease.consumed == {"tok": 1, "tpm": 200}
+            assert limiter.reserved()[KEY] == {"tok": before["tok"], "tpm": before["tpm"] + 100}
+        kept["tpm"] -= 100
+    repo = Repository(TABLE, None, f"http://{proxy.upstream[0]}:{proxy.upstream[1]}")
+    try:
+        bucket = await repo.get_bucket("k", RESOURCE)
+    finally:
+        await repo.close()
+    assert bucket is not None
+    net = {
+        name: (s.consumed_milli - s.released_milli) // 1000 for name, s in bucket.limits.items()
+    }
+    figures.add(ledger_checks=1)
+    assert give_back_failures.records == []
+    assert net == kept, f"the bucket's net {net} is not what the callers kept {kept}"
 
 
 async def test_close_during_a_give_back_at_hold_expiry(
