@@ -148,8 +148,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "mixed_write_is_a_give_back",  # one give-back part makes the whole write a give-back
         REPOSITORY,
-        "return any(w.delta_milli < 0 or w.unconditional for w in writes)",
-        "return all(w.delta_milli < 0 or w.unconditional for w in writes)",
+        "return any(w.delta_milli < 0 or w.mode == core.WRITE_ADD for w in writes)",
+        "return all(w.delta_milli < 0 or w.mode == core.WRITE_ADD for w in writes)",
         (MIXED,),
     ),
     Mutant(

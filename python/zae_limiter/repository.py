@@ -174,7 +174,7 @@ def _gives_back(writes: Sequence[LimitWrite]) -> bool:
     """True when applying `writes` twice could add tokens: a part that gives back (or adds
     tokens unconditionally). A write mixing such a part with consumption counts as a give-back:
     the mix is one UpdateItem, applied whole or not at all."""
-    return any(w.delta_milli < 0 or w.unconditional for w in writes)
+    return any(w.delta_milli < 0 or w.mode == core.WRITE_ADD for w in writes)
 
 
 def _invalid(exc: botocore.exceptions.ParamValidationError) -> StorageError:
