@@ -38,7 +38,7 @@ import functools
 from collections.abc import Mapping, Sequence
 from typing import Final
 
-from . import core, stored
+from . import stored
 from .aggregator.snapshots import WINDOWS, window_end, window_start
 from .models import Limit
 from .storage import BucketItem, LimitState, LimitWrite
@@ -66,24 +66,12 @@ def planned(
     writer's `view` requires."""
     states = dict(view.limits) if view is not None else {}
     for write in writes:
-        after = _applied(states.get(write.limit_name), write)
-        if after is None:
+        state = stored.after(states.get(write.limit_name), write)
+        if state is None:
             states.pop(write.limit_name, None)
         else:
-            states[write.limit_name] = after
+            states[write.limit_name] = state
     return _expiry(limits, states, now_ms, now_ms)
-
-
-def _applied(prior: LimitState | None, write: LimitWrite) -> LimitState | None:
-    """The limit's state after `write` (storage's `LimitWrite` rules); None: it reads full."""
-    definition = write.definition
-    if definition is None and prior is not None:
-        definition = prior.definition
-    if write.mode == core.WRITE_ABSOLUTE:
-        return LimitState(write.value, definition=definition)
-    if prior is None or prior.full_at is None:
-        return None  # an add without a state (a reset limit): a full bucket
-    return LimitState(prior.full_at + write.value, definition=definition)
 
 
 def _expiry(

@@ -21,11 +21,12 @@ from typing import Final
 from . import core
 from .exceptions import ValidationError
 from .models import Limit
-from .storage import LimitState
+from .storage import LimitState, LimitWrite
 
 __all__ = [
     "FENCE_MS",
     "Rate",
+    "after",
     "available",
     "fence",
     "full_at",
@@ -107,6 +108,24 @@ def full_ms(state: LimitState, fallback: Limit | None, now_ms: int) -> int | Non
     burst, amount, period = known
     wait = core.time_until_available([(burst, amount, period, level, burst)], now_ms)
     return None if wait is None else now_ms + wait
+
+
+def after(prior: LimitState | None, write: LimitWrite) -> LimitState | None:
+    """The limit's state once `write` applied to `prior` (storage's `LimitWrite` rules; the
+    counters as they were); None: no state, a full bucket."""
+    definition = write.definition
+    if definition is None and prior is not None:
+        definition = prior.definition
+    if write.mode == core.WRITE_ABSOLUTE:
+        return LimitState(write.value, definition=definition)
+    if prior is None or prior.full_at is None:
+        return None  # an add to no state (a reset limit): a full bucket
+    return LimitState(
+        prior.full_at + write.value,
+        prior.consumed_milli,
+        prior.released_milli,
+        definition,
+    )
 
 
 def fence(limit: Limit, now_ms: int) -> tuple[int, int]:
