@@ -51,9 +51,6 @@ def _limiter(endpoint_url: str, reserve: bool) -> RateLimiter:
         endpoint_url=endpoint_url,
         stack_options=StackOptions(),
         reservations=Reservations() if reserve else None,
-        # moto serializes requests ~100x slower than DynamoDB: the unreserved control's
-        # contention takes seconds here that it would not there.
-        deadline=None,
     )
 
 

@@ -46,7 +46,7 @@ from typing import Any
 
 import pytest
 from fault_proxy import CEILING, FaultProxy, ItemKey
-from figures import MOTO_DEADLINE, Figures
+from figures import Figures
 from reservation_workers import GO_FILE, RESOURCE, prepare, run_ceiling_worker
 
 from zae_limiter import (
@@ -70,9 +70,6 @@ CONTROL_SECONDS = 1.5
 # Quiet time between a run's end and the workers' close: none, so the blocks go back while the
 # hot item's window is still full (the give-backs are throttled and retried, and must land).
 SETTLE_S = 0.0
-# The default policy (4 attempts) with two more: a throttled write is retried for up to ~1.5 s,
-# longer than the ceiling's window.
-MAX_ATTEMPTS = 6
 # Scaled down to the ceiling, and binding: demand is thousands of acquires/s, the limits allow
 # 300/s (after a burst of 600) and ~30,000 tpm/s.
 LIMITS = [
@@ -172,7 +169,7 @@ async def run_workers(
         futures: list[Future[dict[str, Any]]] = [
             pool.submit(
                 run_ceiling_worker, proxy.endpoint_url, table, index, entities, LIMITS, TASKS,
-                seconds, SETTLE_S, reservations, cascade, MAX_ATTEMPTS, str(sync_dir),
+                seconds, SETTLE_S, reservations, cascade, str(sync_dir),
             )
             for index, entities in enumerate(entities_of)
         ]  # fmt: skip
@@ -520,7 +517,6 @@ async def _warm_reserving_limiter(
         endpoint_url=proxy.endpoint_url,
         reservations=RESERVATIONS,
         retry=RetryPolicy(max_attempts=2),
-        deadline=MOTO_DEADLINE,
     )
     kept = 0
 
@@ -607,7 +603,6 @@ async def test_child_block_forgotten_while_waiting_for_the_hot_parent_leaks_noth
         name=table,
         endpoint_url=proxy.endpoint_url,
         reservations=Reservations(hold_seconds=1.0, horizon_seconds=0.5),
-        deadline=MOTO_DEADLINE,
     )
 
     async def take(child: str) -> None:
