@@ -78,7 +78,6 @@ LIMITS = [
 ]
 RESERVATIONS = Reservations()
 MIN_ADMITTED_PER_S = 10 * C
-MAX_UNAVAILABLE_SHARE = 0.02  # of the admitted acquires
 BINDING_SHARE = 0.6  # of what the rpm limit allowed, at least, is admitted
 
 
@@ -326,8 +325,11 @@ def check_rate(run: Run, figure: dict[str, Any]) -> None:
     # allows, and what was admitted came close to all it allowed. (Tasks mostly wait for their
     # process's top-up rather than being denied: the bucket is kept from running dry.)
     assert figure["admitted_net"]["rpm"] >= BINDING_SHARE * figure["allowed"]["rpm"], figure
+    # With the library's defaults (deadline, retry policy) nothing fails: a throttled write is
+    # retried past the ceiling's window, and the blocks are topped up ahead of demand.
     ops = run.ops()
-    assert ops.get("unavailable", 0) <= MAX_UNAVAILABLE_SHARE * ops["admitted"], figure
+    assert ops.get("unavailable", 0) == 0, figure
+    assert ops.get("adjust_unavailable", 0) == 0, figure
     assert figure["max_forwarded_in_1s"] <= C * WINDOW, figure
 
 
