@@ -9,7 +9,11 @@ are counts (calls per acquire, which are stable) and the client's own CPU time
 - a flood of denials on an exhausted limit (one token a second), with and without;
 - client CPU per warm acquire + exit (2 limits) through the public async API: reserved, with
   the native core and with the pure-Python reference (a child process with
-  `ZAE_LIMITER_NATIVE=0`), and unreserved.
+  `ZAE_LIMITER_NATIVE=0`), and unreserved;
+- a hot entity at a steady demand of 10x the item's write ceiling (the reliability suite's
+  proxy answers ProvisionedThroughputExceeded past C writes a second): the latency of reserved
+  acquires (p50, p99, max) and how many waited for a top-up instead of being served from the
+  block (the low watermark's job), with the library's defaults.
 
 `pytest benches/bench_reservations.py -s` prints the tables; `--benchmark-enable` runs longer.
 The call counts are asserted (they are what the design promises); CPU figures are reported only.
@@ -22,9 +26,11 @@ import gc
 import multiprocessing
 import os
 import statistics
+import sys
 import time
 import timeit
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -36,9 +42,13 @@ from zae_limiter import (
     RateLimitExceeded,
     Reservations,
     StackOptions,
+    schema,
 )
 from zae_limiter import _native as native
 from zae_limiter import bucket as reference
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "reliability"))
+from fault_proxy import FaultProxy
 
 TABLE = "resbench"
 HOT = [Limit.per_day("rpm", 10**7), Limit.per_day("tpm", 10**9)]
@@ -51,9 +61,6 @@ def _limiter(endpoint_url: str, reserve: bool) -> RateLimiter:
         endpoint_url=endpoint_url,
         stack_options=StackOptions(),
         reservations=Reservations() if reserve else None,
-        # moto serializes requests ~100x slower than DynamoDB: the unreserved control's
-        # contention takes seconds here that it would not there.
-        deadline=None,
     )
 
 
@@ -205,3 +212,97 @@ def _local_decision_ns(impl: Any) -> float:
 
 def _on(reserve: bool) -> str:
     return "on" if reserve else "off"
+
+
+CEILING = 20  # writes per second per item at the proxy, as in the reliability suite
+STEADY = 10 * CEILING  # acquires per second
+WARM_UP_S = 1.0
+
+
+async def steady(endpoint_url: str, seconds: float) -> dict[str, Any]:
+    """A new acquire (rpm 1, tpm 100) + adjust (tpm +20) every 1/STEADY s, each a task of its
+    own, on limits far from exhausted; latencies and waits are counted after the warm-up."""
+    async with _limiter(endpoint_url, True) as limiter:
+        reserver = limiter._reserver
+        assert reserver is not None
+        latencies: list[float] = []
+        counts = {"acquires": 0, "admitted": 0, "errors": 0}
+        measuring = False
+
+        async def one() -> None:
+            counted = measuring
+            started = time.perf_counter()
+            try:
+                async with limiter.acquire("tenant", "llm", HOT, {"rpm": 1, "tpm": 100}) as lease:
+                    took = time.perf_counter() - started
+                    await lease.adjust(tpm=20)
+            except Exception:  # any failure counts: none is expected
+                counts["errors"] += 1
+                return
+            if counted:
+                latencies.append(took)
+                counts["admitted"] += 1
+
+        tasks: list[asyncio.Task[None]] = []
+        start = time.monotonic()
+        waits_before = 0
+        for i in range(int((WARM_UP_S + seconds) * STEADY)):
+            if not measuring and i >= WARM_UP_S * STEADY:
+                measuring, waits_before = True, reserver.waits
+                limiter.ledger.reset()
+            if measuring:
+                counts["acquires"] += 1
+            tasks.append(asyncio.create_task(one()))
+            # Paced on the schedule, not on the previous sleep: the demand stays steady.
+            await asyncio.sleep(max(0.0, start + (i + 1) / STEADY - time.monotonic()))
+        await asyncio.gather(*tasks)
+        waits = reserver.waits - waits_before
+        writes = limiter.ledger.calls.get("UpdateItem", 0)
+    latencies.sort()
+    return {
+        **counts,
+        "waits": waits,
+        "writes": writes,
+        "p50_ms": _at(latencies, 0.50) * 1000,
+        "p99_ms": _at(latencies, 0.99) * 1000,
+        "max_ms": latencies[-1] * 1000,
+    }
+
+
+def _at(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def test_steady_demand_under_the_write_ceiling(
+    moto_server: Any, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]
+) -> None:
+    timed = bool(request.config.getoption("benchmark_enable", default=False))
+    seconds = 10.0 if timed else 3.0
+    moto_server.reset()
+    with FaultProxy(moto_server.port) as proxy:
+        asyncio.run(_create(proxy.endpoint_url))  # the table, outside the ceiling's count
+        proxy.ceiling(CEILING, 1.0)
+        r = asyncio.run(steady(proxy.endpoint_url, seconds))
+        item = (schema.table_name(TABLE), schema.entity_pk("tenant"), schema.bucket_sk("llm"))
+        forwarded, throttled = proxy.item_writes(item)
+    with capsys.disabled():
+        print(f"\nReserved acquires at a steady {STEADY}/s on one item, its write ceiling "
+              f"{CEILING}/s (library defaults), after a {WARM_UP_S:.0f} s warm-up")
+        print(f"  acquires {r['acquires']}, errors {r['errors']}, waited for a top-up "
+              f"{r['waits']}, bucket writes {r['writes']} "
+              f"({r['writes'] / max(r['acquires'], 1):.4f} per acquire; throttled at the proxy "
+              f"over the whole run {throttled} of {forwarded + throttled})")
+        print(f"  acquire latency: p50 {r['p50_ms']:.3f} ms, p99 {r['p99_ms']:.3f} ms, "
+              f"max {r['max_ms']:.1f} ms")
+    assert r["errors"] == 0, r
+    assert r["admitted"] == r["acquires"], r
+    # Blocks, not writes, serve the demand: the item's writes stay under half its ceiling.
+    assert r["writes"] / r["acquires"] <= 0.5 * CEILING / STEADY, r
+    # Served from the block, not by waiting for DynamoDB: at most a stall of the shared
+    # machine's moto (seconds at times) can make one wait.
+    assert r["waits"] <= 0.01 * r["acquires"], r
+
+
+async def _create(endpoint_url: str) -> None:
+    async with _limiter(endpoint_url, False):
+        pass

@@ -204,6 +204,20 @@ MUTANTS: tuple[Mutant, ...] = (
         "        if False:\n            self._timeout = asyncio.timeout(",
         ("tests/reliability/test_deadline.py::test_reads_are_bounded_by_the_deadline",),
     ),
+    Mutant(
+        "default_deadline_by_endpoint",  # 1 s unless the endpoint is on loopback
+        str(PACKAGE / "deadline.py"),
+        "return LOOPBACK_DEADLINE_SECONDS if is_loopback(endpoint_url) else",
+        "return LOOPBACK_DEADLINE_SECONDS if True else",
+        ("tests/reliability/test_deadline.py::test_the_default_deadline_follows_the_endpoint",),
+    ),
+    Mutant(
+        "top_up_ahead",  # a block under its low watermark is refilled in the background
+        str(PACKAGE / "reservations.py"),
+        "        if low and not self._closing:",
+        "        if False:",
+        ("tests/test_reservations.py::test_steady_demand_never_waits_for_a_top_up",),
+    ),
 )
 PENDING: tuple[str, ...] = ()
 

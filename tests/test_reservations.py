@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -21,7 +22,9 @@ from zae_limiter import (
     SyncRateLimiter,
     ValidationError,
 )
+from zae_limiter import reservations as reservations_module
 from zae_limiter.repository import Repository
+from zae_limiter.reservations import Reserver
 
 pytestmark = pytest.mark.integration
 
@@ -412,3 +415,142 @@ async def test_a_parent_denial_is_not_remembered_for_the_child_alone(endpoint_ur
         # without cascade only the child's own bucket counts, and it has room
         async with lim.acquire("a", "llm", None, {"rpm": 1}, use_stored_limits=True):
             pass
+
+
+# -- topping up ahead (the low watermark) ----------------------------------------------------
+
+
+class FakeMonotonic:
+    """`time` for `zae_limiter.reservations` (rates, write latencies, hold times): moved by
+    the test alone, so the demand and the storage's latency are exact whatever the machine."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+class SlowStorage:
+    """Bucket writes that take `latency` seconds of the fake clock: a write returns once DynamoDB
+    answered and the fake clock passed its start plus `latency`; the clock never passes that
+    point before the real write returned (`advance` waits for it)."""
+
+    def __init__(self, limiter: RateLimiter, clock: FakeMonotonic, latency: float) -> None:
+        self.real = limiter.repository.write_bucket
+        self.clock = clock
+        self.latency = latency
+        self.writes = 0
+        self.pending: list[tuple[float, asyncio.Event]] = []
+        self.tick = asyncio.Event()
+        self.released = False
+
+    async def write_bucket(self, *args: Any, **kwargs: Any) -> Any:
+        self.writes += 1
+        due = self.clock.now + self.latency
+        entry = (due, asyncio.Event())
+        self.pending.append(entry)
+        try:
+            return await self.real(*args, **kwargs)
+        finally:
+            entry[1].set()
+            while self.clock.now < due and not self.released:
+                await self.tick.wait()
+            self.pending.remove(entry)
+
+    def release(self) -> None:
+        """Writes return as soon as DynamoDB answers (for the give-backs of `close`)."""
+        self.released = True
+        self.tick.set()
+
+    async def advance(self, seconds: float) -> None:
+        target = self.clock.now + seconds
+        for due, returned in list(self.pending):
+            if due <= target:
+                await returned.wait()
+        self.clock.now = target
+        tick, self.tick = self.tick, asyncio.Event()
+        tick.set()
+        for _ in range(20):  # the writers, and the top-ups awaiting them, go on
+            await asyncio.sleep(0)
+
+
+STEADY_RATE = 500  # acquires per second of the fake clock
+WRITE_LATENCY = 0.04  # seconds per bucket write: 20 acquires arrive during one
+WARM_UP_S = 1.0
+STEADY_S = 2.0
+
+
+async def steady_demand(
+    endpoint_url: str, monkeypatch: pytest.MonkeyPatch, ahead: bool
+) -> dict[str, int]:
+    """One acquire (rpm 1, tpm 100) every 1/STEADY_RATE s of the fake clock, each a task of its
+    own (one that waits does not hold the next back), storage writes taking WRITE_LATENCY;
+    returns the takes that waited for a top-up after the warm-up, and the books."""
+    clock = FakeMonotonic()
+    monkeypatch.setattr(reservations_module, "time", clock)
+    if not ahead:  # the control: top-ups only when a take finds the block short
+        monkeypatch.setattr(Reserver, "_ahead", lambda self, holdings, needs: None)
+    limits = [Limit.per_minute("rpm", 1_000_000), Limit.per_minute("tpm", 100_000_000)]
+    async with RateLimiter(name="res", endpoint_url=endpoint_url, stack_options=StackOptions(),
+                           clock=Clock(), reservations=Reservations()) as lim:
+        slow = SlowStorage(lim, clock, WRITE_LATENCY)
+        monkeypatch.setattr(lim.repository, "write_bucket", slow.write_bucket)
+        reserver = lim._reserver
+        assert reserver is not None
+        admitted = 0
+
+        async def acquire() -> None:
+            nonlocal admitted
+            async with lim.acquire("hot", "llm", limits, {"rpm": 1, "tpm": 100}):
+                admitted += 1
+
+        tasks: list[asyncio.Task[None]] = []
+        steps = int((WARM_UP_S + STEADY_S) * STEADY_RATE)
+        waits_after_warm_up = 0
+        for step in range(steps):
+            if step == int(WARM_UP_S * STEADY_RATE):
+                waits_after_warm_up = reserver.waits
+                writes_after_warm_up = slow.writes
+            tasks.append(asyncio.create_task(acquire()))
+            await slow.advance(1 / STEADY_RATE)
+        while not all(t.done() for t in tasks):
+            await slow.advance(1 / STEADY_RATE)
+        for t in tasks:
+            t.result()
+        slow.release()
+        result = {
+            "admitted": admitted,
+            "steady_waits": reserver.waits - waits_after_warm_up,
+            "steady_writes": slow.writes - writes_after_warm_up,
+            "held": lim.reserved()[("hot", "llm")]["rpm"],
+        }
+    result["stored_rpm"] = (await stored(endpoint_url, "hot"))["rpm"] // 1000
+    return result
+
+
+async def test_steady_demand_never_waits_for_a_top_up(
+    endpoint_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the warm-up, every acquire is served from the block: the top-ups start in the
+    background once a take leaves the block under its watermark (the demand seen while one
+    write is under way, twice over), and land before it runs out."""
+    result = await steady_demand(endpoint_url, monkeypatch, ahead=True)
+    steps = int((WARM_UP_S + STEADY_S) * STEADY_RATE)
+    assert result["admitted"] == steps
+    assert result["steady_waits"] == 0, result
+    # A write per horizon or so, not one per acquire: the blocks cover the demand.
+    assert 0 < result["steady_writes"] <= STEADY_S / Reservations().horizon_seconds * 2, result
+    # Nothing admitted that the bucket did not grant; what is left went back on close.
+    assert result["stored_rpm"] == steps
+
+
+async def test_without_the_watermark_steady_demand_waits(
+    endpoint_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The control: the same demand and storage with top-ups made only when a block is found
+    short: acquires wait for them, in steady state too (so the test above measures the
+    watermark, not a demand the blocks covered anyway)."""
+    result = await steady_demand(endpoint_url, monkeypatch, ahead=False)
+    assert result["steady_waits"] >= 2, result
+    assert result["stored_rpm"] == result["admitted"]

@@ -28,7 +28,6 @@ from .provision import PROJECT, check_limits, provision
 TABLE = "llm-gateway"
 KEY_LIMITS = ("rpm:20/minute", "tpm:2000/minute")
 PROJECT_LIMITS = ("tpm:3000/minute",)
-EMBEDDED_DEADLINE_SECONDS = 10.0
 # Streams still running at Ctrl+C get this long to finish.
 GRACEFUL_SHUTDOWN_SECONDS = 5
 STOP_SIGNALS = tuple(
@@ -130,8 +129,6 @@ async def serve(options: argparse.Namespace, db: LocalDynamoDB, sock: socket.soc
         name=TABLE,
         endpoint_url=db.endpoint_url,
         stack_options=StackOptions(),
-        # The default suits DynamoDB; moto answers one request at a time, about 100 a second.
-        deadline=EMBEDDED_DEADLINE_SECONDS,
     )
     try:
         keys = await provision(limiter, options.keys, options.key_limits, options.project_limits)

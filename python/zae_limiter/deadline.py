@@ -7,19 +7,55 @@ failure mode decides: FAIL_OPEN admits, FAIL_CLOSED raises `RateLimiterUnavailab
 
 Only the part of an operation that waits on I/O is bounded: a timer per call costs more than an
 acquire served from a reservation, so those never arm one.
+
+The default depends on where DynamoDB is (`default_deadline`): 1 s for DynamoDB itself, 30 s for
+an endpoint on this host's loopback (the embedded moto server, DynamoDB Local). A local engine
+answers one request at a time (moto: about 100 a second) on the same CPUs as its clients, so a
+few dozen concurrent clients queue there for seconds with nothing wrong; DynamoDB serves each
+request in milliseconds, and a wait past a second there is an outage worth failing over.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import math
 from types import TracebackType
-from typing import Final
+from typing import Final, Literal
 
 from .exceptions import ValidationError
+from .repository import is_loopback
 from .storage import RepositoryUnavailable
 
 DEFAULT_DEADLINE_SECONDS: Final = 1.0
+# Above what the embedded server's queue costs the heaviest workload run on it here (3 processes
+# x 64 tasks on one item: a few seconds per call), and still a bound on a hung local server.
+LOOPBACK_DEADLINE_SECONDS: Final = 30.0
+
+
+class Default(enum.Enum):
+    """`deadline=DEFAULT` (the constructors' default): chosen by the endpoint, see
+    `default_deadline`. An enum member so that type checkers tell it from a number and None."""
+
+    DEADLINE = "default"
+
+
+DEFAULT: Final = Default.DEADLINE
+DeadlineArg = float | None | Literal[Default.DEADLINE]
+
+
+def default_deadline(endpoint_url: str | None) -> float:
+    """The deadline a limiter gets without `deadline=`: `LOOPBACK_DEADLINE_SECONDS` for an
+    endpoint on loopback (`repository.is_loopback`: localhost, 127.0.0.0/8, ::1), else
+    `DEFAULT_DEADLINE_SECONDS` (AWS, or any other host)."""
+    return LOOPBACK_DEADLINE_SECONDS if is_loopback(endpoint_url) else DEFAULT_DEADLINE_SECONDS
+
+
+def resolve_deadline(value: object, endpoint_url: str | None) -> float | None:
+    """A constructor's `deadline=`: DEFAULT (by the endpoint), None (no deadline) or seconds."""
+    if value is DEFAULT:
+        return default_deadline(endpoint_url)
+    return None if value is None else check_deadline(value)
 
 
 class DeadlineExceeded(RepositoryUnavailable):

@@ -17,7 +17,7 @@ from . import audit, core, provisioning, usage
 from .arguments import check_consumable, check_consume, check_limits, oversized
 from .cache import TTLCache
 from .capacity import CapacityLedger
-from .deadline import DEFAULT_DEADLINE_SECONDS, Bounded, check_deadline
+from .deadline import DEFAULT, Bounded, DeadlineArg, check_deadline, resolve_deadline
 from .engine import Engine, Target, available_milli, bucket_input, request_too_large
 from .exceptions import (
     EntityNotFoundError,
@@ -95,7 +95,7 @@ class RateLimiter:
         repository: Repository | None = None,
         version_check: VersionCheck = "strict",
         reservations: Reservations | None = None,
-        deadline: float | None = DEFAULT_DEADLINE_SECONDS,
+        deadline: DeadlineArg = DEFAULT,
         metrics: Metrics | None = None,
     ) -> None:
         if not isinstance(failure_mode, FailureMode):
@@ -116,14 +116,16 @@ class RateLimiter:
         self.endpoint_url = endpoint_url
         self.stack_options = stack_options
         self.failure_mode = failure_mode
-        self.deadline = None if deadline is None else check_deadline(deadline)
-        """Seconds an `acquire`, a lease operation or `available` may wait on DynamoDB,
-        retries and the version check included (None: only the retry policy bounds them)."""
         self.version_check: VersionCheck = version_check
         self.compatibility: Compatibility | None = None
         self.repository = repository or Repository(
             self.table_name, region, endpoint_url, retry=retry
         )
+        # The endpoint a given repository talks to decides, not the argument it makes unused.
+        self.deadline = resolve_deadline(deadline, self.repository.endpoint_url)
+        """Seconds an `acquire`, a lease operation or `available` may wait on DynamoDB,
+        retries and the version check included (None: only the retry policy bounds them). By
+        default 1 s, or 30 s for an endpoint on loopback (`zae_limiter.deadline`)."""
         if reservations is not None and not isinstance(reservations, Reservations):
             raise ValidationError("reservations", reservations, "must be a Reservations or None")
         self.reservations = reservations

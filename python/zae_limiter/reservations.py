@@ -36,6 +36,9 @@ log = logging.getLogger("zae_limiter")
 RATE_WEIGHT = 0.5
 # Shortest interval a rate is measured over (two top-ups closer than this are one burst).
 MIN_RATE_INTERVAL = 0.001
+# The low watermark covers this many top-up latencies of demand: the latency is a smoothed
+# estimate, and a write slower than it (a throttled retry, a conflict) must still land in time.
+WATERMARK_LATENCIES = 2.0
 
 
 class Holding:
@@ -46,8 +49,10 @@ class Holding:
         "denied_until",
         "expires_at",
         "inflight",
+        "latency",
         "limits",
         "live",
+        "low",
         "queued",
         "rate",
         "target",
@@ -65,6 +70,10 @@ class Holding:
         self.denied_until = 0.0  # the denial memory (time.monotonic())
         self.inflight: asyncio.Future[None] | None = None  # the top-up under way
         self.live = True  # False once given back for good, replaced or forgotten
+        self.latency = 0.0  # seconds a top-up write takes, smoothed (see `_reserve`)
+        # Per limit, the holding under which a top-up starts ahead, in the background
+        # (millitokens); None until a demand was observed.
+        self.low: list[int] | None = None
 
     def covers(self, limits: Sequence[Limit]) -> bool:
         return self.limits is limits or self.limits == limits
@@ -81,6 +90,9 @@ class Reserver:
         self._sweeper: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()  # retired blocks are waiting to go back, or closing
         self._closing = False
+        # Times a take found its blocks short and waited for a top-up (the first take of an
+        # item, a demand above what the watermark foresaw, a bucket running low).
+        self.waits = 0
 
     # -- the hot path -----------------------------------------------------------------------
 
@@ -104,7 +116,9 @@ class Reserver:
         """`acquire` when the blocks cover it, with no I/O and no await; None otherwise (then
         `acquire` reserves)."""
         holdings = [self._holding(eid, resource, limits) for eid, limits in limit_sets]
-        if self._spend(holdings, [self._needs(h, amounts) for h in holdings]):
+        needs = [self._needs(h, amounts) for h in holdings]
+        if self._spend(holdings, needs):
+            self._ahead(holdings, needs)
             return [h.target for h in holdings]
         return None
 
@@ -136,7 +150,9 @@ class Reserver:
         needs = [self._needs(h, amounts) for h in holdings]
         while True:
             if self._spend(holdings, needs):
+                self._ahead(holdings, needs)
                 return holdings
+            self.waits += 1
             await self._top_up(holdings, needs)
             if not all(h.live for h in holdings):
                 # Given back, replaced or forgotten while this task waited: a block no longer
@@ -239,6 +255,27 @@ class Reserver:
 
     # -- reserving --------------------------------------------------------------------------
 
+    def _ahead(self, holdings: Sequence[Holding], needs: list[list[int]]) -> None:
+        """Start a top-up in the background for each block a take left under its low watermark
+        (one more request like this one would dip into the demand expected while a write is
+        under way), so that the blocks are refilled before a take finds them short."""
+        low: list[Holding] = []
+        units: list[list[int]] = []
+        # Plain loops: this runs on every acquire a block serves (a few µs in all).
+        for h, need in zip(holdings, needs):  # noqa: B905 (one need per holding)
+            mark = h.low
+            if mark is None or h.inflight is not None:
+                continue
+            for x, n, m in zip(h.block.held, need, mark):  # noqa: B905 (one per limit)
+                if x - n < m:
+                    low.append(h)
+                    units.append(need)
+                    break
+        if low and not self._closing:
+            flight = self.engine.detach(self._flight(low, units, True))
+            for h in low:
+                h.inflight = flight
+
     async def _top_up(self, holdings: Sequence[Holding], needs: list[list[int]]) -> None:
         """Refill the blocks that cannot cover `needs` (one write per item), or wait for the
         top-up already under way for one of them (then the caller tries its blocks again)."""
@@ -259,32 +296,53 @@ class Reserver:
             h.inflight = flight
         await asyncio.shield(flight)
 
-    async def _flight(self, holdings: Sequence[Holding], needs: list[list[int]]) -> None:
+    async def _flight(
+        self, holdings: Sequence[Holding], needs: list[list[int]], ahead: bool = False
+    ) -> None:
         try:
-            await self._reserve(holdings, needs)
+            await self._reserve(holdings, needs, ahead)
+        except Exception as exc:
+            if not ahead:
+                raise
+            # No one waits for a top-up ahead: a take that finds its block short starts its
+            # own, and meets the outage or the denial then.
+            log.debug("top-up ahead of demand not made: %s", exc)
         finally:
             for h in holdings:
                 h.inflight = None
 
-    async def _reserve(self, holdings: Sequence[Holding], needs: list[list[int]]) -> None:
+    async def _reserve(
+        self, holdings: Sequence[Holding], needs: list[list[int]], ahead: bool = False
+    ) -> None:
         now = time.monotonic()
         if any(h.denied_until > now for h in holdings):
+            if ahead:
+                return
             raise self._remembered_denial(holdings, needs, now)
         targets = [h.target for h in holdings]
         await self.engine.load(targets)
         now_ms = self.engine.clock()
-        shorts = [_short(h, need) for h, need in zip(holdings, needs, strict=True)]
+        # Ahead, `needs` are those of the take that found the block low: nothing is short yet.
+        shorts = [
+            [0] * len(need) if ahead else _short(h, need)
+            for h, need in zip(holdings, needs, strict=True)
+        ]
         goals = [
-            self._goal(h, need, short, now, now_ms)
+            self._goal(h, need, short, now, now_ms, ahead)
             for h, need, short in zip(holdings, needs, shorts, strict=True)
         ]
+        if ahead and not all(map(_worth, holdings, goals, needs)):
+            # The bucket can spare less than a request for a block under its watermark: the
+            # take that finds it short reserves exactly what it needs then.
+            return
+        started = time.monotonic()
         try:
             try:
                 await self.engine.commit_each(
                     targets, [_tokens(h, g) for h, g in zip(holdings, goals, strict=True)]
                 )
             except RateLimitExceeded:
-                if goals == shorts:
+                if goals == shorts or ahead:
                     raise
                 # The stale view promised more than is left: take just what is needed (the states
                 # are fresh now).
@@ -293,11 +351,19 @@ class Reserver:
                     targets, [_tokens(h, g) for h, g in zip(holdings, goals, strict=True)]
                 )
         except RateLimitExceeded as exc:
-            if not any(any(_short(h, need)) for h, need in zip(holdings, needs, strict=True)):
-                # A lease gave tokens back into the blocks while the buckets were asked: the
-                # blocks cover the request now, so this is no denial; the caller takes again.
+            if ahead or not any(
+                any(_short(h, need)) for h, need in zip(holdings, needs, strict=True)
+            ):
+                # Ahead: no request was refused, the watermark asked for more than the bucket
+                # could spare. Otherwise a lease gave tokens back into the blocks while the
+                # buckets were asked: they cover the request now; the caller takes again.
                 return
             raise self._denied(holdings, needs, shorts, exc) from None
+        took = time.monotonic() - started
+        for h in holdings:
+            # Up at once with a slower write, down by halves: a watermark sized on a fast write
+            # just before a slow one would let the block run dry.
+            h.latency = max(took, (h.latency + took) / 2)
         expires = time.monotonic() + self.policy.hold_seconds
         for h, goal in zip(holdings, goals, strict=True):
             if any(goal):
@@ -308,10 +374,17 @@ class Reserver:
         self._arm()
 
     def _goal(
-        self, holding: Holding, need: list[int], short: list[int], now: float, now_ms: int
+        self,
+        holding: Holding,
+        need: list[int],
+        short: list[int],
+        now: float,
+        now_ms: int,
+        ahead: bool = False,
     ) -> list[int]:
-        """Millitokens to reserve per limit: at least the shortfall; up to the observed demand
-        over the horizon, `max_share` of the burst, and half of what else the bucket holds."""
+        """Millitokens to reserve per limit: at least the shortfall; up to the low watermark
+        plus the observed demand over the horizon, `max_share` of the burst, and half of what
+        else the bucket holds. Sets the block's low watermark for the next top-up ahead."""
         spent = holding.block.take_spent()
         if holding.topped_at is not None:
             elapsed = max(now - holding.topped_at, MIN_RATE_INTERVAL)
@@ -320,20 +393,33 @@ class Reserver:
                 for r, s in zip(holding.rate, spent, strict=True)
             ]
         holding.topped_at = now
-        if not any(short):
-            return short
         policy = self.policy
+        # What is spent while a top-up is under way: refilling once a request would leave less
+        # keeps the block from running dry at a steady demand (see `_ahead`).
+        marks = [_whole(rate * WATERMARK_LATENCIES * holding.latency) for rate in holding.rate]
+        caps = [_whole(limit.burst_milli * policy.max_share, down=True) for limit in holding.limits]
+        wanted = [
+            min(cap, max(n + q, n + mark + _whole(rate * policy.horizon_seconds)))
+            for n, q, mark, rate, cap in zip(
+                need, holding.queued, marks, holding.rate, caps, strict=True
+            )
+        ]
+        if any(holding.rate):
+            # At most half the block: each top-up ahead then brings at least the other half,
+            # so a hot item costs a bounded number of writes however slow they are.
+            holding.low = [min(m, w // 2) for m, w in zip(marks, wanted, strict=True)]
+        if not any(short) and not ahead:
+            return short
         held = holding.block.held
         goal: list[int] = []
         for i, limit in enumerate(holding.limits):
-            wanted = max(
-                need[i] + holding.queued[i], _whole(holding.rate[i] * policy.horizon_seconds)
-            )
-            wanted = min(wanted, _whole(limit.burst_milli * policy.max_share, down=True))
-            extra = max(0, wanted - held[i] - short[i])
+            extra = max(0, wanted[i] - held[i] - short[i])
             if extra:
                 left = available_milli(limit, holding.target.state, now_ms) - short[i]
-                extra = min(extra, _whole(max(0, left) / 2, down=True))
+                # The block never ends up holding more than the bucket keeps for the others:
+                # what it still holds after this take (all of it, ahead) counts.
+                rest = held[i] if ahead else max(0, held[i] + short[i] - need[i])
+                extra = min(extra, _whole(max(0, left - rest) / 2, down=True))
             goal.append(short[i] + extra)
         return goal
 
@@ -523,6 +609,15 @@ class Reserver:
             for key, h in self.holdings.items()
             if any(h.block.held)
         }
+
+
+def _worth(holding: Holding, goal: list[int], need: list[int]) -> bool:
+    """Whether a top-up ahead of `goal` lifts every limit under its watermark by a request."""
+    low = holding.low or [0] * len(goal)
+    return all(
+        g >= n or x - n >= m
+        for g, n, x, m in zip(goal, need, holding.block.held, low, strict=True)
+    )
 
 
 def _short(holding: Holding, need: list[int]) -> list[int]:

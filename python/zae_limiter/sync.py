@@ -15,7 +15,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from .capacity import CapacityLedger
-from .deadline import DEFAULT_DEADLINE_SECONDS
+from .deadline import DEFAULT, DeadlineArg
 from .lease import SyncLease
 from .limiter import RateLimiter
 from .metrics import Metrics
@@ -58,7 +58,7 @@ class SyncRateLimiter:
         repository: Repository | None = None,
         version_check: VersionCheck = "strict",
         reservations: Reservations | None = None,
-        deadline: float | None = DEFAULT_DEADLINE_SECONDS,
+        deadline: DeadlineArg = DEFAULT,
         metrics: Metrics | None = None,
     ) -> None:
         self._limiter = RateLimiter(

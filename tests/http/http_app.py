@@ -73,9 +73,7 @@ async def health(request: Request) -> Response:
 
 def create_app() -> Starlette:
     table = os.environ["ZAEL_HTTP_TABLE"]
-    # moto serializes requests and answers about 100 a second: 70 concurrent acquires wait
-    # longer than the default deadline, which is meant for DynamoDB.
-    limiter = RateLimiter(name=table, endpoint_url=os.environ["ZAEL_HTTP_ENDPOINT"], deadline=60.0)
+    limiter = RateLimiter(name=table, endpoint_url=os.environ["ZAEL_HTTP_ENDPOINT"])
     dead = RateLimiter(
         name=table,
         endpoint_url=os.environ["ZAEL_HTTP_DEAD_ENDPOINT"],

@@ -7,11 +7,6 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
-# The deadline of the limiters that load moto: it serializes requests at ~100 per second (about
-# a hundredth of one DynamoDB item's pace), so contention here takes seconds that it would not
-# on DynamoDB. The deadline itself is proven in test_deadline.py and test_faults.py.
-MOTO_DEADLINE = None
-
 
 @dataclass(frozen=True)
 class Size:

@@ -20,8 +20,6 @@ import time
 from collections import Counter
 from typing import Any
 
-from figures import MOTO_DEADLINE
-
 from zae_limiter import (
     Limit,
     RateLimiter,
@@ -117,7 +115,6 @@ async def _worker(
         name=table,
         endpoint_url=endpoint_url,
         clock=clock,
-        deadline=MOTO_DEADLINE,
         reservations=(
             None
             if not reserve
@@ -218,7 +215,7 @@ HOT_EXTRA = 20
 async def prepare_hot(endpoint_url: str, table: str, entity_id: str, fill: str) -> None:
     """Create the table and the entity; `fill="half"` consumes half of both limits first."""
     async with RateLimiter(
-        name=table, endpoint_url=endpoint_url, stack_options=StackOptions(), deadline=MOTO_DEADLINE
+        name=table, endpoint_url=endpoint_url, stack_options=StackOptions()
     ) as limiter:
         await limiter.create_entity(entity_id)
         if fill == "half":
@@ -237,9 +234,7 @@ async def hot_worker(endpoint_url: str, table: str, entity_id: str, tasks: int,
                      attempts: int) -> dict[str, Any]:
     """`tasks` concurrent tasks, each `attempts` times: acquire(rpm 1, tpm 100), adjust(tpm +20)."""
     ops: Counter[str] = Counter()
-    async with RateLimiter(
-        name=table, endpoint_url=endpoint_url, deadline=MOTO_DEADLINE
-    ) as limiter:
+    async with RateLimiter(name=table, endpoint_url=endpoint_url) as limiter:
 
         async def task() -> None:
             for _ in range(attempts):

@@ -29,8 +29,6 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from figures import MOTO_DEADLINE
-
 from zae_limiter import (
     Limit,
     RateLimiter,
@@ -39,7 +37,6 @@ from zae_limiter import (
     Reservations,
     StackOptions,
 )
-from zae_limiter.repository import RetryPolicy
 
 RESOURCE = "chat"
 ESTIMATE = 100  # tpm taken by acquire
@@ -85,7 +82,7 @@ async def prepare(
     """Create the table, the parent (if any) and the entities, and each one's bucket item,
     full: one admitted acquire of 1 of every limit, rolled back (the give-back fills it)."""
     async with RateLimiter(
-        name=table, endpoint_url=endpoint_url, stack_options=StackOptions(), deadline=MOTO_DEADLINE
+        name=table, endpoint_url=endpoint_url, stack_options=StackOptions()
     ) as limiter:
         if parent is not None:
             await limiter.create_entity(parent)
@@ -112,13 +109,12 @@ def run_ceiling_worker(
     settle_s: float,
     reservations: Reservations | None,
     cascade: bool,
-    max_attempts: int,
     sync_dir: str,
 ) -> dict[str, Any]:
     return asyncio.run(
         ceiling_worker(
             endpoint_url, table, index, entities, limits, tasks, seconds, settle_s,
-            reservations, cascade, max_attempts, sync_dir,
+            reservations, cascade, sync_dir,
         )
     )  # fmt: skip
 
@@ -149,7 +145,6 @@ async def ceiling_worker(
     settle_s: float,
     reservations: Reservations | None,
     cascade: bool,
-    max_attempts: int,
     sync_dir: str,
 ) -> dict[str, Any]:
     """`tasks` tasks (task i on entities[i % len(entities)]) from the go time for `seconds`;
@@ -170,8 +165,6 @@ async def ceiling_worker(
         name=table,
         endpoint_url=endpoint_url,
         reservations=reservations,
-        retry=RetryPolicy(max_attempts=max_attempts),
-        deadline=MOTO_DEADLINE,
     )
     sync = Path(sync_dir)
     try:

@@ -26,7 +26,7 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import pytest
-from figures import MOTO_DEADLINE, Figures, Size
+from figures import Figures, Size
 from reliability_workers import FROZEN_MS, RESOURCE, run_worker
 
 from zae_limiter import (
@@ -196,7 +196,7 @@ def record(
 
 async def setup(endpoint_url: str, children: list[str] | None = None) -> None:
     async with RateLimiter(
-        name=TABLE, endpoint_url=endpoint_url, stack_options=StackOptions(), deadline=MOTO_DEADLINE
+        name=TABLE, endpoint_url=endpoint_url, stack_options=StackOptions()
     ) as limiter:
         await limiter.create_entity("proj")
         for child in children or []:
@@ -386,7 +386,6 @@ async def test_endless_conflicts_are_no_denial_and_not_admitted(
         failure_mode=mode,
         clock=lambda: FROZEN_MS,
         reservations=Reservations() if MODES[reservations] else None,
-        deadline=MOTO_DEADLINE,
     ) as limiter:
         async with limiter.acquire("proj", RESOURCE, [limit], {"tok": 1}):
             pass

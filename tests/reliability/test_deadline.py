@@ -12,12 +12,16 @@ answered):
 - a lease's `adjust` returns within the bound and its write goes on: once the endpoint answers,
   it lands exactly once; `consume` raises within the bound;
 - a bucket write that DynamoDB applies after the deadline (delayed) is reconciled: the next
-  acquire learns it, and it counts once (its write id appears once).
+  acquire learns it, and it counts once (its write id appears once);
+- the default deadline: a limiter built without `deadline=` against a hung endpoint that is not
+  on loopback (an address of this host outside 127.0.0.0/8, or its host name) fails or admits
+  within 1.5x the 1 s default; against a loopback endpoint the default is the local one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -36,8 +40,12 @@ from zae_limiter import (
     SyncRateLimiter,
     ValidationError,
 )
-from zae_limiter.deadline import DeadlineExceeded
-from zae_limiter.repository import Repository, RetryPolicy
+from zae_limiter.deadline import (
+    DEFAULT_DEADLINE_SECONDS,
+    LOOPBACK_DEADLINE_SECONDS,
+    DeadlineExceeded,
+)
+from zae_limiter.repository import Repository, RetryPolicy, is_loopback
 
 pytestmark = pytest.mark.integration
 
@@ -264,3 +272,125 @@ async def test_a_bad_deadline_is_a_validation_error(proxy: FaultProxy, value: ob
         assert proxy.requests() == []  # rejected before any I/O
     finally:
         await limiter.close()
+
+
+# -- the default deadline ---------------------------------------------------------------------
+
+
+def _non_loopback_endpoint() -> tuple[str, str]:
+    """(address to listen on, host to put in the URL) reaching this host without a URL that
+    `is_loopback` recognizes: an address of one of its interfaces outside 127.0.0.0/8 (the one
+    a datagram to a documentation address would leave from; nothing is sent), else its host
+    name, which resolves locally (/etc/hosts) but is a name, and names other than localhost are
+    never taken for loopback. A host with neither cannot reach itself but through loopback."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("198.51.100.1", 9))
+            address = probe.getsockname()[0]
+        if not is_loopback(address):
+            return address, address
+    except OSError:
+        pass
+    name = socket.gethostname()
+    address = socket.getaddrinfo(name, None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+    return address, name
+
+
+class HungEndpoint:
+    """A TCP server that reads every request and never answers."""
+
+    def __init__(self) -> None:
+        self.connections = 0
+        self.received = 0
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+        self._handlers: list[asyncio.Task[Any]] = []
+
+    async def start(self, address: str) -> int:
+        self._server = await asyncio.start_server(self._hang, address, 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def _hang(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self._writers.append(writer)
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.append(task)
+        while chunk := await reader.read(65536):
+            self.received += len(chunk)
+
+    async def close(self) -> None:
+        for writer in self._writers:
+            writer.close()  # the handler reads end-of-file and returns
+        if self._handlers:  # ended here, not cancelled by the loop's shutdown (which warns)
+            await asyncio.wait(self._handlers, timeout=5)
+        if self._server is not None:
+            self._server.close()
+
+
+@pytest.fixture
+async def hung_remote() -> AsyncIterator[tuple[str, HungEndpoint]]:
+    address, host = _non_loopback_endpoint()
+    endpoint = HungEndpoint()
+    port = await endpoint.start(address)
+    try:
+        yield f"http://{host}:{port}", endpoint
+    finally:
+        await endpoint.close()
+
+
+@pytest.mark.parametrize("mode", [FailureMode.FAIL_CLOSED, FailureMode.FAIL_OPEN])
+async def test_default_deadline_bounds_a_hung_endpoint_that_is_not_loopback(
+    hung_remote: tuple[str, HungEndpoint], figures: Figures, mode: FailureMode
+) -> None:
+    """No `deadline=`, the default retry policy (a 5 s read timeout per attempt): the 1 s
+    default alone bounds a cold acquire (the version check is its first request)."""
+    url, endpoint = hung_remote
+    assert not is_loopback(url)
+    limiter = RateLimiter(name=TABLE, endpoint_url=url, region="us-east-1", failure_mode=mode)
+    try:
+        assert limiter.deadline == DEFAULT_DEADLINE_SECONDS == 1.0
+        assert limiter.repository.retry.read_timeout > 3 * DEFAULT_DEADLINE_SECONDS
+        await limiter.repository.open()
+        started = time.monotonic()
+        if mode is FailureMode.FAIL_CLOSED:
+            with pytest.raises(RateLimiterUnavailable) as raised:
+                await acquire_once(limiter)
+            assert isinstance(raised.value.cause, DeadlineExceeded), raised.value.cause
+        else:
+            assert await acquire_once(limiter) is True  # admitted fail-open
+        elapsed = time.monotonic() - started
+        figures.worst(f"default_deadline_hung_remote_s.{mode.name}", round(elapsed, 2))
+        assert DEFAULT_DEADLINE_SECONDS <= elapsed <= 1.5 * DEFAULT_DEADLINE_SECONDS, elapsed
+        assert endpoint.connections >= 1 and endpoint.received > 0, "the request never arrived"
+    finally:
+        await limiter.close()
+
+
+@pytest.mark.parametrize(
+    ("endpoint_url", "expected"),
+    [
+        ("http://127.0.0.1:8000", LOOPBACK_DEADLINE_SECONDS),
+        ("http://127.9.9.9:8000", LOOPBACK_DEADLINE_SECONDS),
+        ("http://localhost:8000", LOOPBACK_DEADLINE_SECONDS),
+        ("http://[::1]:8000", LOOPBACK_DEADLINE_SECONDS),
+        ("http://192.0.2.10:8000", DEFAULT_DEADLINE_SECONDS),
+        ("https://dynamodb.eu-west-1.amazonaws.com", DEFAULT_DEADLINE_SECONDS),
+        (None, DEFAULT_DEADLINE_SECONDS),
+    ],
+)
+def test_the_default_deadline_follows_the_endpoint(
+    endpoint_url: str | None, expected: float
+) -> None:
+    built = RateLimiter(name=TABLE, endpoint_url=endpoint_url, region="us-east-1")
+    assert built.deadline == expected
+    # A repository passed in decides by its own endpoint; an explicit deadline always wins.
+    repo = Repository(TABLE, "us-east-1", endpoint_url)
+    assert RateLimiter(name=TABLE, repository=repo).deadline == expected
+    assert RateLimiter(name=TABLE, endpoint_url=endpoint_url, deadline=2.5).deadline == 2.5
+    assert RateLimiter(name=TABLE, endpoint_url=endpoint_url, deadline=None).deadline is None
+    sync = SyncRateLimiter(name=TABLE, endpoint_url=endpoint_url, region="us-east-1")
+    try:
+        assert sync.async_limiter.deadline == expected
+    finally:
+        sync.close()
