@@ -72,9 +72,14 @@ CASES = [
 
 
 @pytest.fixture
-async def limiter(endpoint_url: str) -> AsyncIterator[RateLimiter]:
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def limiter(endpoint_url: str, clock: Clock) -> AsyncIterator[RateLimiter]:
     async with RateLimiter(
-        name="upg", endpoint_url=endpoint_url, stack_options=StackOptions(), clock=Clock()
+        name="upg", endpoint_url=endpoint_url, stack_options=StackOptions(), clock=clock
     ) as lim:
         for i, (limit, tokens, anchor) in enumerate(CASES):
             await lim.repository.call(
@@ -165,3 +170,23 @@ async def test_rollback_restores_the_old_layout_with_its_balance(
         assert f"fa#{limit.name}" not in raw
         tokens, anchor = int(raw[f"tk#{limit.name}"]["N"]), int(raw[f"lr#{limit.name}"]["N"])
         assert legacy_available(limit, tokens, anchor, T0) // 1000 == before[i][limit.name]
+
+
+async def test_an_edited_limit_keeps_the_balance_and_refills_at_its_new_rate(
+    limiter: RateLimiter, clock: Clock
+) -> None:
+    """`fa#` is in the ticks of the definition it was written with: a caller with another rate
+    reads the balance the bucket holds now, and its write replaces the state under an exact
+    condition (once), so a later reader with either definition agrees."""
+    old, new = Limit.per_minute("rpm", 10), Limit.per_minute("rpm", 30)
+    async with limiter.acquire("edit", "llm", [old], {"rpm": 6}):
+        pass
+    assert await limiter.available("edit", "llm", [new]) == {"rpm": 4}
+    async with limiter.acquire("edit", "llm", [new], {"rpm": 1}):
+        pass
+    (bucket,) = await limiter.repository.list_buckets("edit")
+    assert bucket.limits["rpm"].definition == new.encode()
+    clock.now += 2_000  # one token at 30 per minute
+    assert await limiter.available("edit", "llm", [new]) == {"rpm": 4}
+    clock.now += 58_000
+    assert await limiter.available("edit", "llm", [new]) == {"rpm": 30}

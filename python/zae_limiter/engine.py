@@ -397,35 +397,26 @@ def _writes(
         prior = target.state.limits.get(limit.name) if target.state else None
         encoded = limit.encode()
         definition = None if prior is not None and prior.definition == encoded else encoded
+        mode, value, lo, hi = out.write_mode, out.write_value, out.cond_lo, out.cond_hi
+        legacy = None
         if prior is not None and stored.replaces(limit, prior):
             # The decision was made on the state converted to this limit's ticks: the write
             # replaces the stored state, on condition that it is still exactly what was read.
             assert out.new_full_at is not None
+            mode, value, lo, hi = core.WRITE_ABSOLUTE, out.new_full_at, prior.full_at, prior.full_at
             legacy = prior.legacy
-            writes.append(
-                LimitWrite(
-                    limit_name=limit.name,
-                    mode=core.WRITE_ABSOLUTE,
-                    value=out.new_full_at,
-                    cond_lo=prior.full_at,
-                    cond_hi=prior.full_at,
-                    delta_milli=delta,
-                    definition=definition,
-                    legacy=legacy,
-                    fence=None if legacy is None else stored.fence(limit, now_ms),
-                )
-            )
-            continue
         writes.append(
             LimitWrite(
                 limit_name=limit.name,
-                mode=out.write_mode,
-                value=out.write_value,
-                cond_lo=out.cond_lo,
-                cond_hi=out.cond_hi,
+                mode=mode,
+                value=value,
+                cond_lo=lo,
+                cond_hi=hi,
                 delta_milli=delta,
                 definition=definition,
                 create=prior is None,
+                legacy=legacy,
+                fence=None if legacy is None else stored.fence(limit, now_ms),
             )
         )
     return writes
