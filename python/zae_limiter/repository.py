@@ -551,8 +551,12 @@ def bucket_update_request(
             lm = expr.name(schema.limit_attr(schema.LIMIT_DEF, w.limit_name))
             sets.append(f"{lm} = {expr.value(_s(w.definition))}")
     sets.append(f"{expr.name(schema.WRITE_TIME)} = {expr.value(_n(now_ms))}")
-    sets.append(f"{expr.name('entity_id')} = {expr.value(_s(entity_id))}")
-    sets.append(f"{expr.name('resource')} = {expr.value(_s(resource))}")
+    if _may_create(writes):
+        # The item's names, for people reading the table; nothing reads them back (the key
+        # says the same), so only a write that may create the item sets them, not every write
+        # (each SET is parsed by the server and serialized by the client).
+        sets.append(f"{expr.name('entity_id')} = {expr.value(_s(entity_id))}")
+        sets.append(f"{expr.name('resource')} = {expr.value(_s(resource))}")
     if expires_at is not None:
         sets.append(f"{expr.name(schema.TTL_ATTRIBUTE)} = {expr.value(_n(expires_at))}")
     # Shift the ring of recent write ids; SET reads every right-hand side from the old item.
@@ -580,6 +584,13 @@ def bucket_update_request(
         kwargs["ConditionExpression"] = " AND ".join(conditions)
         kwargs["ReturnValuesOnConditionCheckFailure"] = "ALL_OLD"
     return kwargs
+
+
+def _may_create(writes: Sequence[LimitWrite]) -> bool:
+    """Whether a bucket write may create its item: one of its limits is written on a view of
+    the limit absent (an absent item) or in the legacy layout (an item no write of this layout
+    has named yet). A write on a view of the limit present finds the item there, named."""
+    return any(w.create or w.legacy is not None for w in writes)
 
 
 def _bucket_key(entity_id: str, resource: str) -> dict[str, Any]:
@@ -649,8 +660,9 @@ def _shape_and_values(
         counter = (w.delta_milli > 0) - (w.delta_milli < 0)
         shape.append((w.limit_name, kind, counter, w.definition is not None))
     values.append({"N": str(now_ms)})
-    values.append({"S": entity_id})
-    values.append({"S": resource})
+    if _may_create(writes):  # the shape says so already: a write's kinds name "create"/"legacy"
+        values.append({"S": entity_id})
+        values.append({"S": resource})
     if expires_at is not None:
         values.append({"N": str(expires_at)})
         shape.append((schema.TTL_ATTRIBUTE,))  # a limit's part is never a 1-tuple
