@@ -56,17 +56,34 @@ def python_017() -> str:
     return path
 
 
-def run_clients(python: str, lib: str, endpoint: str, table: str, acquires: int) -> dict[str, Any]:
+def server_cpu(server: Any) -> float:
+    """CPU seconds the embedded server's process has used (Linux `/proc`; 0 elsewhere): the
+    throughput of one server is its CPU per request, so the table shows it too."""
+    process = getattr(server, "_process", None)
+    try:
+        fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (AttributeError, OSError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def run_clients(python: str, lib: str, server: Any, table: str, acquires: int) -> dict[str, Any]:
+    endpoint = server.endpoint_url
     # Start-up (imports, table and version reads, warm-up) takes a few seconds on a loaded
     # machine; every client waits for the same instant after it before its timed loop.
     start = time.time() + 6.0
+    env = dict(os.environ)
+    if lib == "0.17":  # its own venv's package, never one this run's PYTHONPATH points at
+        env.pop("PYTHONPATH", None)
     procs = [
         subprocess.Popen(
             [python, str(CLIENT), lib, endpoint, table, f"e{i}", str(acquires), str(start)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         )
         for i in range(CLIENTS)
     ]
+    # The server's CPU over the whole run (start-up and warm-up included, a few % of it).
+    cpu0 = server_cpu(server)
     results = []
     for p in procs:
         out, err = p.communicate(timeout=600)
@@ -83,6 +100,7 @@ def run_clients(python: str, lib: str, endpoint: str, table: str, acquires: int)
         "acquires": total,
         "cpu_per_acquire": sum(r["cpu"] for r in results) / total,
         "per_second": total / max(r["wall"] for r in results),
+        "server_cpu_per_acquire": (server_cpu(server) - cpu0) / total,
         "calls": calls,
     }
 
@@ -99,7 +117,7 @@ def test_vs_017(
         row = {}
         for lib, py in (("here", sys.executable), ("0.17", python)):
             moto_server.reset()
-            row[lib] = run_clients(py, lib, moto_server.endpoint_url, f"vs017-{r}", acquires)
+            row[lib] = run_clients(py, lib, moto_server, f"vs017-{r}", acquires)
         rows.append(row)
 
     cpu = statistics.median(r["here"]["cpu_per_acquire"] / r["0.17"]["cpu_per_acquire"]
@@ -108,11 +126,13 @@ def test_vs_017(
     with capsys.disabled():
         print(f"\nUnreserved acquire + adjust, {CLIENTS} clients, one embedded server, "
               f"{acquires} acquires per client, {rounds} rounds")
-        print(f"{'round':>5} {'lib':>5} {'CPU ms/acq':>10} {'acq/s':>7}  calls")
+        print(f"{'round':>5} {'lib':>5} {'client CPU ms/acq':>17} {'server CPU ms/acq':>17} "
+              f"{'acq/s':>7}  calls")
         for i, row in enumerate(rows):
             for lib in ("here", "0.17"):
                 m = row[lib]
-                print(f"{i:>5} {lib:>5} {m['cpu_per_acquire'] * 1e3:>10.2f} "
+                print(f"{i:>5} {lib:>5} {m['cpu_per_acquire'] * 1e3:>17.2f} "
+                      f"{m['server_cpu_per_acquire'] * 1e3:>17.2f} "
                       f"{m['per_second']:>7.0f}  {m['calls'] or '-'}")
         print(f"client CPU per acquire, here / 0.17: {cpu:.2f}x (median of rounds)")
         print(f"throughput, here / 0.17:            {tput:.2f}x (median of rounds)")
