@@ -83,7 +83,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "write_id",  # each write id applies at most once: a late copy of a resent write
         REPOSITORY,
-        'conditions.append("NOT (" + " OR ".join(f"{slot} = {wid}" for slot in slots) + ")")',
+        "conditions.append(f\"NOT ({wid} IN ({', '.join(slots)}))\")",
         'conditions.append(f"(attribute_exists({slots[0]}) OR attribute_not_exists({slots[0]}))")',
         (CHAOS, LATE_WRITE),
     ),

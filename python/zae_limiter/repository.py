@@ -558,17 +558,23 @@ def bucket_update_request(
             lm = expr.name(schema.limit_attr(schema.LIMIT_DEF, w.limit_name))
             sets.append(f"{lm} = {expr.value(_s(w.definition))}")
     sets.append(f"{expr.name(schema.WRITE_TIME)} = {expr.value(_n(now_ms))}")
-    sets.append(f"{expr.name('entity_id')} = {expr.value(_s(entity_id))}")
-    sets.append(f"{expr.name('resource')} = {expr.value(_s(resource))}")
+    if _may_create(writes):
+        # The item's names, for people reading the table; nothing reads them back (the key
+        # says the same), so only a write that may create the item sets them, not every write
+        # (each SET is parsed by the server and serialized by the client).
+        sets.append(f"{expr.name('entity_id')} = {expr.value(_s(entity_id))}")
+        sets.append(f"{expr.name('resource')} = {expr.value(_s(resource))}")
     if expires_at is not None:
         sets.append(f"{expr.name(schema.TTL_ATTRIBUTE)} = {expr.value(_n(expires_at))}")
     # Shift the ring of recent write ids; SET reads every right-hand side from the old item.
     slots = [expr.name(slot) for slot in schema.WRITE_ID_SLOTS]
-    empty = expr.value(_s(""))
+    ring_exists = _ring_exists(writes)
+    empty = None if ring_exists else expr.value(_s(""))
     wid = expr.value(_s(write_id))
     sets.append(f"{slots[0]} = {wid}")
     for newer, older in itertools.pairwise(slots):
-        sets.append(f"{older} = if_not_exists({newer}, {empty})")
+        sets.append(f"{older} = {newer}" if empty is None else
+                    f"{older} = if_not_exists({newer}, {empty})")
     update = "SET " + ", ".join(sets)
     if adds:
         update += " ADD " + ", ".join(adds)
@@ -582,11 +588,31 @@ def bucket_update_request(
     }
     # A resend of a write whose earlier attempt may still land (a response lost or timed out
     # in flight) must not apply twice: each write id applies at most once.
-    conditions.append("NOT (" + " OR ".join(f"{slot} = {wid}" for slot in slots) + ")")
+    # (IN rather than one comparison per slot: the same test, fewer tokens for the server.)
+    conditions.append(f"NOT ({wid} IN ({', '.join(slots)}))")
     if conditions:
         kwargs["ConditionExpression"] = " AND ".join(conditions)
         kwargs["ReturnValuesOnConditionCheckFailure"] = "ALL_OLD"
     return kwargs
+
+
+def _ring_exists(writes: Sequence[LimitWrite]) -> bool:
+    """Whether a bucket write can only apply to an item that holds every slot of the write-id
+    ring, so that the ring shifts with plain copies (shorter for the server to parse than
+    `if_not_exists`). True when one of its limits is conditioned on a bound of its `fa#`
+    (a comparison with an absent attribute is false: the write fails unless the limit is
+    stored) and none is created or in the legacy layout: a limit's `fa#` is only ever written
+    by `bucket_update_request`, whose every write leaves all four slots (empty ones as "")."""
+    return not _may_create(writes) and any(
+        w.cond_lo is not None or w.cond_hi is not None for w in writes
+    )
+
+
+def _may_create(writes: Sequence[LimitWrite]) -> bool:
+    """Whether a bucket write may create its item: one of its limits is written on a view of
+    the limit absent (an absent item) or in the legacy layout (an item no write of this layout
+    has named yet). A write on a view of the limit present finds the item there, named."""
+    return any(w.create or w.legacy is not None for w in writes)
 
 
 def _bucket_key(entity_id: str, resource: str) -> dict[str, Any]:
@@ -656,12 +682,14 @@ def _shape_and_values(
         counter = (w.delta_milli > 0) - (w.delta_milli < 0)
         shape.append((w.limit_name, kind, counter, w.definition is not None))
     values.append({"N": str(now_ms)})
-    values.append({"S": entity_id})
-    values.append({"S": resource})
+    if _may_create(writes):  # the shape says so already: a write's kinds name "create"/"legacy"
+        values.append({"S": entity_id})
+        values.append({"S": resource})
     if expires_at is not None:
         values.append({"N": str(expires_at)})
         shape.append((schema.TTL_ATTRIBUTE,))  # a limit's part is never a 1-tuple
-    values.append({"S": ""})
+    if not _ring_exists(writes):  # the shape says so already (kinds and bounds)
+        values.append({"S": ""})
     values.append({"S": write_id})
     return tuple(shape), values
 
