@@ -6,8 +6,9 @@ tpm +20 inside the lease, 4 client processes (one entity each, so the figure is 
 request and not of conflicts) against one embedded moto server (this repository's
 `LocalDynamoDB`). Each client is benches/vs017_client.py; 0.17's runs under the interpreter of
 its own venv (same package name), `ZAE_LIMITER_017_PYTHON` or `.venv-017/bin/python`, which
-.ci/run creates from PyPI. The two libraries take turns, a fresh table each, a few rounds; the
-ratios are medians over the rounds.
+the bench creates from PyPI on first use (so the README's test command needs no extra step).
+The two libraries take turns, a fresh table each, a few rounds; the ratios are medians over the
+rounds.
 
 - client CPU per acquire: `time.process_time` of each client over its timed loop, summed over
   the clients, divided by the acquires (the acquire and its adjust).
@@ -41,8 +42,21 @@ CREATE_017 = (
 )
 
 
+def _create_venv_017() -> None:
+    """Create `.venv-017` with 0.17.0 from PyPI; a failure is left to the probe to report."""
+    made = subprocess.run([sys.executable, "-m", "venv", str(VENV_017)], check=False)
+    if made.returncode == 0:
+        subprocess.run(
+            [str(VENV_017 / "bin" / "python"), "-m", "pip", "install", "--quiet",
+             "--disable-pip-version-check", "zae-limiter==0.17.0"],
+            check=False,
+        )
+
+
 def python_017() -> str:
     path = os.environ.get("ZAE_LIMITER_017_PYTHON") or str(VENV_017 / "bin" / "python")
+    if "ZAE_LIMITER_017_PYTHON" not in os.environ and not Path(path).exists():
+        _create_venv_017()
     probe = subprocess.run(
         [path, "-c", "import importlib.metadata as m; print(m.version('zae-limiter'))"],
         capture_output=True, text=True, check=False,
