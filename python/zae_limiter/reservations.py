@@ -93,6 +93,10 @@ class Reserver:
         # Times a take found its blocks short and waited for a top-up (the first take of an
         # item, a demand above what the watermark foresaw, a bucket running low).
         self.waits = 0
+        # Top-ups ahead that failed: one whose outcome is unknown may have landed, its tokens
+        # then consumed in the bucket and never in a block (at most one block each; refill
+        # brings them back): under-admission, counted.
+        self.failed_ahead = 0
 
     # -- the hot path -----------------------------------------------------------------------
 
@@ -306,6 +310,7 @@ class Reserver:
                 raise
             # No one waits for a top-up ahead: a take that finds its block short starts its
             # own, and meets the outage or the denial then.
+            self.failed_ahead += 1
             log.debug("top-up ahead of demand not made: %s", exc)
         finally:
             for h in holdings:
