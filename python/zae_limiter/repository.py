@@ -24,6 +24,7 @@ import platform
 import random
 import re
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -108,6 +109,13 @@ _THROTTLE_CODES = frozenset(
         "LimitExceededException",
     }
 )
+
+
+def _is_throttle(exc: BaseException | None) -> bool:
+    """Whether `exc` is DynamoDB refusing a request for throughput (`_THROTTLE_CODES`)."""
+    return isinstance(exc, botocore.exceptions.ClientError) and error_code(exc) in _THROTTLE_CODES
+
+
 # The client cannot sign or address a request at all: a configuration error, never sent.
 _CLIENT_SETUP_ERRORS: tuple[type[BaseException], ...] = (
     botocore.exceptions.NoCredentialsError,
@@ -223,7 +231,13 @@ class RetryPolicy:
     past its ceiling over about a second, so the backoff before the last attempt reaches a
     second (caps 0.1, 0.2, 0.4, 0.8, 1 s; about 1.25 s in all on average). Four attempts capped
     at 0.2 s gave up within about 0.2 s, and under a write ceiling that failed acquires and
-    lost reservations' give-backs. The call's deadline still bounds what a caller waits.
+    lost reservations' give-backs.
+
+    A throttle is a certain refusal (nothing was applied) and says the item is busy, not broken,
+    so a throttled request goes on past `max_attempts` until `throttle_seconds` have passed
+    since its first send. Jittered retries are not fair: on an item held at its ceiling by
+    several processes, six attempts lost to the others about once in a thousand acquires. The
+    call's deadline (1 s against DynamoDB) still bounds what a caller waits.
     """
 
     max_attempts: int = 6
@@ -231,9 +245,17 @@ class RetryPolicy:
     max_delay: float = 1.0
     connect_timeout: float = 2.0
     read_timeout: float = 5.0
+    throttle_seconds: float = 10.0
 
     def delay(self, attempt: int) -> float:
-        return random.uniform(0, min(self.max_delay, self.base_delay * (2**attempt)))
+        return random.uniform(0, min(self.max_delay, self.base_delay * (2 ** min(attempt, 16))))
+
+    def retries_throttle(self, attempt: int, started: float) -> bool:
+        """Whether a request throttled on its `attempt`-th send (0-based), first sent at
+        `started` (monotonic seconds), is sent again."""
+        if attempt + 1 < self.max_attempts:
+            return True
+        return time.monotonic() - started < self.throttle_seconds
 
 
 @dataclass
@@ -573,8 +595,9 @@ def bucket_update_request(
     wid = expr.value(_s(write_id))
     sets.append(f"{slots[0]} = {wid}")
     for newer, older in itertools.pairwise(slots):
-        sets.append(f"{older} = {newer}" if empty is None else
-                    f"{older} = if_not_exists({newer}, {empty})")
+        sets.append(
+            f"{older} = {newer}" if empty is None else f"{older} = if_not_exists({newer}, {empty})"
+        )
     update = "SET " + ", ".join(sets)
     if adds:
         update += " ADD " + ", ".join(adds)
@@ -925,8 +948,16 @@ class Repository:
             raise StorageError(type(exc).__name__, str(exc)) from exc
         method: Callable[..., Awaitable[dict[str, Any]]] = getattr(client, operation)
         last: BaseException | None = None
-        for attempt in range(self.retry.max_attempts):
+        started = time.monotonic()
+        attempt = -1
+        while True:
+            attempt += 1
             if attempt:
+                if not (
+                    attempt < self.retry.max_attempts
+                    or (_is_throttle(last) and self.retry.retries_throttle(attempt - 1, started))
+                ):
+                    break
                 self.ledger.retried(operation)
                 await asyncio.sleep(self.retry.delay(attempt))
             try:
@@ -956,7 +987,7 @@ class Repository:
             except (TimeoutError, botocore.exceptions.BotoCoreError, OSError) as exc:
                 raise _Ambiguous(exc) from exc
         raise RepositoryUnavailable(
-            f"DynamoDB {operation} failed after {self.retry.max_attempts} attempts: {last}", last
+            f"DynamoDB {operation} failed after {attempt} attempts: {last}", last
         )
 
     def _translate(self, exc: botocore.exceptions.ClientError, code: str) -> Exception:

@@ -26,7 +26,10 @@ pytestmark = pytest.mark.integration
 
 TABLE = "errclass"
 LIMITS = [Limit.per_minute("rpm", 100)]
-POLICY = RetryPolicy(max_attempts=3, base_delay=0.001, connect_timeout=0.5, read_timeout=0.5)
+# throttle_seconds=0: a throttle exhausts the retries at once (an outage, quickly).
+POLICY = RetryPolicy(
+    max_attempts=3, base_delay=0.001, connect_timeout=0.5, read_timeout=0.5, throttle_seconds=0
+)
 CODES = {"denied": "AccessDeniedException", "unrecognized": "UnrecognizedClientException"}
 
 

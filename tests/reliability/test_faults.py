@@ -74,8 +74,15 @@ class RecordingPolicy(RetryPolicy):
         return value
 
 
+# throttle_seconds=0: a throttled request is sent max_attempts times, like any other refusal, so
+# that the bounds below hold (throttles past them: `test_throttles_outlast_max_attempts`).
 POLICY = RecordingPolicy(
-    max_attempts=3, base_delay=0.02, max_delay=0.15, connect_timeout=0.4, read_timeout=0.4
+    max_attempts=3,
+    base_delay=0.02,
+    max_delay=0.15,
+    connect_timeout=0.4,
+    read_timeout=0.4,
+    throttle_seconds=0.0,
 )
 A = POLICY.max_attempts
 # One bucket write, worst case: A attempts, each up to A UpdateItem calls (throttling is retried
@@ -115,13 +122,14 @@ def limiter_for(
     clock_ms: int = FROZEN_MS,
     reservations: Reservations | None = None,
     deadline: float | None = DEADLINE_S,
+    retry: RetryPolicy = POLICY,
 ) -> RateLimiter:
     return RateLimiter(
         name=TABLE,
         endpoint_url=proxy.endpoint_url,
         stack_options=StackOptions(),
         failure_mode=mode,
-        retry=POLICY,
+        retry=retry,
         clock=lambda: clock_ms,
         reservations=reservations,
         deadline=deadline,
@@ -339,6 +347,43 @@ async def test_backoff_is_bounded_and_jittered(
     assert max(gaps) <= POLICY.max_delay + 0.5
     assert max(drawn) <= POLICY.max_delay
     proxy.clear()
+    assert (await stored(proxy))["net"] == 1000
+
+
+async def test_throttles_outlast_max_attempts(proxy: FaultProxy, warm: RateLimiter) -> None:
+    """A throttle is a certain refusal from a busy item: with the default `throttle_seconds`, a
+    write throttled more than `max_attempts` times is still sent until it lands (under the
+    limiter's default deadline), exactly once."""
+    policy = RetryPolicy(base_delay=0.005, max_delay=0.02)
+    assert policy.throttle_seconds == RetryPolicy().throttle_seconds > 1
+    throttled = policy.max_attempts + 3
+    async with limiter_for(proxy, retry=policy, deadline=None) as limiter:
+        before = len(proxy.requests("UpdateItem"))
+        proxy.inject("throttle", ops={"UpdateItem"}, count=throttled)
+        async with limiter.acquire("k", RESOURCE, [LIMIT], {"tok": 2}):
+            pass
+        assert len(proxy.requests("UpdateItem")) - before == throttled + 1
+    assert (await stored(proxy))["net"] == 3000
+
+
+async def test_throttle_retries_end_after_throttle_seconds(
+    proxy: FaultProxy, warm: RateLimiter
+) -> None:
+    """Persistent throttling: retries go on past `max_attempts` for `throttle_seconds`, then the
+    acquire is refused as unavailable, having written nothing."""
+    policy = RetryPolicy(max_attempts=2, base_delay=0.005, max_delay=0.02, throttle_seconds=0.4)
+    async with limiter_for(proxy, retry=policy, deadline=None) as limiter:
+        before = len(proxy.requests("UpdateItem"))
+        proxy.inject("throttle", ops={"UpdateItem"})
+        started = time.monotonic()
+        with pytest.raises(RateLimiterUnavailable):
+            async with limiter.acquire("k", RESOURCE, [LIMIT], {"tok": 2}):
+                pytest.fail("admitted while every write was throttled")
+        elapsed = time.monotonic() - started
+        proxy.clear()
+        attempts = len(proxy.requests("UpdateItem")) - before
+    assert policy.throttle_seconds <= elapsed < policy.throttle_seconds + 0.5, elapsed
+    assert attempts > policy.max_attempts
     assert (await stored(proxy))["net"] == 1000
 
 

@@ -359,7 +359,9 @@ async def test_write_ceiling_forwards_at_most_c_per_window_per_item(
     async with RateLimiter(name=table, endpoint_url=endpoint_url, stack_options=StackOptions()):
         pass
     name = schema.table_name(table)
-    repo = Repository(name, None, proxy.endpoint_url, retry=RetryPolicy(max_attempts=1))
+    repo = Repository(
+        name, None, proxy.endpoint_url, retry=RetryPolicy(max_attempts=1, throttle_seconds=0)
+    )
 
     def key(pk: str) -> dict[str, Any]:
         return {"PK": {"S": pk}, "SK": {"S": "#X"}}
@@ -518,7 +520,7 @@ async def _warm_reserving_limiter(
         name=table,
         endpoint_url=proxy.endpoint_url,
         reservations=RESERVATIONS,
-        retry=RetryPolicy(max_attempts=2),
+        retry=RetryPolicy(max_attempts=2, throttle_seconds=0),  # a throttle refuses at once
     )
     kept = 0
 
