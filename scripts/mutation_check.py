@@ -47,6 +47,8 @@ TAKE_LANDED = f"{FAULTS}::test_a_take_past_its_deadline_is_held_once_it_landed"
 FAIL_CLOSED_BOOKS = f"{FAULTS}::test_lease_calls_fail_closed"
 CASCADE_CHILD = f"{FAULTS}::test_cascade_child_failure_gives_parent_back"
 MIXED = f"{FAULTS}::test_a_write_mixing_a_take_and_a_give_back_is_never_resent"
+HALF_ADJUST = f"{FAULTS}::test_half_landed_cascade_adjust_then_rollback_gives_back_exactly"
+HALF_RELEASE = f"{FAULTS}::test_half_landed_cascade_release_then_rollback_gives_back_once"
 BLOCK_BACK = (
     "tests/reliability/test_reservation_faults.py"
     "::test_failed_adjust_still_puts_its_give_back_in_the_block"
@@ -131,7 +133,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "lease_adjust",  # adjust writes
         LEASE,
-        'await self._force(deltas, "adjust")',
+        'await self._force(self._each(deltas), "adjust")',
         "pass",
         (
             "tests/test_limiter.py::test_adjust_can_go_negative_and_release_caps_at_burst",
@@ -169,18 +171,32 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "lease_gives_before_write",  # a give-back leaves the lease's books whatever its fate
         LEASE,
-        "takes = {name: n for name, n in deltas.items() if n > 0}\n"
-        "        self._add({name: n for name, n in deltas.items() if n < 0})",
-        "takes = dict(deltas)",
+        "gives = [{name: n for name, n in e.items() if n < 0} for e in each]\n"
+        "        self._add_each(gives)",
+        "gives = [{} for e in each]",
         (NEVER_RESENT, FAIL_CLOSED_BOOKS),
     ),
     Mutant(
         "lease_takes_once_landed",  # a take enters the lease's books once it landed
         LEASE,
-        "takes = {name: n for name, n in deltas.items() if n > 0}\n"
-        "        self._add({name: n for name, n in deltas.items() if n < 0})",
-        "takes = {}\n        self._add(dict(deltas))",
+        "takes = [{name: n for name, n in e.items() if n > 0} for e in each]",
+        "takes = [{} for e in each]\n        self._add_each(each)",
         (TAKE_LANDED,),
+    ),
+    Mutant(
+        "landed_half_recorded",  # the engine reports the half of a cascade that landed
+        ENGINE,
+        "                        if landing is not None:\n"
+        "                            landing.landed.append(targets[i])",
+        "                        pass",
+        (HALF_ADJUST,),
+    ),
+    Mutant(
+        "refused_give_back_kept",  # a give-back certainly refused stays in the lease's books
+        LEASE,
+        "            elif landing.refused_at(target):",
+        "            elif False:",
+        (HALF_RELEASE,),
     ),
     Mutant(
         "block_takes_give_back_on_failure",  # a lease's give-back to a block survives a failure

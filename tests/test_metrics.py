@@ -30,12 +30,14 @@ from zae_limiter import (
 from zae_limiter.local import LocalDynamoDB, free_port
 from zae_limiter.metrics import (
     ADMITTED,
+    DEFAULT_MAX_SERIES,
     DENIED,
     ENTITY_ID,
     FAIL_OPEN,
     LIMIT,
     NO_METRICS,
     OPERATION,
+    OVERFLOW_ATTRIBUTE,
     RESOURCE,
     RESULT,
     RESULTS,
@@ -217,8 +219,34 @@ def test_a_noop_without_opentelemetry(
     assert NO_METRICS.enabled is False
 
 
+def test_series_stay_bounded_when_resources_come_from_requests(
+    reader: InMemoryMetricReader, provider: MeterProvider
+) -> None:
+    """10,000 resources (an attacker choosing the path): each instrument keeps the default
+    `max_series` attribute sets and one overflow series, and no count is lost."""
+    metrics = Metrics(provider, entity_ids=True)
+    for n in range(10_000):
+        metrics.acquired(f"res-{n}", f"key-{n}", DENIED, 0.001, denied_by=("rpm",))
+    out = exported(reader)
+    overflow = frozenset({(OVERFLOW_ATTRIBUTE, True)})
+    names = ("zae_limiter.acquires", "zae_limiter.limit.denials", "zae_limiter.acquire.duration")
+    for name in names:
+        points = out[name]
+        assert len(points) == DEFAULT_MAX_SERIES + 1, name
+        assert sum(points.values()) == 10_000, name
+        assert points[overflow] == 10_000 - DEFAULT_MAX_SERIES, name
+    assert out["zae_limiter.acquires"][attrs(resource="res-0", result=DENIED, entity="key-0")] == 1
+    small = Metrics(provider, max_series=3)
+    for n in range(5):
+        small.called(f"Op{n}", 1.0, 0.0)
+    calls = exported(reader)["zae_limiter.dynamodb.calls"]
+    assert len(calls) == 4 and calls[overflow] == 2
+
+
 def test_bad_arguments_name_their_field(provider: MeterProvider) -> None:
     cases: list[tuple[str, dict[str, Any]]] = [
+        ("max_series", {"max_series": 0}),
+        ("max_series", {"max_series": True}),
         ("entity_ids", {"entity_ids": "yes"}),
         ("latency_sample", {"latency_sample": 1.5}),
         ("latency_sample", {"latency_sample": True}),

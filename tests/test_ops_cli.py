@@ -134,6 +134,24 @@ def test_entity_commands(table: str) -> None:
     assert "not found" in cli(table, "entity", "show", "k2", code=1).output
 
 
+def test_stored_strings_cannot_drive_the_terminal(table: str) -> None:
+    """An entity's name and metadata are free text anyone with write access to the table may
+    set: the human views show escape sequences, bidi overrides and other controls as escapes,
+    never as the characters a terminal acts on. JSON keeps the stored value exactly."""
+    evil = "\x1b]0;owned\x07\x1b[2J\x9b31m\u202eevil"
+
+    async def setup() -> None:
+        async with RateLimiter(name="ops", endpoint_url=table) as lim:
+            await lim.create_entity("esc", name=evil, metadata={"note": evil})
+
+    asyncio.run(setup())
+    shown = cli(table, "entity", "show", "esc").output
+    for char in ("\x1b", "\x07", "\x9b", "\u202e"):
+        assert char not in shown, repr(char)
+    assert "\\x1b]0;owned\\x07\\x1b[2J\\x9b31m\\u202eevil" in shown
+    assert js(table, "entity", "show", "esc")["name"] == evil
+
+
 def test_verify_reports_a_missing_parent(table: str) -> None:
     async def orphan() -> None:
         async with Repository("ZAEL-ops", "us-east-1", table) as repo:

@@ -17,14 +17,14 @@ import logging
 import random
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import core, expiry, stored
 from .cache import TTLCache
 from .exceptions import RateLimiterUnavailable, RateLimitExceeded, RequestTooLarge
 from .models import Limit, LimitStatus
-from .storage import BucketItem, ConditionFailed, LimitWrite, Storage
+from .storage import BucketItem, ConditionFailed, LimitWrite, Storage, WriteRefused
 
 MAX_ROUNDS = 12
 # Give-backs and adjustments must land: losing one leaves capacity consumed for nothing.
@@ -50,6 +50,23 @@ class Target:
     limits: list[Limit]
     state: BucketItem | None = None
     fresh: bool = False
+
+
+@dataclass
+class Landing:
+    """Which targets of an unchecked change stand, filled in as their writes land: `landed`
+    (applied, or nothing to write) and `refused` (certainly not applied). A target in neither
+    failed with an unknown outcome. Filled before any failure is raised, so a caller whose call
+    raised still knows which half of a cascade stands."""
+
+    landed: list[Target] = field(default_factory=list)
+    refused: list[Target] = field(default_factory=list)
+
+    def stands(self, target: Target) -> bool:
+        return any(t is target for t in self.landed)
+
+    def refused_at(self, target: Target) -> bool:
+        return any(t is target for t in self.refused)
 
 
 class Engine:
@@ -124,19 +141,30 @@ class Engine:
         await self._apply(targets, amounts, check=True)
 
     async def force_each(
-        self, targets: Sequence[Target], amounts: Sequence[Mapping[str, int]]
+        self,
+        targets: Sequence[Target],
+        amounts: Sequence[Mapping[str, int]],
+        landing: Landing | None = None,
     ) -> None:
-        """`force` with each target's own amounts."""
-        await self._apply(targets, amounts, check=False)
+        """`force` with each target's own amounts, reporting each target's fate in `landing`
+        (then a give-back certainly refused is the caller's to count: it is not logged as
+        unconfirmed)."""
+        await self._apply(targets, amounts, check=False, landing=landing)
 
     async def _apply(
-        self, targets: Sequence[Target], amounts: Sequence[Mapping[str, int]], check: bool
+        self,
+        targets: Sequence[Target],
+        amounts: Sequence[Mapping[str, int]],
+        check: bool,
+        landing: Landing | None = None,
     ) -> None:
         deltas = [
             [each.get(limit.name, 0) * 1000 for limit in t.limits]
             for t, each in zip(targets, amounts, strict=True)
         ]
         pending = [i for i, d in enumerate(deltas) if any(d)]
+        if landing is not None:
+            landing.landed.extend(t for t, d in zip(targets, deltas, strict=True) if not any(d))
         committed: list[int] = []
         # Raw outcomes per target; LimitStatus objects are only built for a denial.
         seen: dict[int, Sequence[core.Outcome]] = {}
@@ -194,8 +222,12 @@ class Engine:
                     elif isinstance(result, BaseException):
                         still.append(i)
                         failure = failure or result
+                        if landing is not None and isinstance(result, WriteRefused):
+                            landing.refused.append(targets[i])
                     else:
                         committed.append(i)
+                        if landing is not None:
+                            landing.landed.append(targets[i])
                 pending = still
                 if failure is not None:
                     raise failure
@@ -210,7 +242,10 @@ class Engine:
             )
         except BaseException as exc:
             if not check:
-                self._unconfirmed([targets[i] for i in pending], [amounts[i] for i in pending], exc)
+                unknown = [
+                    i for i in pending if landing is None or not landing.refused_at(targets[i])
+                ]
+                self._unconfirmed([targets[i] for i in unknown], [amounts[i] for i in unknown], exc)
             if committed and check:
                 # Partial success of an all-or-nothing consume: give back what was taken. The
                 # give-back is a task of its own, so a deadline cancelling this call (which

@@ -11,7 +11,7 @@ from typing import Any, Protocol, TypeVar
 
 from .arguments import oversized
 from .deadline import Bounded, DeadlineExceeded
-from .engine import Target, available_milli, request_too_large
+from .engine import Landing, Target, available_milli, request_too_large
 from .exceptions import ValidationError
 from .failures import public_errors
 from .models import LimitStatus
@@ -28,7 +28,15 @@ class Settler(Protocol):
 
     async def commit(self, targets: Sequence[Target], amounts: Mapping[str, int]) -> None: ...
 
-    async def force(self, targets: Sequence[Target], amounts: Mapping[str, int]) -> None: ...
+    async def force_each(
+        self,
+        targets: Sequence[Target],
+        amounts: Sequence[Mapping[str, int]],
+        landing: Landing | None = None,
+    ) -> None:
+        """Apply each target's amounts unchecked, reporting in `landing` which targets' changes
+        landed and which were certainly refused (before any failure is raised)."""
+        ...
 
     def settle_local(
         self, targets: Sequence[Target], amounts: Mapping[str, int], check: bool
@@ -66,17 +74,22 @@ class Lease:
         self._settler = settler
         self._deadline = deadline
         self._targets = list(targets)
-        self._consumed: dict[str, int] = dict(consumed)
+        # The books, per target (the entity's bucket item, then its parent's with cascade): a
+        # cascade change may land on one item and fail on the other, and a rollback must then
+        # give back to each exactly what it holds.
+        self._books: list[dict[str, int]] = [dict(consumed) for _ in self._targets]
         self._limit_names = {limit.name for limit in targets[0].limits} if targets else set()
         self.fail_open = fail_open
         """True when DynamoDB was unreachable and FAIL_OPEN admitted without a bucket."""
 
     @property
     def consumed(self) -> dict[str, int]:
-        """Net tokens this lease holds per limit (after adjustments and releases). A take
-        counts once its write is known to have landed (an `adjust` that went on past its
-        deadline, when it lands); a give-back counts at once, whatever happens to its write."""
-        return dict(self._consumed)
+        """Net tokens this lease holds per limit (after adjustments and releases) in the
+        entity's own bucket. A take counts once its write is known to have landed (an `adjust`
+        that went on past its deadline, when it lands); a give-back counts at once, whatever
+        happens to its write. With cascade the parent's books are kept apart: a change that
+        landed on one item only is counted on that one."""
+        return dict(self._books[0]) if self._books else {}
 
     @property
     def entity_id(self) -> str | None:
@@ -90,7 +103,7 @@ class Lease:
         Empty for a fail-open lease (no bucket was seen)."""
         now = self._settler.clock()
         result: list[LimitStatus] = []
-        for target in self._targets:
+        for target, books in zip(self._targets, self._books, strict=True):
             for limit in target.limits:
                 milli = available_milli(limit, target.state, now)
                 result.append(
@@ -100,7 +113,7 @@ class Lease:
                         limit_name=limit.name,
                         limit=limit,
                         available=milli // 1000,
-                        requested=self._consumed.get(limit.name, 0),
+                        requested=books.get(limit.name, 0),
                         exceeded=False,
                         retry_after_seconds=0.0,
                     )
@@ -124,8 +137,9 @@ class Lease:
         below zero, or it would add capacity it never took (to its parent's bucket too)."""
         if self.fail_open:  # nothing was taken; the call changes nothing
             return
+        held_now = self.consumed
         for name, amount in gives.items():
-            held = self._consumed.get(name, 0)
+            held = held_now.get(name, 0)
             if amount > held:
                 raise ValidationError(
                     f"{field}.{name}", -amount, f"gives back more than this lease holds ({held})"
@@ -138,12 +152,14 @@ class Lease:
         deltas = self._amounts(amounts, signed=True)
         self._held_back("adjust", {k: -v for k, v in deltas.items() if v < 0})
         if deltas and not self.fail_open:
-            await self._force(deltas, "adjust")
+            await self._force(self._each(deltas), "adjust")
 
     async def consume(self, **amounts: int) -> None:
         """Take more, checked like `acquire`: raises `RateLimitExceeded` and takes nothing if any
         limit (or the parent's, with cascade) cannot cover it. At the deadline it raises
-        `RateLimiterUnavailable` (a decision not made takes nothing)."""
+        `RateLimiterUnavailable` and the lease does not count the tokens; a write already sent
+        may still land then, charging the bucket for tokens nobody holds (under-admission
+        until refill, never over-admission). A partial cascade is given back."""
         deltas = self._amounts(amounts, signed=False)
         if deltas and not self.fail_open:
             sets = [(t.entity_id, t.limits) for t in self._targets]
@@ -161,61 +177,112 @@ class Lease:
         deltas = self._amounts(amounts, signed=False)
         self._held_back("release", deltas)
         if deltas and not self.fail_open:
-            await self._force({k: -v for k, v in deltas.items()}, "release")
+            await self._force(self._each({k: -v for k, v in deltas.items()}), "release")
 
     async def _rollback(self) -> None:
-        deltas = {k: -v for k, v in self._consumed.items() if v}
-        if deltas and not self.fail_open:
-            await self._force(deltas, "rollback")
-        self._consumed = dict.fromkeys(self._consumed, 0)
+        each = [{k: -v for k, v in books.items() if v > 0} for books in self._books]
+        if any(each) and not self.fail_open:
+            await self._force(each, "rollback")
 
-    async def _force(self, deltas: Mapping[str, int], what: str) -> None:
-        """An unchecked change, which must land: at the deadline the call returns and the write
-        goes on in the background (retrying it would apply it twice); only a failure within
-        the deadline raises.
+    def _each(self, deltas: Mapping[str, int]) -> list[dict[str, int]]:
+        """`deltas` for every target, a give-back cut to what that target holds: after a
+        change that landed on one item only, the other holds less, and giving it more would
+        add capacity this lease never took there."""
+        return [
+            {
+                name: max(n, -books.get(name, 0)) if n < 0 else n
+                for name, n in deltas.items()
+                if n > 0 or books.get(name, 0) > 0
+            }
+            for books in self._books
+        ]
 
-        The books err toward under-admission whatever the outcome: what the change gives back
-        leaves them before the write (a give-back that fails or may not have landed is never
-        given again, by this lease or its rollback: it could then land twice and mint tokens),
-        what it takes enters them once its write is known to have landed (a rollback never
-        gives back a take that did not land)."""
+    async def _force(self, each: Sequence[Mapping[str, int]], what: str) -> None:
+        """An unchecked change (each target's own amounts), which must land: at the deadline
+        the call returns and the write goes on in the background (retrying it would apply it
+        twice); only a failure within the deadline raises.
+
+        The books follow what landed, target by target, and err toward under-admission where
+        the outcome is unknown: what the change gives back leaves them before the write and
+        returns only if the write there was certainly refused (a give-back that may have landed
+        is never given again, by this lease or its rollback: it could then land twice and mint
+        tokens); what it takes enters a target's books once its write there is known to have
+        landed (a rollback never gives back a take that did not land, and always the half of a
+        cascade that did)."""
         if self.fail_open:
             return
-        if self._settler.settle_local(self._targets, deltas, check=False):
-            self._add(deltas)
+        first = each[0] if each else {}
+        if all(e == first for e in each) and self._settler.settle_local(
+            self._targets, first, check=False
+        ):
+            self._add_each(each)
             return
-        takes = {name: n for name, n in deltas.items() if n > 0}
-        self._add({name: n for name, n in deltas.items() if n < 0})
-        write = self._settler.detach(self._settler.force(self._targets, deltas))
+        takes = [{name: n for name, n in e.items() if n > 0} for e in each]
+        gives = [{name: n for name, n in e.items() if n < 0} for e in each]
+        self._add_each(gives)
+        landing = Landing()
+        write = self._settler.detach(self._settler.force_each(self._targets, each, landing))
         try:
             async with Bounded(self._deadline):
                 with public_errors():
                     await asyncio.shield(write)
         except DeadlineExceeded as exc:
-            log.warning("%s %s of %r goes on past its deadline: %s", what, dict(deltas), self, exc)
-            write.add_done_callback(functools.partial(self._landed_late, takes, what, repr(self)))
+            log.warning("%s %s of %r goes on past its deadline: %s", what, list(each), self, exc)
+            write.add_done_callback(
+                functools.partial(self._landed_late, takes, gives, landing, what, repr(self))
+            )
             return
-        self._add(takes)
+        except BaseException:
+            self._settle_books(takes, gives, landing)
+            raise
+        self._settle_books(takes, gives, landing)
 
     def _landed_late(
-        self, takes: Mapping[str, int], what: str, lease: str, write: asyncio.Task[None]
+        self,
+        takes: Sequence[Mapping[str, int]],
+        gives: Sequence[Mapping[str, int]],
+        landing: Landing,
+        what: str,
+        lease: str,
+        write: asyncio.Task[None],
     ) -> None:
         if write.cancelled():
             return
+        self._settle_books(takes, gives, landing)
         exc = write.exception()
-        if exc is None:
-            self._add(takes)
-        else:
+        if exc is not None:
             log.error("%s of %s, which went on past its deadline, failed: %s", what, lease, exc)
 
+    def _settle_books(
+        self,
+        takes: Sequence[Mapping[str, int]],
+        gives: Sequence[Mapping[str, int]],
+        landing: Landing,
+    ) -> None:
+        """Takes enter the books of the targets where they landed; give-backs certainly refused
+        return to them (they left before the write)."""
+        settled: list[dict[str, int]] = []
+        for target, take, give in zip(self._targets, takes, gives, strict=True):
+            if landing.stands(target):
+                settled.append(dict(take))
+            elif landing.refused_at(target):
+                settled.append({name: -n for name, n in give.items()})
+            else:
+                settled.append({})
+        self._add_each(settled)
+
     def _add(self, deltas: Mapping[str, int]) -> None:
+        self._add_each([deltas] * len(self._books))
+
+    def _add_each(self, each: Sequence[Mapping[str, int]]) -> None:
         if self.fail_open:  # nothing was taken from any bucket, so nothing is held
             return
-        for name, value in deltas.items():
-            self._consumed[name] = self._consumed.get(name, 0) + value
+        for books, deltas in zip(self._books, each, strict=True):
+            for name, value in deltas.items():
+                books[name] = books.get(name, 0) + value
 
     def __repr__(self) -> str:
-        return f"Lease(entity_id={self.entity_id!r}, consumed={self._consumed!r})"
+        return f"Lease(entity_id={self.entity_id!r}, consumed={self.consumed!r})"
 
 
 class LeaseScope:

@@ -11,6 +11,10 @@ and an increment, plus one histogram record for its latency (`latency_sample` th
 
 Attributes are bounded by design: the resource, the result, the limit name, the DynamoDB
 operation. An entity id is an attribute only with `entity_ids=True` (one series per entity).
+A resource or a limit name may come from requests (an HTTP route's resource taken from the
+path), so each instrument also keeps at most `max_series` attribute sets per `Metrics`: past
+that, measurements go to one overflow series marked `otel.metric.overflow=true`, as the
+OpenTelemetry SDK's own cardinality limit does.
 """
 
 from __future__ import annotations
@@ -55,8 +59,13 @@ LATENCY_BOUNDARIES = (
     0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 
-Attributes = dict[str, str]
+Attributes = dict[str, str | bool]
 Key = tuple[str | None, ...]
+
+# The attribute set of the overflow series (OpenTelemetry's name for it).
+OVERFLOW_ATTRIBUTE = "otel.metric.overflow"
+DEFAULT_MAX_SERIES = 2000
+_OVERFLOW_KEY: Key = ("\x00overflow",)
 
 # The counters: name, unit, description. Each `Metrics` keeps a tally per name.
 ACQUIRES = "zae_limiter.acquires"
@@ -100,16 +109,26 @@ class _Tally:
 class _Tallies:
     """Running totals per key, read by an observable counter's callback (maybe another thread)."""
 
-    def __init__(self, lock: threading.Lock, make: Callable[..., Attributes]) -> None:
+    def __init__(
+        self, lock: threading.Lock, make: Callable[..., Attributes], max_series: int
+    ) -> None:
         self._lock = lock
         self._make = make
+        self._max_series = max_series
         self._by_key: dict[Key, _Tally] = {}
 
     def add(self, key: Key, amount: float = 1) -> _Tally:
         with self._lock:
             tally = self._by_key.get(key)
             if tally is None:
-                tally = self._by_key[key] = _Tally(self._make(*key))
+                if len(self._by_key) >= self._max_series:
+                    key = _OVERFLOW_KEY
+                    tally = self._by_key.get(key)
+                if tally is None:
+                    attributes: Attributes = (
+                        {OVERFLOW_ATTRIBUTE: True} if key is _OVERFLOW_KEY else self._make(*key)
+                    )
+                    tally = self._by_key[key] = _Tally(attributes)
             tally.value += amount
         return tally
 
@@ -121,14 +140,14 @@ class _Tallies:
 def _acquire_attributes(resource: str, result: str, entity_id: str | None) -> Attributes:
     if result not in RESULTS:
         raise ValidationError("result", result, f"must be one of {', '.join(sorted(RESULTS))}")
-    attributes = {RESOURCE: resource, RESULT: result}
+    attributes: Attributes = {RESOURCE: resource, RESULT: result}
     if entity_id is not None:
         attributes[ENTITY_ID] = entity_id
     return attributes
 
 
 def _denial_attributes(resource: str, limit: str, entity_id: str | None) -> Attributes:
-    attributes = {RESOURCE: resource, LIMIT: limit}
+    attributes: Attributes = {RESOURCE: resource, LIMIT: limit}
     if entity_id is not None:
         attributes[ENTITY_ID] = entity_id
     return attributes
@@ -233,7 +252,8 @@ class Metrics:
     `opentelemetry.metrics.set_meter_provider` configured it). `entity_ids=True` adds the
     entity id to the acquire and denial attributes: one series per entity, for a bounded set of
     entities only. `latency_sample` is the share of acquires whose latency is recorded (1.0:
-    all; the outcome counts always include every acquire).
+    all; the outcome counts always include every acquire). `max_series` bounds the attribute
+    sets of each instrument (see the module's docstring): one more series takes the rest.
 
     Without `opentelemetry-api` installed, and for `NO_METRICS`, every method does nothing. One
     `Metrics` may serve several limiters; several on one provider add up.
@@ -246,7 +266,10 @@ class Metrics:
         entity_ids: bool = False,
         latency_sample: float = 1.0,
         enabled: bool = True,
+        max_series: int = DEFAULT_MAX_SERIES,
     ) -> None:
+        if isinstance(max_series, bool) or not isinstance(max_series, int) or max_series < 1:
+            raise ValidationError("max_series", max_series, "must be a positive integer")
         if not isinstance(entity_ids, bool):
             raise ValidationError("entity_ids", entity_ids, "must be a bool")
         if (
@@ -261,7 +284,7 @@ class Metrics:
         self.latency_sample = float(latency_sample)
         lock = threading.Lock()
         tallies = {
-            name: _Tallies(lock, _MAKERS.get(name, _operation_attributes))
+            name: _Tallies(lock, _MAKERS.get(name, _operation_attributes), max_series)
             for name, _, _ in COUNTERS
         }
         self._acquires = tallies[ACQUIRES]

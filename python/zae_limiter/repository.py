@@ -65,6 +65,7 @@ from .storage import (
     Storage,
     StorageError,
     StoredLimit,
+    WriteRefused,
 )
 from .usage import Moment, check_range, snapshot_order
 
@@ -1095,6 +1096,11 @@ class Repository:
                 await asyncio.sleep(self.retry.delay(attempt))
             try:
                 response = await self._call("update_item", kwargs, retryable)
+            except RepositoryUnavailable as exc:
+                if sent_unanswered:
+                    raise
+                # Every attempt was refused before it applied (throttled, never sent).
+                raise WriteRefused(str(exc), exc.__cause__ or last) from exc
             except _ConditionCheckFailed as exc:
                 raw = exc.item
                 current = bucket_from_item(raw) if raw else None

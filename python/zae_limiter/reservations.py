@@ -10,7 +10,7 @@ add (on `close()`, when the block's hold time ends, when its limits change). doc
 
 "Lease" names what one `acquire` yields; a reservation is a process's stock of tokens behind
 many leases. A `Lease` settles through a `Reserver` exactly as through the `Engine` (the same
-`commit` / `force`), which spends or refills the block first and writes only the rest.
+`commit` / `force_each`), which spends or refills the block first and writes only the rest.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any
 
 from . import core
-from .engine import BucketKey, Engine, Target, available_milli, bucket_input
+from .engine import BucketKey, Engine, Landing, Target, available_milli, bucket_input
 from .exceptions import RateLimitExceeded
 from .models import Limit, LimitStatus, Reservations
 
@@ -39,6 +39,9 @@ MIN_RATE_INTERVAL = 0.001
 # The low watermark covers this many top-up latencies of demand: the latency is a smoothed
 # estimate, and a write slower than it (a throttled retry, a conflict) must still land in time.
 WATERMARK_LATENCIES = 2.0
+# The least time between two passes of the sweeper over the blocks (a block given back a little
+# after its hold time changes nothing; retired blocks wake it at once).
+SWEEP_INTERVAL_S = 0.1
 
 
 class Holding:
@@ -179,7 +182,7 @@ class Reserver:
         self, targets: Sequence[Target], amounts: Mapping[str, int], check: bool
     ) -> bool:
         """Settle a lease's change against its blocks alone, with no I/O: True when they cover
-        it (then it is done), False when it needs `commit`/`force` (nothing changed)."""
+        it (then it is done), False when it needs `commit`/`force_each` (nothing changed)."""
         holdings = self._holdings_of(targets)
         if holdings is None:
             return False
@@ -202,51 +205,68 @@ class Reserver:
         else:
             await self._take(holdings, amounts)
 
-    async def force(self, targets: Sequence[Target], amounts: Mapping[str, int]) -> None:
-        """Forced amounts settle against the blocks: a take spends what the block holds, a
-        give-back refills it; only what no block covers is written. If that write fails, what
-        the blocks covered of its takes goes back into them, and the give-backs still go in:
-        the lease counts a give-back as made whatever happens to the write (it never makes one
+    async def force_each(
+        self,
+        targets: Sequence[Target],
+        amounts: Sequence[Mapping[str, int]],
+        landing: Landing | None = None,
+    ) -> None:
+        """Forced amounts (each target's own) settle against the blocks: a take spends what the
+        block holds, a give-back refills it; only what no block covers is written. `landing`
+        reports each target's fate: landed (covered by its block, or its write landed) or
+        refused (its write certainly did not apply).
+        If a write fails, what the block covered of that target's take goes back into it (a
+        landed target's stays spent: its take stands), and the give-backs still go in: the
+        lease counts a give-back as made whatever happens to the write (it never makes one
         twice), and none of it was written for an item whose block takes it."""
         rest_targets: list[Target] = []
         rests: list[dict[str, int]] = []
         spent: list[tuple[Holding, list[int]]] = []
         backs: list[tuple[Holding, list[int]]] = []
-        for target in targets:
+        settled: list[Target] = []  # nothing left to write
+        for target, each in zip(targets, amounts, strict=True):
             holding = self.holdings.get((target.entity_id, target.resource))
             if holding is None or holding.target is not target:
                 rest_targets.append(target)
-                rests.append(dict(amounts))
+                rests.append(dict(each))
                 continue
-            signed = [amounts.get(limit.name, 0) * 1000 for limit in holding.limits]
+            signed = [each.get(limit.name, 0) * 1000 for limit in holding.limits]
             back = [max(-a, 0) for a in signed]
             if any(back):
                 backs.append((holding, back))
             take = [max(a, 0) for a in signed]
+            rest = holding.block.take_up_to(take) if any(take) else take
             if any(take):
-                rest = holding.block.take_up_to(take)
                 spent.append((holding, [t - r for t, r in zip(take, rest, strict=True)]))
-                if any(rest):
-                    rest_targets.append(target)
-                    rests.append(
-                        {
-                            lim.name: r // 1000
-                            for lim, r in zip(holding.limits, rest, strict=True)
-                            if r
-                        }
-                    )
-        if rest_targets:
-            try:
-                await self.engine.force_each(rest_targets, rests)
-            except BaseException:
-                for holding, covered in spent:  # adding back is always possible
+            if any(rest):
+                rest_targets.append(target)
+                rests.append(
+                    {lim.name: r // 1000 for lim, r in zip(holding.limits, rest, strict=True) if r}
+                )
+            else:
+                settled.append(target)
+        written = Landing()
+        try:
+            if rest_targets:
+                await self.engine.force_each(rest_targets, rests, written)
+        except BaseException:
+            sent = {id(t) for t in rest_targets}
+            for holding, covered in spent:  # adding back is always possible
+                if id(holding.target) in sent and not written.stands(holding.target):
                     holding.block.add(covered)
-                for holding, back in backs:
-                    holding.block.add(back)
-                raise
+            for holding, back in backs:
+                holding.block.add(back)
+            if landing is not None:
+                landing.landed.extend(settled + written.landed)
+                # A give-back went into the target's block, not the refused write: it was made.
+                into_blocks = {id(holding.target) for holding, _ in backs}
+                landing.refused.extend(t for t in written.refused if id(t) not in into_blocks)
+            raise
         # Give-backs last: once in a block they may be spent, and could not be undone.
         for holding, back in backs:
             holding.block.add(back)
+        if landing is not None:
+            landing.landed.extend(settled + written.landed)
 
     def _holdings_of(self, targets: Sequence[Target]) -> list[Holding] | None:
         holdings: list[Holding] = []
@@ -315,6 +335,20 @@ class Reserver:
         finally:
             for h in holdings:
                 h.inflight = None
+            self._unfilled(holdings)
+
+    def _unfilled(self, holdings: Sequence[Holding]) -> None:
+        """Let a block that a top-up left empty and unscheduled go: the sweeper forgets it
+        once its denial memory (if any) ends. Otherwise a key whose first top-up failed (an
+        outage, a denial) would keep its empty block for good, one per key ever seen."""
+        now = time.monotonic()
+        expiring = False
+        for h in holdings:
+            if h.expires_at == math.inf and h.inflight is None and not any(h.block.held):
+                h.expires_at = max(now, h.denied_until)
+                expiring = True
+        if expiring and not self._closing:
+            self._arm()  # not woken: at most one scan per `SWEEP_INTERVAL_S`, whatever the churn
 
     async def _reserve(
         self, holdings: Sequence[Holding], needs: list[list[int]], ahead: bool = False
@@ -540,7 +574,9 @@ class Reserver:
             deadlines = [h.expires_at for h in self.holdings.values() if h.expires_at < math.inf]
             if not deadlines and not self._retired:
                 return
-            wait = max(0.0, min(deadlines) - time.monotonic()) if deadlines else 0.0
+            # Each pass scans every block: under churn (keys failing their first top-up one
+            # after another), a pass per change would cost O(blocks) each time.
+            wait = max(SWEEP_INTERVAL_S, min(deadlines) - time.monotonic()) if deadlines else 0.0
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), wait)
 
@@ -620,8 +656,7 @@ def _worth(holding: Holding, goal: list[int], need: list[int]) -> bool:
     """Whether a top-up ahead of `goal` lifts every limit under its watermark by a request."""
     low = holding.low or [0] * len(goal)
     return all(
-        g >= n or x - n >= m
-        for g, n, x, m in zip(goal, need, holding.block.held, low, strict=True)
+        g >= n or x - n >= m for g, n, x, m in zip(goal, need, holding.block.held, low, strict=True)
     )
 
 

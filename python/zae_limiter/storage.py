@@ -41,6 +41,11 @@ class RepositoryUnavailable(RateLimiterUnavailable):
     """
 
 
+class WriteRefused(RepositoryUnavailable):
+    """A bucket write that certainly did not apply (throttled, or never sent, on every
+    attempt), as opposed to one whose outcome is unknown: a caller may count it as not made."""
+
+
 class ConditionFailed(Exception):
     """A bucket write's condition did not hold; `current` is the item as DynamoDB had it."""
 
@@ -150,8 +155,9 @@ class BucketStorage(Protocol):
         expires_at: int | None = None,
     ) -> BucketItem:
         """Apply every limit write of one bucket atomically, exactly once, or raise
-        `ConditionFailed` with the current item. `expires_at` (epoch seconds), if given, is set
-        as the item's expiry by the same write."""
+        `ConditionFailed` with the current item, `WriteRefused` when it certainly did not
+        apply, or `RepositoryUnavailable` when its outcome is unknown. `expires_at` (epoch
+        seconds), if given, is set as the item's expiry by the same write."""
         ...
 
     async def extend_bucket_expiry(

@@ -436,6 +436,55 @@ async def test_cascade_child_failure_gives_parent_back(proxy: FaultProxy, figure
     figures.add(operations=2, admitted=1, ledger_checks=2)
 
 
+async def test_half_landed_cascade_adjust_then_rollback_gives_back_exactly(
+    proxy: FaultProxy, figures: Figures
+) -> None:
+    """adjust(+3) lands on the child and is throttled out on the parent: the lease's books take
+    the child's half only, and the rollback gives each item back exactly what it holds (the
+    child 7, the parent 4), so both end where they began."""
+    async with limiter_for(proxy) as limiter:
+        await limiter.create_entity("proj")
+        await limiter.create_entity("k", parent_id="proj")
+        with pytest.raises(RateLimiterUnavailable):
+            async with limiter.acquire("k", RESOURCE, [LIMIT], {"tok": 4}, cascade=True) as lease:
+                proxy.inject("throttle", ops={"UpdateItem"}, match=b"ENTITY#proj")
+                try:
+                    await lease.adjust(tok=3)
+                finally:
+                    proxy.clear()
+        assert lease.consumed == {"tok": 0}
+    child, parent = await stored(proxy, "k"), await stored(proxy, "proj")
+    assert child["cn"] == 7000 and parent["cn"] == 4000
+    assert child["net"] == 0, "the child's half of the adjust was not given back"
+    assert parent["net"] == 0
+    figures.add(operations=2, ledger_checks=2)
+
+
+async def test_half_landed_cascade_release_then_rollback_gives_back_once(
+    proxy: FaultProxy, figures: Figures
+) -> None:
+    """release(2) lands on the child and is certainly refused (throttled) on the parent: the
+    child's books drop to 2, the parent's stay 4, and the rollback gives back 2 and 4. Nothing
+    is given back twice (the child would then end below where it began: minted) and nothing is
+    stranded on the parent."""
+    async with limiter_for(proxy) as limiter:
+        await limiter.create_entity("proj")
+        await limiter.create_entity("k", parent_id="proj")
+        with pytest.raises(RateLimiterUnavailable):
+            async with limiter.acquire("k", RESOURCE, [LIMIT], {"tok": 4}, cascade=True) as lease:
+                proxy.inject("throttle", ops={"UpdateItem"}, match=b"ENTITY#proj")
+                try:
+                    await lease.release(tok=2)
+                finally:
+                    proxy.clear()
+                assert lease.consumed == {"tok": 2}  # not reached: release raised
+        assert limiter.ledger.unconfirmed_give_back_tokens == {}
+    child, parent = await stored(proxy, "k"), await stored(proxy, "proj")
+    assert child["cn"] == 4000 and child["rl"] == 4000, child
+    assert parent["cn"] == 4000 and parent["rl"] == 4000, "the parent's tokens were stranded"
+    figures.add(operations=2, ledger_checks=2)
+
+
 async def test_a_delayed_give_back_after_a_partial_cascade_lands_once(
     proxy: FaultProxy, figures: Figures
 ) -> None:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Iterator
 
@@ -56,6 +57,7 @@ from zae_limiter import (
     Limit,
     RateLimiter,
     RateLimiterUnavailable,
+    RateLimitExceeded,
     Reservations,
 )
 from zae_limiter.repository import Repository
@@ -589,3 +591,39 @@ async def test_a_give_back_while_a_top_up_is_denied_admits(proxy: FaultProxy) ->
             assert proxy.stats.injected["delay"] == 1
         assert held(limiter) == 4
     assert (await stored(proxy))["net"] == (LIMIT.capacity - 5 + 1) * 1000
+
+
+async def test_blocks_never_topped_up_are_forgotten(proxy: FaultProxy, figures: Figures) -> None:
+    """1,000 keys, each acquired once while DynamoDB refuses every read (throttled past the
+    retries): every first top-up fails, and the empty blocks they left go (they were kept for
+    good: 189 of 200 keys before). A denied key's empty block is kept while its denial is
+    remembered, and set to go then. (1,000 keys rather than more: each costs three refused
+    requests through the proxy; what is kept does not grow with the count, it is zero.)"""
+    keys = 1000
+    async with reserving(proxy) as limiter:
+        reserver = limiter._reserver
+        assert reserver is not None
+        proxy.inject("throttle", ops={"GetItem"})
+
+        async def one(i: int) -> None:
+            with pytest.raises(RateLimiterUnavailable):
+                async with limiter.acquire(f"k{i}", RESOURCE, [LIMIT], {"tok": 1}):
+                    pytest.fail("admitted during an outage")
+
+        for chunk in range(0, keys, 100):
+            await asyncio.gather(*(one(i) for i in range(chunk, min(keys, chunk + 100))))
+        proxy.clear()
+        await asyncio.sleep(0.3)  # the sweeper's next pass
+        assert len(reserver.holdings) == 0, f"{len(reserver.holdings)} empty blocks kept"
+
+        # A denied key: its block is kept while the denial is remembered, then goes too.
+        small = Limit.per_hour("tok", 2)
+        async with limiter.acquire("d", RESOURCE, [small], {"tok": 2}):
+            pass
+        with pytest.raises(RateLimitExceeded):
+            async with limiter.acquire("d", RESOURCE, [small], {"tok": 2}):
+                pass
+        denied = reserver.holdings[("d", RESOURCE)]
+        assert denied.denied_until > time.monotonic()
+        assert denied.expires_at < math.inf, "the denied key's empty block is kept for good"
+    figures.add(operations=keys + 2)

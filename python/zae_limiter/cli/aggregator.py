@@ -16,7 +16,7 @@ from ..aggregator.snapshots import WINDOWS, parse_windows
 from ..models import UsageSnapshot
 from ..usage import parse_time, summarize
 from . import main
-from .toolkit import Output, Target, new_table, target_options
+from .toolkit import Output, Target, new_table, plain, target_options
 
 BAR_WIDTH = 40
 CLIENT_RETRIES = 3
@@ -132,7 +132,7 @@ def usage(target: Target, out: Output, entity: str, resource: str | None, window
         right=limits,
     )
     for s in snapshots:
-        row = [s.window_start] + ([s.resource] if several else [])
+        row = [plain(s.window_start)] + ([plain(s.resource)] if several else [])
         table.add_row(*row, *(f"{s.counters.get(limit, 0):,}" for limit in limits))
     table.add_section()
     table.add_row("total", *([""] if several else []), *(f"{summary.totals[x]:,}" for x in limits))

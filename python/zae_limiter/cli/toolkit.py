@@ -214,10 +214,24 @@ def console(*, err: bool = False) -> Console:
     )
 
 
+# Characters a terminal acts on rather than shows: C0 controls but tab and newline, DEL, C1
+# controls (ESC's 8-bit twins), and the bidirectional overrides that reorder what is shown.
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def safe(text: str) -> str:
+    """`text` with the characters a terminal would act on shown as escapes (`\\x1b`). Stored
+    strings (entity names, metadata, audit details) are anyone's with write access to the
+    table: printed raw, an escape sequence could rewrite the screen or the window title."""
+    return _UNSAFE.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
+                       else f"\\u{ord(m.group()):04x}", text)
+
+
 def new_table(title: str, columns: Sequence[str], *, right: Iterable[str] = (),
               header: bool = True) -> Table:
-    """A table whose cells fold rather than being cut short with "…"."""
-    table = Table(title=title, title_justify="left", show_header=header)
+    """A table whose cells fold rather than being cut short with "…". The title is plain text
+    (no markup), made safe."""
+    table = Table(title=Text(safe(title)), title_justify="left", show_header=header)
     right = set(right)
     for column in columns:
         table.add_column(
@@ -234,7 +248,7 @@ def _cell(value: Any) -> str:
         return ", ".join(_cell(v) for v in value) or "-"
     if isinstance(value, dict):
         return "; ".join(f"{k}={_cell(v)}" for k, v in value.items()) or "-"
-    return "-" if value is None or value == "" else str(value)
+    return "-" if value is None or value == "" else safe(str(value))
 
 
 def fields_table(title: str, fields: Mapping[str, Any]) -> Table:
@@ -253,8 +267,13 @@ def rows_table(
     """One row per record, the given columns of each."""
     table = new_table(title, columns, right=right)
     for row in rows:
-        table.add_row(*(Text("-" if row.get(c) is None else str(row.get(c))) for c in columns))
+        table.add_row(*(plain(row.get(c)) for c in columns))
     return table
+
+
+def plain(value: Any) -> Text:
+    """A table cell of a value as it is (no markup), made safe; "-" for None."""
+    return Text("-" if value is None else safe(str(value)))
 
 
 def markup(text: str) -> Text:
@@ -276,6 +295,10 @@ def emit_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 
 
+def _safe_part(part: RenderableType) -> RenderableType:
+    return safe(part) if isinstance(part, str) else part
+
+
 @dataclass(frozen=True, slots=True)
 class Output:
     """How a command's result is shown: JSON (`--json`) or the human view."""
@@ -292,9 +315,9 @@ class Output:
         for part in human:
             if isinstance(part, Stderr):
                 err = err or console(err=True)
-                err.print(part.part, markup=False)
+                err.print(_safe_part(part.part), markup=False)
             else:
-                out.print(part, markup=False)
+                out.print(_safe_part(part), markup=False)
 
     def note(self, *human: Human) -> None:
         """Progress for people (nothing in JSON mode, which prints only the result)."""
@@ -406,7 +429,7 @@ def error_message(exc: BaseException, target: Target | None = None) -> str | Non
 
 
 def _one_line(text: str) -> str:
-    return re.sub(r"\s*\n\s*", " ", text.strip())
+    return safe(re.sub(r"\s*\n\s*", " ", text.strip()))
 
 
 def cli_errors(fn: Callable[..., T]) -> Callable[..., T]:
