@@ -61,6 +61,7 @@ from .models import (
 if TYPE_CHECKING:
     from .lease import Lease, SyncLease
     from .limiter import RateLimiter
+    from .memory import MemoryStorage
     from .metrics import Metrics
     from .repository import Repository
     from .stack_manager import StackManager
@@ -73,6 +74,7 @@ _LAZY = {
     "SyncLease": ("lease", "SyncLease"),
     "Repository": ("repository", "Repository"),
     "Metrics": ("metrics", "Metrics"),
+    "MemoryStorage": ("memory", "MemoryStorage"),
     "StackManager": ("stack_manager", "StackManager"),
 }
 
@@ -109,6 +111,7 @@ __all__ = [
     "Limit",
     "LimitName",
     "LimitStatus",
+    "MemoryStorage",
     "Metrics",
     "MinimumClientVersionError",
     "RateLimitError",

@@ -45,7 +45,7 @@ from .models import (
 from .repository import Repository, RetryPolicy
 from .reservations import Reserver
 from .schema import DEFAULT_RESOURCE, default_region, short_name, table_name
-from .storage import BucketItem, RepositoryUnavailable, StorageError
+from .storage import BucketItem, RepositoryUnavailable, Storage, StorageError
 from .validation import (
     validate_entity_id,
     validate_name,
@@ -92,7 +92,7 @@ class RateLimiter:
         clock: Callable[[], int] | None = None,
         limits_cache_ttl: float = 30.0,
         bucket_cache_size: int = 10_000,
-        repository: Repository | None = None,
+        repository: Storage | None = None,
         version_check: VersionCheck = "strict",
         reservations: Reservations | None = None,
         deadline: DeadlineArg = DEFAULT,
@@ -164,7 +164,7 @@ class RateLimiter:
         await self.repository.close()
 
     @property
-    def _repository(self) -> Repository:
+    def _repository(self) -> Storage:
         # 0.x's name for `repository`: code and test fixtures written for 0.2 reach for it.
         return self.repository
 

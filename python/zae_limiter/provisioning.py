@@ -29,8 +29,8 @@ from .exceptions import (
     ValidationError,
 )
 from .models import StackOptions
-from .repository import Repository
 from .schema import default_region
+from .storage import AdminStorage
 from .version import CLIENT_VERSION, record_deployment, write_initial_record
 
 # What create_stack returns (0.2.0's dict: "stack_id", "stack_name", "status", ...).
@@ -47,7 +47,7 @@ LOCAL_STATUS: Final = "CREATE_COMPLETE"
 
 
 async def provision(
-    repository: Repository,
+    repository: AdminStorage,
     options: StackOptions,
     *,
     name: str,
@@ -66,7 +66,7 @@ async def provision(
     await _create_local_table(repository, options)
 
 
-async def _create_local_table(repository: Repository, options: StackOptions) -> bool:
+async def _create_local_table(repository: AdminStorage, options: StackOptions) -> bool:
     created = await repository.create_table(
         options.billing_mode, options.read_capacity, options.write_capacity, tags=options.tags
     )
@@ -77,7 +77,7 @@ async def _create_local_table(repository: Repository, options: StackOptions) -> 
 
 
 async def _deploy(
-    repository: Repository, options: object, *, name: str, region: str | None, updated_by: str
+    repository: AdminStorage, options: object, *, name: str, region: str | None, updated_by: str
 ) -> dict[str, Any]:
     """`pulumi up` of the deployment, then its version record; returns the stack's outputs."""
     from .infra import automation
@@ -93,7 +93,7 @@ async def _deploy(
 
 
 async def stack_status(
-    repository: Repository, *, name: str, endpoint_url: str | None
+    repository: AdminStorage, *, name: str, endpoint_url: str | None
 ) -> str | None:
     """The stack's status (module docstring), None when there is none.
 
@@ -106,7 +106,7 @@ async def stack_status(
     return await asyncio.to_thread(automation.stack_status, name)
 
 
-async def _settle(repository: Repository, *, name: str, endpoint_url: str | None) -> str | None:
+async def _settle(repository: AdminStorage, *, name: str, endpoint_url: str | None) -> str | None:
     """Wait (bounded) while another process deploys or destroys the stack; its final status.
 
     Best effort: Pulumi's file backend may record an update only once it has finished, and then
@@ -125,7 +125,7 @@ async def _settle(repository: Repository, *, name: str, endpoint_url: str | None
 
 
 async def create_stack(
-    repository: Repository,
+    repository: AdminStorage,
     options: StackOptions | None,
     *,
     name: str,
@@ -187,7 +187,7 @@ async def create_stack(
             "outputs": outputs}
 
 
-async def _create_local(repository: Repository, options: StackOptions, stack: str) -> StackResult:
+async def _create_local(repository: AdminStorage, options: StackOptions, stack: str) -> StackResult:
     if await repository.table_exists():
         return {
             "stack_id": stack,
@@ -206,7 +206,7 @@ async def _create_local(repository: Repository, options: StackOptions, stack: st
 
 
 async def delete_stack(
-    repository: Repository, *, name: str, region: str | None, endpoint_url: str | None
+    repository: AdminStorage, *, name: str, region: str | None, endpoint_url: str | None
 ) -> None:
     """Delete the table, and on AWS the Pulumi stack that holds it; nothing to delete is fine.
 
@@ -227,7 +227,7 @@ async def delete_stack(
 
 
 async def deploy_aggregator(
-    repository: Repository,
+    repository: AdminStorage,
     *,
     name: str,
     region: str | None,

@@ -12,6 +12,10 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 SCHEMA_VERSION: Final = "1.2.0"
+# The oldest client that understands the schema a table is created with (1.2.0: `fa#` states,
+# read since 1.1.0); older ones would take a state they cannot read for a full bucket. A new
+# table's version record says so.
+MIN_CLIENT_VERSION: Final = "1.1.0"
 
 TABLE_PREFIX: Final = "ZAEL-"
 

@@ -241,6 +241,14 @@ class AdminStorage(Protocol):
     @property
     def ledger(self) -> CapacityLedger: ...
 
+    # Where the store is reached (None: AWS's regional endpoint, or no network at all); the
+    # limiter's default deadline follows it (`zae_limiter.deadline`).
+    endpoint_url: str | None
+
+    async def open(self) -> None:
+        """Make ready what the first call would (a client), before any deadline starts."""
+        ...
+
     async def close(self) -> None: ...
 
     async def table_exists(self) -> bool: ...

@@ -30,8 +30,9 @@ from .models import (
     UsageSnapshot,
     UsageSummary,
 )
-from .repository import Repository, RetryPolicy
+from .repository import RetryPolicy
 from .schema import DEFAULT_RESOURCE
+from .storage import Storage
 from .version import VersionCheck
 
 T = TypeVar("T")
@@ -55,7 +56,7 @@ class SyncRateLimiter:
         clock: Callable[[], int] | None = None,
         limits_cache_ttl: float = 30.0,
         bucket_cache_size: int = 10_000,
-        repository: Repository | None = None,
+        repository: Storage | None = None,
         version_check: VersionCheck = "strict",
         reservations: Reservations | None = None,
         deadline: DeadlineArg = DEFAULT,

@@ -333,10 +333,8 @@ async def record_deployment(
         await repo.set_version_record(lambda_version=client_version, updated_by=updated_by)
 
 
-# The minimum client version of a first record: every client may use the table.
-# The oldest client that understands the schema a table is created with (1.2.0: `fa#` states,
-# read since 1.1.0); older ones would take a state they cannot read for a full bucket.
-INITIAL_MIN_CLIENT_VERSION = "1.1.0"
+# The minimum client version of a first record (`schema.MIN_CLIENT_VERSION`).
+INITIAL_MIN_CLIENT_VERSION = schema.MIN_CLIENT_VERSION
 
 
 async def write_initial_record(

@@ -1,0 +1,370 @@
+"""The storage contract: `MemoryStorage` behaves as DynamoDB does (moto's server on loopback).
+
+Each case runs the same script against both stores and compares what the script observed and
+what each store holds afterwards, normalized only where the two must differ (write ids and
+timestamps are random or the clock's). Each script also asserts what it must see, so that two
+stores wrong alike would still fail. The bucket case drives the real engine (decisions,
+conditional writes, retries, give-backs, conversions of another definition and of the 1.x
+layout) with one seeded sequence and one frozen clock on both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from zae_limiter import (
+    AuditEvent,
+    Entity,
+    EntityExistsError,
+    EntityNotFoundError,
+    InfrastructureNotFoundError,
+    Limit,
+    MemoryStorage,
+    RateLimitExceeded,
+    schema,
+)
+from zae_limiter.engine import Engine, Target
+from zae_limiter.repository import Repository
+from zae_limiter.storage import Item, Storage, StorageError
+from zae_limiter.version import write_initial_record
+
+pytestmark = pytest.mark.integration
+
+TABLE = "ZAEL-contract"
+T0 = 1_800_000_000_000
+Script = Callable[[Storage], Awaitable[Any]]
+
+
+@pytest.fixture
+async def moto(endpoint_url: str) -> AsyncIterator[Repository]:
+    repo = Repository(TABLE, None, endpoint_url)
+    await repo.create_table()
+    await write_initial_record(repo, updated_by="contract")
+    try:
+        yield repo
+    finally:
+        await repo.close()
+
+
+async def both(moto: Repository, script: Script) -> Any:
+    """Run `script` on a fresh `MemoryStorage` and on moto; they must observe the same."""
+    memory = await script(MemoryStorage(TABLE))
+    dynamodb = await script(moto)
+    assert memory == dynamodb
+    return memory
+
+
+def plain(item: Item) -> dict[str, Any]:
+    """An item without what is random or timed by the store: write ids, write and update
+    times, creation stamps."""
+    drop = {*schema.WRITE_ID_SLOTS, schema.WRITE_TIME, "updated_at", "updated_by", "created_at",
+            "create_id"}
+    return {k: v for k, v in item.items() if k not in drop}
+
+
+async def table(store: Storage) -> list[dict[str, Any]]:
+    return sorted(
+        (plain(i) for i in await store.export_items()),
+        key=lambda i: (i[schema.PK]["S"], i[schema.SK]["S"]),
+    )
+
+
+# -- buckets: the engine on both -------------------------------------------------------------
+
+LIMITS = [Limit.per_minute("rpm", 10), Limit.custom("tpm", 1000, 600, 60, burst=1200)]
+# Same names, another definition: the stored states are converted (and conditioned) on write.
+OTHER = [Limit.per_minute("rpm", 20), Limit.per_minute("tpm", 500)]
+
+
+async def engine_script(store: Storage) -> Any:
+    clock = [T0]
+    # Two clients, each with its own cache: whenever one wrote, the other's view is stale, so
+    # its writes meet the conditions (refused, re-decided on the item returned).
+    engines = [Engine(store, clock=lambda: clock[0]) for _ in range(2)]
+    rng = random.Random(20)
+    seen: list[Any] = []
+    limits = LIMITS
+    # A 1.x-layout state for "old", as release 1.0 wrote it: 4 tokens at T0 - 30 s.
+    await store.replace_items(
+        [
+            {
+                schema.PK: {"S": schema.entity_pk("old")},
+                schema.SK: {"S": schema.bucket_sk("api")},
+                schema.limit_attr(schema.TOKENS, "rpm"): {"N": "4000"},
+                schema.limit_attr(schema.LAST_REFILL, "rpm"): {"N": str(T0 - 30_000)},
+                schema.limit_attr(schema.CONSUMED, "rpm"): {"N": "6000"},
+            },
+            *[i for i in await store.export_items() if not schema.is_bucket_key(
+                i[schema.PK]["S"], i[schema.SK]["S"])],
+        ]
+    )
+    for step in range(80):
+        if step == 50:
+            limits = OTHER
+        clock[0] += rng.choice((0, 0, 7, 250, 3_000, 20_000))
+        entity = rng.choice(("a", "b", "old"))
+        cascade = entity != "old" and rng.random() < 0.4
+        targets = [Target(entity, "api", list(limits))]
+        if cascade:
+            targets.append(Target("proj", "api", list(limits)))
+        engine = rng.choice(engines)
+        await engine.load(targets)
+        kind = rng.choice(("commit", "commit", "force", "give"))
+        amounts = {"rpm": rng.randint(1, 4), "tpm": rng.randint(1, 300)}
+        try:
+            if kind == "commit":
+                await engine.commit(targets, amounts)
+            elif kind == "force":
+                await engine.force(targets, amounts)
+            else:
+                await engine.force(targets, {k: -v for k, v in amounts.items()})
+            seen.append((step, kind, "ok"))
+        except RateLimitExceeded as exc:
+            seen.append((step, kind, "denied", exc.retry_after_seconds))
+    buckets = {
+        (b.entity_id, b.resource): (
+            len(set(b.write_ids)),  # the ring holds the last four writes' ids
+            {
+                name: (s.full_at, s.consumed_milli, s.released_milli, s.definition, s.legacy)
+                for name, s in sorted(b.limits.items())
+            },
+        )
+        for b in await store.all_buckets()
+    }
+    assert any(s[2] == "denied" for s in seen) and any(s[2] == "ok" for s in seen)
+    assert buckets[("old", "api")][1]["rpm"][4] is None, "the 1.x state was not converted"
+    assert store.ledger.conflicts > 0, "no write met a stale view"
+    return seen, buckets, store.ledger.conflicts, await table(store)
+
+
+async def test_the_engine_decides_and_writes_alike(moto: Repository) -> None:
+    seen, buckets, _, _ = await both(moto, engine_script)
+    assert len(seen) == 80 and len(buckets) == 4
+    assert {ring for ring, _ in buckets.values()} == {4}
+
+
+async def conditions_script(store: Storage) -> Any:
+    """Writes whose conditions fail: each store answers `ConditionFailed` with the item as it
+    is, and changes nothing."""
+    engine = Engine(store, clock=lambda: T0)
+    target = [Target("k", "api", list(LIMITS))]
+    await engine.load(target)
+    await engine.commit(target, {"rpm": 10})  # drains rpm
+    stale = Engine(store, clock=lambda: T0)  # a second client whose view is empty (stale)
+    other = [Target("k", "api", list(LIMITS))]
+    other[0].state = None  # it believes no bucket exists: a create, refused
+    denied: list[Any] = []
+    try:
+        await stale.commit(other, {"rpm": 1})
+    except RateLimitExceeded as exc:  # refused, re-read, then denied on the fresh state
+        denied.append(exc.retry_after_seconds)
+    assert denied == [6.0]
+
+    # A view of a draining bucket, made full again by another client's give-back: the stale
+    # writer's relative write must be refused ("not full at my now" no longer holds).
+    first, second = Engine(store, clock=lambda: T0), Engine(store, clock=lambda: T0)
+    a, b = [Target("f", "api", list(LIMITS))], [Target("f", "api", list(LIMITS))]
+    await first.load(a)
+    await first.commit(a, {"rpm": 5})
+    await second.load(b)  # sees 5 of 10 left
+    await first.force(a, {"rpm": -5})  # full again
+    conflicts = store.ledger.conflicts
+    await second.commit(b, {"rpm": 2})
+    refused_full = store.ledger.conflicts - conflicts
+
+    # A view of a 1.x state that a 1.x client changed meanwhile: the conversion is refused.
+    legacy_item: Item = {
+        schema.PK: {"S": schema.entity_pk("old")},
+        schema.SK: {"S": schema.bucket_sk("api")},
+        schema.limit_attr(schema.TOKENS, "rpm"): {"N": "4000"},
+        schema.limit_attr(schema.LAST_REFILL, "rpm"): {"N": str(T0)},
+    }
+    key = (legacy_item[schema.PK]["S"], legacy_item[schema.SK]["S"])
+    rest = [i for i in await store.export_items() if (i[schema.PK]["S"], i[schema.SK]["S"]) != key]
+    await store.replace_items([legacy_item, *rest])
+    c = [Target("old", "api", [LIMITS[0]])]
+    await second.load(c)  # sees 4 tokens
+    changed = dict(legacy_item) | {schema.limit_attr(schema.TOKENS, "rpm"): {"N": "1000"}}
+    await store.replace_items([changed, *rest])  # a 1.x client took 3
+    conflicts = store.ledger.conflicts
+    with pytest.raises(RateLimitExceeded):
+        await second.commit(c, {"rpm": 2})  # 1 left: denied, not converted from 4
+    refused_legacy = store.ledger.conflicts - conflicts
+    assert refused_full == 1 and refused_legacy == 1
+    return denied, refused_full, refused_legacy, await table(store)
+
+
+async def test_refused_writes_change_nothing_alike(moto: Repository) -> None:
+    await both(moto, conditions_script)
+
+
+# -- entities, stored limits, audit, version, admin -------------------------------------------
+
+
+async def entities_script(store: Storage) -> Any:
+    seen: list[Any] = []
+    await store.put_entity(Entity(id="proj", name="Project", metadata={"tier": "gold"}))
+    await store.put_entity(Entity(id="k1", parent_id="proj"))
+    await store.put_entity(Entity(id="k2", parent_id="proj", name="Two"))
+    try:
+        await store.put_entity(Entity(id="k1"))
+    except EntityExistsError:
+        seen.append("exists")
+    proj = await store.get_entity("proj")
+    assert proj is not None and proj.created_at
+    seen.append(dataclasses.replace(proj, created_at=None))
+    seen.append(await store.get_entity("nobody"))
+    seen.append(sorted(e.id for e in await store.get_children("proj")))
+    await store.set_limits("k1", "chat", [Limit.per_minute("rpm", 5), Limit.per_hour("tpm", 9)])
+    await store.set_limits("k1", "chat", [Limit.per_minute("rpm", 6)])  # replaces: tpm goes
+    await store.set_limits("k1", "embed", [Limit.per_day("rpd", 100)])
+    seen.append(await store.get_limits("k1", "chat"))
+    seen.append(await store.get_all_limits("k1"))
+    stored = sorted(await store.list_stored_limits(), key=lambda s: (s.entity_id, s.resource))
+    seen.append(stored)
+    seen.append(
+        await store.set_stored_limit_definition("k1", "chat", Limit.per_minute("rpm", 6), "x")
+    )
+    seen.append(
+        await store.set_stored_limit_definition("k1", "chat", Limit.per_minute("rpm", 7), "y")
+    )
+    seen.append(await store.delete_limits("k1", "embed"))
+    seen.append(await store.delete_entity("k2"))
+    try:
+        await store.delete_entity("k2")
+    except EntityNotFoundError:
+        seen.append("not found")
+    assert seen[0] == "exists" and seen[-1] == "not found"
+    return seen, await table(store)
+
+
+async def test_entities_and_stored_limits_alike(moto: Repository) -> None:
+    await both(moto, entities_script)
+
+
+async def audit_script(store: Storage) -> Any:
+    ids = [f"01J{n:023d}" for n in range(5)]
+    for n, event_id in enumerate(ids):
+        event = AuditEvent(
+            event_id=event_id,
+            timestamp=f"2026-12-06T00:00:0{n}.000Z",
+            action="limits_set",
+            entity_id="k1",
+            principal="ops",
+            resource="chat",
+            details={"n": n, "limits": ["rpm:5/minute"]},
+        )
+        await store.put_audit_event(event)
+        await store.put_audit_event(event)  # a resend: once
+    clash = AuditEvent(ids[0], "2026-12-06T09:00:00.000Z", "entity_deleted", "k1")
+    seen: list[Any] = []
+    try:
+        await store.put_audit_event(clash)
+    except StorageError as exc:
+        seen.append(exc.code)
+    seen.append([e.event_id for e in await store.get_audit_events("k1")])
+    seen.append([e.event_id for e in await store.get_audit_events("k1", 2, ids[3])])
+    after = await store.get_audit_events("k1", 2, ids[1], oldest_first=True)
+    seen.append([e.event_id for e in after])
+    seen.append((await store.get_audit_events("k1", 1, oldest_first=True))[0])
+    assert seen[0] == "AuditEventExists" and seen[2] == [ids[2], ids[1]]
+    return seen, await table(store)
+
+
+async def test_audit_events_alike(moto: Repository) -> None:
+    await both(moto, audit_script)
+
+
+async def admin_script(store: Storage) -> Any:
+    seen: list[Any] = []
+    record = await store.get_version_record()
+    assert record is not None
+    seen.append({k: v for k, v in record.items() if k not in ("updated_at", "updated_by")})
+    seen.append(await store.create_version_record({"schema_version": "9"}))
+    await store.set_version_record(lambda_version="1.1.0", updated_by="test", note="hello")
+    record = await store.get_version_record() or {}
+    seen.append({k: v for k, v in record.items() if k != "updated_at"})
+    engine = Engine(store, clock=lambda: T0)
+    target = [Target("k", "api", list(LIMITS))]
+    await engine.load(target)
+    await engine.commit(target, {"rpm": 3, "tpm": 5})
+    seen.append(await store.extend_bucket_expiry("k", "api", 1))  # earlier: no change
+    seen.append(await store.extend_bucket_expiry("k", "api", 4_000_000_000))
+    seen.append(await store.extend_bucket_expiry("nobody", "api", 4_000_000_000))
+    bucket = await store.get_bucket("k", "api")
+    assert bucket is not None
+    full_at = bucket.limits["rpm"].full_at
+    assert full_at is not None
+    seen.append(await store.restore_legacy_state("k", "api", "rpm", full_at + 1, (1, 2)))
+    seen.append(await store.restore_legacy_state("k", "api", "rpm", full_at, (7000, T0)))
+    seen.append(await store.reset_bucket("k", "api", ["tpm"]))
+    seen.append(await store.reset_bucket("nobody", "api"))
+    seen.append([plain(i) for i in await store.bucket_items("k")])
+    seen.append([b.resource for b in await store.resource_buckets("api")])
+    exported = await store.export_items()
+    await store.put_entity(Entity(id="later"))
+    seen.append(await store.replace_items(exported))  # the entity made since goes
+    seen.append(await store.get_entity("later"))
+    assert seen[1] is False and seen[4] is True and seen[-1] is None
+    return seen, await table(store)
+
+
+async def test_version_record_and_operator_views_alike(moto: Repository) -> None:
+    await both(moto, admin_script)
+
+
+async def usage_script(store: Storage) -> Any:
+    snapshots = [
+        (resource, window, start)
+        for resource in ("chat", "embed")
+        for window, start in (
+            ("hourly", "2026-12-05T22:00Z"),
+            ("hourly", "2026-12-05T23:00Z"),
+            ("daily", "2026-12-05"),
+        )
+    ]
+    items: list[Item] = [
+        {
+            schema.PK: {"S": schema.entity_pk("k1")},
+            schema.SK: {"S": schema.usage_sk(resource, window, start)},
+            "entity_id": {"S": "k1"},
+            "resource": {"S": resource},
+            "window": {"S": window},
+            "window_start": {"S": start},
+            "counters": {"M": {"rpm": {"N": "3"}, "tpm": {"N": "120.5"}}},
+        }
+        for resource, window, start in snapshots
+    ]
+    await store.replace_items([*items, *await store.export_items()])
+    seen: list[Any] = [
+        await store.get_usage_snapshots("k1"),
+        await store.get_usage_snapshots("k1", "chat"),
+        await store.get_usage_snapshots("k1", window="hourly", start="2026-12-05T23:30:00Z"),
+        await store.get_usage_snapshots(
+            "k1", "embed", "hourly", "2026-12-05T22:00:00Z", "2026-12-05T22:59:00Z"
+        ),
+        await store.get_usage_snapshots("k1", end="2026-12-05T10:00:00Z"),
+    ]
+    assert [len(s) for s in seen] == [6, 3, 2, 1, 2]
+    return seen
+
+
+async def test_usage_snapshots_alike(moto: Repository) -> None:
+    await both(moto, usage_script)
+
+
+async def test_a_deleted_table_is_missing_on_both(moto: Repository) -> None:
+    async def script(store: Storage) -> Any:
+        assert await store.table_exists()
+        assert await store.create_table() is False
+        assert await store.delete_table() is True
+        with pytest.raises(InfrastructureNotFoundError):
+            await store.get_entity("k")
+        return await store.table_exists(), await store.delete_table()
+
+    assert await both(moto, script) == (False, False)
