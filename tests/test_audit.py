@@ -253,24 +253,29 @@ async def test_a_resent_write_never_doubles_an_event(
     await repo.put_audit_event(event)  # the same event again (a retry by the caller)
     assert len(audit_items(endpoint_url)) == 1
 
-    # The response of the first attempt is lost after the write landed: the repository resends
-    # (its retry of an ambiguous failure), the condition refuses the copy, the call succeeds.
+    # The response of the first attempt of each write is lost after the write landed (the
+    # chain's head claim, then the event): the repository resends (its retry of an ambiguous
+    # failure), the condition refuses the copy, the call succeeds, the chain stays whole.
     real = repo._call
     lost: list[str] = []
 
     async def lose_first_response(operation: str, kwargs: Any) -> dict[str, Any]:
         result = await real(operation, kwargs)
-        if operation == "put_item" and not lost:
-            lost.append(kwargs["Item"][schema.SK]["S"])
+        sk = kwargs.get("Item", {}).get(schema.SK, {}).get("S", "")
+        kind = "head" if sk == schema.AUDIT_HEAD_SK else "event"
+        if operation == "put_item" and kind not in lost:
+            lost.append(kind)
             raise repository_mod._Ambiguous(TimeoutError("response lost"))
         return result
 
     monkeypatch.setattr(repo, "_call", lose_first_response)
     await limiter.set_limits("key", [RPM], principal="ops")
-    assert lost and lost[0].startswith(schema.audit_sk())
+    assert lost == ["head", "event"]
     assert [e.action for e in await limiter.get_audit_events("key")] == [
         AuditAction.LIMITS_SET, AuditAction.ENTITY_CREATED]
     assert len(audit_items(endpoint_url)) == 2
+    report = await audit_mod.verify_trail(repo, "key")
+    assert report.intact and (report.chained, report.head_seq) == (2, 2)
 
     # a different event under an existing id is refused, not silently merged
     clash = AuditEvent(event.event_id, event.timestamp, AuditAction.LIMITS_DELETED, "key")
