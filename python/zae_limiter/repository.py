@@ -25,6 +25,7 @@ import random
 import re
 import secrets
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -887,6 +888,10 @@ class Repository:
         self._keys: dict[tuple[str, str], dict[str, Any]] = {}
         self._input_shapes: dict[str, Any] = {}
         self._parses_items_plainly = False  # see `_parse_items_plainly`
+        # Appends to one entity's audit chain from this process queue here instead of racing
+        # each other for the head in DynamoDB (other processes still race: see put_audit_event).
+        self._audit_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary())
 
     # -- client lifecycle -------------------------------------------------------------------
 
@@ -1502,6 +1507,13 @@ class Repository:
             schema.PK: _s(schema.audit_pk(event.entity_id)),
             schema.SK: _s(schema.audit_sk(event.event_id)),
         }
+        lock = self._audit_locks.get(event.entity_id)
+        if lock is None:
+            lock = self._audit_locks[event.entity_id] = asyncio.Lock()
+        async with lock:
+            await self._append_audit_event(event, event_key)
+
+    async def _append_audit_event(self, event: AuditEvent, event_key: Item) -> None:
         if await self._audit_event_settled(event, event_key):
             return
         head_key = schema.audit_head_key(event.entity_id)
