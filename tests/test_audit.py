@@ -847,6 +847,31 @@ async def test_events_expired_through_ttl_are_not_failures(limiter: RateLimiter,
     early = await audit_mod.verify_trail(repo, "key", now_s=long_ago / 1000 + 86400)
     assert kinds(early) == [("missing", 3)]
 
+    # a trail all past its 90 days may lose its newest events too, and then every one
+    gone = [AuditEvent(source.next(long_ago + 10 + i), "then", AuditAction.LIMITS_SET, "gone")
+            for i in range(3)]
+    for event in gone:
+        await repo.put_audit_event(event)
+    old_items = chain(endpoint_url, "gone")
+    ddb(endpoint_url).delete_item(TableName=TABLE, Key=key_of(old_items[2]))
+    assert (await audit_mod.verify_trail(repo, "gone")).intact
+    for item in old_items[:2]:
+        ddb(endpoint_url).delete_item(TableName=TABLE, Key=key_of(item))
+    assert (await audit_mod.verify_trail(repo, "gone")).intact
+
+
+async def test_a_head_naming_an_expired_event_does_not_hide_a_truncated_tail(
+    limiter: RateLimiter, endpoint_url: str
+) -> None:
+    await four_events(limiter)
+    items = chain(endpoint_url, "key")
+    ddb(endpoint_url).delete_item(TableName=TABLE, Key=key_of(items[3]))
+    # the head is not hashed: pointing it at an ancient event id must not pass as expiry
+    ancient = audit_mod._IdSource().next(int((time.time() - 2 * NINETY_DAYS) * 1000))
+    ddb(endpoint_url).put_item(TableName=TABLE, Item=dict(head(endpoint_url, "key"),
+                                                          event_id={"S": ancient}))
+    assert kinds(await audit_mod.verify_trail(limiter.repository, "key")) == [("missing", 4)]
+
 
 async def test_events_written_before_the_chain_verify_as_unchained_legacy_events(
     limiter: RateLimiter, endpoint_url: str

@@ -388,8 +388,9 @@ def verify_chain(
 
     A sequence number may be missing only when it expired: before the first present event, or
     between two, when the event after the gap names a predecessor (`prev_id`) whose 90 days are
-    over; after the last one, when the head's own event is past its 90 days. Items without chain
-    attributes are legacy events (recorded before the chain) and count as such, not as problems.
+    over; after the last one, when both the head's event and the last present one are past
+    their 90 days. Items without chain attributes are legacy events (recorded before the chain)
+    and count as such, not as problems.
     """
     now = time.time() if now_s is None else now_s
     problems: list[ChainProblem] = []
@@ -467,7 +468,9 @@ def verify_chain(
                     "missing", f"the head names event {head_seq}, and no chained event is left",
                     head_seq, head_id))
         elif head_seq > last[0]:
-            if not _expired(head_id, now):
+            # The newest events expire last: a tail gone through TTL leaves only events past
+            # their 90 days before it. Both ids are checked, as the head's own is not hashed.
+            if not (_expired(head_id, now) and _expired(last[1], now)):
                 problems.append(ChainProblem(
                     "missing",
                     f"events {last[0] + 1}..{head_seq} (the newest) are gone; the head names "
