@@ -5,6 +5,7 @@ both limiters and `zae-limiter audit`; invisible to the entity's other reads and
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import threading
@@ -253,24 +254,29 @@ async def test_a_resent_write_never_doubles_an_event(
     await repo.put_audit_event(event)  # the same event again (a retry by the caller)
     assert len(audit_items(endpoint_url)) == 1
 
-    # The response of the first attempt is lost after the write landed: the repository resends
-    # (its retry of an ambiguous failure), the condition refuses the copy, the call succeeds.
+    # The response of the first attempt of each write is lost after the write landed (the
+    # chain's head claim, then the event): the repository resends (its retry of an ambiguous
+    # failure), the condition refuses the copy, the call succeeds, the chain stays whole.
     real = repo._call
     lost: list[str] = []
 
     async def lose_first_response(operation: str, kwargs: Any) -> dict[str, Any]:
         result = await real(operation, kwargs)
-        if operation == "put_item" and not lost:
-            lost.append(kwargs["Item"][schema.SK]["S"])
+        sk = kwargs.get("Item", {}).get(schema.SK, {}).get("S", "")
+        kind = "head" if sk == schema.AUDIT_HEAD_SK else "event"
+        if operation == "put_item" and kind not in lost:
+            lost.append(kind)
             raise repository_mod._Ambiguous(TimeoutError("response lost"))
         return result
 
     monkeypatch.setattr(repo, "_call", lose_first_response)
     await limiter.set_limits("key", [RPM], principal="ops")
-    assert lost and lost[0].startswith(schema.audit_sk())
+    assert lost == ["head", "event"]
     assert [e.action for e in await limiter.get_audit_events("key")] == [
         AuditAction.LIMITS_SET, AuditAction.ENTITY_CREATED]
     assert len(audit_items(endpoint_url)) == 2
+    report = await audit_mod.verify_trail(repo, "key")
+    assert report.intact and (report.chained, report.head_seq) == (2, 2)
 
     # a different event under an existing id is refused, not silently merged
     clash = AuditEvent(event.event_id, event.timestamp, AuditAction.LIMITS_DELETED, "key")
@@ -655,3 +661,386 @@ async def test_the_aggregator_counts_usage_but_not_audit_items_from_the_stream(
     assert not [i for i in items(endpoint_url)
                 if i[schema.SK]["S"].startswith(schema.usage_sk())
                 and i[schema.PK]["S"].startswith(schema.AUDIT_PK_PREFIX)]
+
+
+# -- tamper evidence: the hash chain ------------------------------------------------------------
+
+
+def chain(endpoint_url: str, entity_id: str) -> list[dict[str, Any]]:
+    """The entity's stored event items, in chain order (seq)."""
+    found = ddb(endpoint_url).query(
+        TableName=TABLE, ConsistentRead=True,
+        KeyConditionExpression="PK = :pk AND begins_with(SK, :sk)",
+        ExpressionAttributeValues={":pk": {"S": schema.audit_pk(entity_id)},
+                                   ":sk": {"S": schema.audit_sk()}})["Items"]
+    return sorted(found, key=lambda i: int(i.get(schema.AUDIT_SEQ, {"N": "0"})["N"]))
+
+
+def head(endpoint_url: str, entity_id: str) -> dict[str, Any]:
+    key = {k: {"S": v} for k, v in schema.audit_head_key(entity_id).items()}
+    return dict(ddb(endpoint_url).get_item(TableName=TABLE, Key=key, ConsistentRead=True)["Item"])
+
+
+def key_of(item: dict[str, Any]) -> dict[str, Any]:
+    return {schema.PK: item[schema.PK], schema.SK: item[schema.SK]}
+
+
+async def four_events(limiter: RateLimiter) -> None:
+    await limiter.create_entity("key", principal="admin")
+    await limiter.set_limits("key", [RPM], "gpt", principal="ops")
+    await limiter.set_limits("key", [TPM], "gpt", principal="ops")
+    await limiter.delete_limits("key", "gpt", principal="ops")
+
+
+def kinds(report: audit_mod.ChainReport) -> list[tuple[str, int | None]]:
+    return [(p.kind, p.seq) for p in report.problems]
+
+
+async def test_each_event_links_to_the_previous_one_and_the_trail_verifies(
+    limiter: RateLimiter, endpoint_url: str
+) -> None:
+    await four_events(limiter)
+    items = chain(endpoint_url, "key")
+    assert [int(i[schema.AUDIT_SEQ]["N"]) for i in items] == [1, 2, 3, 4]
+    assert items[0][schema.AUDIT_PREV] == {"S": audit_mod.CHAIN_START}
+    assert schema.AUDIT_PREV_ID not in items[0]
+    for before, after in itertools.pairwise(items):
+        assert after[schema.AUDIT_PREV] == before[schema.AUDIT_HASH]
+        assert after[schema.AUDIT_PREV_ID] == before[schema.AUDIT_EVENT_ID]
+    for item in items:
+        assert item[schema.AUDIT_HASH]["S"] == audit_mod.chain_hash(item)
+    top = head(endpoint_url, "key")
+    assert (top[schema.AUDIT_SEQ], top[schema.AUDIT_HASH], top[schema.AUDIT_EVENT_ID]) == (
+        {"N": "4"}, items[-1][schema.AUDIT_HASH], items[-1][schema.AUDIT_EVENT_ID])
+    # the head is no event: reads of the trail never meet it
+    assert len(await limiter.get_audit_events("key")) == 4
+
+    report = await audit_mod.verify_trail(limiter.repository, "key")
+    assert report.intact and report.problems == ()
+    assert (report.chained, report.legacy, report.head_seq, report.expired) == (4, 0, 4, 0)
+    shown = await asyncio.to_thread(js, endpoint_url, "audit", "verify", "key")
+    assert shown["intact"] is True and shown["chained_events"] == 4
+    assert "intact" in (await asyncio.to_thread(cli, endpoint_url, "audit", "verify",
+                                                "key")).stdout
+    # an entity without a trail is trivially intact
+    assert (await audit_mod.verify_trail(limiter.repository, "nobody")).intact
+
+
+async def test_verify_detects_an_overwritten_event(limiter: RateLimiter,
+                                                   endpoint_url: str) -> None:
+    await four_events(limiter)
+    second = chain(endpoint_url, "key")[1]
+    forged = dict(second, principal={"S": "someone-else"})
+    ddb(endpoint_url).put_item(TableName=TABLE, Item=forged)  # PutItem: what IAM still allows
+    report = await audit_mod.verify_trail(limiter.repository, "key")
+    assert kinds(report) == [("altered", 2)]
+    assert report.problems[0].event_id == second[schema.AUDIT_EVENT_ID]["S"]
+
+    # rehashing the forged event does not help: the next event still names the original hash
+    forged[schema.AUDIT_HASH] = {"S": audit_mod.chain_hash(forged)}
+    ddb(endpoint_url).put_item(TableName=TABLE, Item=forged)
+    assert kinds(await audit_mod.verify_trail(limiter.repository, "key")) == [
+        ("broken_link", 3)]
+
+    shown = await asyncio.to_thread(js, endpoint_url, "audit", "verify", "key", code=1)
+    assert shown["intact"] is False and shown["problems"][0]["kind"] == "broken_link"
+    text = (await asyncio.to_thread(cli, endpoint_url, "audit", "verify", "key", code=1)).output
+    assert "tampered with: 1 problem(s)" in text and "broken_link" in text
+
+
+async def test_verify_detects_a_changed_detail_or_an_added_attribute(
+    limiter: RateLimiter, endpoint_url: str
+) -> None:
+    await four_events(limiter)
+    first = chain(endpoint_url, "key")[0]
+    details = first[schema.AUDIT_DETAILS]["M"]
+    changed = dict(first, details={"M": dict(details, name={"S": "renamed"})})
+    ddb(endpoint_url).put_item(TableName=TABLE, Item=changed)
+    assert kinds(await audit_mod.verify_trail(limiter.repository, "key")) == [("altered", 1)]
+    ddb(endpoint_url).put_item(TableName=TABLE, Item=dict(first, note={"S": "x"}))
+    assert kinds(await audit_mod.verify_trail(limiter.repository, "key")) == [("altered", 1)]
+    ddb(endpoint_url).put_item(TableName=TABLE, Item=first)  # the original back: whole again
+    assert (await audit_mod.verify_trail(limiter.repository, "key")).intact
+
+
+async def test_verify_detects_a_deleted_event_in_the_middle(limiter: RateLimiter,
+                                                            endpoint_url: str) -> None:
+    await four_events(limiter)
+    ddb(endpoint_url).delete_item(TableName=TABLE, Key=key_of(chain(endpoint_url, "key")[1]))
+    report = await audit_mod.verify_trail(limiter.repository, "key")
+    assert kinds(report) == [("missing", 3)] and "events 2..2" in report.problems[0].detail
+    assert report.chained == 3
+
+
+async def test_verify_detects_deleting_the_oldest_or_the_newest_event(
+    limiter: RateLimiter, endpoint_url: str
+) -> None:
+    await four_events(limiter)
+    items = chain(endpoint_url, "key")
+    ddb(endpoint_url).delete_item(TableName=TABLE, Key=key_of(items[-1]))
+    report = await audit_mod.verify_trail(limiter.repository, "key")
+    # the head remembers the newest event: a truncated tail shows
+    assert kinds(report) == [("missing", 4)] and "events 4..4" in report.problems[0].detail
+    ddb(endpoint_url).delete_item(TableName=TABLE, Key=key_of(items[0]))
+    report = await audit_mod.verify_trail(limiter.repository, "key")
+    # the oldest went before its 90 days were over: not expiry
+    assert kinds(report) == [("missing", 2), ("missing", 4)]
+    # every event gone, the head left: still evident
+    for item in items[1:3]:
+        ddb(endpoint_url).delete_item(TableName=TABLE, Key=key_of(item))
+    assert kinds(await audit_mod.verify_trail(limiter.repository, "key")) == [("missing", 4)]
+
+
+async def test_verify_detects_a_head_moved_back_or_deleted(limiter: RateLimiter,
+                                                           endpoint_url: str) -> None:
+    await four_events(limiter)
+    items = chain(endpoint_url, "key")
+    # hiding the newest event takes deleting it and moving the head back onto the third...
+    top = dict(head(endpoint_url, "key"), seq={"N": "3"}, h=items[2][schema.AUDIT_HASH],
+               event_id=items[2][schema.AUDIT_EVENT_ID])
+    ddb(endpoint_url).put_item(TableName=TABLE, Item=top)
+    assert kinds(await audit_mod.verify_trail(limiter.repository, "key")) == [("head", 4)]
+    # ... which verify cannot tell from a shorter trail once the event is gone too: that is
+    # what the stream shows (test_the_aggregator_counts_audit_changes_...)
+    ddb(endpoint_url).delete_item(TableName=TABLE, Key=key_of(items[3]))
+    assert (await audit_mod.verify_trail(limiter.repository, "key")).intact
+    ddb(endpoint_url).delete_item(TableName=TABLE, Key=key_of(top))
+    assert kinds(await audit_mod.verify_trail(limiter.repository, "key")) == [("head", 3)]
+
+
+async def test_verify_detects_a_ttl_set_in_the_past(limiter: RateLimiter,
+                                                    endpoint_url: str) -> None:
+    await four_events(limiter)
+    second = chain(endpoint_url, "key")[1]
+    ddb(endpoint_url).update_item(
+        TableName=TABLE, Key=key_of(second), UpdateExpression="SET #t = :t",
+        ExpressionAttributeNames={"#t": schema.TTL_ATTRIBUTE},
+        ExpressionAttributeValues={":t": {"N": str(int(time.time()) - 60)}})
+    report = await audit_mod.verify_trail(limiter.repository, "key")
+    assert kinds(report) == [("altered", 2), ("ttl", 2)]
+    # once the table's TTL removes it, the gap is no expiry: its id says 90 days are not over
+    ddb(endpoint_url).delete_item(TableName=TABLE, Key=key_of(second))
+    assert kinds(await audit_mod.verify_trail(limiter.repository, "key")) == [("missing", 3)]
+
+
+async def test_events_expired_through_ttl_are_not_failures(limiter: RateLimiter,
+                                                           endpoint_url: str) -> None:
+    repo = limiter.repository
+    long_ago = int((time.time() - NINETY_DAYS - 86400) * 1000)
+    # ids of that time (the process's own id source never goes back in time: a fresh one)
+    source = audit_mod._IdSource()
+    old = [AuditEvent(source.next(long_ago + i), "then", AuditAction.LIMITS_SET, "key", f"p{i}")
+           for i in range(3)]
+    for event in old:
+        await repo.put_audit_event(event)
+    await repo.put_audit_event(audit_mod.new_event(AuditAction.LIMITS_SET, "key", "now"))
+    items = chain(endpoint_url, "key")
+    # the table's TTL removes the two oldest (their 90 days are over)
+    for item in items[:2]:
+        ddb(endpoint_url).delete_item(TableName=TABLE, Key=key_of(item))
+    report = await audit_mod.verify_trail(repo, "key")
+    assert report.intact and (report.chained, report.expired, report.head_seq) == (2, 2, 4)
+    # a gap after an expired event is expiry too
+    ddb(endpoint_url).put_item(TableName=TABLE, Item=items[0])
+    assert (await audit_mod.verify_trail(repo, "key")).intact
+    # but the same trail judged before those 90 days were over is not
+    early = await audit_mod.verify_trail(repo, "key", now_s=long_ago / 1000 + 86400)
+    assert kinds(early) == [("missing", 3)]
+
+    # a trail all past its 90 days may lose its newest events too, and then every one
+    gone = [AuditEvent(source.next(long_ago + 10 + i), "then", AuditAction.LIMITS_SET, "gone")
+            for i in range(3)]
+    for event in gone:
+        await repo.put_audit_event(event)
+    old_items = chain(endpoint_url, "gone")
+    ddb(endpoint_url).delete_item(TableName=TABLE, Key=key_of(old_items[2]))
+    assert (await audit_mod.verify_trail(repo, "gone")).intact
+    for item in old_items[:2]:
+        ddb(endpoint_url).delete_item(TableName=TABLE, Key=key_of(item))
+    assert (await audit_mod.verify_trail(repo, "gone")).intact
+
+
+async def test_a_head_naming_an_expired_event_does_not_hide_a_truncated_tail(
+    limiter: RateLimiter, endpoint_url: str
+) -> None:
+    await four_events(limiter)
+    items = chain(endpoint_url, "key")
+    ddb(endpoint_url).delete_item(TableName=TABLE, Key=key_of(items[3]))
+    # the head is not hashed: pointing it at an ancient event id must not pass as expiry
+    ancient = audit_mod._IdSource().next(int((time.time() - 2 * NINETY_DAYS) * 1000))
+    ddb(endpoint_url).put_item(TableName=TABLE, Item=dict(head(endpoint_url, "key"),
+                                                          event_id={"S": ancient}))
+    assert kinds(await audit_mod.verify_trail(limiter.repository, "key")) == [("missing", 4)]
+
+
+async def test_events_written_before_the_chain_verify_as_unchained_legacy_events(
+    limiter: RateLimiter, endpoint_url: str
+) -> None:
+    # 0.2.0's layout (fields in `data`) and this library's before the chain (no seq, prev, h)
+    ddb(endpoint_url).put_item(TableName=TABLE, Item={
+        "PK": {"S": "AUDIT#key"}, "SK": {"S": "#AUDIT#01HQXYZ123ABC456DEF789GH0"},
+        "entity_id": {"S": "key"}, "ttl": {"N": str(int(time.time()) + 100)},
+        "data": {"M": {"event_id": {"S": "01HQXYZ123ABC456DEF789GH0"},
+                       "timestamp": {"S": "2024-01-15T10:30:00Z"},
+                       "action": {"S": "entity_created"}, "entity_id": {"S": "key"}}}})
+    ddb(endpoint_url).put_item(TableName=TABLE, Item=audit_item(
+        audit_mod.new_event(AuditAction.LIMITS_SET, "key", "old-client")))
+    report = await audit_mod.verify_trail(limiter.repository, "key")
+    assert report.intact and (report.chained, report.legacy, report.head_seq) == (0, 2, 0)
+    await limiter.set_limits("key", [RPM], principal="new-client")
+    report = await audit_mod.verify_trail(limiter.repository, "key")
+    assert report.intact and (report.chained, report.legacy, report.head_seq) == (1, 2, 1)
+    assert chain(endpoint_url, "key")[-1][schema.AUDIT_PREV] == {"S": audit_mod.CHAIN_START}
+    shown = await asyncio.to_thread(js, endpoint_url, "audit", "verify", "key")
+    assert shown["legacy_events"] == 2
+    # stripping an event of its chain attributes does not make it legacy: its seq goes missing
+    newest = chain(endpoint_url, "key")[-1]
+    stripped = {k: v for k, v in newest.items()
+                if k not in (schema.AUDIT_SEQ, schema.AUDIT_PREV, schema.AUDIT_PREV_ID,
+                             schema.AUDIT_HASH)}
+    ddb(endpoint_url).put_item(TableName=TABLE, Item=stripped)
+    assert kinds(await audit_mod.verify_trail(limiter.repository, "key")) == [("missing", 1)]
+
+
+async def test_concurrent_appenders_share_one_chain(endpoint_url: str,
+                                                    limiter: RateLimiter) -> None:
+    # two repositories (two processes' worth of clients) appending to one entity at once
+    async with RateLimiter(name=NAME, endpoint_url=endpoint_url,
+                           stack_options=StackOptions()) as other:
+        events = [audit_mod.new_event(AuditAction.LIMITS_SET, "busy", f"p{i}") for i in range(24)]
+        repos = (limiter.repository, other.repository)
+        await asyncio.gather(*(repos[i % 2].put_audit_event(e) for i, e in enumerate(events)))
+    items = chain(endpoint_url, "busy")
+    assert [int(i[schema.AUDIT_SEQ]["N"]) for i in items] == list(range(1, 25))
+    assert {i[schema.AUDIT_EVENT_ID]["S"] for i in items} == {e.event_id for e in events}
+    report = await audit_mod.verify_trail(limiter.repository, "busy")
+    assert report.intact and report.chained == report.head_seq == 24
+
+
+async def test_an_append_that_loses_every_race_is_refused_not_forked(
+    limiter: RateLimiter, endpoint_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await limiter.create_entity("key")
+    repo = limiter.repository
+    real = repo.call
+    # another process keeps taking the next sequence number just before this one claims it
+    async def overtaken(operation: str, **kwargs: Any) -> dict[str, Any]:
+        if operation == "put_item" and kwargs["Item"][schema.SK]["S"] == schema.AUDIT_HEAD_SK:
+            current = head(endpoint_url, "key")
+            bumped = dict(current, seq={"N": str(int(current[schema.AUDIT_SEQ]["N"]) + 1)})
+            ddb(endpoint_url).put_item(TableName=TABLE, Item=bumped)
+        return await real(operation, **kwargs)
+
+    monkeypatch.setattr(repository_mod, "AUDIT_APPEND_ATTEMPTS", 3)
+    monkeypatch.setattr(repo, "call", overtaken)
+    with pytest.raises(RateLimiterUnavailable) as info:
+        await limiter.set_limits("key", [RPM], principal="ops")
+    assert isinstance(info.value.cause, StorageError)
+    assert info.value.cause.code == "AuditChainContended"
+    assert len(chain(endpoint_url, "key")) == 1  # no event was written off the chain
+
+
+async def test_an_event_claimed_but_not_written_shows_as_missing(
+    limiter: RateLimiter, endpoint_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await limiter.create_entity("key")
+    repo = limiter.repository
+
+    async def event_write_fails(event: AuditEvent, item: dict[str, Any]) -> None:
+        raise RepositoryUnavailable("DynamoDB put_item kept failing", None)
+
+    monkeypatch.setattr(repo, "_write_audit_event", event_write_fails)
+    with pytest.raises(RateLimiterUnavailable):
+        await limiter.set_limits("key", [RPM], principal="ops")
+    report = await audit_mod.verify_trail(repo, "key")
+    assert kinds(report) == [("missing", 2)]  # and the event itself is in the ERROR log
+
+
+async def test_a_restore_never_moves_a_chain_back(limiter: RateLimiter,
+                                                  endpoint_url: str) -> None:
+    await limiter.create_entity("key", principal="admin")
+    exported = await limiter.repository.export_items()
+    await limiter.set_limits("key", [RPM], principal="ops")
+    before = head(endpoint_url, "key")
+    await limiter.repository.replace_items(exported)
+    assert head(endpoint_url, "key") == before
+    assert (await audit_mod.verify_trail(limiter.repository, "key")).intact
+
+
+# -- tamper evidence: the stream -------------------------------------------------------------
+
+
+def stream_records(endpoint_url: str) -> list[dict[str, Any]]:
+    client = ddb(endpoint_url)
+    streams = boto3.client("dynamodbstreams", endpoint_url=endpoint_url, region_name="us-east-1")
+    arn = client.describe_table(TableName=TABLE)["Table"]["LatestStreamArn"]
+    records: list[dict[str, Any]] = []
+    for shard in streams.describe_stream(StreamArn=arn)["StreamDescription"]["Shards"]:
+        it = streams.get_shard_iterator(StreamArn=arn, ShardId=shard["ShardId"],
+                                        ShardIteratorType="TRIM_HORIZON")["ShardIterator"]
+        while it:
+            page = streams.get_records(ShardIterator=it)
+            if not page["Records"]:
+                break
+            records += [to_lambda_record(r, arn) for r in page["Records"]]
+            it = page.get("NextShardIterator")
+    return records
+
+
+async def test_the_aggregator_counts_audit_changes_that_are_no_append_or_expiry(
+    limiter: RateLimiter, endpoint_url: str, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,
+) -> None:
+    await four_events(limiter)
+    client = ddb(endpoint_url)
+    appends = stream_records(endpoint_url)
+    # appending: event inserts and the head moving one on are never counted
+    assert process_batch(appends, SnapshotTable(client, TABLE), ("hourly",), 90).audit_changes == 0
+    assert StreamRunner(TABLE, client, boto3.client(
+        "dynamodbstreams", endpoint_url=endpoint_url, region_name="us-east-1"),
+        ("hourly",), 90).run_once().audit_changes == 0
+
+    items = chain(endpoint_url, "key")
+    # what verify alone cannot see: the newest event rewritten with a fresh hash, and the head
+    # rewritten to match it
+    forged = dict(items[3], principal={"S": "someone-else"})
+    forged[schema.AUDIT_HASH] = {"S": audit_mod.chain_hash(forged)}
+    client.put_item(TableName=TABLE, Item=forged)
+    client.put_item(TableName=TABLE, Item=dict(head(endpoint_url, "key"),
+                                               h=forged[schema.AUDIT_HASH]))
+    assert (await audit_mod.verify_trail(limiter.repository, "key")).intact
+    client.delete_item(TableName=TABLE, Key=key_of(items[1]))  # a deletion that is no expiry
+    changes = stream_records(endpoint_url)[len(appends):]
+    assert [r["eventName"] for r in changes] == ["MODIFY", "MODIFY", "REMOVE"]
+    expired = audit_stream_record("REMOVE")  # what the table's TTL sends: not counted
+    everything = [*changes, expired]
+
+    from zae_limiter.aggregator import handler as module
+    from zae_limiter.aggregator.audit_changes import audit_change
+    from zae_limiter.aggregator.stream import matches_any_filter
+    assert [audit_change(r) for r in everything] == [
+        "audit event overwritten", "chain head moved from seq 4 to 4", "audit event deleted",
+        None]
+    assert all(matches_any_filter(r) for r in everything)  # the Lambda is invoked for them
+    assert not any(matches_any_filter(r) for r in appends if r["eventName"] == "INSERT"
+                   and schema.is_audit_partition(r["dynamodb"]["Keys"][schema.PK]["S"]))
+
+    monkeypatch.setattr(module, "_settings", module.Settings(TABLE, ("hourly",), 90, "INFO",
+                                                             endpoint_url))
+    monkeypatch.setattr(module, "_table", SnapshotTable(client, TABLE))
+    capsys.readouterr()
+    with caplog.at_level(logging.ERROR, logger="zae_limiter.aggregator"):
+        assert module.handler({"Records": everything}, None) == {"batchItemFailures": []}
+    (line,) = [json.loads(x) for x in capsys.readouterr().out.splitlines() if '"_aws"' in x]
+    (directive,) = line["_aws"]["CloudWatchMetrics"]
+    assert directive["Namespace"] == schema.METRIC_NAMESPACE == "ZaeLimiter"
+    assert directive["Metrics"] == [{"Name": "AuditTrailChanges", "Unit": "Count"}]
+    assert (line["TableName"], line["AuditTrailChanges"]) == (TABLE, 3)
+    logged = [json.loads(r.getMessage()) for r in caplog.records
+              if "Audit trail changed" in r.getMessage()]
+    assert [entry["reason"] for entry in logged] == [
+        "audit event overwritten", "chain head moved from seq 4 to 4", "audit event deleted"]
+    # and a batch with nothing to count writes no metric line
+    capsys.readouterr()
+    module.handler({"Records": appends}, None)
+    assert '"_aws"' not in capsys.readouterr().out

@@ -303,8 +303,12 @@ def test_event_source_mapping_and_dlq(lambda_zip: Path) -> None:
     assert mapping["maximumRecordAgeInSeconds"] == 3600
     assert mapping["functionResponseTypes"] == ["ReportBatchItemFailures"]
     assert mapping["destinationConfig"] == {"onFailure": {"destinationArn": queue.outputs["arn"]}}
-    (only_filter,) = mapping["filterCriteria"]["filters"]
-    assert json.loads(only_filter["pattern"]) == schema.AGGREGATOR_FILTER_PATTERN
+    # Lambda ORs the filters: bucket items (usage), and audit items changed or deleted (the
+    # AuditTrailChanges count); audit inserts (every append) never invoke the function.
+    buckets, audit = (json.loads(f["pattern"]) for f in mapping["filterCriteria"]["filters"])
+    assert buckets == schema.AGGREGATOR_FILTER_PATTERN
+    assert audit == {"eventName": ["MODIFY", "REMOVE"],
+                     "dynamodb": {"Keys": {"PK": {"S": [{"prefix": "AUDIT#"}]}}}}
 
 
 # -- IAM -------------------------------------------------------------------------------------
@@ -400,14 +404,24 @@ def test_app_policy_audit_trail(lambda_zip: Path) -> None:
     table_arn = mocks.one("aws:dynamodb/table:Table").outputs["arn"]
     statements = _statements(mocks.one("aws:iam/policy:Policy").inputs["policy"])
     allowed = {a for s in statements if s["Effect"] == "Allow" for a in _as_list(s["Action"])}
-    (deny,) = [s for s in statements if s["Effect"] == "Deny"]
+    deny, partiql = [s for s in statements if s["Effect"] == "Deny"]
     assert {"dynamodb:PutItem", "dynamodb:Query", "dynamodb:GetItem"} <= allowed
+    # PutItem stays open on AUDIT# (appending is a PutItem; the hash chain and the
+    # AuditTrailChanges alarm make an overwrite evident); every other write path is closed.
     assert sorted(_as_list(deny["Action"])) == [
-        "dynamodb:BatchWriteItem", "dynamodb:DeleteItem", "dynamodb:TransactWriteItems",
+        "dynamodb:BatchWriteItem", "dynamodb:DeleteItem", "dynamodb:PartiQLDelete",
+        "dynamodb:PartiQLInsert", "dynamodb:PartiQLUpdate", "dynamodb:TransactWriteItems",
         "dynamodb:UpdateItem"]
     assert _as_list(deny["Resource"]) == [table_arn]
     assert deny["Condition"] == {
         "ForAnyValue:StringLike": {"dynamodb:LeadingKeys": [schema.audit_pk("") + "*"]}}
+    # PartiQL writes are also denied without a condition: a Deny whose condition key the
+    # request lacks does not apply, so this one holds whatever DynamoDB supplies to PartiQL.
+    assert sorted(_as_list(partiql["Action"])) == [
+        "dynamodb:PartiQLDelete", "dynamodb:PartiQLInsert", "dynamodb:PartiQLUpdate"]
+    assert sorted(_as_list(partiql["Resource"])) == [table_arn, f"{table_arn}/index/*"]
+    assert "Condition" not in partiql
+    assert not {a for a in allowed if a.startswith("dynamodb:PartiQL")}
     assert schema.audit_pk("key-1").startswith(schema.audit_pk(""))
     # only audit partitions: the entity partitions the deny must not touch use another prefix
     assert not schema.entity_pk("key-1").startswith(schema.audit_pk(""))
@@ -423,6 +437,9 @@ GUIDE_ALARMS = {
     "ReadThrottleEvents": ("AWS/DynamoDB", "Sum", 0.0, "TableName"),
     "WriteThrottleEvents": ("AWS/DynamoDB", "Sum", 0.0, "TableName"),
     "ApproximateNumberOfMessagesVisible": ("AWS/SQS", "Maximum", 0.0, "QueueName"),
+    # published by the aggregator (embedded metric format): audit items changed or deleted
+    # other than by an append or TTL expiry
+    "AuditTrailChanges": ("ZaeLimiter", "Sum", 0.0, "TableName"),
 }
 DIMENSION_VALUES = {
     "FunctionName": "ZAEL-app-aggregator",
@@ -456,6 +473,15 @@ def test_alarms_follow_the_operator_guide(lambda_zip: Path) -> None:
     assert collected == [list(alarm_names("app").values())]
     assert set(alarm_names("app").values()) == {a["name"] for a in alarms.values()}
     assert all(n.startswith("ZAEL-app-") for n in collected[0])
+    assert alarms["AuditTrailChanges"]["name"] == "ZAEL-app-audit-trail-changes"
+    # the alarm watches exactly the datum the aggregator writes (embedded metric format)
+    from zae_limiter.aggregator.audit_changes import emf_line
+    emitted = json.loads(emf_line("ZAEL-app", 1, 0))
+    (directive,) = emitted["_aws"]["CloudWatchMetrics"]
+    assert directive["Namespace"] == alarms["AuditTrailChanges"]["namespace"]
+    assert [m["Name"] for m in directive["Metrics"]] == ["AuditTrailChanges"]
+    assert directive["Dimensions"] == [list(alarms["AuditTrailChanges"]["dimensions"])]
+    assert emitted["TableName"] == alarms["AuditTrailChanges"]["dimensions"]["TableName"]
 
 
 def test_alarm_thresholds_and_actions_are_configurable(lambda_zip: Path) -> None:
@@ -471,6 +497,7 @@ def test_alarm_thresholds_and_actions_are_configurable(lambda_zip: Path) -> None
     assert alarms["ReadThrottleEvents"]["threshold"] == 2
     assert alarms["WriteThrottleEvents"]["threshold"] == 2
     assert alarms["ApproximateNumberOfMessagesVisible"]["threshold"] == 4
+    assert alarms["AuditTrailChanges"]["threshold"] == 0  # one change is one too many
     for alarm in alarms.values():
         assert alarm["alarmActions"] == [topic] and alarm["okActions"] == [topic]
 

@@ -228,8 +228,9 @@ def test_bucket_show_and_reset_restores_a_full_bucket(table: str) -> None:
 def test_backup_and_restore_round_trip(table: str, tmp_path: Path) -> None:
     js(table, "limits", "set", "key", "--limit", "rpm:10/minute")
     taken = js(table, "backup", "create", "--backup-dir", str(tmp_path))
-    # 2 entities, 1 limit, version, and 3 audit events (2 entities created, limits set)
-    assert taken["kind"] == "export" and taken["items"] == 7
+    # 2 entities, 1 limit, version, 3 audit events (2 entities created, limits set) and the
+    # heads of the 2 entities' audit chains
+    assert taken["kind"] == "export" and taken["items"] == 9
     assert Path(taken["id"]).is_file()
     listed = js(table, "backup", "list", "--backup-dir", str(tmp_path))
     assert [b["id"] for b in listed] == [taken["id"]]
@@ -239,9 +240,11 @@ def test_backup_and_restore_round_trip(table: str, tmp_path: Path) -> None:
     restored = js(table, "restore", "--from", taken["id"], "--yes")
     # only the intruder is removed: audit events since the export (key deleted, intruder
     # created) are kept, a restore does not erase the trail
-    assert restored["restored_items"] == 7 and restored["deleted_items"] == 1
+    assert restored["restored_items"] == 9 and restored["deleted_items"] == 1
     trail = [e["action"] for e in js(table, "audit", "key")["events"]]
     assert trail == ["entity_deleted", "limits_set", "entity_created"]
+    # nor move a chain's head back onto the export's
+    assert js(table, "audit", "verify", "key")["intact"] is True
     assert js(table, "audit", "intruder")["events"][0]["action"] == "entity_created"
     assert js(table, "entity", "show", "key")["limits"] == {"_default_": ["rpm:10/minute"]}
     assert "not found" in cli(table, "entity", "show", "intruder", code=1).output

@@ -25,6 +25,7 @@ import random
 import re
 import secrets
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -43,7 +44,7 @@ from botocore.config import Config
 from . import core, schema
 from ._version import __version__
 from .aggregator.snapshots import WINDOWS, format_window_start
-from .audit import event_time_ms
+from .audit import CHAIN_START, chain_hash, event_time_ms
 from .capacity import CapacityLedger, item_size, read_units, write_units
 from .exceptions import (
     EntityExistsError,
@@ -75,6 +76,7 @@ __all__ = [
     "audit_event_from_item",
     "audit_item",
     "bucket_from_item",
+    "chained_audit_item",
     "entity_from_item",
     "error_code",
     "is_loopback",
@@ -132,6 +134,9 @@ _SAFE_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
 # The table (or, for backups, the table named in the request) does not exist.
 _MISSING_TABLE_CODES = frozenset({"ResourceNotFoundException", "TableNotFoundException"})
 _CONDITION_FAILED = "ConditionalCheckFailedException"
+# Appenders racing for one entity's chain: enough for a burst of administrative changes to one
+# entity from several processes; past it the event is logged and the caller told (audit.record).
+AUDIT_APPEND_ATTEMPTS = 25
 _TABLE_IN_USE = "ResourceInUseException"
 
 
@@ -411,6 +416,28 @@ def audit_item(event: AuditEvent) -> Item:
     if event.resource is not None:
         item[schema.AUDIT_RESOURCE] = _s(event.resource)
     return item
+
+
+def chained_audit_item(event: AuditEvent, seq: int, prev: str, prev_id: str | None) -> Item:
+    """`audit_item` as the `seq`-th link of the entity's chain after the event `prev_id` (None
+    for the first) whose hash is `prev`; `h` is the hash of all of it (`audit.chain_hash`)."""
+    item = audit_item(event)
+    item[schema.AUDIT_SEQ] = _n(seq)
+    item[schema.AUDIT_PREV] = _s(prev)
+    if prev_id is not None:
+        item[schema.AUDIT_PREV_ID] = _s(prev_id)
+    item[schema.AUDIT_HASH] = _s(chain_hash(item))
+    return item
+
+
+def _audit_head(item: Item) -> Item:
+    """The head item naming the event `item` as the last of its entity's chain."""
+    head: Item = {schema.PK: item[schema.PK], schema.SK: _s(schema.AUDIT_HEAD_SK)}
+    for attr in (schema.AUDIT_SEQ, schema.AUDIT_HASH, schema.AUDIT_EVENT_ID, schema.AUDIT_PREV,
+                 schema.AUDIT_PREV_ID):
+        if attr in item:
+            head[attr] = item[attr]
+    return head
 
 
 def audit_event_from_item(item: Item) -> AuditEvent:
@@ -862,6 +889,10 @@ class Repository:
         self._keys: dict[tuple[str, str], dict[str, Any]] = {}
         self._input_shapes: dict[str, Any] = {}
         self._parses_items_plainly = False  # see `_parse_items_plainly`
+        # Appends to one entity's audit chain from this process queue here instead of racing
+        # each other for the head in DynamoDB (other processes still race: see put_audit_event).
+        self._audit_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary())
 
     # -- client lifecycle -------------------------------------------------------------------
 
@@ -1467,25 +1498,128 @@ class Repository:
     # -- audit events -----------------------------------------------------------------------
 
     async def put_audit_event(self, event: AuditEvent) -> None:
-        """Write an audit event once: a PutItem only if no item has its key, so a resend after a
-        lost response (or a second call with the same event) never doubles it. An item with the
-        key that is not this event raises `StorageError("AuditEventExists")`."""
-        item = audit_item(event)
-        if not await self._put_new(item):
-            existing = await self.call(
-                "get_item",
-                TableName=self.table_name,
-                ConsistentRead=True,
-                Key={schema.PK: item[schema.PK], schema.SK: item[schema.SK]},
+        """Append an audit event to its entity's hash chain, once: a resend after a lost
+        response (or a second call with the same event) never doubles it. An item with the
+        event's key that is not this event raises `StorageError("AuditEventExists")`.
+
+        The next sequence number is claimed first, by a PutItem of the chain's head conditional
+        on the sequence number read (so concurrent appenders each get their own, retrying up to
+        `AUDIT_APPEND_ATTEMPTS` times), then the event is written, conditional on its key being
+        new. Nothing here updates or deletes an audit item: the application role's IAM policy
+        denies both. Should the event's write fail after the claim, the head names an event the
+        partition lacks, which `audit.verify_chain` reports (and `audit.record` logs the event).
+        """
+        event_key = {
+            schema.PK: _s(schema.audit_pk(event.entity_id)),
+            schema.SK: _s(schema.audit_sk(event.event_id)),
+        }
+        lock = self._audit_locks.get(event.entity_id)
+        if lock is None:
+            lock = self._audit_locks[event.entity_id] = asyncio.Lock()
+        async with lock:
+            await self._append_audit_event(event, event_key)
+
+    async def _append_audit_event(self, event: AuditEvent, event_key: Item) -> None:
+        if await self._audit_event_settled(event, event_key):
+            return
+        head_key = schema.audit_head_key(event.entity_id)
+        for attempt in range(AUDIT_APPEND_ATTEMPTS):
+            if attempt:
+                self.ledger.retried("PutItem")
+                await asyncio.sleep(self.retry.delay(attempt))
+            response = await self.call(
+                "get_item", TableName=self.table_name, ConsistentRead=True,
+                Key={k: _s(v) for k, v in head_key.items()},
             )
-            stored = existing.get("Item") or {}
-            same = (schema.AUDIT_ACTION, schema.AUDIT_TIMESTAMP, schema.AUDIT_ENTITY_ID)
-            if any(stored.get(attr) != item[attr] for attr in same):
-                raise StorageError(
-                    "AuditEventExists", f"another audit event has the id {event.event_id}"
-                )
-            return  # our own earlier attempt landed
-        self.ledger.record("PutItem", wcu=write_units(item_size(item)))
+            head = response.get("Item")
+            self.ledger.record("GetItem", rcu=read_units(item_size(head or {}), consistent=True))
+            if head is not None and _get_s(head, schema.AUDIT_EVENT_ID) == event.event_id:
+                # Our own claim landed on an earlier attempt whose answer was lost: the head
+                # holds the link, so the event is rebuilt exactly as claimed.
+                item = chained_audit_item(
+                    event, _get_n(head, schema.AUDIT_SEQ) or 0,
+                    _get_s(head, schema.AUDIT_PREV) or CHAIN_START,
+                    _get_s(head, schema.AUDIT_PREV_ID))
+                if item[schema.AUDIT_HASH] != head.get(schema.AUDIT_HASH):
+                    raise StorageError(
+                        "AuditEventExists", f"another audit event has the id {event.event_id}")
+                await self._write_audit_event(event, item)
+                return
+            seq = (_get_n(head, schema.AUDIT_SEQ) or 0) if head is not None else 0
+            prev = (_get_s(head, schema.AUDIT_HASH) if head is not None else None) or CHAIN_START
+            prev_id = _get_s(head, schema.AUDIT_EVENT_ID) if head is not None else None
+            item = chained_audit_item(event, seq + 1, prev, prev_id)
+            condition: dict[str, Any]
+            if head is None:
+                condition = {
+                    "ConditionExpression": "attribute_not_exists(#pk)",
+                    "ExpressionAttributeNames": {"#pk": schema.PK},
+                }
+            else:
+                condition = {
+                    "ConditionExpression": "#seq = :seq",
+                    "ExpressionAttributeNames": {"#seq": schema.AUDIT_SEQ},
+                    "ExpressionAttributeValues": {":seq": _n(seq)},
+                }
+            new_head = _audit_head(item)
+            try:
+                await self.call("put_item", TableName=self.table_name, Item=new_head, **condition)
+            except _ConditionCheckFailed:
+                continue  # another appender took this sequence number: read the head again
+            self.ledger.record("PutItem", wcu=write_units(item_size(new_head)))
+            await self._write_audit_event(event, item)
+            return
+        raise StorageError(
+            "AuditChainContended",
+            f"the audit chain of {event.entity_id!r} stayed contended for "
+            f"{AUDIT_APPEND_ATTEMPTS} attempts",
+        )
+
+    async def _audit_event_settled(self, event: AuditEvent, key: Item) -> bool:
+        """True when the event is already stored (an earlier call landed); `AuditEventExists`
+        when another event has its key."""
+        response = await self.call(
+            "get_item", TableName=self.table_name, ConsistentRead=True, Key=key)
+        stored = response.get("Item")
+        self.ledger.record("GetItem", rcu=read_units(item_size(stored or {}), consistent=True))
+        if stored is None:
+            return False
+        self._check_same_event(event, stored)
+        return True
+
+    def _check_same_event(self, event: AuditEvent, stored: Item) -> None:
+        mine = audit_item(event)
+        same = (schema.AUDIT_ACTION, schema.AUDIT_TIMESTAMP, schema.AUDIT_ENTITY_ID)
+        if any(stored.get(attr) != mine[attr] for attr in same):
+            raise StorageError(
+                "AuditEventExists", f"another audit event has the id {event.event_id}")
+
+    async def _write_audit_event(self, event: AuditEvent, item: Item) -> None:
+        if await self._put_new(item):
+            self.ledger.record("PutItem", wcu=write_units(item_size(item)))
+            return
+        existing = await self.call(
+            "get_item", TableName=self.table_name, ConsistentRead=True,
+            Key={schema.PK: item[schema.PK], schema.SK: item[schema.SK]},
+        )
+        self._check_same_event(event, existing.get("Item") or {})  # else our own resend landed
+
+    async def audit_chain_items(self, entity_id: str) -> tuple[list[Item], Item | None]:
+        """Every event item of the entity's audit partition, as stored, and the chain's head
+        (None when there is none): read consistently, for `audit.verify_chain`."""
+        events = await self._query_all(
+            KeyConditionExpression="#pk = :pk AND begins_with(#sk, :sk)",
+            ExpressionAttributeNames={"#pk": schema.PK, "#sk": schema.SK},
+            ExpressionAttributeValues={
+                ":pk": _s(schema.audit_pk(entity_id)), ":sk": _s(schema.audit_sk())},
+        )
+        response = await self.call(
+            "get_item", TableName=self.table_name, ConsistentRead=True,
+            Key={k: _s(v) for k, v in schema.audit_head_key(entity_id).items()},
+        )
+        head = response.get("Item")
+        self.ledger.record("GetItem", rcu=read_units(item_size(head or {}), consistent=True))
+        return events, head
 
     async def get_audit_events(
         self,
@@ -1732,21 +1866,28 @@ class Repository:
         return await self.scan()
 
     async def replace_items(self, items: Sequence[Item]) -> int:
-        """Make the table hold exactly `items` (put all, delete the others) but for audit events:
-        those not in `items` are kept (a restore must not erase the trail of what happened since
-        the export). Returns how many other items were deleted."""
+        """Make the table hold exactly `items` (put all, delete the others) but for audit
+        partitions: their items are never deleted and never overwritten (a restore must not erase
+        the trail of what happened since the export, nor move a chain's head back); those of
+        `items` the table lacks are put. Returns how many other items were deleted."""
         current = await self.scan(
             ProjectionExpression="#pk, #sk",
             ExpressionAttributeNames={"#pk": schema.PK, "#sk": schema.SK},
         )
+        present = {(i[schema.PK]["S"], i[schema.SK]["S"]) for i in current}
         wanted = {(i[schema.PK]["S"], i[schema.SK]["S"]) for i in items}
         stale = [
             {schema.PK: i[schema.PK], schema.SK: i[schema.SK]}
             for i in current
             if (i[schema.PK]["S"], i[schema.SK]["S"]) not in wanted
-            and not schema.is_audit_key(i[schema.PK]["S"], i[schema.SK]["S"])
+            and not schema.is_audit_partition(i[schema.PK]["S"])
         ]
-        await self.batch_write(puts=list(items), deletes=stale)
+        puts = [
+            i for i in items
+            if not (schema.is_audit_partition(i[schema.PK]["S"])
+                    and (i[schema.PK]["S"], i[schema.SK]["S"]) in present)
+        ]
+        await self.batch_write(puts=puts, deletes=stale)
         return len(stale)
 
     async def create_backup(self, name: str) -> Backup:

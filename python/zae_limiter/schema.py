@@ -41,6 +41,9 @@ CHILD_PREFIX: Final = "CHILD#"
 # `delete_entity`'s cleanup never meet them, and the trail outlives the entity (0.2.0's layout).
 AUDIT_PK_PREFIX: Final = "AUDIT#"
 AUDIT_PREFIX: Final = "#AUDIT#"
+# The head of an entity's hash chain of events: the last sequence number and hash appended. Its
+# key sits outside `#AUDIT#` so that no Query of the events (begins_with #AUDIT#) meets it.
+AUDIT_HEAD_SK: Final = "#HEAD"
 
 # The resource that holds an entity's fallback limits. It starts with "_" on purpose, so it
 # cannot collide with any user-chosen resource name (those must start with a letter).
@@ -73,6 +76,15 @@ AUDIT_PRINCIPAL: Final = "principal"
 AUDIT_RESOURCE: Final = "resource"
 AUDIT_DETAILS: Final = "details"
 AUDIT_TTL_SECONDS: Final = 90 * 86400
+# The hash chain (events written since the chain was introduced; older ones lack all four):
+# `seq` counts the entity's events from 1, `prev` is the previous event's `h` (64 zeros for the
+# first), `prev_id` the previous event's id (absent for the first), `h` the SHA-256 of the item's
+# other attributes (`zae_limiter.audit.chain_hash`). The head item holds `seq`, `h`, `event_id`,
+# `prev` and `prev_id` of the last event appended.
+AUDIT_SEQ: Final = "seq"
+AUDIT_PREV: Final = "prev"
+AUDIT_PREV_ID: Final = "prev_id"
+AUDIT_HASH: Final = "h"
 
 
 def table_name(name: str) -> str:
@@ -175,7 +187,17 @@ def event_id_from_audit_sk(sk: str) -> str:
 
 
 def is_audit_key(pk: str, sk: str) -> bool:
+    """An audit event's key (not the chain's head)."""
     return pk.startswith(AUDIT_PK_PREFIX) and sk.startswith(AUDIT_PREFIX)
+
+
+def audit_head_key(entity_id: str) -> dict[str, str]:
+    return {PK: audit_pk(entity_id), SK: AUDIT_HEAD_SK}
+
+
+def is_audit_partition(pk: str) -> bool:
+    """Any item of an audit partition: an event or the head of the entity's chain."""
+    return pk.startswith(AUDIT_PK_PREFIX)
 
 
 def audit_ttl(event_ms: int) -> int:
@@ -296,6 +318,22 @@ TABLE: Final = TableDefinition(
 
 # Event-source filter for the aggregator: only bucket items carry consumption counters.
 AGGREGATOR_FILTER_PATTERN: Final = {"dynamodb": {"Keys": {SK: {"S": [{"prefix": BUCKET_PREFIX}]}}}}
+# ... and every change to an audit partition other than an insert, which the aggregator counts
+# when it is not the table's TTL expiring an event (`AUDIT_CHANGES_METRIC`).
+AUDIT_CHANGE_FILTER_PATTERN: Final = {
+    "eventName": ["MODIFY", "REMOVE"],
+    "dynamodb": {"Keys": {PK: {"S": [{"prefix": AUDIT_PK_PREFIX}]}}},
+}
+# Lambda passes a record that matches any one of the filters.
+AGGREGATOR_FILTER_PATTERNS: Final = (AGGREGATOR_FILTER_PATTERN, AUDIT_CHANGE_FILTER_PATTERN)
+# Who a stream record says deleted an item when the table's TTL expired it.
+TTL_DELETER: Final = {"type": "Service", "principalId": "dynamodb.amazonaws.com"}
+
+# The aggregator's own CloudWatch metric (embedded metric format in its log), with the
+# `TableName` dimension, and the alarm on it (`zae_limiter.infra`): audit items changed or
+# deleted other than by an append or TTL expiry.
+METRIC_NAMESPACE: Final = "ZaeLimiter"
+AUDIT_CHANGES_METRIC: Final = "AuditTrailChanges"
 
 USAGE_WINDOWS: Final = ("hourly", "daily")
 

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import random
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from .. import schema
+from .audit_changes import audit_change, emf_line
 from .snapshots import (
     BucketChange,
     Growth,
@@ -195,6 +197,8 @@ class BatchResult:
     skipped: int = 0
     failed: int = 0
     snapshots_updated: int = 0
+    # Audit items changed or deleted other than by an append or TTL expiry (audit_changes).
+    audit_changes: int = 0
     failed_sequence_numbers: list[str] = field(default_factory=list)
     processing_time_ms: float = 0.0
 
@@ -237,6 +241,10 @@ def process_batch(records: Sequence[Any], table: SnapshotTable, windows: Sequenc
     members: dict[SnapshotKey, list[int]] = {}
 
     for index, record in enumerate(records):
+        tampered = audit_change(record)
+        if tampered is not None:
+            result.audit_changes += 1
+            _log_audit_change(record, tampered)
         try:
             change = parse_record(record, now_ms)
         except Exception as exc:  # any malformed shape is this record's failure, not the batch's
@@ -288,9 +296,19 @@ def process_batch(records: Sequence[Any], table: SnapshotTable, windows: Sequenc
         skipped=result.skipped,
         failed=result.failed,
         snapshots_updated=result.snapshots_updated,
+        audit_changes=result.audit_changes,
         batch_item_failures=len(result.failed_sequence_numbers),
     )
     return result
+
+
+def _log_audit_change(record: Mapping[str, Any], reason: str) -> None:
+    dynamodb = record.get("dynamodb")
+    keys = dynamodb.get("Keys") if isinstance(dynamodb, Mapping) else None
+    log_event(logging.ERROR, "Audit trail changed", reason=reason,
+              event_name=record.get("eventName"), keys=keys,
+              user_identity=record.get("userIdentity"),
+              sequence_number=sequence_number(record))
 
 
 def _collect(change: BucketChange, index: int, windows: Sequence[str],
@@ -365,4 +383,11 @@ def handler(event: Mapping[str, Any], context: Any) -> dict[str, list[dict[str, 
     settings, table = _runtime()
     records = event.get("Records") or []
     result = process_batch(records, table, settings.windows, settings.ttl_days)
+    if result.audit_changes:
+        # Straight to stdout, not through logging: Lambda's log handler prefixes each line with
+        # level and request id, and CloudWatch extracts embedded metrics only from lines that
+        # are a JSON object. Only non-zero counts are sent; the alarm treats no data as none.
+        sys.stdout.write(emf_line(settings.table_name, result.audit_changes,
+                                  int(time.time() * 1000)) + "\n")
+        sys.stdout.flush()
     return result.response()

@@ -51,6 +51,13 @@ def to_lambda_record(record: Mapping[str, Any], stream_arn: str) -> dict[str, An
     return out
 
 
+def matches_any_filter(
+    record: Any, patterns: Sequence[Any] = schema.AGGREGATOR_FILTER_PATTERNS
+) -> bool:
+    """Whether the function's event source mapping passes `record`: Lambda ORs its filters."""
+    return any(matches_filter(record, pattern) for pattern in patterns)
+
+
 def matches_filter(value: Any, pattern: Any = schema.AGGREGATOR_FILTER_PATTERN) -> bool:
     """Lambda's event filtering, for the subset of the pattern syntax the deployment uses
     (nested objects; lists of exact values or ``{"prefix": ...}``): the runner must see exactly
@@ -80,6 +87,7 @@ class RunResult:
     skipped: int = 0
     failed: int = 0
     snapshots_updated: int = 0
+    audit_changes: int = 0
     failed_sequence_numbers: list[str] = field(default_factory=list)
 
     def add(self, other: RunResult) -> None:
@@ -89,6 +97,7 @@ class RunResult:
         self.skipped += other.skipped
         self.failed += other.failed
         self.snapshots_updated += other.snapshots_updated
+        self.audit_changes += other.audit_changes
         self.failed_sequence_numbers.extend(other.failed_sequence_numbers)
 
     def as_dict(self) -> dict[str, Any]:
@@ -100,6 +109,7 @@ class RunResult:
             "skipped": self.skipped,
             "failed": self.failed,
             "snapshots_updated": self.snapshots_updated,
+            "audit_changes": self.audit_changes,
         }
 
 
@@ -212,6 +222,7 @@ class StreamRunner:
             skipped=first.skipped,
             failed=last.failed,
             snapshots_updated=updated,
+            audit_changes=first.audit_changes,
             failed_sequence_numbers=list(last.failed_sequence_numbers),
         )
 
@@ -230,7 +241,7 @@ class StreamRunner:
                 # An open shard always hands out a next iterator; empty means caught up.
                 break
             records = [to_lambda_record(r, stream_arn) for r in raw]
-            wanted = [r for r in records if matches_filter(r)]
+            wanted = [r for r in records if matches_any_filter(r)]
             if wanted:
                 result.add(self._process(wanted))
             last_seq = sequence_number(records[-1])

@@ -13,7 +13,7 @@ options, error handler, output); the library itself never imports this package.
 | `buckets` | `bucket show / reset` |
 | `backups` | `backup create / list`, `restore` |
 | `aggregator` | `aggregator run`, `usage`, `dlq replay` |
-| `audit` | `audit` (an entity's audit trail) |
+| `audit` | `audit` (an entity's audit trail; = `audit list`), `audit verify` (its hash chain) |
 """
 
 from __future__ import annotations

@@ -52,8 +52,12 @@ ALARM_SUFFIXES: Final = {
     "read_throttles": "read-throttles",
     "write_throttles": "write-throttles",
     "dlq_messages": "aggregator-dlq-messages",
+    "audit_changes": "audit-trail-changes",
 }
-_AGGREGATOR_ALARMS: Final = frozenset({"errors", "duration", "iterator_age", "dlq_messages"})
+# The audit-trail alarm watches a metric the aggregator publishes, so it needs the aggregator too.
+_AGGREGATOR_ALARMS: Final = frozenset(
+    {"errors", "duration", "iterator_age", "dlq_messages", "audit_changes"}
+)
 
 # The strictest of the names derived from it: Lambda function names allow [A-Za-z0-9_-], SQS
 # queue names the same, DynamoDB tables additionally '.', IAM roles more. No '#': key delimiter.

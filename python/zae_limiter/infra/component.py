@@ -43,6 +43,7 @@ __all__ = [
     "APP_POLICY_ACTIONS",
     "AUDIT_TRAIL_DENIED_ACTIONS",
     "LAMBDA_RUNTIME",
+    "PARTIQL_WRITE_ACTIONS",
     "TYPE_TOKEN",
     "ZaeLimiterStack",
     "aggregator_policy_document",
@@ -88,11 +89,26 @@ APP_INDEX_ACTIONS: Final = ("dynamodb:Query",)
 KMS_QUEUE_ACTIONS: Final = ("kms:Decrypt", "kms:GenerateDataKey")
 # The audit trail is append-only for applications: they record events with a conditional
 # PutItem (and read them with Query/GetItem), never update or delete one; TTL expires them.
+# PutItem itself cannot be denied (appending is a PutItem, and so is moving the chain's head):
+# the hash chain makes an overwrite evident and the aggregator's AuditTrailChanges metric counts
+# it (docs/design.md, "Audit trail").
 AUDIT_TRAIL_DENIED_ACTIONS: Final = (
     "dynamodb:BatchWriteItem",
     "dynamodb:DeleteItem",
+    "dynamodb:PartiQLDelete",
+    "dynamodb:PartiQLInsert",
+    "dynamodb:PartiQLUpdate",
     "dynamodb:TransactWriteItems",
     "dynamodb:UpdateItem",
+)
+# PartiQL writes, denied on the whole table as well: the library issues no PartiQL at all, and
+# this deny holds whether or not DynamoDB supplies dynamodb:LeadingKeys to a PartiQL request (a
+# Deny whose condition key is absent from the request does not apply, so the partition-scoped
+# one above alone would depend on it).
+PARTIQL_WRITE_ACTIONS: Final = (
+    "dynamodb:PartiQLDelete",
+    "dynamodb:PartiQLInsert",
+    "dynamodb:PartiQLUpdate",
 )
 
 _LAMBDA_ASSUME_ROLE: Final = json.dumps(
@@ -243,6 +259,12 @@ def app_policy_document(table_arn: str) -> dict[str, Any]:
                         "dynamodb:LeadingKeys": [f"{schema.AUDIT_PK_PREFIX}*"]
                     }
                 },
+            },
+            {
+                "Sid": "NoPartiQLWrites",
+                "Effect": "Deny",
+                "Action": list(PARTIQL_WRITE_ACTIONS),
+                "Resource": [table_arn, f"{table_arn}/index/*"],
             },
         ],
     }
@@ -533,8 +555,9 @@ class ZaeLimiterStack(pulumi.ComponentResource):
             filter_criteria=aws.lambda_.EventSourceMappingFilterCriteriaArgs(
                 filters=[
                     aws.lambda_.EventSourceMappingFilterCriteriaFilterArgs(
-                        pattern=json.dumps(schema.AGGREGATOR_FILTER_PATTERN, sort_keys=True)
+                        pattern=json.dumps(pattern, sort_keys=True)
                     )
+                    for pattern in schema.AGGREGATOR_FILTER_PATTERNS
                 ]
             ),
             tags=self._tags,
@@ -586,6 +609,11 @@ class ZaeLimiterStack(pulumi.ComponentResource):
                 ("dlq_messages", "AWS/SQS", "ApproximateNumberOfMessagesVisible", "Maximum",
                  o.dlq_threshold, queue_dims,
                  "Stream batches the aggregator gave up on are waiting in its dead-letter queue"),
+                # Threshold 0, not configurable: the library never changes or deletes an audit
+                # item, so a single one is worth a look.
+                ("audit_changes", schema.METRIC_NAMESPACE, schema.AUDIT_CHANGES_METRIC, "Sum",
+                 0.0, table_dims,
+                 "Audit items were changed or deleted other than by an append or TTL expiry"),
             ]
         # alarm_names' order, so that the alarm_names output lists them as documented.
         order = list(names)
