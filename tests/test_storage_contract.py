@@ -28,6 +28,7 @@ from zae_limiter import (
     RateLimitExceeded,
     schema,
 )
+from zae_limiter.audit import verify_trail
 from zae_limiter.engine import Engine, Target
 from zae_limiter.repository import Repository
 from zae_limiter.storage import Item, Storage, StorageError
@@ -272,7 +273,10 @@ async def audit_script(store: Storage) -> Any:
     after = await store.get_audit_events("k1", 2, ids[1], oldest_first=True)
     seen.append([e.event_id for e in after])
     seen.append((await store.get_audit_events("k1", 1, oldest_first=True))[0])
+    report = await verify_trail(store, "k1")
+    seen.append((report.chained, report.problems))
     assert seen[0] == "AuditEventExists" and seen[2] == [ids[2], ids[1]]
+    assert seen[-1] == (5, ())
     return seen, await table(store)
 
 

@@ -39,13 +39,16 @@ from typing import Any, TypeVar
 
 from . import core, schema
 from .aggregator.snapshots import WINDOWS, format_window_start
+from .audit import CHAIN_START
 from .capacity import CapacityLedger, item_size, read_units, write_units
 from .exceptions import EntityExistsError, EntityNotFoundError, InfrastructureNotFoundError
 from .models import AuditEvent, Entity, Limit, UsageSnapshot
 from .repository import (
     audit_event_from_item,
+    audit_head,
     audit_item,
     bucket_from_item,
+    chained_audit_item,
     entity_from_item,
     limit_from_item,
     snapshot_from_item,
@@ -447,21 +450,40 @@ class MemoryStorage:
     # -- audit events -----------------------------------------------------------------------
 
     async def put_audit_event(self, event: AuditEvent) -> None:
-        item = audit_item(event)
-        key = (item[schema.PK]["S"], item[schema.SK]["S"])
+        """Append the event to its entity's hash chain (as `Repository.put_audit_event` does,
+        the head and the event in one step here); a second call with the same event changes
+        nothing, another event with its id raises `StorageError("AuditEventExists")`."""
+        key = (schema.audit_pk(event.entity_id), schema.audit_sk(event.event_id))
+        head_key = (schema.audit_pk(event.entity_id), schema.AUDIT_HEAD_SK)
 
         def apply() -> None:
             stored = self._items.get(key)
-            if stored is None:
-                self._put(item)
+            if stored is not None:
+                mine = audit_item(event)
+                same = (schema.AUDIT_ACTION, schema.AUDIT_TIMESTAMP, schema.AUDIT_ENTITY_ID)
+                if any(stored.get(attr) != mine[attr] for attr in same):
+                    raise StorageError(
+                        "AuditEventExists", f"another audit event has the id {event.event_id}"
+                    )
                 return
-            same = (schema.AUDIT_ACTION, schema.AUDIT_TIMESTAMP, schema.AUDIT_ENTITY_ID)
-            if any(stored.get(attr) != item[attr] for attr in same):
-                raise StorageError(
-                    "AuditEventExists", f"another audit event has the id {event.event_id}"
-                )
+            head = self._items.get(head_key) or {}
+            item = chained_audit_item(
+                event,
+                (_num(head, schema.AUDIT_SEQ) or 0) + 1,
+                _str(head, schema.AUDIT_HASH) or CHAIN_START,
+                _str(head, schema.AUDIT_EVENT_ID),
+            )
+            self._put(item)
+            self._put(audit_head(item))
+            self._ledger.record("PutItem", wcu=write_units(item_size(item)))
 
         self._run(apply)
+
+    async def audit_chain_items(self, entity_id: str) -> tuple[list[Item], Item | None]:
+        """The entity's audit event items as stored and the chain's head (for verifying)."""
+        pk, prefix = schema.audit_pk(entity_id), schema.audit_sk()
+        events = self._run(lambda: self._where(lambda p, s: p == pk and s.startswith(prefix)))
+        return events, self._run(lambda: self._get((pk, schema.AUDIT_HEAD_SK)))
 
     async def get_audit_events(
         self,
@@ -577,12 +599,18 @@ class MemoryStorage:
 
     async def replace_items(self, items: Sequence[Item]) -> int:
         def apply() -> int:
+            # Audit partitions are only ever added to: a restore keeps the trail since the
+            # export and never moves a chain's head back (as `Repository.replace_items`).
             wanted = {(i[schema.PK]["S"], i[schema.SK]["S"]) for i in items}
-            stale = [k for k in self._items if k not in wanted and not schema.is_audit_key(*k)]
+            stale = [
+                k for k in self._items if k not in wanted and not schema.is_audit_partition(k[0])
+            ]
             for k in stale:
                 del self._items[k]
             for item in items:
-                self._put(item)
+                key = (item[schema.PK]["S"], item[schema.SK]["S"])
+                if not (schema.is_audit_partition(key[0]) and key in self._items):
+                    self._put(item)
             return len(stale)
 
         return self._run(apply)

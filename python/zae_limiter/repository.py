@@ -74,6 +74,7 @@ __all__ = [
     "Repository",
     "RetryPolicy",
     "audit_event_from_item",
+    "audit_head",
     "audit_item",
     "bucket_from_item",
     "chained_audit_item",
@@ -430,7 +431,7 @@ def chained_audit_item(event: AuditEvent, seq: int, prev: str, prev_id: str | No
     return item
 
 
-def _audit_head(item: Item) -> Item:
+def audit_head(item: Item) -> Item:
     """The head item naming the event `item` as the last of its entity's chain."""
     head: Item = {schema.PK: item[schema.PK], schema.SK: _s(schema.AUDIT_HEAD_SK)}
     for attr in (schema.AUDIT_SEQ, schema.AUDIT_HASH, schema.AUDIT_EVENT_ID, schema.AUDIT_PREV,
@@ -1561,7 +1562,7 @@ class Repository:
                     "ExpressionAttributeNames": {"#seq": schema.AUDIT_SEQ},
                     "ExpressionAttributeValues": {":seq": _n(seq)},
                 }
-            new_head = _audit_head(item)
+            new_head = audit_head(item)
             try:
                 await self.call("put_item", TableName=self.table_name, Item=new_head, **condition)
             except _ConditionCheckFailed:

@@ -215,6 +215,11 @@ class EntityStorage(Protocol):
         `start_event_id` in that order; read consistently. Events outlive the entity."""
         ...
 
+    async def audit_chain_items(self, entity_id: str) -> tuple[list[Item], Item | None]:
+        """The entity's audit event items as stored, and its chain's head (None: none), read
+        consistently: what `audit.verify_trail` checks."""
+        ...
+
 
 class UsageStorage(Protocol):
     """Usage snapshots (written by the aggregator)."""
