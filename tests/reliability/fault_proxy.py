@@ -136,6 +136,7 @@ class Seen:
     body: bytes = b""
     status: int | None = None  # set when DynamoDB answered (whatever the client got)
     response: bytes = b""  # DynamoDB's whole answer (whatever the client got)
+    answered: float | None = None  # time.monotonic() when DynamoDB answered
     item: ItemKey | None = None  # (TableName, PK, SK) of a single-item write, else None
 
 
@@ -409,6 +410,7 @@ class FaultProxy:
                 if kind == "delay" and fault is not None:
                     await asyncio.sleep(fault.delay)
                 response, keep_alive = await self._forward(head, body)
+                seen.answered = time.monotonic()
                 seen.status = int(response.split(b" ", 2)[1])
                 seen.response = response
                 if kind == "reset":

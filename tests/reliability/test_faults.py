@@ -845,7 +845,13 @@ def landed_writes(proxy: FaultProxy) -> list[Landed]:
         body = json.loads(seen.response.partition(b"\r\n\r\n")[2])
         ring = [body["Attributes"].get(slot, {}).get("S", "") for slot in schema.WRITE_ID_SLOTS]
         assert ring[0] == write[0], "an applied write's answer names another write id"
-        landed.append(Landed(*write, late=seen.fault == "delay", before=tuple(ring[1:])))
+        # Late: answered after the client's read timeout, so the client may have resent it
+        # meanwhile; held by a "delay" fault, or slow on a loaded machine (the same to the
+        # client, which cannot tell them apart).
+        slow = seen.answered is not None and seen.answered - seen.at >= POLICY.read_timeout
+        landed.append(
+            Landed(*write, late=seen.fault == "delay" or slow, before=tuple(ring[1:]))
+        )
     return landed
 
 
