@@ -11,7 +11,8 @@ import http_sfv
 import httpx
 import pytest
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
 from zae_limiter import Lease, Limit, RateLimiter, StackOptions
 from zae_limiter.asgi import header_key
@@ -60,6 +61,13 @@ def build(limiter: RateLimiter, *, installed: bool = True) -> FastAPI:
     async def missing(lease: Annotated[Lease | None, Depends(per_search)]) -> None:
         raise HTTPException(404, "no such item")
 
+    @app.get("/after")
+    async def after(lease: Annotated[Lease | None, Depends(per_search)]) -> JSONResponse:
+        def fail() -> None:
+            raise RuntimeError("background task failed")
+
+        return JSONResponse({"ok": True}, background=BackgroundTask(fail))
+
     @app.get("/chat")
     async def chat(
         request: Request, lease: Annotated[Lease | None, Depends(per_chat)]
@@ -97,9 +105,27 @@ async def test_dependency_hands_the_lease_and_adds_the_fields(limiter: RateLimit
     assert await limiter.available("k1", "search", [RPM]) == {"rpm": 1}
 
 
-async def test_no_key_no_limit(limiter: RateLimiter) -> None:
+async def test_no_key_is_refused_by_default(limiter: RateLimiter) -> None:
     async with client(build(limiter)) as http:
         response = await http.get("/search")
+    assert response.status_code == 401
+    assert response.headers["content-type"] == "application/problem+json"
+    assert "ratelimit" not in response.headers
+
+
+async def test_no_key_passes_unlimited_when_told(limiter: RateLimiter) -> None:
+    app = FastAPI()
+    install(app)
+    open_search = RateLimit(
+        limiter=limiter, limits=[RPM], key=header_key("x-api-key"), missing_key="pass"
+    )
+
+    @app.get("/open")
+    async def search(lease: Annotated[Lease | None, Depends(open_search)]) -> dict[str, object]:
+        return {"consumed": None if lease is None else lease.consumed}
+
+    async with client(app) as http:
+        response = await http.get("/open")
     assert response.json() == {"consumed": None}
     assert "ratelimit" not in response.headers
 
@@ -123,14 +149,29 @@ async def test_denial_is_429_problem_json_with_the_fields(
     assert problem["status"] == 429 and problem["violated-policies"] == ["rpm"]
 
 
-@pytest.mark.parametrize(("path", "status"), [("/fail", 500), ("/missing", 404)])
-async def test_handler_error_gives_the_cost_back(
-    limiter: RateLimiter, path: str, status: int
-) -> None:
-    async with client(build(limiter)) as http:
-        response = await http.get(path, headers={"x-api-key": "k1"})
-    assert response.status_code == status
+@pytest.mark.parametrize("installed", [True, False])
+async def test_handler_error_gives_the_cost_back(limiter: RateLimiter, installed: bool) -> None:
+    async with client(build(limiter, installed=installed)) as http:
+        response = await http.get("/fail", headers={"x-api-key": "k1"})
+    assert response.status_code == 500
     assert await limiter.available("k1", "search", [RPM]) == {"rpm": 2}
+
+
+@pytest.mark.parametrize("installed", [True, False])
+async def test_a_4xx_from_the_handler_is_charged(limiter: RateLimiter, installed: bool) -> None:
+    async with client(build(limiter, installed=installed)) as http:
+        for _ in range(2):
+            response = await http.get("/missing", headers={"x-api-key": "k1"})
+            assert response.status_code == 404
+        assert (await http.get("/missing", headers={"x-api-key": "k1"})).status_code == 429
+    assert await limiter.available("k1", "search", [RPM]) == {"rpm": 0}
+
+
+async def test_an_exception_after_the_response_is_charged(limiter: RateLimiter) -> None:
+    async with client(build(limiter)) as http:
+        response = await http.get("/after", headers={"x-api-key": "k1"})
+    assert response.status_code == 200
+    assert await limiter.available("k1", "search", [RPM]) == {"rpm": 1}
 
 
 async def test_streaming_handler_reconciles_through_its_lease(limiter: RateLimiter) -> None:
