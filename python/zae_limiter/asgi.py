@@ -428,6 +428,7 @@ class Gate:
 
 
 async def send_refusal(send: Send, refusal: Refusal) -> None:
+    """Answer a request with `refusal` (its status, header fields and problem+json body)."""
     await send(
         {
             "type": "http.response.start",
