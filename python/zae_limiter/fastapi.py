@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable, Mapping, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .asgi import (
@@ -92,16 +93,21 @@ def refusal_response(request: Request, exc: Exception) -> Response:
 
 
 class _Status:
-    __slots__ = ("status",)
+    __slots__ = ("pending", "status")
 
     def __init__(self) -> None:
         self.status: int | None = None
+        # Admissions whose exception came before any response: ended once the status the
+        # application's exception handlers answered with is known (None: none did).
+        self.pending: list[Callable[[int | None], Awaitable[None]]] = []
 
 
 class StatusWatch:
-    """ASGI middleware `install` adds: records the response status a request was sent, so the
-    dependency can charge a request whose exception came after its response (a failing
-    background task, a cancellation at shutdown)."""
+    """ASGI middleware `install` adds: records the response status each request was sent, so
+    the dependency charges by it. An exception after the response (a failing background task,
+    a cancellation) is charged by the status already sent; one before it, by the status the
+    application's exception handlers answer with (a handler turning `PermissionError` into a
+    403: charged), or given back when none does (the server's 500)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -118,7 +124,16 @@ class StatusWatch:
                 seen.status = int(message["status"])
             await send(message)
 
-        await self.app(scope, receive, watched)
+        try:
+            await self.app(scope, receive, watched)
+        finally:
+            if seen.pending:
+                await asyncio.shield(_end_all(seen))
+
+
+async def _end_all(seen: _Status) -> None:
+    for end in seen.pending:
+        await end(seen.status)
 
 
 def install(app: FastAPI) -> None:
@@ -135,15 +150,17 @@ def fields_of(request: Request) -> dict[str, str]:
     return dict(found) if isinstance(found, Mapping) else {}
 
 
-def _status_of(request: Request, exc: BaseException | None) -> int | None:
-    """The status the request was answered with, or will be for `exc`; None: unknown."""
+def _watched(request: Request) -> _Status | None:
     seen = request.scope.get(_STATUS_KEY)
-    if isinstance(seen, _Status) and seen.status is not None:
-        return seen.status  # sent before the exception: it is what the client got
+    return seen if isinstance(seen, _Status) else None
+
+
+def _status_of(exc: BaseException) -> int | None:
+    """The status `exc` will be answered with, as far as the dependency can tell alone."""
     if isinstance(exc, StarletteHTTPException):
         return exc.status_code
-    if exc is None:
-        return 200  # the handler returned (a dependency of scope="function" ends before)
+    if isinstance(exc, RequestValidationError):
+        return 422  # FastAPI's own handler (the request's body or parameters)
     return None
 
 
@@ -211,13 +228,19 @@ class RateLimit:
         for name, value in admitted.headers:
             response.headers[name] = value
         request.scope.setdefault("state", {})[_STATE_KEY] = dict(admitted.headers)
+        refund = self.refund_on_server_error
+        seen = _watched(request)
         try:
             yield admitted.lease
-        except asyncio.CancelledError as exc:
-            end = admitted.end(charged(_status_of(request, exc), self.refund_on_server_error))
-            await asyncio.shield(end)
-            raise
         except BaseException as exc:
-            await admitted.end(charged(_status_of(request, exc), self.refund_on_server_error))
+            if seen is not None and seen.status is None:
+                # No response yet: `StatusWatch` ends it by the one the handlers answer with.
+                seen.pending.append(lambda status: admitted.end(charged(status, refund)))
+                raise
+            status = seen.status if seen is not None else _status_of(exc)
+            await asyncio.shield(admitted.end(charged(status, refund)))
             raise
-        await admitted.end(charged(_status_of(request, None), self.refund_on_server_error))
+        # The response was sent (a dependency of scope="function" ends before it: the handler
+        # returned, so a response is coming).
+        status = seen.status if seen is not None else None
+        await admitted.end(charged(200 if status is None else status, refund))

@@ -37,6 +37,11 @@ def build(limiter: RateLimiter, *, installed: bool = True) -> FastAPI:
     app = FastAPI()
     if installed:
         install(app)
+
+    async def not_yours(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": "forbidden"}, 403)
+
+    app.add_exception_handler(PermissionError, not_yours)
     per_search = RateLimit(
         limiter=limiter, limits=[RPM], key=header_key("x-api-key"), resource="search"
     )
@@ -60,6 +65,14 @@ def build(limiter: RateLimiter, *, installed: bool = True) -> FastAPI:
     @app.get("/missing")
     async def missing(lease: Annotated[Lease | None, Depends(per_search)]) -> None:
         raise HTTPException(404, "no such item")
+
+    @app.get("/forbidden")
+    async def forbidden(lease: Annotated[Lease | None, Depends(per_search)]) -> None:
+        raise PermissionError("not yours")
+
+    @app.get("/item")
+    async def item(n: int, lease: Annotated[Lease | None, Depends(per_search)]) -> None:
+        return None
 
     @app.get("/after")
     async def after(lease: Annotated[Lease | None, Depends(per_search)]) -> JSONResponse:
@@ -164,6 +177,15 @@ async def test_a_4xx_from_the_handler_is_charged(limiter: RateLimiter, installed
             assert response.status_code == 404
         assert (await http.get("/missing", headers={"x-api-key": "k1"})).status_code == 429
     assert await limiter.available("k1", "search", [RPM]) == {"rpm": 0}
+
+
+@pytest.mark.parametrize(("path", "status"), [("/forbidden", 403), ("/item?n=x", 422)])
+async def test_an_exception_a_handler_answers_with_a_4xx_is_charged(
+    limiter: RateLimiter, path: str, status: int
+) -> None:
+    async with client(build(limiter)) as http:
+        assert (await http.get(path, headers={"x-api-key": "k1"})).status_code == status
+    assert await limiter.available("k1", "search", [RPM]) == {"rpm": 1}
 
 
 async def test_an_exception_after_the_response_is_charged(limiter: RateLimiter) -> None:
