@@ -130,12 +130,18 @@ def _header(scope: Scope, wanted: bytes) -> str | None:
     return None
 
 
+def _header_name(name: object) -> bytes:
+    if not isinstance(name, str) or not name or not name.isascii() or " " in name:
+        raise ValidationError("name", name, "must be a header field name")
+    return name.lower().encode("ascii")
+
+
 def header_key(name: str) -> KeyFunction:
     """A `key` taking the entity id from a request header, as sent (absent or empty: None).
 
     The value becomes a partition key of the table and appears wherever entity ids do (audit,
     usage, metrics): for a secret (an API key) use `hashed_header_key`."""
-    wanted = name.lower().encode("latin-1")
+    wanted = _header_name(name)
     return lambda scope: _header(scope, wanted)
 
 
@@ -157,8 +163,8 @@ def hashed_header_key(name: str, secret: bytes) -> KeyFunction:
     neither recover a key nor test guesses against the ids without `secret` (at least 16
     random bytes, kept like any other secret; changing it changes every id). Absent or empty
     header: None."""
+    wanted = _header_name(name)
     hashed_entity_id("", secret)  # the secret checked at once
-    wanted = name.lower().encode("latin-1")
 
     def key(scope: Scope) -> str | None:
         value = _header(scope, wanted)

@@ -432,6 +432,10 @@ async def test_hashed_header_key_stores_no_secret(limiter: RateLimiter) -> None:
     with pytest.raises(ValidationError) as caught:
         hashed_header_key("x-api-key", b"short")
     assert caught.value.field == "secret" and "short" not in str(caught.value)
+    for make in (header_key, lambda name: hashed_header_key(name, secret)):
+        with pytest.raises(ValidationError) as caught:
+            make(b"x-api-key")
+        assert caught.value.field == "name"
 
 
 async def test_unknown_entity_under_cascade_is_401_and_read_once(
