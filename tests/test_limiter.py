@@ -21,6 +21,7 @@ from zae_limiter import (
     SyncRateLimiter,
     ValidationError,
 )
+from zae_limiter.limiter import MISSING_ENTITY_TTL
 from zae_limiter.local import free_port
 from zae_limiter.repository import RetryPolicy
 
@@ -175,6 +176,37 @@ async def test_cascade_needs_the_entity(limiter: RateLimiter) -> None:
     with pytest.raises(EntityNotFoundError):
         async with limiter.acquire("ghost", "r", [RPM], {"rpm": 1}, cascade=True):
             pass
+
+
+async def _misses(limiter: RateLimiter, entity_id: str, n: int) -> None:
+    async def one() -> None:
+        with pytest.raises(EntityNotFoundError):
+            async with limiter.acquire(entity_id, "r", [RPM], {"rpm": 1}, cascade=True):
+                pass
+
+    await asyncio.gather(*(one() for _ in range(n)))
+
+
+async def test_a_missing_entity_costs_one_read_per_ttl(
+    limiter: RateLimiter, endpoint_url: str
+) -> None:
+    """A flood naming unknown entities (cascade) reads each at most once per
+    MISSING_ENTITY_TTL, concurrent requests included; an entity another process creates is
+    seen once that passed, one this limiter creates at once."""
+    limiter.ledger.reset()
+    await _misses(limiter, "ghost-1", 20)
+    await _misses(limiter, "ghost-1", 5)
+    await _misses(limiter, "ghost-2", 20)
+    assert limiter.ledger.calls == {"GetItem": 2}
+    async with RateLimiter(name="test", endpoint_url=endpoint_url) as other:
+        await other.create_entity("ghost-1")
+    await _misses(limiter, "ghost-1", 1)  # still believed missing
+    await limiter.create_entity("ghost-2")  # this limiter's own: forgotten at once
+    async with limiter.acquire("ghost-2", "r", [RPM], {"rpm": 1}, cascade=True):
+        pass
+    await asyncio.sleep(MISSING_ENTITY_TTL)
+    async with limiter.acquire("ghost-1", "r", [RPM], {"rpm": 1}, cascade=True):
+        pass
 
 
 async def test_stored_parent_limit_below_the_request_is_a_validation_error(

@@ -70,3 +70,24 @@ def test_sync_lease_offers_every_public_member_of_the_lease() -> None:
         assert inspect.signature(getattr(SyncLease, name)) == inspect.signature(
             getattr(Lease, name)
         )
+
+
+def test_the_http_modules_document_and_type_every_public_callable() -> None:
+    """`zae_limiter.asgi`, `.fastapi` and `.ratelimit_fields` are imported by their own names
+    (docs/api.md): each public function and class of theirs has a docstring, and each public
+    function annotates every parameter and its return."""
+    import zae_limiter.asgi
+    import zae_limiter.fastapi
+    import zae_limiter.ratelimit_fields
+
+    for module in (zae_limiter.asgi, zae_limiter.fastapi, zae_limiter.ratelimit_fields):
+        for name in module.__all__:
+            value = getattr(module, name)
+            if not (inspect.isfunction(value) or inspect.isclass(value)):
+                continue
+            assert inspect.getdoc(value), f"{module.__name__}.{name} has no docstring"
+            if inspect.isfunction(value):
+                signature = inspect.signature(value)
+                assert signature.return_annotation is not inspect.Signature.empty, name
+                for param in signature.parameters.values():
+                    assert param.annotation is not inspect.Parameter.empty, (name, param.name)

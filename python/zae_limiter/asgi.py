@@ -1,25 +1,36 @@
 """Rate limiting in front of any ASGI application: `RateLimitMiddleware`.
 
 Pure ASGI (no framework needed): only "http" scopes are limited, lifespan and websocket scopes
-pass through. Per request the middleware picks the entity (`key`), takes the cost with one
-`acquire`, answers a refusal itself (429, 413, 503, 400: problem+json, see
-`zae_limiter.ratelimit_fields`), and otherwise calls the application with the lease in the scope
-(`lease_of(scope)`), adding the RateLimit fields to its response from the decision already
-made (no further DynamoDB call). Once the body has been sent, a 5xx gives the cost back and the
-`reconcile` hook's real cost is applied with `lease.adjust`. docs/http.md is the guide.
+pass through. Per request the middleware picks the entity (`key`, then `missing_key` when the
+key function gives None), takes the cost with one `acquire`, answers a refusal itself (429, 413,
+503, 401, 403, 400: problem+json, see `zae_limiter.ratelimit_fields`), and otherwise calls the
+application with the lease in the scope (`lease_of(scope)`), adding the RateLimit fields to its
+response from the decision already made (no further DynamoDB call).
+
+The charging rule (`charged`): once a response status below 500 was sent, the request is
+charged whatever happens after (an exception, a cancellation, the client leaving), and the
+`reconcile` hook's real cost is applied with `lease.adjust`. Only a 5xx, or an end with no
+response at all, gives the cost back (`refund_on_server_error`). docs/http.md is the guide.
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import hmac
 import inspect
+import ipaddress
 import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Literal
 
+from .arguments import check_limits
 from .exceptions import (
+    EntityNotFoundError,
     InvalidIdentifierError,
+    InvalidNameError,
     RateLimiterUnavailable,
     RateLimitExceeded,
     ValidationError,
@@ -34,10 +45,18 @@ __all__ = [
     "LEASE_SCOPE_KEY",
     "Admission",
     "Gate",
+    "KeyFunction",
+    "MissingKey",
     "RateLimitMiddleware",
     "Served",
+    "address_key",
+    "charged",
+    "check_missing_key",
     "client_address_key",
+    "hashed_entity_id",
+    "hashed_header_key",
     "header_key",
+    "key_of",
     "lease_of",
     "send_refusal",
     "total_tokens",
@@ -64,23 +83,141 @@ def lease_of(scope: Mapping[str, Any]) -> Lease | None:
     return lease if isinstance(lease, Lease) else None
 
 
-def header_key(name: str) -> Callable[[Scope], str | None]:
-    """A `key` taking the entity id from a request header (absent: not limited)."""
-    wanted = name.lower().encode("latin-1")
+KeyFunction = Callable[[Scope], str | None]
+"""`key(scope) -> entity id`, or None when the request carries no key."""
+
+MissingKey = Literal["refuse", "pass"] | KeyFunction
+"""What a request the key function gives None for gets: "refuse" (401), "pass" (unlimited), or
+a fallback key function (None from it too: refused)."""
+
+# Refusing is the default: a limiter that any client escapes by leaving out a header, or by
+# connecting over a path with no client address, limits nobody who means harm.
+DEFAULT_MISSING_KEY: Final = "refuse"
+# 128 bits of HMAC-SHA256: no collision among any plausible number of keys (birthday bound
+# 2**64), in an id of 32 hex digits.
+HASH_HEX_DIGITS: Final = 32
+MIN_SECRET_BYTES: Final = 16
+
+
+def check_missing_key(missing_key: object) -> MissingKey:
+    """`missing_key` checked: "refuse", "pass" or a callable of the scope."""
+    if missing_key in ("refuse", "pass") or callable(missing_key):
+        return missing_key
+    raise ValidationError(
+        "missing_key", missing_key, 'must be "refuse", "pass" or a key function of the scope'
+    )
+
+
+def key_of(key: KeyFunction, missing_key: MissingKey, scope: Scope) -> str | Refusal | None:
+    """The entity id of a request: `key`, else the fallback; a `Refusal` (401) when the request
+    must be refused for want of a key, None when it passes unlimited (`missing_key="pass"`)."""
+    entity_id = key(scope)
+    if entity_id is not None:
+        return entity_id
+    if missing_key == "pass":
+        return None
+    if callable(missing_key):
+        fallback = missing_key(scope)
+        if fallback is not None:
+            return fallback
+    return Refusal.missing_key()
+
+
+def _header(scope: Scope, wanted: bytes) -> str | None:
+    for header, value in scope.get("headers", ()):
+        if header == wanted:
+            return bytes(value).decode("latin-1").strip() or None
+    return None
+
+
+def _header_name(name: object) -> bytes:
+    if not isinstance(name, str) or not name or not name.isascii() or " " in name:
+        raise ValidationError("name", name, "must be a header field name")
+    return name.lower().encode("ascii")
+
+
+def header_key(name: str) -> KeyFunction:
+    """A `key` taking the entity id from a request header, as sent (absent or empty: None).
+
+    The value becomes a partition key of the table and appears wherever entity ids do (audit,
+    usage, metrics): for a secret (an API key) use `hashed_header_key`."""
+    wanted = _header_name(name)
+    return lambda scope: _header(scope, wanted)
+
+
+def hashed_entity_id(value: str, secret: bytes) -> str:
+    """The entity id `hashed_header_key(..., secret)` derives from `value`: the first 128 bits
+    of HMAC-SHA256(secret, value) as 32 lowercase hex digits. Use it to create the entities and
+    set their limits ahead of the requests."""
+    if not isinstance(secret, bytes) or len(secret) < MIN_SECRET_BYTES:
+        raise ValidationError("secret", "<secret>", f"must be at least {MIN_SECRET_BYTES} bytes")
+    if not isinstance(value, str):
+        raise ValidationError("value", type(value).__name__, "must be a str")
+    digest = hmac.new(secret, value.encode("utf-8"), hashlib.sha256).hexdigest()
+    return digest[:HASH_HEX_DIGITS]
+
+
+def hashed_header_key(name: str, secret: bytes) -> KeyFunction:
+    """A `key` deriving the entity id from a secret header (an API key) without storing it:
+    `hashed_entity_id(value, secret)`. Keyed, so that whoever reads the table or the logs can
+    neither recover a key nor test guesses against the ids without `secret` (at least 16
+    random bytes, kept like any other secret; changing it changes every id). Absent or empty
+    header: None."""
+    wanted = _header_name(name)
+    hashed_entity_id("", secret)  # the secret checked at once
 
     def key(scope: Scope) -> str | None:
-        for header, value in scope.get("headers", ()):
-            if header == wanted:
-                return bytes(value).decode("latin-1").strip() or None
-        return None
+        value = _header(scope, wanted)
+        return None if value is None else hashed_entity_id(value, secret)
 
     return key
 
 
+def _check_prefix(field_name: str, value: object, bits: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= bits:
+        raise ValidationError(field_name, value, f"must be an int from 1 to {bits}")
+    return value
+
+
+def address_key(*, ipv4_prefix: int = 32, ipv6_prefix: int = 64) -> KeyFunction:
+    """A `key` taking the entity id from the client's address, grouped by network prefix.
+
+    One subscriber commonly holds a whole IPv6 /64 and may use a new address in it for every
+    connection, so IPv6 clients are grouped by /64 by default; an IPv4-mapped IPv6 address
+    counts as IPv4. A grouped id is the network's address then `@` and the prefix length
+    (`2001:db8:1:2::@64`); an ungrouped one is the address itself. No client address (a Unix
+    socket): None. The address is the peer's unless the server takes it from proxy headers
+    (docs/http.md)."""
+    v4 = _check_prefix("ipv4_prefix", ipv4_prefix, 32)
+    v6 = _check_prefix("ipv6_prefix", ipv6_prefix, 128)
+
+    def key(scope: Scope) -> str | None:
+        client = scope.get("client")
+        if not client:
+            return None
+        host = str(client[0])
+        try:
+            address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(host)
+        except ValueError:
+            return host  # not an IP (a test client's name): as is, checked by the limiter
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        prefix = v4 if isinstance(address, ipaddress.IPv4Address) else v6
+        if prefix == address.max_prefixlen:
+            return str(address)
+        network = ipaddress.ip_network(f"{address}/{prefix}", strict=False)
+        return f"{network.network_address}@{prefix}"
+
+    return key
+
+
+_by_address = address_key()
+
+
 def client_address_key(scope: Scope) -> str | None:
-    """A `key` taking the entity id from the client's address."""
-    client = scope.get("client")
-    return str(client[0]) if client else None
+    """A `key` taking the entity id from the client's address: `address_key()`'s (IPv4 per
+    address, IPv6 per /64). No client address (a Unix socket): None."""
+    return _by_address(scope)
 
 
 _TOTAL_TOKENS: Final = re.compile(rb'"total_tokens"\s*:\s*(\d+)')
@@ -139,6 +276,32 @@ class Admission:
         else:
             await self._scope.__aexit__(type(exc), exc, exc.__traceback__)
 
+    async def end(self, charge: bool) -> None:
+        """End the acquire by the charging rule (`charged`): the consumption stands, or the
+        whole of it is given back. A failed give-back is logged, not raised: the response is
+        gone, and whatever the request ended with matters more."""
+        if not charge:
+            held = {name: n for name, n in self.lease.consumed.items() if n > 0}
+            try:
+                if held:
+                    await self.lease.release(**held)
+            except Exception:
+                log.exception("give-back of a request's cost failed; it may not land")
+        await self.leave()
+
+
+def charged(status: int | None, refund_on_server_error: bool = True) -> bool:
+    """The charging rule of the middleware and the FastAPI dependency: is a request whose
+    response status is `status` (None: no response was started) charged?
+
+    A status below 500 is charged, whatever happens after it was sent (an exception, a
+    cancellation, the client leaving): the work was done, and a client must not earn a refund
+    by leaving, nor a route that refuses it (401, 403, 404) become unlimited. A 5xx or no
+    response at all is given back, unless `refund_on_server_error` is False."""
+    if status is not None and status < 500:
+        return True
+    return not refund_on_server_error
+
 
 class Gate:
     """How one set of routes is limited: the limits, the resource, the cost per request and the
@@ -168,9 +331,10 @@ class Gate:
         if not isinstance(limiter, RateLimiter):
             raise ValidationError("limiter", limiter, "must be a RateLimiter")
         self.limiter = limiter
-        self.limits = list(limits or [])
-        if not self.limits and not use_stored_limits:
+        if not limits and not use_stored_limits:
             raise ValidationError("limits", limits, "give limits, or use_stored_limits=True")
+        # Checked now: at run time a "limits" error can then only be "none stored" (a 403).
+        self.limits = check_limits(limits or [], allow_empty=use_stored_limits)
         if isinstance(resource, str):
             validate_resource(resource)
         elif not callable(resource):
@@ -242,6 +406,17 @@ class Gate:
             if exc.field != "entity_id":
                 raise
             return Refusal.bad_key()
+        except InvalidNameError as exc:
+            if exc.field != "resource" or isinstance(self.resource, str):
+                raise  # a fixed resource is checked in __init__: this is no request's doing
+            return Refusal.bad_resource()
+        except EntityNotFoundError:
+            # The limiter remembers the miss (MISSING_ENTITY_TTL): a flood costs one read.
+            return Refusal.unknown_key()
+        except ValidationError as exc:
+            if exc.field != "limits" or not self.use_stored_limits:
+                raise
+            return Refusal.no_limits()
         own = [s for s in lease.statuses() if s.entity_id == entity_id]
         return Admission(entity_id, acquisition, lease, self._fields(own, pk))
 
@@ -259,6 +434,7 @@ class Gate:
 
 
 async def send_refusal(send: Send, refusal: Refusal) -> None:
+    """Answer a request with `refusal` (its status, header fields and problem+json body)."""
     await send(
         {
             "type": "http.response.start",
@@ -323,14 +499,16 @@ class _Watch:
 class RateLimitMiddleware:
     """Limits every HTTP request of `app` through `limiter` (see `Gate` for the options).
 
-    - `key(scope) -> str | None`: the entity id (None: the request is not limited); an id the
-      limiter rejects is answered 400.
-    - `reconcile(served) -> {limit: real cost} | None` (may be async): called once the body has
-      been sent, also when the client disconnected mid-stream; the lease is adjusted to the real
-      cost of each limit named. Not called for a 5xx when `refund_on_server_error` (the
-      default): the whole cost is given back instead.
-    - If the application raises, the cost is given back and the exception propagates, as in
-      `acquire` (unless the client had disconnected: then it is reconciled).
+    - `key(scope) -> str | None`: the entity id; an id the limiter rejects is answered 400.
+    - `missing_key`: a request `key` gives None for is refused with 401 ("refuse", the
+      default), passes unlimited ("pass"), or is keyed by a fallback key function.
+    - `reconcile(served) -> {limit: real cost} | None` (may be async): called for every charged
+      request (`charged`: a response status below 500 was sent), also when the client left
+      mid-stream or the application raised or was cancelled after its response started; the
+      lease is adjusted to the real cost of each limit named.
+    - `refund_on_server_error` (default True): a 5xx, or an end with no response started (the
+      application raised or was cancelled first), gives the whole cost back and the hook is
+      not called; the exception propagates. False: those are charged too.
     """
 
     def __init__(
@@ -339,7 +517,8 @@ class RateLimitMiddleware:
         *,
         limiter: RateLimiter,
         limits: Sequence[Limit] | None,
-        key: Callable[[Scope], str | None],
+        key: KeyFunction,
+        missing_key: MissingKey = DEFAULT_MISSING_KEY,
         resource: str | Callable[[Scope], str] = DEFAULT_HTTP_RESOURCE,
         cost: Callable[[Scope], Mapping[str, int]] | None = None,
         quota_units: Mapping[str, str] | None = None,
@@ -360,8 +539,13 @@ class RateLimitMiddleware:
             raise ValidationError("reconcile", reconcile, "must be a callable or None")
         if isinstance(tail_bytes, bool) or not isinstance(tail_bytes, int) or tail_bytes < 0:
             raise ValidationError("tail_bytes", tail_bytes, "must be a non-negative int")
+        if not isinstance(refund_on_server_error, bool):
+            raise ValidationError(
+                "refund_on_server_error", refund_on_server_error, "must be a bool"
+            )
         self.app = app
         self.key = key
+        self.missing_key = check_missing_key(missing_key)
         self.gate = Gate(
             limiter=limiter,
             limits=limits,
@@ -384,9 +568,12 @@ class RateLimitMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        entity_id = self.key(scope)
+        entity_id = key_of(self.key, self.missing_key, scope)
         if entity_id is None:
             await self.app(scope, receive, send)
+            return
+        if isinstance(entity_id, Refusal):
+            await send_refusal(send, entity_id)
             return
         admitted = await self.gate.admit(entity_id, scope)
         if isinstance(admitted, Refusal):
@@ -397,28 +584,29 @@ class RateLimitMiddleware:
         inner = {**scope, LEASE_SCOPE_KEY: admitted.lease}
         try:
             await self.app(inner, watch.receive, watch.send)
-        except BaseException as exc:
-            if watch.disconnected and isinstance(exc, Exception):
-                await self._settle(admitted.lease, watch, inner)
-                await admitted.leave()
-            else:
-                await admitted.leave(exc)
+        except asyncio.CancelledError:
+            # Cancelled (a server's graceful shutdown running out, a timeout middleware): the
+            # settlement must not be cut short by a second cancellation.
+            await asyncio.shield(self._end(admitted, watch, inner))
             raise
-        await self._settle(admitted.lease, watch, inner)
-        await admitted.leave()
+        except BaseException:
+            await self._end(admitted, watch, inner)
+            raise
+        await self._end(admitted, watch, inner)
+
+    async def _end(self, admitted: Admission, watch: _Watch, scope: Scope) -> None:
+        """Charge or give back by `charged`; a charged request is reconciled first."""
+        charge = charged(watch.status, self.refund_on_server_error)
+        if charge:
+            await self._settle(admitted.lease, watch, scope)
+        await admitted.end(charge)
 
     async def _settle(self, lease: Lease, watch: _Watch, scope: Scope) -> None:
-        """Give the cost back after a 5xx, or apply the hook's real cost (errors are logged:
-        the response is gone, and the estimate stands)."""
+        """Apply the hook's real cost (errors are logged: the response is gone, and the
+        estimate stands)."""
+        if self.reconcile is None:
+            return
         try:
-            failed = watch.status is None or watch.status >= 500
-            if failed and self.refund_on_server_error:
-                held = {name: n for name, n in lease.consumed.items() if n > 0}
-                if held:
-                    await lease.release(**held)
-                return
-            if self.reconcile is None:
-                return
             served = Served(
                 scope=scope,
                 status=watch.status,
@@ -439,4 +627,5 @@ class RateLimitMiddleware:
                 if any(deltas.values()):
                     await lease.adjust(**{k: v for k, v in deltas.items() if v})
         except Exception:
-            log.exception("reconciliation of %r failed; its estimate stands", lease)
+            # No lease in the message: its repr names the entity, often a credential.
+            log.exception("reconciliation of a request failed; its estimate stands")

@@ -65,6 +65,10 @@ log = logging.getLogger("zae_limiter")
 # A version record that could not be read (DynamoDB down, table missing) is retried at most this
 # often; the operation meanwhile meets the outage, and its failure mode decides.
 VERSION_RETRY_SECONDS = 30.0
+# How long an entity found missing is believed missing (cascade): a flood of requests naming
+# unknown entities then costs one read per entity per this many seconds. Short, because another
+# process may create the entity meanwhile; this limiter's own `create_entity` forgets it at once.
+MISSING_ENTITY_TTL = 5.0
 
 
 class RateLimiter:
@@ -142,6 +146,9 @@ class RateLimiter:
         self._stored_limits: TTLCache[str, dict[str, list[Limit]]] = TTLCache(
             limits_cache_ttl, bucket_cache_size
         )
+        # Apart from `_entities`, so that a flood of unknown ids cannot evict the known ones.
+        self._missing: TTLCache[str, bool] = TTLCache(MISSING_ENTITY_TTL, bucket_cache_size)
+        self._lookups: dict[str, asyncio.Future[Entity | None]] = {}
         self._ready = False
         self._ready_lock = asyncio.Lock()
         self._provisioned = False
@@ -184,6 +191,7 @@ class RateLimiter:
         self._engine.states.clear()
         self._entities.clear()
         self._stored_limits.clear()
+        self._missing.clear()
 
     async def _ensure_ready(self) -> None:
         if self._ready:
@@ -307,6 +315,7 @@ class RateLimiter:
             ):
                 raise EntityNotFoundError(entity.parent_id)
             await self.repository.put_entity(entity)
+        self._missing.drop(entity.id)
         await audit.record(self.repository, audit.entity_created(entity, principal))
         stored = await self.get_entity(entity.id)
         return stored or entity
@@ -318,6 +327,7 @@ class RateLimiter:
             entity = await self.repository.get_entity(entity_id)
         if entity is not None:
             self._entities.put(entity_id, entity)
+            self._missing.drop(entity_id)
         return entity
 
     async def delete_entity(self, entity_id: str, *, principal: str | None = None) -> None:
@@ -424,12 +434,35 @@ class RateLimiter:
 
     async def _parent_of(self, entity_id: str) -> str | None:
         hit, entity = self._entities.get(entity_id)
-        if not hit or entity is None:
-            entity = await self.repository.get_entity(entity_id)
-            if entity is None:
-                raise EntityNotFoundError(entity_id)
-            self._entities.put(entity_id, entity)
+        if hit and entity is not None:
+            return entity.parent_id
+        if self._missing.get(entity_id)[0]:
+            raise EntityNotFoundError(entity_id)
+        # Concurrent requests for one uncached id share one read (a flood of an unknown key).
+        lookup = self._lookups.get(entity_id)
+        if lookup is None:
+            lookup = asyncio.ensure_future(self._look_up(entity_id))
+            self._lookups[entity_id] = lookup
+            lookup.add_done_callback(lambda done: self._looked_up(entity_id, done))
+        # Shielded: a waiter past its deadline must not cancel the read the others wait for.
+        entity = await asyncio.shield(lookup)
+        if entity is None:
+            raise EntityNotFoundError(entity_id)
         return entity.parent_id
+
+    async def _look_up(self, entity_id: str) -> Entity | None:
+        entity = await self.repository.get_entity(entity_id)
+        if entity is None:
+            self._missing.put(entity_id, True)
+        else:
+            self._entities.put(entity_id, entity)
+        return entity
+
+    def _looked_up(self, entity_id: str, done: asyncio.Future[Entity | None]) -> None:
+        if self._lookups.get(entity_id) is done:
+            del self._lookups[entity_id]
+        if not done.cancelled():
+            done.exception()  # retrieved: every waiter may have gone (deadline)
 
     async def _limit_sets(
         self,
@@ -457,7 +490,7 @@ class RateLimiter:
             )
             if not limits:
                 raise ValidationError(
-                    "limits", limits, f"no limits given and none stored for entity {eid!r}"
+                    "limits", limits, "no limits given and none stored for the entity"
                 )
             sets.append((eid, limits))
         return sets

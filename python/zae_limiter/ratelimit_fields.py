@@ -228,14 +228,37 @@ class Refusal:
         )
 
     @classmethod
+    def _blank(cls, status: int, title: str, detail: str) -> Refusal:
+        # The request's key never appears: it is often a credential.
+        return cls.problem(
+            status, {"type": "about:blank", "title": title, "status": status, "detail": detail}
+        )
+
+    @classmethod
     def bad_key(cls) -> Refusal:
         """400 for a request whose rate-limit key is not a valid entity id."""
-        return cls.problem(
-            400,
-            {
-                "type": "about:blank",
-                "title": "Bad Request",
-                "status": 400,
-                "detail": "The request's rate-limit key is not a valid identifier.",
-            },
+        return cls._blank(
+            400, "Bad Request", "The request's rate-limit key is not a valid identifier."
+        )
+
+    @classmethod
+    def missing_key(cls) -> Refusal:
+        """401 for a request that carries no rate-limit key (`missing_key="refuse"`)."""
+        return cls._blank(401, "Unauthorized", "The request carries no rate-limit key.")
+
+    @classmethod
+    def unknown_key(cls) -> Refusal:
+        """401 for a key that names no known entity (`cascade=True`: its parent is looked up)."""
+        return cls._blank(401, "Unauthorized", "The request's rate-limit key is not known.")
+
+    @classmethod
+    def no_limits(cls) -> Refusal:
+        """403 for a key with no stored limits (`use_stored_limits=True`, no `limits`)."""
+        return cls._blank(403, "Forbidden", "No rate limit is granted to this key.")
+
+    @classmethod
+    def bad_resource(cls) -> Refusal:
+        """400 for a request whose resource (derived from the request) is not a valid name."""
+        return cls._blank(
+            400, "Bad Request", "The request's rate-limit resource is not a valid name."
         )

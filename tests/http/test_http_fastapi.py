@@ -11,7 +11,8 @@ import http_sfv
 import httpx
 import pytest
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 
 from zae_limiter import Lease, Limit, RateLimiter, StackOptions
 from zae_limiter.asgi import header_key
@@ -36,6 +37,11 @@ def build(limiter: RateLimiter, *, installed: bool = True) -> FastAPI:
     app = FastAPI()
     if installed:
         install(app)
+
+    async def not_yours(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": "forbidden"}, 403)
+
+    app.add_exception_handler(PermissionError, not_yours)
     per_search = RateLimit(
         limiter=limiter, limits=[RPM], key=header_key("x-api-key"), resource="search"
     )
@@ -59,6 +65,21 @@ def build(limiter: RateLimiter, *, installed: bool = True) -> FastAPI:
     @app.get("/missing")
     async def missing(lease: Annotated[Lease | None, Depends(per_search)]) -> None:
         raise HTTPException(404, "no such item")
+
+    @app.get("/forbidden")
+    async def forbidden(lease: Annotated[Lease | None, Depends(per_search)]) -> None:
+        raise PermissionError("not yours")
+
+    @app.get("/item")
+    async def item(n: int, lease: Annotated[Lease | None, Depends(per_search)]) -> None:
+        return None
+
+    @app.get("/after")
+    async def after(lease: Annotated[Lease | None, Depends(per_search)]) -> JSONResponse:
+        def fail() -> None:
+            raise RuntimeError("background task failed")
+
+        return JSONResponse({"ok": True}, background=BackgroundTask(fail))
 
     @app.get("/chat")
     async def chat(
@@ -97,9 +118,27 @@ async def test_dependency_hands_the_lease_and_adds_the_fields(limiter: RateLimit
     assert await limiter.available("k1", "search", [RPM]) == {"rpm": 1}
 
 
-async def test_no_key_no_limit(limiter: RateLimiter) -> None:
+async def test_no_key_is_refused_by_default(limiter: RateLimiter) -> None:
     async with client(build(limiter)) as http:
         response = await http.get("/search")
+    assert response.status_code == 401
+    assert response.headers["content-type"] == "application/problem+json"
+    assert "ratelimit" not in response.headers
+
+
+async def test_no_key_passes_unlimited_when_told(limiter: RateLimiter) -> None:
+    app = FastAPI()
+    install(app)
+    open_search = RateLimit(
+        limiter=limiter, limits=[RPM], key=header_key("x-api-key"), missing_key="pass"
+    )
+
+    @app.get("/open")
+    async def search(lease: Annotated[Lease | None, Depends(open_search)]) -> dict[str, object]:
+        return {"consumed": None if lease is None else lease.consumed}
+
+    async with client(app) as http:
+        response = await http.get("/open")
     assert response.json() == {"consumed": None}
     assert "ratelimit" not in response.headers
 
@@ -123,14 +162,37 @@ async def test_denial_is_429_problem_json_with_the_fields(
     assert problem["status"] == 429 and problem["violated-policies"] == ["rpm"]
 
 
-@pytest.mark.parametrize(("path", "status"), [("/fail", 500), ("/missing", 404)])
-async def test_handler_error_gives_the_cost_back(
+async def test_handler_error_gives_the_cost_back(limiter: RateLimiter) -> None:
+    async with client(build(limiter)) as http:
+        response = await http.get("/fail", headers={"x-api-key": "k1"})
+    assert response.status_code == 500
+    assert await limiter.available("k1", "search", [RPM]) == {"rpm": 2}
+
+
+@pytest.mark.parametrize("installed", [True, False])
+async def test_a_4xx_from_the_handler_is_charged(limiter: RateLimiter, installed: bool) -> None:
+    async with client(build(limiter, installed=installed)) as http:
+        for _ in range(2):
+            response = await http.get("/missing", headers={"x-api-key": "k1"})
+            assert response.status_code == 404
+        assert (await http.get("/missing", headers={"x-api-key": "k1"})).status_code == 429
+    assert await limiter.available("k1", "search", [RPM]) == {"rpm": 0}
+
+
+@pytest.mark.parametrize(("path", "status"), [("/forbidden", 403), ("/item?n=x", 422)])
+async def test_an_exception_a_handler_answers_with_a_4xx_is_charged(
     limiter: RateLimiter, path: str, status: int
 ) -> None:
     async with client(build(limiter)) as http:
-        response = await http.get(path, headers={"x-api-key": "k1"})
-    assert response.status_code == status
-    assert await limiter.available("k1", "search", [RPM]) == {"rpm": 2}
+        assert (await http.get(path, headers={"x-api-key": "k1"})).status_code == status
+    assert await limiter.available("k1", "search", [RPM]) == {"rpm": 1}
+
+
+async def test_an_exception_after_the_response_is_charged(limiter: RateLimiter) -> None:
+    async with client(build(limiter)) as http:
+        response = await http.get("/after", headers={"x-api-key": "k1"})
+    assert response.status_code == 200
+    assert await limiter.available("k1", "search", [RPM]) == {"rpm": 1}
 
 
 async def test_streaming_handler_reconciles_through_its_lease(limiter: RateLimiter) -> None:

@@ -7,6 +7,9 @@ fail-open, reservations and the options' checks.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import hmac
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
@@ -28,7 +31,10 @@ from zae_limiter import (
 from zae_limiter.asgi import (
     RateLimitMiddleware,
     Served,
+    address_key,
     client_address_key,
+    hashed_entity_id,
+    hashed_header_key,
     header_key,
     lease_of,
     total_tokens,
@@ -96,7 +102,7 @@ async def test_unlimited_requests_and_other_scopes_pass_through(limiter: RateLim
         if scope["type"] == "http":
             await JSONResponse({})(scope, receive, send)
 
-    mw = RateLimitMiddleware(app, limiter=limiter, limits=[RPM], key=KEY)
+    mw = RateLimitMiddleware(app, limiter=limiter, limits=[RPM], key=KEY, missing_key="pass")
     limiter.ledger.reset()
     result = await call(mw, key=None)
     assert result.status == 200 and "ratelimit" not in result.headers
@@ -305,6 +311,9 @@ async def test_client_address_key_limits_per_client(limiter: RateLimiter) -> Non
         ({"limits": [RPM], "resource": "bad resource"}, "resource"),
         ({"limits": [RPM], "tail_bytes": -1}, "tail_bytes"),
         ({"limits": [RPM], "key": "x-api-key"}, "key"),
+        ({"limits": [RPM], "missing_key": "allow"}, "missing_key"),
+        ({"limits": [RPM], "refund_on_server_error": "yes"}, "refund_on_server_error"),
+        ({"limits": [RPM, RPM]}, "limits"),
     ],
 )
 def test_bad_options_name_their_field(options: dict[str, Any], field: str) -> None:
@@ -351,3 +360,161 @@ async def test_stored_limits_decide_and_make_the_policy(limiter: RateLimiter) ->
     result = await call(mw)
     assert result.headers["ratelimit-policy"] == '"rph";q=7;w=3600'
     assert remaining(result.headers["ratelimit"]) == {"rph": 5}
+
+
+async def test_a_request_without_a_key_is_refused_by_default(limiter: RateLimiter) -> None:
+    mw = RateLimitMiddleware(json_app({}), limiter=limiter, limits=[RPM], key=KEY)
+    limiter.ledger.reset()
+    result = await call(mw, key=None)
+    assert result.status == 401
+    assert result.headers["content-type"] == "application/problem+json"
+    assert json.loads(result.body)["status"] == 401
+    assert limiter.ledger.total_calls == 0  # decided with no I/O
+
+
+async def test_a_fallback_key_limits_requests_without_one(limiter: RateLimiter) -> None:
+    mw = RateLimitMiddleware(
+        json_app({}), limiter=limiter, limits=[RPM], key=KEY, missing_key=lambda scope: "anon"
+    )
+    for n in range(1, 3):
+        result = await call(mw, key=None)
+        assert result.status == 200 and remaining(result.headers["ratelimit"]) == {"rpm": 10 - n}
+    assert await limiter.available("anon", "http", [RPM]) == {"rpm": 8}
+
+
+async def test_a_fallback_key_that_finds_nothing_refuses(limiter: RateLimiter) -> None:
+    mw = RateLimitMiddleware(
+        json_app({}), limiter=limiter, limits=[RPM], key=KEY, missing_key=lambda scope: None
+    )
+    assert (await call(mw, key=None)).status == 401
+
+
+def _from(address: str) -> dict[str, Any]:
+    scope = http_scope(key=None)
+    scope["client"] = (address, 40000)
+    return scope
+
+
+async def test_client_address_key_groups_ipv6_by_64(limiter: RateLimiter) -> None:
+    mw = RateLimitMiddleware(json_app({}), limiter=limiter, limits=[RPM], key=client_address_key)
+    # One subscriber's /64, rotating: one bucket. Another /64: its own.
+    for address in ("2001:db8:1:2::1", "2001:db8:1:2:aaaa:bbbb:cccc:dddd", "2001:db8:1:3::1"):
+        assert (await call(mw, scope=_from(address))).status == 200
+    assert await limiter.available("2001:db8:1:2::@64", "http", [RPM]) == {"rpm": 8}
+    assert await limiter.available("2001:db8:1:3::@64", "http", [RPM]) == {"rpm": 9}
+    # An IPv4-mapped address is the IPv4 client's.
+    assert (await call(mw, scope=_from("::ffff:192.0.2.7"))).status == 200
+    assert await limiter.available("192.0.2.7", "http", [RPM]) == {"rpm": 9}
+
+
+async def test_address_key_prefixes_are_options(limiter: RateLimiter) -> None:
+    per_address = address_key(ipv6_prefix=128, ipv4_prefix=24)
+    assert per_address(_from("2001:db8::5")) == "2001:db8::5"
+    assert per_address(_from("192.0.2.77")) == "192.0.2.0@24"
+    assert per_address(http_scope(key=None) | {"client": None}) is None
+    for field, bad in (("ipv6_prefix", 0), ("ipv4_prefix", 33), ("ipv6_prefix", True)):
+        with pytest.raises(ValidationError) as caught:
+            address_key(**{field: bad})
+        assert caught.value.field == field
+
+
+async def test_hashed_header_key_stores_no_secret(limiter: RateLimiter) -> None:
+    secret = b"0123456789abcdef-server-secret"
+    mw = RateLimitMiddleware(
+        json_app({}), limiter=limiter, limits=[RPM], key=hashed_header_key("x-api-key", secret)
+    )
+    assert (await call(mw, key="sk-live-123")).status == 200
+    expected = hmac.new(secret, b"sk-live-123", hashlib.sha256).hexdigest()[:32]
+    assert hashed_entity_id("sk-live-123", secret) == expected
+    assert await limiter.available(expected, "http", [RPM]) == {"rpm": 9}
+    items = await limiter.repository.resource_buckets("http")
+    assert [b.entity_id for b in items] == [expected]
+    with pytest.raises(ValidationError) as caught:
+        hashed_header_key("x-api-key", b"short")
+    assert caught.value.field == "secret" and "short" not in str(caught.value)
+    for make in (header_key, lambda name: hashed_header_key(name, secret)):
+        with pytest.raises(ValidationError) as caught:
+            make(b"x-api-key")
+        assert caught.value.field == "name"
+
+
+async def test_unknown_entity_under_cascade_is_401_and_read_once(
+    limiter: RateLimiter, caplog: pytest.LogCaptureFixture
+) -> None:
+    mw = RateLimitMiddleware(json_app({}), limiter=limiter, limits=[RPM], key=KEY, cascade=True)
+    limiter.ledger.reset()
+    with caplog.at_level(logging.DEBUG, logger="zae_limiter"):
+        results = [await call(mw, key="sk-unknown-secret") for _ in range(20)]
+    assert {r.status for r in results} == {401}
+    assert all(b"sk-unknown-secret" not in r.body for r in results)
+    assert "sk-unknown-secret" not in caplog.text
+    assert limiter.ledger.calls == {"GetItem": 1}
+    # Created by this limiter: known at once, no wait for the miss to expire.
+    await limiter.create_entity("sk-unknown-secret")
+    assert (await call(mw, key="sk-unknown-secret")).status == 200
+
+
+async def test_an_invalid_resource_from_the_request_is_400(limiter: RateLimiter) -> None:
+    mw = RateLimitMiddleware(
+        json_app({}), limiter=limiter, limits=[RPM], key=KEY, resource=lambda scope: "a#b"
+    )
+    result = await call(mw)
+    assert result.status == 400 and b"a#b" not in result.body
+    assert result.headers["content-type"] == "application/problem+json"
+
+
+async def test_no_stored_limits_is_403(limiter: RateLimiter) -> None:
+    mw = RateLimitMiddleware(
+        json_app({}),
+        limiter=limiter,
+        limits=None,
+        key=KEY,
+        use_stored_limits=True,
+        cost=lambda scope: {"rpm": 1},
+    )
+    result = await call(mw, key="sk-nolimits")
+    assert result.status == 403 and b"sk-nolimits" not in result.body
+    assert result.headers["content-type"] == "application/problem+json"
+
+
+async def test_an_exception_after_the_response_is_charged(limiter: RateLimiter) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await JSONResponse({"ok": True})(scope, receive, send)
+        raise RuntimeError("a background task failed")
+
+    mw = RateLimitMiddleware(app, limiter=limiter, limits=[RPM], key=KEY)
+    with pytest.raises(RuntimeError):
+        await call(mw)
+    assert await limiter.available("k1", "http", [RPM]) == {"rpm": 9}
+
+
+async def test_a_cancellation_after_the_body_is_charged_and_reconciled(
+    limiter: RateLimiter,
+) -> None:
+    served: list[Served] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] == "/late":
+            await JSONResponse({"ok": True})(scope, receive, send)
+        await asyncio.sleep(30)  # work a timeout (or a server's shutdown) cuts short
+
+    def reconcile(s: Served) -> Mapping[str, int]:
+        served.append(s)
+        return {"tpm": 30}
+
+    mw = RateLimitMiddleware(
+        app,
+        limiter=limiter,
+        limits=[RPM, TPM],
+        key=KEY,
+        cost=lambda scope: {"rpm": 1, "tpm": 100},
+        quota_units={"tpm": "tokens"},
+        reconcile=reconcile,
+    )
+    for path in ("/late", "/early"):
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(1.0):
+                await call(mw, scope=http_scope(path=path))
+    # "/late" sent its whole body first: charged and reconciled; "/early" sent nothing.
+    assert [(s.status, s.complete) for s in served] == [(200, True)]
+    assert await limiter.available("k1", "http", [RPM, TPM]) == {"rpm": 9, "tpm": 970}
