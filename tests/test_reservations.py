@@ -198,6 +198,13 @@ async def test_lease_changes_settle_against_the_block(limiter: RateLimiter,
     assert limiter.ledger.calls.get("UpdateItem", 0) == 0
     # more than the block holds: the block's part is spent, only the rest is written
     async with limiter.acquire("k", "llm", HOT, {"rpm": 1}) as lease:
+        # The acquire may have started a top-up ahead (its block ran low): a write of its own,
+        # not the adjust's. Let it land first.
+        reserver = limiter._reserver
+        assert reserver is not None
+        inflight = reserver.holdings[key].inflight
+        if inflight is not None:
+            await inflight
         held = limiter.reserved()[key]["tpm"]
         limiter.ledger.reset()
         await lease.adjust(tpm=held + 5_000)
