@@ -1,5 +1,7 @@
-"""Reservations against moto's DynamoDB server: local decisions, exact books, giving back,
-sizing, cheap denials, cascade, and what `available()` reports (docs/design.md, Reservations).
+"""Reservations: local decisions, exact books, giving back, sizing, cheap denials, cascade, and
+what `available()` reports (docs/design.md, Reservations). On `MemoryStorage`, which the storage
+contract (test_storage_contract.py) shows behaves as DynamoDB does; reservations against moto,
+under faults and a write ceiling, are the reliability suites'.
 
 The clock of decisions is frozen (nothing refills) unless a test moves it, so every figure is
 exact; hold times and the denial memory run on the real monotonic clock.
@@ -15,18 +17,15 @@ import pytest
 
 from zae_limiter import (
     Limit,
+    MemoryStorage,
     RateLimiter,
     RateLimitExceeded,
     Reservations,
-    StackOptions,
     SyncRateLimiter,
     ValidationError,
 )
 from zae_limiter import reservations as reservations_module
-from zae_limiter.repository import Repository
 from zae_limiter.reservations import Reserver
-
-pytestmark = pytest.mark.integration
 
 T0 = 1_800_000_000_000
 HOT = [Limit.per_minute("rpm", 10_000), Limit.per_minute("tpm", 1_000_000)]
@@ -41,24 +40,24 @@ class Clock:
 
 
 @pytest.fixture
-async def limiter(endpoint_url: str) -> AsyncIterator[RateLimiter]:
+def store() -> MemoryStorage:
+    return MemoryStorage()
+
+
+@pytest.fixture
+async def limiter(store: MemoryStorage) -> AsyncIterator[RateLimiter]:
     async with RateLimiter(
         name="res",
-        endpoint_url=endpoint_url,
-        stack_options=StackOptions(),
+        repository=store,
         clock=Clock(),
         reservations=Reservations(),
     ) as lim:
         yield lim
 
 
-async def stored(endpoint_url: str, entity_id: str, resource: str = "llm") -> dict[str, int]:
+async def stored(store: MemoryStorage, entity_id: str, resource: str = "llm") -> dict[str, int]:
     """Net millitokens ever consumed per limit, as the bucket item itself counts them."""
-    repo = Repository("res", None, endpoint_url)
-    try:
-        bucket = await repo.get_bucket(entity_id, resource)
-    finally:
-        await repo.close()
+    bucket = await store.get_bucket(entity_id, resource)
     assert bucket is not None
     return {n: s.consumed_milli - s.released_milli for n, s in bucket.limits.items()}
 
@@ -127,18 +126,18 @@ async def test_warm_acquires_are_served_without_any_call(limiter: RateLimiter) -
     assert 0 < held["rpm"] <= 10_000 * Reservations().max_share
 
 
-async def test_nothing_is_admitted_beyond_the_bucket(endpoint_url: str) -> None:
+async def test_nothing_is_admitted_beyond_the_bucket(store: MemoryStorage) -> None:
     limits = [Limit.per_minute("rpm", 100)]
-    async with RateLimiter(name="res", endpoint_url=endpoint_url, stack_options=StackOptions(),
+    async with RateLimiter(name="res", repository=store,
                            clock=Clock(), reservations=Reservations(max_share=0.5)) as lim:
         admitted, denied = await hammer(lim, "k", limits, 30, tasks=8)
         assert (admitted, denied) == (100, 140)
         assert await lim.available("k", "llm", limits) == {"rpm": 0}
-    assert await stored(endpoint_url, "k") == {"rpm": 100_000}
+    assert await stored(store, "k") == {"rpm": 100_000}
 
 
-async def test_close_gives_back_what_was_not_used(endpoint_url: str) -> None:
-    async with RateLimiter(name="res", endpoint_url=endpoint_url, stack_options=StackOptions(),
+async def test_close_gives_back_what_was_not_used(store: MemoryStorage) -> None:
+    async with RateLimiter(name="res", repository=store,
                            clock=Clock(), reservations=Reservations()) as lim:
         admitted, _ = await hammer(lim, "k", HOT, 40, tasks=4)
         # A top-up ahead may still be landing: its tokens are consumed in the bucket before
@@ -154,25 +153,25 @@ async def test_close_gives_back_what_was_not_used(endpoint_url: str) -> None:
         # reserved tokens count as consumed until they are given back
         assert (await lim.available("k", "llm", HOT))["rpm"] == 10_000 - admitted - held["rpm"]
     assert lim.reserved() == {}
-    assert await stored(endpoint_url, "k") == {"rpm": admitted * 1000}
-    async with RateLimiter(name="res", endpoint_url=endpoint_url, clock=Clock()) as plain:
+    assert await stored(store, "k") == {"rpm": admitted * 1000}
+    async with RateLimiter(name="res", repository=store, clock=Clock()) as plain:
         assert await plain.available("k", "llm", HOT) == {"rpm": 10_000 - admitted,
                                                            "tpm": 1_000_000}
 
 
-async def test_unused_tokens_go_back_after_the_hold_time(endpoint_url: str) -> None:
+async def test_unused_tokens_go_back_after_the_hold_time(store: MemoryStorage) -> None:
     policy = Reservations(hold_seconds=0.3, horizon_seconds=0.3)
-    async with RateLimiter(name="res", endpoint_url=endpoint_url, stack_options=StackOptions(),
+    async with RateLimiter(name="res", repository=store,
                            clock=Clock(), reservations=policy) as lim:
         admitted, _ = await hammer(lim, "k", HOT, 30, tasks=4)
         assert lim.reserved()
         await asyncio.sleep(0.8)  # no call on the limiter meanwhile
         assert lim.reserved() == {}
-        assert await stored(endpoint_url, "k") == {"rpm": admitted * 1000}
+        assert await stored(store, "k") == {"rpm": admitted * 1000}
 
 
 async def test_changed_limits_return_the_old_block(limiter: RateLimiter,
-                                                   endpoint_url: str) -> None:
+                                                   store: MemoryStorage) -> None:
     await hammer(limiter, "k", HOT, 30, tasks=4)
     assert limiter.reserved()
     smaller = [Limit.per_minute("rpm", 5_000)]
@@ -181,12 +180,12 @@ async def test_changed_limits_return_the_old_block(limiter: RateLimiter,
     await asyncio.sleep(0.2)  # the old block goes back in the background
     held = limiter.reserved().get(("k", "llm"), {})
     assert set(held) <= {"rpm"}
-    net = await stored(endpoint_url, "k")
+    net = await stored(store, "k")
     assert net.get("tpm", 0) == 0 and net["rpm"] == (30 * 4 + 1 + held.get("rpm", 0)) * 1000
 
 
 async def test_lease_changes_settle_against_the_block(limiter: RateLimiter,
-                                                      endpoint_url: str) -> None:
+                                                      store: MemoryStorage) -> None:
     await hammer(limiter, "k", HOT, 20, tasks=4, consume={"rpm": 1, "tpm": 100})
     key = ("k", "llm")
     async with limiter.acquire("k", "llm", HOT, {"rpm": 1, "tpm": 100}) as lease:
@@ -214,13 +213,13 @@ async def test_lease_changes_settle_against_the_block(limiter: RateLimiter,
         async with limiter.acquire("k", "llm", HOT, {"rpm": 3, "tpm": 300}):
             raise RuntimeError("rolled back into the block")
     await limiter.close()
-    net = await stored(endpoint_url, "k")
+    net = await stored(store, "k")
     assert net == {"rpm": (80 + 1) * 1000, "tpm": (80 * 100 + 70 + held + 5_000) * 1000}
 
 
-async def test_consume_is_checked_against_block_and_bucket(endpoint_url: str) -> None:
+async def test_consume_is_checked_against_block_and_bucket(store: MemoryStorage) -> None:
     limits = [Limit.per_minute("rpm", 10)]
-    async with RateLimiter(name="res", endpoint_url=endpoint_url, stack_options=StackOptions(),
+    async with RateLimiter(name="res", repository=store,
                            clock=Clock(), reservations=Reservations(max_share=1.0)) as lim:
         async with lim.acquire("k", "llm", limits, {"rpm": 4}) as lease:
             await lease.consume(rpm=6)
@@ -228,17 +227,17 @@ async def test_consume_is_checked_against_block_and_bucket(endpoint_url: str) ->
                 await lease.consume(rpm=1)
             assert lease.consumed == {"rpm": 10}
         assert info.value.violations[0].available == 0
-    assert await stored(endpoint_url, "k") == {"rpm": 10_000}
+    assert await stored(store, "k") == {"rpm": 10_000}
 
 
 # -- sizing --------------------------------------------------------------------------------
 
 
-async def test_blocks_stay_small_when_the_bucket_runs_low(endpoint_url: str) -> None:
+async def test_blocks_stay_small_when_the_bucket_runs_low(store: MemoryStorage) -> None:
     """One process never takes more than half of what is left beyond its request, nor more
     than `max_share` of the burst."""
     limits = [Limit.per_minute("rpm", 1_000)]
-    async with RateLimiter(name="res", endpoint_url=endpoint_url, stack_options=StackOptions(),
+    async with RateLimiter(name="res", repository=store,
                            clock=Clock(), reservations=Reservations(max_share=0.2)) as lim:
         await hammer(lim, "k", limits, 100, tasks=8)  # 800 of 1000 used
         for _ in range(300):
@@ -266,10 +265,10 @@ async def test_a_block_follows_the_observed_demand(limiter: RateLimiter) -> None
 # -- cheap denials -------------------------------------------------------------------------
 
 
-async def test_a_flood_of_denials_costs_about_no_calls(endpoint_url: str) -> None:
+async def test_a_flood_of_denials_costs_about_no_calls(store: MemoryStorage) -> None:
     clock = Clock()
     limits = [Limit.per_minute("rpm", 60)]  # one token a second
-    async with RateLimiter(name="res", endpoint_url=endpoint_url, stack_options=StackOptions(),
+    async with RateLimiter(name="res", repository=store,
                            clock=clock, reservations=Reservations()) as lim:
         await hammer(lim, "k", limits, 20, tasks=3)
         assert (await lim.available("k", "llm", limits))["rpm"] == 0
@@ -291,9 +290,9 @@ async def test_a_flood_of_denials_costs_about_no_calls(endpoint_url: str) -> Non
             pass
 
 
-async def test_denial_reports_what_block_and_bucket_hold(endpoint_url: str) -> None:
+async def test_denial_reports_what_block_and_bucket_hold(store: MemoryStorage) -> None:
     limits = [Limit.per_minute("rpm", 10)]
-    async with RateLimiter(name="res", endpoint_url=endpoint_url, stack_options=StackOptions(),
+    async with RateLimiter(name="res", repository=store,
                            clock=Clock(), reservations=Reservations(max_share=1.0)) as lim:
         await hammer(lim, "k", limits, 7)
         with pytest.raises(RateLimitExceeded) as info:
@@ -308,9 +307,9 @@ async def test_denial_reports_what_block_and_bucket_hold(endpoint_url: str) -> N
 # -- cascade -------------------------------------------------------------------------------
 
 
-async def test_cascade_reserves_from_the_parent_too(endpoint_url: str) -> None:
+async def test_cascade_reserves_from_the_parent_too(store: MemoryStorage) -> None:
     child_limits = [Limit.per_minute("rpm", 1_000)]
-    async with RateLimiter(name="res", endpoint_url=endpoint_url, stack_options=StackOptions(),
+    async with RateLimiter(name="res", repository=store,
                            clock=Clock(), reservations=Reservations(max_share=0.5)) as lim:
         await lim.create_entity("proj")
         for child in ("a", "b", "c"):
@@ -320,15 +319,15 @@ async def test_cascade_reserves_from_the_parent_too(endpoint_url: str) -> None:
             got, _ = await hammer(lim, child, child_limits, 30, tasks=4, cascade=True)
             admitted += got
         assert admitted == 360
-    assert await stored(endpoint_url, "proj") == {"rpm": 360_000}
+    assert await stored(store, "proj") == {"rpm": 360_000}
     for child in ("a", "b", "c"):
-        assert await stored(endpoint_url, child) == {"rpm": 120_000}
+        assert await stored(store, child) == {"rpm": 120_000}
 
 
-async def test_cascade_denial_by_a_hot_parent_is_exact(endpoint_url: str) -> None:
+async def test_cascade_denial_by_a_hot_parent_is_exact(store: MemoryStorage) -> None:
     """Without stored limits the parent's buckets use the same limits: the first child uses
     up the parent's 40, the second is denied by the parent alone."""
-    async with RateLimiter(name="res", endpoint_url=endpoint_url, stack_options=StackOptions(),
+    async with RateLimiter(name="res", repository=store,
                            clock=Clock(), reservations=Reservations(max_share=0.5)) as lim:
         await lim.create_entity("proj")
         for child in ("a", "b"):
@@ -338,12 +337,12 @@ async def test_cascade_denial_by_a_hot_parent_is_exact(endpoint_url: str) -> Non
         got_b, _ = await hammer(lim, "b", [Limit.per_minute("rpm", 40)], 20, tasks=2,
                                 cascade=True)
         assert (got_a, got_b) == (40, 0)
-    assert await stored(endpoint_url, "proj") == {"rpm": 40_000}
-    assert await stored(endpoint_url, "a") == {"rpm": 40_000}
+    assert await stored(store, "proj") == {"rpm": 40_000}
+    assert await stored(store, "a") == {"rpm": 40_000}
 
 
-async def test_parent_limit_binds_across_children(endpoint_url: str) -> None:
-    async with RateLimiter(name="res", endpoint_url=endpoint_url, stack_options=StackOptions(),
+async def test_parent_limit_binds_across_children(store: MemoryStorage) -> None:
+    async with RateLimiter(name="res", repository=store,
                            clock=Clock(), reservations=Reservations(max_share=0.5)) as lim:
         await lim.create_entity("proj")
         await lim.set_limits("proj", [Limit.per_minute("rpm", 30)], resource="llm")
@@ -361,21 +360,21 @@ async def test_parent_limit_binds_across_children(endpoint_url: str) -> None:
                 except RateLimitExceeded as exc:
                     denied_by_parent += all(v.entity_id == "proj" for v in exc.violations)
         assert total == 30 and denied_by_parent == 20
-    assert (await stored(endpoint_url, "proj"))["rpm"] == 30_000
+    assert (await stored(store, "proj"))["rpm"] == 30_000
 
 
 # -- the sync twin and entity deletion -----------------------------------------------------
 
 
-def test_sync_limiter_reserves_and_gives_back(endpoint_url: str) -> None:
-    with SyncRateLimiter(name="res", endpoint_url=endpoint_url, stack_options=StackOptions(),
+def test_sync_limiter_reserves_and_gives_back(store: MemoryStorage) -> None:
+    with SyncRateLimiter(name="res", repository=store,
                          clock=Clock(), reservations=Reservations()) as lim:
         for _ in range(60):
             with lim.acquire("k", "llm", HOT, {"rpm": 1, "tpm": 10}) as lease:
                 lease.adjust(tpm=5)
         assert lim.reserved()
     assert lim.reserved() == {}
-    assert asyncio.run(stored(endpoint_url, "k")) == {"rpm": 60_000, "tpm": 900_000}
+    assert asyncio.run(stored(store, "k")) == {"rpm": 60_000, "tpm": 900_000}
 
 
 async def test_deleting_an_entity_drops_its_blocks(limiter: RateLimiter) -> None:
@@ -388,11 +387,11 @@ async def test_deleting_an_entity_drops_its_blocks(limiter: RateLimiter) -> None
     assert await limiter.repository.get_bucket("gone", "llm") is None
 
 
-async def test_waiting_the_retry_after_gets_through(endpoint_url: str) -> None:
+async def test_waiting_the_retry_after_gets_through(store: MemoryStorage) -> None:
     """Each denial's retry-after is when this process will admit again (the bucket's own wait,
     or the end of the denial memory, whichever is later): waiting it, the retry is admitted."""
     limits = [Limit.per_second("rps", 10)]
-    async with RateLimiter(name="res", endpoint_url=endpoint_url, stack_options=StackOptions(),
+    async with RateLimiter(name="res", repository=store,
                            reservations=Reservations()) as lim:
         admitted, _ = await hammer(lim, "k", limits, 10, consume={"rps": 1})
         assert admitted >= 10
@@ -410,9 +409,9 @@ async def test_waiting_the_retry_after_gets_through(endpoint_url: str) -> None:
                 pass
 
 
-async def test_a_parent_denial_is_not_remembered_for_the_child_alone(endpoint_url: str) -> None:
+async def test_a_parent_denial_is_not_remembered_for_the_child_alone(store: MemoryStorage) -> None:
     # max_share 1% of 100: blocks of one request, so every acquire asks the bucket
-    async with RateLimiter(name="res", endpoint_url=endpoint_url, stack_options=StackOptions(),
+    async with RateLimiter(name="res", repository=store,
                            clock=Clock(), reservations=Reservations(max_share=0.01)) as lim:
         await lim.create_entity("proj")
         await lim.create_entity("a", parent_id="proj")
@@ -497,7 +496,7 @@ STEADY_S = 2.0
 
 
 async def steady_demand(
-    endpoint_url: str, monkeypatch: pytest.MonkeyPatch, ahead: bool
+    store: MemoryStorage, monkeypatch: pytest.MonkeyPatch, ahead: bool
 ) -> dict[str, int]:
     """One acquire (rpm 1, tpm 100) every 1/STEADY_RATE s of the fake clock, each a task of its
     own (one that waits does not hold the next back), storage writes taking WRITE_LATENCY;
@@ -507,7 +506,7 @@ async def steady_demand(
     if not ahead:  # the control: top-ups only when a take finds the block short
         monkeypatch.setattr(Reserver, "_ahead", lambda self, holdings, needs: None)
     limits = [Limit.per_minute("rpm", 1_000_000), Limit.per_minute("tpm", 100_000_000)]
-    async with RateLimiter(name="res", endpoint_url=endpoint_url, stack_options=StackOptions(),
+    async with RateLimiter(name="res", repository=store,
                            clock=Clock(), reservations=Reservations()) as lim:
         slow = SlowStorage(lim, clock, WRITE_LATENCY)
         monkeypatch.setattr(lim.repository, "write_bucket", slow.write_bucket)
@@ -540,17 +539,17 @@ async def steady_demand(
             "steady_writes": slow.writes - writes_after_warm_up,
             "held": lim.reserved()[("hot", "llm")]["rpm"],
         }
-    result["stored_rpm"] = (await stored(endpoint_url, "hot"))["rpm"] // 1000
+    result["stored_rpm"] = (await stored(store, "hot"))["rpm"] // 1000
     return result
 
 
 async def test_steady_demand_never_waits_for_a_top_up(
-    endpoint_url: str, monkeypatch: pytest.MonkeyPatch
+    store: MemoryStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Past the warm-up, every acquire is served from the block: the top-ups start in the
     background once a take leaves the block under its watermark (the demand seen while one
     write is under way, twice over), and land before it runs out."""
-    result = await steady_demand(endpoint_url, monkeypatch, ahead=True)
+    result = await steady_demand(store, monkeypatch, ahead=True)
     steps = int((WARM_UP_S + STEADY_S) * STEADY_RATE)
     assert result["admitted"] == steps
     assert result["steady_waits"] == 0, result
@@ -561,11 +560,11 @@ async def test_steady_demand_never_waits_for_a_top_up(
 
 
 async def test_without_the_watermark_steady_demand_waits(
-    endpoint_url: str, monkeypatch: pytest.MonkeyPatch
+    store: MemoryStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The control: the same demand and storage with top-ups made only when a block is found
     short: acquires wait for them, in steady state too (so the test above measures the
     watermark, not a demand the blocks covered anyway)."""
-    result = await steady_demand(endpoint_url, monkeypatch, ahead=False)
+    result = await steady_demand(store, monkeypatch, ahead=False)
     assert result["steady_waits"] >= 2, result
     assert result["stored_rpm"] == result["admitted"]
