@@ -1,11 +1,11 @@
-"""RateLimiter against moto's DynamoDB server: semantics, cascade, stored limits, failure modes."""
+"""RateLimiter: semantics, cascade, stored limits, failure modes. Logic on `MemoryStorage`;
+an outage, a missing table and the sync twin on moto's DynamoDB server."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
 
-import boto3
 import pytest
 
 from zae_limiter import (
@@ -14,6 +14,7 @@ from zae_limiter import (
     FailureMode,
     InfrastructureNotFoundError,
     Limit,
+    MemoryStorage,
     RateLimiter,
     RateLimiterUnavailable,
     RateLimitExceeded,
@@ -24,6 +25,7 @@ from zae_limiter import (
 from zae_limiter.limiter import MISSING_ENTITY_TTL
 from zae_limiter.local import free_port
 from zae_limiter.repository import RetryPolicy
+from zae_limiter.storage import Item
 
 pytestmark = pytest.mark.integration
 
@@ -47,16 +49,21 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-async def limiter(endpoint_url: str, clock: Clock) -> AsyncIterator[RateLimiter]:
-    async with RateLimiter(
-        name="test", endpoint_url=endpoint_url, stack_options=StackOptions(), clock=clock
-    ) as lim:
+def store() -> MemoryStorage:
+    """The table of a test's limiters: logic runs on memory (the storage contract shows it
+    behaves as DynamoDB does); what needs DynamoDB itself (an outage, a missing table, the sync
+    twin's client) uses moto's server."""
+    return MemoryStorage("ZAEL-test")
+
+
+@pytest.fixture
+async def limiter(store: MemoryStorage, clock: Clock) -> AsyncIterator[RateLimiter]:
+    async with RateLimiter(name="test", repository=store, clock=clock) as lim:
         yield lim
 
 
-def table_items(endpoint_url: str, table: str = "ZAEL-test") -> list[dict[str, object]]:
-    client = boto3.client("dynamodb", endpoint_url=endpoint_url, region_name="us-east-1")
-    return list(client.scan(TableName=table)["Items"])
+async def table_items(store: MemoryStorage) -> list[Item]:
+    return await store.export_items()
 
 
 RPM = Limit.per_minute("rpm", 100)
@@ -64,10 +71,10 @@ TPM = Limit.per_minute("tpm", 10_000)
 
 
 async def test_acquire_consumes_and_is_visible_to_other_clients(
-    limiter: RateLimiter, endpoint_url: str, clock: Clock
+    limiter: RateLimiter, store: MemoryStorage, clock: Clock
 ) -> None:
     async with limiter.acquire("k1", "gpt-4", [RPM, TPM], {"rpm": 1, "tpm": 500}) as lease:
-        async with RateLimiter(name="test", endpoint_url=endpoint_url, clock=clock) as other:
+        async with RateLimiter(name="test", repository=store, clock=clock) as other:
             assert await other.available("k1", "gpt-4", [RPM, TPM]) == {"rpm": 99, "tpm": 9500}
         assert lease.consumed == {"rpm": 1, "tpm": 500}
     assert await limiter.available("k1", "gpt-4", [RPM, TPM]) == {"rpm": 99, "tpm": 9500}
@@ -188,7 +195,7 @@ async def _misses(limiter: RateLimiter, entity_id: str, n: int) -> None:
 
 
 async def test_a_missing_entity_costs_one_read_per_ttl(
-    limiter: RateLimiter, endpoint_url: str
+    limiter: RateLimiter, store: MemoryStorage
 ) -> None:
     """A flood naming unknown entities (cascade) reads each at most once per
     MISSING_ENTITY_TTL, concurrent requests included; an entity another process creates is
@@ -198,7 +205,7 @@ async def test_a_missing_entity_costs_one_read_per_ttl(
     await _misses(limiter, "ghost-1", 5)
     await _misses(limiter, "ghost-2", 20)
     assert limiter.ledger.calls == {"GetItem": 2}
-    async with RateLimiter(name="test", endpoint_url=endpoint_url) as other:
+    async with RateLimiter(name="test", repository=store) as other:
         await other.create_entity("ghost-1")
     await _misses(limiter, "ghost-1", 1)  # still believed missing
     await limiter.create_entity("ghost-2")  # this limiter's own: forgotten at once
@@ -239,7 +246,7 @@ async def test_stored_limits_resource_then_default_then_argument(limiter: RateLi
     assert await limiter.get_limits("k1") == []
 
 
-async def test_entities(limiter: RateLimiter, endpoint_url: str) -> None:
+async def test_entities(limiter: RateLimiter, store: MemoryStorage) -> None:
     entity = await limiter.create_entity("k1", name="Key one", metadata={"tier": "gold"})
     assert entity.entity_id == "k1" and entity.metadata == {"tier": "gold"}
     assert entity.created_at
@@ -251,7 +258,7 @@ async def test_entities(limiter: RateLimiter, endpoint_url: str) -> None:
         pass
     await limiter.delete_entity("k1")
     assert await limiter.get_entity("k1") is None
-    assert not [i for i in table_items(endpoint_url) if i["PK"] == {"S": "ENTITY#k1"}]
+    assert not [i for i in await table_items(store) if i["PK"] == {"S": "ENTITY#k1"}]
 
 
 @pytest.mark.parametrize(
@@ -268,7 +275,7 @@ async def test_entities(limiter: RateLimiter, endpoint_url: str) -> None:
     ],
 )
 async def test_bad_input_is_a_validation_error_before_any_write(
-    limiter: RateLimiter, endpoint_url: str, kwargs: dict[str, object], field: str
+    limiter: RateLimiter, store: MemoryStorage, kwargs: dict[str, object], field: str
 ) -> None:
     args: dict[str, object] = {
         "entity_id": "k1",
@@ -281,7 +288,7 @@ async def test_bad_input_is_a_validation_error_before_any_write(
         async with limiter.acquire(**args):  # type: ignore[arg-type]
             pass
     assert info.value.field == field
-    assert [i for i in table_items(endpoint_url) if i["PK"]["S"] != "SYSTEM#"] == []
+    assert [i for i in await table_items(store) if i["PK"]["S"] != "SYSTEM#"] == []
 
 
 async def test_adjust_unknown_limit_is_rejected(limiter: RateLimiter) -> None:
@@ -292,10 +299,10 @@ async def test_adjust_unknown_limit_is_rejected(limiter: RateLimiter) -> None:
 
 
 async def test_stale_cache_is_harmless(
-    endpoint_url: str, clock: Clock, limiter: RateLimiter
+    store: MemoryStorage, clock: Clock, limiter: RateLimiter
 ) -> None:
     limit = Limit.per_hour("rph", 10)
-    async with RateLimiter(name="test", endpoint_url=endpoint_url, clock=clock) as other:
+    async with RateLimiter(name="test", repository=store, clock=clock) as other:
         async with limiter.acquire("k1", "r", [limit], {"rph": 1}):
             pass  # limiter now caches 9 left
         async with other.acquire("k1", "r", [limit], {"rph": 8}):
@@ -351,14 +358,14 @@ def test_sync_limiter(endpoint_url: str) -> None:
 
 
 async def test_a_give_back_lands_without_a_condition_after_another_client_moved_the_anchor(
-    limiter: RateLimiter, endpoint_url: str
+    limiter: RateLimiter, store: MemoryStorage
 ) -> None:
     """A release is an unconditional add: another client re-anchoring the bucket meanwhile
     (here its clock is two minutes later, so its write folds the refill in) costs the release
     no conflict and no extra round, and the tokens come back exactly."""
     async with limiter.acquire("k1", "r", [RPM], {"rpm": 30}) as lease:
         later = Clock(T0 + 120_000)
-        async with RateLimiter(name="test", endpoint_url=endpoint_url, clock=later) as other:
+        async with RateLimiter(name="test", repository=store, clock=later) as other:
             async with other.acquire("k1", "r", [RPM], {"rpm": 10}):
                 pass
             limiter.ledger.reset()
