@@ -169,15 +169,17 @@ class RateLimitExceeded(RateLimitError):
 
     @property
     def retry_after_header(self) -> str | None:
-        """Value for an HTTP ``Retry-After`` header: whole seconds, rounded up.
+        """Value for an HTTP ``Retry-After`` header: whole seconds, rounded up, at least 1 (a
+        429 saying 0 would invite an immediate retry that the same bucket refuses again).
 
-        ``None`` when retrying can never succeed: the header should then be omitted.
+        ``None`` when retrying can never succeed: the header should then be omitted. The one
+        definition of Retry-After: the HTTP layer's fields use it too.
         """
         ms = self.retry_after_ms
         if ms is None:
             return None
         # From the integer milliseconds, so header and retry_after_ms never disagree.
-        return str(-(-ms // 1000))
+        return str(max(1, -(-ms // 1000)))
 
     def _format_message(self) -> str:
         # Cascaded checks mix the entity's and its parent's limits; group so each

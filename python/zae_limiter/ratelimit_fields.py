@@ -135,10 +135,10 @@ def ratelimit_field(
 
 
 def retry_after(exc: RateLimitExceeded) -> int | None:
-    """`Retry-After` for a denial: whole seconds, rounded up, at least 1; None when no wait
-    helps (the request exceeds a burst)."""
-    ms = exc.retry_after_ms
-    return None if ms is None else max(1, -(-ms // 1000))
+    """`Retry-After` for a denial (`RateLimitExceeded.retry_after_header`, as a number); None
+    when no wait helps (the request exceeds a burst)."""
+    header = exc.retry_after_header
+    return None if header is None else int(header)
 
 
 def fields(
