@@ -20,7 +20,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import core, expiry, stored
+from . import core, expiry, stored, units
 from .cache import TTLCache
 from .exceptions import RateLimiterUnavailable, RateLimitExceeded, RequestTooLarge
 from .models import Limit, LimitStatus
@@ -158,10 +158,7 @@ class Engine:
         check: bool,
         landing: Landing | None = None,
     ) -> None:
-        deltas = [
-            [each.get(limit.name, 0) * 1000 for limit in t.limits]
-            for t, each in zip(targets, amounts, strict=True)
-        ]
+        deltas = [units.milli_of(each, t.limits) for t, each in zip(targets, amounts, strict=True)]
         pending = [i for i, d in enumerate(deltas) if any(d)]
         if landing is not None:
             landing.landed.extend(t for t, d in zip(targets, deltas, strict=True) if not any(d))
@@ -386,7 +383,7 @@ def request_too_large(
     targets: Sequence[Target], amounts: Mapping[str, int], now_ms: int, field: str
 ) -> RequestTooLarge:
     """`RequestTooLarge` for `amounts` over the targets' last known states (no I/O)."""
-    deltas = [[amounts.get(limit.name, 0) * 1000 for limit in t.limits] for t in targets]
+    deltas = [units.milli_of(amounts, t.limits) for t in targets]
     inputs = [
         bucket_input(limit, t.state, delta, now_ms)
         for t, ds in zip(targets, deltas, strict=True)
@@ -422,10 +419,10 @@ def _status(target: Target, limit: Limit, outcome: core.Outcome, delta: int) -> 
         resource=target.resource,
         limit_name=limit.name,
         limit=limit,
-        available=outcome.available_milli // 1000,
-        requested=delta // 1000,
+        available=units.tokens_down(outcome.available_milli),
+        requested=units.tokens_down(delta),
         exceeded=bool(outcome.exceeded),
-        retry_after_seconds=None if retry_ms is None else retry_ms / 1000,
+        retry_after_seconds=None if retry_ms is None else units.seconds(retry_ms),
     )
 
 

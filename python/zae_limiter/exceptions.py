@@ -11,6 +11,8 @@ import math
 import pickle
 from typing import TYPE_CHECKING, Any
 
+from . import units
+
 if TYPE_CHECKING:
     from .models import LimitStatus
 
@@ -179,7 +181,7 @@ class RateLimitExceeded(RateLimitError):
         if ms is None:
             return None
         # From the integer milliseconds, so header and retry_after_ms never disagree.
-        return str(max(1, -(-ms // 1000)))
+        return str(max(1, units.whole_seconds_up(ms)))
 
     def _format_message(self) -> str:
         # Cascaded checks mix the entity's and its parent's limits; group so each

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
+from . import units
 from .arguments import oversized
 from .deadline import Bounded, DeadlineExceeded
 from .engine import Landing, Target, available_milli, request_too_large
@@ -112,7 +113,7 @@ class Lease:
                         resource=target.resource,
                         limit_name=limit.name,
                         limit=limit,
-                        available=milli // 1000,
+                        available=units.tokens_down(milli),
                         requested=books.get(limit.name, 0),
                         exceeded=False,
                         retry_after_seconds=0.0,

@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 
-from . import audit, core, provisioning, usage
+from . import audit, core, provisioning, units, usage
 from .arguments import check_consumable, check_consume, check_limits, oversized
 from .cache import TTLCache
 from .capacity import CapacityLedger
@@ -693,7 +693,7 @@ class RateLimiter:
         now = self._engine.clock()
         result: dict[str, int] = {}
         for limit in chosen:
-            result[limit.name] = available_milli(limit, state, now) // 1000
+            result[limit.name] = units.tokens_down(available_milli(limit, state, now))
         return result
 
     async def _read(
@@ -741,10 +741,11 @@ class RateLimiter:
         check_consumable([(entity_id, chosen)], amounts, field="needed")
         now = self._engine.clock()
         inputs = [
-            bucket_input(limit, state, amounts.get(limit.name, 0) * 1000, now) for limit in chosen
+            bucket_input(limit, state, units.to_milli(amounts.get(limit.name, 0)), now)
+            for limit in chosen
         ]
         ms = core.time_until_available(inputs, now)
-        return 0.0 if ms is None else ms / 1000
+        return 0.0 if ms is None else units.seconds(ms)
 
     async def get_resource_capacity(
         self, resource: str, limit_name: str, parents_only: bool = False
@@ -770,7 +771,7 @@ class RateLimiter:
                     if entity is None or not entity.is_parent:
                         continue
                 limit = Limit.decode(state.definition, limit_name)
-                left = available_milli(limit, bucket, now) // 1000
+                left = units.tokens_down(available_milli(limit, bucket, now))
                 used = _used(limit.capacity, left)
                 entities.append(EntityCapacity(bucket.entity_id, limit.capacity, left, used))
         total = sum(e.capacity for e in entities)

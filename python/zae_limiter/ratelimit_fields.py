@@ -33,6 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
+from . import units
 from .exceptions import RateLimitExceeded, RequestTooLarge, ValidationError
 from .models import Limit, LimitStatus
 
@@ -95,7 +96,7 @@ def effective_window(limit: Limit, available: int) -> int:
     tell how much of the next unit has already come back."""
     needed_milli = ((available if available > 0 else 0) + 1 - available) * 1000
     wait_ms = -(-needed_milli * limit.refill_period_ms // limit.refill_amount_milli)
-    return -(-wait_ms // 1000)
+    return units.whole_seconds_up(wait_ms)
 
 
 def policy_field(

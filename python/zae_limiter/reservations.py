@@ -23,7 +23,7 @@ import time
 from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any
 
-from . import core
+from . import core, units
 from .engine import BucketKey, Engine, Landing, Target, available_milli, bucket_input
 from .exceptions import RateLimitExceeded
 from .models import Limit, LimitStatus, Reservations
@@ -131,7 +131,7 @@ class Reserver:
 
     @staticmethod
     def _needs(holding: Holding, amounts: Mapping[str, int]) -> list[int]:
-        return [amounts.get(limit.name, 0) * 1000 for limit in holding.limits]
+        return units.milli_of(amounts, holding.limits)
 
     @staticmethod
     def _spend(holdings: Sequence[Holding], needs: list[list[int]]) -> bool:
@@ -230,7 +230,7 @@ class Reserver:
                 rest_targets.append(target)
                 rests.append(dict(each))
                 continue
-            signed = [each.get(limit.name, 0) * 1000 for limit in holding.limits]
+            signed = units.milli_of(each, holding.limits)
             back = [max(-a, 0) for a in signed]
             if any(back):
                 backs.append((holding, back))
@@ -241,7 +241,11 @@ class Reserver:
             if any(rest):
                 rest_targets.append(target)
                 rests.append(
-                    {lim.name: r // 1000 for lim, r in zip(holding.limits, rest, strict=True) if r}
+                    {
+                        lim.name: units.tokens_up(r)
+                        for lim, r in zip(holding.limits, rest, strict=True)
+                        if r
+                    }
                 )
             else:
                 settled.append(target)
@@ -481,7 +485,9 @@ class Reserver:
                 for limit, s, b in zip(h.limits, short, self._block_size(h), strict=True)
             ]
             refill_ms = core.time_until_available(block, now_ms)
-            wait = min(memory, max(wait, math.inf if refill_ms is None else refill_ms / 1000))
+            wait = min(
+                memory, max(wait, math.inf if refill_ms is None else units.seconds(refill_ms))
+            )
             until = time.monotonic() + wait
             # Only the items that refused: a child's own bucket is not short because its
             # parent's was.
@@ -529,7 +535,7 @@ class Reserver:
                 out = outcomes[cursor]
                 cursor += 1
                 exceeded = bool(out.exceeded) or (not shown and need[i] > held[i])
-                own = None if out.retry_after_ms is None else out.retry_after_ms / 1000
+                own = None if out.retry_after_ms is None else units.seconds(out.retry_after_ms)
                 retry = (
                     0.0 if not exceeded else None if own is None or wait is None else max(own, wait)
                 )
@@ -539,8 +545,8 @@ class Reserver:
                         resource=h.target.resource,
                         limit_name=limit.name,
                         limit=limit,
-                        available=(out.available_milli + held[i]) // 1000,
-                        requested=need[i] // 1000,
+                        available=units.tokens_down(out.available_milli + held[i]),
+                        requested=units.tokens_down(need[i]),
                         exceeded=exceeded,
                         retry_after_seconds=retry,
                     )
@@ -598,7 +604,11 @@ class Reserver:
             if any(held):
                 targets.append(h.target)
                 amounts.append(
-                    {lim.name: -(x // 1000) for lim, x in zip(h.limits, held, strict=True) if x}
+                    {
+                        lim.name: -units.tokens_down(x)
+                        for lim, x in zip(h.limits, held, strict=True)
+                        if x
+                    }
                 )
         if not targets:
             return
@@ -646,7 +656,10 @@ class Reserver:
     def held(self) -> dict[BucketKey, dict[str, int]]:
         """Whole tokens held per bucket item and limit (for operators and tests)."""
         return {
-            key: {lim.name: x // 1000 for lim, x in zip(h.limits, h.block.held, strict=True)}
+            key: {
+                lim.name: units.tokens_down(x)
+                for lim, x in zip(h.limits, h.block.held, strict=True)
+            }
             for key, h in self.holdings.items()
             if any(h.block.held)
         }
@@ -667,9 +680,11 @@ def _short(holding: Holding, need: list[int]) -> list[int]:
 
 def _whole(milli: float, down: bool = False) -> int:
     """Millitokens rounded to whole tokens (blocks only ever hold whole tokens)."""
-    tokens = math.floor(milli / 1000) if down else math.ceil(milli / 1000)
-    return int(tokens) * 1000
+    tokens = math.floor(milli / units.MILLI) if down else math.ceil(milli / units.MILLI)
+    return units.to_milli(int(tokens))
 
 
 def _tokens(holding: Holding, milli: list[int]) -> dict[str, int]:
-    return {limit.name: -(-m // 1000) for limit, m in zip(holding.limits, milli, strict=True) if m}
+    return {
+        limit.name: units.tokens_up(m) for limit, m in zip(holding.limits, milli, strict=True) if m
+    }
