@@ -19,7 +19,7 @@ goes through the client's own parser, with the modeled error fields added and th
 from the client's exceptions, as in aiobotocore's `_make_api_call`.
 
 Every other call stays on the client. When the client is set up in a way this transport does not
-reproduce (another signature version, signing region or name from the endpoint rules, extra
+reproduce (retries of its own, another signature version, signing region or name from the endpoint rules, extra
 headers from them, an endpoint with a path or query), `LeanTransport.of` returns None and the
 bucket calls stay on the client too.
 """
@@ -191,6 +191,10 @@ class LeanTransport:
             signer = client._request_signer
             if signer._signature_version != "v4" or signer._credentials is None:
                 return None
+            # One send per call, as the repository configures the client (its own loop
+            # retries): a client that retries itself is not reproduced.
+            if (client.meta.config.retries or {}).get("total_max_attempts") != 1:
+                return None
             region, service = signer.region_name, signer._signing_name
             endpoint_url = None
             for api in OPERATIONS.values():
@@ -290,6 +294,8 @@ class LeanTransport:
         parser = self._parser_factory.create_parser("json")
         parsed: dict[str, Any] = await parser.parse(response_dict, model.output_shape)
         if "ResponseMetadata" in parsed:
+            # What botocore's retry handler records of the one attempt the client makes.
+            parsed["ResponseMetadata"]["MaxAttemptsReached"] = True
             parsed["ResponseMetadata"]["RetryAttempts"] = 0
         if response.status_code < 300:
             return parsed
