@@ -26,8 +26,8 @@ import aioboto3
 import botocore.auth
 import botocore.exceptions
 import pytest
-from aiohttp import web
 from aiobotocore.credentials import AioRefreshableCredentials
+from aiohttp import web
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials as BotoCredentials
 

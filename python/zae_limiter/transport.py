@@ -19,9 +19,9 @@ goes through the client's own parser, with the modeled error fields added and th
 from the client's exceptions, as in aiobotocore's `_make_api_call`.
 
 Every other call stays on the client. When the client is set up in a way this transport does not
-reproduce (retries of its own, another signature version, signing region or name from the endpoint rules, extra
-headers from them, an endpoint with a path or query), `LeanTransport.of` returns None and the
-bucket calls stay on the client too.
+reproduce (retries of its own, another signature version, a signing region or name from the
+endpoint rules, extra headers from them, an endpoint with a path or query), `LeanTransport.of`
+returns None and the bucket calls stay on the client too.
 """
 
 from __future__ import annotations
@@ -196,7 +196,7 @@ class LeanTransport:
             if (client.meta.config.retries or {}).get("total_max_attempts") != 1:
                 return None
             region, service = signer.region_name, signer._signing_name
-            endpoint_url = None
+            endpoint_url: str | None = None
             for api in OPERATIONS.values():
                 model = client.meta.service_model.operation_model(api)
                 context: dict[str, Any] = {
@@ -221,7 +221,9 @@ class LeanTransport:
                     or (endpoint_url is not None and url != endpoint_url)
                 ):
                     return None
-                endpoint_url = url
+                endpoint_url = str(url)
+            if endpoint_url is None:
+                return None
             parts = urlsplit(endpoint_url)
             if parts.path not in ("", "/") or parts.query or parts.scheme not in _DEFAULT_PORTS:
                 return None
