@@ -131,7 +131,10 @@ class Canned:
 async def canned() -> AsyncIterator[Canned]:
     server = Canned()
     app = web.Application()
-    app.router.add_post("/", server.handle)
+    async def route(request: web.Request) -> web.Response:
+        return await server.handle(request)  # looked up per request: a test may replace it
+
+    app.router.add_post("/", route)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -372,7 +375,6 @@ async def test_a_read_timeout_is_the_same_error(canned: Canned) -> None:
         await asyncio.sleep(1.0)
         return web.Response(body=b"{}")
 
-    canned.handle = slow  # type: ignore[method-assign]
     app = web.Application()
     app.router.add_post("/", slow)
     runner = web.AppRunner(app)
@@ -436,3 +438,69 @@ async def test_other_signing_setups_keep_the_client(canned: Canned) -> None:
     async with session.client("dynamodb", endpoint_url=canned.url,
                               config=Config(retries=once)) as client:
         assert await LeanTransport.of(client, "ZAEL-t", lambda body, output: None) is not None
+
+
+# -- the repository over it: the same classification ------------------------------------------
+
+
+def _stored(fa: int, ids: tuple[str, ...]) -> dict[str, Any]:
+    ring = {f"w{i}": {"S": ids[i] if i < len(ids) else ""} for i in range(4)}
+    return {"PK": {"S": "ENTITY#e"}, "SK": {"S": "#BUCKET#r"}, "fa#rpm": {"N": str(fa)},
+            "lm#rpm": {"S": "1:1:1:1"}, **ring}
+
+
+def _error(code: str, **extra: Any) -> bytes:
+    return json.dumps({"__type": _ERROR_PREFIX + code, "message": code, **extra}).encode()
+
+
+async def test_a_throttled_bucket_write_is_counted_and_sent_again(
+    canned: Canned, repo: Repository
+) -> None:
+    canned.queue.append((400, _error("ProvisionedThroughputExceededException"), {}))
+    canned.queue.append((200, json.dumps({"Attributes": _stored(5, ("x",))}).encode(), {}))
+    write = LimitWrite("rpm", core.WRITE_RELATIVE, 5, 0, None, 5)
+    state = await repo.write_bucket("e", "r", [write], NOW)
+    assert state.limits["rpm"] is not None and state.write_ids[0] == "x"
+    assert repo.ledger.calls["update_item:throttled"] == 1
+    assert len(canned.received) == 2
+    assert canned.received[0][1] == canned.received[1][1]  # the same request, same write id
+
+
+async def test_a_failed_condition_returns_the_item_sent_with_it(
+    canned: Canned, repo: Repository
+) -> None:
+    from zae_limiter.storage import ConditionFailed
+
+    canned.queue.append((400, _error("ConditionalCheckFailedException",
+                                     Item=_stored(99, ("a", "b"))), {}))
+    write = LimitWrite("rpm", core.WRITE_RELATIVE, 5, 0, 10, 5)
+    with pytest.raises(ConditionFailed) as info:
+        await repo.write_bucket("e", "r", [write], NOW)
+    assert info.value.current is not None
+    assert info.value.current.write_ids[:2] == ("a", "b")
+    assert len(canned.received) == 1  # the item came with the refusal: no read
+
+
+async def test_a_500_on_a_bucket_write_is_resolved_by_reading_the_item(
+    canned: Canned, repo: Repository
+) -> None:
+    """An InternalServerError may have applied the write: the item is read (GetItem through
+    the transport); its write id there means it landed, and nothing is sent again."""
+    sent: list[str] = []
+    write_ids: list[str] = []
+
+    async def landed(request: web.Request) -> web.Response:
+        body = json.loads(await request.read())
+        api = request.headers["X-Amz-Target"].rsplit(".", 1)[1]
+        sent.append(api)
+        if api == "UpdateItem":
+            values = body["ExpressionAttributeValues"]
+            write_ids.append(values[body["ConditionExpression"].split("NOT (")[1].split()[0]]["S"])
+            return web.Response(status=500, body=_error("InternalServerError"))
+        return web.json_response({"Item": _stored(5, (write_ids[-1],))})
+
+    canned.handle = landed  # type: ignore[method-assign]
+    write = LimitWrite("rpm", core.WRITE_RELATIVE, 5, 0, None, 5)
+    state = await repo.write_bucket("e", "r", [write], NOW)
+    assert sent == ["UpdateItem", "GetItem"]
+    assert state.write_ids[0] == write_ids[0]
