@@ -23,7 +23,8 @@ import time
 from typing import Any
 
 WARMUP = 5
-# DynamoDB operations of the timed loop, counted below botocore for both libraries alike.
+# DynamoDB operations of the timed loop, counted where each library hands them to botocore: its
+# client (both), and this library's own transport for the bucket calls (transport.py).
 CALLS: dict[str, int] = {}
 
 

@@ -504,3 +504,20 @@ async def test_a_500_on_a_bucket_write_is_resolved_by_reading_the_item(
     state = await repo.write_bucket("e", "r", [write], NOW)
     assert sent == ["UpdateItem", "GetItem"]
     assert state.write_ids[0] == write_ids[0]
+
+
+async def test_a_failing_endpoint_resolution_keeps_the_client(
+    canned: Canned, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Setting the transport up never fails the client: a failure there (credentials that
+    cannot be refreshed yet, say) leaves the bucket calls on botocore, where it surfaces."""
+    from botocore.config import Config
+
+    once = Config(retries={"total_max_attempts": 1})
+    async with _session().client("dynamodb", endpoint_url=canned.url, config=once) as client:
+
+        async def fail(*args: Any, **kwargs: Any) -> Any:
+            raise botocore.exceptions.CredentialRetrievalError(provider="x", error_msg="down")
+
+        monkeypatch.setattr(client, "_resolve_endpoint_ruleset", fail)
+        assert await LeanTransport.of(client, "ZAEL-t", lambda body, output: None) is None

@@ -30,11 +30,14 @@ import hashlib
 import hmac
 import inspect
 import json
+import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
+
+log = logging.getLogger("zae_limiter.transport")
 
 TARGET_PREFIX = "DynamoDB_20120810."
 CONTENT_TYPE = "application/x-amz-json-1.0"
@@ -229,8 +232,12 @@ class LeanTransport:
                 return None
             user_agent = client.meta.config.user_agent  # the client's own, as it sends it
             return cls(client, endpoint_url, region, service, user_agent, plain_body)
-        except (AttributeError, KeyError, TypeError):
-            return None  # another aiobotocore layout: the client keeps the bucket calls
+        except Exception:
+            # Another aiobotocore layout, or the endpoint rules failing now (say, credentials
+            # that cannot be refreshed yet): the client keeps the bucket calls, and a failure
+            # surfaces on a call, classified as it always was.
+            log.debug("bucket calls stay on the botocore client", exc_info=True)
+            return None
 
     async def credentials(self) -> Credentials | None:
         frozen = self._credentials.get_frozen_credentials()
