@@ -258,8 +258,8 @@ async def test_a_resent_write_never_doubles_an_event(
     real = repo._call
     lost: list[str] = []
 
-    async def lose_first_response(operation: str, kwargs: Any) -> dict[str, Any]:
-        result = await real(operation, kwargs)
+    async def lose_first_response(operation: str, kwargs: Any, **options: Any) -> dict[str, Any]:
+        result = await real(operation, kwargs, **options)
         if operation == "put_item" and not lost:
             lost.append(kwargs["Item"][schema.SK]["S"])
             raise repository_mod._Ambiguous(TimeoutError("response lost"))
