@@ -5,15 +5,17 @@
 the service model, the User-Agent rebuilt for every request) and every request dict built from
 scratch (`repository.bucket_update_request`, the definition of the request). *After* is
 `Repository` itself: parameter validation off for the requests it builds, a fixed User-Agent,
-expressions, attribute names and keys built once per write shape and item, and items of plain
-attribute values taken from the response's JSON as botocore would return them.
+expressions, attribute names and keys built once per write shape and item, items of plain
+attribute values taken from the response's JSON as botocore would return them, and the bucket
+calls sent by the repository's own transport (`zae_limiter.transport`: its own SigV4, the
+client's HTTP session) instead of through botocore's client.
 
 - `test_cpu_per_call`: against the embedded moto server (HTTP/1.1 keep-alive, as DynamoDB),
   and *before* also against a server that closes every connection (as the embedded server did:
   a TCP connection per request).
 - `test_cpu_per_call_without_network`: the same paths with the HTTP exchange replaced by the
-  recorded response (botocore's `before-send` answers), so only the client's own work remains;
-  each change is added one at a time.
+  recorded response (botocore's `before-send` answers, and the transport's HTTP session answering
+  alike), so only the client's own work remains; each change is added one at a time.
 
 The figure is `time.process_time` over N calls, the median of a few repeats, the variants
 interleaved in every repeat. Timings depend on the machine and are never asserted; the ratios
@@ -54,7 +56,8 @@ class Before(Repository):
     """The repository before the hot-path work, or with some of it (`validate`: botocore checks
     every request; `default_user_agent`: botocore rebuilds the header every request;
     `fresh_requests`: every request dict built from scratch; `botocore_parse`: botocore walks
-    the model for every attribute of every item it returns)."""
+    the model for every attribute of every item it returns; `lean`: the bucket calls through
+    the repository's own transport rather than botocore's client)."""
 
     def __init__(
         self,
@@ -63,14 +66,18 @@ class Before(Repository):
         default_user_agent: bool = True,
         fresh_requests: bool = True,
         botocore_parse: bool = True,
+        lean: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.validate, self.default_user_agent = validate, default_user_agent
         self.fresh_requests, self.botocore_parse = fresh_requests, botocore_parse
+        self.lean = lean
 
     async def client(self) -> Any:
         client = await super().client()
+        if not self.lean:
+            self._lean = None
         if self.botocore_parse and self._parses_items_plainly:
             client._endpoint._response_parser_factory = AioResponseParserFactory()
             self._parses_items_plainly = False
@@ -185,6 +192,10 @@ async def _server_run(
     variants: dict[str, Repository] = {
         "before, a new connection per request": Before(name=TABLE, endpoint_url=closing_url),
         "before (keep-alive)": Before(name=TABLE, endpoint_url=keep_alive_url),
+        "after, through botocore's client": Before(
+            name=TABLE, endpoint_url=keep_alive_url, validate=False, default_user_agent=False,
+            fresh_requests=False, botocore_parse=False,
+        ),
         "after (keep-alive)": Repository(name=TABLE, endpoint_url=keep_alive_url),
     }
     try:
@@ -206,7 +217,8 @@ def test_cpu_per_call(
     moto_server.reset()
     with LocalDynamoDB(keep_alive=False) as closing:
         cpu = asyncio.run(_server_run(moto_server.endpoint_url, closing.endpoint_url, n, repeats))
-    names = ["before, a new connection per request", "before (keep-alive)", "after (keep-alive)"]
+    names = ["before, a new connection per request", "before (keep-alive)",
+             "after, through botocore's client", "after (keep-alive)"]
     with capsys.disabled():
         _print(
             f"Client CPU per call against the embedded server, µs (median of {repeats} x {n}; "
@@ -260,6 +272,22 @@ async def _answer_from(repo: Repository, recorded: dict[str, tuple[dict[str, str
             return AioAWSResponse(request.url, 200, headers, _Recorded(body))
 
         client.meta.events.register(f"before-send.dynamodb.{op}", answer)
+    if repo._lean is not None:  # the bucket calls' own transport, answered the same way
+        repo._lean._http = _RecordedSession(recorded)
+
+
+class _RecordedSession:
+    """The client's HTTP session as the transport uses it, answering from `recorded`."""
+
+    def __init__(self, recorded: dict[str, tuple[dict[str, str], bytes]]) -> None:
+        self.recorded = recorded
+
+    async def send(self, request: Any) -> AioAWSResponse:
+        op = request.headers["X-Amz-Target"].rsplit(".", 1)[1]
+        headers, body = self.recorded[op]
+        response = AioAWSResponse(request.url, 200, headers, _Recorded(body))
+        await response.content
+        return response
 
 
 async def _offline_run(url: str, n: int, repeats: int) -> dict[tuple[str, str], float]:
@@ -276,7 +304,15 @@ async def _offline_run(url: str, n: int, repeats: int) -> dict[tuple[str, str], 
             default_user_agent=False,
             fresh_requests=False,
         ),
-        "+ items parsed as plain JSON (= after)": Repository(name=TABLE, endpoint_url=url),
+        "+ items parsed as plain JSON": Before(
+            name=TABLE,
+            endpoint_url=url,
+            validate=False,
+            default_user_agent=False,
+            fresh_requests=False,
+            botocore_parse=False,
+        ),
+        "+ own transport (= after)": Repository(name=TABLE, endpoint_url=url),
     }
     try:
         await _prepare(variants["before"])

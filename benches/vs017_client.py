@@ -23,7 +23,8 @@ import time
 from typing import Any
 
 WARMUP = 5
-# DynamoDB operations of the timed loop, counted below botocore for both libraries alike.
+# DynamoDB operations of the timed loop, counted where each library hands them to botocore: its
+# client (both), and this library's own transport for the bucket calls (transport.py).
 CALLS: dict[str, int] = {}
 
 
@@ -37,6 +38,18 @@ def _count_calls() -> None:
         return await make_api_call(self, operation_name, api_params)
 
     AioBaseClient._make_api_call = counted  # type: ignore[method-assign]
+    try:  # this library's bucket calls leave botocore below its client (transport.py)
+        from zae_limiter.transport import LeanTransport
+    except ImportError:  # 0.17
+        return
+    lean_send = LeanTransport.send
+
+    async def lean_counted(self: Any, operation: str, kwargs: Any) -> Any:
+        name = "".join(part.title() for part in operation.split("_"))
+        CALLS[name] = CALLS.get(name, 0) + 1
+        return await lean_send(self, operation, kwargs)
+
+    LeanTransport.send = lean_counted  # type: ignore[method-assign]
 CONSUME = {"rpm": 1, "tpm": 100}
 EXTRA = 20
 

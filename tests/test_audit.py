@@ -260,8 +260,8 @@ async def test_a_resent_write_never_doubles_an_event(
     real = repo._call
     lost: list[str] = []
 
-    async def lose_first_response(operation: str, kwargs: Any) -> dict[str, Any]:
-        result = await real(operation, kwargs)
+    async def lose_first_response(operation: str, kwargs: Any, **options: Any) -> dict[str, Any]:
+        result = await real(operation, kwargs, **options)
         sk = kwargs.get("Item", {}).get(schema.SK, {}).get("S", "")
         kind = "head" if sk == schema.AUDIT_HEAD_SK else "event"
         if operation == "put_item" and kind not in lost:

@@ -68,6 +68,7 @@ from .storage import (
     StoredLimit,
     WriteRefused,
 )
+from .transport import LeanTransport
 from .usage import Moment, check_range, snapshot_order
 
 __all__ = [
@@ -761,15 +762,19 @@ def _remember(cache: dict[Any, T], key: Any, value: T) -> T:
 # -- responses: items without botocore's walk of the model ---------------------------------------
 
 # Outputs whose plain JSON *is* botocore's parse when every attribute value is plain (below): the
-# item reads and writes. Their other members (ConsumedCapacity, ...) are left to botocore.
-_PLAIN_OUTPUTS: Mapping[str, frozenset[str]] = {
-    "GetItemOutput": frozenset({"Item"}),
-    "UpdateItemOutput": frozenset({"Attributes"}),
+# item reads and writes, with the item and the consumed capacity (which moto's server returns
+# unasked). Their other members are left to botocore.
+_PLAIN_OUTPUTS: Mapping[str, tuple[str, frozenset[str]]] = {
+    "GetItemOutput": ("Item", frozenset({"Item", "ConsumedCapacity"})),
+    "UpdateItemOutput": ("Attributes", frozenset({"Attributes", "ConsumedCapacity"})),
 }
 # Attribute-value tags botocore returns exactly as JSON has them; B and BS it decodes (base64).
 _PLAIN_TAGS = frozenset({"S", "N", "SS", "NS", "M", "L", "NULL", "BOOL"})
 # Tokens after which the JSON may not be botocore's parse: a binary value, a null (dropped).
 _NOT_PLAIN = re.compile(rb'"BS?"|null')
+# ConsumedCapacity's members: botocore keeps JSON's numbers and strings as they are.
+_CAPACITY_NUMBERS = frozenset({"CapacityUnits", "ReadCapacityUnits", "WriteCapacityUnits"})
+_CAPACITY_INDEXES = frozenset({"LocalSecondaryIndexes", "GlobalSecondaryIndexes"})
 
 
 def _plain_values(values: Iterable[Any]) -> bool:
@@ -787,6 +792,35 @@ def _plain_values(values: Iterable[Any]) -> bool:
     return True
 
 
+def _plain_units(value: Any) -> bool:
+    """A `Capacity` structure of numbers only."""
+    return type(value) is dict and all(
+        key in _CAPACITY_NUMBERS and type(units) in (int, float) for key, units in value.items()
+    )
+
+
+def _plain_capacity(value: Any) -> bool:
+    """A ConsumedCapacity whose members are all known and of their type (botocore's parse
+    drops an unknown member)."""
+    if type(value) is not dict:
+        return False
+    for key, member in value.items():
+        if key == "TableName":
+            if type(member) is not str:
+                return False
+        elif key == "Table":
+            if not _plain_units(member):
+                return False
+        elif key in _CAPACITY_INDEXES:
+            if type(member) is not dict or not all(
+                _plain_units(units) for units in member.values()
+            ):
+                return False
+        elif key not in _CAPACITY_NUMBERS or type(member) not in (int, float):
+            return False
+    return True
+
+
 def plain_item_body(raw_body: bytes, output: str) -> dict[str, Any] | None:
     """The parse of a GetItem or UpdateItem response body when it is the JSON itself (a plain
     item: the bucket items and every item this library writes), else None (botocore parses).
@@ -795,18 +829,22 @@ def plain_item_body(raw_body: bytes, output: str) -> dict[str, Any] | None:
     item of strings and numbers returns what `json.loads` does (the model is the check: an
     unknown member or a null would be dropped, a binary decoded; any of them, and any other
     member of the output, is left to botocore)."""
-    members = _PLAIN_OUTPUTS.get(output)
-    if members is None or not raw_body or _NOT_PLAIN.search(raw_body) is not None:
+    spec = _PLAIN_OUTPUTS.get(output)
+    if spec is None or not raw_body or _NOT_PLAIN.search(raw_body) is not None:
         return None
     try:
         parsed = json.loads(raw_body.decode("utf-8"))
     except ValueError:
         return None
+    item_member, members = spec
     if type(parsed) is not dict or not parsed.keys() <= members:
         return None
-    for item in parsed.values():
-        if type(item) is not dict or not _plain_values(item.values()):
-            return None
+    item = parsed.get(item_member)
+    if item is not None and (type(item) is not dict or not _plain_values(item.values())):
+        return None
+    capacity = parsed.get("ConsumedCapacity")
+    if capacity is not None and not _plain_capacity(capacity):
+        return None
     return parsed
 
 
@@ -894,6 +932,8 @@ class Repository:
         # each other for the head in DynamoDB (other processes still race: see put_audit_event).
         self._audit_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary())
+        # The bucket calls' transport (None: they go through the client; see `transport`).
+        self._lean: LeanTransport | None = None
 
     # -- client lifecycle -------------------------------------------------------------------
 
@@ -921,6 +961,7 @@ class Repository:
                     )
                 )
                 self._parses_items_plainly = _parse_items_plainly(client)
+                self._lean = await LeanTransport.of(client, self.table_name, plain_item_body)
                 self._client, self._stack = client, stack
         return self._client
 
@@ -955,6 +996,7 @@ class Repository:
 
     async def close(self) -> None:
         stack, self._stack, self._client = self._stack, None, None
+        self._lean = None
         if stack is not None:
             await stack.aclose()
 
@@ -971,14 +1013,18 @@ class Repository:
         operation: str,
         kwargs: Mapping[str, Any],
         retryable: frozenset[str] = _RETRYABLE_CODES,
+        bucket: bool = False,
     ) -> dict[str, Any]:
         """One DynamoDB call with bounded, jittered retries of errors that did not apply
         (`retryable`: the codes taken as refused before applying; any other 5xx is ambiguous).
-        The request is not checked against the service model (see `call`)."""
+        The request is not checked against the service model (see `call`). A `bucket` call (the
+        bucket GetItem and UpdateItem) goes through `transport.LeanTransport` when the client
+        allows it; it raises botocore's exceptions, so what follows is the same for both."""
         try:
             client = await self.client()
         except _CLIENT_SETUP_ERRORS as exc:
             raise StorageError(type(exc).__name__, str(exc)) from exc
+        lean = self._lean if bucket else None
         method: Callable[..., Awaitable[dict[str, Any]]] = getattr(client, operation)
         last: BaseException | None = None
         started = time.monotonic()
@@ -994,6 +1040,8 @@ class Repository:
                 self.ledger.retried(operation)
                 await asyncio.sleep(self.retry.delay(attempt))
             try:
+                if lean is not None:
+                    return await lean.send(operation, kwargs)
                 return await method(**kwargs)
             except botocore.exceptions.ClientError as exc:
                 code = error_code(exc) or ""
@@ -1058,7 +1106,9 @@ class Repository:
         except botocore.exceptions.ParamValidationError as exc:
             raise _invalid(exc) from exc
 
-    async def _idempotent(self, operation: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    async def _idempotent(
+        self, operation: str, kwargs: Mapping[str, Any], bucket: bool = False
+    ) -> dict[str, Any]:
         """`_call`, also retrying ambiguous failures (the effect of the call is idempotent)."""
         last: BaseException | None = None
         for attempt in range(self.retry.max_attempts):
@@ -1066,7 +1116,7 @@ class Repository:
                 self.ledger.retried(operation)
                 await asyncio.sleep(self.retry.delay(attempt))
             try:
-                return await self._call(operation, kwargs)
+                return await self._call(operation, kwargs, bucket=bucket)
             except _Ambiguous as exc:
                 last = exc.cause
         raise RepositoryUnavailable(f"DynamoDB {operation} kept failing: {last}", last)
@@ -1085,7 +1135,7 @@ class Repository:
             "Key": self._bucket_key(entity_id, resource),
             "ConsistentRead": True,
         }
-        response = await self._idempotent("get_item", request)
+        response = await self._idempotent("get_item", request, bucket=True)
         item: Item | None = response.get("Item")
         size = item_size(item)
         self.ledger.record("GetItem", rcu=read_units(size, consistent=True))
@@ -1127,7 +1177,7 @@ class Repository:
                 self.ledger.retried("update_item")
                 await asyncio.sleep(self.retry.delay(attempt))
             try:
-                response = await self._call("update_item", kwargs, retryable)
+                response = await self._call("update_item", kwargs, retryable, bucket=True)
             except RepositoryUnavailable as exc:
                 if sent_unanswered:
                     raise
