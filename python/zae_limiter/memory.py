@@ -70,8 +70,6 @@ __all__ = ["MemoryStorage"]
 T = TypeVar("T")
 Key = tuple[str, str]
 
-_STORED_LIMIT_FIELDS = ("capacity", "burst", "refill_amount", "refill_period_seconds")
-
 
 def _s(value: str) -> dict[str, Any]:
     return {"S": value}
@@ -412,7 +410,7 @@ class MemoryStorage:
         items = self._run(lambda: self._where(lambda p, s: s.startswith(schema.LIMIT_PREFIX)))
         found: list[StoredLimit] = []
         for item in items:
-            if not all(f in item for f in _STORED_LIMIT_FIELDS):
+            if not all(f in item for f in schema.STORED_LIMIT_FIELDS):
                 continue
             try:
                 limit = limit_from_item(item)
@@ -436,7 +434,7 @@ class MemoryStorage:
         def apply() -> bool:
             item = self._items.get(key)
             if item is None or any(
-                _num(item, f) != getattr(limit, f) for f in _STORED_LIMIT_FIELDS
+                _num(item, f) != getattr(limit, f) for f in schema.STORED_LIMIT_FIELDS
             ):
                 return False
             if definition is None:

@@ -365,7 +365,6 @@ def limit_from_item(item: Item) -> Limit:
     )
 
 
-_STORED_LIMIT_FIELDS = ("capacity", "burst", "refill_amount", "refill_period_seconds")
 
 
 def _to_av(value: Any) -> dict[str, Any]:
@@ -1529,7 +1528,7 @@ class Repository:
         )
         found: list[StoredLimit] = []
         for item in items:
-            if not all(f in item for f in _STORED_LIMIT_FIELDS):
+            if not all(f in item for f in schema.STORED_LIMIT_FIELDS):
                 continue
             try:
                 limit = limit_from_item(item)
@@ -1721,9 +1720,9 @@ class Repository:
         holds `limit` (a limit replaced or deleted meanwhile must not get a stale copy, nor be
         recreated by the write); False when it does not."""
         names = {"#pk": schema.PK, "#def": schema.STORED_LIMIT_DEF} | {
-            f"#{f}": f for f in _STORED_LIMIT_FIELDS
+            f"#{f}": f for f in schema.STORED_LIMIT_FIELDS
         }
-        values = {f":{f}": _n(getattr(limit, f)) for f in _STORED_LIMIT_FIELDS}
+        values = {f":{f}": _n(getattr(limit, f)) for f in schema.STORED_LIMIT_FIELDS}
         if definition is None:
             update = "REMOVE #def"
         else:
@@ -1739,7 +1738,7 @@ class Repository:
                 },
                 UpdateExpression=update,
                 ConditionExpression="attribute_exists(#pk) AND "
-                + " AND ".join(f"#{f} = :{f}" for f in _STORED_LIMIT_FIELDS),
+                + " AND ".join(f"#{f} = :{f}" for f in schema.STORED_LIMIT_FIELDS),
                 ExpressionAttributeNames=names,
                 ExpressionAttributeValues=values,
             )

@@ -65,6 +65,8 @@ BUCKET_FIELDS: Final = (FULL_AT, CONSUMED, RELEASED, LIMIT_DEF, TOKENS, LAST_REF
 WRITE_TIME: Final = "ts"
 # Stored-limit items (schema >= 1.1.0): the limit in the bucket item's `lm#` encoding.
 STORED_LIMIT_DEF: Final = "limit_def"
+# The numbers of a stored limit's item (`#LIMIT#` rows), as `Limit` names them.
+STORED_LIMIT_FIELDS: Final = ("capacity", "burst", "refill_amount", "refill_period_seconds")
 WRITE_ID_SLOTS: Final = ("w0", "w1", "w2", "w3")
 # Audit event items: one per event, written once (never updated), expiring through the table's
 # TTL attribute (`TTL_ATTRIBUTE`, shared with the usage snapshots) 90 days after the event.
