@@ -63,6 +63,7 @@ BUNDLED_MODULES: Final = (
     "schema.py",
     "models.py",
     "exceptions.py",
+    "units.py",
     "validation.py",
     "bucket.py",
     "core.py",
