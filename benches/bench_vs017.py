@@ -16,7 +16,8 @@ rounds.
 
 Timings depend on the machine and are never asserted; in CI's fast mode the test runs one short
 round and asserts what does not: every client finished every acquire, and ours made at most 2
-writes and no read per acquire in steady state. `pytest benches/bench_vs017.py -s` prints the
+writes and no read per acquire in steady state (on a fresh machine, ours alone: the fast mode
+does not build 0.17's venv). `pytest benches/bench_vs017.py -s` prints the
 table; `--benchmark-enable` runs longer.
 """
 
@@ -122,10 +123,21 @@ def run_clients(python: str, lib: str, server: Any, table: str, acquires: int) -
 def test_vs_017(
     moto_server: Any, request: pytest.FixtureRequest, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    python = python_017()
     timed = bool(request.config.getoption("benchmark_enable", default=False))
     verbose = request.config.getoption("capture") == "no"
     rounds, acquires = (5, 400) if timed else (3, 150) if verbose else (1, 20)
+    have_017 = "ZAE_LIMITER_017_PYTHON" in os.environ or (VENV_017 / "bin" / "python").exists()
+    if not (timed or verbose or have_017):
+        # CI's fast mode on a fresh machine: this library's side only (its call counts are what
+        # is asserted); building 0.17's venv would cost a quarter of a minute of CI for figures
+        # the fast mode never shows. `-s` or `--benchmark-enable` build it and compare.
+        moto_server.reset()
+        here = run_clients(sys.executable, "here", moto_server, "vs017-0", acquires)
+        assert here["acquires"] == CLIENTS * acquires
+        assert here["calls"].get("UpdateItem", 0) == 2 * here["acquires"], here["calls"]
+        assert here["calls"].get("GetItem", 0) == 0, here["calls"]
+        return
+    python = python_017()
     rows = []
     for r in range(rounds):
         row = {}
