@@ -206,16 +206,17 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "block_takes_give_back_on_failure",  # a lease's give-back to a block survives a failure
         str(PACKAGE / "reservations.py"),
-        "                for holding, back in backs:\n                    holding.block.add(back)\n"
-        "                raise",
-        "                raise",
+        "            for holding, back in backs:\n                holding.block.add(back)\n"
+        "            if landing is not None:\n                landing.landed.extend(",
+        "            if landing is not None:\n                landing.landed.extend(",
         (BLOCK_BACK,),
     ),
     Mutant(
         "unconfirmed_give_backs_counted",  # the ledger counts what may not have come back
         ENGINE,
-        "            if not check:\n                self._unconfirmed(",
-        "            if False:\n                self._unconfirmed(",
+        "                self._unconfirmed([targets[i] for i in unknown], "
+        "[amounts[i] for i in unknown], exc)",
+        "                pass",
         (NEVER_RESENT, NO_503_RETRY),
     ),
     Mutant(
