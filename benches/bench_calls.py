@@ -39,9 +39,13 @@ from botocore.config import Config
 
 from zae_limiter import schema
 from zae_limiter.core import WRITE_ABSOLUTE, WRITE_RELATIVE
-from zae_limiter.local import LocalDynamoDB
-from zae_limiter.repository import Repository, bucket_from_item, bucket_update_request
-from zae_limiter.storage import BucketItem, LimitWrite
+from zae_limiter.ops.local import LocalDynamoDB
+from zae_limiter.storage.dynamodb.repository import (
+    Repository,
+    bucket_from_item,
+    bucket_update_request,
+)
+from zae_limiter.storage.protocol import BucketItem, LimitWrite
 
 TABLE = "callbench"
 ENTITY, RESOURCE = "key", "llm"

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from zae_limiter import bucket as reference
+from zae_limiter.core import bucket as reference
 
 native: ModuleType | None
 try:

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from zae_limiter import BACKEND, Limit, RateLimiter, Reservations, StackOptions
-from zae_limiter.asgi import RateLimitMiddleware, header_key
+from zae_limiter.http.asgi import RateLimitMiddleware, header_key
 
 Message = MutableMapping[str, Any]
 LIMITS = [Limit.per_day("rpm", 10**9), Limit.per_day("tpm", 10**12)]

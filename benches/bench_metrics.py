@@ -27,8 +27,8 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from zae_limiter import Limit, RateLimiter, Reservations, StackOptions
-from zae_limiter.capacity import CapacityLedger
 from zae_limiter.metrics import ADMITTED, NO_METRICS, Metrics
+from zae_limiter.storage.capacity import CapacityLedger
 
 TWO = [Limit.per_minute("rpm", 10**6), Limit.per_minute("tpm", 10**9)]
 

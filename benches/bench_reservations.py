@@ -45,7 +45,7 @@ from zae_limiter import (
     schema,
 )
 from zae_limiter import _native as native
-from zae_limiter import bucket as reference
+from zae_limiter.core import bucket as reference
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "reliability"))
 from fault_proxy import FaultProxy

@@ -39,7 +39,7 @@ def _count_calls() -> None:
 
     AioBaseClient._make_api_call = counted  # type: ignore[method-assign]
     try:  # this library's bucket calls leave botocore below its client (transport.py)
-        from zae_limiter.transport import LeanTransport
+        from zae_limiter.storage.dynamodb.transport import LeanTransport
     except ImportError:  # 0.17
         return
     lean_send = LeanTransport.send

@@ -36,8 +36,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = Path("python/zae_limiter")
-REPOSITORY = str(PACKAGE / "repository.py")
-ENGINE = str(PACKAGE / "engine.py")
+REPOSITORY = str(PACKAGE / "storage" / "dynamodb" / "repository.py")
+ENGINE = str(PACKAGE / "engine" / "engine.py")
 LEASE = str(PACKAGE / "lease.py")
 
 STALE = "tests/reliability/test_stale_views.py"
@@ -205,7 +205,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "block_takes_give_back_on_failure",  # a lease's give-back to a block survives a failure
-        str(PACKAGE / "reservations.py"),
+        str(PACKAGE / "engine" / "reservations.py"),
         "            for holding, back in backs:\n                holding.block.add(back)\n"
         "            if landing is not None:\n                landing.landed.extend(",
         "            if landing is not None:\n                landing.landed.extend(",
@@ -235,7 +235,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "top_up_ahead",  # a block under its low watermark is refilled in the background
-        str(PACKAGE / "reservations.py"),
+        str(PACKAGE / "engine" / "reservations.py"),
         "        if low and not self._closing:",
         "        if False:",
         ("tests/test_reservations.py::test_steady_demand_never_waits_for_a_top_up",),

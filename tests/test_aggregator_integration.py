@@ -20,7 +20,7 @@ from zae_limiter.aggregator.handler import SnapshotTable, process_batch
 from zae_limiter.aggregator.stream import StreamRunner, to_lambda_record
 from zae_limiter.cli import main
 from zae_limiter.models import UsageSnapshot
-from zae_limiter.repository import Repository
+from zae_limiter.storage.dynamodb.repository import Repository
 
 pytestmark = pytest.mark.integration
 

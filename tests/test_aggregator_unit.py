@@ -24,8 +24,9 @@ from zae_limiter.aggregator.handler import (
     decode_spans,
     process_batch,
 )
+from zae_limiter.core import windows
 from zae_limiter.models import UsageSnapshot
-from zae_limiter.repository import snapshot_from_item, usage_query
+from zae_limiter.storage.dynamodb.repository import snapshot_from_item, usage_query
 from zae_limiter.usage import summarize
 
 HOUR_MS = 3_600_000
@@ -100,15 +101,15 @@ def chain(steps: Sequence[Step]) -> tuple[list[dict[str, Any]], dict[snap.Snapsh
         ts = BASE_MS + offset
         records.append(record(seq, entity, resource, old, new, ts))
         state[index] = new
-        for window in snap.WINDOWS:
-            key = snap.SnapshotKey(entity, resource, window, snap.window_start(window, ts))
+        for window in windows.WINDOWS:
+            key = snap.SnapshotKey(entity, resource, window, windows.window_start(window, ts))
             per_limit = expected.setdefault(key, {}).setdefault(limit, [0, 0])
             per_limit[0] += consumed
             per_limit[1] += released
     return records, expected
 
 
-def fold(records: Sequence[dict[str, Any]], windows: Sequence[str] = snap.WINDOWS
+def fold(records: Sequence[dict[str, Any]], windows: Sequence[str] = windows.WINDOWS
          ) -> dict[snap.SnapshotKey, snap.Growth]:
     out: dict[snap.SnapshotKey, snap.Growth] = {}
     for rec in records:
@@ -209,19 +210,19 @@ def ms(*args: int) -> int:
     ],
 )
 def test_window_start(ts: int, hourly: str, daily: str) -> None:
-    assert snap.window_start("hourly", ts) == hourly
-    assert snap.window_start("daily", ts) == daily
-    assert snap.parse_window_start("hourly", hourly) <= datetime.fromtimestamp(ts / 1000, UTC)
-    assert snap.window_end("daily", daily) > datetime.fromtimestamp(ts / 1000, UTC)
+    assert windows.window_start("hourly", ts) == hourly
+    assert windows.window_start("daily", ts) == daily
+    assert windows.parse_window_start("hourly", hourly) <= datetime.fromtimestamp(ts / 1000, UTC)
+    assert windows.window_end("daily", daily) > datetime.fromtimestamp(ts / 1000, UTC)
 
 
 def test_parse_windows() -> None:
-    assert snap.parse_windows("hourly, daily") == ("hourly", "daily")
-    assert snap.parse_windows("daily,daily") == ("daily",)
+    assert windows.parse_windows("hourly, daily") == ("hourly", "daily")
+    assert windows.parse_windows("daily,daily") == ("daily",)
     with pytest.raises(ValueError, match="unknown usage window"):
-        snap.parse_windows("hourly,weekly")
+        windows.parse_windows("hourly,weekly")
     with pytest.raises(ValueError):
-        snap.parse_windows(" , ")
+        windows.parse_windows(" , ")
 
 
 def test_record_time_falls_back_to_stream_time() -> None:
@@ -329,7 +330,7 @@ def test_process_batch_replay_poison_and_log_line(caplog: pytest.LogCaptureFixtu
     client = FakeClient()
     table = SnapshotTable(client, "ZAEL-t")
     with caplog.at_level(logging.INFO, logger="zae_limiter.aggregator"):
-        result = process_batch(batch, table, snap.WINDOWS, 90, clock)
+        result = process_batch(batch, table, windows.WINDOWS, 90, clock)
     assert result.response() == {"batchItemFailures": [{"itemIdentifier": str(10**20 + 99)}]}
     assert (result.records, result.processed, result.failed) == (5, 4, 1)
     assert result.snapshots_updated == len(expected)
@@ -350,7 +351,7 @@ def test_process_batch_replay_poison_and_log_line(caplog: pytest.LogCaptureFixtu
         assert item[schema.TTL_ATTRIBUTE]["N"].isdigit()
 
     before = copy.deepcopy(client.items)
-    again = process_batch(list(reversed(batch)), table, snap.WINDOWS, 90, lambda: NOW + 60)
+    again = process_batch(list(reversed(batch)), table, windows.WINDOWS, 90, lambda: NOW + 60)
     assert again.snapshots_updated == 0
     assert client.items == before
 
@@ -372,7 +373,7 @@ def test_lost_race_is_retried_not_lost() -> None:
 def test_failed_snapshot_write_fails_only_its_records() -> None:
     records, _ = chain([(0, 1000, 0, 0), (2, 1000, 0, 0), (0, 500, 0, 5)])
     table = SnapshotTable(FakeClient(fail_for="e2"), "ZAEL-t")
-    result = process_batch(records, table, snap.WINDOWS, 90, clock)
+    result = process_batch(records, table, windows.WINDOWS, 90, clock)
     assert result.failed_sequence_numbers == [str(10**20 + 1)]
     assert result.processed == 2
 

@@ -32,13 +32,13 @@ from zae_limiter import (
     schema,
 )
 from zae_limiter import audit as audit_mod
-from zae_limiter import repository as repository_mod
 from zae_limiter.aggregator.handler import SnapshotTable, process_batch
 from zae_limiter.aggregator.snapshots import parse_record
 from zae_limiter.aggregator.stream import StreamRunner, matches_filter, to_lambda_record
 from zae_limiter.cli import main
-from zae_limiter.repository import audit_event_from_item, audit_item
-from zae_limiter.storage import RepositoryUnavailable, StorageError
+from zae_limiter.storage.dynamodb import repository as repository_mod
+from zae_limiter.storage.dynamodb.repository import audit_event_from_item, audit_item
+from zae_limiter.storage.protocol import RepositoryUnavailable, StorageError
 
 pytestmark = pytest.mark.integration
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from zae_limiter import bucket as reference
 from zae_limiter.core import WRITE_ABSOLUTE, WRITE_ADD, WRITE_NONE, WRITE_RELATIVE
+from zae_limiter.core import bucket as reference
 
 BACKENDS: list[Any] = [
     pytest.param(reference, id="python"),

@@ -31,12 +31,13 @@ from zae_limiter import (
     Reservations,
     StackOptions,
     core,
-    expiry,
     schema,
 )
 from zae_limiter.aggregator import snapshots as snap
 from zae_limiter.aggregator.handler import SnapshotTable, process_batch
-from zae_limiter.storage import BucketItem, LimitState, LimitWrite
+from zae_limiter.core import windows
+from zae_limiter.engine import expiry
+from zae_limiter.storage.protocol import BucketItem, LimitState, LimitWrite
 
 T0 = 1_800_000_000_000  # 2027-01-15T08:00:00Z
 HOUR = 3_600_000
@@ -502,7 +503,7 @@ def test_dynamodbs_ttl_deletion_counts_nothing() -> None:
     expired = stream_record(1, "REMOVE", bucket_image({"cn#rpm": 9_000}, ttl=1), None)
     expired["userIdentity"] = {"type": "Service", "principalId": "dynamodb.amazonaws.com"}
     assert snap.parse_record(expired, T0) == "bucket deleted"
-    result = process_batch([expired], SnapshotTable(NoTable(), "ZAEL-ttl"), snap.WINDOWS, 90)
+    result = process_batch([expired], SnapshotTable(NoTable(), "ZAEL-ttl"), windows.WINDOWS, 90)
     assert (result.skipped, result.failed, result.snapshots_updated) == (1, 0, 0)
 
 
@@ -510,7 +511,7 @@ def test_a_moving_expiry_is_no_usage() -> None:
     counters = {"cn#rpm": 9_000, "rl#rpm": 1_000}
     moved = stream_record(2, "MODIFY", bucket_image(counters, 10), bucket_image(counters, 20))
     assert snap.parse_record(moved, T0) == "no counter growth"
-    result = process_batch([moved], SnapshotTable(NoTable(), "ZAEL-ttl"), snap.WINDOWS, 90)
+    result = process_batch([moved], SnapshotTable(NoTable(), "ZAEL-ttl"), windows.WINDOWS, 90)
     assert (result.skipped, result.failed) == (1, 0)
     # A write that also moves the expiry counts exactly what it consumed.
     grown = {"cn#rpm": 12_000, "rl#rpm": 1_000}
@@ -541,11 +542,11 @@ def test_a_bucket_created_again_after_expiry_is_counted_in_full() -> None:
     for record in old + new:
         change = snap.parse_record(record, T0)
         if isinstance(change, snap.BucketChange):
-            for k in change.snapshot_keys(snap.WINDOWS):
+            for k in change.snapshot_keys(windows.WINDOWS):
                 folded[k] = snap.merge_growth(folded.get(k, {}), change.growth)
     daily = {
         k.window_start: snap.totals(g)["rpm"].net_milli
         for k, g in folded.items()
-        if k.window == snap.DAILY
+        if k.window == windows.DAILY
     }
     assert daily == {"2027-01-15": 8_000, "2027-01-16": 2_000}

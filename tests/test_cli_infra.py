@@ -154,8 +154,8 @@ def test_local_endpoint_deploy_status_delete(endpoint_url: str) -> None:
 def test_direct_provisioning_is_idempotent_and_honours_billing(endpoint_url: str) -> None:
     import boto3
 
-    from zae_limiter.infra import direct
     from zae_limiter.models import StackOptions
+    from zae_limiter.ops import table as direct
 
     client = boto3.client("dynamodb", endpoint_url=endpoint_url, region_name="us-east-1")
     options = StackOptions(billing_mode="PROVISIONED", read_capacity=3, write_capacity=4)
@@ -180,7 +180,7 @@ def test_cli_module_imports_without_pulumi(monkeypatch: pytest.MonkeyPatch) -> N
         "        if name.split('.')[0] in ('pulumi', 'pulumi_aws'):\n"
         "            raise ModuleNotFoundError(name, name=name)\n"
         "sys.meta_path.insert(0, B())\n"
-        "import zae_limiter.cli.infra, zae_limiter.infra.automation, zae_limiter.infra.direct\n"
+        "import zae_limiter.cli.infra, zae_limiter.infra.automation, zae_limiter.ops.table\n"
         "print('ok')\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

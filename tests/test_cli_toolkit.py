@@ -24,7 +24,7 @@ from click.testing import CliRunner, Result
 from zae_limiter import Limit, RateLimiter, StackOptions
 from zae_limiter.cli import main, toolkit
 from zae_limiter.exceptions import InfrastructureNotFoundError, RateLimiterUnavailable
-from zae_limiter.local import LocalDynamoDB
+from zae_limiter.ops.local import LocalDynamoDB
 
 CLI_DIR = Path(__file__).resolve().parent.parent / "python" / "zae_limiter" / "cli"
 CLI = [sys.executable, "-c", "from zae_limiter.cli import main; main()"]

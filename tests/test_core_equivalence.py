@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zae_limiter import bucket as reference
+from zae_limiter.core import bucket as reference
 
 native = pytest.importorskip("zae_limiter._native")
 

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from zae_limiter import RateLimiter, StackOptions
 from zae_limiter.cli import main
-from zae_limiter.demo import PROJECT, RESOURCE, DemoReport, run_workload
+from zae_limiter.ops.demo import PROJECT, RESOURCE, DemoReport, run_workload
 
 pytestmark = pytest.mark.integration
 

@@ -35,8 +35,8 @@ from zae_limiter.exceptions import (
     VersionMismatchError,
     ZAELimiterError,
 )
+from zae_limiter.http.fields import retry_after
 from zae_limiter.models import Limit, LimitStatus
-from zae_limiter.ratelimit_fields import retry_after
 
 
 def status(

@@ -17,6 +17,7 @@ from zae_limiter.infra.package import (
     HANDLER,
     LAMBDA_ENTRY_SOURCE,
     build_lambda_zip,
+    bundled_parts,
     cached_lambda_zip,
     source_code_hash,
 )
@@ -39,7 +40,8 @@ def test_contains_handler_and_pure_python_library(bundle: bytes) -> None:
     assert content == sorted(content)
     for required in ("lambda_function.py", "zae_limiter/__init__.py", "zae_limiter/schema.py",
                      "zae_limiter/models.py", "zae_limiter/exceptions.py",
-                     "zae_limiter/validation.py", "zae_limiter/bucket.py", "zae_limiter/core.py",
+                     "zae_limiter/validation.py", "zae_limiter/core/__init__.py",
+                     "zae_limiter/core/bucket.py", "zae_limiter/core/windows.py",
                      "zae_limiter/aggregator/__init__.py", "zae_limiter/aggregator/handler.py"):
         assert required in content
     assert HANDLER == "lambda_function.handler"
@@ -49,9 +51,11 @@ def test_contains_handler_and_pure_python_library(bundle: bytes) -> None:
 
 def test_leaves_out_what_lambda_cannot_or_need_not_run(bundle: bytes) -> None:
     for name in names(bundle):
-        assert not name.startswith(("zae_limiter/cli/", "zae_limiter/infra/")), name
+        assert not name.startswith(("zae_limiter/cli/", "zae_limiter/infra/",
+                                    "zae_limiter/storage/", "zae_limiter/engine/",
+                                    "zae_limiter/ops/", "zae_limiter/http/")), name
         assert name not in ("zae_limiter/repository.py", "zae_limiter/limiter.py",
-                            "zae_limiter/local.py"), name
+                            "zae_limiter/local.py", "zae_limiter/lease.py"), name
         assert "_native" not in name and "__pycache__" not in name, name
         assert name.endswith(".py") or name.endswith(".pyi") or name.endswith(".typed"), name
 
@@ -128,6 +132,41 @@ def test_imports_in_a_bare_lambda_like_runtime(bundle: bytes, tmp_path: Path) ->
     assert response == "{'batchItemFailures': []}"
     assert "zae_limiter.aggregator.handler" in loaded.split()
     assert "zae_limiter.repository" not in loaded.split()
+    # Everything the handler loaded came from the bundle, which holds nothing it did not need
+    # beyond whole packages (and the limiters' lazily imported names).
+    assert not {m for m in loaded.split() if m.startswith(("zae_limiter.storage",
+                                                            "zae_limiter.engine"))}
+
+
+def test_the_bundle_follows_the_aggregators_imports(tmp_path: Path) -> None:
+    """No list to keep: an import the aggregator gains brings its module (a top-level one alone,
+    one in a subpackage with the whole subpackage); imports under TYPE_CHECKING or inside
+    functions, which do not run when the handler loads, bring nothing."""
+    root = tmp_path / "zae_limiter"
+    files = {
+        "__init__.py": "from ._version import __version__\nfrom .core import thing\n",
+        "_version.py": "__version__ = '1'\n",
+        "core/__init__.py": "from .math import x\n",
+        "core/math.py": "x = 1\n",
+        "core/extra.py": "y = 2\n",
+        "engine/__init__.py": "",
+        "engine/cache.py": "from .. import schema\n",
+        "schema.py": "",
+        "limiter.py": "import aioboto3\n",
+        "typing_only.py": "",
+        "aggregator/__init__.py": "",
+        "aggregator/handler.py": (
+            "from typing import TYPE_CHECKING\n"
+            "from ..engine.cache import TTLCache\n"
+            "if TYPE_CHECKING:\n    from .. import typing_only\n"
+            "def later():\n    from .. import limiter\n"
+        ),
+    }
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    assert bundled_parts(root) == ["__init__.py", "_version.py", "aggregator", "core", "engine",
+                                   "schema.py"]
 
 
 # -- the private build directory -------------------------------------------------------------

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from zae_limiter import Limit, RateLimiter, RateLimitExceeded, StackOptions, schema
-from zae_limiter import migrations as mig
-from zae_limiter.migrations import v1_2_0
+from zae_limiter.ops import migrations as mig
+from zae_limiter.ops.migrations import v1_2_0
 
 T0 = 1_800_000_000_000
 RPM = Limit.per_minute("rpm", 100)

@@ -23,9 +23,9 @@ from zae_limiter import (
     ValidationError,
 )
 from zae_limiter.limiter import MISSING_ENTITY_TTL
-from zae_limiter.local import free_port
-from zae_limiter.repository import RetryPolicy
-from zae_limiter.storage import Item
+from zae_limiter.ops.local import free_port
+from zae_limiter.storage.dynamodb.repository import RetryPolicy
+from zae_limiter.storage.protocol import Item
 
 pytestmark = pytest.mark.integration
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from zae_limiter.exceptions import ZAELimiterError
-from zae_limiter.local import LocalDynamoDB
+from zae_limiter.ops.local import LocalDynamoDB
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="reads /proc; the watchdog is portable"

@@ -27,7 +27,6 @@ from zae_limiter import (
     SyncRateLimiter,
     ValidationError,
 )
-from zae_limiter.local import LocalDynamoDB, free_port
 from zae_limiter.metrics import (
     ADMITTED,
     DEFAULT_MAX_SERIES,
@@ -44,7 +43,8 @@ from zae_limiter.metrics import (
     UNAVAILABLE,
     Metrics,
 )
-from zae_limiter.repository import RetryPolicy
+from zae_limiter.ops.local import LocalDynamoDB, free_port
+from zae_limiter.storage.dynamodb.repository import RetryPolicy
 
 RPM = Limit.per_minute("rpm", 100)
 TPM = Limit.per_minute("tpm", 10_000)

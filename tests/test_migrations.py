@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from zae_limiter import Limit, RateLimiter, RateLimitExceeded, StackOptions, schema
-from zae_limiter import migrations as mig
-from zae_limiter.migrations import Migration, MigrationError, v1_1_0
-from zae_limiter.repository import Repository
+from zae_limiter.ops import migrations as mig
+from zae_limiter.ops.migrations import Migration, MigrationError, v1_1_0
+from zae_limiter.storage.dynamodb.repository import Repository
 
 T0 = 1_800_000_000_000
 LIMITS = [Limit.per_minute("rpm", 5), Limit.custom("tpm", 100, 100, 60, burst=150)]
@@ -163,8 +163,8 @@ async def test_builtin_migration_forward_and_back(limiter: RateLimiter) -> None:
 
 async def test_guide_rollback_snippet_shape(limiter: RateLimiter, endpoint_url: str) -> None:
     """The troubleshooting guide's manual rollback, run as written (endpoint instead of None)."""
-    from zae_limiter.migrations import get_migrations
-    from zae_limiter.repository import Repository as GuideRepository
+    from zae_limiter.ops.migrations import get_migrations
+    from zae_limiter.storage.dynamodb.repository import Repository as GuideRepository
 
     await mig.apply(limiter.repository, "1.1.0")
     repo = GuideRepository("ZAEL-mig", "us-east-1", endpoint_url)

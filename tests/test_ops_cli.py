@@ -13,7 +13,7 @@ from click.testing import CliRunner, Result
 
 from zae_limiter import Limit, RateLimiter, StackOptions, __version__
 from zae_limiter.cli import main
-from zae_limiter.repository import Repository
+from zae_limiter.storage.dynamodb.repository import Repository
 
 pytestmark = pytest.mark.integration
 
@@ -259,7 +259,7 @@ def test_backup_and_restore_round_trip(table: str, tmp_path: Path) -> None:
 
 def test_aws_backups_through_the_api(table: str) -> None:
     """The AWS path (create_backup / list_backups), exercised against moto's implementation."""
-    from zae_limiter import ops
+    from zae_limiter.ops import recovery as ops
 
     async def go() -> tuple[dict[str, Any], list[dict[str, Any]]]:
         async with Repository("ZAEL-ops", "us-east-1", table) as repo:

@@ -29,13 +29,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from zae_limiter import core, schema
-from zae_limiter.local import LocalDynamoDB
-from zae_limiter.repository import (
+from zae_limiter.ops.local import LocalDynamoDB
+from zae_limiter.storage.dynamodb.repository import (
     Repository,
     bucket_update_request,
     plain_item_body,
 )
-from zae_limiter.storage import ConditionFailed, LimitWrite, StorageError
+from zae_limiter.storage.protocol import ConditionFailed, LimitWrite, StorageError
 
 NOW = 1_800_000_000_000
 

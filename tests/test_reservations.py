@@ -25,9 +25,9 @@ from zae_limiter import (
     SyncRateLimiter,
     ValidationError,
 )
-from zae_limiter import reservations as reservations_module
-from zae_limiter.reservations import Reserver
-from zae_limiter.storage import RepositoryUnavailable
+from zae_limiter.engine import reservations as reservations_module
+from zae_limiter.engine.reservations import Reserver
+from zae_limiter.storage.protocol import RepositoryUnavailable
 
 T0 = 1_800_000_000_000
 HOT = [Limit.per_minute("rpm", 10_000), Limit.per_minute("tpm", 1_000_000)]

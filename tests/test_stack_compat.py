@@ -502,7 +502,7 @@ def test_stack_manager_imports_lazily_from_zae_limiter_and_from_0_2_0s_path() ->
     import zae_limiter
     from zae_limiter import StackManager
     from zae_limiter.infra.stack_manager import StackManager as Old
-    from zae_limiter.stack_manager import StackManager as New
+    from zae_limiter.ops.stacks import StackManager as New
 
     assert StackManager is Old is New
     assert "StackManager" in zae_limiter.__all__
@@ -584,7 +584,7 @@ async def test_stack_manager_on_a_local_endpoint_is_the_table(endpoint_url: str)
     import boto3
 
     from zae_limiter import RateLimiter, StackManager
-    from zae_limiter.infra import direct
+    from zae_limiter.ops import table as direct
 
     async with StackManager("local-app", "us-east-1", endpoint_url) as manager:
         assert await manager.get_stack_status(manager.stack_name) is None
@@ -636,7 +636,7 @@ async def test_local_create_race_raises_stack_already_exists(
     endpoint_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from zae_limiter import StackManager
-    from zae_limiter.repository import Repository
+    from zae_limiter.storage.dynamodb.repository import Repository
 
     async with StackManager("race", endpoint_url=endpoint_url) as first:
         await first.create_stack()
@@ -817,8 +817,9 @@ class FakePulumi:
 def fake_pulumi(monkeypatch: pytest.MonkeyPatch, tiny_zip: Path) -> Iterator[FakePulumi]:
     pytest.importorskip("pulumi")
     pytest.importorskip("pulumi_aws")
-    from zae_limiter import exceptions, provisioning, schema
+    from zae_limiter import exceptions, schema
     from zae_limiter.infra import automation, component, package
+    from zae_limiter.ops import provisioning
 
     fake = FakePulumi()
 

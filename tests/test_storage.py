@@ -14,10 +14,11 @@ import boto3
 import botocore.exceptions
 import pytest
 
-from zae_limiter import InfrastructureNotFoundError, Limit, schema, storage
+from zae_limiter import InfrastructureNotFoundError, Limit, schema
 from zae_limiter.core import WRITE_ABSOLUTE
-from zae_limiter.repository import Repository, error_code, is_loopback
-from zae_limiter.storage import LimitWrite, StorageError
+from zae_limiter.storage import protocol as storage
+from zae_limiter.storage.dynamodb.repository import Repository, error_code, is_loopback
+from zae_limiter.storage.protocol import LimitWrite, StorageError
 from zae_limiter.version import (
     CLIENT_SCHEMA_VERSION,
     INITIAL_MIN_CLIENT_VERSION,

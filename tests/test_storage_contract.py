@@ -29,9 +29,9 @@ from zae_limiter import (
     schema,
 )
 from zae_limiter.audit import verify_trail
-from zae_limiter.engine import Engine, Target
-from zae_limiter.repository import Repository
-from zae_limiter.storage import Item, Storage, StorageError
+from zae_limiter.engine.engine import Engine, Target
+from zae_limiter.storage.dynamodb.repository import Repository
+from zae_limiter.storage.protocol import Item, Storage, StorageError
 from zae_limiter.version import write_initial_record
 
 pytestmark = pytest.mark.integration

@@ -32,9 +32,8 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials as BotoCredentials
 
 from zae_limiter import core
-from zae_limiter.repository import Repository, _never_sent
-from zae_limiter.storage import LimitWrite
-from zae_limiter.transport import (
+from zae_limiter.storage.dynamodb.repository import Repository, _never_sent
+from zae_limiter.storage.dynamodb.transport import (
     TARGET_PREFIX,
     Credentials,
     LeanTransport,
@@ -42,6 +41,7 @@ from zae_limiter.transport import (
     host_header,
     signing_key,
 )
+from zae_limiter.storage.protocol import LimitWrite
 
 NOW = 1_800_000_000_000
 # AWS's example credentials (SigV4 documentation and test suite).
@@ -369,7 +369,7 @@ async def test_a_refused_connection_is_the_same_never_sent_error() -> None:
 
 
 async def test_a_read_timeout_is_the_same_error(canned: Canned) -> None:
-    from zae_limiter.repository import RetryPolicy
+    from zae_limiter.storage.dynamodb.repository import RetryPolicy
 
     async def slow(request: web.Request) -> web.Response:
         await asyncio.sleep(1.0)
@@ -469,7 +469,7 @@ async def test_a_throttled_bucket_write_is_counted_and_sent_again(
 async def test_a_failed_condition_returns_the_item_sent_with_it(
     canned: Canned, repo: Repository
 ) -> None:
-    from zae_limiter.storage import ConditionFailed
+    from zae_limiter.storage.protocol import ConditionFailed
 
     canned.queue.append((400, _error("ConditionalCheckFailedException",
                                      Item=_stored(99, ("a", "b"))), {}))

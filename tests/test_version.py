@@ -21,7 +21,7 @@ from zae_limiter import (
     schema,
 )
 from zae_limiter import version as v
-from zae_limiter.repository import Repository
+from zae_limiter.storage.dynamodb.repository import Repository
 
 RPM = [Limit.per_minute("rpm", 10)]
 
@@ -246,7 +246,7 @@ def test_sync_limiter_passes_version_check(endpoint_url: str) -> None:
 
 
 async def test_version_status_for_the_status_command(repo: Repository, endpoint_url: str) -> None:
-    from zae_limiter import ops
+    from zae_limiter.ops import recovery as ops
 
     info = await ops.version_status_async(repo)
     assert info["compatible"] and info["schema_version"] == schema.SCHEMA_VERSION

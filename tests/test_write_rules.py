@@ -26,7 +26,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from zae_limiter import bucket as reference
+from zae_limiter.core import bucket as reference
 
 # The suite installs the extension: a missing one must fail, not skip.
 BACKENDS = [

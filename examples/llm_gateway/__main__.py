@@ -20,7 +20,7 @@ from typing import Any
 import uvicorn
 
 from zae_limiter import Limit, RateLimiter, StackOptions, ValidationError
-from zae_limiter.local import LocalDynamoDB
+from zae_limiter.ops.local import LocalDynamoDB
 
 from .gateway import create_app
 from .provision import PROJECT, check_limits, provision

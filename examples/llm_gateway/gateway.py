@@ -30,7 +30,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, request_response
 
 from zae_limiter import RateLimiter, ValidationError
-from zae_limiter.asgi import (
+from zae_limiter.http.asgi import (
     ASGIApp,
     Message,
     RateLimitMiddleware,
@@ -41,7 +41,7 @@ from zae_limiter.asgi import (
     send_refusal,
     total_tokens,
 )
-from zae_limiter.ratelimit_fields import Refusal
+from zae_limiter.http.fields import Refusal
 
 from .chat import MODELS, ChatRequest
 from .model import Generation

@@ -61,10 +61,10 @@ from .models import (
 if TYPE_CHECKING:
     from .lease import Lease, SyncLease
     from .limiter import RateLimiter
-    from .memory import MemoryStorage
     from .metrics import Metrics
-    from .repository import Repository
-    from .stack_manager import StackManager
+    from .ops.stacks import StackManager
+    from .storage.dynamodb.repository import Repository
+    from .storage.memory import MemoryStorage
     from .sync import SyncRateLimiter
 
 _LAZY = {

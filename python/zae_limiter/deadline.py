@@ -24,8 +24,8 @@ from types import TracebackType
 from typing import Final, Literal
 
 from .exceptions import ValidationError
-from .repository import is_loopback
-from .storage import RepositoryUnavailable
+from .storage.dynamodb.endpoint import is_loopback
+from .storage.protocol import RepositoryUnavailable
 
 DEFAULT_DEADLINE_SECONDS: Final = 1.0
 # Above what the embedded server's queue costs the heaviest workload run on it here (3 processes

@@ -11,7 +11,7 @@ import math
 import pickle
 from typing import TYPE_CHECKING, Any
 
-from . import units
+from .core import units
 
 if TYPE_CHECKING:
     from .models import LimitStatus

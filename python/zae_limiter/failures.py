@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from .exceptions import ConfigurationError, RateLimiterUnavailable
-from .storage import RepositoryUnavailable, StorageError
+from .storage.protocol import RepositoryUnavailable, StorageError
 
 # Every error the hot path can meet from storage is one of two kinds, decided here:
 # - an outage: the store could not be reached, timed out, was throttled or kept failing past

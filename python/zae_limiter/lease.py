@@ -9,10 +9,10 @@ from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
 
-from . import units
 from .arguments import oversized
+from .core import units
 from .deadline import Bounded, DeadlineExceeded
-from .engine import Landing, Target, available_milli, request_too_large
+from .engine.engine import Landing, Target, available_milli, request_too_large
 from .exceptions import ValidationError
 from .failures import public_errors
 from .models import LimitStatus

@@ -12,13 +12,15 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
+from typing import Any
 
-from . import audit, core, provisioning, units, usage
+from . import audit, core, usage
 from .arguments import check_consumable, check_consume, check_limits, oversized
-from .cache import TTLCache
-from .capacity import CapacityLedger
+from .core import units
 from .deadline import DEFAULT, Bounded, DeadlineArg, check_deadline, resolve_deadline
-from .engine import Engine, Target, available_milli, bucket_input, request_too_large
+from .engine.cache import TTLCache
+from .engine.engine import Engine, Target, available_milli, bucket_input, request_too_large
+from .engine.reservations import Reserver
 from .exceptions import (
     EntityNotFoundError,
     InfrastructureNotFoundError,
@@ -42,10 +44,10 @@ from .models import (
     UsageSnapshot,
     UsageSummary,
 )
-from .repository import Repository, RetryPolicy
-from .reservations import Reserver
 from .schema import DEFAULT_RESOURCE, default_region, short_name, table_name
-from .storage import BucketItem, RepositoryUnavailable, Storage, StorageError
+from .storage.capacity import CapacityLedger
+from .storage.dynamodb.repository import Repository, RetryPolicy
+from .storage.protocol import BucketItem, RepositoryUnavailable, Storage, StorageError
 from .validation import (
     validate_entity_id,
     validate_name,
@@ -202,6 +204,10 @@ class RateLimiter:
             options = self.stack_options
             if not self._provisioned and options is not None and options.create_table:
                 try:
+                    from .ops import (
+                        provisioning,  # ops' work, done only on request
+                    )
+
                     await provisioning.provision(
                         self.repository,
                         options,
@@ -261,7 +267,7 @@ class RateLimiter:
 
     async def create_stack(
         self, stack_options: StackOptions | None = None
-    ) -> provisioning.StackResult:
+    ) -> dict[str, Any]:
         """Create the infrastructure unless it exists (zae-limiter 0.2.0's `create_stack`).
 
         On AWS the Pulumi stack (needs the Pulumi CLI), on a local endpoint the table. Options:
@@ -270,6 +276,8 @@ class RateLimiter:
         stack that already existed, with a "message"; see `zae_limiter.provisioning`). Raises
         StackCreationError (StackAlreadyExistsError when another process created it first).
         """
+        from .ops import provisioning  # ops' work, done only on request
+
         return await provisioning.create_stack(
             self.repository,
             stack_options if stack_options is not None else self.stack_options,
@@ -280,6 +288,8 @@ class RateLimiter:
 
     async def delete_stack(self) -> None:
         """Delete the table (and, on AWS, the Pulumi stack)."""
+        from .ops import provisioning  # ops' work, done only on request
+
         await provisioning.delete_stack(
             self.repository, name=self.name, region=self.region, endpoint_url=self.endpoint_url
         )

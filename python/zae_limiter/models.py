@@ -961,7 +961,7 @@ class UsageSnapshot:
         """When the window ends (exclusive), ISO-8601 UTC, as 0.x reported it."""
         from datetime import UTC
 
-        from .aggregator.snapshots import window_end
+        from .core.windows import window_end
 
         end = window_end(self.window, self.window_start)
         return end.astimezone(UTC).isoformat().replace("+00:00", "Z")

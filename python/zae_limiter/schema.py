@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Final
 
+from .core.windows import WINDOWS
+
 SCHEMA_VERSION: Final = "1.2.0"
 # The oldest client that understands the schema a table is created with (1.2.0: `fa#` states,
 # read since 1.1.0); older ones would take a state they cannot read for a full bucket. A new
@@ -337,7 +339,7 @@ TTL_DELETER: Final = {"type": "Service", "principalId": "dynamodb.amazonaws.com"
 METRIC_NAMESPACE: Final = "ZaeLimiter"
 AUDIT_CHANGES_METRIC: Final = "AuditTrailChanges"
 
-USAGE_WINDOWS: Final = ("hourly", "daily")
+USAGE_WINDOWS: Final = WINDOWS
 
 
 def error_code(exc: BaseException | None) -> str | None:

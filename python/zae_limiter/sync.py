@@ -14,7 +14,6 @@ from datetime import datetime
 from types import TracebackType
 from typing import Any, TypeVar
 
-from .capacity import CapacityLedger
 from .deadline import DEFAULT, DeadlineArg
 from .lease import SyncLease
 from .limiter import RateLimiter
@@ -30,9 +29,10 @@ from .models import (
     UsageSnapshot,
     UsageSummary,
 )
-from .repository import RetryPolicy
 from .schema import DEFAULT_RESOURCE
-from .storage import Storage
+from .storage.capacity import CapacityLedger
+from .storage.dynamodb.repository import RetryPolicy
+from .storage.protocol import Storage
 from .version import VersionCheck
 
 T = TypeVar("T")

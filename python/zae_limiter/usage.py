@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import UTC, datetime
 
-from .aggregator.snapshots import check_window, parse_window_start
+from .core.windows import check_window, parse_window_start
 from .models import UsageSnapshot, UsageSummary
 
 __all__ = [

@@ -49,7 +49,7 @@ from .exceptions import (
 
 if TYPE_CHECKING:
     from .models import StackOptions
-    from .storage import AdminStorage
+    from .storage.protocol import AdminStorage
 
 log = logging.getLogger("zae_limiter.version")
 

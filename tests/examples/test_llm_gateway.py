@@ -38,8 +38,8 @@ from examples.llm_gateway.gateway import RESOURCE
 from examples.llm_gateway.provision import PROJECT
 
 from zae_limiter import RateLimiter
-from zae_limiter.local import free_port
-from zae_limiter.ratelimit_fields import PROBLEM_JSON, QUOTA_EXCEEDED
+from zae_limiter.http.fields import PROBLEM_JSON, QUOTA_EXCEEDED
+from zae_limiter.ops.local import free_port
 
 pytestmark = pytest.mark.integration
 

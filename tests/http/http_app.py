@@ -24,15 +24,15 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Mount, Route, request_response
 
 from zae_limiter import FailureMode, Lease, Limit, RateLimiter
-from zae_limiter.asgi import (
+from zae_limiter.http.asgi import (
     RateLimitMiddleware,
     Served,
     client_address_key,
     header_key,
     total_tokens,
 )
-from zae_limiter.fastapi import RateLimit, install
-from zae_limiter.repository import RetryPolicy
+from zae_limiter.http.fastapi import RateLimit, install
+from zae_limiter.storage.dynamodb.repository import RetryPolicy
 
 # 30 a day: nothing refills during a test (one token every 48 minutes).
 EXACT = Limit.per_day("rpd", 30)

@@ -15,8 +15,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
 from zae_limiter import Lease, Limit, RateLimiter, StackOptions
-from zae_limiter.asgi import header_key
-from zae_limiter.fastapi import RateLimit, fields_of, install
+from zae_limiter.http.asgi import header_key
+from zae_limiter.http.fastapi import RateLimit, fields_of, install
 
 pytestmark = pytest.mark.integration
 

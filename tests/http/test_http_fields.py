@@ -24,8 +24,8 @@ from zae_limiter import (
     ValidationError,
     core,
 )
-from zae_limiter.asgi import total_tokens
-from zae_limiter.ratelimit_fields import (
+from zae_limiter.http.asgi import total_tokens
+from zae_limiter.http.fields import (
     PROBLEM_JSON,
     QUOTA_EXCEEDED,
     Refusal,

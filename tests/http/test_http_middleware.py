@@ -28,7 +28,7 @@ from zae_limiter import (
     StackOptions,
     ValidationError,
 )
-from zae_limiter.asgi import (
+from zae_limiter.http.asgi import (
     RateLimitMiddleware,
     Served,
     address_key,
@@ -39,8 +39,8 @@ from zae_limiter.asgi import (
     lease_of,
     total_tokens,
 )
-from zae_limiter.local import free_port
-from zae_limiter.repository import RetryPolicy
+from zae_limiter.ops.local import free_port
+from zae_limiter.storage.dynamodb.repository import RetryPolicy
 
 pytestmark = pytest.mark.integration
 

@@ -39,7 +39,7 @@ import pytest
 
 from zae_limiter import Limit, RateLimiter, StackOptions
 from zae_limiter.limiter import MISSING_ENTITY_TTL
-from zae_limiter.local import LocalDynamoDB, free_port
+from zae_limiter.ops.local import LocalDynamoDB, free_port
 
 pytestmark = pytest.mark.integration
 

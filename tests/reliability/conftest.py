@@ -18,7 +18,7 @@ import pytest
 from fault_proxy import FaultProxy
 from figures import SIZES, Figures, Size
 
-from zae_limiter.local import LocalDynamoDB
+from zae_limiter.ops.local import LocalDynamoDB
 
 FIGURES_FILE = ".reliability-figures.json"
 

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from zae_limiter import FailureMode, Limit, RateLimiter, StackOptions, ValidationError
-from zae_limiter.repository import Repository
+from zae_limiter.storage.dynamodb.repository import Repository
 
 pytestmark = pytest.mark.integration
 

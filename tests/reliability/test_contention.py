@@ -38,9 +38,9 @@ from zae_limiter import (
     Reservations,
     StackOptions,
 )
-from zae_limiter import stored as stored_state
-from zae_limiter.engine import MAX_ROUNDS
-from zae_limiter.repository import ConditionFailed, Repository
+from zae_limiter.engine import stored as stored_state
+from zae_limiter.engine.engine import MAX_ROUNDS
+from zae_limiter.storage.dynamodb.repository import ConditionFailed, Repository
 
 pytestmark = pytest.mark.integration
 

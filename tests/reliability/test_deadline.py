@@ -45,7 +45,7 @@ from zae_limiter.deadline import (
     LOOPBACK_DEADLINE_SECONDS,
     DeadlineExceeded,
 )
-from zae_limiter.repository import Repository, RetryPolicy, is_loopback
+from zae_limiter.storage.dynamodb.repository import Repository, RetryPolicy, is_loopback
 
 pytestmark = pytest.mark.integration
 

@@ -51,8 +51,8 @@ from zae_limiter import (
     StackOptions,
     schema,
 )
-from zae_limiter import stored as stored_state
-from zae_limiter.repository import Repository, RetryPolicy
+from zae_limiter.engine import stored as stored_state
+from zae_limiter.storage.dynamodb.repository import Repository, RetryPolicy
 
 pytestmark = pytest.mark.integration
 
@@ -876,7 +876,7 @@ async def test_lease_operations_raise_the_public_error_under_throttling(
 ) -> None:
     """A lease call whose write is throttled to exhaustion raises `RateLimiterUnavailable`
     itself, never the repository's internal subclass or a storage error."""
-    from zae_limiter.storage import RepositoryUnavailable, StorageError
+    from zae_limiter.storage.protocol import RepositoryUnavailable, StorageError
 
     async with warm.acquire("k", RESOURCE, [LIMIT], {"tok": 2}) as lease:
         proxy.inject("throttle", ops={"UpdateItem"})

@@ -24,7 +24,7 @@ from reliability_workers import (
     run_hot_worker,
 )
 
-from zae_limiter.repository import Repository
+from zae_limiter.storage.dynamodb.repository import Repository
 
 pytestmark = pytest.mark.integration
 

@@ -57,7 +57,7 @@ from zae_limiter import (
     StackOptions,
     schema,
 )
-from zae_limiter.repository import Repository, RetryPolicy
+from zae_limiter.storage.dynamodb.repository import Repository, RetryPolicy
 
 pytestmark = pytest.mark.integration
 

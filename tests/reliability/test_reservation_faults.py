@@ -60,7 +60,7 @@ from zae_limiter import (
     RateLimitExceeded,
     Reservations,
 )
-from zae_limiter.repository import Repository
+from zae_limiter.storage.dynamodb.repository import Repository
 
 pytestmark = pytest.mark.integration
 

@@ -34,7 +34,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .handler import Clock, SnapshotTable, _seq_order, process_batch, sequence_number
+from .handler import Clock, SnapshotTable, process_batch, sequence_number, sequence_order
 from .stream import to_lambda_record
 
 
@@ -92,7 +92,7 @@ def fetch_batch_records(streams: Any, info: Mapping[str, Any]) -> list[dict[str,
                 "streams keep records for 24 hours"
             ) from exc
         raise
-    lo, hi = _seq_order(start), _seq_order(end)
+    lo, hi = sequence_order(start), sequence_order(end)
     records: list[dict[str, Any]] = []
     while iterator:
         response = streams.get_records(ShardIterator=iterator, Limit=1000)
@@ -102,7 +102,7 @@ def fetch_batch_records(streams: Any, info: Mapping[str, Any]) -> list[dict[str,
             break
         done = False
         for record in raw:
-            seq = _seq_order(record.get("dynamodb", {}).get("SequenceNumber", "0"))
+            seq = sequence_order(record.get("dynamodb", {}).get("SequenceNumber", "0"))
             if seq > hi:
                 done = True
                 break

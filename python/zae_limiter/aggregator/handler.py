@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from .. import schema
+from ..core.windows import parse_windows, window_end
 from .audit_changes import audit_change, emf_line
 from .snapshots import (
     BucketChange,
@@ -27,9 +28,7 @@ from .snapshots import (
     merge_growth,
     milli_to_tokens,
     parse_record,
-    parse_windows,
     totals,
-    window_end,
 )
 
 logger = logging.getLogger("zae_limiter.aggregator")
@@ -219,7 +218,7 @@ def sequence_number(record: Any) -> str | None:
     return None
 
 
-def _seq_order(seq: str) -> tuple[int, str]:
+def sequence_order(seq: str) -> tuple[int, str]:
     # Sequence numbers are decimal strings of varying length: compare numerically.
     return (int(seq), seq) if seq.isdigit() else (-1, seq)
 
@@ -285,7 +284,7 @@ def process_batch(records: Sequence[Any], table: SnapshotTable, windows: Sequenc
     result.processed = status.count("processed")
     result.skipped = status.count("skipped")
     result.failed = status.count("failed")
-    result.failed_sequence_numbers = sorted(failed_seqs, key=_seq_order)
+    result.failed_sequence_numbers = sorted(failed_seqs, key=sequence_order)
     result.processing_time_ms = round((time.perf_counter() - started) * 1000, 3)
     log_event(
         logging.INFO,

@@ -28,10 +28,10 @@ from .handler import (
     BatchResult,
     Clock,
     SnapshotTable,
-    _seq_order,
     log_event,
     process_batch,
     sequence_number,
+    sequence_order,
 )
 
 
@@ -208,8 +208,8 @@ class StreamRunner:
         for _ in range(self.max_retries):
             if not last.failed_sequence_numbers:
                 break
-            lowest = _seq_order(last.failed_sequence_numbers[0])
-            suffix = [r for r in records if _seq_order(sequence_number(r) or "0") >= lowest]
+            lowest = sequence_order(last.failed_sequence_numbers[0])
+            suffix = [r for r in records if sequence_order(sequence_number(r) or "0") >= lowest]
             last = process_batch(suffix, self.table, self.windows, self.ttl_days, self.clock)
             updated += last.snapshots_updated
         if last.failed:

@@ -12,7 +12,7 @@ from typing import Any
 import click
 from rich.text import Text
 
-from ..aggregator.snapshots import WINDOWS, parse_windows
+from ..core.windows import WINDOWS, parse_windows
 from ..models import UsageSnapshot
 from ..usage import parse_time, summarize
 from . import main

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from .. import ops
+from ..ops import recovery as ops
 from . import main
 from .toolkit import Output, Target, confirm, fields_table, rows_table, target_options
 

@@ -7,13 +7,13 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from .. import ops
 from ..exceptions import EntityNotFoundError
+from ..ops import recovery as ops
 from . import main
 from .toolkit import Output, Target, confirm, fmt_num, rows_table, target_options
 
 if TYPE_CHECKING:
-    from ..repository import Repository
+    from ..storage.dynamodb.repository import Repository
 
 BUCKET_COLUMNS = [
     "resource",

@@ -24,7 +24,7 @@ from .toolkit import (
 
 if TYPE_CHECKING:
     from ..limiter import RateLimiter
-    from ..repository import Repository
+    from ..storage.dynamodb.repository import Repository
 
 PRINCIPAL_HELP = "Who makes the change, recorded in the audit trail (e.g. a user or an IAM ARN)."
 

@@ -2,7 +2,7 @@
 
 Against AWS these drive Pulumi (`zae_limiter.infra.automation`, needs the Pulumi CLI). With
 `--endpoint-url` (a local DynamoDB) `deploy`/`status`/`delete` act on the table alone, directly
-with boto3 (`zae_limiter.infra.direct`): no Pulumi, no Lambda, no alarms.
+with boto3 (`zae_limiter.ops.table`): no Pulumi, no Lambda, no alarms.
 """
 
 from __future__ import annotations
@@ -13,8 +13,9 @@ from typing import Any
 
 import click
 
-from .. import ops, schema
+from .. import schema
 from ..infra import InfraOptions, alarm_names
+from ..ops import recovery as ops
 from . import main
 from .toolkit import (
     Output,
@@ -135,7 +136,7 @@ def deploy(target: Target, out: Output, **option_values: Any) -> None:
     """Create or update the deployment (table, aggregator, alarms)."""
     options = _build_options(option_values)
     if target.endpoint_url:
-        from ..infra import direct
+        from ..ops import table as direct
 
         created = direct.ensure_table(target.client("dynamodb"), target.name, options)
         verb = "created" if created else "already exists:"
@@ -174,7 +175,7 @@ def preview(target: Target, out: Output, **option_values: Any) -> None:
 def status(target: Target, out: Output) -> None:
     """Show the deployment: table, stack outputs, last update."""
     if target.endpoint_url:
-        from ..infra import direct
+        from ..ops import table as direct
 
         info = direct.describe(target.client("dynamodb"), target.name)
         if not info["exists"]:
@@ -210,7 +211,7 @@ def status(target: Target, out: Output) -> None:
 def delete(target: Target, out: Output, yes: bool) -> None:
     """Delete the deployment. A table with deletion protection is kept."""
     if target.endpoint_url:
-        from ..infra import direct
+        from ..ops import table as direct
 
         confirm(yes, f"Delete table {target.table} and all its data at {target.endpoint_url}?")
         deleted = direct.delete_table(target.client("dynamodb"), target.name)

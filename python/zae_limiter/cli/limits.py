@@ -19,7 +19,7 @@ from .toolkit import Output, Target, confirm, rows_table, target_options
 
 if TYPE_CHECKING:
     from ..limiter import RateLimiter
-    from ..repository import Repository
+    from ..storage.dynamodb.repository import Repository
 
 
 class LimitParam(click.ParamType[Limit, Any]):

@@ -11,8 +11,9 @@ from typing import Any
 
 import click
 
-from ..demo import DemoReport
-from ..local import LOCAL_REGION, LocalDynamoDB
+from ..ops.demo import DemoReport
+from ..ops.local import LocalDynamoDB
+from ..storage.dynamodb.endpoint import LOCAL_REGION
 from . import main
 from .toolkit import Target, cli_errors, console, markup, new_table, use_target
 
@@ -104,8 +105,8 @@ def demo(
 
 def _run_demo(target: Target, keys: int, clients: int, requests: int, reserve: bool) -> None:
     from .. import BACKEND
-    from ..demo import PROJECT, run_workload
     from ..models import Reservations, StackOptions
+    from ..ops.demo import PROJECT, run_workload
 
     out = console()
     started = time.monotonic()
@@ -182,9 +183,9 @@ def _usage(target: Target, report: DemoReport) -> Any:
     """Run the aggregator once over the table's stream; the snapshots it produced, as a table."""
     from .. import schema
     from ..aggregator.stream import StreamRunner
-    from ..demo import PROJECT, RESOURCE
     from ..limiter import RateLimiter
     from ..models import UsageSummary
+    from ..ops.demo import PROJECT, RESOURCE
 
     runner = StreamRunner(
         target.table,

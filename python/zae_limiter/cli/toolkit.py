@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     import boto3
 
     from ..limiter import RateLimiter
-    from ..repository import Repository
+    from ..storage.dynamodb.repository import Repository
 
 T = TypeVar("T")
 
@@ -106,7 +106,7 @@ class Target:
             import boto3
 
             if boto3.Session(region_name=self.region).get_credentials() is None:
-                from ..local import LOCAL_CREDENTIALS
+                from ..storage.dynamodb.endpoint import LOCAL_CREDENTIALS
 
                 return (
                     LOCAL_CREDENTIALS["aws_access_key_id"],
@@ -142,7 +142,7 @@ class Target:
         )
 
     def repository(self) -> Repository:
-        from ..repository import Repository
+        from ..storage.dynamodb.repository import Repository
 
         return Repository(self.table, self.region, self.endpoint_url, session=self.aio_session())
 
@@ -397,7 +397,7 @@ def _unreachable(exc: BaseException) -> bool:
 def error_message(exc: BaseException, target: Target | None = None) -> str | None:
     """The one line a command prints for an expected failure; None for a bug (traceback)."""
     from ..exceptions import InfrastructureNotFoundError, ZAELimiterError
-    from ..storage import StorageError
+    from ..storage.protocol import StorageError
 
     if isinstance(exc, InfrastructureNotFoundError):
         # The library's message advises Python (`stack_options=...`); a shell needs commands.

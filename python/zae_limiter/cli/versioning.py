@@ -13,14 +13,14 @@ from typing import TYPE_CHECKING, Any
 import click
 from rich.text import Text
 
-from .. import ops
+from ..ops import recovery as ops
 from . import main
 from .toolkit import Output, Target, confirm, require, rows_table, target_options
 from .toolkit import fields_table as fields
 
 if TYPE_CHECKING:
-    from .. import migrations as migrations_module
-    from ..repository import Repository
+    from ..ops import migrations as migrations_module
+    from ..storage.dynamodb.repository import Repository
 
 
 @main.command("version")
@@ -107,7 +107,7 @@ def _migration_options(fn: Any) -> Any:
 
 def latest_schema_version() -> str:
     """The newest schema version this client can migrate a table to."""
-    from .. import migrations
+    from ..ops import migrations
 
     return migrations.known_versions()[-1]
 
@@ -122,7 +122,7 @@ def _migrate(
     force: bool,
     backward: bool,
 ) -> None:
-    from .. import migrations
+    from ..ops import migrations
 
     async def plan(repo: Repository) -> tuple[str, list[migrations_module.Step]]:
         current, _ = await migrations.current_version(repo)
@@ -236,7 +236,7 @@ def migrate_rollback(
 @target_options(name_required=False)
 def migrate_list(target: Target | None, out: Output) -> None:
     """Known migrations; with --name, the table's schema version and migration log too."""
-    from .. import migrations
+    from ..ops import migrations
 
     rows = [
         {"version": m.version, "description": m.description, "reversible": m.reversible}

@@ -16,6 +16,7 @@ directory when it is the default one (someone else may have created that path fi
 
 from __future__ import annotations
 
+import ast
 import base64
 import contextlib
 import hashlib
@@ -28,14 +29,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Final, overload
 
-import zae_limiter
 from zae_limiter._version import __version__
 
 __all__ = [
-    "BUNDLED_MODULES",
+    "ENTRY_PACKAGE",
     "HANDLER",
     "LAMBDA_ENTRY_SOURCE",
     "build_lambda_zip",
+    "bundled_parts",
     "cached_lambda_zip",
     "lambda_files",
     "private_directory",
@@ -54,22 +55,14 @@ LAMBDA_ENTRY_SOURCE: Final = (
     "from zae_limiter.aggregator.handler import handler  # noqa: F401\n"
 )
 
-# Modules of the library the aggregator may import; those not present in this installation are
-# skipped. Never: `_native*` (compiled for the build host, not Lambda), `cli/`, `repository.py`
-# and `limiter.py` (aioboto3), `infra/` (Pulumi), `local.py` (moto).
-# The package's __init__ imports the limiters lazily precisely so that it can ship here.
-BUNDLED_MODULES: Final = (
-    "__init__.py",
-    "schema.py",
-    "models.py",
-    "exceptions.py",
-    "units.py",
-    "validation.py",
-    "bucket.py",
-    "core.py",
-    "version.py",
-)
-BUNDLED_PACKAGES: Final = ("aggregator",)
+# The bundle is the aggregator package and what it imports of the library, found from the
+# sources (`bundled_parts`): a module inside a subpackage brings its whole subpackage (the core,
+# for one), a top-level module comes alone. Only imports a module makes when it loads count (not
+# those under `TYPE_CHECKING` or inside functions): the package's __init__ imports the limiters on
+# first use precisely so that it can ship here. Never bundled, and checked by the tests: `_native*`
+# (compiled for the build host, not Lambda; the core falls back to its Python twin), storage
+# (aioboto3), the limiter, `infra/` (Pulumi), `ops/` (moto), `cli/`.
+ENTRY_PACKAGE: Final = "aggregator"
 
 # 1980-01-01 is the earliest time a zip entry can carry.
 _FIXED_TIME: Final = (1980, 1, 1, 0, 0, 0)
@@ -77,8 +70,8 @@ _UNIX: Final = 3
 
 
 def _package_dir() -> Path:
-    # __path__ rather than __file__: it also works while the package is a namespace package.
-    return Path(next(iter(zae_limiter.__path__)))
+    # This module is `zae_limiter/infra/package.py`: the package is two levels up.
+    return Path(__file__).resolve().parents[1]
 
 
 def _walk(directory: Path) -> Iterator[Path]:
@@ -86,6 +79,72 @@ def _walk(directory: Path) -> Iterator[Path]:
     for path in sorted(directory.rglob("*.py")):
         if "__pycache__" not in path.parts and path.is_file():
             yield path
+
+
+def _load_time_imports(path: Path, module: str, is_package: bool) -> Iterator[str]:
+    """Absolute names of what `module` (the file `path`) imports when it loads."""
+    package = module if is_package else module.rpartition(".")[0]
+
+    def statements(body: list[ast.stmt]) -> Iterator[ast.stmt]:
+        for node in body:
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                yield from statements(node.orelse)
+            elif isinstance(node, ast.If | ast.Try):
+                for block in (node.body, node.orelse, getattr(node, "finalbody", [])):
+                    yield from statements(block)
+                for handler in getattr(node, "handlers", []):
+                    yield from statements(handler.body)
+            else:
+                yield node
+
+    for node in statements(ast.parse(path.read_text(), str(path)).body):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1])
+                source = f"{base}.{node.module}" if node.module else base
+            else:
+                source = node.module or ""
+            yield source
+            yield from (f"{source}.{alias.name}" for alias in node.names)
+
+
+def bundled_parts(root: Path | None = None) -> list[str]:
+    """The package's files and directories (relative to it) the aggregator needs at run time:
+    the aggregator package and the closure of its load-time imports."""
+    root = _package_dir() if root is None else root
+    parts: set[str] = set()
+    pending = [f"zae_limiter.{ENTRY_PACKAGE}", "zae_limiter"]
+    seen: set[str] = set()
+    while pending:
+        name = pending.pop()
+        if name in seen or not (name == "zae_limiter" or name.startswith("zae_limiter.")):
+            continue
+        seen.add(name)
+        inner = name.split(".")[1:]
+        path = root.joinpath(*inner)
+        if (path / "__init__.py").is_file():
+            files = [(path / "__init__.py", name, True)]
+        elif path.with_suffix(".py").is_file():
+            files = [(path.with_suffix(".py"), name, False)]
+        else:
+            continue  # a name imported from a module, or the compiled extension
+        if len(inner) > 1 or (len(inner) == 1 and files[0][2]):
+            top = inner[0]  # a subpackage: all of it
+            parts.add(top)
+            files = [
+                (file, "zae_limiter." + ".".join(file.relative_to(root).with_suffix("").parts)
+                 .removesuffix(".__init__"), file.name == "__init__.py")
+                for file in _walk(root / top)
+            ]
+            seen.update(module for _, module, _ in files)
+        else:
+            parts.add(files[0][0].relative_to(root).as_posix())
+        for file, module, is_package in files:
+            pending.extend(_load_time_imports(file, module, is_package))
+    return sorted(parts)
 
 
 def lambda_files() -> dict[str, bytes]:
@@ -104,13 +163,11 @@ def lambda_files() -> dict[str, bytes]:
             f'"""Written by the bundler."""\n\n__version__ = {__version__!r}\n'
         ).encode(),
     }
-    for module in BUNDLED_MODULES:
-        path = root / module
-        if path.is_file():
-            files[f"zae_limiter/{module}"] = path.read_bytes()
-    for package in BUNDLED_PACKAGES:
-        for path in _walk(root / package):
-            files[f"zae_limiter/{path.relative_to(root).as_posix()}"] = path.read_bytes()
+    for part in bundled_parts(root):
+        paths = _walk(root / part) if (root / part).is_dir() else iter([root / part])
+        for path in paths:
+            name = f"zae_limiter/{path.relative_to(root).as_posix()}"
+            files.setdefault(name, path.read_bytes())
     return files
 
 

@@ -1,10 +1,13 @@
-"""zae-limiter 0.2.0's import path of `StackManager` (`zae_limiter.stack_manager`).
+"""`zae_limiter.infra.stack_manager`, zae-limiter 0.2.0's path of `zae_limiter.ops.stacks`
+(kept for its users).
 
-Not imported by `zae_limiter.infra`: it needs aioboto3, which the aggregator Lambda lacks.
+The same module object under both names. Not imported by `zae_limiter.infra`: it needs aioboto3,
+which the aggregator Lambda lacks.
 """
 
-from __future__ import annotations
+import sys
 
-from ..stack_manager import StackManager
+from ..ops import stacks as _module
+from ..ops.stacks import *  # noqa: F403
 
-__all__ = ["StackManager"]
+sys.modules[__name__] = _module

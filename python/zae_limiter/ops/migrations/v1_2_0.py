@@ -25,15 +25,16 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from .. import core, stored
-from ..exceptions import ValidationError
-from ..models import Limit
-from ..storage import ConditionFailed, LimitWrite
-from ..version import INITIAL_MIN_CLIENT_VERSION
+from ... import core
+from ...engine import stored
+from ...exceptions import ValidationError
+from ...models import Limit
+from ...storage.protocol import ConditionFailed, LimitWrite
+from ...version import INITIAL_MIN_CLIENT_VERSION
 from . import Migration
 
 if TYPE_CHECKING:
-    from ..storage import AdminStorage, BucketItem, Storage
+    from ...storage.protocol import AdminStorage, BucketItem, Storage
 
 VERSION = "1.2.0"
 MIN_CLIENT_VERSION = INITIAL_MIN_CLIENT_VERSION

@@ -23,10 +23,11 @@ import time
 from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any
 
-from . import core, units
+from .. import core
+from ..core import units
+from ..exceptions import RateLimitExceeded
+from ..models import Limit, LimitStatus, Reservations
 from .engine import BucketKey, Engine, Landing, Target, available_milli, bucket_input
-from .exceptions import RateLimitExceeded
-from .models import Limit, LimitStatus, Reservations
 
 __all__ = ["Reserver"]
 

@@ -38,10 +38,10 @@ import functools
 from collections.abc import Mapping, Sequence
 from typing import Final
 
+from ..core.windows import WINDOWS, window_end, window_start
+from ..models import Limit
+from ..storage.protocol import BucketItem, LimitState, LimitWrite
 from . import stored
-from .aggregator.snapshots import WINDOWS, window_end, window_start
-from .models import Limit
-from .storage import BucketItem, LimitState, LimitWrite
 
 __all__ = ["GRID_S", "LATEST", "MARGIN_MS", "planned", "required"]
 

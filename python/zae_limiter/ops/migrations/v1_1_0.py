@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .. import schema
+from ... import schema
 from . import Migration
 
 if TYPE_CHECKING:
-    from ..storage import AdminStorage
+    from ...storage.protocol import AdminStorage
 
 VERSION = "1.1.0"
 LIMIT_DEF_ATTR = schema.STORED_LIMIT_DEF

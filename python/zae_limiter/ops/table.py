@@ -11,13 +11,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .. import schema
-from . import coerce_options
+from ..infra import coerce_options
 
 if TYPE_CHECKING:
     # boto3-stubs[dynamodb] is a dev dependency; without it the client is simply untyped.
     from mypy_boto3_dynamodb import DynamoDBClient  # type: ignore[import-not-found,unused-ignore]
 
-    from ..repository import Repository
+    from ..storage.dynamodb.repository import Repository
 
 __all__ = ["delete_table", "describe", "ensure_table"]
 
@@ -49,7 +49,7 @@ def ensure_table(client: DynamoDBClient, name: str, options: object | None = Non
 def _repository(client: DynamoDBClient, name: str) -> Repository:
     import aioboto3
 
-    from ..repository import Repository
+    from ..storage.dynamodb.repository import Repository
 
     credentials = getattr(client, "_get_credentials", lambda: None)()
     frozen = credentials.get_frozen_credentials() if credentials is not None else None

@@ -20,11 +20,13 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import core, expiry, stored, units
+from .. import core
+from ..core import units
+from ..exceptions import RateLimiterUnavailable, RateLimitExceeded, RequestTooLarge
+from ..models import Limit, LimitStatus
+from ..storage.protocol import BucketItem, ConditionFailed, LimitWrite, Storage, WriteRefused
+from . import expiry, stored
 from .cache import TTLCache
-from .exceptions import RateLimiterUnavailable, RateLimitExceeded, RequestTooLarge
-from .models import Limit, LimitStatus
-from .storage import BucketItem, ConditionFailed, LimitWrite, Storage, WriteRefused
 
 MAX_ROUNDS = 12
 # Give-backs and adjustments must land: losing one leaves capacity consumed for nothing.

@@ -20,18 +20,18 @@ import contextlib
 import time
 from typing import Any, Final, TypeAlias
 
-from . import schema
-from .exceptions import (
+from .. import schema
+from ..exceptions import (
     InfrastructureError,
     InfrastructureNotFoundError,
     StackAlreadyExistsError,
     StackCreationError,
     ValidationError,
 )
-from .models import StackOptions
-from .schema import default_region
-from .storage import AdminStorage
-from .version import CLIENT_VERSION, record_deployment, write_initial_record
+from ..models import StackOptions
+from ..schema import default_region
+from ..storage.protocol import AdminStorage
+from ..version import CLIENT_VERSION, record_deployment, write_initial_record
 
 # What create_stack returns (0.2.0's dict: "stack_id", "stack_name", "status", ...).
 StackResult: TypeAlias = dict[str, Any]
@@ -80,7 +80,7 @@ async def _deploy(
     repository: AdminStorage, options: object, *, name: str, region: str | None, updated_by: str
 ) -> dict[str, Any]:
     """`pulumi up` of the deployment, then its version record; returns the stack's outputs."""
-    from .infra import automation
+    from ..infra import automation
 
     try:
         outputs = await asyncio.to_thread(
@@ -101,7 +101,7 @@ async def stack_status(
     """
     if endpoint_url is not None:
         return LOCAL_STATUS if await repository.table_exists() else None
-    from .infra import automation
+    from ..infra import automation
 
     return await asyncio.to_thread(automation.stack_status, name)
 
@@ -155,7 +155,7 @@ async def create_stack(
     if endpoint_url is not None:
         return await _create_local(repository, options, stack)
 
-    from .infra import automation
+    from ..infra import automation
 
     try:
         status = await stack_status(repository, name=name, endpoint_url=None)
@@ -216,7 +216,7 @@ async def delete_stack(
     if endpoint_url is not None:
         await repository.delete_table()
         return
-    from .infra import automation
+    from ..infra import automation
 
     try:
         await asyncio.to_thread(automation.destroy, name, default_region(region))
@@ -250,8 +250,8 @@ async def deploy_aggregator(
     if endpoint_url is not None:
         return {"function_arn": None, "code_sha256": None, "status": "skipped_local",
                 "size_bytes": 0, "version": CLIENT_VERSION}
-    from .infra import InfraOptions, automation
-    from .infra.package import cached_lambda_zip
+    from ..infra import InfraOptions, automation
+    from ..infra.package import cached_lambda_zip
 
     stack = schema.stack_name(name)
     try:

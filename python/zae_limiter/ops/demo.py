@@ -10,9 +10,9 @@ import asyncio
 import random
 from dataclasses import dataclass, field
 
-from .exceptions import RateLimitExceeded
-from .limiter import RateLimiter
-from .models import Limit
+from ..exceptions import RateLimitExceeded
+from ..limiter import RateLimiter
+from ..models import Limit
 
 PROJECT = "acme-project"
 RESOURCE = "gpt-4o"

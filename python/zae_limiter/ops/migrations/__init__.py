@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..exceptions import ZAELimiterError
-from ..version import compare, parse
+from ...exceptions import ZAELimiterError
+from ...version import compare, parse
 
 if TYPE_CHECKING:
-    from ..storage import AdminStorage
+    from ...storage.protocol import AdminStorage
 
 log = logging.getLogger("zae_limiter.migrations")
 

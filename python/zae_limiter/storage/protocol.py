@@ -21,11 +21,11 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .exceptions import RateLimiterUnavailable
+from ..exceptions import RateLimiterUnavailable
 
 if TYPE_CHECKING:
+    from ..models import AuditEvent, Entity, Limit, UsageSnapshot
     from .capacity import CapacityLedger
-    from .models import AuditEvent, Entity, Limit, UsageSnapshot
 
 # An item as DynamoDB's low-level clients spell it (`{"S": ...}`, `{"N": ...}`, `{"M": ...}`): the
 # form of the operator tools' raw views and of the JSON export format (`zae_limiter.ops`). A

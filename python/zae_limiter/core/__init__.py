@@ -11,15 +11,8 @@ import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
-from zae_limiter import bucket as _reference
-from zae_limiter.bucket import (
-    FULL_AT_MAX,
-    WRITE_ABSOLUTE,
-    WRITE_ADD,
-    WRITE_NONE,
-    WRITE_RELATIVE,
-    BucketInput,
-)
+from . import bucket as _reference
+from .bucket import FULL_AT_MAX, WRITE_ABSOLUTE, WRITE_ADD, WRITE_NONE, WRITE_RELATIVE, BucketInput
 
 __all__ = [
     "BACKEND",
@@ -39,7 +32,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from zae_limiter import _native as _native_types
+    from .. import _native as _native_types
 
 # Either implementation's outcome: the same attributes (`bucket.Outcome` is the reference).
 Outcome: TypeAlias = "_reference.Outcome | _native_types.Outcome"
@@ -56,7 +49,7 @@ take_all: Callable[[Sequence[Any], Sequence[Sequence[int]]], bool] = _reference.
 
 if os.environ.get("ZAE_LIMITER_NATIVE", "").strip() != "0":
     try:
-        from zae_limiter import _native
+        from .. import _native
     except ImportError:
         pass
     else:

@@ -15,13 +15,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import schema, stored
-from .exceptions import ZAELimiterError
-from .models import Limit
-from .storage import Item, LimitState
+from .. import schema
+from ..engine import stored
+from ..exceptions import ZAELimiterError
+from ..models import Limit
+from ..storage.protocol import Item, LimitState
 
 if TYPE_CHECKING:
-    from .storage import AdminStorage, Backup
+    from ..storage.protocol import AdminStorage, Backup
 
 EXPORT_FORMAT = "zae-limiter-export/1"
 DEFAULT_BACKUP_DIR = "./zae-limiter-backups"
@@ -313,7 +314,7 @@ def restore_hints(name: str, region: str, backup_arn: str | None = None) -> list
 
 
 async def version_status_async(repo: AdminStorage) -> dict[str, Any]:
-    from .version import version_info
+    from ..version import version_info
 
     return await version_info(repo)
 
@@ -327,7 +328,7 @@ def version_status(
     min_client_version, updated_at, updated_by, migration_state, record_exists, compatible,
     reason, can_auto_update.
     """
-    from .repository import Repository
+    from ..storage.dynamodb.repository import Repository
 
     async def go() -> dict[str, Any]:
         async with Repository(schema.table_name(name), region, endpoint_url) as repo:

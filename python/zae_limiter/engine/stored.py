@@ -18,10 +18,10 @@ import functools
 from math import gcd
 from typing import Final
 
-from . import core
-from .exceptions import ValidationError
-from .models import Limit
-from .storage import LimitState, LimitWrite
+from .. import core
+from ..exceptions import ValidationError
+from ..models import Limit
+from ..storage.protocol import LimitState, LimitWrite
 
 __all__ = [
     "FENCE_MS",

@@ -1,0 +1,709 @@
+"""`MemoryStorage`: the storage interface in this process's memory, for tests and trials.
+
+```python
+from zae_limiter import Limit, MemoryStorage, RateLimiter
+
+async with RateLimiter(name="test", repository=MemoryStorage()) as limiter:
+    async with limiter.acquire("key-1", "chat", [Limit.per_minute("rpm", 2)], {"rpm": 1}):
+        ...
+```
+
+No network, no table to create, no AWS account: a service's own tests can run its limiter as
+it is configured, with the same decisions, errors and leases as against DynamoDB. What holds:
+
+- Every operation is atomic per item, as DynamoDB's are, and a bucket write applies its
+  conditions exactly as the DynamoDB request states them (`zae_limiter.repository`'s
+  `bucket_update_request`): the same `full_at` bounds, create and 1.x-layout conditions, the
+  ring of recent write ids, counters, definitions and expiry. A contract suite
+  (tests/test_storage_contract.py) runs the same cases against this class and against DynamoDB
+  (moto's server) and compares what each holds afterwards.
+- Items are kept in DynamoDB's low-level form, so operator views (`bucket_items`, exports,
+  backups) look as they would on a table.
+- One instance is one table, shared by every limiter given it (`SyncRateLimiter` too: a lock
+  keeps each operation whole across threads). Nothing persists past the process.
+
+What it does not do: expire items at their `ttl` (DynamoDB deletes them within days; tests
+never wait that long), bill capacity (the ledger counts calls, with units computed as
+DynamoDB's), throttle, fail, or run the usage aggregator (snapshots appear only if written).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import secrets
+import threading
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from .. import core, schema
+from ..audit import CHAIN_START
+from ..core.windows import WINDOWS, format_window_start
+from ..exceptions import EntityExistsError, EntityNotFoundError, InfrastructureNotFoundError
+from ..models import AuditEvent, Entity, Limit, UsageSnapshot
+from ..usage import Moment, check_range, snapshot_order
+from .capacity import CapacityLedger, item_size, read_units, write_units
+from .dynamodb.repository import (
+    audit_event_from_item,
+    audit_head,
+    audit_item,
+    bucket_from_item,
+    chained_audit_item,
+    entity_from_item,
+    limit_from_item,
+    snapshot_from_item,
+)
+from .protocol import (
+    Backup,
+    BucketItem,
+    ConditionFailed,
+    Item,
+    LimitWrite,
+    Storage,
+    StorageError,
+    StoredLimit,
+)
+
+__all__ = ["MemoryStorage"]
+
+T = TypeVar("T")
+Key = tuple[str, str]
+
+
+def _s(value: str) -> dict[str, Any]:
+    return {"S": value}
+
+
+def _n(value: int) -> dict[str, Any]:
+    return {"N": str(value)}
+
+
+def _num(item: Item, attr: str) -> int | None:
+    value = item.get(attr)
+    return None if value is None or "N" not in value else int(value["N"])
+
+
+def _str(item: Item, attr: str) -> str | None:
+    value = item.get(attr)
+    return None if value is None or "S" not in value else str(value["S"])
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class MemoryStorage:
+    """A table in memory implementing the storage interface (`zae_limiter.storage.Storage`):
+    `RateLimiter(repository=MemoryStorage())`. It starts as a table of this release's schema,
+    with its version record; see the module's docstring for what it mirrors and what not."""
+
+    endpoint_url: str | None = None
+    """None: there is no endpoint (the limiter's default deadline is then the one for DynamoDB,
+    which memory answers well within)."""
+
+    def __init__(self, table_name: str = "ZAEL-memory") -> None:
+        self._table_name = table_name
+        self._items: dict[Key, Item] = {}
+        self._exists = True
+        self._lock = threading.RLock()
+        self._backups: list[tuple[Backup, dict[Key, Item]]] = []
+        self._ledger = CapacityLedger()
+        self._put(
+            {k: _s(v) for k, v in schema.version_key().items()}
+            | {
+                "schema_version": _s(schema.SCHEMA_VERSION),
+                "min_client_version": _s(schema.MIN_CLIENT_VERSION),
+                "updated_at": _s(_now_iso()),
+                "updated_by": _s("MemoryStorage"),
+            }
+        )
+
+    # -- the table --------------------------------------------------------------------------
+
+    @property
+    def table_name(self) -> str:
+        return self._table_name
+
+    @property
+    def ledger(self) -> CapacityLedger:
+        return self._ledger
+
+    async def open(self) -> None:
+        """Nothing to open (the interface's; a DynamoDB client is built here)."""
+
+    async def close(self) -> None:
+        """Nothing to close: the items stay, and the instance may be used again."""
+
+    async def table_exists(self) -> bool:
+        return self._exists
+
+    async def create_table(
+        self,
+        billing_mode: str = "PAY_PER_REQUEST",
+        read_capacity: int | None = None,
+        write_capacity: int | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> bool:
+        with self._lock:
+            created, self._exists = not self._exists, True
+            return created
+
+    async def delete_table(self) -> bool:
+        with self._lock:
+            existed, self._exists = self._exists, False
+            self._items.clear()
+            return existed
+
+    def _run(self, work: Callable[[], T]) -> T:
+        """`work` as one atomic operation on the table (which must exist)."""
+        with self._lock:
+            if not self._exists:
+                raise InfrastructureNotFoundError(self._table_name)
+            return work()
+
+    def _get(self, key: Key) -> Item | None:
+        item = self._items.get(key)
+        return None if item is None else copy.deepcopy(item)
+
+    def _put(self, item: Item) -> None:
+        self._items[(item[schema.PK]["S"], item[schema.SK]["S"])] = copy.deepcopy(item)
+
+    def _where(self, keep: Callable[[str, str], bool]) -> list[Item]:
+        """Copies of the items whose key `keep` accepts, in key order (as a Query reads)."""
+        return [copy.deepcopy(self._items[k]) for k in sorted(self._items) if keep(*k)]
+
+    def _read(self, operation: str, items: Iterable[Item | None]) -> None:
+        size = sum(item_size(i) for i in items if i)
+        self._ledger.record(operation, rcu=read_units(size, consistent=True))
+
+    # -- buckets ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _bucket_key(entity_id: str, resource: str) -> Key:
+        return schema.entity_pk(entity_id), schema.bucket_sk(resource)
+
+    async def get_bucket(self, entity_id: str, resource: str) -> BucketItem | None:
+        item = self._run(lambda: self._get(self._bucket_key(entity_id, resource)))
+        self._read("GetItem", [item])
+        return bucket_from_item(item) if item else None
+
+    async def write_bucket(
+        self,
+        entity_id: str,
+        resource: str,
+        writes: Sequence[LimitWrite],
+        now_ms: int,
+        known_size: int = 0,
+        known_ids: tuple[str, ...] = (),
+        expires_at: int | None = None,
+    ) -> BucketItem:
+        """One bucket write, applied whole or not at all, under the conditions DynamoDB is
+        sent (`repository.bucket_update_request`); `ConditionFailed` with the item as it is
+        when one does not hold. Never lost, never applied twice: memory answers every call."""
+        key = self._bucket_key(entity_id, resource)
+        write_id = secrets.token_urlsafe(6)
+
+        def apply() -> Item:
+            old = self._items.get(key)
+            if not _conditions_hold(old or {}, writes, write_id):
+                self._ledger.record("UpdateItem", wcu=write_units(item_size(old)))
+                self._ledger.conflict(resource)
+                raise ConditionFailed(bucket_from_item(copy.deepcopy(old)) if old else None)
+            new = _updated(old, key, writes, now_ms, write_id, entity_id, resource, expires_at)
+            self._items[key] = new
+            self._ledger.record("UpdateItem", wcu=write_units(item_size(old), item_size(new)))
+            return copy.deepcopy(new)
+
+        return bucket_from_item(self._run(apply))
+
+    async def extend_bucket_expiry(
+        self, entity_id: str, resource: str, expires_at: int, known_size: int = 0
+    ) -> bool:
+        key = self._bucket_key(entity_id, resource)
+
+        def apply() -> bool:
+            item = self._items.get(key)
+            ttl = None if item is None else _num(item, schema.TTL_ATTRIBUTE)
+            if item is None or (ttl is not None and ttl >= expires_at):
+                return False
+            item[schema.TTL_ATTRIBUTE] = _n(expires_at)
+            return True
+
+        return self._run(apply)
+
+    async def resource_buckets(self, resource: str) -> list[BucketItem]:
+        sk = schema.bucket_sk(resource)
+        items = self._run(
+            lambda: self._where(lambda p, s: s == sk and p.startswith(schema.ENTITY_PREFIX))
+        )
+        self._read("Scan", items)
+        return [bucket_from_item(i) for i in items]
+
+    async def list_buckets(self, entity_id: str) -> list[BucketItem]:
+        return [bucket_from_item(i) for i in await self.bucket_items(entity_id)]
+
+    async def all_buckets(self) -> list[BucketItem]:
+        items = self._run(lambda: self._where(schema.is_bucket_key))
+        self._read("Scan", items)
+        return [bucket_from_item(i) for i in items]
+
+    async def bucket_items(self, entity_id: str, resource: str | None = None) -> list[Item]:
+        pk = schema.entity_pk(entity_id)
+        prefix = schema.BUCKET_PREFIX if resource is None else schema.bucket_sk(resource)
+        items = self._run(
+            lambda: self._where(
+                lambda p, s: p == pk and (s.startswith(prefix) if resource is None else s == prefix)
+            )
+        )
+        self._read("Query", items)
+        return items
+
+    async def reset_bucket(
+        self, entity_id: str, resource: str, limit_names: Sequence[str] | None = None
+    ) -> bool:
+        key = self._bucket_key(entity_id, resource)
+
+        def apply() -> bool:
+            item = self._items.get(key)
+            if item is None:
+                return False
+            names = list(bucket_from_item(item).limits) if limit_names is None else limit_names
+            for name in names:
+                for state in (schema.FULL_AT, schema.TOKENS, schema.LAST_REFILL):
+                    item.pop(schema.limit_attr(state, name), None)
+            return True
+
+        return self._run(apply)
+
+    async def restore_legacy_state(
+        self,
+        entity_id: str,
+        resource: str,
+        limit_name: str,
+        full_at: int,
+        legacy: tuple[int, int],
+    ) -> bool:
+        key = self._bucket_key(entity_id, resource)
+        fa = schema.limit_attr(schema.FULL_AT, limit_name)
+
+        def apply() -> bool:
+            item = self._items.get(key)
+            if item is None or _num(item, fa) != full_at:
+                return False
+            del item[fa]
+            item[schema.limit_attr(schema.TOKENS, limit_name)] = _n(legacy[0])
+            item[schema.limit_attr(schema.LAST_REFILL, limit_name)] = _n(legacy[1])
+            return True
+
+        return self._run(apply)
+
+    # -- entities ---------------------------------------------------------------------------
+
+    async def put_entity(self, entity: Entity) -> None:
+        item: Item = {
+            schema.PK: _s(schema.entity_pk(entity.id)),
+            schema.SK: _s(schema.META_SK),
+            "entity_id": _s(entity.id),
+            "metadata": {"M": {k: _s(v) for k, v in entity.metadata.items()}},
+            "created_at": _s(entity.created_at or _now_iso()),
+        }
+        if entity.name is not None:
+            item["name"] = _s(entity.name)
+        if entity.parent_id is not None:
+            item["parent_id"] = _s(entity.parent_id)
+            item[schema.GSI1PK] = _s(schema.parent_gsi_pk(entity.parent_id))
+            item[schema.GSI1SK] = _s(schema.child_gsi_sk(entity.id))
+
+        def apply() -> None:
+            if (schema.entity_pk(entity.id), schema.META_SK) in self._items:
+                raise EntityExistsError(entity.id)
+            self._put(item)
+            self._ledger.record("PutItem", wcu=write_units(item_size(item)))
+
+        self._run(apply)
+
+    async def get_entity(self, entity_id: str) -> Entity | None:
+        item = self._run(lambda: self._get((schema.entity_pk(entity_id), schema.META_SK)))
+        self._read("GetItem", [item])
+        return entity_from_item(item) if item else None
+
+    async def get_children(self, parent_id: str) -> list[Entity]:
+        gsi = schema.parent_gsi_pk(parent_id)
+        items = [
+            i for i in self._run(lambda: self._where(lambda p, s: True))
+            if _str(i, schema.GSI1PK) == gsi
+        ]  # fmt: skip
+        items.sort(key=lambda i: _str(i, schema.GSI1SK) or "")
+        return [entity_from_item(i) for i in items]
+
+    async def delete_entity(self, entity_id: str) -> int:
+        pk = schema.entity_pk(entity_id)
+
+        def apply() -> int:
+            keys = [k for k in self._items if k[0] == pk]
+            if (pk, schema.META_SK) not in self._items:
+                raise EntityNotFoundError(entity_id)
+            for k in keys:
+                del self._items[k]
+            return len(keys)
+
+        return self._run(apply)
+
+    # -- stored limits ----------------------------------------------------------------------
+
+    async def set_limits(self, entity_id: str, resource: str, limits: Sequence[Limit]) -> None:
+        pk, prefix = schema.entity_pk(entity_id), schema.limit_sk(resource)
+
+        def apply() -> None:
+            keep = {limit.name for limit in limits}
+            for key in [k for k in self._items if k[0] == pk and k[1].startswith(prefix)]:
+                if schema.parse_limit_sk(key[1])[1] not in keep:
+                    del self._items[key]
+            for limit in limits:
+                self._put(
+                    {
+                        schema.PK: _s(pk),
+                        schema.SK: _s(schema.limit_sk(resource, limit.name)),
+                        "entity_id": _s(entity_id),
+                        "resource": _s(resource),
+                        "limit_name": _s(limit.name),
+                        "capacity": _n(limit.capacity),
+                        "burst": _n(limit.burst),
+                        "refill_amount": _n(limit.refill_amount),
+                        "refill_period_seconds": _n(limit.refill_period_seconds),
+                    }
+                )
+
+        self._run(apply)
+
+    def _limit_items(self, entity_id: str, resource: str) -> list[Item]:
+        pk, prefix = schema.entity_pk(entity_id), schema.limit_sk(resource)
+        return self._run(lambda: self._where(lambda p, s: p == pk and s.startswith(prefix)))
+
+    async def get_limits(self, entity_id: str, resource: str) -> list[Limit]:
+        return [limit_from_item(i) for i in self._limit_items(entity_id, resource)]
+
+    async def get_all_limits(self, entity_id: str) -> dict[str, list[Limit]]:
+        pk = schema.entity_pk(entity_id)
+        items = self._run(
+            lambda: self._where(lambda p, s: p == pk and s.startswith(schema.LIMIT_PREFIX))
+        )
+        found: dict[str, list[Limit]] = {}
+        for item in items:
+            resource, _ = schema.parse_limit_sk(item[schema.SK]["S"])
+            found.setdefault(resource, []).append(limit_from_item(item))
+        return found
+
+    async def delete_limits(self, entity_id: str, resource: str) -> int:
+        pk, prefix = schema.entity_pk(entity_id), schema.limit_sk(resource)
+
+        def apply() -> int:
+            keys = [k for k in self._items if k[0] == pk and k[1].startswith(prefix)]
+            for k in keys:
+                del self._items[k]
+            return len(keys)
+
+        return self._run(apply)
+
+    async def list_stored_limits(self) -> list[StoredLimit]:
+        items = self._run(lambda: self._where(lambda p, s: s.startswith(schema.LIMIT_PREFIX)))
+        found: list[StoredLimit] = []
+        for item in items:
+            if not all(f in item for f in schema.STORED_LIMIT_FIELDS):
+                continue
+            try:
+                limit = limit_from_item(item)
+            except (ValueError, KeyError, TypeError):
+                continue
+            found.append(
+                StoredLimit(
+                    entity_id=schema.entity_id_from_pk(item[schema.PK]["S"]),
+                    resource=schema.parse_limit_sk(item[schema.SK]["S"])[0],
+                    limit=limit,
+                    definition=_str(item, schema.STORED_LIMIT_DEF),
+                )
+            )
+        return found
+
+    async def set_stored_limit_definition(
+        self, entity_id: str, resource: str, limit: Limit, definition: str | None
+    ) -> bool:
+        key = (schema.entity_pk(entity_id), schema.limit_sk(resource, limit.name))
+
+        def apply() -> bool:
+            item = self._items.get(key)
+            if item is None or any(
+                _num(item, f) != getattr(limit, f) for f in schema.STORED_LIMIT_FIELDS
+            ):
+                return False
+            if definition is None:
+                item.pop(schema.STORED_LIMIT_DEF, None)
+            else:
+                item[schema.STORED_LIMIT_DEF] = _s(definition)
+            return True
+
+        return self._run(apply)
+
+    # -- audit events -----------------------------------------------------------------------
+
+    async def put_audit_event(self, event: AuditEvent) -> None:
+        """Append the event to its entity's hash chain (as `Repository.put_audit_event` does,
+        the head and the event in one step here); a second call with the same event changes
+        nothing, another event with its id raises `StorageError("AuditEventExists")`."""
+        key = (schema.audit_pk(event.entity_id), schema.audit_sk(event.event_id))
+        head_key = (schema.audit_pk(event.entity_id), schema.AUDIT_HEAD_SK)
+
+        def apply() -> None:
+            stored = self._items.get(key)
+            if stored is not None:
+                mine = audit_item(event)
+                same = (schema.AUDIT_ACTION, schema.AUDIT_TIMESTAMP, schema.AUDIT_ENTITY_ID)
+                if any(stored.get(attr) != mine[attr] for attr in same):
+                    raise StorageError(
+                        "AuditEventExists", f"another audit event has the id {event.event_id}"
+                    )
+                return
+            head = self._items.get(head_key) or {}
+            item = chained_audit_item(
+                event,
+                (_num(head, schema.AUDIT_SEQ) or 0) + 1,
+                _str(head, schema.AUDIT_HASH) or CHAIN_START,
+                _str(head, schema.AUDIT_EVENT_ID),
+            )
+            self._put(item)
+            self._put(audit_head(item))
+            self._ledger.record("PutItem", wcu=write_units(item_size(item)))
+
+        self._run(apply)
+
+    async def audit_chain_items(self, entity_id: str) -> tuple[list[Item], Item | None]:
+        """The entity's audit event items as stored and the chain's head (for verifying)."""
+        pk, prefix = schema.audit_pk(entity_id), schema.audit_sk()
+        events = self._run(lambda: self._where(lambda p, s: p == pk and s.startswith(prefix)))
+        return events, self._run(lambda: self._get((pk, schema.AUDIT_HEAD_SK)))
+
+    async def get_audit_events(
+        self,
+        entity_id: str,
+        limit: int = 100,
+        start_event_id: str | None = None,
+        *,
+        oldest_first: bool = False,
+    ) -> list[AuditEvent]:
+        pk, prefix = schema.audit_pk(entity_id), schema.audit_sk()
+        items = self._run(lambda: self._where(lambda p, s: p == pk and s.startswith(prefix)))
+        if not oldest_first:
+            items.reverse()
+        if start_event_id is not None:
+            start = schema.audit_sk(start_event_id)
+            # After the start in the reading order: later keys oldest first, earlier ones else.
+            after: Callable[[str], bool] = (
+                (lambda sk: sk > start) if oldest_first else (lambda sk: sk < start)
+            )
+            items = [i for i in items if after(i[schema.SK]["S"])]
+        return [audit_event_from_item(i) for i in items[:limit]]
+
+    # -- usage snapshots --------------------------------------------------------------------
+
+    async def get_usage_snapshots(
+        self,
+        entity_id: str,
+        resource: str | None = None,
+        window: str | None = None,
+        start: Moment | None = None,
+        end: Moment | None = None,
+    ) -> list[UsageSnapshot]:
+        lo, hi = check_range(window, start, end)
+        pk = schema.entity_pk(entity_id)
+        items = self._run(
+            lambda: self._where(lambda p, s: p == pk and s.startswith(schema.USAGE_PREFIX))
+        )
+        found: list[UsageSnapshot] = []
+        for item in items:
+            snap = snapshot_from_item(item)
+            if resource is not None and snap.resource != resource:
+                continue
+            if window is not None and snap.window != window:
+                continue
+            if snap.window not in WINDOWS:
+                continue
+            if lo is not None and snap.window_start < format_window_start(snap.window, lo):
+                continue
+            if hi is not None and snap.window_start > format_window_start(snap.window, hi):
+                continue
+            found.append(snap)
+        return sorted(found, key=snapshot_order)
+
+    # -- version record ---------------------------------------------------------------------
+
+    @staticmethod
+    def _version_key() -> Key:
+        key = schema.version_key()
+        return key[schema.PK], key[schema.SK]
+
+    async def get_version_record(self) -> dict[str, Any] | None:
+        item = self._run(lambda: self._get(self._version_key()))
+        if item is None:
+            return None
+        return {
+            k: next(iter(v.values())) for k, v in item.items() if k not in (schema.PK, schema.SK)
+        }
+
+    async def set_version_record(
+        self,
+        schema_version: str | None = None,
+        lambda_version: str | None = None,
+        min_client_version: str | None = None,
+        updated_by: str = "zae-limiter",
+        **extra: str,
+    ) -> None:
+        fields = {
+            "schema_version": schema_version,
+            "lambda_version": lambda_version,
+            "min_client_version": min_client_version,
+            **extra,
+        }
+
+        def apply() -> None:
+            key = self._version_key()
+            item = self._items.setdefault(key, {schema.PK: _s(key[0]), schema.SK: _s(key[1])})
+            item.update({k: _s(v) for k, v in fields.items() if v is not None})
+            item["updated_at"] = _s(_now_iso())
+            item["updated_by"] = _s(updated_by)
+
+        self._run(apply)
+
+    async def create_version_record(
+        self, fields: Mapping[str, str], updated_by: str = "zae-limiter"
+    ) -> bool:
+        def apply() -> bool:
+            key = self._version_key()
+            if key in self._items:
+                return False
+            self._put(
+                {schema.PK: _s(key[0]), schema.SK: _s(key[1])}
+                | {k: _s(v) for k, v in fields.items()}
+                | {"updated_at": _s(_now_iso()), "updated_by": _s(updated_by)}
+            )
+            return True
+
+        return self._run(apply)
+
+    # -- whole-table views and backups --------------------------------------------------------
+
+    async def export_items(self) -> list[Item]:
+        return self._run(lambda: self._where(lambda p, s: True))
+
+    async def replace_items(self, items: Sequence[Item]) -> int:
+        def apply() -> int:
+            # Audit partitions are only ever added to: a restore keeps the trail since the
+            # export and never moves a chain's head back (as `Repository.replace_items`).
+            wanted = {(i[schema.PK]["S"], i[schema.SK]["S"]) for i in items}
+            stale = [
+                k for k in self._items if k not in wanted and not schema.is_audit_partition(k[0])
+            ]
+            for k in stale:
+                del self._items[k]
+            for item in items:
+                key = (item[schema.PK]["S"], item[schema.SK]["S"])
+                if not (schema.is_audit_partition(key[0]) and key in self._items):
+                    self._put(item)
+            return len(stale)
+
+        return self._run(apply)
+
+    async def create_backup(self, name: str) -> Backup:
+        def apply() -> Backup:
+            number = len(self._backups) + 1
+            backup = Backup(
+                id=f"memory:{self._table_name}:{number}",
+                name=name,
+                table=self._table_name,
+                status="AVAILABLE",
+                created=_now_iso(),
+                size_bytes=sum(item_size(i) for i in self._items.values()),
+            )
+            self._backups.append((backup, copy.deepcopy(self._items)))
+            return backup
+
+        return self._run(apply)
+
+    async def list_backups(self) -> list[Backup]:
+        with self._lock:
+            return [backup for backup, _ in self._backups]
+
+
+def _conditions_hold(item: Item, writes: Sequence[LimitWrite], write_id: str) -> bool:
+    """The ConditionExpression of `repository.bucket_update_request`, evaluated on `item` (an
+    absent attribute fails every comparison, as in DynamoDB)."""
+    if any(_str(item, slot) == write_id for slot in schema.WRITE_ID_SLOTS):
+        return False
+    for w in writes:
+        fa = _num(item, schema.limit_attr(schema.FULL_AT, w.limit_name))
+        if w.create or w.legacy is not None:
+            if fa is not None:
+                return False
+            tk = _num(item, schema.limit_attr(schema.TOKENS, w.limit_name))
+            lr = _num(item, schema.limit_attr(schema.LAST_REFILL, w.limit_name))
+            if w.legacy is None and lr is not None:
+                return False
+            if w.legacy is not None and (tk, lr) != w.legacy:
+                return False
+        if w.cond_lo is not None and (fa is None or fa < w.cond_lo):
+            return False
+        if w.cond_hi is not None and (fa is None or fa > w.cond_hi):
+            return False
+    return True
+
+
+def _updated(
+    old: Item | None,
+    key: Key,
+    writes: Sequence[LimitWrite],
+    now_ms: int,
+    write_id: str,
+    entity_id: str,
+    resource: str,
+    expires_at: int | None,
+) -> Item:
+    """The item after the UpdateExpression of `repository.bucket_update_request` (every
+    right-hand side read from the old item)."""
+    before = old or {}
+    new: Item = copy.deepcopy(before) | {schema.PK: _s(key[0]), schema.SK: _s(key[1])}
+    for w in writes:
+        fa = schema.limit_attr(schema.FULL_AT, w.limit_name)
+        current = _num(before, fa)
+        if w.mode == core.WRITE_ADD:
+            new[fa] = _n((current or 0) + w.value)
+        elif w.mode == core.WRITE_RELATIVE:
+            if current is None:  # DynamoDB refuses the expression: the condition prevents it
+                raise StorageError("ValidationException", "relative write to an absent state")
+            new[fa] = _n(current + w.value)
+        else:
+            new[fa] = _n(w.value)
+        if w.legacy is not None and w.fence is not None:
+            new[schema.limit_attr(schema.TOKENS, w.limit_name)] = _n(w.fence[0])
+            new[schema.limit_attr(schema.LAST_REFILL, w.limit_name)] = _n(w.fence[1])
+        if w.delta_milli:
+            counter = schema.CONSUMED if w.delta_milli > 0 else schema.RELEASED
+            attr = schema.limit_attr(counter, w.limit_name)
+            new[attr] = _n((_num(before, attr) or 0) + abs(w.delta_milli))
+        if w.definition is not None:
+            new[schema.limit_attr(schema.LIMIT_DEF, w.limit_name)] = _s(w.definition)
+    new[schema.WRITE_TIME] = _n(now_ms)
+    if any(w.create or w.legacy is not None for w in writes):
+        new["entity_id"] = _s(entity_id)
+        new["resource"] = _s(resource)
+    if expires_at is not None:
+        new[schema.TTL_ATTRIBUTE] = _n(expires_at)
+    slots = schema.WRITE_ID_SLOTS
+    new[slots[0]] = _s(write_id)
+    for newer, older in itertools.pairwise(slots):
+        new[older] = copy.deepcopy(before.get(newer, _s("")))
+    return new
+
+
+def _implements_storage(memory: MemoryStorage) -> Storage:
+    """Never called: mypy proves here that `MemoryStorage` implements the storage Protocol."""
+    return memory
