@@ -41,11 +41,11 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, Final, Protocol
 
 from . import schema
+from .core.units import iso_utc
 from .exceptions import RateLimiterUnavailable
 from .models import AuditAction, AuditEvent, Entity, Limit
 
@@ -137,11 +137,6 @@ def event_time_ms(event_id: str) -> int:
     return ms
 
 
-def _iso(ms: int) -> str:
-    moment = datetime.fromtimestamp(ms / 1000, UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def new_event(
     action: str,
     entity_id: str,
@@ -154,7 +149,7 @@ def new_event(
     event_id = new_event_id(now_ms)
     return AuditEvent(
         event_id=event_id,
-        timestamp=_iso(event_time_ms(event_id)),
+        timestamp=iso_utc(event_time_ms(event_id)),
         action=action,
         entity_id=entity_id,
         principal=principal,

@@ -959,12 +959,10 @@ class UsageSnapshot:
     @property
     def window_end(self) -> str:
         """When the window ends (exclusive), ISO-8601 UTC, as 0.x reported it."""
-        from datetime import UTC
-
+        from .core.units import iso_utc
         from .core.windows import window_end
 
-        end = window_end(self.window, self.window_start)
-        return end.astimezone(UTC).isoformat().replace("+00:00", "Z")
+        return iso_utc(window_end(self.window, self.window_start), "auto")
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,20 @@ AUDIT_PREV: Final = "prev"
 AUDIT_PREV_ID: Final = "prev_id"
 AUDIT_HASH: Final = "h"
 
+# Usage snapshot items (written by the aggregator, read by storage): per window and resource,
+# `counters` maps each limit to its net tokens (consumed - released), `consumed` and `released`
+# the two parts, `spans` the counter intervals folded (the aggregator's idempotency state), `v`
+# the version its conditional writes race on.
+SNAPSHOT_ENTITY_ID: Final = "entity_id"
+SNAPSHOT_RESOURCE: Final = "resource"
+SNAPSHOT_WINDOW: Final = "window"
+SNAPSHOT_WINDOW_START: Final = "window_start"
+SNAPSHOT_COUNTERS: Final = "counters"
+SNAPSHOT_CONSUMED: Final = "consumed"
+SNAPSHOT_RELEASED: Final = "released"
+SNAPSHOT_SPANS: Final = "spans"
+SNAPSHOT_VERSION: Final = "v"
+SNAPSHOT_UPDATED_AT: Final = "updated_at"
 
 def table_name(name: str) -> str:
     """`name="my-app"` means table `ZAEL-my-app`; a name that already has the prefix is kept."""

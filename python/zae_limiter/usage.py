@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import UTC, datetime
 
+from .core.units import iso_utc
 from .core.windows import check_window, parse_window_start
 from .models import UsageSnapshot, UsageSummary
 
@@ -41,7 +42,7 @@ def parse_time(value: Moment) -> datetime:
 
 
 def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return iso_utc(moment, "auto")
 
 
 def check_range(

@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from .. import schema
+from ..core.units import iso_utc
 from ..core.windows import parse_windows, window_end
 from .audit_changes import audit_change, emf_line
 from .snapshots import (
@@ -36,12 +37,12 @@ logger = logging.getLogger("zae_limiter.aggregator")
 DEFAULT_WINDOWS: Final = ",".join(schema.USAGE_WINDOWS)
 DEFAULT_TTL_DAYS: Final = 90
 
-# Snapshot item attributes written here (and read by zae_limiter.usage).
-VERSION_ATTR: Final = "v"
-SPANS_ATTR: Final = "spans"
-COUNTERS_ATTR: Final = "counters"
-CONSUMED_ATTR: Final = "consumed"
-RELEASED_ATTR: Final = "released"
+# Snapshot item attributes written here (and read by storage): their names are the schema's.
+VERSION_ATTR: Final = schema.SNAPSHOT_VERSION
+SPANS_ATTR: Final = schema.SNAPSHOT_SPANS
+COUNTERS_ATTR: Final = schema.SNAPSHOT_COUNTERS
+CONSUMED_ATTR: Final = schema.SNAPSHOT_CONSUMED
+RELEASED_ATTR: Final = schema.SNAPSHOT_RELEASED
 
 Clock = Callable[[], float]
 """Seconds since the epoch (``time.time``)."""
@@ -104,15 +105,15 @@ def build_item(key: SnapshotKey, growth: Growth, version: int, updated_at: str,
     return {
         schema.PK: {"S": schema.entity_pk(key.entity_id)},
         schema.SK: {"S": schema.usage_sk(key.resource, key.window, key.window_start)},
-        "entity_id": {"S": key.entity_id},
-        "resource": {"S": key.resource},
-        "window": {"S": key.window},
-        "window_start": {"S": key.window_start},
+        schema.SNAPSHOT_ENTITY_ID: {"S": key.entity_id},
+        schema.SNAPSHOT_RESOURCE: {"S": key.resource},
+        schema.SNAPSHOT_WINDOW: {"S": key.window},
+        schema.SNAPSHOT_WINDOW_START: {"S": key.window_start},
         COUNTERS_ATTR: tokens("net_milli"),
         CONSUMED_ATTR: tokens("consumed_milli"),
         RELEASED_ATTR: tokens("released_milli"),
         SPANS_ATTR: encode_spans(growth),
-        "updated_at": {"S": updated_at},
+        schema.SNAPSHOT_UPDATED_AT: {"S": updated_at},
         schema.TTL_ATTRIBUTE: _n(ttl_epoch),
         VERSION_ATTR: _n(version),
     }
@@ -124,8 +125,7 @@ def snapshot_ttl(key: SnapshotKey, ttl_days: int) -> int:
 
 
 def iso_now(clock: Clock) -> str:
-    moment = datetime.fromtimestamp(clock(), UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return iso_utc(datetime.fromtimestamp(clock(), UTC))
 
 
 class SnapshotTable:

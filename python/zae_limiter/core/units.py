@@ -7,12 +7,15 @@ people see is whole tokens and seconds. One rounding rule per direction, here on
 - tokens a request *needs* round up (`tokens_up`): a block or a write always covers a fraction;
 - a wait in seconds is the exact quotient of its milliseconds (`seconds`), and whole seconds
   for a header round up (`whole_seconds_up`): never tell a client to come back too early.
+
+A moment shown to people or written in an item is ISO-8601 in UTC with `Z` (`iso_utc`), here only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Final, Protocol
+from datetime import UTC, datetime
+from typing import Final, Literal, Protocol
 
 MILLI: Final = 1000  # millitokens per token
 MS_PER_SECOND: Final = 1000
@@ -58,3 +61,18 @@ def whole_seconds_up(ms: int) -> int:
 def ms_of_seconds(value: float) -> int:
     """Seconds (a configuration value) in whole milliseconds, rounded down."""
     return int(value * MS_PER_SECOND)
+
+
+Timespec = Literal["auto", "seconds", "milliseconds"]
+
+
+def iso_utc(moment: datetime | int | None = None, timespec: Timespec = "milliseconds") -> str:
+    """`moment` (a datetime, naive taken as UTC; epoch milliseconds; None: now) as ISO-8601 in
+    UTC ending in `Z`, e.g. `2026-12-06T06:15:16.123Z`."""
+    if moment is None:
+        moment = datetime.now(UTC)
+    elif isinstance(moment, int):
+        moment = datetime.fromtimestamp(moment / MS_PER_SECOND, UTC)
+    elif moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat(timespec=timespec).replace("+00:00", "Z")

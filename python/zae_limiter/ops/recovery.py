@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import schema
+from ..core.units import iso_utc
 from ..engine import stored
 from ..exceptions import ZAELimiterError
 from ..models import Limit
@@ -37,13 +38,7 @@ def _stamp(moment: datetime | None = None) -> str:
 
 
 def iso_ms(ms: int | None) -> str | None:
-    if ms is None:
-        return None
-    return (
-        datetime.fromtimestamp(ms / 1000, UTC)
-        .isoformat(timespec="milliseconds")
-        .replace("+00:00", "Z")
-    )
+    return None if ms is None else iso_utc(ms)
 
 
 # -- buckets ----------------------------------------------------------------------------------
@@ -181,7 +176,7 @@ async def export_table(
     items = await repo.export_items()
     record = await repo.get_version_record() or {}
     path = export_path(directory, repo.table_name, label)
-    exported_at = _utcnow().isoformat(timespec="seconds").replace("+00:00", "Z")
+    exported_at = iso_utc(_utcnow(), "seconds")
     document = {
         "format": EXPORT_FORMAT,
         "table": repo.table_name,

@@ -21,9 +21,9 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
+from ...core.units import iso_utc
 from ...exceptions import ZAELimiterError
 from ...version import compare, parse
 
@@ -191,7 +191,7 @@ def select(
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return iso_utc(timespec="seconds")
 
 
 def _log_entry(step: Step, result: str, **extra: str) -> dict[str, str]:
