@@ -13,7 +13,7 @@ os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.pop("AWS_PROFILE", None)
 
-from zae_limiter.local import LocalDynamoDB
+from zae_limiter.ops.local import LocalDynamoDB
 
 
 @pytest.fixture(scope="session")

@@ -195,7 +195,7 @@ def test_cpu_per_acquire(
               f"   ({python_reserved / reserved:.2f}x the native)")
         print(f"  unreserved ({BACKEND} core):     {unreserved:9.1f}"
               f"   ({unreserved / reserved:.0f}x the reserved)")
-        nat, ref = decision["zae_limiter._native"], decision["zae_limiter.bucket"]
+        nat, ref = decision[native.__name__], decision[reference.__name__]
         print(f"  the local decision alone (Block.take, 2 limits): native {nat:.0f} ns, "
               f"python {ref:.0f} ns ({ref / nat:.0f}x)")
     assert backend == "python"
