@@ -27,7 +27,7 @@ LAYER_OF = {
     "engine": "engine",
     "__init__": "limiter", "limiter": "limiter", "sync": "limiter", "lease": "limiter",
     "arguments": "limiter", "deadline": "limiter", "failures": "limiter", "metrics": "limiter",
-    "version": "limiter",
+    "version": "limiter", "entities": "limiter", "resolver": "limiter",
     "http": "http",
     "ops": "ops",
     "aggregator": "aggregator",

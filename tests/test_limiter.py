@@ -246,6 +246,33 @@ async def test_stored_limits_resource_then_default_then_argument(limiter: RateLi
     assert await limiter.get_limits("k1") == []
 
 
+async def test_a_cache_of_one_entry_still_resolves_cascade_and_stored_limits(
+    store: MemoryStorage, clock: Clock
+) -> None:
+    """A resolution decides by what it read, also when the cache has already dropped it: the
+    entity, its stored limits and its parent's take three entries in a cache of one."""
+    async with RateLimiter(name="test", repository=store, clock=clock) as admin:
+        await admin.create_entity("proj")
+        await admin.create_entity("key", parent_id="proj")
+        await admin.set_limits("key", [Limit.per_minute("rpm", 5)])
+        await admin.set_limits("proj", [Limit.per_minute("rpm", 3)])
+    async with RateLimiter(
+        name="test", repository=store, clock=clock, bucket_cache_size=1
+    ) as tiny:
+        for _ in range(3):
+            async with tiny.acquire(
+                "key", "r", None, {"rpm": 1}, cascade=True, use_stored_limits=True
+            ):
+                pass
+        with pytest.raises(RateLimitExceeded) as denied:
+            async with tiny.acquire(
+                "key", "r", None, {"rpm": 1}, cascade=True, use_stored_limits=True
+            ):
+                pass
+        assert [v.entity_id for v in denied.value.violations] == ["proj"]
+        assert await tiny.available("key", "r", None, use_stored_limits=True) == {"rpm": 2}
+
+
 async def test_entities(limiter: RateLimiter, store: MemoryStorage) -> None:
     entity = await limiter.create_entity("k1", name="Key one", metadata={"tier": "gold"})
     assert entity.entity_id == "k1" and entity.metadata == {"tier": "gold"}

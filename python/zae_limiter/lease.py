@@ -167,10 +167,14 @@ class Lease:
             if (too := oversized(sets, deltas)) is not None:
                 raise request_too_large(self._targets, deltas, self._settler.clock(), too[2])
             if not self._settler.settle_local(self._targets, deltas, check=True):
-                with public_errors():
-                    async with Bounded(self._deadline):
-                        await self._settler.commit(self._targets, deltas)
+                await self._commit(deltas)
         self._add(deltas)
+
+    @public_errors
+    async def _commit(self, deltas: Mapping[str, int]) -> None:
+        """A checked take written within the deadline (at the deadline: unavailable)."""
+        async with Bounded(self._deadline):
+            await self._settler.commit(self._targets, deltas)
 
     async def release(self, **amounts: int) -> None:
         """Give tokens back early, at most what the lease holds; a bucket never refills past its
@@ -225,8 +229,7 @@ class Lease:
         write = self._settler.detach(self._settler.force_each(self._targets, each, landing))
         try:
             async with Bounded(self._deadline):
-                with public_errors():
-                    await asyncio.shield(write)
+                await _landed(write)
         except DeadlineExceeded as exc:
             log.warning("%s %s of %r goes on past its deadline: %s", what, list(each), self, exc)
             write.add_done_callback(
@@ -284,6 +287,13 @@ class Lease:
 
     def __repr__(self) -> str:
         return f"Lease(entity_id={self.entity_id!r}, consumed={self.consumed!r})"
+
+
+@public_errors
+async def _landed(write: asyncio.Task[None]) -> None:
+    """Wait for `write`; its failure leaves as a public error. The deadline stays outside: a
+    wait cut short by it is no failure of the write, which goes on."""
+    await asyncio.shield(write)
 
 
 class LeaseScope:

@@ -1,8 +1,9 @@
 """`RateLimiter`: token buckets shared by every process through one DynamoDB table.
 
-The public face: it checks arguments, resolves which limits and entities take part, applies the
-failure mode, and leaves decisions and writes to the engine (`zae_limiter.engine`), creating the
-table to `zae_limiter.provisioning` and storage to `zae_limiter.repository`.
+The public face: it checks arguments, bounds each call by its deadline and applies the failure
+mode. Which limits apply is decided by `zae_limiter.resolver`, decisions and writes by the
+engine (`zae_limiter.engine`); the management calls on entities, stored limits and the audit
+trail are `zae_limiter.entities`, creating the table is `zae_limiter.ops.provisioning`.
 """
 
 from __future__ import annotations
@@ -14,22 +15,22 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from . import audit, core, usage
+from . import core, usage
 from .arguments import check_consumable, check_consume, check_limits, oversized
 from .core import units
 from .deadline import DEFAULT, Bounded, DeadlineArg, check_deadline, resolve_deadline
-from .engine.cache import TTLCache
 from .engine.engine import Engine, Target, available_milli, bucket_input, request_too_large
 from .engine.reservations import Reserver
+from .entities import Entities
 from .exceptions import (
-    EntityNotFoundError,
+    ConfigurationError,
     InfrastructureNotFoundError,
     RateLimiterUnavailable,
     RateLimitExceeded,
     RequestTooLarge,
     ValidationError,
 )
-from .failures import OUTAGES, misconfigured, public_errors, unavailable
+from .failures import STORAGE_FAILURES, public_error, public_errors
 from .lease import Lease, LeaseScope
 from .metrics import ADMITTED, DENIED, FAIL_OPEN, NO_METRICS, UNAVAILABLE, Metrics
 from .models import (
@@ -44,16 +45,13 @@ from .models import (
     UsageSnapshot,
     UsageSummary,
 )
+from .resolver import MISSING_ENTITY_TTL as MISSING_ENTITY_TTL  # its documented place too
+from .resolver import LimitResolver, LimitSets
 from .schema import DEFAULT_RESOURCE, default_region, short_name, table_name
 from .storage.capacity import CapacityLedger
 from .storage.dynamodb.repository import Repository, RetryPolicy
-from .storage.protocol import BucketItem, RepositoryUnavailable, Storage, StorageError
-from .validation import (
-    validate_entity_id,
-    validate_name,
-    validate_principal,
-    validate_resource,
-)
+from .storage.protocol import BucketItem, RepositoryUnavailable, Storage
+from .validation import validate_entity_id, validate_name, validate_resource
 from .version import (
     VERSION_CHECKS,
     Compatibility,
@@ -67,10 +65,6 @@ log = logging.getLogger("zae_limiter")
 # A version record that could not be read (DynamoDB down, table missing) is retried at most this
 # often; the operation meanwhile meets the outage, and its failure mode decides.
 VERSION_RETRY_SECONDS = 30.0
-# How long an entity found missing is believed missing (cascade): a flood of requests naming
-# unknown entities then costs one read per entity per this many seconds. Short, because another
-# process may create the entity meanwhile; this limiter's own `create_entity` forgets it at once.
-MISSING_ENTITY_TTL = 5.0
 
 
 class RateLimiter:
@@ -144,13 +138,10 @@ class RateLimiter:
             self.repository.ledger.attach(metrics)
         self._engine = Engine(self.repository, clock, bucket_cache_size)
         self._reserver = None if reservations is None else Reserver(self._engine, reservations)
-        self._entities: TTLCache[str, Entity | None] = TTLCache(limits_cache_ttl, bucket_cache_size)
-        self._stored_limits: TTLCache[str, dict[str, list[Limit]]] = TTLCache(
-            limits_cache_ttl, bucket_cache_size
+        self._resolver = LimitResolver(self.repository, limits_cache_ttl, bucket_cache_size)
+        self._entities = Entities(
+            self.repository, self._resolver, self._ensure_ready, self._forget_buckets
         )
-        # Apart from `_entities`, so that a flood of unknown ids cannot evict the known ones.
-        self._missing: TTLCache[str, bool] = TTLCache(MISSING_ENTITY_TTL, bucket_cache_size)
-        self._lookups: dict[str, asyncio.Future[Entity | None]] = {}
         self._ready = False
         self._ready_lock = asyncio.Lock()
         self._provisioned = False
@@ -191,10 +182,14 @@ class RateLimiter:
         """Forget every cached bucket state, entity and stored limit: the next operations read
         them again."""
         self._engine.states.clear()
-        self._entities.clear()
-        self._stored_limits.clear()
-        self._missing.clear()
+        self._resolver.clear()
 
+    def _forget_buckets(self, entity_id: str) -> None:
+        self._engine.forget(entity_id)
+        if self._reserver is not None:
+            self._reserver.forget(entity_id)
+
+    @public_errors
     async def _ensure_ready(self) -> None:
         if self._ready:
             return
@@ -203,33 +198,17 @@ class RateLimiter:
                 return
             options = self.stack_options
             if not self._provisioned and options is not None and options.create_table:
-                try:
-                    from .ops import (
-                        provisioning,  # ops' work, done only on request
-                    )
+                from .ops import provisioning  # ops' work, done only on request
 
-                    await provisioning.provision(
-                        self.repository,
-                        options,
-                        name=self.name,
-                        region=self.region,
-                        endpoint_url=self.endpoint_url,
-                    )
-                except RepositoryUnavailable as exc:
-                    raise unavailable(exc) from exc
+                await provisioning.provision(
+                    self.repository,
+                    options,
+                    name=self.name,
+                    region=self.region,
+                    endpoint_url=self.endpoint_url,
+                )
             self._provisioned = True
-            try:
-                self._ready = await self._check_version()
-            except StorageError as exc:  # e.g. no permission to read the version record
-                raise misconfigured(exc) from exc
-
-    async def _open(self) -> None:
-        """The DynamoDB client, built before an operation's deadline starts (see
-        `Repository.open`)."""
-        try:
-            await self.repository.open()
-        except StorageError as exc:  # no credentials or region
-            raise misconfigured(exc) from exc
+            self._ready = await self._check_version()
 
     async def _check_version(self) -> bool:
         """Check the version record once per limiter; True when the check is settled.
@@ -295,7 +274,7 @@ class RateLimiter:
         )
         self.clear_cache()
 
-    # -- entities ---------------------------------------------------------------------------
+    # -- entities, stored limits, audit trail (`zae_limiter.entities`) -----------------------
 
     async def create_entity(
         self,
@@ -308,60 +287,18 @@ class RateLimiter:
     ) -> Entity:
         """Create the entity (its parent must exist) and record `ENTITY_CREATED` (by
         `principal`, if given) in its audit trail."""
-        if metadata is not None and not isinstance(metadata, Mapping):
-            raise ValidationError("metadata", metadata, "must be a mapping of str to str")
-        entity = Entity(
-            id=validate_entity_id(entity_id),
-            name=name,
-            parent_id=None if parent_id is None else validate_entity_id(parent_id, "parent_id"),
-            metadata=dict(metadata or {}),
-        )
-        principal = validate_principal(principal)
-        await self._ensure_ready()
-        with public_errors():
-            if (
-                entity.parent_id is not None
-                and await self.repository.get_entity(entity.parent_id) is None
-            ):
-                raise EntityNotFoundError(entity.parent_id)
-            await self.repository.put_entity(entity)
-        self._missing.drop(entity.id)
-        await audit.record(self.repository, audit.entity_created(entity, principal))
-        stored = await self.get_entity(entity.id)
-        return stored or entity
+        return await self._entities.create(entity_id, name, parent_id, metadata, principal)
 
     async def get_entity(self, entity_id: str) -> Entity | None:
-        validate_entity_id(entity_id)
-        await self._ensure_ready()
-        with public_errors():
-            entity = await self.repository.get_entity(entity_id)
-        if entity is not None:
-            self._entities.put(entity_id, entity)
-            self._missing.drop(entity_id)
-        return entity
+        return await self._entities.get(entity_id)
 
     async def delete_entity(self, entity_id: str, *, principal: str | None = None) -> None:
         """Delete the entity and its buckets, stored limits and usage snapshots, and record
         `ENTITY_DELETED`: its audit trail is kept (and expires on its own, 90 days per event)."""
-        validate_entity_id(entity_id)
-        principal = validate_principal(principal)
-        await self._ensure_ready()
-        with public_errors():
-            count = await self.repository.delete_entity(entity_id)
-        self._entities.drop(entity_id)
-        self._stored_limits.drop(entity_id)
-        self._engine.forget(entity_id)
-        if self._reserver is not None:
-            self._reserver.forget(entity_id)
-        await audit.record(self.repository, audit.entity_deleted(entity_id, principal, count))
+        await self._entities.delete(entity_id, principal)
 
     async def get_children(self, parent_id: str) -> list[Entity]:
-        validate_entity_id(parent_id, "parent_id")
-        await self._ensure_ready()
-        with public_errors():
-            return await self.repository.get_children(parent_id)
-
-    # -- stored limits ----------------------------------------------------------------------
+        return await self._entities.children(parent_id)
 
     async def set_limits(
         self,
@@ -372,41 +309,16 @@ class RateLimiter:
         principal: str | None = None,
     ) -> None:
         """Replace the stored limits of (entity, resource); records `LIMITS_SET`."""
-        validate_entity_id(entity_id)
-        validate_resource(resource)
-        checked = check_limits(limits)
-        principal = validate_principal(principal)
-        await self._ensure_ready()
-        with public_errors():
-            await self.repository.set_limits(entity_id, resource, checked)
-        self._stored_limits.drop(entity_id)
-        await audit.record(
-            self.repository, audit.limits_set(entity_id, resource, checked, principal)
-        )
+        await self._entities.set_limits(entity_id, limits, resource, principal)
 
     async def get_limits(self, entity_id: str, resource: str = DEFAULT_RESOURCE) -> list[Limit]:
-        validate_entity_id(entity_id)
-        validate_resource(resource)
-        await self._ensure_ready()
-        with public_errors():
-            return await self.repository.get_limits(entity_id, resource)
+        return await self._entities.get_limits(entity_id, resource)
 
     async def delete_limits(
         self, entity_id: str, resource: str = DEFAULT_RESOURCE, *, principal: str | None = None
     ) -> None:
         """Delete the stored limits of (entity, resource); records `LIMITS_DELETED`."""
-        validate_entity_id(entity_id)
-        validate_resource(resource)
-        principal = validate_principal(principal)
-        await self._ensure_ready()
-        with public_errors():
-            count = await self.repository.delete_limits(entity_id, resource)
-        self._stored_limits.drop(entity_id)
-        await audit.record(
-            self.repository, audit.limits_deleted(entity_id, resource, principal, count)
-        )
-
-    # -- audit trail ------------------------------------------------------------------------
+        await self._entities.delete_limits(entity_id, resource, principal)
 
     async def get_audit_events(
         self,
@@ -419,120 +331,7 @@ class RateLimiter:
         """Up to `limit` of the entity's audit events, newest first (`oldest_first=True`: oldest
         first). Next page: `start_event_id=` the last event id of this one. The trail of a
         deleted entity stays readable until its events expire (90 days each)."""
-        validate_entity_id(entity_id)
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ValidationError("limit", limit, "must be a positive integer")
-        if start_event_id is not None and not audit.is_event_id(start_event_id):
-            raise ValidationError("start_event_id", start_event_id, "is not an audit event id")
-        if not isinstance(oldest_first, bool):
-            raise ValidationError("oldest_first", oldest_first, "must be a bool")
-        await self._ensure_ready()
-        with public_errors():
-            return await self.repository.get_audit_events(
-                entity_id, limit, start_event_id, oldest_first=oldest_first
-            )
-
-    async def _resolve_limits(
-        self, entity_id: str, resource: str, fallback: list[Limit]
-    ) -> list[Limit]:
-        """The resource's stored limits, then the entity's `_default_`, then `fallback`."""
-        hit, stored = self._stored_limits.get(entity_id)
-        if not hit or stored is None:
-            stored = await self.repository.get_all_limits(entity_id)
-            self._stored_limits.put(entity_id, stored)
-        return _chosen(stored, resource, fallback)
-
-    async def _parent_of(self, entity_id: str) -> str | None:
-        hit, entity = self._entities.get(entity_id)
-        if hit and entity is not None:
-            return entity.parent_id
-        if self._missing.get(entity_id)[0]:
-            raise EntityNotFoundError(entity_id)
-        # Concurrent requests for one uncached id share one read (a flood of an unknown key).
-        lookup = self._lookups.get(entity_id)
-        if lookup is None:
-            lookup = asyncio.ensure_future(self._look_up(entity_id))
-            self._lookups[entity_id] = lookup
-            lookup.add_done_callback(lambda done: self._looked_up(entity_id, done))
-        # Shielded: a waiter past its deadline must not cancel the read the others wait for.
-        entity = await asyncio.shield(lookup)
-        if entity is None:
-            raise EntityNotFoundError(entity_id)
-        return entity.parent_id
-
-    async def _look_up(self, entity_id: str) -> Entity | None:
-        entity = await self.repository.get_entity(entity_id)
-        if entity is None:
-            self._missing.put(entity_id, True)
-        else:
-            self._entities.put(entity_id, entity)
-        return entity
-
-    def _looked_up(self, entity_id: str, done: asyncio.Future[Entity | None]) -> None:
-        if self._lookups.get(entity_id) is done:
-            del self._lookups[entity_id]
-        if not done.cancelled():
-            done.exception()  # retrieved: every waiter may have gone (deadline)
-
-    async def _limit_sets(
-        self,
-        entity_id: str,
-        resource: str,
-        fallback: list[Limit],
-        cascade: bool,
-        use_stored_limits: bool,
-    ) -> list[tuple[str, list[Limit]]]:
-        """`(entity_id, limits)` for the entity and, with `cascade`, its parent."""
-        known = self._known_limit_sets(entity_id, resource, fallback, cascade, use_stored_limits)
-        if known is not None:
-            return known
-        ids = [entity_id]
-        if cascade:
-            parent = await self._parent_of(entity_id)
-            if parent is not None:
-                ids.append(parent)
-        sets: list[tuple[str, list[Limit]]] = []
-        for eid in ids:
-            limits = (
-                await self._resolve_limits(eid, resource, fallback)
-                if use_stored_limits
-                else fallback
-            )
-            if not limits:
-                raise ValidationError(
-                    "limits", limits, "no limits given and none stored for the entity"
-                )
-            sets.append((eid, limits))
-        return sets
-
-    def _known_limit_sets(
-        self,
-        entity_id: str,
-        resource: str,
-        fallback: list[Limit],
-        cascade: bool,
-        use_stored_limits: bool,
-    ) -> list[tuple[str, list[Limit]]] | None:
-        """`_limit_sets` from the caches alone (no I/O); None when it needs a read."""
-        ids = [entity_id]
-        if cascade:
-            hit, entity = self._entities.get(entity_id)
-            if not hit or entity is None:
-                return None
-            if entity.parent_id is not None:
-                ids.append(entity.parent_id)
-        if not use_stored_limits:
-            return [(eid, fallback) for eid in ids] if fallback else None
-        sets: list[tuple[str, list[Limit]]] = []
-        for eid in ids:
-            hit, stored = self._stored_limits.get(eid)
-            if not hit or stored is None:
-                return None
-            limits = _chosen(stored, resource, fallback)
-            if not limits:
-                return None  # `_limit_sets` raises the error
-            sets.append((eid, limits))
-        return sets
+        return await self._entities.audit_events(entity_id, limit, start_event_id, oldest_first)
 
     # -- acquire ----------------------------------------------------------------------------
 
@@ -611,48 +410,46 @@ class RateLimiter:
         fallback = check_limits(limits or [], allow_empty=use_stored_limits)
         amounts = check_consume(consume)
         if not use_stored_limits:  # the limits are known: reject before any I/O
-            check_consumable([(entity_id, fallback)], amounts, burst=False)
-            if (too := oversized([(entity_id, fallback)], amounts)) is not None:
-                raise self._too_large(resource, [(entity_id, fallback)], amounts, too[2])
+            self._check_amounts(resource, [(entity_id, fallback)], amounts)
         reserver = self._reserver
+        resolver = self._resolver
         if reserver is not None and self._ready:
             # Served from the blocks with no I/O: nothing to bound, so no timer is armed.
-            sets = self._known_limit_sets(entity_id, resource, fallback, cascade, use_stored_limits)
+            sets = resolver.cached(entity_id, resource, fallback, cascade, use_stored_limits)
             if sets is not None:
                 if use_stored_limits:
-                    self._check_stored(resource, sets, amounts)
+                    self._check_amounts(resource, sets, amounts)
                 targets = reserver.take_local(resource, sets, amounts)
                 if targets is not None:
                     return Lease(reserver, targets, amounts, deadline=seconds)
-        if not self._ready:
-            await self._open()
         try:
+            if not self._ready:
+                # The client is built before the deadline starts (see `Repository.open`).
+                await self.repository.open()
             async with Bounded(seconds):
                 if not self._ready:
                     await self._ensure_ready()
-                sets = await self._limit_sets(
+                sets = await resolver.limit_sets(
                     entity_id, resource, fallback, cascade, use_stored_limits
                 )
                 if use_stored_limits:  # otherwise every set is `fallback`, checked above
-                    self._check_stored(resource, sets, amounts)
+                    self._check_amounts(resource, sets, amounts)
                 if reserver is not None:
                     targets = await reserver.acquire(resource, sets, amounts)
                 else:
                     targets = await self._engine.targets(resource, sets)
                     await self._engine.commit(targets, amounts)
-        except StorageError as exc:  # a refusal: the failure mode does not apply
-            raise misconfigured(exc) from exc
-        except OUTAGES as exc:  # the deadline passing too
-            if mode is not FailureMode.FAIL_OPEN:
-                raise unavailable(exc) from exc
+        except STORAGE_FAILURES as exc:  # the deadline passing too
+            error = public_error(exc)
+            if isinstance(error, ConfigurationError) or mode is not FailureMode.FAIL_OPEN:
+                raise error from exc
             log.warning("DynamoDB unavailable, admitting (FAIL_OPEN): %s", exc)
             return Lease(self._engine, [], {}, fail_open=True)
         return Lease(reserver or self._engine, targets, amounts, deadline=seconds)
 
-    def _check_stored(
-        self, resource: str, sets: list[tuple[str, list[Limit]]], amounts: Mapping[str, int]
-    ) -> None:
-        """The checks `_admit` makes before any I/O when the limits are given, for stored ones."""
+    def _check_amounts(self, resource: str, sets: LimitSets, amounts: Mapping[str, int]) -> None:
+        """No I/O: every amount names one of the entity's limits (else `ValidationError`) and
+        fits every limit's burst (else `RequestTooLarge`)."""
         check_consumable(sets, amounts, burst=False)
         if (too := oversized(sets, amounts)) is not None:
             raise self._too_large(resource, sets, amounts, too[2])
@@ -663,7 +460,7 @@ class RateLimiter:
     def _too_large(
         self,
         resource: str,
-        sets: list[tuple[str, list[Limit]]],
+        sets: LimitSets,
         amounts: Mapping[str, int],
         field: str,
     ) -> RequestTooLarge:
@@ -684,6 +481,7 @@ class RateLimiter:
 
     # -- reads ------------------------------------------------------------------------------
 
+    @public_errors
     async def available(
         self,
         entity_id: str,
@@ -716,18 +514,14 @@ class RateLimiter:
     ) -> tuple[list[Limit], BucketItem | None]:
         """The limits that apply and the bucket item, freshly read (it refreshes the cache)."""
         if not self._ready:
-            await self._open()
-        with public_errors():
-            async with Bounded(seconds):
-                await self._ensure_ready()
-                chosen = (
-                    await self._resolve_limits(entity_id, resource, fallback)
-                    if use_stored_limits
-                    else fallback
-                )
-                state = await self._engine.read(entity_id, resource)
+            await self.repository.open()  # before the deadline starts, as for `acquire`
+        async with Bounded(seconds):
+            await self._ensure_ready()
+            chosen = await self._resolver.limits(entity_id, resource, fallback, use_stored_limits)
+            state = await self._engine.read(entity_id, resource)
         return chosen, state
 
+    @public_errors
     async def time_until_available(
         self,
         entity_id: str,
@@ -757,6 +551,7 @@ class RateLimiter:
         ms = core.time_until_available(inputs, now)
         return 0.0 if ms is None else units.seconds(ms)
 
+    @public_errors
     async def get_resource_capacity(
         self, resource: str, limit_name: str, parents_only: bool = False
     ) -> ResourceCapacity:
@@ -768,28 +563,28 @@ class RateLimiter:
         if not isinstance(parents_only, bool):
             raise ValidationError("parents_only", parents_only, "must be a bool")
         await self._ensure_ready()
-        with public_errors():
-            buckets = await self.repository.resource_buckets(resource)
-            now = self._engine.clock()
-            entities: list[EntityCapacity] = []
-            for bucket in sorted(buckets, key=lambda b: b.entity_id):
-                state = bucket.limits.get(limit_name)
-                if state is None or state.definition is None:
-                    continue  # no bucket of that limit, or one reset by an operator
-                if parents_only:
-                    entity = await self.repository.get_entity(bucket.entity_id)
-                    if entity is None or not entity.is_parent:
-                        continue
-                limit = Limit.decode(state.definition, limit_name)
-                left = units.tokens_down(available_milli(limit, bucket, now))
-                used = _used(limit.capacity, left)
-                entities.append(EntityCapacity(bucket.entity_id, limit.capacity, left, used))
+        buckets = await self.repository.resource_buckets(resource)
+        now = self._engine.clock()
+        entities: list[EntityCapacity] = []
+        for bucket in sorted(buckets, key=lambda b: b.entity_id):
+            state = bucket.limits.get(limit_name)
+            if state is None or state.definition is None:
+                continue  # no bucket of that limit, or one reset by an operator
+            if parents_only:
+                entity = await self.repository.get_entity(bucket.entity_id)
+                if entity is None or not entity.is_parent:
+                    continue
+            limit = Limit.decode(state.definition, limit_name)
+            left = units.tokens_down(available_milli(limit, bucket, now))
+            used = _used(limit.capacity, left)
+            entities.append(EntityCapacity(bucket.entity_id, limit.capacity, left, used))
         total = sum(e.capacity for e in entities)
         left = sum(e.available for e in entities)
         return ResourceCapacity(resource, limit_name, total, left, _used(total, left), entities)
 
     # -- usage ------------------------------------------------------------------------------
 
+    @public_errors
     async def get_usage_snapshots(
         self,
         entity_id: str,
@@ -807,10 +602,7 @@ class RateLimiter:
         except ValueError as exc:
             raise ValidationError("window/start/end", (window, start, end), str(exc)) from exc
         await self._ensure_ready()
-        with public_errors():
-            return await self.repository.get_usage_snapshots(
-                entity_id, resource, window, start, end
-            )
+        return await self.repository.get_usage_snapshots(entity_id, resource, window, start, end)
 
     async def get_usage_summary(
         self,
@@ -823,11 +615,6 @@ class RateLimiter:
         """Totals and per-snapshot averages per limit over a range of snapshots."""
         snapshots = await self.get_usage_snapshots(entity_id, resource, window, start, end)
         return usage.summarize(snapshots, entity_id, resource, window, start, end)
-
-
-def _chosen(stored: dict[str, list[Limit]], resource: str, fallback: list[Limit]) -> list[Limit]:
-    """The resource's stored limits, then the entity's `_default_`, then `fallback`."""
-    return list(stored.get(resource) or stored.get(DEFAULT_RESOURCE) or fallback)
 
 
 def _used(capacity: int, available: int) -> float:

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
 from zae_limiter import Lease, Limit, RateLimiter, StackOptions
-from zae_limiter.http.asgi import header_key
+from zae_limiter.http.asgi import HttpOptions, header_key
 from zae_limiter.http.fastapi import RateLimit, fields_of, install
 
 pytestmark = pytest.mark.integration
@@ -201,3 +201,28 @@ async def test_streaming_handler_reconciles_through_its_lease(limiter: RateLimit
     assert response.status_code == 200 and response.text.endswith("[DONE]\n\n")
     assert remaining(response.headers["ratelimit"]) == {"rpm": 1, "tpm": 900}
     assert await limiter.available("k1", "chat", [RPM, TPM]) == {"rpm": 1, "tpm": 760}
+
+
+async def test_routes_share_one_options_object(limiter: RateLimiter) -> None:
+    """The dependency takes the middleware's `HttpOptions`; a keyword replaces one field."""
+    shared = HttpOptions(limits=[RPM], key=header_key("x-api-key"), resource="shared")
+    app = FastAPI()
+    install(app)
+    per_shared = RateLimit(limiter=limiter, options=shared)
+    per_other = RateLimit(limiter=limiter, options=shared, resource="other")
+
+    @app.get("/shared")
+    async def one(lease: Annotated[Lease | None, Depends(per_shared)]) -> None:
+        return None
+
+    @app.get("/other")
+    async def other(lease: Annotated[Lease | None, Depends(per_other)]) -> None:
+        return None
+
+    async with client(app) as http:
+        assert (await http.get("/shared", headers={"x-api-key": "k1"})).status_code == 200
+        assert (await http.get("/other", headers={"x-api-key": "k1"})).status_code == 200
+        assert (await http.get("/other", headers={"x-api-key": "k1"})).status_code == 200
+        assert (await http.get("/other", headers={"x-api-key": "k1"})).status_code == 429
+    assert await limiter.available("k1", "shared", [RPM]) == {"rpm": 1}
+    assert per_shared.options is shared and shared.resource == "shared"

@@ -29,6 +29,7 @@ from zae_limiter import (
     ValidationError,
 )
 from zae_limiter.http.asgi import (
+    HttpOptions,
     RateLimitMiddleware,
     Served,
     address_key,
@@ -322,6 +323,63 @@ def test_bad_options_name_their_field(options: dict[str, Any], field: str) -> No
     with pytest.raises(ValidationError) as caught:
         RateLimitMiddleware(json_app({}), limiter=idle, **options)
     assert caught.value.field == field
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"limits": [RPM], "too_large_status": 429}, "too_large_status"),
+        ({"limits": None}, "limits"),
+        ({"limits": [RPM], "key": "x-api-key"}, "key"),
+        ({"limits": [RPM], "missing_key": "allow"}, "missing_key"),
+        ({"limits": [RPM], "refund_on_server_error": "yes"}, "refund_on_server_error"),
+    ],
+)
+def test_the_options_object_checks_its_fields_as_the_keywords_do(
+    options: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        HttpOptions(**{"key": KEY, **options})
+    assert caught.value.field == field
+    # A keyword replacing a field of good options is checked the same way.
+    good = HttpOptions(limits=[RPM], key=KEY)
+    idle = RateLimiter(name="http", endpoint_url="http://127.0.0.1:9")  # never called
+    replaced = {name: value for name, value in options.items() if name != "limits"} or options
+    with pytest.raises(ValidationError) as caught:
+        RateLimitMiddleware(json_app({}), limiter=idle, options=good, **replaced)
+    assert caught.value.field == field
+
+
+def test_the_keywords_build_the_options_with_the_same_defaults() -> None:
+    idle = RateLimiter(name="http", endpoint_url="http://127.0.0.1:9")  # never called
+    built = RateLimitMiddleware(json_app({}), limiter=idle, limits=[RPM], key=KEY).options
+    assert built == HttpOptions(limits=[RPM], key=KEY)
+    assert (built.missing_key, built.resource, built.cost, built.quota_units) == (
+        "refuse", "http", None, {}
+    )
+    assert (built.cascade, built.use_stored_limits, built.failure_mode, built.deadline) == (
+        False, False, None, None
+    )
+    assert (built.refund_on_server_error, built.partition_key) == (True, None)
+    assert (built.too_large_status, built.unavailable_retry_after) == (413, 1)
+    assert built.limits == (RPM,) and built.amounts({}) == {"rpm": 1}
+    with pytest.raises(ValidationError) as caught:
+        RateLimitMiddleware(json_app({}), limiter=idle, options="x")  # type: ignore[arg-type]
+    assert caught.value.field == "options"
+
+
+async def test_one_options_object_serves_several_middlewares(limiter: RateLimiter) -> None:
+    """Keywords given with `options=` replace those fields, and the shared object stays as
+    it was."""
+    shared = HttpOptions(limits=[RPM], key=KEY, resource="api", cost=lambda scope: {"rpm": 2})
+    api = RateLimitMiddleware(json_app({}), limiter=limiter, options=shared)
+    search = RateLimitMiddleware(json_app({}), limiter=limiter, options=shared, resource="search")
+    assert api.options is shared and shared.resource == "api"
+    assert (await call(api)).status == 200
+    assert (await call(search)).status == 200
+    assert (await call(search)).status == 200
+    assert await limiter.available("k1", "api", [RPM]) == {"rpm": 8}
+    assert await limiter.available("k1", "search", [RPM]) == {"rpm": 6}
 
 
 async def test_cascade_lease_knows_both_buckets_but_the_fields_show_the_keys(

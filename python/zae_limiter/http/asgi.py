@@ -24,9 +24,8 @@ import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal
+from typing import Any, Final
 
-from ..arguments import check_limits
 from ..exceptions import (
     EntityNotFoundError,
     InvalidIdentifierError,
@@ -38,13 +37,19 @@ from ..exceptions import (
 from ..lease import Lease, LeaseScope
 from ..limiter import RateLimiter
 from ..models import FailureMode, Limit, LimitStatus
-from ..validation import validate_resource
-from .fields import REQUESTS, Refusal, check_units, policy_field, ratelimit_field
+from .fields import Refusal, policy_field, ratelimit_field
+
+# Defined with the options; these names were this module's and are still imported from here.
+from .options import DEFAULT_HTTP_RESOURCE as DEFAULT_HTTP_RESOURCE
+from .options import DEFAULT_MISSING_KEY as DEFAULT_MISSING_KEY
+from .options import UNSET, HttpOptions, KeyFunction, MissingKey, Unset, check_missing_key
+from .options import Scope as Scope
 
 __all__ = [
     "LEASE_SCOPE_KEY",
     "Admission",
     "Gate",
+    "HttpOptions",
     "KeyFunction",
     "MissingKey",
     "RateLimitMiddleware",
@@ -64,14 +69,12 @@ __all__ = [
 
 log = logging.getLogger("zae_limiter")
 
-Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 LEASE_SCOPE_KEY: Final = "zae_limiter.lease"
-DEFAULT_HTTP_RESOURCE: Final = "http"
 # Enough for the end of an SSE stream (an OpenAI completion's usage chunk and `[DONE]`).
 DEFAULT_TAIL_BYTES: Final = 16 * 1024
 POLICY_CACHE_SIZE: Final = 1024
@@ -83,29 +86,10 @@ def lease_of(scope: Mapping[str, Any]) -> Lease | None:
     return lease if isinstance(lease, Lease) else None
 
 
-KeyFunction = Callable[[Scope], str | None]
-"""`key(scope) -> entity id`, or None when the request carries no key."""
-
-MissingKey = Literal["refuse", "pass"] | KeyFunction
-"""What a request the key function gives None for gets: "refuse" (401), "pass" (unlimited), or
-a fallback key function (None from it too: refused)."""
-
-# Refusing is the default: a limiter that any client escapes by leaving out a header, or by
-# connecting over a path with no client address, limits nobody who means harm.
-DEFAULT_MISSING_KEY: Final = "refuse"
 # 128 bits of HMAC-SHA256: no collision among any plausible number of keys (birthday bound
 # 2**64), in an id of 32 hex digits.
 HASH_HEX_DIGITS: Final = 32
 MIN_SECRET_BYTES: Final = 16
-
-
-def check_missing_key(missing_key: object) -> MissingKey:
-    """`missing_key` checked: "refuse", "pass" or a callable of the scope."""
-    if missing_key in ("refuse", "pass") or callable(missing_key):
-        return missing_key
-    raise ValidationError(
-        "missing_key", missing_key, 'must be "refuse", "pass" or a key function of the scope'
-    )
 
 
 def key_of(key: KeyFunction, missing_key: MissingKey, scope: Scope) -> str | Refusal | None:
@@ -304,117 +288,52 @@ def charged(status: int | None, refund_on_server_error: bool = True) -> bool:
 
 
 class Gate:
-    """How one set of routes is limited: the limits, the resource, the cost per request and the
-    answers to refusals. The middleware and the FastAPI dependency both admit through it.
+    """How one set of routes is limited: `options` (the limits, the resource, the cost per
+    request, the answers to refusals) through `limiter`. The middleware and the FastAPI
+    dependency both admit through it."""
 
-    `quota_units` names the unit of each limit that does not count requests (e.g.
-    `{"tpm": "tokens"}`); every other limit counts requests. The default `cost` is one of each
-    limit that counts requests.
-    """
-
-    def __init__(
-        self,
-        *,
-        limiter: RateLimiter,
-        limits: Sequence[Limit] | None,
-        resource: str | Callable[[Scope], str] = DEFAULT_HTTP_RESOURCE,
-        cost: Callable[[Scope], Mapping[str, int]] | None = None,
-        quota_units: Mapping[str, str] | None = None,
-        cascade: bool = False,
-        use_stored_limits: bool = False,
-        failure_mode: FailureMode | None = None,
-        deadline: float | None = None,
-        partition_key: Callable[[Scope], bytes | None] | None = None,
-        too_large_status: int = 413,
-        unavailable_retry_after: int = 1,
-    ) -> None:
+    def __init__(self, *, limiter: RateLimiter, options: HttpOptions) -> None:
         if not isinstance(limiter, RateLimiter):
             raise ValidationError("limiter", limiter, "must be a RateLimiter")
         self.limiter = limiter
-        if not limits and not use_stored_limits:
-            raise ValidationError("limits", limits, "give limits, or use_stored_limits=True")
-        # Checked now: at run time a "limits" error can then only be "none stored" (a 403).
-        self.limits = check_limits(limits or [], allow_empty=use_stored_limits)
-        if isinstance(resource, str):
-            validate_resource(resource)
-        elif not callable(resource):
-            raise ValidationError("resource", resource, "must be a str or a callable of the scope")
-        self.resource = resource
-        self.units = check_units(quota_units)
-        if cost is None:
-            counted = {lim.name: 1 for lim in self.limits if self.unit(lim.name) == REQUESTS}
-            if not counted:
-                raise ValidationError("cost", cost, "no limit counts requests: give cost=")
-            self._fixed_cost: dict[str, int] | None = counted
-        elif callable(cost):
-            self._fixed_cost = None
-        else:
-            raise ValidationError("cost", cost, "must be a callable of the scope, or None")
-        self.cost = cost
-        self.cascade = cascade
-        self.use_stored_limits = use_stored_limits
-        self.failure_mode = failure_mode
-        self.deadline = deadline
-        self.partition_key = partition_key
-        if too_large_status not in (400, 413, 422):
-            raise ValidationError("too_large_status", too_large_status, "must be 400, 413 or 422")
-        self.too_large_status = too_large_status
-        if (
-            isinstance(unavailable_retry_after, bool)
-            or not isinstance(unavailable_retry_after, int)
-            or unavailable_retry_after < 1
-        ):
-            raise ValidationError(
-                "unavailable_retry_after", unavailable_retry_after, "must be a whole second >= 1"
-            )
-        self.unavailable_retry_after = unavailable_retry_after
+        self.options = options
         self._policies: dict[tuple[Limit, ...], str] = {}
-
-    def unit(self, limit_name: str) -> str:
-        return self.units.get(limit_name, REQUESTS)
-
-    def amounts(self, scope: Scope) -> Mapping[str, int]:
-        if self._fixed_cost is not None:
-            return self._fixed_cost
-        assert self.cost is not None
-        return self.cost(scope)
 
     async def admit(self, entity_id: str, scope: Scope) -> Admission | Refusal:
         """Take this request's cost for `entity_id`, or say how to refuse it."""
-        resource = self.resource if isinstance(self.resource, str) else self.resource(scope)
-        pk = None if self.partition_key is None else self.partition_key(scope)
-        options: dict[str, Any] = {}
-        if self.deadline is not None:
-            options["deadline"] = self.deadline
+        opts = self.options
+        resource = opts.resource if isinstance(opts.resource, str) else opts.resource(scope)
+        pk = None if opts.partition_key is None else opts.partition_key(scope)
+        deadline: dict[str, Any] = {} if opts.deadline is None else {"deadline": opts.deadline}
         acquisition = self.limiter.acquire(
             entity_id,
             resource,
-            self.limits,
-            self.amounts(scope),
-            cascade=self.cascade,
-            use_stored_limits=self.use_stored_limits,
-            failure_mode=self.failure_mode,
-            **options,
+            opts.limits,
+            opts.amounts(scope),
+            cascade=opts.cascade,
+            use_stored_limits=opts.use_stored_limits,
+            failure_mode=opts.failure_mode,
+            **deadline,
         )
         try:
             lease = await acquisition.__aenter__()
         except RateLimitExceeded as exc:  # RequestTooLarge included
-            return Refusal.exceeded(exc, entity_id, self.units, pk, self.too_large_status)
+            return Refusal.exceeded(exc, entity_id, opts.units, pk, opts.too_large_status)
         except RateLimiterUnavailable:
-            return Refusal.unavailable(self.unavailable_retry_after)
+            return Refusal.unavailable(opts.unavailable_retry_after)
         except InvalidIdentifierError as exc:
             if exc.field != "entity_id":
                 raise
             return Refusal.bad_key()
         except InvalidNameError as exc:
-            if exc.field != "resource" or isinstance(self.resource, str):
-                raise  # a fixed resource is checked in __init__: this is no request's doing
+            if exc.field != "resource" or isinstance(opts.resource, str):
+                raise  # a fixed resource is checked with the options: no request's doing
             return Refusal.bad_resource()
         except EntityNotFoundError:
             # The limiter remembers the miss (MISSING_ENTITY_TTL): a flood costs one read.
             return Refusal.unknown_key()
         except ValidationError as exc:
-            if exc.field != "limits" or not self.use_stored_limits:
+            if exc.field != "limits" or not opts.use_stored_limits:
                 raise
             return Refusal.no_limits()
         own = [s for s in lease.statuses() if s.entity_id == entity_id]
@@ -427,7 +346,7 @@ class Gate:
         limits = tuple(s.limit for s in own)
         policy = self._policies.get(limits) if pk is None else None
         if policy is None:
-            policy = policy_field(own, self.units, pk)
+            policy = policy_field(own, self.options.units, pk)
             if pk is None and len(self._policies) < POLICY_CACHE_SIZE:
                 self._policies[limits] = policy
         return [("ratelimit-policy", policy), ("ratelimit", ratelimit_field(own, pk))]
@@ -497,15 +416,16 @@ class _Watch:
 
 
 class RateLimitMiddleware:
-    """Limits every HTTP request of `app` through `limiter` (see `Gate` for the options).
+    """Limits every HTTP request of `app` through `limiter`, by `HttpOptions` (`options=`, or
+    its fields as keywords; keywords given with `options=` replace those fields).
 
     - `key(scope) -> str | None`: the entity id; an id the limiter rejects is answered 400.
     - `missing_key`: a request `key` gives None for is refused with 401 ("refuse", the
       default), passes unlimited ("pass"), or is keyed by a fallback key function.
-    - `reconcile(served) -> {limit: real cost} | None` (may be async): called for every charged
-      request (`charged`: a response status below 500 was sent), also when the client left
-      mid-stream or the application raised or was cancelled after its response started; the
-      lease is adjusted to the real cost of each limit named.
+    - `reconcile(served) -> {limit: real cost} | None` (may be async; the middleware's own):
+      called for every charged request (`charged`: a response status below 500 was sent), also
+      when the client left mid-stream or the application raised or was cancelled after its
+      response started; the lease is adjusted to the real cost of each limit named.
     - `refund_on_server_error` (default True): a 5xx, or an end with no response started (the
       application raised or was cancelled first), gives the whole cost back and the hook is
       not called; the exception propagates. False: those are charged too.
@@ -516,39 +436,34 @@ class RateLimitMiddleware:
         app: ASGIApp,
         *,
         limiter: RateLimiter,
-        limits: Sequence[Limit] | None,
-        key: KeyFunction,
-        missing_key: MissingKey = DEFAULT_MISSING_KEY,
-        resource: str | Callable[[Scope], str] = DEFAULT_HTTP_RESOURCE,
-        cost: Callable[[Scope], Mapping[str, int]] | None = None,
-        quota_units: Mapping[str, str] | None = None,
-        cascade: bool = False,
-        use_stored_limits: bool = False,
-        failure_mode: FailureMode | None = None,
-        deadline: float | None = None,
+        limits: Sequence[Limit] | Unset | None = UNSET,
+        key: KeyFunction | Unset = UNSET,
+        missing_key: MissingKey | Unset = UNSET,
+        resource: str | Callable[[Scope], str] | Unset = UNSET,
+        cost: Callable[[Scope], Mapping[str, int]] | Unset | None = UNSET,
+        quota_units: Mapping[str, str] | Unset | None = UNSET,
+        cascade: bool | Unset = UNSET,
+        use_stored_limits: bool | Unset = UNSET,
+        failure_mode: FailureMode | Unset | None = UNSET,
+        deadline: float | Unset | None = UNSET,
         reconcile: Reconcile | None = None,
-        refund_on_server_error: bool = True,
+        refund_on_server_error: bool | Unset = UNSET,
         tail_bytes: int = DEFAULT_TAIL_BYTES,
-        partition_key: Callable[[Scope], bytes | None] | None = None,
-        too_large_status: int = 413,
-        unavailable_retry_after: int = 1,
+        partition_key: Callable[[Scope], bytes | None] | Unset | None = UNSET,
+        too_large_status: int | Unset = UNSET,
+        unavailable_retry_after: int | Unset = UNSET,
+        options: HttpOptions | None = None,
     ) -> None:
-        if not callable(key):
-            raise ValidationError("key", key, "must be a callable of the scope")
         if reconcile is not None and not callable(reconcile):
             raise ValidationError("reconcile", reconcile, "must be a callable or None")
         if isinstance(tail_bytes, bool) or not isinstance(tail_bytes, int) or tail_bytes < 0:
             raise ValidationError("tail_bytes", tail_bytes, "must be a non-negative int")
-        if not isinstance(refund_on_server_error, bool):
-            raise ValidationError(
-                "refund_on_server_error", refund_on_server_error, "must be a bool"
-            )
         self.app = app
-        self.key = key
-        self.missing_key = check_missing_key(missing_key)
-        self.gate = Gate(
-            limiter=limiter,
+        self.options = HttpOptions.of(
+            options,
             limits=limits,
+            key=key,
+            missing_key=missing_key,
             resource=resource,
             cost=cost,
             quota_units=quota_units,
@@ -556,19 +471,20 @@ class RateLimitMiddleware:
             use_stored_limits=use_stored_limits,
             failure_mode=failure_mode,
             deadline=deadline,
+            refund_on_server_error=refund_on_server_error,
             partition_key=partition_key,
             too_large_status=too_large_status,
             unavailable_retry_after=unavailable_retry_after,
         )
+        self.gate = Gate(limiter=limiter, options=self.options)
         self.reconcile = reconcile
-        self.refund_on_server_error = refund_on_server_error
         self.tail_bytes = tail_bytes if reconcile is not None else 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        entity_id = key_of(self.key, self.missing_key, scope)
+        entity_id = key_of(self.options.key, self.options.missing_key, scope)
         if entity_id is None:
             await self.app(scope, receive, send)
             return
@@ -596,7 +512,7 @@ class RateLimitMiddleware:
 
     async def _end(self, admitted: Admission, watch: _Watch, scope: Scope) -> None:
         """Charge or give back by `charged`; a charged request is reconciled first."""
-        charge = charged(watch.status, self.refund_on_server_error)
+        charge = charged(watch.status, self.options.refund_on_server_error)
         if charge:
             await self._settle(admitted.lease, watch, scope)
         await admitted.end(charge)

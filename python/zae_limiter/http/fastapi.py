@@ -35,25 +35,12 @@ from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..exceptions import ValidationError
 from ..lease import Lease
 from ..limiter import RateLimiter
 from ..models import FailureMode, Limit
-from .asgi import (
-    DEFAULT_HTTP_RESOURCE,
-    DEFAULT_MISSING_KEY,
-    ASGIApp,
-    Gate,
-    KeyFunction,
-    MissingKey,
-    Receive,
-    Scope,
-    Send,
-    charged,
-    check_missing_key,
-    key_of,
-)
+from .asgi import ASGIApp, Gate, Receive, Send, charged, key_of
 from .fields import Refusal
+from .options import UNSET, HttpOptions, KeyFunction, MissingKey, Scope, Unset
 
 __all__ = [
     "RateLimit",
@@ -167,42 +154,37 @@ def _status_of(exc: BaseException) -> int | None:
 class RateLimit:
     """A FastAPI dependency limiting the routes that use it: `Depends(RateLimit(...))`.
 
-    The options are `zae_limiter.asgi.Gate`'s, with `key(scope) -> str | None` choosing the
-    entity, `missing_key` what a request with no key gets ("refuse": 401, the default; "pass":
-    unlimited, the dependency yields None; or a fallback key function) and
-    `refund_on_server_error` as the middleware's (`zae_limiter.asgi.charged`)."""
+    The options are `zae_limiter.http.options.HttpOptions` (`options=`, or its fields as
+    keywords; keywords given with `options=` replace those fields), as the middleware's:
+    `key(scope) -> str | None` chooses the entity, `missing_key` says what a request with no
+    key gets ("refuse": 401, the default; "pass": unlimited, the dependency yields None; or a
+    fallback key function) and `refund_on_server_error` follows `zae_limiter.asgi.charged`."""
 
     def __init__(
         self,
         *,
         limiter: RateLimiter,
-        limits: Sequence[Limit] | None,
-        key: KeyFunction,
-        missing_key: MissingKey = DEFAULT_MISSING_KEY,
-        resource: str | Callable[[Scope], str] = DEFAULT_HTTP_RESOURCE,
-        cost: Callable[[Scope], Mapping[str, int]] | None = None,
-        quota_units: Mapping[str, str] | None = None,
-        cascade: bool = False,
-        use_stored_limits: bool = False,
-        failure_mode: FailureMode | None = None,
-        deadline: float | None = None,
-        refund_on_server_error: bool = True,
-        partition_key: Callable[[Scope], bytes | None] | None = None,
-        too_large_status: int = 413,
-        unavailable_retry_after: int = 1,
+        limits: Sequence[Limit] | Unset | None = UNSET,
+        key: KeyFunction | Unset = UNSET,
+        missing_key: MissingKey | Unset = UNSET,
+        resource: str | Callable[[Scope], str] | Unset = UNSET,
+        cost: Callable[[Scope], Mapping[str, int]] | Unset | None = UNSET,
+        quota_units: Mapping[str, str] | Unset | None = UNSET,
+        cascade: bool | Unset = UNSET,
+        use_stored_limits: bool | Unset = UNSET,
+        failure_mode: FailureMode | Unset | None = UNSET,
+        deadline: float | Unset | None = UNSET,
+        refund_on_server_error: bool | Unset = UNSET,
+        partition_key: Callable[[Scope], bytes | None] | Unset | None = UNSET,
+        too_large_status: int | Unset = UNSET,
+        unavailable_retry_after: int | Unset = UNSET,
+        options: HttpOptions | None = None,
     ) -> None:
-        if not callable(key):
-            raise ValidationError("key", key, "must be a callable of the scope")
-        if not isinstance(refund_on_server_error, bool):
-            raise ValidationError(
-                "refund_on_server_error", refund_on_server_error, "must be a bool"
-            )
-        self.key = key
-        self.missing_key = check_missing_key(missing_key)
-        self.refund_on_server_error = refund_on_server_error
-        self.gate = Gate(
-            limiter=limiter,
+        self.options = HttpOptions.of(
+            options,
             limits=limits,
+            key=key,
+            missing_key=missing_key,
             resource=resource,
             cost=cost,
             quota_units=quota_units,
@@ -210,13 +192,15 @@ class RateLimit:
             use_stored_limits=use_stored_limits,
             failure_mode=failure_mode,
             deadline=deadline,
+            refund_on_server_error=refund_on_server_error,
             partition_key=partition_key,
             too_large_status=too_large_status,
             unavailable_retry_after=unavailable_retry_after,
         )
+        self.gate = Gate(limiter=limiter, options=self.options)
 
     async def __call__(self, request: Request, response: Response) -> AsyncIterator[Lease | None]:
-        entity_id = key_of(self.key, self.missing_key, request.scope)
+        entity_id = key_of(self.options.key, self.options.missing_key, request.scope)
         if entity_id is None:
             yield None
             return
@@ -228,7 +212,7 @@ class RateLimit:
         for name, value in admitted.headers:
             response.headers[name] = value
         request.scope.setdefault("state", {})[_STATE_KEY] = dict(admitted.headers)
-        refund = self.refund_on_server_error
+        refund = self.options.refund_on_server_error
         seen = _watched(request)
         try:
             yield admitted.lease
