@@ -203,7 +203,8 @@ async def test_create_table_applies_tags_and_ttl_once(repo: Repository, endpoint
 
 
 def test_direct_ensure_table_goes_through_the_repository(endpoint_url: str) -> None:
-    from zae_limiter.infra import InfraOptions, direct
+    from zae_limiter.infra import InfraOptions
+    from zae_limiter.ops import table as direct
 
     ddb = boto3.client("dynamodb", endpoint_url=endpoint_url, region_name="us-east-1")
     assert direct.ensure_table(ddb, "tagged", InfraOptions(tags={"owner": "ops"})) is True
