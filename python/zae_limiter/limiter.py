@@ -46,7 +46,8 @@ from .models import (
 )
 from .schema import DEFAULT_RESOURCE, default_region, short_name, table_name
 from .storage.capacity import CapacityLedger
-from .storage.dynamodb.repository import Repository, RetryPolicy
+from .storage.dynamodb.client import RetryPolicy
+from .storage.dynamodb.repository import Repository
 from .storage.protocol import BucketItem, RepositoryUnavailable, Storage, StorageError
 from .validation import (
     validate_entity_id,
