@@ -47,18 +47,23 @@ from .capacity import CapacityLedger, item_size, read_units, write_units
 from .dynamodb.codec import (
     audit_event_from_item,
     audit_head,
-    audit_item,
     bucket_from_item,
     chained_audit_item,
     entity_from_item,
+    entity_item,
+    holds_event,
+    item_key,
     item_num,
     item_str,
     limit_from_item,
+    limit_item,
     now_iso,
     num_av,
     snapshot_from_item,
     str_av,
+    version_item,
 )
+from .dynamodb.requests import may_create
 from .protocol import (
     Backup,
     BucketItem,
@@ -92,15 +97,11 @@ class MemoryStorage:
         self._lock = threading.RLock()
         self._backups: list[tuple[Backup, dict[Key, Item]]] = []
         self._ledger = CapacityLedger()
-        self._put(
-            {k: str_av(v) for k, v in schema.version_key().items()}
-            | {
-                "schema_version": str_av(schema.SCHEMA_VERSION),
-                "min_client_version": str_av(schema.MIN_CLIENT_VERSION),
-                "updated_at": str_av(now_iso()),
-                "updated_by": str_av("MemoryStorage"),
-            }
-        )
+        fields = {
+            "schema_version": schema.SCHEMA_VERSION,
+            "min_client_version": schema.MIN_CLIENT_VERSION,
+        }
+        self._put(version_item(fields, now_iso(), "MemoryStorage"))
 
     # -- the table --------------------------------------------------------------------------
 
@@ -284,19 +285,7 @@ class MemoryStorage:
     # -- entities ---------------------------------------------------------------------------
 
     async def put_entity(self, entity: Entity) -> None:
-        item: Item = {
-            schema.PK: str_av(schema.entity_pk(entity.id)),
-            schema.SK: str_av(schema.META_SK),
-            "entity_id": str_av(entity.id),
-            "metadata": {"M": {k: str_av(v) for k, v in entity.metadata.items()}},
-            "created_at": str_av(entity.created_at or now_iso()),
-        }
-        if entity.name is not None:
-            item["name"] = str_av(entity.name)
-        if entity.parent_id is not None:
-            item["parent_id"] = str_av(entity.parent_id)
-            item[schema.GSI1PK] = str_av(schema.parent_gsi_pk(entity.parent_id))
-            item[schema.GSI1SK] = str_av(schema.child_gsi_sk(entity.id))
+        item = entity_item(entity, entity.created_at or now_iso())
 
         def apply() -> None:
             if (schema.entity_pk(entity.id), schema.META_SK) in self._items:
@@ -344,19 +333,7 @@ class MemoryStorage:
                 if schema.parse_limit_sk(key[1])[1] not in keep:
                     del self._items[key]
             for limit in limits:
-                self._put(
-                    {
-                        schema.PK: str_av(pk),
-                        schema.SK: str_av(schema.limit_sk(resource, limit.name)),
-                        "entity_id": str_av(entity_id),
-                        "resource": str_av(resource),
-                        "limit_name": str_av(limit.name),
-                        "capacity": num_av(limit.capacity),
-                        "burst": num_av(limit.burst),
-                        "refill_amount": num_av(limit.refill_amount),
-                        "refill_period_seconds": num_av(limit.refill_period_seconds),
-                    }
-                )
+                self._put(limit_item(entity_id, resource, limit))
 
         self._run(apply)
 
@@ -440,9 +417,7 @@ class MemoryStorage:
         def apply() -> None:
             stored = self._items.get(key)
             if stored is not None:
-                mine = audit_item(event)
-                same = (schema.AUDIT_ACTION, schema.AUDIT_TIMESTAMP, schema.AUDIT_ENTITY_ID)
-                if any(stored.get(attr) != mine[attr] for attr in same):
+                if not holds_event(stored, event):
                     raise StorageError(
                         "AuditEventExists", f"another audit event has the id {event.event_id}"
                     )
@@ -550,9 +525,7 @@ class MemoryStorage:
 
         def apply() -> None:
             key = self._version_key()
-            item = self._items.setdefault(
-                key, {schema.PK: str_av(key[0]), schema.SK: str_av(key[1])}
-            )
+            item = self._items.setdefault(key, item_key(*key))
             item.update({k: str_av(v) for k, v in fields.items() if v is not None})
             item["updated_at"] = str_av(now_iso())
             item["updated_by"] = str_av(updated_by)
@@ -566,11 +539,7 @@ class MemoryStorage:
             key = self._version_key()
             if key in self._items:
                 return False
-            self._put(
-                {schema.PK: str_av(key[0]), schema.SK: str_av(key[1])}
-                | {k: str_av(v) for k, v in fields.items()}
-                | {"updated_at": str_av(now_iso()), "updated_by": str_av(updated_by)}
-            )
+            self._put(version_item(fields, now_iso(), updated_by))
             return True
 
         return self._run(apply)
@@ -655,7 +624,7 @@ def _updated(
     """The item after the UpdateExpression of `requests.bucket_update_request` (every
     right-hand side read from the old item)."""
     before = old or {}
-    new: Item = copy.deepcopy(before) | {schema.PK: str_av(key[0]), schema.SK: str_av(key[1])}
+    new: Item = copy.deepcopy(before) | item_key(*key)
     for w in writes:
         fa = schema.limit_attr(schema.FULL_AT, w.limit_name)
         current = item_num(before, fa)
@@ -677,7 +646,7 @@ def _updated(
         if w.definition is not None:
             new[schema.limit_attr(schema.LIMIT_DEF, w.limit_name)] = str_av(w.definition)
     new[schema.WRITE_TIME] = num_av(now_ms)
-    if any(w.create or w.legacy is not None for w in writes):
+    if may_create(writes):
         new["entity_id"] = str_av(entity_id)
         new["resource"] = str_av(resource)
     if expires_at is not None:

@@ -1,7 +1,7 @@
 """DynamoDB's low-level item form (`{"S": ...}`, `{"N": ...}`) to and from the library's data:
-bucket, entity, limit, audit and usage snapshot items, backups as DynamoDB describes them, the
-attribute-value helpers every item is built with, and item responses taken as plain JSON
-(`plain_item_body`).
+keys, bucket, entity, limit, version, audit and usage snapshot items, backups as DynamoDB
+describes them, the attribute-value helpers every item is built with, and item responses taken
+as plain JSON (`plain_item_body`).
 
 Pure: no aioboto3 or botocore, so `MemoryStorage` (which keeps items in the same form) uses it
 without loading them.
@@ -31,14 +31,20 @@ __all__ = [
     "bucket_from_item",
     "chained_audit_item",
     "entity_from_item",
+    "entity_item",
+    "holds_event",
+    "item_key",
     "item_num",
     "item_str",
+    "key_of",
     "limit_from_item",
+    "limit_item",
     "now_iso",
     "num_av",
     "plain_item_body",
     "snapshot_from_item",
     "str_av",
+    "version_item",
 ]
 
 
@@ -69,7 +75,17 @@ def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-# -- buckets, entities, stored limits ----------------------------------------------------------
+def item_key(pk: str, sk: str) -> Item:
+    """The key attributes of the item `pk`/`sk`."""
+    return {schema.PK: str_av(pk), schema.SK: str_av(sk)}
+
+
+def key_of(item: Item) -> Item:
+    """`item`'s key attributes (a Key, a DeleteRequest's)."""
+    return {schema.PK: item[schema.PK], schema.SK: item[schema.SK]}
+
+
+# -- buckets, entities, stored limits, the version record ----------------------------------------
 
 # Attribute names repeat in every bucket item: parse each once.
 _limit_attr = functools.lru_cache(maxsize=4096)(schema.parse_limit_attr)
@@ -111,6 +127,22 @@ def bucket_from_item(item: Item, size: int | None = None) -> BucketItem:
     )
 
 
+def entity_item(entity: Entity, created_at: str) -> Item:
+    """The item of an entity (`ENTITY#<id>` / `#META`), created at `created_at`."""
+    item: Item = item_key(schema.entity_pk(entity.id), schema.META_SK) | {
+        "entity_id": str_av(entity.id),
+        "metadata": {"M": {k: str_av(v) for k, v in entity.metadata.items()}},
+        "created_at": str_av(created_at),
+    }
+    if entity.name is not None:
+        item["name"] = str_av(entity.name)
+    if entity.parent_id is not None:
+        item["parent_id"] = str_av(entity.parent_id)
+        item[schema.GSI1PK] = str_av(schema.parent_gsi_pk(entity.parent_id))
+        item[schema.GSI1SK] = str_av(schema.child_gsi_sk(entity.id))
+    return item
+
+
 def entity_from_item(item: Item) -> Entity:
     metadata_av = item.get("metadata", {}).get("M", {})
     return Entity(
@@ -122,6 +154,19 @@ def entity_from_item(item: Item) -> Entity:
     )
 
 
+def limit_item(entity_id: str, resource: str, limit: Limit) -> Item:
+    """The item of a stored limit of (entity, resource)."""
+    return item_key(schema.entity_pk(entity_id), schema.limit_sk(resource, limit.name)) | {
+        "entity_id": str_av(entity_id),
+        "resource": str_av(resource),
+        "limit_name": str_av(limit.name),
+        "capacity": num_av(limit.capacity),
+        "burst": num_av(limit.burst),
+        "refill_amount": num_av(limit.refill_amount),
+        "refill_period_seconds": num_av(limit.refill_period_seconds),
+    }
+
+
 def limit_from_item(item: Item) -> Limit:
     return Limit(
         name=item_str(item, "limit_name")
@@ -130,6 +175,15 @@ def limit_from_item(item: Item) -> Limit:
         burst=item_num(item, "burst") or 0,
         refill_amount=item_num(item, "refill_amount") or 0,
         refill_period_seconds=item_num(item, "refill_period_seconds") or 0,
+    )
+
+
+def version_item(fields: Mapping[str, str], updated_at: str, updated_by: str) -> Item:
+    """The version record (`SYSTEM#`/`#VERSION`) holding `fields`, stamped as updated."""
+    return (
+        item_key(schema.SYSTEM_PK, schema.VERSION_SK)
+        | {k: str_av(v) for k, v in fields.items()}
+        | {"updated_at": str_av(updated_at), "updated_by": str_av(updated_by)}
     )
 
 
@@ -186,6 +240,14 @@ def audit_item(event: AuditEvent) -> Item:
     if event.resource is not None:
         item[schema.AUDIT_RESOURCE] = str_av(event.resource)
     return item
+
+
+def holds_event(item: Item, event: AuditEvent) -> bool:
+    """Whether the audit item `item` (under `event`'s key) is `event`: the same action, time and
+    entity (any other item under its key is another event with the same id)."""
+    mine = audit_item(event)
+    same = (schema.AUDIT_ACTION, schema.AUDIT_TIMESTAMP, schema.AUDIT_ENTITY_ID)
+    return all(item.get(attr) == mine[attr] for attr in same)
 
 
 def chained_audit_item(event: AuditEvent, seq: int, prev: str, prev_id: str | None) -> Item:

@@ -61,19 +61,26 @@ from .codec import (
     bucket_from_item,
     chained_audit_item,
     entity_from_item,
+    entity_item,
+    holds_event,
+    item_key,
     item_num,
     item_str,
+    key_of,
     limit_from_item,
+    limit_item,
     now_iso,
     num_av,
     snapshot_from_item,
     str_av,
+    version_item,
 )
 from .endpoint import is_loopback
 from .requests import (
     BucketRequests,
     expiry_extension,
     legacy_restore,
+    prefix_query,
     state_reset,
     stored_limit_definition,
     usage_query,
@@ -210,7 +217,7 @@ class Repository:
 
     async def call(self, operation: str, **kwargs: Any) -> dict[str, Any]:
         """One raw DynamoDB call whose effect is idempotent: ambiguous failures are simply
-        retried. Errors are translated as everywhere (see the module's docstring).
+        retried. Errors are translated as everywhere (see `client`).
 
         The request is checked against the service model first, as botocore's own parameter
         validation would (it is off in the client): arguments it refuses raise
@@ -366,12 +373,7 @@ class Repository:
             item, _ = await self._bucket_item(entity_id, resource)
             return [item] if item else []
         return await self._query_all(
-            KeyConditionExpression="#pk = :pk AND begins_with(#sk, :sk)",
-            ExpressionAttributeNames={"#pk": schema.PK, "#sk": schema.SK},
-            ExpressionAttributeValues={
-                ":pk": str_av(schema.entity_pk(entity_id)),
-                ":sk": str_av(schema.BUCKET_PREFIX),
-            },
+            **prefix_query(schema.entity_pk(entity_id), schema.BUCKET_PREFIX)
         )
 
     async def reset_bucket(
@@ -418,27 +420,12 @@ class Repository:
     # -- entities ---------------------------------------------------------------------------
 
     async def put_entity(self, entity: Entity) -> None:
-        item: Item = {
-            schema.PK: str_av(schema.entity_pk(entity.id)),
-            schema.SK: str_av(schema.META_SK),
-            "entity_id": str_av(entity.id),
-            "metadata": {"M": {k: str_av(v) for k, v in entity.metadata.items()}},
-            "created_at": str_av(entity.created_at or now_iso()),
-            # Tells our own earlier attempt (whose response was lost) from someone else's item.
-            "create_id": str_av(secrets.token_urlsafe(9)),
-        }
-        if entity.name is not None:
-            item["name"] = str_av(entity.name)
-        if entity.parent_id is not None:
-            item["parent_id"] = str_av(entity.parent_id)
-            item[schema.GSI1PK] = str_av(schema.parent_gsi_pk(entity.parent_id))
-            item[schema.GSI1SK] = str_av(schema.child_gsi_sk(entity.id))
+        item = entity_item(entity, entity.created_at or now_iso())
+        # Tells our own earlier attempt (whose response was lost) from someone else's item.
+        item["create_id"] = str_av(secrets.token_urlsafe(9))
         if not await self._put_new(item):
             existing = await self.call(
-                "get_item",
-                TableName=self.table_name,
-                ConsistentRead=True,
-                Key={schema.PK: item[schema.PK], schema.SK: item[schema.SK]},
+                "get_item", TableName=self.table_name, ConsistentRead=True, Key=key_of(item)
             )
             if existing.get("Item", {}).get("create_id") != item["create_id"]:
                 raise EntityExistsError(entity.id) from None
@@ -448,7 +435,7 @@ class Repository:
         response = await self.call(
             "get_item",
             TableName=self.table_name,
-            Key={schema.PK: str_av(schema.entity_pk(entity_id)), schema.SK: str_av(schema.META_SK)},
+            Key=item_key(schema.entity_pk(entity_id), schema.META_SK),
             ConsistentRead=True,
         )
         item = response.get("Item")
@@ -477,9 +464,7 @@ class Repository:
         )
         if not any(item_str(item, schema.SK) == schema.META_SK for item in items):
             raise EntityNotFoundError(entity_id)
-        await self._batch_delete(
-            [{schema.PK: i[schema.PK], schema.SK: i[schema.SK]} for i in items]
-        )
+        await self._batch_delete([key_of(i) for i in items])
         return len(items)
 
     # -- stored limits ----------------------------------------------------------------------
@@ -489,25 +474,11 @@ class Repository:
         existing = await self._limit_items(entity_id, resource)
         keep = {limit.name for limit in limits}
         stale = [
-            {schema.PK: item[schema.PK], schema.SK: item[schema.SK]}
+            key_of(item)
             for item in existing
             if schema.parse_limit_sk(item_str(item, schema.SK) or "")[1] not in keep
         ]
-        puts: list[Item] = []
-        for limit in limits:
-            puts.append(
-                {
-                    schema.PK: str_av(schema.entity_pk(entity_id)),
-                    schema.SK: str_av(schema.limit_sk(resource, limit.name)),
-                    "entity_id": str_av(entity_id),
-                    "resource": str_av(resource),
-                    "limit_name": str_av(limit.name),
-                    "capacity": num_av(limit.capacity),
-                    "burst": num_av(limit.burst),
-                    "refill_amount": num_av(limit.refill_amount),
-                    "refill_period_seconds": num_av(limit.refill_period_seconds),
-                }
-            )
+        puts = [limit_item(entity_id, resource, limit) for limit in limits]
         await self.batch_write(puts=puts, deletes=stale)
 
     async def get_limits(self, entity_id: str, resource: str) -> list[Limit]:
@@ -516,12 +487,7 @@ class Repository:
     async def get_all_limits(self, entity_id: str) -> dict[str, list[Limit]]:
         """Every stored limit of the entity by resource, in one query."""
         items = await self._query_all(
-            KeyConditionExpression="#pk = :pk AND begins_with(#sk, :sk)",
-            ExpressionAttributeNames={"#pk": schema.PK, "#sk": schema.SK},
-            ExpressionAttributeValues={
-                ":pk": str_av(schema.entity_pk(entity_id)),
-                ":sk": str_av(schema.LIMIT_PREFIX),
-            },
+            **prefix_query(schema.entity_pk(entity_id), schema.LIMIT_PREFIX)
         )
         result: dict[str, list[Limit]] = {}
         for item in items:
@@ -531,19 +497,12 @@ class Repository:
 
     async def delete_limits(self, entity_id: str, resource: str) -> int:
         items = await self._limit_items(entity_id, resource)
-        await self._batch_delete(
-            [{schema.PK: i[schema.PK], schema.SK: i[schema.SK]} for i in items]
-        )
+        await self._batch_delete([key_of(i) for i in items])
         return len(items)
 
     async def _limit_items(self, entity_id: str, resource: str) -> list[Item]:
         return await self._query_all(
-            KeyConditionExpression="#pk = :pk AND begins_with(#sk, :sk)",
-            ExpressionAttributeNames={"#pk": schema.PK, "#sk": schema.SK},
-            ExpressionAttributeValues={
-                ":pk": str_av(schema.entity_pk(entity_id)),
-                ":sk": str_av(schema.limit_sk(resource)),
-            },
+            **prefix_query(schema.entity_pk(entity_id), schema.limit_sk(resource))
         )
 
     async def list_stored_limits(self) -> list[StoredLimit]:
@@ -587,10 +546,7 @@ class Repository:
         denies both. Should the event's write fail after the claim, the head names an event the
         partition lacks, which `audit.verify_chain` reports (and `audit.record` logs the event).
         """
-        event_key = {
-            schema.PK: str_av(schema.audit_pk(event.entity_id)),
-            schema.SK: str_av(schema.audit_sk(event.event_id)),
-        }
+        event_key = item_key(schema.audit_pk(event.entity_id), schema.audit_sk(event.event_id))
         lock = self._audit_locks.get(event.entity_id)
         if lock is None:
             lock = self._audit_locks[event.entity_id] = asyncio.Lock()
@@ -600,7 +556,7 @@ class Repository:
     async def _append_audit_event(self, event: AuditEvent, event_key: Item) -> None:
         if await self._audit_event_settled(event, event_key):
             return
-        head_key = schema.audit_head_key(event.entity_id)
+        head_key = item_key(schema.audit_pk(event.entity_id), schema.AUDIT_HEAD_SK)
         # Not a retry of one request (those are `TableClient.send`'s, inside each `call`): each
         # attempt reads the head again and claims the sequence number after the one another
         # appender took, so losing a race does not spend the retry policy's sends.
@@ -610,7 +566,7 @@ class Repository:
                 await asyncio.sleep(self.retry.delay(attempt))
             response = await self.call(
                 "get_item", TableName=self.table_name, ConsistentRead=True,
-                Key={k: str_av(v) for k, v in head_key.items()},
+                Key=head_key,
             )
             head = response.get("Item")
             self.ledger.record("GetItem", rcu=read_units(item_size(head or {}), consistent=True))
@@ -669,9 +625,7 @@ class Repository:
         return True
 
     def _check_same_event(self, event: AuditEvent, stored: Item) -> None:
-        mine = audit_item(event)
-        same = (schema.AUDIT_ACTION, schema.AUDIT_TIMESTAMP, schema.AUDIT_ENTITY_ID)
-        if any(stored.get(attr) != mine[attr] for attr in same):
+        if not holds_event(stored, event):
             raise StorageError(
                 "AuditEventExists", f"another audit event has the id {event.event_id}")
 
@@ -680,23 +634,18 @@ class Repository:
             self.ledger.record("PutItem", wcu=write_units(item_size(item)))
             return
         existing = await self.call(
-            "get_item", TableName=self.table_name, ConsistentRead=True,
-            Key={schema.PK: item[schema.PK], schema.SK: item[schema.SK]},
+            "get_item", TableName=self.table_name, ConsistentRead=True, Key=key_of(item)
         )
         self._check_same_event(event, existing.get("Item") or {})  # else our own resend landed
 
     async def audit_chain_items(self, entity_id: str) -> tuple[list[Item], Item | None]:
         """Every event item of the entity's audit partition, as stored, and the chain's head
         (None when there is none): read consistently, for `audit.verify_chain`."""
-        events = await self._query_all(
-            KeyConditionExpression="#pk = :pk AND begins_with(#sk, :sk)",
-            ExpressionAttributeNames={"#pk": schema.PK, "#sk": schema.SK},
-            ExpressionAttributeValues={
-                ":pk": str_av(schema.audit_pk(entity_id)), ":sk": str_av(schema.audit_sk())},
-        )
+        pk = schema.audit_pk(entity_id)
+        events = await self._query_all(**prefix_query(pk, schema.audit_sk()))
         response = await self.call(
             "get_item", TableName=self.table_name, ConsistentRead=True,
-            Key={k: str_av(v) for k, v in schema.audit_head_key(entity_id).items()},
+            Key=item_key(pk, schema.AUDIT_HEAD_SK),
         )
         head = response.get("Item")
         self.ledger.record("GetItem", rcu=read_units(item_size(head or {}), consistent=True))
@@ -713,21 +662,15 @@ class Repository:
         """Up to `limit` of the entity's audit events, newest first (`oldest_first`: oldest
         first), starting after `start_event_id` in that order (paging: pass the last id of the
         previous page). Read consistently; events outlive the entity."""
-        key_values = {":pk": str_av(schema.audit_pk(entity_id)), ":sk": str_av(schema.audit_sk())}
-        args: dict[str, Any] = {
+        pk = schema.audit_pk(entity_id)
+        args: dict[str, Any] = prefix_query(pk, schema.audit_sk()) | {
             "TableName": self.table_name,
-            "KeyConditionExpression": "#pk = :pk AND begins_with(#sk, :sk)",
-            "ExpressionAttributeNames": {"#pk": schema.PK, "#sk": schema.SK},
-            "ExpressionAttributeValues": key_values,
             "ScanIndexForward": oldest_first,
             "ConsistentRead": True,
         }
         start_key: dict[str, Any] | None = None
         if start_event_id is not None:
-            start_key = {
-                schema.PK: key_values[":pk"],
-                schema.SK: str_av(schema.audit_sk(start_event_id)),
-            }
+            start_key = item_key(pk, schema.audit_sk(start_event_id))
         events: list[AuditEvent] = []
         while len(events) < limit:
             page_args = dict(args, Limit=limit - len(events))
@@ -781,7 +724,7 @@ class Repository:
         response = await self.call(
             "get_item",
             TableName=self.table_name,
-            Key={k: str_av(v) for k, v in schema.version_key().items()},
+            Key=item_key(schema.SYSTEM_PK, schema.VERSION_SK),
             ConsistentRead=True,
         )
         item = response.get("Item")
@@ -816,9 +759,7 @@ class Repository:
     ) -> bool:
         """Write `SYSTEM#`/`#VERSION` with `fields` only if the table has no version record
         (one conditional PutItem); False, changing nothing, when it has one."""
-        item: Item = {k: str_av(v) for k, v in schema.version_key().items()}
-        item |= {k: str_av(v) for k, v in fields.items()}
-        item |= {"updated_at": str_av(now_iso()), "updated_by": str_av(updated_by)}
+        item = version_item(fields, now_iso(), updated_by)
         if not await self._put_new(item):
             return False
         self.ledger.record("PutItem", wcu=write_units(item_size(item)))
@@ -928,7 +869,7 @@ class Repository:
         present = {(i[schema.PK]["S"], i[schema.SK]["S"]) for i in current}
         wanted = {(i[schema.PK]["S"], i[schema.SK]["S"]) for i in items}
         stale = [
-            {schema.PK: i[schema.PK], schema.SK: i[schema.SK]}
+            key_of(i)
             for i in current
             if (i[schema.PK]["S"], i[schema.SK]["S"]) not in wanted
             and not schema.is_audit_partition(i[schema.PK]["S"])

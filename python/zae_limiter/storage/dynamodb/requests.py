@@ -1,8 +1,8 @@
 """The requests `Repository` sends whose expressions are built rather than written out: the
 bucket write's UpdateItem (`encode_bucket_write`, its one encoder), the bucket GetItem and Key
-(`BucketRequests`, parts built once per write shape and item), the usage snapshot Query
-(`usage_query`), and the conditional updates of bucket items, stored limits and the version
-record. Arguments only: nothing here sends.
+(`BucketRequests`, parts built once per write shape and item), the key-prefix and usage snapshot
+Queries (`prefix_query`, `usage_query`), and the conditional updates of bucket items, stored
+limits and the version record. Arguments only: nothing here sends.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from ...core.windows import WINDOWS, format_window_start
 from ...models import Limit
 from ...usage import Moment, check_range
 from ..protocol import Item, LimitWrite
-from .codec import num_av, str_av
+from .codec import item_key, num_av, str_av
 
 __all__ = [
     "PARTS_CACHE_SIZE",
@@ -29,6 +29,8 @@ __all__ = [
     "encode_bucket_write",
     "expiry_extension",
     "legacy_restore",
+    "may_create",
+    "prefix_query",
     "state_reset",
     "stored_limit_definition",
     "usage_query",
@@ -70,10 +72,7 @@ class _Expr:
 
 def bucket_key(entity_id: str, resource: str) -> Item:
     """The Key of a bucket item."""
-    return {
-        schema.PK: str_av(schema.entity_pk(entity_id)),
-        schema.SK: str_av(schema.bucket_sk(resource)),
-    }
+    return item_key(schema.entity_pk(entity_id), schema.bucket_sk(resource))
 
 
 # -- the bucket write ----------------------------------------------------------------------------
@@ -217,7 +216,7 @@ def encode_bucket_write(
     now = put({"N": str(now_ms)})
     # The shape says already whether the write may create the item (its kinds name "create" or
     # "legacy") and whether the ring exists (kinds and bounds); only the expiry is added.
-    creates = _may_create(writes)
+    creates = may_create(writes)
     named = (put({"S": entity_id}), put({"S": resource})) if creates else None
     ttl = None
     if expires_at is not None:
@@ -278,12 +277,12 @@ def _ring_exists(writes: Sequence[LimitWrite]) -> bool:
     (a comparison with an absent attribute is false: the write fails unless the limit is
     stored) and none is created or in the legacy layout: a limit's `fa#` is only ever written
     by a bucket write, whose every write leaves all four slots (empty ones as "")."""
-    return not _may_create(writes) and any(
+    return not may_create(writes) and any(
         w.cond_lo is not None or w.cond_hi is not None for w in writes
     )
 
 
-def _may_create(writes: Sequence[LimitWrite]) -> bool:
+def may_create(writes: Sequence[LimitWrite]) -> bool:
     """Whether a bucket write may create its item: one of its limits is written on a view of
     the limit absent (an absent item) or in the legacy layout (an item no write of this layout
     has named yet). A write on a view of the limit present finds the item there, named."""
@@ -427,10 +426,7 @@ def stored_limit_definition(
         values[":def"] = str_av(definition)
     return {
         "TableName": table_name,
-        "Key": {
-            schema.PK: str_av(schema.entity_pk(entity_id)),
-            schema.SK: str_av(schema.limit_sk(resource, limit.name)),
-        },
+        "Key": item_key(schema.entity_pk(entity_id), schema.limit_sk(resource, limit.name)),
         "UpdateExpression": update,
         "ConditionExpression": "attribute_exists(#pk) AND "
         + " AND ".join(f"#{f} = :{f}" for f in schema.STORED_LIMIT_FIELDS),
@@ -452,14 +448,25 @@ def version_update(
     sets.append(f"{expr.name('updated_by')} = {expr.value(str_av(updated_by))}")
     return {
         "TableName": table_name,
-        "Key": {k: str_av(v) for k, v in schema.version_key().items()},
+        "Key": item_key(schema.SYSTEM_PK, schema.VERSION_SK),
         "UpdateExpression": "SET " + ", ".join(sets),
         "ExpressionAttributeNames": expr.names,
         "ExpressionAttributeValues": expr.value_map(),
     }
 
 
-# -- usage snapshots -----------------------------------------------------------------------------
+# -- queries -------------------------------------------------------------------------------------
+
+
+def prefix_query(pk: str, sk_prefix: str) -> dict[str, Any]:
+    """Query arguments (all but TableName and paging) for the items of the partition `pk`
+    whose sort key begins with `sk_prefix`."""
+    return {
+        "KeyConditionExpression": "#pk = :pk AND begins_with(#sk, :sk)",
+        "ExpressionAttributeNames": {"#pk": schema.PK, "#sk": schema.SK},
+        "ExpressionAttributeValues": {":pk": str_av(pk), ":sk": str_av(sk_prefix)},
+    }
+
 
 
 def usage_query(
