@@ -3,7 +3,7 @@
 
 *Before* is the repository as it was: botocore's default client (every request checked against
 the service model, the User-Agent rebuilt for every request) and every request dict built from
-scratch (`repository.bucket_update_request`, the definition of the request). *After* is
+scratch (`requests.bucket_update_request`, the definition of the request). *After* is
 `Repository` itself: parameter validation off for the requests it builds, a fixed User-Agent,
 expressions, attribute names and keys built once per write shape and item, items of plain
 attribute values taken from the response's JSON as botocore would return them, and the bucket
@@ -37,12 +37,14 @@ from aiobotocore.awsrequest import AioAWSResponse
 from aiobotocore.parsers import AioResponseParserFactory
 from botocore.config import Config
 
-from zae_limiter import schema
 from zae_limiter.core import WRITE_ABSOLUTE, WRITE_RELATIVE
 from zae_limiter.ops.local import LocalDynamoDB
-from zae_limiter.storage.dynamodb.repository import (
-    Repository,
-    bucket_from_item,
+from zae_limiter.storage.dynamodb.client import TableClient
+from zae_limiter.storage.dynamodb.codec import bucket_from_item
+from zae_limiter.storage.dynamodb.repository import Repository
+from zae_limiter.storage.dynamodb.requests import (
+    BucketRequests,
+    bucket_key,
     bucket_update_request,
 )
 from zae_limiter.storage.protocol import BucketItem, LimitWrite
@@ -54,6 +56,66 @@ LIMITS = ("rpm", "tpm")
 BURST = 10**12
 # The warm write of an acquire of 2 limits: relative, both bounds, counters.
 WARM = [LimitWrite(n, WRITE_RELATIVE, 1_000, NOW, 10**31, 1_000) for n in LIMITS]
+
+
+class BeforeClient(TableClient):
+    """The client before the hot-path work, or with some of it (see `Before`)."""
+
+    def __init__(
+        self,
+        *args: Any,
+        validate: bool,
+        default_user_agent: bool,
+        botocore_parse: bool,
+        lean: bool,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.validate, self.default_user_agent = validate, default_user_agent
+        self.botocore_parse, self.use_lean = botocore_parse, lean
+
+    async def client(self) -> Any:
+        client = await super().client()
+        if not self.use_lean:
+            self.lean = None
+        if self.botocore_parse and self.parses_items_plainly:
+            client._endpoint._response_parser_factory = AioResponseParserFactory()
+            self.parses_items_plainly = False
+        return client
+
+    def config(self) -> Config:
+        options: dict[str, Any] = {}
+        if not self.validate:
+            options["parameter_validation"] = False
+        if not self.default_user_agent:
+            options["user_agent"] = super().config().user_agent
+        return Config(  # the configuration the repository had
+            retries={"total_max_attempts": 1, "mode": "standard"},
+            connect_timeout=self.retry.connect_timeout,
+            read_timeout=self.retry.read_timeout,
+            max_pool_connections=self.max_pool_connections,
+            **options,
+        )
+
+
+class FreshRequests(BucketRequests):
+    """Every bucket request dict built from scratch, as before the hot-path work."""
+
+    def key(self, entity_id: str, resource: str) -> dict[str, Any]:
+        return bucket_key(entity_id, resource)
+
+    def update(
+        self,
+        entity_id: str,
+        resource: str,
+        writes: Sequence[LimitWrite],
+        now_ms: int,
+        write_id: str,
+        expires_at: int | None = None,
+    ) -> dict[str, Any]:
+        return bucket_update_request(
+            self.table_name, entity_id, resource, writes, now_ms, write_id, expires_at
+        )
 
 
 class Before(Repository):
@@ -74,61 +136,26 @@ class Before(Repository):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.validate, self.default_user_agent = validate, default_user_agent
-        self.fresh_requests, self.botocore_parse = fresh_requests, botocore_parse
-        self.lean = lean
-
-    async def client(self) -> Any:
-        client = await super().client()
-        if not self.lean:
-            self._lean = None
-        if self.botocore_parse and self._parses_items_plainly:
-            client._endpoint._response_parser_factory = AioResponseParserFactory()
-            self._parses_items_plainly = False
-        return client
-
-    def _client_config(self) -> Config:
-        options: dict[str, Any] = {}
-        if not self.validate:
-            options["parameter_validation"] = False
-        if not self.default_user_agent:
-            options["user_agent"] = super()._client_config().user_agent
-        return Config(  # the configuration the repository had
-            retries={"total_max_attempts": 1, "mode": "standard"},
-            connect_timeout=self.retry.connect_timeout,
-            read_timeout=self.retry.read_timeout,
-            max_pool_connections=self._max_pool_connections,
-            **options,
+        self.fresh_requests = fresh_requests
+        self.table_client = BeforeClient(
+            self.table_name,
+            self.region,
+            self.endpoint_url,
+            retry=self.retry,
+            ledger=self.ledger,
+            validate=validate,
+            default_user_agent=default_user_agent,
+            botocore_parse=botocore_parse,
+            lean=lean,
         )
-
-    def _bucket_update(
-        self,
-        entity_id: str,
-        resource: str,
-        writes: Sequence[LimitWrite],
-        now_ms: int,
-        write_id: str,
-        expires_at: int | None = None,
-    ) -> dict[str, Any]:
-        if not self.fresh_requests:
-            return super()._bucket_update(entity_id, resource, writes, now_ms, write_id, expires_at)
-        return bucket_update_request(
-            self.table_name, entity_id, resource, writes, now_ms, write_id, expires_at
-        )
-
-    def _bucket_key(self, entity_id: str, resource: str) -> dict[str, Any]:
-        if not self.fresh_requests:
-            return super()._bucket_key(entity_id, resource)
-        return {
-            schema.PK: {"S": schema.entity_pk(entity_id)},
-            schema.SK: {"S": schema.bucket_sk(resource)},
-        }
+        if fresh_requests:
+            self.requests = FreshRequests(self.table_name)
 
     async def get_bucket(self, entity_id: str, resource: str) -> BucketItem | None:
         if not self.fresh_requests:
             return await super().get_bucket(entity_id, resource)
-        item, _ = await self._bucket_item(entity_id, resource)
-        return bucket_from_item(item) if item else None  # the size computed again, as it was
+        items = await self.bucket_items(entity_id, resource)
+        return bucket_from_item(items[0]) if items else None  # the size computed again, as it was
 
 
 def _ops(repo: Repository) -> dict[str, Callable[[], Awaitable[Any]]]:
@@ -276,8 +303,9 @@ async def _answer_from(repo: Repository, recorded: dict[str, tuple[dict[str, str
             return AioAWSResponse(request.url, 200, headers, _Recorded(body))
 
         client.meta.events.register(f"before-send.dynamodb.{op}", answer)
-    if repo._lean is not None:  # the bucket calls' own transport, answered the same way
-        repo._lean._http = _RecordedSession(recorded)
+    lean = repo.table_client.lean
+    if lean is not None:  # the bucket calls' own transport, answered the same way
+        lean._http = _RecordedSession(recorded)
 
 
 class _RecordedSession:

@@ -36,7 +36,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = Path("python/zae_limiter")
-REPOSITORY = str(PACKAGE / "storage" / "dynamodb" / "repository.py")
+DYNAMODB = PACKAGE / "storage" / "dynamodb"
+REPOSITORY = str(DYNAMODB / "repository.py")
+REQUESTS = str(DYNAMODB / "requests.py")
+CLIENT = str(DYNAMODB / "client.py")
 ENGINE = str(PACKAGE / "engine" / "engine.py")
 LEASE = str(PACKAGE / "lease.py")
 
@@ -71,25 +74,25 @@ class Mutant:
 
 def vacuous(name: str, original: str, attr: str) -> Mutant:
     """A mutant of the condition `conditions.append(f"<condition>")` in the bucket write's
-    builder: made to hold whenever `attr` exists, so the guard is gone while its value
+    encoder: made to hold whenever `attr` exists, so the guard is gone while its value
     placeholders stay in use (DynamoDB refuses unused ones) and the request stays valid."""
     head, tail = 'conditions.append(f"', '")'
     if not (original.startswith(head) and original.endswith(tail)):
         raise ValueError(f"{name}: not a condition of the builder: {original!r}")
     condition = original[len(head) : -len(tail)]
     replacement = f"{head}({condition} OR attribute_exists({attr})){tail}"
-    return Mutant(name, REPOSITORY, original, replacement, (STALE,))
+    return Mutant(name, REQUESTS, original, replacement, (STALE,))
 
 
-# The bucket write's conditions are built as text in `bucket_update_request`, which is also the
-# limiter's path: `Repository._bucket_update` builds each write shape's expressions with it (once
-# per shape) and only fills in the values itself (`_shape_and_values`), so a condition removed in
-# the text is removed from every write the limiter sends. The bounds' values are mutated on that
-# fast path too (their reference builder unchanged), which only the limiter's own writes see.
+# The bucket write's conditions are built as text by its one encoder
+# (`requests.encode_bucket_write`): the limiter's path (`BucketRequests.update`) takes each write
+# shape's expressions from it once and its values on every write, so a condition removed in the
+# text is removed from every write the limiter sends, and a bound's value mutated is the value
+# every write sends.
 MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "write_id",  # each write id applies at most once: a late copy of a resent write
-        REPOSITORY,
+        REQUESTS,
         "conditions.append(f\"NOT ({wid} IN ({', '.join(slots)}))\")",
         'conditions.append(f"(attribute_exists({slots[0]}) OR attribute_not_exists({slots[0]}))")',
         (CHAOS, LATE_WRITE),
@@ -104,21 +107,21 @@ MUTANTS: tuple[Mutant, ...] = (
     # not full at the writer's now (relative writes); full at its now (writes at full) and
     # enough tokens (checked relative writes); a bucket the decision saw missing is created
     # only if still missing in both layouts
-    vacuous("cond_lo", 'conditions.append(f"{fa} >= {expr.value(_n(w.cond_lo))}")', "{fa}"),
-    vacuous("cond_hi", 'conditions.append(f"{fa} <= {expr.value(_n(w.cond_hi))}")', "{fa}"),
+    vacuous("cond_lo", 'conditions.append(f"{fa} >= {lo}")', "{fa}"),
+    vacuous("cond_hi", 'conditions.append(f"{fa} <= {hi}")', "{fa}"),
     vacuous("create_if_absent", 'conditions.append(f"attribute_not_exists({fa})")', "{fa}"),
     Mutant(
         "fast_path_cond_lo",  # the limiter's own value of the lower bound
-        REPOSITORY,
-        'values.append({"N": str(w.cond_lo)})',
-        'values.append({"N": str(-(10**37))})',
+        REQUESTS,
+        'put({"N": str(w.cond_lo)})',
+        'put({"N": str(-(10**37))})',
         (STALE,),
     ),
     Mutant(
         "fast_path_cond_hi",  # the limiter's own value of the upper bound
-        REPOSITORY,
-        'values.append({"N": str(w.cond_hi)})',
-        'values.append({"N": str(10**37)})',
+        REQUESTS,
+        'put({"N": str(w.cond_hi)})',
+        'put({"N": str(10**37)})',
         (STALE,),
     ),
     Mutant(
@@ -148,8 +151,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "give_back_not_resent",  # a give-back whose copy may be in flight is not sent again
         REPOSITORY,
-        "                if give_back:\n                    # No fence keeps",
-        "                if False:\n                    # No fence keeps",
+        "            if give_back:\n                # No fence keeps",
+        "            if False:\n                # No fence keeps",
         (NEVER_RESENT,),
     ),
     Mutant(
@@ -162,13 +165,13 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "give_back_503_ambiguous",  # a give-back is retried only after a throttle, not a 503
         REPOSITORY,
-        "retryable = _THROTTLE_CODES if give_back else _RETRYABLE_CODES",
-        "retryable = _RETRYABLE_CODES",
+        "retryable = THROTTLE_CODES if give_back else RETRYABLE_CODES",
+        "retryable = RETRYABLE_CODES",
         (NO_503_RETRY,),
     ),
     Mutant(
         "botocore_sends_once",  # botocore's own retries would resend a give-back after a 503
-        REPOSITORY,
+        CLIENT,
         'retries={"total_max_attempts": 1, "mode": "standard"}',
         'retries={"total_max_attempts": 3, "mode": "standard"}',
         (NO_503_RETRY,),

@@ -26,7 +26,8 @@ from zae_limiter.aggregator.handler import (
 )
 from zae_limiter.core import windows
 from zae_limiter.models import UsageSnapshot
-from zae_limiter.storage.dynamodb.repository import snapshot_from_item, usage_query
+from zae_limiter.storage.dynamodb.codec import snapshot_from_item
+from zae_limiter.storage.dynamodb.requests import usage_query
 from zae_limiter.usage import summarize
 
 HOUR_MS = 3_600_000

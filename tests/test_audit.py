@@ -37,7 +37,7 @@ from zae_limiter.aggregator.snapshots import parse_record
 from zae_limiter.aggregator.stream import StreamRunner, matches_filter, to_lambda_record
 from zae_limiter.cli import main
 from zae_limiter.storage.dynamodb import repository as repository_mod
-from zae_limiter.storage.dynamodb.repository import audit_event_from_item, audit_item
+from zae_limiter.storage.dynamodb.codec import audit_event_from_item, audit_item
 from zae_limiter.storage.protocol import RepositoryUnavailable, StorageError
 
 pytestmark = pytest.mark.integration
@@ -257,19 +257,20 @@ async def test_a_resent_write_never_doubles_an_event(
     # The response of the first attempt of each write is lost after the write landed (the
     # chain's head claim, then the event): the repository resends (its retry of an ambiguous
     # failure), the condition refuses the copy, the call succeeds, the chain stays whole.
-    real = repo._call
+    client = await repo.client()
+    real = client.put_item
     lost: list[str] = []
 
-    async def lose_first_response(operation: str, kwargs: Any, **options: Any) -> dict[str, Any]:
-        result = await real(operation, kwargs, **options)
+    async def lose_first_response(**kwargs: Any) -> dict[str, Any]:
+        result: dict[str, Any] = await real(**kwargs)
         sk = kwargs.get("Item", {}).get(schema.SK, {}).get("S", "")
         kind = "head" if sk == schema.AUDIT_HEAD_SK else "event"
-        if operation == "put_item" and kind not in lost:
+        if kind not in lost:
             lost.append(kind)
-            raise repository_mod._Ambiguous(TimeoutError("response lost"))
+            raise TimeoutError("response lost")
         return result
 
-    monkeypatch.setattr(repo, "_call", lose_first_response)
+    monkeypatch.setattr(client, "put_item", lose_first_response)
     await limiter.set_limits("key", [RPM], principal="ops")
     assert lost == ["head", "event"]
     assert [e.action for e in await limiter.get_audit_events("key")] == [

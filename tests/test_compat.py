@@ -193,7 +193,7 @@ async def test_consuming_more_than_the_burst_is_a_rate_limit_exceeded(endpoint_u
 
 async def test_too_large_is_an_error_under_fail_open_even_when_unreachable() -> None:
     from zae_limiter.ops.local import free_port
-    from zae_limiter.storage.dynamodb.repository import RetryPolicy
+    from zae_limiter.storage.dynamodb.client import RetryPolicy
 
     limiter = RateLimiter(name="compat", endpoint_url=f"http://127.0.0.1:{free_port()}",
                           failure_mode=FailureMode.FAIL_OPEN, version_check="skip",
@@ -212,7 +212,7 @@ async def test_too_large_is_an_error_under_fail_open_even_when_unreachable() -> 
 
 async def test_fail_open_lease_reports_nothing_consumed() -> None:
     from zae_limiter.ops.local import free_port
-    from zae_limiter.storage.dynamodb.repository import RetryPolicy
+    from zae_limiter.storage.dynamodb.client import RetryPolicy
 
     limiter = RateLimiter(name="compat", endpoint_url=f"http://127.0.0.1:{free_port()}",
                           failure_mode=FailureMode.FAIL_OPEN, version_check="skip",

@@ -24,7 +24,7 @@ from zae_limiter import (
 )
 from zae_limiter.limiter import MISSING_ENTITY_TTL
 from zae_limiter.ops.local import free_port
-from zae_limiter.storage.dynamodb.repository import RetryPolicy
+from zae_limiter.storage.dynamodb.client import RetryPolicy
 from zae_limiter.storage.protocol import Item
 
 pytestmark = pytest.mark.integration

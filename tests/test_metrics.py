@@ -44,7 +44,7 @@ from zae_limiter.metrics import (
     Metrics,
 )
 from zae_limiter.ops.local import LocalDynamoDB, free_port
-from zae_limiter.storage.dynamodb.repository import RetryPolicy
+from zae_limiter.storage.dynamodb.client import RetryPolicy
 
 RPM = Limit.per_minute("rpm", 100)
 TPM = Limit.per_minute("tpm", 10_000)

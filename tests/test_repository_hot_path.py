@@ -30,11 +30,9 @@ from hypothesis import strategies as st
 
 from zae_limiter import core, schema
 from zae_limiter.ops.local import LocalDynamoDB
-from zae_limiter.storage.dynamodb.repository import (
-    Repository,
-    bucket_update_request,
-    plain_item_body,
-)
+from zae_limiter.storage.dynamodb.codec import plain_item_body
+from zae_limiter.storage.dynamodb.repository import Repository
+from zae_limiter.storage.dynamodb.requests import PARTS_CACHE_SIZE, bucket_update_request
 from zae_limiter.storage.protocol import ConditionFailed, LimitWrite, StorageError
 
 NOW = 1_800_000_000_000
@@ -74,9 +72,9 @@ def _sent(repo_client: Any) -> list[Any]:
 def _sent_lean(repo: Repository) -> list[Any]:
     """Requests the bucket calls' transport sends from now on (through the client's HTTP
     session, below botocore's events)."""
-    assert repo._lean is not None
+    assert repo.table_client.lean is not None
     seen: list[Any] = []
-    http = repo._lean._http
+    http = repo.table_client.lean._http
     send = http.send
 
     async def record(request: Any) -> Any:
@@ -183,7 +181,7 @@ SHARED = Repository(name="shapes")
 def test_bucket_requests_are_the_requests_built_from_scratch(
     batch: list[tuple[str, str, list[LimitWrite], int, str, int | None]],
 ) -> None:
-    built = [SHARED._bucket_update(*args) for args in batch]
+    built = [SHARED.requests.update(*args) for args in batch]
     for args, request in zip(batch, built, strict=True):
         assert request == bucket_update_request(SHARED.table_name, *args)
     # Requests of one shape share their parts; building another never changed them.
@@ -195,9 +193,10 @@ def test_bucket_requests_are_the_requests_built_from_scratch(
 def test_parts_are_kept_within_a_bound() -> None:
     repo = Repository(name="bound")
     for i in range(3_000):
-        repo._bucket_update(f"e{i}", "r", [_take(f"l{i % 1_500}", 1)], NOW, "id")
-    assert len(repo._keys) <= 1_024 and len(repo._update_shapes) <= 1_024
-    request = repo._bucket_update("e1", "r", [_take("l1", 1)], NOW, "id")
+        repo.requests.update(f"e{i}", "r", [_take(f"l{i % 1_500}", 1)], NOW, "id")
+    assert len(repo.requests.keys) <= PARTS_CACHE_SIZE
+    assert len(repo.requests.shapes) <= PARTS_CACHE_SIZE
+    request = repo.requests.update("e1", "r", [_take("l1", 1)], NOW, "id")
     assert request == bucket_update_request(repo.table_name, "e1", "r", [_take("l1", 1)], NOW, "id")
 
 
@@ -241,12 +240,12 @@ async def test_parts_do_not_leak_between_items_and_limit_sets(repo: Repository) 
 
 async def test_shared_parts_are_never_modified(repo: Repository) -> None:
     await repo.write_bucket("e", "r", [_create("rpm", 10_000)], NOW)
-    first = repo._bucket_update("e", "r", [_take("rpm", 1)], NOW, "id1")
+    first = repo.requests.update("e", "r", [_take("rpm", 1)], NOW, "id1")
     names, key = copy.deepcopy(first["ExpressionAttributeNames"]), copy.deepcopy(first["Key"])
     for _ in range(3):
         await repo.write_bucket("e", "r", [_take("rpm", 1)], NOW)
         await repo.get_bucket("e", "r")
-    again = repo._bucket_update("e", "r", [_take("rpm", 1)], NOW, "id2")
+    again = repo.requests.update("e", "r", [_take("rpm", 1)], NOW, "id2")
     assert again["ExpressionAttributeNames"] is first["ExpressionAttributeNames"]
     assert again["Key"] is first["Key"]
     assert again["ExpressionAttributeNames"] == names and again["Key"] == key
@@ -281,10 +280,10 @@ async def test_conditions_still_fail(repo: Repository) -> None:
 async def test_a_write_id_applies_once(repo: Repository) -> None:
     """The ring of write ids still refuses a resend (what resolves a lost response)."""
     await repo.write_bucket("e", "r", [_create("rpm", 10_000)], NOW)
-    request = repo._bucket_update("e", "r", [_take("rpm", 1_000)], NOW, "resend01")
-    await repo._call("update_item", request)
+    request = repo.requests.update("e", "r", [_take("rpm", 1_000)], NOW, "resend01")
+    await repo.table_client.send("update_item", request)
     with pytest.raises(StorageError) as info:
-        await repo._call("update_item", request)
+        await repo.table_client.send("update_item", request)
     assert info.value.code == "ConditionalCheckFailedException"
     bucket = await repo.get_bucket("e", "r")
     assert bucket is not None and bucket.limits["rpm"].full_at == 11_000
@@ -391,7 +390,7 @@ def test_other_outputs_and_members_are_left_to_botocore() -> None:
 
 async def test_the_client_parses_items_plainly_and_returns_the_same(repo: Repository) -> None:
     await repo.client()
-    assert repo._parses_items_plainly
+    assert repo.table_client.parses_items_plainly
     await repo.write_bucket("e", "r", [_create("rpm", 10_000)], NOW)
     (raw,) = await repo.bucket_items("e", "r")
     binary = await repo.call(

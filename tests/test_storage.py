@@ -16,8 +16,10 @@ import pytest
 
 from zae_limiter import InfrastructureNotFoundError, Limit, schema
 from zae_limiter.core import WRITE_ABSOLUTE
+from zae_limiter.schema import error_code
 from zae_limiter.storage import protocol as storage
-from zae_limiter.storage.dynamodb.repository import Repository, error_code, is_loopback
+from zae_limiter.storage.dynamodb.endpoint import is_loopback
+from zae_limiter.storage.dynamodb.repository import Repository
 from zae_limiter.storage.protocol import LimitWrite, StorageError
 from zae_limiter.version import (
     CLIENT_SCHEMA_VERSION,
@@ -109,6 +111,20 @@ def bare_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
 
 
+def test_the_names_of_the_earlier_module_still_import() -> None:
+    """`zae_limiter.repository` (0.2.0's path) and `storage.dynamodb.repository` still export
+    every name they did before `client`, `codec` and `requests` were split from them: the same
+    objects as in their homes now."""
+    import zae_limiter.repository as earlier
+    from zae_limiter.storage.dynamodb import client, codec, endpoint, repository, requests
+
+    homes = {"Repository": repository, "RetryPolicy": client, "error_code": schema,
+             "is_loopback": endpoint, "usage_query": requests}
+    assert earlier is repository
+    for name in earlier.__all__:
+        assert getattr(earlier, name) is getattr(homes.get(name, codec), name), name
+
+
 def _write(limit: str, full_at: int) -> LimitWrite:
     return LimitWrite(limit, WRITE_ABSOLUTE, full_at, None, None, 0, "10:10:10:60", create=True)
 
@@ -145,8 +161,12 @@ async def test_configured_region_and_credentials_win(
 
 
 async def test_remote_endpoint_gets_no_placeholders(bare_environment: None) -> None:
-    repo = Repository(name="x", region="us-east-1", endpoint_url="http://10.0.0.1:8000")
-    assert await repo._where() == {"region_name": "us-east-1"}
+    async with Repository(
+        name="x", region="us-east-1", endpoint_url="http://10.0.0.1:8000"
+    ) as repo:
+        client = await repo.client()  # nothing is sent: building it needs no endpoint
+        assert client.meta.region_name == "us-east-1"
+        assert client._request_signer._credentials is None
 
 
 # -- errors -------------------------------------------------------------------------------------

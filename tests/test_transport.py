@@ -32,7 +32,8 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials as BotoCredentials
 
 from zae_limiter import core
-from zae_limiter.storage.dynamodb.repository import Repository, _never_sent
+from zae_limiter.storage.dynamodb.client import never_sent
+from zae_limiter.storage.dynamodb.repository import Repository
 from zae_limiter.storage.dynamodb.transport import (
     TARGET_PREFIX,
     Credentials,
@@ -161,11 +162,11 @@ async def repo(canned: Canned) -> AsyncIterator[Repository]:
 
 def _update(repo: Repository) -> dict[str, Any]:
     write = LimitWrite("rpm", core.WRITE_RELATIVE, 5, 0, None, 5)
-    return repo._bucket_update("e", "r", [write], NOW, "wid", None)
+    return repo.requests.update("e", "r", [write], NOW, "wid", None)
 
 
 def _get(repo: Repository) -> dict[str, Any]:
-    return {"TableName": repo.table_name, "Key": repo._bucket_key("e", "r"), "ConsistentRead": True}
+    return repo.requests.get("e", "r")
 
 
 def _resign(headers: dict[str, str], body: bytes, url: str, credentials: BotoCredentials,
@@ -189,10 +190,10 @@ def _resign(headers: dict[str, str], body: bytes, url: str, credentials: BotoCre
 async def test_bucket_calls_take_the_transport_and_botocore_signs_them_alike(
     canned: Canned, repo: Repository, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert repo._lean is not None
+    assert repo.table_client.lean is not None
     canned.queue.append((200, json.dumps({"Attributes": {"fa#rpm": {"N": "5"}}}).encode(), {}))
-    await repo._call("update_item", _update(repo), bucket=True)
-    await repo._call("get_item", _get(repo), bucket=True)
+    await repo.table_client.send("update_item", _update(repo), bucket=True)
+    await repo.table_client.send("get_item", _get(repo), bucket=True)
     assert len(canned.received) == 2
     for (headers, body), api in zip(canned.received, ("UpdateItem", "GetItem"), strict=True):
         assert headers["X-Amz-Target"] == TARGET_PREFIX + api
@@ -213,7 +214,7 @@ async def test_a_session_token_is_sent_and_signed(
 ) -> None:
     async with Repository(name="t", endpoint_url=canned.url,
                           session=_session(token="TOKEN/with+chars==")) as repo:
-        await repo._call("get_item", _get(repo), bucket=True)
+        await repo.table_client.send("get_item", _get(repo), bucket=True)
     ((headers, body),) = canned.received
     assert headers["X-Amz-Security-Token"] == "TOKEN/with+chars=="
     assert "x-amz-security-token;x-amz-target" in headers["Authorization"]
@@ -239,11 +240,11 @@ async def test_refreshed_credentials_sign_the_next_request(
     credentials = AioRefreshableCredentials.create_from_metadata(
         await refresh(), refresh, "test"
     )
-    assert repo._lean is not None
-    monkeypatch.setattr(repo._lean, "_credentials", credentials)
-    await repo._call("get_item", _get(repo), bucket=True)
+    assert repo.table_client.lean is not None
+    monkeypatch.setattr(repo.table_client.lean, "_credentials", credentials)
+    await repo.table_client.send("get_item", _get(repo), bucket=True)
     await asyncio.sleep(1.1)  # past the expiry: botocore refreshes
-    await repo._call("get_item", _get(repo), bucket=True)
+    await repo.table_client.send("get_item", _get(repo), bucket=True)
     seen = []
     for headers, body in canned.received:
         access = headers["Authorization"].split("Credential=")[1].split("/")[0]
@@ -260,10 +261,10 @@ async def test_refreshed_credentials_sign_the_next_request(
 async def test_no_credentials_is_a_configuration_error_and_nothing_is_sent(
     canned: Canned, repo: Repository, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert repo._lean is not None
-    monkeypatch.setattr(repo._lean, "_credentials", BotoCredentials(None, None))  # type: ignore[arg-type]
+    assert repo.table_client.lean is not None
+    monkeypatch.setattr(repo.table_client.lean, "_credentials", BotoCredentials(None, None))  # type: ignore[arg-type]
     with pytest.raises(botocore.exceptions.NoCredentialsError):
-        await repo._lean.send("get_item", _get(repo))
+        await repo.table_client.lean.send("get_item", _get(repo))
     assert canned.received == []
 
 
@@ -340,12 +341,12 @@ async def test_answers_are_the_clients(
     canned: Canned, repo: Repository, answer: str, status: int, body: bytes, operation: str
 ) -> None:
     client = await repo.client()
-    assert repo._lean is not None
+    assert repo.table_client.lean is not None
     kwargs = _update(repo) if operation == "update_item" else _get(repo)
     canned.queue.append((status, body, {}))
     expected = await _outcome(getattr(client, operation)(**kwargs))
     canned.queue.append((status, body, {}))
-    got = await _outcome(repo._lean.send(operation, kwargs))
+    got = await _outcome(repo.table_client.lean.send(operation, kwargs))
     assert _comparable(got) == _comparable(expected)
     if isinstance(expected, botocore.exceptions.ClientError):
         assert isinstance(got, botocore.exceptions.ClientError)
@@ -361,15 +362,15 @@ async def test_a_refused_connection_is_the_same_never_sent_error() -> None:
     async with Repository(name="t", endpoint_url=f"http://127.0.0.1:{port}",
                           session=_session()) as repo:
         client = await repo.client()
-        assert repo._lean is not None
+        assert repo.table_client.lean is not None
         expected = await _outcome(client.get_item(**_get(repo)))
-        got = await _outcome(repo._lean.send("get_item", _get(repo)))
+        got = await _outcome(repo.table_client.lean.send("get_item", _get(repo)))
     assert type(got) is type(expected) is botocore.exceptions.EndpointConnectionError
-    assert _never_sent(got) and _never_sent(expected)
+    assert never_sent(got) and never_sent(expected)
 
 
 async def test_a_read_timeout_is_the_same_error(canned: Canned) -> None:
-    from zae_limiter.storage.dynamodb.repository import RetryPolicy
+    from zae_limiter.storage.dynamodb.client import RetryPolicy
 
     async def slow(request: web.Request) -> web.Response:
         await asyncio.sleep(1.0)
@@ -386,9 +387,9 @@ async def test_a_read_timeout_is_the_same_error(canned: Canned) -> None:
         async with Repository(name="t", endpoint_url=f"http://127.0.0.1:{port}",
                               session=_session(), retry=RetryPolicy(read_timeout=0.2)) as repo:
             client = await repo.client()
-            assert repo._lean is not None
+            assert repo.table_client.lean is not None
             expected = await _outcome(client.get_item(**_get(repo)))
-            got = await _outcome(repo._lean.send("get_item", _get(repo)))
+            got = await _outcome(repo.table_client.lean.send("get_item", _get(repo)))
     finally:
         await runner.cleanup()
     assert type(got) is type(expected) is botocore.exceptions.ReadTimeoutError
@@ -401,7 +402,7 @@ async def _lean_url(monkeypatch: pytest.MonkeyPatch, **kwargs: Any) -> str | Non
     async with Repository(name="t", session=_session(), **kwargs) as repo:
         await repo.client()
         client_url = (await repo.client()).meta.endpoint_url
-        lean = repo._lean
+        lean = repo.table_client.lean
         assert lean is None or lean.url == client_url
         return None if lean is None else lean.url
 

@@ -49,7 +49,8 @@ from .resolver import MISSING_ENTITY_TTL as MISSING_ENTITY_TTL  # its documented
 from .resolver import LimitResolver, LimitSets
 from .schema import DEFAULT_RESOURCE, default_region, short_name, table_name
 from .storage.capacity import CapacityLedger
-from .storage.dynamodb.repository import Repository, RetryPolicy
+from .storage.dynamodb.client import RetryPolicy
+from .storage.dynamodb.repository import Repository
 from .storage.protocol import BucketItem, RepositoryUnavailable, Storage
 from .validation import validate_entity_id, validate_name, validate_resource
 from .version import (

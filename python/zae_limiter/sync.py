@@ -31,7 +31,7 @@ from .models import (
 )
 from .schema import DEFAULT_RESOURCE
 from .storage.capacity import CapacityLedger
-from .storage.dynamodb.repository import RetryPolicy
+from .storage.dynamodb.client import RetryPolicy
 from .storage.protocol import Storage
 from .version import VersionCheck
 

@@ -2,11 +2,11 @@
 order of listings, summaries.
 
 Reading them is storage's (`UsageStorage.get_usage_snapshots`; the DynamoDB query and the item
-format are in `zae_limiter.repository`). Snapshot item attributes (see
-``zae_limiter.aggregator.handler.build_item``): ``counters`` maps each limit to its net tokens
-(consumed - released) in the window, exact decimals; ``consumed`` and ``released`` the two parts;
-``spans`` the counter intervals the aggregator folds (its idempotency state, not meant for
-readers).
+format are in `zae_limiter.storage.dynamodb`: `requests.usage_query`, `codec`). Snapshot item
+attributes (see ``zae_limiter.aggregator.handler.build_item``): ``counters`` maps each limit to
+its net tokens (consumed - released) in the window, exact decimals; ``consumed`` and
+``released`` the two parts; ``spans`` the counter intervals the aggregator folds (its
+idempotency state, not meant for readers).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from zae_limiter.http.asgi import (
     total_tokens,
 )
 from zae_limiter.http.fastapi import RateLimit, install
-from zae_limiter.storage.dynamodb.repository import RetryPolicy
+from zae_limiter.storage.dynamodb.client import RetryPolicy
 
 # 30 a day: nothing refills during a test (one token every 48 minutes).
 EXACT = Limit.per_day("rpd", 30)

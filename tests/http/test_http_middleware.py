@@ -41,7 +41,7 @@ from zae_limiter.http.asgi import (
     total_tokens,
 )
 from zae_limiter.ops.local import free_port
-from zae_limiter.storage.dynamodb.repository import RetryPolicy
+from zae_limiter.storage.dynamodb.client import RetryPolicy
 
 pytestmark = pytest.mark.integration
 

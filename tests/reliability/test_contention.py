@@ -40,7 +40,8 @@ from zae_limiter import (
 )
 from zae_limiter.engine import stored as stored_state
 from zae_limiter.engine.engine import MAX_ROUNDS
-from zae_limiter.storage.dynamodb.repository import ConditionFailed, Repository
+from zae_limiter.storage.dynamodb.repository import Repository
+from zae_limiter.storage.protocol import ConditionFailed
 
 pytestmark = pytest.mark.integration
 

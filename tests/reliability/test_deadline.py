@@ -45,7 +45,9 @@ from zae_limiter.deadline import (
     LOOPBACK_DEADLINE_SECONDS,
     DeadlineExceeded,
 )
-from zae_limiter.storage.dynamodb.repository import Repository, RetryPolicy, is_loopback
+from zae_limiter.storage.dynamodb.client import RetryPolicy
+from zae_limiter.storage.dynamodb.endpoint import is_loopback
+from zae_limiter.storage.dynamodb.repository import Repository
 
 pytestmark = pytest.mark.integration
 

@@ -20,7 +20,7 @@ from zae_limiter import (
     RateLimiterUnavailable,
     StackOptions,
 )
-from zae_limiter.storage.dynamodb.repository import RetryPolicy
+from zae_limiter.storage.dynamodb.client import RetryPolicy
 
 pytestmark = pytest.mark.integration
 

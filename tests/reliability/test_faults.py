@@ -52,7 +52,8 @@ from zae_limiter import (
     schema,
 )
 from zae_limiter.engine import stored as stored_state
-from zae_limiter.storage.dynamodb.repository import Repository, RetryPolicy
+from zae_limiter.storage.dynamodb.client import RetryPolicy
+from zae_limiter.storage.dynamodb.repository import Repository
 
 pytestmark = pytest.mark.integration
 
@@ -85,13 +86,13 @@ POLICY = RecordingPolicy(
     throttle_seconds=0.0,
 )
 A = POLICY.max_attempts
-# One bucket write, worst case: A attempts, each up to A UpdateItem calls (throttling is retried
-# inside) and, after an ambiguous failure, a resolution read of up to A x A GetItem calls.
-MAX_REQUESTS_PER_WRITE = A * (A + A * A)
-# An acquire after a failed one reads the bucket first (its cache entry was dropped): A x A more.
-MAX_REQUESTS_PER_ACQUIRE = A * A + MAX_REQUESTS_PER_WRITE
+# One bucket write, worst case: A UpdateItem sends in all, whatever failed (one retry loop), and
+# after each ambiguous failure a resolution read of up to A GetItem sends.
+MAX_REQUESTS_PER_WRITE = A + A * A
+# An acquire after a failed one reads the bucket first (its cache entry was dropped): A more.
+MAX_REQUESTS_PER_ACQUIRE = A + MAX_REQUESTS_PER_WRITE
 # The limiter's deadline bounds every acquire and lease call, whatever the retry policy would
-# allow (up to A x (A + A x A) requests of a connect and a read timeout each: ~24 s here).
+# allow (up to A + A x A requests of a connect and a read timeout each: ~10 s here).
 DEADLINE_S = 1.0
 UNAVAILABLE_BOUND_S = 1.5 * DEADLINE_S
 DELAY_S = POLICY.read_timeout + 0.35  # "delay" faults outlast the client's read timeout

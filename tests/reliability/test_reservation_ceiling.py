@@ -57,7 +57,8 @@ from zae_limiter import (
     StackOptions,
     schema,
 )
-from zae_limiter.storage.dynamodb.repository import Repository, RetryPolicy
+from zae_limiter.storage.dynamodb.client import RetryPolicy
+from zae_limiter.storage.dynamodb.repository import Repository
 
 pytestmark = pytest.mark.integration
 

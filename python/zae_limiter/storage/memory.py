@@ -12,9 +12,10 @@ No network, no table to create, no AWS account: a service's own tests can run it
 it is configured, with the same decisions, errors and leases as against DynamoDB. What holds:
 
 - Every operation is atomic per item, as DynamoDB's are, and a bucket write applies its
-  conditions exactly as the DynamoDB request states them (`zae_limiter.repository`'s
-  `bucket_update_request`): the same `full_at` bounds, create and 1.x-layout conditions, the
-  ring of recent write ids, counters, definitions and expiry. A contract suite
+  conditions exactly as the DynamoDB request states them
+  (`zae_limiter.storage.dynamodb.requests.bucket_update_request`): the same `full_at` bounds,
+  create and 1.x-layout conditions, the ring of recent write ids, counters, definitions and
+  expiry. A contract suite
   (tests/test_storage_contract.py) runs the same cases against this class and against DynamoDB
   (moto's server) and compares what each holds afterwards.
 - Items are kept in DynamoDB's low-level form, so operator views (`bucket_items`, exports,
@@ -34,7 +35,6 @@ import itertools
 import secrets
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from .. import core, schema
@@ -44,16 +44,26 @@ from ..exceptions import EntityExistsError, EntityNotFoundError, InfrastructureN
 from ..models import AuditEvent, Entity, Limit, UsageSnapshot
 from ..usage import Moment, check_range, snapshot_order
 from .capacity import CapacityLedger, item_size, read_units, write_units
-from .dynamodb.repository import (
+from .dynamodb.codec import (
     audit_event_from_item,
     audit_head,
-    audit_item,
     bucket_from_item,
     chained_audit_item,
     entity_from_item,
+    entity_item,
+    holds_event,
+    item_key,
+    item_num,
+    item_str,
     limit_from_item,
+    limit_item,
+    now_iso,
+    num_av,
     snapshot_from_item,
+    str_av,
+    version_item,
 )
+from .dynamodb.requests import may_create
 from .protocol import (
     Backup,
     BucketItem,
@@ -69,28 +79,6 @@ __all__ = ["MemoryStorage"]
 
 T = TypeVar("T")
 Key = tuple[str, str]
-
-
-def _s(value: str) -> dict[str, Any]:
-    return {"S": value}
-
-
-def _n(value: int) -> dict[str, Any]:
-    return {"N": str(value)}
-
-
-def _num(item: Item, attr: str) -> int | None:
-    value = item.get(attr)
-    return None if value is None or "N" not in value else int(value["N"])
-
-
-def _str(item: Item, attr: str) -> str | None:
-    value = item.get(attr)
-    return None if value is None or "S" not in value else str(value["S"])
-
-
-def _now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class MemoryStorage:
@@ -109,15 +97,11 @@ class MemoryStorage:
         self._lock = threading.RLock()
         self._backups: list[tuple[Backup, dict[Key, Item]]] = []
         self._ledger = CapacityLedger()
-        self._put(
-            {k: _s(v) for k, v in schema.version_key().items()}
-            | {
-                "schema_version": _s(schema.SCHEMA_VERSION),
-                "min_client_version": _s(schema.MIN_CLIENT_VERSION),
-                "updated_at": _s(_now_iso()),
-                "updated_by": _s("MemoryStorage"),
-            }
-        )
+        fields = {
+            "schema_version": schema.SCHEMA_VERSION,
+            "min_client_version": schema.MIN_CLIENT_VERSION,
+        }
+        self._put(version_item(fields, now_iso(), "MemoryStorage"))
 
     # -- the table --------------------------------------------------------------------------
 
@@ -199,7 +183,7 @@ class MemoryStorage:
         expires_at: int | None = None,
     ) -> BucketItem:
         """One bucket write, applied whole or not at all, under the conditions DynamoDB is
-        sent (`repository.bucket_update_request`); `ConditionFailed` with the item as it is
+        sent (`requests.bucket_update_request`); `ConditionFailed` with the item as it is
         when one does not hold. Never lost, never applied twice: memory answers every call."""
         key = self._bucket_key(entity_id, resource)
         write_id = secrets.token_urlsafe(6)
@@ -224,10 +208,10 @@ class MemoryStorage:
 
         def apply() -> bool:
             item = self._items.get(key)
-            ttl = None if item is None else _num(item, schema.TTL_ATTRIBUTE)
+            ttl = None if item is None else item_num(item, schema.TTL_ATTRIBUTE)
             if item is None or (ttl is not None and ttl >= expires_at):
                 return False
-            item[schema.TTL_ATTRIBUTE] = _n(expires_at)
+            item[schema.TTL_ATTRIBUTE] = num_av(expires_at)
             return True
 
         return self._run(apply)
@@ -289,11 +273,11 @@ class MemoryStorage:
 
         def apply() -> bool:
             item = self._items.get(key)
-            if item is None or _num(item, fa) != full_at:
+            if item is None or item_num(item, fa) != full_at:
                 return False
             del item[fa]
-            item[schema.limit_attr(schema.TOKENS, limit_name)] = _n(legacy[0])
-            item[schema.limit_attr(schema.LAST_REFILL, limit_name)] = _n(legacy[1])
+            item[schema.limit_attr(schema.TOKENS, limit_name)] = num_av(legacy[0])
+            item[schema.limit_attr(schema.LAST_REFILL, limit_name)] = num_av(legacy[1])
             return True
 
         return self._run(apply)
@@ -301,19 +285,7 @@ class MemoryStorage:
     # -- entities ---------------------------------------------------------------------------
 
     async def put_entity(self, entity: Entity) -> None:
-        item: Item = {
-            schema.PK: _s(schema.entity_pk(entity.id)),
-            schema.SK: _s(schema.META_SK),
-            "entity_id": _s(entity.id),
-            "metadata": {"M": {k: _s(v) for k, v in entity.metadata.items()}},
-            "created_at": _s(entity.created_at or _now_iso()),
-        }
-        if entity.name is not None:
-            item["name"] = _s(entity.name)
-        if entity.parent_id is not None:
-            item["parent_id"] = _s(entity.parent_id)
-            item[schema.GSI1PK] = _s(schema.parent_gsi_pk(entity.parent_id))
-            item[schema.GSI1SK] = _s(schema.child_gsi_sk(entity.id))
+        item = entity_item(entity, entity.created_at or now_iso())
 
         def apply() -> None:
             if (schema.entity_pk(entity.id), schema.META_SK) in self._items:
@@ -332,9 +304,9 @@ class MemoryStorage:
         gsi = schema.parent_gsi_pk(parent_id)
         items = [
             i for i in self._run(lambda: self._where(lambda p, s: True))
-            if _str(i, schema.GSI1PK) == gsi
+            if item_str(i, schema.GSI1PK) == gsi
         ]  # fmt: skip
-        items.sort(key=lambda i: _str(i, schema.GSI1SK) or "")
+        items.sort(key=lambda i: item_str(i, schema.GSI1SK) or "")
         return [entity_from_item(i) for i in items]
 
     async def delete_entity(self, entity_id: str) -> int:
@@ -361,19 +333,7 @@ class MemoryStorage:
                 if schema.parse_limit_sk(key[1])[1] not in keep:
                     del self._items[key]
             for limit in limits:
-                self._put(
-                    {
-                        schema.PK: _s(pk),
-                        schema.SK: _s(schema.limit_sk(resource, limit.name)),
-                        "entity_id": _s(entity_id),
-                        "resource": _s(resource),
-                        "limit_name": _s(limit.name),
-                        "capacity": _n(limit.capacity),
-                        "burst": _n(limit.burst),
-                        "refill_amount": _n(limit.refill_amount),
-                        "refill_period_seconds": _n(limit.refill_period_seconds),
-                    }
-                )
+                self._put(limit_item(entity_id, resource, limit))
 
         self._run(apply)
 
@@ -421,7 +381,7 @@ class MemoryStorage:
                     entity_id=schema.entity_id_from_pk(item[schema.PK]["S"]),
                     resource=schema.parse_limit_sk(item[schema.SK]["S"])[0],
                     limit=limit,
-                    definition=_str(item, schema.STORED_LIMIT_DEF),
+                    definition=item_str(item, schema.STORED_LIMIT_DEF),
                 )
             )
         return found
@@ -434,13 +394,13 @@ class MemoryStorage:
         def apply() -> bool:
             item = self._items.get(key)
             if item is None or any(
-                _num(item, f) != getattr(limit, f) for f in schema.STORED_LIMIT_FIELDS
+                item_num(item, f) != getattr(limit, f) for f in schema.STORED_LIMIT_FIELDS
             ):
                 return False
             if definition is None:
                 item.pop(schema.STORED_LIMIT_DEF, None)
             else:
-                item[schema.STORED_LIMIT_DEF] = _s(definition)
+                item[schema.STORED_LIMIT_DEF] = str_av(definition)
             return True
 
         return self._run(apply)
@@ -457,9 +417,7 @@ class MemoryStorage:
         def apply() -> None:
             stored = self._items.get(key)
             if stored is not None:
-                mine = audit_item(event)
-                same = (schema.AUDIT_ACTION, schema.AUDIT_TIMESTAMP, schema.AUDIT_ENTITY_ID)
-                if any(stored.get(attr) != mine[attr] for attr in same):
+                if not holds_event(stored, event):
                     raise StorageError(
                         "AuditEventExists", f"another audit event has the id {event.event_id}"
                     )
@@ -467,9 +425,9 @@ class MemoryStorage:
             head = self._items.get(head_key) or {}
             item = chained_audit_item(
                 event,
-                (_num(head, schema.AUDIT_SEQ) or 0) + 1,
-                _str(head, schema.AUDIT_HASH) or CHAIN_START,
-                _str(head, schema.AUDIT_EVENT_ID),
+                (item_num(head, schema.AUDIT_SEQ) or 0) + 1,
+                item_str(head, schema.AUDIT_HASH) or CHAIN_START,
+                item_str(head, schema.AUDIT_EVENT_ID),
             )
             self._put(item)
             self._put(audit_head(item))
@@ -567,10 +525,10 @@ class MemoryStorage:
 
         def apply() -> None:
             key = self._version_key()
-            item = self._items.setdefault(key, {schema.PK: _s(key[0]), schema.SK: _s(key[1])})
-            item.update({k: _s(v) for k, v in fields.items() if v is not None})
-            item["updated_at"] = _s(_now_iso())
-            item["updated_by"] = _s(updated_by)
+            item = self._items.setdefault(key, item_key(*key))
+            item.update({k: str_av(v) for k, v in fields.items() if v is not None})
+            item["updated_at"] = str_av(now_iso())
+            item["updated_by"] = str_av(updated_by)
 
         self._run(apply)
 
@@ -581,11 +539,7 @@ class MemoryStorage:
             key = self._version_key()
             if key in self._items:
                 return False
-            self._put(
-                {schema.PK: _s(key[0]), schema.SK: _s(key[1])}
-                | {k: _s(v) for k, v in fields.items()}
-                | {"updated_at": _s(_now_iso()), "updated_by": _s(updated_by)}
-            )
+            self._put(version_item(fields, now_iso(), updated_by))
             return True
 
         return self._run(apply)
@@ -621,7 +575,7 @@ class MemoryStorage:
                 name=name,
                 table=self._table_name,
                 status="AVAILABLE",
-                created=_now_iso(),
+                created=now_iso(),
                 size_bytes=sum(item_size(i) for i in self._items.values()),
             )
             self._backups.append((backup, copy.deepcopy(self._items)))
@@ -635,17 +589,17 @@ class MemoryStorage:
 
 
 def _conditions_hold(item: Item, writes: Sequence[LimitWrite], write_id: str) -> bool:
-    """The ConditionExpression of `repository.bucket_update_request`, evaluated on `item` (an
+    """The ConditionExpression of `requests.bucket_update_request`, evaluated on `item` (an
     absent attribute fails every comparison, as in DynamoDB)."""
-    if any(_str(item, slot) == write_id for slot in schema.WRITE_ID_SLOTS):
+    if any(item_str(item, slot) == write_id for slot in schema.WRITE_ID_SLOTS):
         return False
     for w in writes:
-        fa = _num(item, schema.limit_attr(schema.FULL_AT, w.limit_name))
+        fa = item_num(item, schema.limit_attr(schema.FULL_AT, w.limit_name))
         if w.create or w.legacy is not None:
             if fa is not None:
                 return False
-            tk = _num(item, schema.limit_attr(schema.TOKENS, w.limit_name))
-            lr = _num(item, schema.limit_attr(schema.LAST_REFILL, w.limit_name))
+            tk = item_num(item, schema.limit_attr(schema.TOKENS, w.limit_name))
+            lr = item_num(item, schema.limit_attr(schema.LAST_REFILL, w.limit_name))
             if w.legacy is None and lr is not None:
                 return False
             if w.legacy is not None and (tk, lr) != w.legacy:
@@ -667,40 +621,40 @@ def _updated(
     resource: str,
     expires_at: int | None,
 ) -> Item:
-    """The item after the UpdateExpression of `repository.bucket_update_request` (every
+    """The item after the UpdateExpression of `requests.bucket_update_request` (every
     right-hand side read from the old item)."""
     before = old or {}
-    new: Item = copy.deepcopy(before) | {schema.PK: _s(key[0]), schema.SK: _s(key[1])}
+    new: Item = copy.deepcopy(before) | item_key(*key)
     for w in writes:
         fa = schema.limit_attr(schema.FULL_AT, w.limit_name)
-        current = _num(before, fa)
+        current = item_num(before, fa)
         if w.mode == core.WRITE_ADD:
-            new[fa] = _n((current or 0) + w.value)
+            new[fa] = num_av((current or 0) + w.value)
         elif w.mode == core.WRITE_RELATIVE:
             if current is None:  # DynamoDB refuses the expression: the condition prevents it
                 raise StorageError("ValidationException", "relative write to an absent state")
-            new[fa] = _n(current + w.value)
+            new[fa] = num_av(current + w.value)
         else:
-            new[fa] = _n(w.value)
+            new[fa] = num_av(w.value)
         if w.legacy is not None and w.fence is not None:
-            new[schema.limit_attr(schema.TOKENS, w.limit_name)] = _n(w.fence[0])
-            new[schema.limit_attr(schema.LAST_REFILL, w.limit_name)] = _n(w.fence[1])
+            new[schema.limit_attr(schema.TOKENS, w.limit_name)] = num_av(w.fence[0])
+            new[schema.limit_attr(schema.LAST_REFILL, w.limit_name)] = num_av(w.fence[1])
         if w.delta_milli:
             counter = schema.CONSUMED if w.delta_milli > 0 else schema.RELEASED
             attr = schema.limit_attr(counter, w.limit_name)
-            new[attr] = _n((_num(before, attr) or 0) + abs(w.delta_milli))
+            new[attr] = num_av((item_num(before, attr) or 0) + abs(w.delta_milli))
         if w.definition is not None:
-            new[schema.limit_attr(schema.LIMIT_DEF, w.limit_name)] = _s(w.definition)
-    new[schema.WRITE_TIME] = _n(now_ms)
-    if any(w.create or w.legacy is not None for w in writes):
-        new["entity_id"] = _s(entity_id)
-        new["resource"] = _s(resource)
+            new[schema.limit_attr(schema.LIMIT_DEF, w.limit_name)] = str_av(w.definition)
+    new[schema.WRITE_TIME] = num_av(now_ms)
+    if may_create(writes):
+        new["entity_id"] = str_av(entity_id)
+        new["resource"] = str_av(resource)
     if expires_at is not None:
-        new[schema.TTL_ATTRIBUTE] = _n(expires_at)
+        new[schema.TTL_ATTRIBUTE] = num_av(expires_at)
     slots = schema.WRITE_ID_SLOTS
-    new[slots[0]] = _s(write_id)
+    new[slots[0]] = str_av(write_id)
     for newer, older in itertools.pairwise(slots):
-        new[older] = copy.deepcopy(before.get(newer, _s("")))
+        new[older] = copy.deepcopy(before.get(newer, str_av("")))
     return new
 
 

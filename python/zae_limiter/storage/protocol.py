@@ -1,9 +1,10 @@
 """What the limiter, its engine and the operator tools need of storage, and the data they trade.
 
-`zae_limiter.repository.Repository` is the DynamoDB implementation; it is the only module that
-knows DynamoDB's error codes, expressions and key formats (through `schema`). A second backend
-implements `Storage` (see docs/design.md, "Storage interface"); each part is also a Protocol of
-its own, so a component can ask for no more than it uses (the engine: `BucketStorage`).
+`zae_limiter.storage.dynamodb.Repository` is the DynamoDB implementation; its package is the
+only one that knows DynamoDB's error codes, expressions and key formats (through `schema`). A
+second backend implements `Storage` (see docs/design.md, "Storage interface"); each part is also
+a Protocol of its own, so a component can ask for no more than it uses (the engine:
+`BucketStorage`).
 
 Errors every implementation raises, whatever its own client library says:
 

@@ -8,13 +8,13 @@ with `json.dumps`, signs it with Signature Version 4 (`sigv4_headers`) and sends
 botocore client's own HTTP session (`AIOHTTPSession.send`): the same connection pool, TLS and
 proxy settings, connect and read timeouts, and the same mapping of aiohttp's failures onto
 botocore's exceptions (`EndpointConnectionError`, `ConnectTimeoutError`, `ReadTimeoutError`,
-`ConnectionClosedError`, ...), which `Repository._call` classifies as before.
+`ConnectionClosedError`, ...), which `TableClient.send` (client.py) classifies as before.
 
 What is taken from the client, once, so that nothing is configured twice: the endpoint (botocore's
 own resolution: `endpoint_url`, `AWS_ENDPOINT_URL*`, the region's public endpoint), the signing
 region and name, and the credentials provider (read before every request: refreshable
 credentials refresh as they do in botocore). A response is what botocore returns: a plain item
-body is the JSON itself (`repository.plain_item_body`), anything else (an error, a binary value)
+body is the JSON itself (`codec.plain_item_body`), anything else (an error, a binary value)
 goes through the client's own parser, with the modeled error fields added and the error class
 from the client's exceptions, as in aiobotocore's `_make_api_call`.
 
