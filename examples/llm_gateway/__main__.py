@@ -1,6 +1,6 @@
 """`python -m examples.llm_gateway`: the gateway on uvicorn, over an embedded DynamoDB.
 
-Starts moto's DynamoDB on loopback (`zae_limiter.local.LocalDynamoDB`), creates the table, the
+Starts moto's DynamoDB on loopback (`zae_limiter.ops.local.LocalDynamoDB`), creates the table, the
 project and its API keys, then serves until Ctrl+C or SIGTERM; both stop the server gracefully
 and the embedded DynamoDB with it.
 """

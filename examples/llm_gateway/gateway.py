@@ -7,7 +7,7 @@ A request goes through three layers, outermost first:
    `RateLimitMiddleware` calls its `cost` with the ASGI scope alone, before anyone has read the
    body, so the estimate, which needs `max_tokens` and the prompt, is made here and handed on
    in the scope; the body is replayed to the layers below. Bad requests never reach DynamoDB.
-2. `zae_limiter.asgi.RateLimitMiddleware`: one acquire of `rpm` 1 and `tpm` = the estimate for
+2. `zae_limiter.http.asgi.RateLimitMiddleware`: one acquire of `rpm` 1 and `tpm` = the estimate for
    the key, with cascade to its project (both with stored limits); a refusal is its 429 (or 413
    for an estimate above a burst); the RateLimit fields go on every admitted response.
 3. `completions`: the simulated model answers, as JSON or as an SSE stream.
