@@ -305,7 +305,7 @@ async def _answer_from(repo: Repository, recorded: dict[str, tuple[dict[str, str
         client.meta.events.register(f"before-send.dynamodb.{op}", answer)
     lean = repo.table_client.lean
     if lean is not None:  # the bucket calls' own transport, answered the same way
-        lean._http = _RecordedSession(recorded)
+        lean.http_session = _RecordedSession(recorded)
 
 
 class _RecordedSession:

@@ -223,7 +223,7 @@ async def steady(endpoint_url: str, seconds: float) -> dict[str, Any]:
     """A new acquire (rpm 1, tpm 100) + adjust (tpm +20) every 1/STEADY s, each a task of its
     own, on limits far from exhausted; latencies and waits are counted after the warm-up."""
     async with _limiter(endpoint_url, True) as limiter:
-        reserver = limiter._reserver
+        reserver = limiter.reserver
         assert reserver is not None
         latencies: list[float] = []
         counts = {"acquires": 0, "admitted": 0, "errors": 0}

@@ -212,7 +212,7 @@ def test_automation_config_replaces_stale_options(monkeypatch: pytest.MonkeyPatc
             self.config.update({k: v.value for k, v in values.items()})
 
     stack = FakeStack()
-    automation._configure(stack, "ZAEL-app", "eu-west-1",  # type: ignore[arg-type]
+    automation.configure_stack(stack, "ZAEL-app", "eu-west-1",  # type: ignore[arg-type]
                           InfraOptions(lambda_memory_mb=512))
     assert stack.config == {
         "aws:region": "eu-west-1", "other:key": "kept", "zae-limiter:name": "app",

@@ -38,7 +38,7 @@ PARENT = textwrap.dedent(
     from zae_limiter.local import LocalDynamoDB
 
     db = LocalDynamoDB().start()  # no `with`, no stop(): nothing here cleans up
-    print(json.dumps({"pid": db._process.pid, "port": db.port}), flush=True)
+    print(json.dumps({"pid": db.pid, "port": db.port}), flush=True)
     if sys.argv[1] == "crash":
         sys.stdin.readline()
         raise RuntimeError("the parent crashes")

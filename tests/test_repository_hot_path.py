@@ -74,7 +74,7 @@ def _sent_lean(repo: Repository) -> list[Any]:
     session, below botocore's events)."""
     assert repo.table_client.lean is not None
     seen: list[Any] = []
-    http = repo.table_client.lean._http
+    http = repo.table_client.lean.http_session
     send = http.send
 
     async def record(request: Any) -> Any:

@@ -144,7 +144,7 @@ async def test_close_gives_back_what_was_not_used(store: MemoryStorage) -> None:
         admitted, _ = await hammer(lim, "k", HOT, 40, tasks=4)
         # A top-up ahead may still be landing: its tokens are consumed in the bucket before
         # they reach the block. (Private, as in the reliability suite's `top_ups_ended`.)
-        reserver = lim._reserver
+        reserver = lim.reserver
         assert reserver is not None
         for _ in range(1_500):
             if all(h.inflight is None for h in reserver.holdings.values()):
@@ -201,7 +201,7 @@ async def test_lease_changes_settle_against_the_block(limiter: RateLimiter,
     async with limiter.acquire("k", "llm", HOT, {"rpm": 1}) as lease:
         # The acquire may have started a top-up ahead (its block ran low): a write of its own,
         # not the adjust's. Let it land first.
-        reserver = limiter._reserver
+        reserver = limiter.reserver
         assert reserver is not None
         inflight = reserver.holdings[key].inflight
         if inflight is not None:
@@ -512,7 +512,7 @@ async def steady_demand(
                            clock=Clock(), reservations=Reservations()) as lim:
         slow = SlowStorage(lim, clock, WRITE_LATENCY)
         monkeypatch.setattr(lim.repository, "write_bucket", slow.write_bucket)
-        reserver = lim._reserver
+        reserver = lim.reserver
         assert reserver is not None
         admitted = 0
 
@@ -589,7 +589,7 @@ async def test_ten_thousand_keys_under_an_outage_leave_no_blocks() -> None:
     async with RateLimiter(
         name="res", repository=DownStorage(), clock=Clock(), reservations=Reservations()
     ) as lim:
-        reserver = lim._reserver
+        reserver = lim.reserver
         assert reserver is not None
 
         async def one(i: int) -> None:

@@ -341,7 +341,7 @@ def test_to_parameters_adds_this_projects_options_that_differ_from_defaults() ->
 
 
 class ConfigStack:
-    """The part of a Pulumi automation Stack that `automation._configure` uses."""
+    """The part of a Pulumi automation Stack that `automation.configure_stack` uses."""
 
     def __init__(self) -> None:
         self.config: dict[str, str] = {}
@@ -387,7 +387,7 @@ def test_to_parameters_is_the_configuration_the_pulumi_stack_gets(options: Stack
     from zae_limiter.infra import automation
 
     stack = ConfigStack()
-    automation._configure(stack, "app", "eu-west-1", coerce_options(options))  # type: ignore[arg-type]
+    automation.configure_stack(stack, "app", "eu-west-1", coerce_options(options))  # type: ignore[arg-type]
     config = {
         k.split(":", 1)[1]: v
         for k, v in stack.config.items()
@@ -606,8 +606,8 @@ async def test_stack_manager_on_a_local_endpoint_is_the_table(endpoint_url: str)
         assert (await manager.deploy_lambda_code())["status"] == "skipped_local"
         with pytest.raises(ValidationError, match="function_name"):
             await manager.deploy_lambda_code("other-function")
-        repository = manager._repository
-    assert manager._repository is None and repository is not None  # closed on exit
+        repository = manager.repository
+    assert manager.repository is None and repository is not None  # closed on exit
 
     client = boto3.client("dynamodb", endpoint_url=endpoint_url, region_name="us-east-1")
     info = direct.describe(client, "local-app")
@@ -917,7 +917,7 @@ async def test_failed_and_concurrent_creations(fake_pulumi: FakePulumi) -> None:
     from zae_limiter.infra import automation
 
     async with StackManager("app") as manager:
-        automation._stack("app", True).fail_with = auto.CommandError(
+        automation.open_stack("app", True).fail_with = auto.CommandError(
             auto.CommandResult("", "error: creating table: AccessDenied", 255)
         )
         with pytest.raises(StackCreationError, match="AccessDenied") as failed:
@@ -929,7 +929,7 @@ async def test_failed_and_concurrent_creations(fake_pulumi: FakePulumi) -> None:
         assert (await manager.create_stack())["status"] == "CREATE_COMPLETE"
 
     async with StackManager("other") as manager:
-        automation._stack("other", True).fail_with = auto.ConcurrentUpdateError(
+        automation.open_stack("other", True).fail_with = auto.ConcurrentUpdateError(
             auto.CommandResult("", "error: the stack is currently locked", 255)
         )
         with pytest.raises(StackAlreadyExistsError) as info:
@@ -941,7 +941,7 @@ async def test_create_stack_waits_for_a_deployment_in_progress(fake_pulumi: Fake
     from zae_limiter import StackManager
     from zae_limiter.infra import automation
 
-    stack = automation._stack("app", True)
+    stack = automation.open_stack("app", True)
     stack.updates = [Update("update", "succeeded")]
     stack.history_script = [[Update("update", "in-progress")]] * 3
     async with StackManager("app") as manager:

@@ -174,6 +174,12 @@ class RateLimiter:
         """DynamoDB calls and capacity units this limiter has used (see `CapacityLedger`)."""
         return self.repository.ledger
 
+    @property
+    def reserver(self) -> Reserver | None:
+        """This process's reserved blocks (`zae_limiter.engine.Reserver`; None without
+        `reservations`): its holdings and counters, for inspection."""
+        return self._reserver
+
     def reserved(self) -> dict[tuple[str, str], dict[str, int]]:
         """Tokens this limiter holds reserved, per `(entity_id, resource)` and limit (empty
         without `reservations`). They count as consumed in the shared bucket until given back."""

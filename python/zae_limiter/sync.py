@@ -15,6 +15,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from .deadline import DEFAULT, DeadlineArg
+from .engine.reservations import Reserver
 from .lease import SyncLease
 from .limiter import RateLimiter
 from .metrics import Metrics
@@ -110,6 +111,12 @@ class SyncRateLimiter:
     def clear_cache(self) -> None:
         """Forget every cached bucket state, entity and stored limit."""
         self._limiter.clear_cache()
+
+    @property
+    def reserver(self) -> Reserver | None:
+        """This process's reserved blocks (None without `reservations`); read them on this
+        limiter's loop only (`reserved()` copies them safely)."""
+        return self._limiter.reserver
 
     def reserved(self) -> dict[tuple[str, str], dict[str, int]]:
         """Tokens held reserved, per `(entity_id, resource)` and limit (read on the loop)."""

@@ -815,8 +815,8 @@ async def test_chaos(
     if reservations is not None:
         # A reserve that landed for a call that raised, or a top-up ahead whose outcome is
         # unknown: at most one block each. (The reserver's count is private.)
-        assert limiter._reserver is not None
-        uncertain = books["raised"] + limiter._reserver.failed_ahead
+        assert limiter.reserver is not None
+        uncertain = books["raised"] + limiter.reserver.failed_ahead
         hi += int(LIMIT.burst_milli * reservations.max_share) * uncertain
     figures.add(chaos_uncertain_tokens=(hi - lo) // 1000)
     assert after["net"] <= hi, f"bucket {after['net']} above the books' bound {hi}"

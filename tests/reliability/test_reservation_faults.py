@@ -115,9 +115,8 @@ async def fill_block(limiter: RateLimiter) -> int:
 
 async def top_ups_ended(limiter: RateLimiter, timeout: float = 15.0) -> None:
     """Wait until no top-up is under way: a take that leaves a block under its low watermark
-    starts one in the background, whose tokens reach the block only when it lands. (Private,
-    like `hold_expiry_ended`.)"""
-    reserver = limiter._reserver
+    starts one in the background, whose tokens reach the block only when it lands. """
+    reserver = limiter.reserver
     assert reserver is not None
     deadline = time.monotonic() + timeout
     while any(h.inflight is not None for h in reserver.holdings.values()):
@@ -129,10 +128,10 @@ async def hold_expiry_ended(limiter: RateLimiter, timeout: float = 15.0) -> None
     """Wait until the give-back at hold expiry has ended: the limiter's sweeper task returns once
     no block waits for its hold to end. (Private: nothing public tells that a give-back in the
     background has ended.)"""
-    reserver = limiter._reserver
+    reserver = limiter.reserver
     assert reserver is not None
     deadline = time.monotonic() + timeout
-    while reserver._sweeper is not None and not reserver._sweeper.done():
+    while reserver.sweeping:
         assert time.monotonic() < deadline, "the give-back at hold expiry never ended"
         await asyncio.sleep(0.02)
 
@@ -601,7 +600,7 @@ async def test_blocks_never_topped_up_are_forgotten(proxy: FaultProxy, figures: 
     requests through the proxy; what is kept does not grow with the count, it is zero.)"""
     keys = 1000
     async with reserving(proxy) as limiter:
-        reserver = limiter._reserver
+        reserver = limiter.reserver
         assert reserver is not None
         proxy.inject("throttle", ops={"GetItem"})
 

@@ -115,6 +115,11 @@ class Reserver:
         holdings = [self._holding(eid, resource, limits) for eid, limits in limit_sets]
         return [h.target for h in await self._take(holdings, amounts)]
 
+    @property
+    def sweeping(self) -> bool:
+        """A give-back of blocks whose hold ended is under way in the background."""
+        return self._sweeper is not None and not self._sweeper.done()
+
     def take_local(
         self,
         resource: str,

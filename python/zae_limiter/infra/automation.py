@@ -131,7 +131,7 @@ def _program() -> None:
     stack_program()
 
 
-def _stack(name: str, create: bool) -> auto.Stack:
+def open_stack(name: str, create: bool) -> auto.Stack:
     require_pulumi()
     from pulumi import automation as auto
 
@@ -151,7 +151,7 @@ def _stack(name: str, create: bool) -> auto.Stack:
         ) from exc
 
 
-def _configure(stack: auto.Stack, name: str, region: str, options: InfraOptions) -> None:
+def configure_stack(stack: auto.Stack, name: str, region: str, options: InfraOptions) -> None:
     from pulumi import automation as auto
 
     wanted = {f"{PROJECT_NAME}:{k}": v for k, v in options.config_values().items()}
@@ -181,8 +181,8 @@ def deploy(name: str, region: str, options: object | None = None, *,
            on_output: OnOutput | None = None) -> dict[str, Any]:
     """Create or update the deployment; returns the stack's outputs (see component.EXPORTS)."""
     opts = coerce_options(options)
-    stack = _stack(name, create=True)
-    _configure(stack, name, region, opts)
+    stack = open_stack(name, create=True)
+    configure_stack(stack, name, region, opts)
     from pulumi import automation as auto
 
     try:
@@ -244,7 +244,7 @@ def stack_status(name: str) -> str | None:
     """The deployment's status as CloudFormation would name it (see `status_from_history`);
     None when there is no such stack or it was never deployed."""
     try:
-        stack = _stack(name, create=False)
+        stack = open_stack(name, create=False)
     except InfrastructureNotFoundError:
         return None
     from pulumi import automation as auto
@@ -260,8 +260,8 @@ def preview(name: str, region: str, options: object | None = None, *,
             on_output: OnOutput | None = None) -> dict[str, int]:
     """What `deploy` would change: a count per operation ("create", "update", "same", ...)."""
     opts = coerce_options(options)
-    stack = _stack(name, create=True)
-    _configure(stack, name, region, opts)
+    stack = open_stack(name, create=True)
+    configure_stack(stack, name, region, opts)
     from pulumi import automation as auto
 
     try:
@@ -273,7 +273,7 @@ def preview(name: str, region: str, options: object | None = None, *,
 
 def status(name: str, region: str | None = None) -> dict[str, Any]:
     """The stack's outputs and last update; raises InfrastructureNotFoundError if never deployed."""
-    stack = _stack(name, create=False)
+    stack = open_stack(name, create=False)
     from pulumi import automation as auto
 
     try:
@@ -306,7 +306,7 @@ def destroy(name: str, region: str | None = None, *, on_output: OnOutput | None 
             remove_stack: bool = True) -> None:
     """Destroy the deployment. A table with deletion protection is kept (released from the stack);
     redeploy with `adopt_existing_table=True` to take it back."""
-    stack = _stack(name, create=False)
+    stack = open_stack(name, create=False)
     from pulumi import automation as auto
 
     if region is not None:

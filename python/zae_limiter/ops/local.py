@@ -88,6 +88,11 @@ class LocalDynamoDB:
         self.returncode: int | None = None
 
     @property
+    def pid(self) -> int | None:
+        """The server process's id while it runs (None before `start`)."""
+        return None if self._process is None else self._process.pid
+
+    @property
     def endpoint_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 

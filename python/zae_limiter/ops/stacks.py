@@ -70,6 +70,11 @@ class StackManager:
         self.endpoint_url = endpoint_url
         self._repository: Repository | None = None
 
+    @property
+    def repository(self) -> Repository | None:
+        """The repository the manager opened for its table (None until used, and once closed)."""
+        return self._repository
+
     def _own_repository(self) -> Repository:
         if self._repository is None:
             self._repository = Repository(self.table_name, self.region, self.endpoint_url)

@@ -165,7 +165,7 @@ class LeanTransport:
         plain_body: Callable[[bytes, str], dict[str, Any] | None],
     ) -> None:
         self._client = client
-        self._http = client._endpoint.http_session
+        self.http_session = client._endpoint.http_session
         self._parser_factory = client._endpoint._response_parser_factory
         self._service_model = client.meta.service_model
         self._credentials = client._request_signer._credentials
@@ -281,7 +281,7 @@ class LeanTransport:
             raise botocore.exceptions.NoCredentialsError()
         body = json.dumps(kwargs, separators=(",", ":")).encode()
         request = _Request(self.url, self.headers(api, body, credentials), body)
-        response = await self._http.send(request)
+        response = await self.http_session.send(request)
         status = response.status_code
         content = await response.content
         if status < 300:
