@@ -27,3 +27,13 @@ def endpoint_url(moto_server: LocalDynamoDB) -> Iterator[str]:
     """A fresh, empty moto: tables with streams slow moto down as they grow, so never share."""
     moto_server.reset()
     yield moto_server.endpoint_url
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    # The suite runs on every core (`-n auto`), but a timed benchmark run must have the machine
+    # to itself, and `-s` asks to see what tests print (workers' output is not shown): both run
+    # in one process.
+    if config.getoption("benchmark_enable", default=False) or config.getoption("capture") == "no":
+        config.option.numprocesses = 0
+        config.option.dist = "no"

@@ -330,6 +330,7 @@ def run_tests(scratch: Path, tests: tuple[str, ...], report: Path) -> Run:
             "no:cacheprovider",
             "--timeout=120",
             "-x",
+            "-n0",  # a mutant's few tests: workers would cost more than they save
             f"--junitxml={report}",
         ],
         cwd=scratch,

@@ -76,6 +76,24 @@ def proxy(
     figures.add(proxy_requests=len(proxy_server.stats.seen))
 
 
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # In a parallel run (pytest-xdist) each worker counts its own tests; the main process prints.
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None and _FIGURES is not None:
+        output["reliability_figures"] = json.dumps(_FIGURES.raw())
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    global _FIGURES
+    raw = getattr(node, "workeroutput", {}).get("reliability_figures")
+    if raw is not None:
+        data = json.loads(raw)
+        if _FIGURES is None:
+            _FIGURES = Figures(_size_name(node.config))
+        _FIGURES.merge(data)
+
+
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
     if _FIGURES is None:
         return

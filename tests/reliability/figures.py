@@ -38,6 +38,19 @@ class Figures:
     def add(self, **counts: int) -> None:
         self.counts.update(counts)
 
+    def raw(self) -> dict[str, Any]:
+        """The counters as JSON-able data: a worker of a parallel run sends them to the main
+        process, which `merge`s them."""
+        return {"counts": self.counts, "faults": self.faults, "inputs": self.inputs,
+                "maxima": self.maxima}
+
+    def merge(self, raw: dict[str, Any]) -> None:
+        self.counts.update(raw["counts"])
+        self.faults.update(raw["faults"])
+        self.inputs.update(raw["inputs"])
+        for key, value in raw["maxima"].items():
+            self.worst(key, value)
+
     def worst(self, key: str, value: float) -> None:
         """Keep the largest value seen under `key` (e.g. the slowest failure of a kind)."""
         self.maxima[key] = max(value, self.maxima.get(key, value))
