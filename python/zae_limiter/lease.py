@@ -12,7 +12,7 @@ from typing import Any, Protocol, TypeVar
 from .arguments import oversized
 from .core import units
 from .deadline import Bounded, DeadlineExceeded
-from .engine.engine import Landing, Target, available_milli, request_too_large
+from .engine.engine import Landing, Target, available_milli, limit_status, request_too_large
 from .exceptions import ValidationError
 from .failures import public_errors
 from .models import LimitStatus
@@ -106,17 +106,14 @@ class Lease:
         result: list[LimitStatus] = []
         for target, books in zip(self._targets, self._books, strict=True):
             for limit in target.limits:
-                milli = available_milli(limit, target.state, now)
                 result.append(
-                    LimitStatus(
-                        entity_id=target.entity_id,
-                        resource=target.resource,
-                        limit_name=limit.name,
-                        limit=limit,
-                        available=units.tokens_down(milli),
-                        requested=books.get(limit.name, 0),
-                        exceeded=False,
-                        retry_after_seconds=0.0,
+                    limit_status(
+                        target,
+                        limit,
+                        available_milli(limit, target.state, now),
+                        units.to_milli(books.get(limit.name, 0)),
+                        False,
+                        0.0,
                     )
                 )
         return result

@@ -9,6 +9,7 @@ from decimal import Decimal
 from enum import StrEnum
 from typing import Any, ClassVar, Literal
 
+from .core import units
 from .exceptions import ValidationError
 from .schema import USAGE_WINDOWS  # the storage fact; re-exported (public name)
 from .validation import (
@@ -191,19 +192,19 @@ class Limit:
 
     @property
     def capacity_milli(self) -> int:
-        return self.capacity * 1000
+        return units.to_milli(self.capacity)
 
     @property
     def burst_milli(self) -> int:
-        return self.burst * 1000
+        return units.to_milli(self.burst)
 
     @property
     def refill_amount_milli(self) -> int:
-        return self.refill_amount * 1000
+        return units.to_milli(self.refill_amount)
 
     @property
     def refill_period_ms(self) -> int:
-        return self.refill_period_seconds * 1000
+        return self.refill_period_seconds * units.MS_PER_SECOND
 
     def to_dict(self) -> dict[str, str | int]:
         return {
@@ -1045,15 +1046,15 @@ class BucketState:
     @property
     def tokens(self) -> int:
         """Stored whole tokens (before refill since `last_refill_ms`)."""
-        return self.tokens_milli // 1000
+        return units.tokens_down(self.tokens_milli)
 
     @property
     def capacity(self) -> int:
-        return self.capacity_milli // 1000
+        return units.tokens_down(self.capacity_milli)
 
     @property
     def burst(self) -> int:
-        return self.burst_milli // 1000
+        return units.tokens_down(self.burst_milli)
 
     @classmethod
     def from_limit(cls, entity_id: str, resource: str, limit: Limit, now_ms: int) -> BucketState:
@@ -1070,7 +1071,7 @@ class BucketState:
             limit_name=limit.name,
             tokens_milli=limit.burst_milli,
             last_refill_ms=now_ms,
-            capacity_milli=limit.capacity * 1000,
+            capacity_milli=units.to_milli(limit.capacity),
             burst_milli=limit.burst_milli,
             refill_amount_milli=limit.refill_amount_milli,
             refill_period_ms=limit.refill_period_ms,

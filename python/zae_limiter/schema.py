@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Final
 
+from .core.units import MS_PER_SECOND
 from .core.windows import WINDOWS
 
 SCHEMA_VERSION: Final = "1.2.0"
@@ -220,7 +221,7 @@ def is_audit_partition(pk: str) -> bool:
 
 def audit_ttl(event_ms: int) -> int:
     """The TTL (epoch seconds) of an audit event written at `event_ms`: 90 days later."""
-    return event_ms // 1000 + AUDIT_TTL_SECONDS
+    return event_ms // MS_PER_SECOND + AUDIT_TTL_SECONDS
 
 
 def parent_gsi_pk(parent_id: str) -> str:

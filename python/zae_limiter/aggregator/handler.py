@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from .. import schema
+from ..core import units
 from ..core.units import iso_utc
 from ..core.windows import parse_windows, window_end
 from .audit_changes import audit_change, emf_line
@@ -233,7 +234,7 @@ def process_batch(records: Sequence[Any], table: SnapshotTable, windows: Sequenc
     replay honest about which records did not land.
     """
     started = time.perf_counter()
-    now_ms = int(clock() * 1000)
+    now_ms = units.ms_of_seconds(clock())
     result = BatchResult(records=len(records))
     status: list[str] = []
     pending: dict[SnapshotKey, Growth] = {}

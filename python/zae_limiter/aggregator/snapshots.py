@@ -35,6 +35,7 @@ from decimal import Decimal
 from typing import Any, Final
 
 from .. import schema
+from ..core import units
 from ..core.windows import (
     window_start,
 )
@@ -170,9 +171,9 @@ def _string(value: object, name: str) -> str:
 def _creation_ms(dynamodb: Mapping[str, Any]) -> int | None:
     value = dynamodb.get("ApproximateCreationDateTime")
     if isinstance(value, datetime):
-        return int(value.timestamp() * 1000)
+        return units.ms_of_seconds(value.timestamp())
     if isinstance(value, (int, float, Decimal)) and not isinstance(value, bool):
-        return int(Decimal(value) * 1000)
+        return int(Decimal(value) * units.MILLI)
     return None
 
 

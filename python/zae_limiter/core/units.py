@@ -43,6 +43,11 @@ def tokens_down(milli: int) -> int:
     return milli // MILLI
 
 
+def tokens_exact(milli: int) -> float:
+    """Millitokens as tokens with their fraction, for operators' displays (never a decision)."""
+    return milli / MILLI
+
+
 def tokens_up(milli: int) -> int:
     """Whole tokens that cover `milli` millitokens, rounded up."""
     return -(-milli // MILLI)

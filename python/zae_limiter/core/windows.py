@@ -10,6 +10,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Final
 
+from .units import MS_PER_SECOND
+
 __all__ = [
     "DAILY",
     "HOURLY",
@@ -60,7 +62,7 @@ def format_window_start(window: str, moment: datetime) -> str:
 
 def window_start(window: str, ts_ms: int) -> str:
     """Window key for a limiter timestamp: hourly ``YYYY-MM-DDTHH:00Z``, daily ``YYYY-MM-DD``."""
-    return format_window_start(window, datetime.fromtimestamp(ts_ms / 1000, UTC))
+    return format_window_start(window, datetime.fromtimestamp(ts_ms / MS_PER_SECOND, UTC))
 
 
 def parse_window_start(window: str, start: str) -> datetime:

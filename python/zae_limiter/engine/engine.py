@@ -416,15 +416,31 @@ def statuses(
 
 def _status(target: Target, limit: Limit, outcome: core.Outcome, delta: int) -> LimitStatus:
     retry_ms = outcome.retry_after_ms
+    return limit_status(
+        target, limit, outcome.available_milli, delta, bool(outcome.exceeded),
+        None if retry_ms is None else units.seconds(retry_ms),
+    )
+
+
+def limit_status(
+    target: Target,
+    limit: Limit,
+    available_milli: int,
+    requested_milli: int,
+    exceeded: bool,
+    retry_after_seconds: float | None,
+) -> LimitStatus:
+    """The `LimitStatus` of one limit of `target`, from the millitokens decided with: the one
+    place where a status's tokens are rounded (down: never show a token that is not there)."""
     return LimitStatus(
         entity_id=target.entity_id,
         resource=target.resource,
         limit_name=limit.name,
         limit=limit,
-        available=units.tokens_down(outcome.available_milli),
-        requested=units.tokens_down(delta),
-        exceeded=bool(outcome.exceeded),
-        retry_after_seconds=None if retry_ms is None else units.seconds(retry_ms),
+        available=units.tokens_down(available_milli),
+        requested=units.tokens_down(requested_milli),
+        exceeded=exceeded,
+        retry_after_seconds=retry_after_seconds,
     )
 
 

@@ -38,6 +38,7 @@ import functools
 from collections.abc import Mapping, Sequence
 from typing import Final
 
+from ..core import units
 from ..core.windows import WINDOWS, window_end, window_start
 from ..models import Limit
 from ..storage.protocol import BucketItem, LimitState, LimitWrite
@@ -96,7 +97,7 @@ def _expiry(
         # A debt refilling beyond signed 64-bit ms, a time past the year 9999.
         return LATEST
     until = max(full, usage_end) + MARGIN_MS
-    grid_ms = GRID_S * 1000
+    grid_ms = GRID_S * units.MS_PER_SECOND
     return min(-(-until // grid_ms) * GRID_S, LATEST)
 
 
@@ -106,4 +107,4 @@ def _usage_end_ms(hour: int) -> int:
     epoch): every window is whole UTC hours, so the hour decides it (and is cached)."""
     ts_ms = hour * _HOUR_MS
     ends = [window_end(w, window_start(w, ts_ms)) for w in WINDOWS]
-    return int(max(ends).timestamp()) * 1000
+    return int(max(ends).timestamp()) * units.MS_PER_SECOND

@@ -27,7 +27,7 @@ from .. import core
 from ..core import units
 from ..exceptions import RateLimitExceeded
 from ..models import Limit, LimitStatus, Reservations
-from .engine import BucketKey, Engine, Landing, Target, available_milli, bucket_input
+from .engine import BucketKey, Engine, Landing, Target, available_milli, bucket_input, limit_status
 
 __all__ = ["Reserver"]
 
@@ -546,15 +546,8 @@ class Reserver:
                     0.0 if not exceeded else None if own is None or wait is None else max(own, wait)
                 )
                 statuses.append(
-                    LimitStatus(
-                        entity_id=h.target.entity_id,
-                        resource=h.target.resource,
-                        limit_name=limit.name,
-                        limit=limit,
-                        available=units.tokens_down(out.available_milli + held[i]),
-                        requested=units.tokens_down(need[i]),
-                        exceeded=exceeded,
-                        retry_after_seconds=retry,
+                    limit_status(
+                        h.target, limit, out.available_milli + held[i], need[i], exceeded, retry
                     )
                 )
         return RateLimitExceeded(statuses)
@@ -686,8 +679,10 @@ def _short(holding: Holding, need: list[int]) -> list[int]:
 
 def _whole(milli: float, down: bool = False) -> int:
     """Millitokens rounded to whole tokens (blocks only ever hold whole tokens)."""
-    tokens = math.floor(milli / units.MILLI) if down else math.ceil(milli / units.MILLI)
-    return units.to_milli(int(tokens))
+    # Rounding the millitokens first changes nothing: floor(floor(x)/n) = floor(x/n), and so
+    # for ceil.
+    whole = units.tokens_down(math.floor(milli)) if down else units.tokens_up(math.ceil(milli))
+    return units.to_milli(whole)
 
 
 def _tokens(holding: Holding, milli: list[int]) -> dict[str, int]:

@@ -94,7 +94,7 @@ def effective_window(limit: Limit, available: int) -> int:
     (`available` whole units, negative after over-consumption), at the limit's rate (the core
     refills continuously, docs/design.md section 1). An upper bound, since whole units do not
     tell how much of the next unit has already come back."""
-    needed_milli = ((available if available > 0 else 0) + 1 - available) * 1000
+    needed_milli = units.to_milli((available if available > 0 else 0) + 1 - available)
     wait_ms = -(-needed_milli * limit.refill_period_ms // limit.refill_amount_milli)
     return units.whole_seconds_up(wait_ms)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import schema
+from ..core import units
 from ..core.units import iso_utc
 from ..engine import stored
 from ..exceptions import ZAELimiterError
@@ -104,7 +105,7 @@ def limit_rows(item: Item, now_ms: int) -> list[LimitRow]:
             limit_state = None
             if level is not None or legacy is not None:
                 limit_state = LimitState(level, definition=str(definition), legacy=legacy)
-            available = stored.available(limit, limit_state, now_ms) / 1000
+            available = units.tokens_exact(stored.available(limit, limit_state, now_ms))
             due = None if limit_state is None else stored.full_ms(limit_state, limit, now_ms)
             full = iso_ms(due) if due is not None and due > now_ms else None
         rows.append(
@@ -116,8 +117,8 @@ def limit_rows(item: Item, now_ms: int) -> list[LimitRow]:
                 full_at=full,
                 available=available,
                 burst=burst,
-                consumed=int(attrs.get(schema.CONSUMED, 0)) / 1000,
-                released=int(attrs.get(schema.RELEASED, 0)) / 1000,
+                consumed=units.tokens_exact(int(attrs.get(schema.CONSUMED, 0))),
+                released=units.tokens_exact(int(attrs.get(schema.RELEASED, 0))),
                 state=state,
             )
         )
