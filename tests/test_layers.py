@@ -22,7 +22,7 @@ PACKAGE = Path(zae_limiter.__file__).resolve().parent
 LAYER_OF = {
     "core": "core", "_native": "core",
     "_version": "domain", "models": "domain", "exceptions": "domain", "validation": "domain",
-    "schema": "domain", "audit": "domain", "usage": "domain",
+    "schema": "domain", "audit": "domain", "usage": "domain", "stack_options": "domain",
     "storage": "storage",
     "engine": "engine",
     "__init__": "limiter", "limiter": "limiter", "sync": "limiter", "lease": "limiter",

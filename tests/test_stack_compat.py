@@ -835,7 +835,7 @@ def fake_pulumi(monkeypatch: pytest.MonkeyPatch, tiny_zip: Path) -> Iterator[Fak
         fake.records.append(repo.table_name)
 
     zipped = (tiny_zip, package.source_code_hash(tiny_zip.read_bytes()))
-    monkeypatch.setattr(automation, "_stack", stack)
+    monkeypatch.setattr(automation, "open_stack", stack)
     monkeypatch.setattr(provisioning, "record_deployment", record_deployment)
     monkeypatch.setattr(component, "cached_lambda_zip", lambda: zipped)
     monkeypatch.setattr(package, "cached_lambda_zip", lambda: zipped)

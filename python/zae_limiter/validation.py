@@ -18,6 +18,7 @@ __all__ = [
     "MAX_IDENTIFIER_LENGTH",
     "MAX_NAME_LENGTH",
     "MAX_RESOURCE_LENGTH",
+    "check_int",
     "validate_amount",
     "validate_entity_id",
     "validate_name",
@@ -170,3 +171,11 @@ def validate_signed_amount(value: object, field: str = "amount") -> int:
     if abs(n) > MAX_AMOUNT:
         raise ValidationError(field, value, f"must be between {-MAX_AMOUNT} and {MAX_AMOUNT}")
     return n
+
+
+def check_int(name: str, value: object, lo: int, hi: int) -> None:
+    """An int (not a bool) in [lo, hi], else a `ValidationError` naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValidationError(name, value, f"must be an integer, not {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ValidationError(name, value, f"must be between {lo} and {hi}")
