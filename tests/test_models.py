@@ -587,3 +587,23 @@ def test_usage_summary_fields() -> None:
         "totals",
         "averages",
     ]
+
+
+def test_stack_options_constructor_defaults_are_the_fields_defaults() -> None:
+    """`StackOptions.__init__` is written out (it takes 0.2.0's names too): each default it
+    repeats must be the field's own, and a field with a 0.2.0 name takes None for "not given"."""
+    import dataclasses
+    import inspect
+
+    from zae_limiter import StackOptions
+
+    params = inspect.signature(StackOptions.__init__).parameters
+    aliased = set(StackOptions.LEGACY_NAMES.values())
+    for f in dataclasses.fields(StackOptions):
+        given = params[f.name].default
+        if f.name in aliased or f.name == "tags":
+            assert given is None, f.name
+        else:
+            assert given == f.default, f.name
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
+        assert getattr(StackOptions(), f.name) == default, f.name
