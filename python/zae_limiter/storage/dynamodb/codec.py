@@ -307,9 +307,9 @@ def snapshot_from_item(item: Mapping[str, Any]) -> UsageSnapshot:
         entity_id = schema.entity_id_from_pk(item[schema.PK]["S"])
         counters = {
             str(limit): _tokens(value)
-            for limit, value in item.get("counters", {}).get("M", {}).items()
+            for limit, value in item.get(schema.SNAPSHOT_COUNTERS, {}).get("M", {}).items()
         }
-        updated = item.get("updated_at", {}).get("S")
+        updated = item.get(schema.SNAPSHOT_UPDATED_AT, {}).get("S")
     except (KeyError, TypeError, AttributeError, ArithmeticError) as exc:
         raise ValueError(f"not a usage snapshot item: {exc!r}") from None
     return UsageSnapshot(

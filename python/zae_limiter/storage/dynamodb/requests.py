@@ -508,15 +508,15 @@ def usage_query(
             for i, w in enumerate([window] if window is not None else list(WINDOWS)):
                 parts: list[str] = []
                 if window is None or resource is None:
-                    names["#window"] = "window"
+                    names["#window"] = schema.SNAPSHOT_WINDOW
                     values[f":w{i}"] = str_av(w)
                     parts.append(f"#window = :w{i}")
                 if lo is not None:
-                    names["#ws"] = "window_start"
+                    names["#ws"] = schema.SNAPSHOT_WINDOW_START
                     values[f":lo{i}"] = str_av(format_window_start(w, lo))
                     parts.append(f"#ws >= :lo{i}")
                 if hi is not None:
-                    names["#ws"] = "window_start"
+                    names["#ws"] = schema.SNAPSHOT_WINDOW_START
                     values[f":hi{i}"] = str_av(format_window_start(w, hi))
                     parts.append(f"#ws <= :hi{i}")
                 clauses.append("(" + " AND ".join(parts) + ")")
