@@ -1,6 +1,12 @@
 """The audit trail: every audited change recorded with its principal, resource and details, in
 time order, paged, expiring after 90 days, written once; kept when the entity is deleted; read by
-both limiters and `zae-limiter audit`; invisible to the entity's other reads and the aggregator."""
+both limiters and `zae-limiter audit`; invisible to the entity's other reads and the aggregator.
+
+The audit logic (what the limiter records, ids, details, order, paging, principals, failures)
+runs on `MemoryStorage`, which the storage contract (test_storage_contract.py) shows behaves as
+DynamoDB does. What is DynamoDB's own runs on moto's server, marked `integration`: the hash
+chain's appends and their races, tampering with stored items, Query paging, the table's TTL,
+raw items of older layouts, the stream and the aggregator, and the CLI."""
 
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ from zae_limiter import (
     EntityNotFoundError,
     InvalidIdentifierError,
     Limit,
+    MemoryStorage,
     RateLimiter,
     RateLimiterUnavailable,
     StackOptions,
@@ -38,9 +45,7 @@ from zae_limiter.aggregator.stream import StreamRunner, matches_filter, to_lambd
 from zae_limiter.cli import main
 from zae_limiter.storage.dynamodb import repository as repository_mod
 from zae_limiter.storage.dynamodb.codec import audit_event_from_item, audit_item
-from zae_limiter.storage.protocol import RepositoryUnavailable, StorageError
-
-pytestmark = pytest.mark.integration
+from zae_limiter.storage.protocol import Item, RepositoryUnavailable, StorageError
 
 NAME = "audit"
 TABLE = schema.table_name(NAME)
@@ -50,7 +55,13 @@ NINETY_DAYS = 90 * 86400
 
 
 @pytest.fixture
-async def limiter(endpoint_url: str) -> AsyncIterator[RateLimiter]:
+async def limiter(request: pytest.FixtureRequest) -> AsyncIterator[RateLimiter]:
+    """On a `MemoryStorage`; a test marked `integration` gets it on moto's server instead."""
+    if request.node.get_closest_marker("integration") is None:
+        async with RateLimiter(name=NAME, repository=MemoryStorage(TABLE)) as lim:
+            yield lim
+        return
+    endpoint_url: str = request.getfixturevalue("endpoint_url")
     async with RateLimiter(name=NAME, endpoint_url=endpoint_url,
                            stack_options=StackOptions()) as lim:
         yield lim
@@ -66,6 +77,16 @@ def items(endpoint_url: str) -> list[dict[str, Any]]:
 
 def audit_items(endpoint_url: str) -> list[dict[str, Any]]:
     return [i for i in items(endpoint_url)
+            if schema.is_audit_key(i[schema.PK]["S"], i[schema.SK]["S"])]
+
+
+async def stored_items(limiter: RateLimiter) -> list[Item]:
+    """Every item of the limiter's table, as the table holds it (on either store)."""
+    return await limiter.repository.export_items()
+
+
+async def stored_audit_items(limiter: RateLimiter) -> list[Item]:
+    return [i for i in await stored_items(limiter)
             if schema.is_audit_key(i[schema.PK]["S"], i[schema.SK]["S"])]
 
 
@@ -177,7 +198,7 @@ async def test_every_action_is_recorded_with_principal_resource_and_details(
     assert await limiter.get_audit_events("nobody") == []
 
 
-async def test_failed_changes_record_nothing(limiter: RateLimiter, endpoint_url: str) -> None:
+async def test_failed_changes_record_nothing(limiter: RateLimiter) -> None:
     await limiter.create_entity("key", principal="a")
     with pytest.raises(EntityExistsError):
         await limiter.create_entity("key", principal="b")
@@ -186,7 +207,7 @@ async def test_failed_changes_record_nothing(limiter: RateLimiter, endpoint_url:
     with pytest.raises(EntityNotFoundError):
         await limiter.delete_entity("nope", principal="b")
     assert [e.principal for e in await limiter.get_audit_events("key")] == ["a"]
-    assert len(audit_items(endpoint_url)) == 1
+    assert len(await stored_audit_items(limiter)) == 1
 
 
 async def test_events_are_time_ordered_and_paged_both_ways(limiter: RateLimiter) -> None:
@@ -216,6 +237,7 @@ async def test_events_are_time_ordered_and_paged_both_ways(limiter: RateLimiter)
         assert [e for p in pages for e in p] == expected
 
 
+@pytest.mark.integration
 async def test_a_long_trail_reads_past_one_query_page(endpoint_url: str,
                                                       limiter: RateLimiter) -> None:
     repo = limiter.repository
@@ -227,6 +249,7 @@ async def test_a_long_trail_reads_past_one_query_page(endpoint_url: str,
     assert [e.event_id for e in rest] == [e.event_id for e in events[:5][::-1]]
 
 
+@pytest.mark.integration
 async def test_events_expire_after_90_days_through_the_tables_ttl(
     limiter: RateLimiter, endpoint_url: str
 ) -> None:
@@ -245,6 +268,7 @@ async def test_events_expire_after_90_days_through_the_tables_ttl(
 # -- written once -----------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 async def test_a_resent_write_never_doubles_an_event(
     limiter: RateLimiter, endpoint_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -350,18 +374,18 @@ async def test_a_cancelled_caller_does_not_cancel_the_events_write(
 @pytest.mark.parametrize("method", ["create_entity", "delete_entity", "set_limits",
                                     "delete_limits"])
 async def test_a_bad_principal_is_a_validation_error_before_any_write(
-    limiter: RateLimiter, endpoint_url: str, method: str, principal: Any, reason: str
+    limiter: RateLimiter, method: str, principal: Any, reason: str
 ) -> None:
     args: dict[str, tuple[Any, ...]] = {
         "create_entity": ("key",), "delete_entity": ("key",), "set_limits": ("key", [RPM]),
         "delete_limits": ("key",),
     }
-    before = items(endpoint_url)
+    before = await stored_items(limiter)
     with pytest.raises(InvalidIdentifierError) as info:
         await getattr(limiter, method)(*args[method], principal=principal)
     assert isinstance(info.value, ValidationError)
     assert info.value.field == "principal" and reason in info.value.reason
-    assert items(endpoint_url) == before
+    assert await stored_items(limiter) == before
 
 
 async def test_principal_is_keyword_only_at_the_end(limiter: RateLimiter) -> None:
@@ -390,21 +414,21 @@ async def test_get_audit_events_checks_its_arguments(limiter: RateLimiter) -> No
 # -- deletion keeps the trail -------------------------------------------------------------------
 
 
-async def test_deleting_an_entity_keeps_its_trail(limiter: RateLimiter,
-                                                  endpoint_url: str) -> None:
+async def test_deleting_an_entity_keeps_its_trail(limiter: RateLimiter) -> None:
     await limiter.create_entity("key", principal="admin")
     await limiter.set_limits("key", [RPM], principal="admin")
     async with limiter.acquire("key", "gpt", None, {"rpm": 1}, use_stored_limits=True):
         pass
     await limiter.delete_entity("key", principal="security")
     assert await limiter.get_entity("key") is None
-    assert not [i for i in items(endpoint_url) if i[schema.PK]["S"] == schema.entity_pk("key")]
+    assert not [i for i in await stored_items(limiter)
+                if i[schema.PK]["S"] == schema.entity_pk("key")]
     trail = await limiter.get_audit_events("key")
     assert [(e.action, e.principal) for e in trail] == [
         (AuditAction.ENTITY_DELETED, "security"), (AuditAction.LIMITS_SET, "admin"),
         (AuditAction.ENTITY_CREATED, "admin")]
     assert trail[0].details == {"records_deleted": 3}  # metadata, the limit, the bucket
-    for raw in audit_items(endpoint_url):  # and each event still expires on its own
+    for raw in await stored_audit_items(limiter):  # and each event still expires on its own
         assert int(raw[schema.TTL_ATTRIBUTE]["N"]) > time.time() + NINETY_DAYS - 60
     # an entity created again under the same id continues the same trail
     await limiter.create_entity("key", principal="admin")
@@ -414,6 +438,7 @@ async def test_deleting_an_entity_keeps_its_trail(limiter: RateLimiter,
 # -- the entity's other reads -------------------------------------------------------------------
 
 
+@pytest.mark.integration
 async def test_reads_of_an_entitys_items_are_unaffected_by_its_events(
     limiter: RateLimiter, endpoint_url: str
 ) -> None:
@@ -448,6 +473,7 @@ async def test_reads_of_an_entitys_items_are_unaffected_by_its_events(
     assert len(await limiter.get_audit_events("key", 1000)) == 23
 
 
+@pytest.mark.integration
 async def test_restore_keeps_events_written_after_the_export(
     limiter: RateLimiter, endpoint_url: str
 ) -> None:
@@ -459,6 +485,7 @@ async def test_restore_keeps_events_written_after_the_export(
     assert [e.principal for e in await limiter.get_audit_events("key")] == ["intruder", "admin"]
 
 
+@pytest.mark.integration
 async def test_events_written_by_0_2_0_are_readable(limiter: RateLimiter,
                                                     endpoint_url: str) -> None:
     # 0.2.0 kept the same keys, with the fields in a `data` map.
@@ -483,9 +510,8 @@ async def test_events_written_by_0_2_0_are_readable(limiter: RateLimiter,
 # -- the sync twin ----------------------------------------------------------------------------
 
 
-def test_sync_limiter_records_and_reads_the_trail(endpoint_url: str) -> None:
-    with SyncRateLimiter(name=NAME, endpoint_url=endpoint_url,
-                         stack_options=StackOptions()) as lim:
+def test_sync_limiter_records_and_reads_the_trail() -> None:
+    with SyncRateLimiter(name=NAME, repository=MemoryStorage(TABLE)) as lim:
         lim.create_entity("key", principal="admin")
         lim.set_limits("key", [RPM], "gpt", principal="ops")
         lim.delete_limits("key", "gpt", principal="ops")
@@ -528,6 +554,7 @@ def table(endpoint_url: str) -> str:
     return endpoint_url
 
 
+@pytest.mark.integration
 def test_cli_records_changes_and_shows_the_trail(table: str) -> None:
     js(table, "entity", "create", "key", "--principal", "alice@example.com")
     js(table, "limits", "set", "key", "--resource", "gpt", "--limit", "rpm:10/minute",
@@ -572,6 +599,7 @@ def test_cli_records_changes_and_shows_the_trail(table: str) -> None:
     assert "no audit events for nobody" in cli(table, "audit", "nobody").stdout
 
 
+@pytest.mark.integration
 def test_cli_refuses_bad_input_in_one_line(table: str) -> None:
     assert "--start-after" in cli(table, "audit", "key", "--start-after", "nope", code=2).output
     assert "--limit" in cli(table, "audit", "key", "--limit", "0", code=2).output
@@ -626,6 +654,7 @@ def test_the_aggregator_ignores_audit_records() -> None:
     assert table.folds == 0
 
 
+@pytest.mark.integration
 async def test_the_aggregator_counts_usage_but_not_audit_items_from_the_stream(
     limiter: RateLimiter, endpoint_url: str
 ) -> None:
@@ -697,6 +726,7 @@ def kinds(report: audit_mod.ChainReport) -> list[tuple[str, int | None]]:
     return [(p.kind, p.seq) for p in report.problems]
 
 
+@pytest.mark.integration
 async def test_each_event_links_to_the_previous_one_and_the_trail_verifies(
     limiter: RateLimiter, endpoint_url: str
 ) -> None:
@@ -727,6 +757,7 @@ async def test_each_event_links_to_the_previous_one_and_the_trail_verifies(
     assert (await audit_mod.verify_trail(limiter.repository, "nobody")).intact
 
 
+@pytest.mark.integration
 async def test_verify_detects_an_overwritten_event(limiter: RateLimiter,
                                                    endpoint_url: str) -> None:
     await four_events(limiter)
@@ -749,6 +780,7 @@ async def test_verify_detects_an_overwritten_event(limiter: RateLimiter,
     assert "tampered with: 1 problem(s)" in text and "broken_link" in text
 
 
+@pytest.mark.integration
 async def test_verify_detects_a_changed_detail_or_an_added_attribute(
     limiter: RateLimiter, endpoint_url: str
 ) -> None:
@@ -764,6 +796,7 @@ async def test_verify_detects_a_changed_detail_or_an_added_attribute(
     assert (await audit_mod.verify_trail(limiter.repository, "key")).intact
 
 
+@pytest.mark.integration
 async def test_verify_detects_a_deleted_event_in_the_middle(limiter: RateLimiter,
                                                             endpoint_url: str) -> None:
     await four_events(limiter)
@@ -773,6 +806,7 @@ async def test_verify_detects_a_deleted_event_in_the_middle(limiter: RateLimiter
     assert report.chained == 3
 
 
+@pytest.mark.integration
 async def test_verify_detects_deleting_the_oldest_or_the_newest_event(
     limiter: RateLimiter, endpoint_url: str
 ) -> None:
@@ -792,6 +826,7 @@ async def test_verify_detects_deleting_the_oldest_or_the_newest_event(
     assert kinds(await audit_mod.verify_trail(limiter.repository, "key")) == [("missing", 4)]
 
 
+@pytest.mark.integration
 async def test_verify_detects_a_head_moved_back_or_deleted(limiter: RateLimiter,
                                                            endpoint_url: str) -> None:
     await four_events(limiter)
@@ -809,6 +844,7 @@ async def test_verify_detects_a_head_moved_back_or_deleted(limiter: RateLimiter,
     assert kinds(await audit_mod.verify_trail(limiter.repository, "key")) == [("head", 3)]
 
 
+@pytest.mark.integration
 async def test_verify_detects_a_ttl_set_in_the_past(limiter: RateLimiter,
                                                     endpoint_url: str) -> None:
     await four_events(limiter)
@@ -824,6 +860,7 @@ async def test_verify_detects_a_ttl_set_in_the_past(limiter: RateLimiter,
     assert kinds(await audit_mod.verify_trail(limiter.repository, "key")) == [("missing", 3)]
 
 
+@pytest.mark.integration
 async def test_events_expired_through_ttl_are_not_failures(limiter: RateLimiter,
                                                            endpoint_url: str) -> None:
     repo = limiter.repository
@@ -861,6 +898,7 @@ async def test_events_expired_through_ttl_are_not_failures(limiter: RateLimiter,
     assert (await audit_mod.verify_trail(repo, "gone")).intact
 
 
+@pytest.mark.integration
 async def test_a_head_naming_an_expired_event_does_not_hide_a_truncated_tail(
     limiter: RateLimiter, endpoint_url: str
 ) -> None:
@@ -874,6 +912,7 @@ async def test_a_head_naming_an_expired_event_does_not_hide_a_truncated_tail(
     assert kinds(await audit_mod.verify_trail(limiter.repository, "key")) == [("missing", 4)]
 
 
+@pytest.mark.integration
 async def test_events_written_before_the_chain_verify_as_unchained_legacy_events(
     limiter: RateLimiter, endpoint_url: str
 ) -> None:
@@ -903,6 +942,7 @@ async def test_events_written_before_the_chain_verify_as_unchained_legacy_events
     assert kinds(await audit_mod.verify_trail(limiter.repository, "key")) == [("missing", 1)]
 
 
+@pytest.mark.integration
 async def test_concurrent_appenders_share_one_chain(endpoint_url: str,
                                                     limiter: RateLimiter) -> None:
     # two repositories (two processes' worth of clients) appending to one entity at once
@@ -918,6 +958,7 @@ async def test_concurrent_appenders_share_one_chain(endpoint_url: str,
     assert report.intact and report.chained == report.head_seq == 24
 
 
+@pytest.mark.integration
 async def test_an_append_that_loses_every_race_is_refused_not_forked(
     limiter: RateLimiter, endpoint_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -941,6 +982,7 @@ async def test_an_append_that_loses_every_race_is_refused_not_forked(
     assert len(chain(endpoint_url, "key")) == 1  # no event was written off the chain
 
 
+@pytest.mark.integration
 async def test_an_event_claimed_but_not_written_shows_as_missing(
     limiter: RateLimiter, endpoint_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -957,6 +999,7 @@ async def test_an_event_claimed_but_not_written_shows_as_missing(
     assert kinds(report) == [("missing", 2)]  # and the event itself is in the ERROR log
 
 
+@pytest.mark.integration
 async def test_a_restore_never_moves_a_chain_back(limiter: RateLimiter,
                                                   endpoint_url: str) -> None:
     await limiter.create_entity("key", principal="admin")
@@ -988,6 +1031,7 @@ def stream_records(endpoint_url: str) -> list[dict[str, Any]]:
     return records
 
 
+@pytest.mark.integration
 async def test_the_aggregator_counts_audit_changes_that_are_no_append_or_expiry(
     limiter: RateLimiter, endpoint_url: str, monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture,

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from zae_limiter import (
     Limit,
+    MemoryStorage,
     RateLimiter,
     RateLimitExceeded,
     Reservations,
@@ -284,7 +285,9 @@ def test_a_write_on_any_view_ends_with_an_expiry_the_state_needs(
         assert planned == needed
 
 
-# -- against the table --------------------------------------------------------------------------
+# -- through the limiter ------------------------------------------------------------------------
+# The engine's expiry decisions on `MemoryStorage` (the storage contract shows it behaves as
+# DynamoDB does); the repository's conditional expiry update on moto's server.
 
 
 @pytest.fixture
@@ -293,7 +296,18 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-async def limiter(endpoint_url: str, clock: Clock) -> AsyncIterator[RateLimiter]:
+def store() -> MemoryStorage:
+    return MemoryStorage("ZAEL-ttl")
+
+
+@pytest.fixture
+async def limiter(store: MemoryStorage, clock: Clock) -> AsyncIterator[RateLimiter]:
+    async with RateLimiter(name="ttl", repository=store, clock=clock) as lim:
+        yield lim
+
+
+@pytest.fixture
+async def table_limiter(endpoint_url: str, clock: Clock) -> AsyncIterator[RateLimiter]:
     async with RateLimiter(
         name="ttl", endpoint_url=endpoint_url, stack_options=StackOptions(), clock=clock
     ) as lim:
@@ -317,6 +331,21 @@ def ttl_of(table: Any, entity_id: str) -> int:
     return int(item[schema.TTL_ATTRIBUTE]["N"])
 
 
+async def stored_ttl(store: MemoryStorage, entity_id: str) -> int:
+    """The item's TTL attribute as the table holds it."""
+    (item,) = await store.bucket_items(entity_id, "llm")
+    return int(item[schema.TTL_ATTRIBUTE]["N"])
+
+
+async def delete_item(store: MemoryStorage, entity_id: str) -> None:
+    """What DynamoDB's TTL does: the bucket item is gone (the rest of the table stays)."""
+    gone = key(entity_id)
+    await store.replace_items(
+        [i for i in await store.export_items()
+         if (i[schema.PK], i[schema.SK]) != (gone[schema.PK], gone[schema.SK])]
+    )
+
+
 async def stored_bucket(limiter: RateLimiter, entity_id: str) -> BucketItem:
     bucket_ = await limiter.repository.get_bucket(entity_id, "llm")
     assert bucket_ is not None
@@ -331,16 +360,15 @@ def assert_full_at_expiry(limits: list[Limit], item: BucketItem) -> None:
             assert is_full(limit, item.limits[limit.name], at), limit.name
 
 
-@pytest.mark.integration
 async def test_a_bucket_gets_an_expiry_and_every_write_refreshes_it(
-    limiter: RateLimiter, clock: Clock, table: Any
+    limiter: RateLimiter, clock: Clock, store: MemoryStorage
 ) -> None:
     async with limiter.acquire("k", "llm", [RPM, RPD], {"rpm": 10, "rpd": 600}):
         pass
     created = await stored_bucket(limiter, "k")
     assert_full_at_expiry([RPM, RPD], created)
     assert created.expires_at is not None and created.expires_at * 1000 < T0 + 2 * 24 * HOUR
-    assert ttl_of(table, "k") == created.expires_at
+    assert await stored_ttl(store, "k") == created.expires_at
 
     clock.now = T0 + 3 * 24 * HOUR  # full again long ago; the item is still there
     async with limiter.acquire("k", "llm", [RPM, RPD], {"rpd": 900}):
@@ -351,17 +379,16 @@ async def test_a_bucket_gets_an_expiry_and_every_write_refreshes_it(
     assert refreshed.expires_at * 1000 > clock.now + 900 * 86_400
 
 
-@pytest.mark.integration
 @pytest.mark.parametrize("stale_write", ["consume", "adjust"])
 async def test_a_stale_relative_write_cannot_leave_the_expiry_early(
-    endpoint_url: str, limiter: RateLimiter, clock: Clock, stale_write: str
+    store: MemoryStorage, limiter: RateLimiter, clock: Clock, stale_write: str
 ) -> None:
     """Client A caches the bucket; client B takes most of it; A then writes on its stale view
     (a relative consume that still holds, or a forced adjust that goes deep below zero). A's
     write plans an expiry for the tokens it believes in; the item ends with the later expiry
     its true state needs, for one more UpdateItem, counted in A's ledger."""
     async with limiter.acquire("k", "llm", [RPM, RPD], {"rpd": 1}) as lease:
-        async with RateLimiter(name="ttl", endpoint_url=endpoint_url, clock=clock) as other:
+        async with RateLimiter(name="ttl", repository=store, clock=clock) as other:
             before_b = other.ledger.calls["UpdateItem"]
             async with other.acquire("k", "llm", [RPM, RPD], {"rpd": 900}):
                 pass
@@ -381,14 +408,12 @@ async def test_a_stale_relative_write_cannot_leave_the_expiry_early(
     assert item.expires_at == expiry.required([RPM, RPD], item, T0)
 
 
-@pytest.mark.integration
-async def test_reserved_tokens_keep_the_item(endpoint_url: str, clock: Clock) -> None:
+async def test_reserved_tokens_keep_the_item(store: MemoryStorage, clock: Clock) -> None:
     """A reserved block is consumed in the bucket: the item lives until it is refilled, not
     just until the tokens spent so far are."""
     async with RateLimiter(
         name="ttl",
-        endpoint_url=endpoint_url,
-        stack_options=StackOptions(),
+        repository=store,
         clock=clock,
         reservations=Reservations(max_share=0.5, hold_seconds=5.0, horizon_seconds=5.0),
     ) as lim:
@@ -405,9 +430,11 @@ async def test_reserved_tokens_keep_the_item(endpoint_url: str, clock: Clock) ->
 
 
 @pytest.mark.integration
-async def test_the_correction_only_moves_the_expiry_later(limiter: RateLimiter, table: Any) -> None:
-    repo = limiter.repository
-    async with limiter.acquire("k", "llm", [RPD], {"rpd": 1}):
+async def test_the_correction_only_moves_the_expiry_later(
+    table_limiter: RateLimiter, table: Any
+) -> None:
+    repo = table_limiter.repository
+    async with table_limiter.acquire("k", "llm", [RPD], {"rpd": 1}):
         pass
     ttl = ttl_of(table, "k")
     before = repo.ledger.calls["UpdateItem"]
@@ -427,18 +454,17 @@ async def history(limiter: RateLimiter, entity_id: str) -> None:
         await lease.adjust(rpd=700)  # forced: 300 tokens below zero
 
 
-@pytest.mark.integration
 @pytest.mark.parametrize("after_ms", [0, 5 * HOUR])
 async def test_deleting_the_item_at_its_expiry_changes_no_decision(
-    limiter: RateLimiter, clock: Clock, table: Any, after_ms: int
+    limiter: RateLimiter, clock: Clock, store: MemoryStorage, after_ms: int
 ) -> None:
     """Two entities with one history; one item is deleted (what DynamoDB's TTL does) at or
     after its expiry. Both read, admit and deny exactly alike."""
     await history(limiter, "kept")
     await history(limiter, "gone")
-    ttl = ttl_of(table, "gone")
-    assert ttl == ttl_of(table, "kept") and ttl * 1000 > DAY_END
-    table.delete_item(TableName="ZAEL-ttl", Key=key("gone"))  # the limiter still caches it
+    ttl = await stored_ttl(store, "gone")
+    assert ttl == await stored_ttl(store, "kept") and ttl * 1000 > DAY_END
+    await delete_item(store, "gone")  # the limiter still caches it
     clock.now = ttl * 1000 + after_ms
     seen: dict[str, list[object]] = {}
     for entity_id in ("kept", "gone"):

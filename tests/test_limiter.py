@@ -1,5 +1,6 @@
-"""RateLimiter: semantics, cascade, stored limits, failure modes. Logic on `MemoryStorage`;
-an outage, a missing table and the sync twin on moto's DynamoDB server."""
+"""RateLimiter: semantics, cascade, stored limits, failure modes. Logic on `MemoryStorage`,
+the sync twin's too (its DynamoDB client: tests/test_compat.py, tests/test_version.py); an
+outage on an unreachable endpoint, a missing table on moto's DynamoDB server."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from zae_limiter import (
     RateLimiter,
     RateLimiterUnavailable,
     RateLimitExceeded,
-    StackOptions,
     SyncRateLimiter,
     ValidationError,
 )
@@ -26,8 +26,6 @@ from zae_limiter.limiter import MISSING_ENTITY_TTL
 from zae_limiter.ops.local import free_port
 from zae_limiter.storage.dynamodb.client import RetryPolicy
 from zae_limiter.storage.protocol import Item
-
-pytestmark = pytest.mark.integration
 
 T0 = 1_800_000_000_000  # a fixed instant, so refill is exact
 
@@ -51,8 +49,8 @@ def clock() -> Clock:
 @pytest.fixture
 def store() -> MemoryStorage:
     """The table of a test's limiters: logic runs on memory (the storage contract shows it
-    behaves as DynamoDB does); what needs DynamoDB itself (an outage, a missing table, the sync
-    twin's client) uses moto's server."""
+    behaves as DynamoDB does); what needs DynamoDB itself (an outage, a missing table) builds
+    its own limiter."""
     return MemoryStorage("ZAEL-test")
 
 
@@ -359,6 +357,7 @@ async def test_fail_open_and_fail_closed_when_dynamodb_is_down() -> None:
             assert lease.consumed == {}  # as in 0.2: a fail-open lease took nothing
 
 
+@pytest.mark.integration
 async def test_missing_table_is_infrastructure_not_found(endpoint_url: str) -> None:
     async with RateLimiter(name="absent", endpoint_url=endpoint_url) as limiter:
         for mode in FailureMode:
@@ -369,10 +368,8 @@ async def test_missing_table_is_infrastructure_not_found(endpoint_url: str) -> N
             await limiter.get_entity("k1")
 
 
-def test_sync_limiter(endpoint_url: str) -> None:
-    with SyncRateLimiter(
-        name="test", endpoint_url=endpoint_url, stack_options=StackOptions()
-    ) as limiter:
+def test_sync_limiter(store: MemoryStorage) -> None:
+    with SyncRateLimiter(name="test", repository=store) as limiter:
         limiter.create_entity("proj")
         limiter.create_entity("k1", parent_id="proj")
         with limiter.acquire("k1", "r", [RPM], {"rpm": 5}, cascade=True) as lease:

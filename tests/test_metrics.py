@@ -1,9 +1,11 @@
 """OpenTelemetry metrics, read back through the SDK's in-memory reader.
 
 The `Metrics` class alone (outcomes, denials, latency, attributes, cardinality, the no-op without
-OpenTelemetry), then limiters on moto's server: DynamoDB calls and capacity units exported equal
-the ledger's, conflicts between two limiters, retries under injected throttling, acquire outcomes
-through `acquire`.
+OpenTelemetry); limiters on `MemoryStorage` (the storage contract shows it behaves as DynamoDB
+does): acquire outcomes through `acquire`, conflicts between two limiters, the sync twin passing
+its metrics on; then on moto's server what is the DynamoDB repository's own: its calls and
+capacity units exported equal its ledger's, retries under injected throttling, unconfirmed
+give-backs.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from reliability.fault_proxy import FaultProxy
 from zae_limiter import (
     FailureMode,
     Limit,
+    MemoryStorage,
     RateLimiter,
     RateLimiterUnavailable,
     RateLimitExceeded,
@@ -265,57 +268,32 @@ def test_bad_arguments_name_their_field(provider: MeterProvider) -> None:
     assert info.value.field == "metrics"
 
 
-# -- limiters on moto -----------------------------------------------------------------------
+# -- limiters on memory ---------------------------------------------------------------------
 
 
 @pytest.fixture
-async def limiter(endpoint_url: str, metrics: Metrics) -> AsyncIterator[RateLimiter]:
-    async with RateLimiter(
-        name="test", endpoint_url=endpoint_url, stack_options=StackOptions(), metrics=metrics
-    ) as lim:
+def store() -> MemoryStorage:
+    return MemoryStorage("ZAEL-test")
+
+
+@pytest.fixture
+async def limiter(store: MemoryStorage, metrics: Metrics) -> AsyncIterator[RateLimiter]:
+    async with RateLimiter(name="test", repository=store, metrics=metrics) as lim:
         yield lim
 
 
-@pytest.mark.integration
-async def test_dynamodb_calls_and_units_equal_the_ledgers(
-    reader: InMemoryMetricReader, limiter: RateLimiter
-) -> None:
-    await limiter.create_entity("proj")
-    await limiter.create_entity("k1", parent_id="proj")
-    await limiter.set_limits("k1", [RPM, TPM], "chat")
-    for _ in range(3):
-        async with limiter.acquire("k1", "chat", None, {"rpm": 1}, use_stored_limits=True):
-            pass
-    await limiter.available("k1", "chat", [RPM])
-    ledger = limiter.ledger
-    out = exported(reader)
-    # Table creation and the version record were counted too: the metrics saw every call.
-    calls = {op: n for op, n in ledger.calls.items() if not op.endswith(":throttled")}
-    assert {"GetItem", "PutItem", "UpdateItem"} <= set(calls)
-    assert by_operation(out["zae_limiter.dynamodb.calls"]) == calls
-    read = by_operation(out["zae_limiter.dynamodb.read_capacity"])
-    write = by_operation(out["zae_limiter.dynamodb.write_capacity"])
-    assert sum(read.values()) == pytest.approx(ledger.read_units) and ledger.read_units > 0
-    assert sum(write.values()) == pytest.approx(ledger.write_units) and ledger.write_units > 0
-    assert write["UpdateItem"] >= 3
-
-
-@pytest.mark.integration
 def test_the_sync_limiter_passes_its_metrics_on(
-    reader: InMemoryMetricReader, metrics: Metrics, endpoint_url: str
+    reader: InMemoryMetricReader, metrics: Metrics, store: MemoryStorage
 ) -> None:
-    with SyncRateLimiter(
-        name="test", endpoint_url=endpoint_url, stack_options=StackOptions(), metrics=metrics
-    ) as limiter:
+    with SyncRateLimiter(name="test", repository=store, metrics=metrics) as limiter:
         limiter.create_entity("k1")
         calls = dict(limiter.ledger.calls)
     assert calls["PutItem"] >= 1
     assert by_operation(exported(reader)["zae_limiter.dynamodb.calls"]) == calls
 
 
-@pytest.mark.integration
 async def test_write_conflicts_between_two_limiters(
-    reader: InMemoryMetricReader, metrics: Metrics, endpoint_url: str
+    reader: InMemoryMetricReader, metrics: Metrics, store: MemoryStorage
 ) -> None:
     """Each limiter decides on its cached bucket state: after the other one took the last
     tokens, the first one's conditional write is refused (a conflict); it decides again on the
@@ -326,14 +304,8 @@ async def test_write_conflicts_between_two_limiters(
         return 1_800_000_000_000
 
     async with (
-        RateLimiter(
-            name="test",
-            endpoint_url=endpoint_url,
-            stack_options=StackOptions(),
-            clock=frozen,
-            metrics=metrics,
-        ) as first,
-        RateLimiter(name="test", endpoint_url=endpoint_url, clock=frozen) as second,
+        RateLimiter(name="test", repository=store, clock=frozen, metrics=metrics) as first,
+        RateLimiter(name="test", repository=store, clock=frozen) as second,
     ):
         async with first.acquire("k1", "chat", [few], {"few": 1}):
             pass
@@ -346,6 +318,71 @@ async def test_write_conflicts_between_two_limiters(
     assert conflicts == 1
     out = exported(reader)
     assert out["zae_limiter.write.conflicts"] == {attrs(resource="chat"): 1}
+
+
+async def test_acquire_outcomes_through_the_limiter(
+    reader: InMemoryMetricReader, metrics: Metrics, limiter: RateLimiter
+) -> None:
+    """Needs `RateLimiter._admit` to report each decision to `self.metrics`."""
+    one = Limit.per_minute("one", 2)
+    for _ in range(2):
+        async with limiter.acquire("k1", "chat", [one], {"one": 1}):
+            pass
+    with pytest.raises(RateLimitExceeded):
+        async with limiter.acquire("k1", "chat", [one], {"one": 1}):
+            pass
+    down = f"http://127.0.0.1:{free_port()}"
+    retry = RetryPolicy(max_attempts=2, base_delay=0.001, connect_timeout=0.5, read_timeout=0.5)
+    async with RateLimiter(name="test", endpoint_url=down, retry=retry, metrics=metrics) as gone:
+        with pytest.raises(RateLimiterUnavailable):
+            async with gone.acquire("k1", "chat", [one], {"one": 1}):
+                pass
+        async with gone.acquire(
+            "k1", "chat", [one], {"one": 1}, failure_mode=FailureMode.FAIL_OPEN
+        ):
+            pass
+    out = exported(reader)
+    expected = {
+        attrs(resource="chat", result=ADMITTED): 2,
+        attrs(resource="chat", result=DENIED): 1,
+        attrs(resource="chat", result=UNAVAILABLE): 1,
+        attrs(resource="chat", result=FAIL_OPEN): 1,
+    }
+    assert out.get("zae_limiter.acquires") == expected
+    assert out.get("zae_limiter.acquire.duration") == expected
+    assert out.get("zae_limiter.limit.denials") == {attrs(resource="chat", limit="one"): 1}
+    # The unreachable endpoint's connection attempts were retried, and reported.
+    assert sum(by_operation(out["zae_limiter.dynamodb.retries"]).values()) >= 1
+
+
+# -- limiters on moto: the repository's own calls, throttles and failures -------------------
+
+
+@pytest.mark.integration
+async def test_dynamodb_calls_and_units_equal_the_ledgers(
+    reader: InMemoryMetricReader, metrics: Metrics, endpoint_url: str
+) -> None:
+    async with RateLimiter(
+        name="test", endpoint_url=endpoint_url, stack_options=StackOptions(), metrics=metrics
+    ) as limiter:
+        await limiter.create_entity("proj")
+        await limiter.create_entity("k1", parent_id="proj")
+        await limiter.set_limits("k1", [RPM, TPM], "chat")
+        for _ in range(3):
+            async with limiter.acquire("k1", "chat", None, {"rpm": 1}, use_stored_limits=True):
+                pass
+        await limiter.available("k1", "chat", [RPM])
+        ledger = limiter.ledger
+        out = exported(reader)
+        # Table creation and the version record were counted too: the metrics saw every call.
+        calls = {op: n for op, n in ledger.calls.items() if not op.endswith(":throttled")}
+        assert {"GetItem", "PutItem", "UpdateItem"} <= set(calls)
+        assert by_operation(out["zae_limiter.dynamodb.calls"]) == calls
+        read = by_operation(out["zae_limiter.dynamodb.read_capacity"])
+        write = by_operation(out["zae_limiter.dynamodb.write_capacity"])
+        assert sum(read.values()) == pytest.approx(ledger.read_units) and ledger.read_units > 0
+        assert sum(write.values()) == pytest.approx(ledger.write_units) and ledger.write_units > 0
+        assert write["UpdateItem"] >= 3
 
 
 @pytest.fixture
@@ -401,39 +438,3 @@ async def test_unconfirmed_give_backs_counted_by_resource_and_limit(
         assert limiter.ledger.unconfirmed_give_back_tokens == {"tpm": 300}
     out = exported(reader)
     assert out["zae_limiter.give_back.unconfirmed"] == {attrs(resource="chat", limit="tpm"): 300}
-
-
-@pytest.mark.integration
-async def test_acquire_outcomes_through_the_limiter(
-    reader: InMemoryMetricReader, metrics: Metrics, limiter: RateLimiter
-) -> None:
-    """Needs `RateLimiter._admit` to report each decision to `self.metrics`."""
-    one = Limit.per_minute("one", 2)
-    for _ in range(2):
-        async with limiter.acquire("k1", "chat", [one], {"one": 1}):
-            pass
-    with pytest.raises(RateLimitExceeded):
-        async with limiter.acquire("k1", "chat", [one], {"one": 1}):
-            pass
-    down = f"http://127.0.0.1:{free_port()}"
-    retry = RetryPolicy(max_attempts=2, base_delay=0.001, connect_timeout=0.5, read_timeout=0.5)
-    async with RateLimiter(name="test", endpoint_url=down, retry=retry, metrics=metrics) as gone:
-        with pytest.raises(RateLimiterUnavailable):
-            async with gone.acquire("k1", "chat", [one], {"one": 1}):
-                pass
-        async with gone.acquire(
-            "k1", "chat", [one], {"one": 1}, failure_mode=FailureMode.FAIL_OPEN
-        ):
-            pass
-    out = exported(reader)
-    expected = {
-        attrs(resource="chat", result=ADMITTED): 2,
-        attrs(resource="chat", result=DENIED): 1,
-        attrs(resource="chat", result=UNAVAILABLE): 1,
-        attrs(resource="chat", result=FAIL_OPEN): 1,
-    }
-    assert out.get("zae_limiter.acquires") == expected
-    assert out.get("zae_limiter.acquire.duration") == expected
-    assert out.get("zae_limiter.limit.denials") == {attrs(resource="chat", limit="one"): 1}
-    # The unreachable endpoint's connection attempts were retried, and reported.
-    assert sum(by_operation(out["zae_limiter.dynamodb.retries"]).values()) >= 1

@@ -297,9 +297,12 @@ async def admin_script(store: Storage) -> Any:
     target = [Target("k", "api", list(LIMITS))]
     await engine.load(target)
     await engine.commit(target, {"rpm": 3, "tpm": 5})
+    updates = store.ledger.calls["UpdateItem"]
     seen.append(await store.extend_bucket_expiry("k", "api", 1))  # earlier: no change
     seen.append(await store.extend_bucket_expiry("k", "api", 4_000_000_000))
     seen.append(await store.extend_bucket_expiry("nobody", "api", 4_000_000_000))
+    # Each is one UpdateItem in the ledger, the refused ones too (DynamoDB bills them).
+    seen.append(store.ledger.calls["UpdateItem"] - updates)
     bucket = await store.get_bucket("k", "api")
     assert bucket is not None
     full_at = bucket.limits["rpm"].full_at
@@ -314,7 +317,7 @@ async def admin_script(store: Storage) -> Any:
     await store.put_entity(Entity(id="later"))
     seen.append(await store.replace_items(exported))  # the entity made since goes
     seen.append(await store.get_entity("later"))
-    assert seen[1] is False and seen[4] is True and seen[-1] is None
+    assert seen[1] is False and seen[4] is True and seen[6] == 3 and seen[-1] is None
     return seen, await table(store)
 
 

@@ -208,10 +208,14 @@ class MemoryStorage:
 
         def apply() -> bool:
             item = self._items.get(key)
+            before = item_size(item)
             ttl = None if item is None else item_num(item, schema.TTL_ATTRIBUTE)
             if item is None or (ttl is not None and ttl >= expires_at):
+                # One UpdateItem either way: a refused condition is billed too.
+                self._ledger.record("UpdateItem", wcu=write_units(before))
                 return False
             item[schema.TTL_ATTRIBUTE] = num_av(expires_at)
+            self._ledger.record("UpdateItem", wcu=write_units(before, item_size(item)))
             return True
 
         return self._run(apply)
