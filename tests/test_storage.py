@@ -313,3 +313,22 @@ async def test_stored_limit_definitions_follow_the_limit(repo: Repository) -> No
     await repo.delete_limits("e1", "llm")
     assert await repo.set_stored_limit_definition("e1", "llm", rpm, None) is False
     assert await repo.list_stored_limits() == []
+
+
+def test_a_lost_write_is_surely_absent_only_when_the_ring_proves_it() -> None:
+    """After a lost response the write is resent only if the item's ring of recent write ids
+    proves it did not land: the id is missing and the ring still reaches back to the item the
+    decision was made on (or has free slots). A full ring that has moved past that item proves
+    nothing: no resend, which could take twice."""
+    from zae_limiter.storage.dynamodb.repository import surely_absent
+    from zae_limiter.storage.protocol import BucketItem
+
+    def item(*ids: str) -> BucketItem:
+        return BucketItem("e", "r", {}, write_ids=ids)
+
+    assert surely_absent("w", None, ("a",))  # no item: nothing landed
+    assert not surely_absent("w", item("w"), ())  # it landed
+    assert surely_absent("w", item("a", "b"), ())  # free slots: the id would be there
+    assert surely_absent("w", item("a", "b", "c", "d"), ("b",))  # still reaches back to "b"
+    assert not surely_absent("w", item("e", "f", "g", "h"), ("b",))  # moved past: unknown
+    assert not surely_absent("w", item("e", "f", "g", "h"), ())  # nothing to reach back to

@@ -102,6 +102,7 @@ __all__ = [
     "is_loopback",
     "limit_from_item",
     "snapshot_from_item",
+    "surely_absent",
     "usage_query",
 ]
 
@@ -111,7 +112,7 @@ AUDIT_APPEND_ATTEMPTS = 25
 _TABLE_IN_USE = "ResourceInUseException"
 
 
-def _surely_absent(write_id: str, current: BucketItem | None, known_ids: tuple[str, ...]) -> bool:
+def surely_absent(write_id: str, current: BucketItem | None, known_ids: tuple[str, ...]) -> bool:
     """True when `current` proves that the write `write_id` has not landed: its id is not in
     the ring of recent write ids, and the ring still reaches back to the item the decision was
     made on (or never filled up), so it would hold the id if the write had landed."""
@@ -285,7 +286,7 @@ class Repository:
                 # No fence keeps the copy in flight from landing after a resend, once the
                 # ring has rotated: under-admit rather than risk adding the tokens twice.
                 raise _unconfirmed_give_back(cause) from None
-            if not _surely_absent(write_id, current, known_ids):
+            if not surely_absent(write_id, current, known_ids):
                 raise _unknown_outcome(cause) from None
 
         try:
@@ -311,7 +312,7 @@ class Repository:
                 # An earlier send whose response was lost landed (maybe late): this resend was
                 # refused by the write-id condition, and the write stands exactly once.
                 return current
-            if lost and not _surely_absent(write_id, current, known_ids):
+            if lost and not surely_absent(write_id, current, known_ids):
                 raise _unknown_outcome(lost[-1]) from None
             self.ledger.conflict(resource)
             raise ConditionFailed(current) from None
