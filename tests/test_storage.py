@@ -119,7 +119,7 @@ def test_the_names_of_the_earlier_module_still_import() -> None:
     from zae_limiter.storage.dynamodb import client, codec, endpoint, repository, requests
 
     homes = {"Repository": repository, "RetryPolicy": client, "error_code": schema,
-             "is_loopback": endpoint, "usage_query": requests}
+             "is_loopback": endpoint, "usage_query": requests, "surely_absent": repository}
     assert earlier is repository
     for name in earlier.__all__:
         assert getattr(earlier, name) is getattr(homes.get(name, codec), name), name
