@@ -37,3 +37,10 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
     if config.getoption("benchmark_enable", default=False) or config.getoption("capture") == "no":
         config.option.numprocesses = 0
         config.option.dist = "no"
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    # Tests wait on moto's server and on child processes part of the time: one and a half
+    # workers per core keep the cores busy (measured on 2 cores: 2 workers 4:47, 3 workers 3:57,
+    # 4 workers 3:45).
+    return min(12, max(1, ((os.cpu_count() or 1) * 3 + 1) // 2))

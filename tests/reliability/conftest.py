@@ -1,7 +1,8 @@
 """Reliability suite: sizes, the fault proxy, and the figures every run reports.
 
-`pytest tests/reliability` runs the CI size; `--reliability-size=large` (or the environment
-variable `ZAE_RELIABILITY_SIZE=large`) runs the large one. The figures (clients, operations,
+`pytest tests/reliability` runs the quick size (every scenario, fewer clients and rounds); CI
+runs the `ci` size (`.ci/run` sets `ZAE_RELIABILITY_SIZE=ci`); `--reliability-size=large` (or
+`ZAE_RELIABILITY_SIZE=large`) runs the large one. The figures (clients, operations,
 faults injected per kind, over-admissions, lost updates, inputs tried) are printed at the end
 of the run and written to `.reliability-figures.json` at the repository root.
 """
@@ -31,13 +32,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--reliability-size",
         choices=sorted(SIZES),
         default=None,
-        help="reliability suite size (default: ci, or $ZAE_RELIABILITY_SIZE)",
+        help="reliability suite size (default: quick, or $ZAE_RELIABILITY_SIZE)",
     )
 
 
 def _size_name(config: pytest.Config) -> str:
     name = config.getoption("--reliability-size", default=None) or os.environ.get(
-        "ZAE_RELIABILITY_SIZE", "ci"
+        "ZAE_RELIABILITY_SIZE", "quick"
     )
     if name not in SIZES:
         raise pytest.UsageError(f"ZAE_RELIABILITY_SIZE must be one of {sorted(SIZES)}")

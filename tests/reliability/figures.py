@@ -19,6 +19,8 @@ class Size:
 
 
 SIZES = {
+    # The README's test command: every scenario, fewer clients and rounds (CI runs `ci`).
+    "quick": Size("quick", processes=2, tasks=3, attempts=4, fault_rounds=2, fuzz_examples=30),
     "ci": Size("ci", processes=3, tasks=4, attempts=6, fault_rounds=3, fuzz_examples=60),
     "large": Size("large", processes=6, tasks=8, attempts=20, fault_rounds=10, fuzz_examples=600),
 }
