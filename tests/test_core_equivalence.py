@@ -1,12 +1,14 @@
 """The Rust core and the pure-Python reference agree on every output and every exception type.
 
-Each operation is checked on 10,000 generated cases mixing realistic buckets (valid limits,
-states near ``now``) with wild ones (i64 bounds, ints outside i64, wrong types, half states,
-states long full or deep in debt, `full_at` beyond a DynamoDB number, deltas beyond burst).
+Each operation is checked on 10,000 generated cases in CI (2,000 at the README's quick size)
+mixing realistic buckets (valid limits, states near ``now``) with wild ones (i64 bounds, ints
+outside i64, wrong types, half states, states long full or deep in debt, `full_at` beyond a
+DynamoDB number, deltas beyond burst).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from random import Random
 from typing import Any
@@ -21,7 +23,11 @@ native = pytest.importorskip("zae_limiter._native")
 
 I64_MIN = -(2**63)
 I64_MAX = 2**63 - 1
-EXAMPLES = settings(max_examples=10_000, deadline=None)
+# CI proves each property on 10,000 cases; the README's command (the quick size) on 2,000.
+EXAMPLES = settings(
+    max_examples=2_000 if os.environ.get("ZAE_RELIABILITY_SIZE", "quick") == "quick" else 10_000,
+    deadline=None,
+)
 # Hypothesis draws are costly (~100 µs each), so each example draws one seed and the case is
 # generated from it by the plain functions below; on a failure the assertion shows the inputs.
 SEEDS = st.integers(0, 2**64 - 1)

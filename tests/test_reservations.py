@@ -508,8 +508,10 @@ async def steady_demand(
     if not ahead:  # the control: top-ups only when a take finds the block short
         monkeypatch.setattr(Reserver, "_ahead", lambda self, holdings, needs: None)
     limits = [Limit.per_minute("rpm", 1_000_000), Limit.per_minute("tpm", 100_000_000)]
-    async with RateLimiter(name="res", repository=store,
-                           clock=Clock(), reservations=Reservations()) as lim:
+    # No deadline: it is real time, and this run's time is the fake clock's (a loaded machine
+    # stretches the real seconds the simulation takes, not the simulated ones).
+    async with RateLimiter(name="res", repository=store, clock=Clock(),
+                           reservations=Reservations(), deadline=None) as lim:
         slow = SlowStorage(lim, clock, WRITE_LATENCY)
         monkeypatch.setattr(lim.repository, "write_bucket", slow.write_bucket)
         reserver = lim.reserver
@@ -524,17 +526,20 @@ async def steady_demand(
         tasks: list[asyncio.Task[None]] = []
         steps = int((WARM_UP_S + STEADY_S) * STEADY_RATE)
         waits_after_warm_up = 0
-        for step in range(steps):
-            if step == int(WARM_UP_S * STEADY_RATE):
-                waits_after_warm_up = reserver.waits
-                writes_after_warm_up = slow.writes
-            tasks.append(asyncio.create_task(acquire()))
-            await slow.advance(1 / STEADY_RATE)
-        while not all(t.done() for t in tasks):
-            await slow.advance(1 / STEADY_RATE)
+        try:
+            for step in range(steps):
+                if step == int(WARM_UP_S * STEADY_RATE):
+                    waits_after_warm_up = reserver.waits
+                    writes_after_warm_up = slow.writes
+                tasks.append(asyncio.create_task(acquire()))
+                await slow.advance(1 / STEADY_RATE)
+            while not all(t.done() for t in tasks):
+                await slow.advance(1 / STEADY_RATE)
+        finally:
+            # Else a failing run hangs in `close`, which awaits writes parked on the fake clock.
+            slow.release()
         for t in tasks:
             t.result()
-        slow.release()
         result = {
             "admitted": admitted,
             "steady_waits": reserver.waits - waits_after_warm_up,

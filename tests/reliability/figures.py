@@ -16,13 +16,17 @@ class Size:
     attempts: int  # contention: operations per task
     fault_rounds: int  # faults: acquires per fault scenario
     fuzz_examples: int  # bad input: hypothesis examples per method
+    hot_acquires: int  # hot bucket: acquires per case, split across processes and tasks
 
 
 SIZES = {
     # The README's test command: every scenario, fewer clients and rounds (CI runs `ci`).
-    "quick": Size("quick", processes=2, tasks=3, attempts=4, fault_rounds=2, fuzz_examples=30),
-    "ci": Size("ci", processes=3, tasks=4, attempts=6, fault_rounds=3, fuzz_examples=60),
-    "large": Size("large", processes=6, tasks=8, attempts=20, fault_rounds=10, fuzz_examples=600),
+    "quick": Size("quick", processes=2, tasks=3, attempts=4, fault_rounds=2, fuzz_examples=30,
+                  hot_acquires=64),
+    "ci": Size("ci", processes=3, tasks=4, attempts=6, fault_rounds=3, fuzz_examples=60,
+               hot_acquires=160),
+    "large": Size("large", processes=6, tasks=8, attempts=20, fault_rounds=10,
+                  fuzz_examples=600, hot_acquires=640),
 }
 
 

@@ -141,7 +141,10 @@ async def _worker(
                         ledger["consumed"] += amount
                         ledger["checked"] += amount
                         if mix == "full":
-                            await _mixed(lease, limit.name, action, ops, ledger)
+                            # A task's first admission adjusts up (then rolls back), so every
+                            # run has lease operations whatever the draws at any size.
+                            step = action if rolled_back_once else 0.1
+                            await _mixed(lease, limit.name, step, ops, ledger)
                         if action > 0.8 or not rolled_back_once:
                             rolled_back_once = True
                             net = lease.consumed[limit.name]

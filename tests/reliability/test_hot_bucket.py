@@ -14,7 +14,7 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import pytest
-from figures import Figures
+from figures import Figures, Size
 from reliability_workers import (
     HOT_ESTIMATE,
     HOT_EXTRA,
@@ -30,7 +30,6 @@ pytestmark = pytest.mark.integration
 
 TABLE = "hot"
 ENTITY = "tenant"
-ACQUIRES = 160  # per case, split across processes and tasks
 
 
 async def consumed(endpoint_url: str) -> dict[str, int]:
@@ -64,17 +63,18 @@ def check(results: list[dict[str, Any]], before: dict[str, int], after: dict[str
 @pytest.mark.parametrize("fill", ["full", "half"])
 @pytest.mark.parametrize("tasks", [4, 16, 64])
 async def test_one_process_hot_bucket_has_no_false_denial(
-    endpoint_url: str, figures: Figures, tasks: int, fill: str
+    endpoint_url: str, size: Size, figures: Figures, tasks: int, fill: str
 ) -> None:
     await prepare_hot(endpoint_url, TABLE, ENTITY, fill)
     before = await consumed(endpoint_url)
-    result = await hot_worker(endpoint_url, TABLE, ENTITY, tasks, max(1, ACQUIRES // tasks))
+    per_task = max(1, size.hot_acquires // tasks)
+    result = await hot_worker(endpoint_url, TABLE, ENTITY, tasks, per_task)
     check([result], before, await consumed(endpoint_url), figures, 1, tasks)
 
 
 @pytest.mark.parametrize("fill", ["full", "half"])
 async def test_three_processes_hot_bucket_has_no_false_denial(
-    endpoint_url: str, figures: Figures, fill: str
+    endpoint_url: str, size: Size, figures: Figures, fill: str
 ) -> None:
     processes, tasks = 3, 16
     await prepare_hot(endpoint_url, TABLE, ENTITY, fill)
@@ -83,7 +83,7 @@ async def test_three_processes_hot_bucket_has_no_false_denial(
     with ProcessPoolExecutor(processes, mp_context=ctx) as pool:
         futures = [
             pool.submit(run_hot_worker, endpoint_url, TABLE, ENTITY, tasks,
-                        max(1, ACQUIRES // (processes * tasks)))
+                        max(1, size.hot_acquires // (processes * tasks)))
             for _ in range(processes)
         ]
         results = [f.result(timeout=300) for f in futures]
