@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from datetime import timedelta
 from decimal import Decimal
 from enum import StrEnum
 from typing import Any, ClassVar
 
-from .core import units
+from .core import calendar, units
 from .exceptions import ValidationError
 from .schema import USAGE_WINDOWS  # the storage fact; re-exported (public name)
 
@@ -47,6 +48,13 @@ __all__ = [
 MAX_REFILL_PERIOD_SECONDS = 10 * 365 * 86400
 
 _LIMIT_FIELDS = ("name", "capacity", "burst", "refill_amount", "refill_period_seconds")
+# The fields a plan's limit adds (`to_dict` writes them only when they differ from a plain hard
+# token bucket, so 0.2.0's five keys stay the dict of every such limit).
+_PLAN_FIELDS = ("soft", "kind", "cron", "tz", "reset_after_seconds", "lease_ttl_seconds")
+
+BUCKET, QUOTA, CONCURRENCY = "bucket", "quota", "concurrency"
+LIMIT_KINDS = (BUCKET, QUOTA, CONCURRENCY)
+DEFAULT_LEASE_TTL = timedelta(minutes=5)
 
 # Canonical non-negative decimals only: int() would also take "+5", " 5", "1_0" and non-ASCII
 # digits, which would make two different stored strings decode to the same limit.
@@ -57,7 +65,9 @@ _ENCODED_LIMIT_RE = re.compile(r"(?:0|[1-9][0-9]{0,15})(?::(?:0|[1-9][0-9]{0,15}
 LIMIT_SYNTAX = (
     "NAME:CAPACITY/PERIOD[,burst=N][,refill=N] (e.g. rpm:100/minute, tpm:10000/1m,burst=20000) "
     "or name=NAME,capacity=N,period=P[,burst=N][,refill=N]; PERIOD is seconds or "
-    "second|minute|hour|day, optionally with a count (30s, 5m)"
+    "second|minute|hour|day, optionally with a count (30s, 5m); a quota is "
+    "NAME:AMOUNT/quota,cron=CRON[,tz=ZONE] or NAME:AMOUNT/quota,reset_after=DURATION, a "
+    "concurrency cap NAME:N/concurrent[,lease_ttl=DURATION]; `,soft` makes any of them soft"
 )
 _TEXT_KEYS = {  # key in the text form -> Limit field
     "name": "name",
@@ -69,6 +79,14 @@ _TEXT_KEYS = {  # key in the text form -> Limit field
     "period": "refill_period_seconds",
     "refill_period": "refill_period_seconds",
     "refill_period_seconds": "refill_period_seconds",
+    "soft": "soft",
+    "kind": "kind",
+    "cron": "cron",
+    "tz": "tz",
+    "reset_after": "reset_after_seconds",
+    "reset_after_seconds": "reset_after_seconds",
+    "lease_ttl": "lease_ttl_seconds",
+    "lease_ttl_seconds": "lease_ttl_seconds",
 }
 _TEXT_SHORT_KEYS = {  # Limit field -> its key in the canonical text form
     "name": "name",
@@ -76,7 +94,23 @@ _TEXT_SHORT_KEYS = {  # Limit field -> its key in the canonical text form
     "burst": "burst",
     "refill_amount": "refill",
     "refill_period_seconds": "period",
+    "soft": "soft",
+    "kind": "kind",
+    "cron": "cron",
+    "tz": "tz",
+    "reset_after_seconds": "reset_after",
+    "lease_ttl_seconds": "lease_ttl",
 }
+# The PERIOD of the short form that names a kind instead of a refill period.
+_KIND_PERIODS = {"quota": QUOTA, "concurrent": CONCURRENCY, "concurrency": CONCURRENCY}
+# A part of the text form starts at a comma followed by a known key (a cron's own lists,
+# `0 0 1,15 * *`, stay in its value).
+_PART_SPLIT = re.compile(
+    r",\s*(?=(?:"
+    + "|".join(k.replace("_", "[-_]") for k in sorted(_TEXT_KEYS, key=len, reverse=True))
+    + r")\s*(?:=|,|$))",
+    re.IGNORECASE,
+)
 _STORED_KEYS = ("capacity", "burst", "refill", "period")
 _PERIOD_UNITS = {
     "s": 1, "sec": 1, "second": 1, "seconds": 1,
@@ -121,11 +155,22 @@ def _text_period(text: str) -> int:
 
 @dataclass(frozen=True, slots=True)
 class Limit:
-    """A token-bucket limit.
+    """A limit: a token bucket (the default), a quota or a concurrency cap.
 
-    ``capacity`` tokens refill over time at ``refill_amount`` per ``refill_period_seconds``;
-    the bucket holds at most ``burst`` (>= capacity). The rate is kept as an integer fraction so
-    the core can refill in whole quanta without drift.
+    A **token bucket** (``kind="bucket"``): ``capacity`` tokens refill over time at
+    ``refill_amount`` per ``refill_period_seconds``; the bucket holds at most ``burst``
+    (>= capacity). The rate is kept as an integer fraction so the core can refill in whole quanta
+    without drift.
+
+    A **quota** (`Limit.quota`): ``capacity`` tokens per window, restored in one lump when the
+    window opens; the window opens at a ``cron`` instant read in ``tz``, or lasts
+    ``reset_after_seconds`` from the entity's first admitted use.
+
+    A **concurrency cap** (`Limit.concurrency`): at most ``capacity`` slots held at once, each
+    for its lease's life; a lease never ended gives its slots back ``lease_ttl_seconds`` after
+    its last renewal.
+
+    ``soft=True`` on any of them: debited (it may go into debt), reported, never denies.
     """
 
     name: str
@@ -133,6 +178,12 @@ class Limit:
     burst: int
     refill_amount: int
     refill_period_seconds: int
+    soft: bool = False
+    kind: str = BUCKET
+    cron: str | None = None
+    tz: str = "UTC"
+    reset_after_seconds: int | None = None
+    lease_ttl_seconds: int | None = None
 
     def __post_init__(self) -> None:
         validate_name(self.name, "name")
@@ -144,26 +195,83 @@ class Limit:
         check_int(
             "refill_period_seconds", self.refill_period_seconds, 1, MAX_REFILL_PERIOD_SECONDS
         )
+        if not isinstance(self.soft, bool):
+            raise ValidationError("soft", self.soft, "must be a bool")
+        if self.kind not in LIMIT_KINDS:
+            raise ValidationError("kind", self.kind, f"must be one of {', '.join(LIMIT_KINDS)}")
+        if self.kind != BUCKET and not self.capacity == self.burst == self.refill_amount:
+            raise ValidationError(
+                "burst", self.burst, f"of a {self.kind} must equal its capacity ({self.capacity})"
+            )
+        own = {
+            BUCKET: (),
+            QUOTA: ("cron", "tz", "reset_after_seconds"),
+            CONCURRENCY: ("lease_ttl_seconds",),
+        }[self.kind]
+        for name in ("cron", "reset_after_seconds", "lease_ttl_seconds"):
+            if name not in own and getattr(self, name) is not None:
+                raise ValidationError(name, getattr(self, name), f"is not a {self.kind} setting")
+        if "tz" not in own and self.tz != "UTC":
+            raise ValidationError("tz", self.tz, f"is not a {self.kind} setting")
+        if self.kind == QUOTA:
+            _check_quota(self)
+        elif self.kind == CONCURRENCY:
+            check_int("lease_ttl_seconds", self.lease_ttl_seconds, 1, MAX_REFILL_PERIOD_SECONDS)
+            if self.refill_period_seconds != self.lease_ttl_seconds:
+                raise ValidationError(
+                    "refill_period_seconds",
+                    self.refill_period_seconds,
+                    f"of a concurrency cap must equal its lease_ttl_seconds "
+                    f"({self.lease_ttl_seconds})",
+                )
+
+    @property
+    def is_quota(self) -> bool:
+        return self.kind == QUOTA
+
+    @property
+    def is_concurrency(self) -> bool:
+        return self.kind == CONCURRENCY
+
+    @property
+    def reset_after(self) -> timedelta | None:
+        """A session quota's window, from the entity's first admitted use."""
+        s = self.reset_after_seconds
+        return None if s is None else timedelta(seconds=s)
+
+    @property
+    def lease_ttl(self) -> timedelta | None:
+        """How long a concurrency cap's slot outlives its lease's last renewal."""
+        s = self.lease_ttl_seconds
+        return None if s is None else timedelta(seconds=s)
 
     @classmethod
-    def per_second(cls, name: str, capacity: int, burst: int | None = None) -> Limit:
+    def per_second(
+        cls, name: str, capacity: int, burst: int | None = None, *, soft: bool = False
+    ) -> Limit:
         """``capacity`` tokens per second."""
-        return cls.custom(name, capacity, capacity, 1, burst)
+        return cls.custom(name, capacity, capacity, 1, burst, soft=soft)
 
     @classmethod
-    def per_minute(cls, name: str, capacity: int, burst: int | None = None) -> Limit:
+    def per_minute(
+        cls, name: str, capacity: int, burst: int | None = None, *, soft: bool = False
+    ) -> Limit:
         """``capacity`` tokens per minute."""
-        return cls.custom(name, capacity, capacity, 60, burst)
+        return cls.custom(name, capacity, capacity, 60, burst, soft=soft)
 
     @classmethod
-    def per_hour(cls, name: str, capacity: int, burst: int | None = None) -> Limit:
+    def per_hour(
+        cls, name: str, capacity: int, burst: int | None = None, *, soft: bool = False
+    ) -> Limit:
         """``capacity`` tokens per hour."""
-        return cls.custom(name, capacity, capacity, 3600, burst)
+        return cls.custom(name, capacity, capacity, 3600, burst, soft=soft)
 
     @classmethod
-    def per_day(cls, name: str, capacity: int, burst: int | None = None) -> Limit:
+    def per_day(
+        cls, name: str, capacity: int, burst: int | None = None, *, soft: bool = False
+    ) -> Limit:
         """``capacity`` tokens per day."""
-        return cls.custom(name, capacity, capacity, 86400, burst)
+        return cls.custom(name, capacity, capacity, 86400, burst, soft=soft)
 
     @classmethod
     def custom(
@@ -173,6 +281,8 @@ class Limit:
         refill_amount: int,
         refill_period_seconds: int,
         burst: int | None = None,
+        *,
+        soft: bool = False,
     ) -> Limit:
         """An explicit rate; e.g. sustain 100/s with bursts of 1000:
         ``Limit.custom("requests", 100, 100, 1, burst=1000)``.
@@ -183,6 +293,67 @@ class Limit:
             burst=capacity if burst is None else burst,
             refill_amount=refill_amount,
             refill_period_seconds=refill_period_seconds,
+            soft=soft,
+        )
+
+    @classmethod
+    def quota(
+        cls,
+        name: str,
+        amount: int,
+        *,
+        cron: str | None = None,
+        tz: str = "UTC",
+        reset_after: timedelta | None = None,
+        soft: bool = False,
+    ) -> Limit:
+        """``amount`` per window, restored in one lump when the window opens (no drip).
+
+        ``cron`` (5 fields) names the instant each window opens, read in the IANA zone ``tz``
+        (DST-correct): ``Limit.quota("monthly", 10_000, cron="0 0 1 * *", tz="Europe/Paris")``.
+        ``reset_after`` instead opens a window at the entity's first admitted use, lasting that
+        long; after it ends, the next admitted use opens the next one. Exactly one of the two.
+        """
+        if (cron is None) == (reset_after is None):
+            raise ValidationError(
+                "cron", cron, "a quota takes exactly one of cron= and reset_after="
+            )
+        session = None if reset_after is None else _whole_seconds("reset_after", reset_after)
+        return cls(
+            name=name,
+            capacity=amount,
+            burst=amount,
+            refill_amount=amount,
+            refill_period_seconds=session if session is not None else _cron_period(cron, tz),
+            soft=soft,
+            kind=QUOTA,
+            cron=cron,
+            tz=tz,
+            reset_after_seconds=session,
+        )
+
+    @classmethod
+    def concurrency(
+        cls,
+        name: str,
+        max_in_flight: int,
+        *,
+        lease_ttl: timedelta = DEFAULT_LEASE_TTL,
+        soft: bool = False,
+    ) -> Limit:
+        """At most ``max_in_flight`` slots held at once across every client; an acquire holds
+        ``consume.get(name, 1)`` of them for its lease's life. A lease never ended (its process
+        died) gives them back ``lease_ttl`` after its last renewal."""
+        ttl = _whole_seconds("lease_ttl", lease_ttl)
+        return cls(
+            name=name,
+            capacity=max_in_flight,
+            burst=max_in_flight,
+            refill_amount=max_in_flight,
+            refill_period_seconds=ttl,
+            soft=soft,
+            kind=CONCURRENCY,
+            lease_ttl_seconds=ttl,
         )
 
     @property
@@ -206,18 +377,29 @@ class Limit:
     def refill_period_ms(self) -> int:
         return self.refill_period_seconds * units.MS_PER_SECOND
 
-    def to_dict(self) -> dict[str, str | int]:
-        return {
+    def to_dict(self) -> dict[str, Any]:
+        """The five fields of 0.2.0, plus those of a plan (soft, kind, ...) when set."""
+        data: dict[str, Any] = {
             "name": self.name,
             "capacity": self.capacity,
             "burst": self.burst,
             "refill_amount": self.refill_amount,
             "refill_period_seconds": self.refill_period_seconds,
         }
+        if self.soft:
+            data["soft"] = True
+        if self.kind != BUCKET:
+            data["kind"] = self.kind
+            for key in ("cron", "reset_after_seconds", "lease_ttl_seconds"):
+                if getattr(self, key) is not None:
+                    data[key] = getattr(self, key)
+            if self.kind == QUOTA and self.cron is not None:
+                data["tz"] = self.tz
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Limit:
-        """Inverse of :meth:`to_dict`; the keys must be exactly the five field names.
+        """Inverse of :meth:`to_dict`: the five field names, and those of a plan when set.
 
         Integral ``Decimal`` values are accepted because that is how DynamoDB returns numbers.
         """
@@ -226,19 +408,22 @@ class Limit:
         for key in _LIMIT_FIELDS:
             if key not in data:
                 raise ValidationError(key, None, "is missing")
-        extra = sorted(str(k) for k in data if k not in _LIMIT_FIELDS)
+        extra = sorted(str(k) for k in data if k not in _LIMIT_FIELDS + _PLAN_FIELDS)
         if extra:
             raise ValidationError(extra[0], data[extra[0]], "is not a Limit field")
-        values: dict[str, Any] = {k: _from_decimal(data[k]) for k in _LIMIT_FIELDS}
+        values: dict[str, Any] = {
+            k: _from_decimal(data[k]) for k in _LIMIT_FIELDS + _PLAN_FIELDS if k in data
+        }
         return cls(**values)
 
     # -- text forms ---------------------------------------------------------------------------
     #
     # One grammar, two renderings. `spec`/`parse` is the text people and scripts use
     # (`rpm:100/minute,burst=150`; see LIMIT_SYNTAX). `encode`/`decode` is the stored form written
-    # into every bucket item (`lm#<limit>`) and stored limit (`limit_def`): the four numbers of
-    # the explicit text form (`capacity=..,burst=..,refill=..,period=..`), positional, in
-    # canonical decimals, without the name (the attribute holds it). The stored form stays
+    # into every bucket item (`lm#<limit>`) and stored limit (`limit_def`): for a hard token
+    # bucket the four numbers of the explicit text form (`capacity=..,burst=..,refill=..,
+    # period=..`), positional, in canonical decimals, without the name (the attribute holds
+    # it); for any other limit its canonical text form without the name. The stored form stays
     # separate because tables, deployed aggregators and older clients hold and compare it byte
     # for byte; `decode` goes through `parse`, so both accept the same limits.
 
@@ -247,14 +432,16 @@ class Limit:
     @classmethod
     def parse(cls, text: str) -> Limit:
         """A limit from its text form (LIMIT_SYNTAX): ``Limit.parse("rpm:100/minute")``,
-        ``Limit.parse("name=tpm,capacity=1000,period=60,burst=2000")``.
+        ``Limit.parse("name=tpm,capacity=1000,period=60,burst=2000")``,
+        ``Limit.parse("monthly:10000/quota,cron=0 0 1 * *,tz=Europe/Paris")``,
+        ``Limit.parse("streams:5/concurrent,lease_ttl=5m")``, ``Limit.parse("tpm:1000/1m,soft")``.
 
         ``Limit.parse(limit.spec) == limit`` for every limit. Bad text raises `ValidationError`
         naming the field (``capacity``, ``refill_period_seconds``, ...; ``limit`` for the shape).
         """
         if not isinstance(text, str):
             raise ValidationError("limit", text, f"must be a string, not {type(text).__name__}")
-        parts = [p.strip() for p in text.split(",") if p.strip()]
+        parts = [p.strip() for p in _PART_SPLIT.split(text) if p.strip()]
         if not parts:
             raise ValidationError("limit", text, f"is empty; expected {LIMIT_SYNTAX}")
         values: dict[str, str] = {}
@@ -264,13 +451,19 @@ class Limit:
             if not colon or not slash:
                 raise ValidationError("limit", text, f"expected {LIMIT_SYNTAX}")
             values = {"name": name.strip(), "capacity": capacity.strip(), "period": period}
+            kind = _KIND_PERIODS.get(period.strip().lower())
+            if kind is not None:
+                values["kind"] = kind
+                del values["period"]
         for part in parts:
             key, eq, value = part.partition("=")
             field = _TEXT_KEYS.get(key.strip().lower().replace("-", "_"))
+            if field == "soft" and not eq:
+                value, eq = "true", "="
             if not eq:
                 raise ValidationError("limit", text, f"part {part!r} is not KEY=VALUE")
             if field is None:
-                known = "name, capacity, period, burst, refill"
+                known = ", ".join(sorted(set(_TEXT_SHORT_KEYS.values())))
                 raise ValidationError("limit", text, f"unknown key {key.strip()!r} (use {known})")
             short = _TEXT_SHORT_KEYS[field]
             if short in values:
@@ -281,11 +474,44 @@ class Limit:
     @classmethod
     def _from_text(cls, values: dict[str, str]) -> Limit:
         """The limit of the text form's key/value pairs (keys: name, capacity, burst, refill,
-        period); the one place text becomes numbers."""
-        for key in ("name", "capacity", "period"):
+        period, soft, kind, cron, tz, reset_after, lease_ttl); the one place text becomes
+        numbers."""
+        soft = _text_bool("soft", values.get("soft", "false"))
+        kind = values.get("kind", BUCKET).strip().lower()
+        for key in ("name", "capacity"):
             if not values.get(key):
                 raise ValidationError(_TEXT_KEYS[key], None, "is missing")
         capacity = _text_int("capacity", values["capacity"])
+        if kind in (QUOTA, CONCURRENCY):
+            for key in ("burst", "refill", "period"):
+                if key in values:
+                    raise ValidationError(_TEXT_KEYS[key], values[key], f"is not a {kind} setting")
+        if kind == QUOTA:
+            after = values.get("reset_after")
+            return cls.quota(
+                values["name"],
+                capacity,
+                cron=values.get("cron"),
+                tz=values.get("tz", "UTC"),
+                reset_after=None if after is None else timedelta(seconds=_text_period(after)),
+                soft=soft,
+            )
+        if kind == CONCURRENCY:
+            ttl = values.get("lease_ttl")
+            lease_ttl = DEFAULT_LEASE_TTL if ttl is None else timedelta(seconds=_text_period(ttl))
+            return cls.concurrency(
+                values["name"],
+                capacity,
+                lease_ttl=lease_ttl,
+                soft=soft,
+            )
+        if kind != BUCKET:
+            raise ValidationError("kind", kind, f"must be one of {', '.join(LIMIT_KINDS)}")
+        for key in ("cron", "tz", "reset_after", "lease_ttl"):
+            if key in values:
+                raise ValidationError(_TEXT_KEYS[key], values[key], "is not a bucket setting")
+        if not values.get("period"):
+            raise ValidationError("refill_period_seconds", None, "is missing")
         return cls(
             name=values["name"],
             capacity=capacity,
@@ -294,40 +520,132 @@ class Limit:
                 _text_int("refill_amount", values["refill"]) if "refill" in values else capacity
             ),
             refill_period_seconds=_text_period(values["period"]),
+            soft=soft,
         )
 
     @property
     def spec(self) -> str:
         """The canonical text form: ``rpm:100/minute``, ``tpm:1000/30s,burst=2000,refill=500``
-        (burst and refill only when they differ from the capacity)."""
-        period = self.refill_period_seconds
-        text = f"{self.name}:{self.capacity}/{_PERIOD_NAMES.get(period, f'{period}s')}"
-        if self.burst != self.capacity:
-            text += f",burst={self.burst}"
-        if self.refill_amount != self.capacity:
-            text += f",refill={self.refill_amount}"
-        return text
+        (burst and refill only when they differ from the capacity),
+        ``monthly:10000/quota,cron=0 0 1 * *,tz=Europe/Paris``, ``session:50/quota,
+        reset_after=18000s``, ``streams:5/concurrent,lease_ttl=300s``; ``,soft`` last."""
+        return f"{self.name}:{self._spec_body()}"
+
+    def _spec_body(self) -> str:
+        if self.kind == QUOTA:
+            text = f"{self.capacity}/quota"
+            if self.cron is not None:
+                text += f",cron={self.cron},tz={self.tz}"
+            else:
+                text += f",reset_after={self.reset_after_seconds}s"
+        elif self.kind == CONCURRENCY:
+            text = f"{self.capacity}/concurrent,lease_ttl={self.lease_ttl_seconds}s"
+        else:
+            period = self.refill_period_seconds
+            text = f"{self.capacity}/{_PERIOD_NAMES.get(period, f'{period}s')}"
+            if self.burst != self.capacity:
+                text += f",burst={self.burst}"
+            if self.refill_amount != self.capacity:
+                text += f",refill={self.refill_amount}"
+        return text + (",soft" if self.soft else "")
 
     def encode(self) -> str:
-        """The stored form ``capacity:burst:refill_amount:refill_period_seconds`` (name excluded:
-        it is part of the attribute name in the bucket item)."""
-        return f"{self.capacity}:{self.burst}:{self.refill_amount}:{self.refill_period_seconds}"
+        """The stored form (name excluded: it is part of the attribute name in the bucket
+        item): ``capacity:burst:refill_amount:refill_period_seconds`` for a hard token bucket,
+        the canonical text form after the name's colon for any other limit."""
+        if self.kind == BUCKET and not self.soft:
+            return (
+                f"{self.capacity}:{self.burst}:{self.refill_amount}:{self.refill_period_seconds}"
+            )
+        return self._spec_body()
 
     @classmethod
     def decode(cls, encoded: str, name: str) -> Limit:
         """Inverse of :meth:`encode`; the name comes from the attribute the string was read from.
 
-        Stricter than `parse` (canonical decimals only, so one limit has one stored string), then
+        Stricter than `parse` (canonical forms only, so one limit has one stored string), then
         read as the explicit text form.
         """
-        if not isinstance(encoded, str) or _ENCODED_LIMIT_RE.fullmatch(encoded) is None:
+        if isinstance(encoded, str) and _ENCODED_LIMIT_RE.fullmatch(encoded) is not None:
+            numbers = dict(zip(_STORED_KEYS, encoded.split(":"), strict=True))
+            return cls._from_text({"name": name, **numbers})
+        if isinstance(encoded, str) and "/" in encoded:
+            limit = cls.parse(f"{name}:{encoded}")
+            if limit.encode() == encoded and (limit.soft or limit.kind != BUCKET):
+                return limit
+        raise ValidationError(
+            "limit",
+            encoded,
+            "must be 'capacity:burst:refill_amount:refill_period_seconds' in decimal digits, "
+            "or a plan limit's canonical text form",
+        )
+
+
+def _text_bool(field: str, text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "yes", "1", "on"):
+        return True
+    if value in ("false", "no", "0", "off"):
+        return False
+    raise ValidationError(field, text, "must be true or false")
+
+
+def _whole_seconds(field: str, value: object) -> int:
+    """A positive timedelta of whole seconds, as its seconds."""
+    if not isinstance(value, timedelta):
+        raise ValidationError(field, value, f"must be a timedelta, not {type(value).__name__}")
+    seconds = value.total_seconds()
+    if seconds <= 0 or seconds != int(seconds):
+        raise ValidationError(field, value, "must be a positive whole number of seconds")
+    if seconds > MAX_REFILL_PERIOD_SECONDS:
+        raise ValidationError(field, value, f"must be at most {MAX_REFILL_PERIOD_SECONDS} s")
+    return int(seconds)
+
+
+def _check_quota(limit: Limit) -> None:
+    """A quota has exactly one window shape; a cron quota's cron and zone are valid."""
+    if (limit.cron is None) == (limit.reset_after_seconds is None):
+        raise ValidationError(
+            "cron", limit.cron, "a quota takes exactly one of cron= and reset_after="
+        )
+    if limit.reset_after_seconds is not None:
+        check_int(
+            "reset_after_seconds", limit.reset_after_seconds, 1, MAX_REFILL_PERIOD_SECONDS
+        )
+        if limit.refill_period_seconds != limit.reset_after_seconds:
             raise ValidationError(
-                "limit",
-                encoded,
-                "must be 'capacity:burst:refill_amount:refill_period_seconds' in decimal digits",
+                "refill_period_seconds",
+                limit.refill_period_seconds,
+                f"of a session quota must equal its reset_after_seconds "
+                f"({limit.reset_after_seconds})",
             )
-        numbers = dict(zip(_STORED_KEYS, encoded.split(":"), strict=True))
-        return cls._from_text({"name": name, **numbers})
+        if limit.tz != "UTC":
+            raise ValidationError("tz", limit.tz, "is read only with cron=")
+    else:
+        assert limit.cron is not None
+        if limit.refill_period_seconds != _cron_period(limit.cron, limit.tz):
+            raise ValidationError(
+                "refill_period_seconds",
+                limit.refill_period_seconds,
+                "of a cron quota must be its cron's nominal window",
+            )
+
+
+def _cron_period(cron: object, tz: object) -> int:
+    """A cron quota's nominal window in seconds (its longest window, for the RateLimit `w`
+    field and display); checks the cron and the zone."""
+    if not isinstance(tz, str):
+        raise ValidationError("tz", tz, f"must be a string, not {type(tz).__name__}")
+    try:
+        calendar.zone(tz)
+    except ValueError as exc:
+        raise ValidationError("tz", tz, str(exc)) from None
+    if not isinstance(cron, str):
+        raise ValidationError("cron", cron, f"must be a string, not {type(cron).__name__}")
+    try:
+        return calendar.nominal_window_seconds(cron, tz)
+    except ValueError as exc:
+        raise ValidationError("cron", cron, str(exc)) from None
 
 
 def _from_decimal(value: object) -> object:
