@@ -132,3 +132,43 @@ def test_parse_never_fails_with_anything_but_a_validation_error(text: str) -> No
 def test_decode_is_strict(encoded: str) -> None:
     with pytest.raises(ValidationError):
         Limit.decode(encoded, "rpm")
+
+
+PLAN_FORMS = [
+    ("tpm:1000/minute,soft", "tpm:1000/minute,soft"),
+    ("monthly:10000/quota,cron=0 0 1 * *,tz=Europe/Paris",
+     "monthly:10000/quota,cron=0 0 1 * *,tz=Europe/Paris"),
+    ("twice:5/quota,cron=0 0 1,15 * *", "twice:5/quota,cron=0 0 1,15 * *,tz=UTC"),
+    ("weekdays:5/quota,cron=0 9 * * mon-fri,soft", "weekdays:5/quota,cron=0 9 * * mon-fri,tz=UTC,soft"),
+    ("session:50/quota,reset_after=5h", "session:50/quota,reset_after=18000s"),
+    ("streams:5/concurrent", "streams:5/concurrent,lease_ttl=300s"),
+    ("streams:5/concurrency,lease-ttl=1m,soft=true", "streams:5/concurrent,lease_ttl=60s,soft"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("text", "spec"), PLAN_FORMS)
+def test_plan_forms_round_trip(text: str, spec: str) -> None:
+    limit = Limit.parse(text)
+    assert limit.spec == spec
+    assert Limit.parse(limit.spec) == limit
+    assert Limit.decode(limit.encode(), limit.name) == limit
+    assert Limit.from_dict(limit.to_dict()) == limit
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ("q:5/quota", "cron"),
+        ("q:5/quota,cron=0 0 * * *,reset_after=1h", "cron"),
+        ("q:5/quota,cron=0 0 31 2 *", "cron"),
+        ("q:5/quota,cron=0 0 * * *,tz=Mars/Base", "tz"),
+        ("q:5/quota,cron=0 0 * * *,burst=6", "burst"),
+        ("c:5/concurrent,cron=0 0 * * *", "cron"),
+        ("r:5/minute,lease_ttl=1m", "lease_ttl_seconds"),
+        ("r:5/minute,soft=maybe", "soft"),
+    ],
+)
+def test_bad_plan_forms_name_their_field(text: str, field: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        Limit.parse(text)
+    assert info.value.field == field

@@ -607,3 +607,23 @@ def test_stack_options_constructor_defaults_are_the_fields_defaults() -> None:
             assert given == f.default, f.name
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
         assert getattr(StackOptions(), f.name) == default, f.name
+
+
+async def test_a_plan_limit_the_engine_does_not_serve_is_refused_not_bucketed() -> None:
+    """Until the engine serves a kind, a limit of it is a ValidationError at acquire, not a
+    token bucket in disguise (FAIL_OPEN does not wave a misconfiguration through)."""
+    from datetime import timedelta
+
+    from zae_limiter import FailureMode, MemoryStorage, RateLimiter, ValidationError
+
+    plans = [
+        Limit.quota("q", 10, reset_after=timedelta(hours=1)),
+        Limit.concurrency("c", 2),
+        Limit.per_minute("s", 10, soft=True),
+    ]
+    async with RateLimiter(repository=MemoryStorage(), failure_mode=FailureMode.FAIL_OPEN) as lim:
+        for plan in plans:
+            with pytest.raises(ValidationError) as info:
+                async with lim.acquire("e", "r", [plan], {plan.name: 1}):
+                    pass
+            assert info.value.field == "limits"

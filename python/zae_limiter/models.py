@@ -482,10 +482,13 @@ class Limit:
             if not values.get(key):
                 raise ValidationError(_TEXT_KEYS[key], None, "is missing")
         capacity = _text_int("capacity", values["capacity"])
-        if kind in (QUOTA, CONCURRENCY):
-            for key in ("burst", "refill", "period"):
-                if key in values:
-                    raise ValidationError(_TEXT_KEYS[key], values[key], f"is not a {kind} setting")
+        foreign = {
+            QUOTA: ("burst", "refill", "period", "lease_ttl"),
+            CONCURRENCY: ("burst", "refill", "period", "cron", "tz", "reset_after"),
+        }.get(kind, ())
+        for key in foreign:
+            if key in values:
+                raise ValidationError(_TEXT_KEYS[key], values[key], f"is not a {kind} setting")
         if kind == QUOTA:
             after = values.get("reset_after")
             return cls.quota(

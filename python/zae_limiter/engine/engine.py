@@ -22,7 +22,12 @@ from typing import Any
 
 from .. import core
 from ..core import units
-from ..exceptions import RateLimiterUnavailable, RateLimitExceeded, RequestTooLarge
+from ..exceptions import (
+    RateLimiterUnavailable,
+    RateLimitExceeded,
+    RequestTooLarge,
+    ValidationError,
+)
 from ..models import Limit, LimitStatus
 from ..storage.protocol import BucketItem, ConditionFailed, LimitWrite, Storage, WriteRefused
 from . import expiry, stored
@@ -52,6 +57,14 @@ class Target:
     limits: list[Limit]
     state: BucketItem | None = None
     fresh: bool = False
+
+    def __post_init__(self) -> None:
+        for limit in self.limits:
+            if limit.kind != "bucket" or limit.soft:
+                # Refused, not served as a token bucket: a plan the engine cannot keep is a
+                # misconfiguration (an error whatever the failure mode), never a silent change.
+                what = "soft limits" if limit.soft else f"{limit.kind} limits"
+                raise ValidationError("limits", limit.spec, f"{what} are not served yet")
 
 
 @dataclass
