@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -224,6 +225,15 @@ async def entities_script(store: Storage) -> Any:
     await store.set_limits("k1", "chat", [Limit.per_minute("rpm", 5), Limit.per_hour("tpm", 9)])
     await store.set_limits("k1", "chat", [Limit.per_minute("rpm", 6)])  # replaces: tpm goes
     await store.set_limits("k1", "embed", [Limit.per_day("rpd", 100)])
+    plans = [
+        Limit.per_minute("tpm", 1000, soft=True),
+        Limit.quota("monthly", 10_000, cron="0 0 1 * *", tz="Europe/Paris"),
+        Limit.quota("session", 50, reset_after=timedelta(hours=5), soft=True),
+        Limit.concurrency("streams", 5),
+    ]
+    await store.set_limits("k1", "plans", plans)
+    assert await store.get_limits("k1", "plans") == sorted(plans, key=lambda lm: lm.name)
+    seen.append(await store.get_limits("k1", "plans"))
     seen.append(await store.get_limits("k1", "chat"))
     seen.append(await store.get_all_limits("k1"))
     stored = sorted(await store.list_stored_limits(), key=lambda s: (s.entity_id, s.resource))

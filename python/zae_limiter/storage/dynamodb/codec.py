@@ -164,18 +164,44 @@ def limit_item(entity_id: str, resource: str, limit: Limit) -> Item:
         "burst": num_av(limit.burst),
         "refill_amount": num_av(limit.refill_amount),
         "refill_period_seconds": num_av(limit.refill_period_seconds),
-    }
+    } | _plan_attributes(limit)
+
+
+def _plan_attributes(limit: Limit) -> Item:
+    """A plan limit's settings beyond the five numbers (only those set: a plain hard token
+    bucket's item is 0.2.0's)."""
+    extra: Item = {}
+    for key, value in limit.to_dict().items():
+        if key in _LIMIT_NUMBERS or key == "name":
+            continue
+        if isinstance(value, bool):
+            extra[key] = {"BOOL": value}
+        elif isinstance(value, int):
+            extra[key] = num_av(value)
+        else:
+            extra[key] = str_av(str(value))
+    return extra
+
+
+_LIMIT_NUMBERS = ("capacity", "burst", "refill_amount", "refill_period_seconds")
 
 
 def limit_from_item(item: Item) -> Limit:
-    return Limit(
-        name=item_str(item, "limit_name")
+    data: dict[str, Any] = {
+        "name": item_str(item, "limit_name")
         or schema.parse_limit_sk(item_str(item, schema.SK) or "")[1],
-        capacity=item_num(item, "capacity") or 0,
-        burst=item_num(item, "burst") or 0,
-        refill_amount=item_num(item, "refill_amount") or 0,
-        refill_period_seconds=item_num(item, "refill_period_seconds") or 0,
-    )
+    }
+    for key in _LIMIT_NUMBERS:
+        data[key] = item_num(item, key) or 0
+    if item.get("soft", {}).get("BOOL"):
+        data["soft"] = True
+    for key in ("kind", "cron", "tz"):
+        if (text := item_str(item, key)) is not None:
+            data[key] = text
+    for key in ("reset_after_seconds", "lease_ttl_seconds"):
+        if (number := item_num(item, key)) is not None:
+            data[key] = number
+    return Limit.from_dict(data)
 
 
 def version_item(fields: Mapping[str, str], updated_at: str, updated_by: str) -> Item:
