@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import multiprocessing
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -396,7 +397,8 @@ async def test_write_ceiling_forwards_at_most_c_per_window_per_item(
         assert all(other)
         assert await stored("other") == 5
         forwarded = sum(hot)
-        assert forwarded <= C * WINDOW
+        # At most C in any sliding window: a loaded machine may spread the writes over several.
+        assert forwarded <= C * (math.floor(elapsed / WINDOW) + 1), (forwarded, elapsed)
         if elapsed < WINDOW:  # every write fell in one window: exactly C got through
             assert forwarded == C * WINDOW, (forwarded, elapsed)
             assert hot[:C] == [True] * C
