@@ -298,9 +298,11 @@ def test_steady_demand_under_the_write_ceiling(
     assert r["admitted"] == r["acquires"], r
     # Blocks, not writes, serve the demand: the item's writes stay under half its ceiling.
     assert r["writes"] / r["acquires"] <= 0.5 * CEILING / STEADY, r
-    # Served from the block, not by waiting for DynamoDB: at most a stall of the shared
-    # machine's moto (seconds at times) can make one wait.
-    assert r["waits"] <= 0.01 * r["acquires"], r
+    # Served from the block, not by waiting for DynamoDB. In real time a stall of the shared
+    # machine's moto (seconds at times, under a parallel suite) can make a few wait; the exact
+    # claim (no wait at all) is proved in simulated time by tests/test_reservations.py
+    # (test_steady_demand_never_waits_for_a_top_up), so this run only bounds the waits.
+    assert r["waits"] <= 0.03 * r["acquires"], r
 
 
 async def _create(endpoint_url: str) -> None:
