@@ -44,3 +44,25 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     # workers per core keep the cores busy (measured on 2 cores: 2 workers 4:47, 3 workers 3:57,
     # 4 workers 3:45).
     return min(12, max(1, ((os.cpu_count() or 1) * 3 + 1) // 2))
+
+
+# Files whose tests run for seconds each (processes, real-time windows, hypothesis): started
+# first, so that a parallel run does not end waiting on one of them started last.
+_LONG_FIRST = (
+    "tests/reliability/",
+    "tests/test_retry_after.py",
+    "tests/test_docs_troubleshooting.py",
+    "tests/test_core_equivalence.py",
+    "tests/test_packaging.py",
+    "benches/",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    root = str(config.rootpath)
+
+    def long_first(item: pytest.Item) -> int:
+        path = str(item.path)[len(root) + 1 :]
+        return 0 if path.startswith(_LONG_FIRST) else 1
+
+    items.sort(key=long_first)  # stable: the order within each group is the collection's
