@@ -299,6 +299,14 @@ async def test_soft_limits_are_not_served_from_reserved_blocks() -> None:
         for _ in range(30):
             async with lim.acquire("soft", "api", [SOFT_RPM, TPM], {"rpm": 1, "tpm": 1}):
                 pass
+        # Exact: what the soft entity's bucket says it consumed is what was admitted.
+        assert await stored(lim, "soft") == {"rpm": 30_000, "tpm": 30_000}
+        # At the plain acquire's cost once warm: one write each, none refused.
+        lim.ledger.reset()
+        for _ in range(5):
+            async with lim.acquire("soft", "api", [SOFT_RPM, TPM], {"rpm": 1, "tpm": 1}):
+                pass
+        assert lim.ledger.calls == {"UpdateItem": 5} and lim.ledger.conflicts == 0
         for _ in range(5):
             async with lim.acquire("hard", "api", [RPM], {"rpm": 1}):
                 pass
@@ -308,12 +316,10 @@ async def test_soft_limits_are_not_served_from_reserved_blocks() -> None:
         assert ("hard", "api") in reserver.holdings
         assert ("soft", "api") not in reserver.holdings
         assert ("soft", "api") not in lim.reserved()
-        # Exact: what the soft entity's bucket says it consumed is what was admitted.
-        assert await stored(lim, "soft") == {"rpm": 30_000, "tpm": 30_000}
         async with lim.acquire("soft", "api", [SOFT_RPM, TPM], {"rpm": 1, "tpm": 1}) as lease:
             await lease.adjust(tpm=4)
             await lease.release(rpm=1)
-        assert await stored(lim, "soft") == {"rpm": 30_000, "tpm": 35_000}
+        assert await stored(lim, "soft") == {"rpm": 35_000, "tpm": 40_000}
     # Closing gives the hard entity's block back: its bucket holds what was admitted.
     assert await stored(lim, "hard") == {"rpm": 5_000}
 

@@ -320,7 +320,10 @@ class Engine:
                 if _past(out, delta):
                     (soft if limit.soft else shadow).append(limit.name)
             if soft or shadow:
-                observer(target.entity_id, target.resource, soft, shadow)
+                try:
+                    observer(target.entity_id, target.resource, soft, shadow)
+                except Exception:  # the change landed: a failed report must not undo it
+                    log.exception("reporting a soft limit excess failed")
 
     def _unconfirmed(
         self,

@@ -117,7 +117,7 @@ class Reserver:
             # Soft limits are not served from blocks: a block holds only what a checked write
             # granted, and a soft limit must be debited past that. Straight to the buckets, so
             # the lease settles through the engine too (no holding has these targets).
-            targets = [h.target for h in holdings]
+            targets = await self.engine.targets(resource, limit_sets)
             await self.engine.commit(targets, amounts)
             return targets
         return [h.target for h in await self._take(holdings, amounts)]
