@@ -611,7 +611,8 @@ def test_stack_options_constructor_defaults_are_the_fields_defaults() -> None:
 
 async def test_a_plan_limit_the_engine_does_not_serve_is_refused_not_bucketed() -> None:
     """Until the engine serves a kind, a limit of it is a ValidationError at acquire, not a
-    token bucket in disguise (FAIL_OPEN does not wave a misconfiguration through)."""
+    token bucket in disguise (FAIL_OPEN does not wave a misconfiguration through); `soft` does
+    not make an unserved kind served (soft bucket limits are: tests/test_soft_limits.py)."""
     from datetime import timedelta
 
     from zae_limiter import FailureMode, MemoryStorage, RateLimiter, ValidationError
@@ -619,7 +620,8 @@ async def test_a_plan_limit_the_engine_does_not_serve_is_refused_not_bucketed() 
     plans = [
         Limit.quota("q", 10, reset_after=timedelta(hours=1)),
         Limit.concurrency("c", 2),
-        Limit.per_minute("s", 10, soft=True),
+        Limit.quota("sq", 10, reset_after=timedelta(hours=1), soft=True),
+        Limit.concurrency("sc", 2, soft=True),
     ]
     async with RateLimiter(repository=MemoryStorage(), failure_mode=FailureMode.FAIL_OPEN) as lim:
         for plan in plans:

@@ -205,6 +205,55 @@ async def test_refused_writes_change_nothing_alike(moto: Repository) -> None:
     await both(moto, conditions_script)
 
 
+SOFT = [Limit.per_minute("rpm", 10, soft=True), Limit.custom("tpm", 1000, 600, 60, burst=1200)]
+
+
+async def soft_script(store: Storage) -> Any:
+    """A soft limit beside a hard one, written by two clients whose views go stale: the soft
+    part of each write is forced (no "still holds" bound) in the same conditional write as the
+    checked hard part; a refused write is decided again, a denial writes neither."""
+    clock = [T0]
+    engines = [Engine(store, clock=lambda: clock[0]) for _ in range(2)]
+    excesses: list[Any] = []
+    for engine in engines:
+        engine.on_soft_excess = lambda *seen: excesses.append(seen)
+    rng = random.Random(23)
+    seen: list[Any] = []
+    admitted = {"rpm": 0, "tpm": 0}
+    for step in range(60):
+        clock[0] += rng.choice((0, 0, 7, 250, 3_000))
+        cascade = rng.random() < 0.3
+        targets = [Target("a", "api", list(SOFT))]
+        if cascade:
+            targets.append(Target("proj", "api", list(SOFT)))
+        engine = rng.choice(engines)
+        await engine.load(targets)
+        amounts = {"rpm": rng.randint(1, 4), "tpm": rng.randint(1, 200)}
+        try:
+            await engine.commit(targets, amounts)
+        except RateLimitExceeded as exc:
+            assert {v.limit_name for v in exc.violations} == {"tpm"}
+            seen.append((step, "denied", exc.retry_after_seconds))
+        else:
+            seen.append((step, "ok"))
+            admitted = {k: admitted[k] + v for k, v in amounts.items()}
+    bucket = await store.get_bucket("a", "api")
+    assert bucket is not None
+    # Exactly what was admitted, the soft limit far past its 10 a minute.
+    assert {n: s.consumed_milli for n, s in bucket.limits.items()} == {
+        n: 1000 * v for n, v in admitted.items()
+    }
+    assert admitted["rpm"] > 30
+    assert any(s[1] == "denied" for s in seen) and excesses
+    assert store.ledger.conflicts > 0, "no write met a stale view"
+    full_at = {n: s.full_at for n, s in bucket.limits.items()}
+    return seen, excesses, full_at, store.ledger.conflicts, await table(store)
+
+
+async def test_soft_limits_are_written_alike(moto: Repository) -> None:
+    await both(moto, soft_script)
+
+
 # -- entities, stored limits, audit, version, admin -------------------------------------------
 
 

@@ -75,9 +75,10 @@ def oversized(
     amounts: Mapping[str, int],
     field: str = "consume",
 ) -> tuple[str, Limit, str] | None:
-    """The first (entity_id, limit, field) whose amount exceeds the limit's burst, if any."""
+    """The first (entity_id, limit, field) whose amount exceeds the limit's burst, if any. A
+    soft limit is never one: it never denies, so it goes into debt instead."""
     for entity_id, limits in limit_sets:
         for limit in limits:
-            if amounts.get(limit.name, 0) > limit.burst:
+            if amounts.get(limit.name, 0) > limit.burst and not limit.soft:
                 return entity_id, limit, f"{field}.{limit.name}"
     return None

@@ -125,9 +125,9 @@ class RateLimitExceeded(RateLimitError):
     Carries the status of *every* limit that was checked, so callers see the whole picture.
 
     Attributes:
-        statuses: all checked limits.
-        violations: the exceeded ones.
-        passed: the ones that were not exceeded.
+        statuses: all checked limits (a soft limit past its allowance is ``exceeded`` too).
+        violations: the exceeded hard limits: what denied the request.
+        passed: the others (soft limits included, exceeded or not).
         primary_violation: the violation with the longest wait (a never-satisfiable violation
             counts as the longest); ``None`` without violations.
         retry_after_seconds: seconds until every violation can be satisfied; ``0.0`` without
@@ -137,8 +137,13 @@ class RateLimitExceeded(RateLimitError):
 
     def __init__(self, statuses: list[LimitStatus]) -> None:
         self.statuses: list[LimitStatus] = list(statuses)
-        self.violations: list[LimitStatus] = [s for s in self.statuses if s.exceeded]
-        self.passed: list[LimitStatus] = [s for s in self.statuses if not s.exceeded]
+        # A soft limit past its allowance is reported `exceeded` but denies nothing.
+        self.violations: list[LimitStatus] = [
+            s for s in self.statuses if s.exceeded and not s.limit.soft
+        ]
+        self.passed: list[LimitStatus] = [
+            s for s in self.statuses if not s.exceeded or s.limit.soft
+        ]
         if not self.violations:
             # A denial that names no exceeded limit would tell the caller nothing to act on.
             raise ValueError("RateLimitExceeded requires at least one violation")

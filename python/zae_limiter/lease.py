@@ -101,18 +101,21 @@ class Lease:
         with no I/O: `available` is what the bucket holds now by the state its last write
         returned, `requested` what this lease holds. With reservations it is the shared bucket
         as of the block's last top-up, the blocks counted as used: what `available()` reports.
-        Empty for a fail-open lease (no bucket was seen)."""
+        Empty for a fail-open lease (no bucket was seen). A soft limit (every limit in shadow
+        mode) in debt is `exceeded`: past its allowance, which denied nothing."""
         now = self._settler.clock()
         result: list[LimitStatus] = []
         for target, books in zip(self._targets, self._books, strict=True):
-            for limit in target.limits:
+            soft = target.soft
+            for i, limit in enumerate(target.limits):
+                available = available_milli(limit, target.state, now)
                 result.append(
                     limit_status(
                         target,
                         limit,
-                        available_milli(limit, target.state, now),
+                        available,
                         units.to_milli(books.get(limit.name, 0)),
-                        False,
+                        soft is not None and soft[i] and available < 0,
                         0.0,
                     )
                 )
@@ -160,7 +163,8 @@ class Lease:
         until refill, never over-admission). A partial cascade is given back."""
         deltas = self._amounts(amounts, signed=False)
         if deltas and not self.fail_open:
-            sets = [(t.entity_id, t.limits) for t in self._targets]
+            # In shadow mode no limit refuses, not even a request larger than its burst.
+            sets = [(t.entity_id, t.limits) for t in self._targets if not t.shadow]
             if (too := oversized(sets, deltas)) is not None:
                 raise request_too_large(self._targets, deltas, self._settler.clock(), too[2])
             if not self._settler.settle_local(self._targets, deltas, check=True):

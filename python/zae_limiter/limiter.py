@@ -32,7 +32,7 @@ from .exceptions import (
 )
 from .failures import STORAGE_FAILURES, public_error, public_errors
 from .lease import Lease, LeaseScope
-from .metrics import ADMITTED, DENIED, FAIL_OPEN, NO_METRICS, UNAVAILABLE, Metrics
+from .metrics import ADMITTED, DENIED, FAIL_OPEN, NO_METRICS, UNAVAILABLE, Metrics, SoftExcesses
 from .models import (
     AuditEvent,
     Entity,
@@ -98,7 +98,10 @@ class RateLimiter:
         reservations: Reservations | None = None,
         deadline: DeadlineArg = DEFAULT,
         metrics: Metrics | None = None,
+        shadow: bool = False,
     ) -> None:
+        if not isinstance(shadow, bool):
+            raise ValidationError("shadow", shadow, "must be a bool")
         if not isinstance(failure_mode, FailureMode):
             raise ValidationError("failure_mode", failure_mode, "must be a FailureMode")
         # "relaxed" and "skip" are dangerous (see zae_limiter.version.enforce): they let this
@@ -137,8 +140,15 @@ class RateLimiter:
         passed in included), so it sees every DynamoDB call."""
         if metrics is not None:
             self.repository.ledger.attach(metrics)
-        self._engine = Engine(self.repository, clock, bucket_cache_size)
-        self._reserver = None if reservations is None else Reserver(self._engine, reservations)
+        self.shadow = shadow
+        """Every limit is treated as soft: nothing is denied, everything is debited, and what
+        would have been denied is counted (`zae_limiter.limit.shadow_denials`) and logged."""
+        self._engine = Engine(self.repository, clock, bucket_cache_size, shadow=shadow)
+        self._engine.on_soft_excess = SoftExcesses(self.metrics, self._engine.clock)
+        # Soft limits are never served from reserved blocks, so in shadow mode none are.
+        self._reserver = (
+            None if reservations is None or shadow else Reserver(self._engine, reservations)
+        )
         self._resolver = LimitResolver(self.repository, limits_cache_ttl, bucket_cache_size)
         self._entities = Entities(
             self.repository, self._resolver, self._ensure_ready, self._forget_buckets
@@ -458,7 +468,7 @@ class RateLimiter:
         """No I/O: every amount names one of the entity's limits (else `ValidationError`) and
         fits every limit's burst (else `RequestTooLarge`)."""
         check_consumable(sets, amounts, burst=False)
-        if (too := oversized(sets, amounts)) is not None:
+        if not self.shadow and (too := oversized(sets, amounts)) is not None:
             raise self._too_large(resource, sets, amounts, too[2])
 
     def _deadline_of(self, deadline: float | None) -> float | None:

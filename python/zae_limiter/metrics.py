@@ -19,9 +19,11 @@ OpenTelemetry SDK's own cardinality limit does.
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -77,9 +79,21 @@ THROTTLES = "zae_limiter.dynamodb.throttles"
 RETRIES = "zae_limiter.dynamodb.retries"
 CONFLICTS = "zae_limiter.write.conflicts"
 UNCONFIRMED_GIVE_BACKS = "zae_limiter.give_back.unconfirmed"
+SOFT_EXCEEDED = "zae_limiter.limit.soft_exceeded"
+SHADOW_DENIALS = "zae_limiter.limit.shadow_denials"
 COUNTERS = (
     (ACQUIRES, "{acquire}", "Acquires decided, by resource and result."),
     (DENIALS, "{denial}", "Limits acquires were denied by, by resource and limit."),
+    (
+        SOFT_EXCEEDED,
+        "{excess}",
+        "Soft limits admitted acquires took past their allowance, by resource and limit.",
+    ),
+    (
+        SHADOW_DENIALS,
+        "{denial}",
+        "Limits that would have denied acquires but for shadow mode, by resource and limit.",
+    ),
     (CALLS, "{call}", "DynamoDB calls answered (and billed), by operation."),
     (READ_CAPACITY, "{unit}", "DynamoDB read capacity units consumed, by operation."),
     (WRITE_CAPACITY, "{unit}", "DynamoDB write capacity units consumed, by operation."),
@@ -164,6 +178,8 @@ def _resource_attributes(resource: str | None) -> Attributes:
 _MAKERS: dict[str, Callable[..., Attributes]] = {
     ACQUIRES: _acquire_attributes,
     DENIALS: _denial_attributes,
+    SOFT_EXCEEDED: _denial_attributes,
+    SHADOW_DENIALS: _denial_attributes,
     CONFLICTS: _resource_attributes,
     UNCONFIRMED_GIVE_BACKS: _denial_attributes,
 }
@@ -296,6 +312,8 @@ class Metrics:
         self._retries = tallies[RETRIES]
         self._conflicts = tallies[CONFLICTS]
         self._unconfirmed = tallies[UNCONFIRMED_GIVE_BACKS]
+        self._soft = tallies[SOFT_EXCEEDED]
+        self._shadow = tallies[SHADOW_DENIALS]
         instruments = _instruments_of(meter_provider) if enabled else None
         if instruments is not None:
             instruments.add(tallies)
@@ -324,6 +342,19 @@ class Metrics:
             self._denials.add((resource, limit, entity))
         if self.latency_sample >= 1.0 or random.random() < self.latency_sample:
             latency.record(seconds, tally.attributes)
+
+    def soft_exceeded(
+        self, resource: str, entity_id: str, soft: Sequence[str], shadow: Sequence[str] = ()
+    ) -> None:
+        """An admitted acquire took the `soft` limits past their allowance; the `shadow` ones
+        would have denied it but for shadow mode."""
+        if not self.enabled:
+            return
+        entity = entity_id if self.entity_ids else None
+        for limit in soft:
+            self._soft.add((resource, limit, entity))
+        for limit in shadow:
+            self._shadow.add((resource, limit, entity))
 
     # -- the ledger's reports (`capacity.LedgerObserver`) -----------------------------------
 
@@ -356,3 +387,56 @@ class Metrics:
 
 NO_METRICS = Metrics(enabled=False)
 """Reports nothing: a limiter's metrics when none are given."""
+
+
+log = logging.getLogger("zae_limiter")
+
+SOFT_WARNING_INTERVAL_MS = 60_000
+"""At most one WARNING per (entity, limit) in this many milliseconds of the limiter's clock."""
+SOFT_WARNING_KEYS = 10_000
+"""(entity, limit) pairs remembered: past that, the oldest is forgotten (and may warn again)."""
+
+
+class SoftExcesses:
+    """What a limiter does when an admitted change takes a soft limit past its allowance (or,
+    in shadow mode, would have been denied): counts it in `metrics` and logs a WARNING on the
+    "zae_limiter" logger, at most once per (entity, limit name) per
+    `SOFT_WARNING_INTERVAL_MS` of `clock` (the limiter's, in ms): a flood of excesses costs a
+    count each, not a log line each. The engine calls it (`Engine.on_soft_excess`)."""
+
+    def __init__(self, metrics: Metrics, clock: Callable[[], int]) -> None:
+        self.metrics = metrics
+        self.clock = clock
+        # Last warning per key, oldest first: expired ones are dropped from the front.
+        self._warned: OrderedDict[tuple[str, str], int] = OrderedDict()
+
+    def __call__(
+        self, entity_id: str, resource: str, soft: Sequence[str], shadow: Sequence[str]
+    ) -> None:
+        self.metrics.soft_exceeded(resource, entity_id, soft, shadow)
+        now = self.clock()
+        warned = self._warned
+        while warned:
+            oldest, then = next(iter(warned.items()))
+            if now - then < SOFT_WARNING_INTERVAL_MS:
+                break
+            del warned[oldest]
+        for names, what in ((soft, "soft limit exceeded"), (shadow, "shadow mode would deny")):
+            for name in names:
+                key = (entity_id, name)
+                at = warned.get(key)
+                if at is not None and 0 <= now - at < SOFT_WARNING_INTERVAL_MS:
+                    continue
+                warned.pop(key, None)  # re-inserted last: the order stays by time
+                warned[key] = now
+                if len(warned) > SOFT_WARNING_KEYS:
+                    warned.popitem(last=False)
+                log.warning(
+                    "%s: entity %r resource %r limit %r (admitted; further ones for this "
+                    "entity and limit are counted, not logged, for %d s)",
+                    what,
+                    entity_id,
+                    resource,
+                    name,
+                    SOFT_WARNING_INTERVAL_MS // 1000,
+                )

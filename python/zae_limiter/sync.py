@@ -62,6 +62,7 @@ class SyncRateLimiter:
         reservations: Reservations | None = None,
         deadline: DeadlineArg = DEFAULT,
         metrics: Metrics | None = None,
+        shadow: bool = False,
     ) -> None:
         self._limiter = RateLimiter(
             name,
@@ -81,6 +82,7 @@ class SyncRateLimiter:
             reservations=reservations,
             deadline=deadline,
             metrics=metrics,
+            shadow=shadow,
         )
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -102,6 +104,11 @@ class SyncRateLimiter:
     @property
     def table_name(self) -> str:
         return self._limiter.table_name
+
+    @property
+    def shadow(self) -> bool:
+        """Every limit is treated as soft (see `RateLimiter.shadow`)."""
+        return self._limiter.shadow
 
     @property
     def ledger(self) -> CapacityLedger:

@@ -42,6 +42,7 @@ DRAIN_SECONDS = 10.0
 log = logging.getLogger("zae_limiter")
 
 BucketKey = tuple[str, str]
+SoftObserver = Callable[[str, str, list[str], list[str]], None]
 
 
 def wall_clock_ms() -> int:
@@ -57,14 +58,23 @@ class Target:
     limits: list[Limit]
     state: BucketItem | None = None
     fresh: bool = False
+    shadow: bool = False
+    """Every limit is soft here (`RateLimiter(shadow=True)`: a dry run of the limits)."""
+    soft: tuple[bool, ...] | None = field(init=False, default=None)
+    """Per limit, whether it is soft (debited, never denies); None when all are hard, so the
+    usual decision pays nothing for soft limits."""
 
     def __post_init__(self) -> None:
+        any_soft = self.shadow
         for limit in self.limits:
-            if limit.kind != "bucket" or limit.soft:
+            if limit.kind != "bucket":
                 # Refused, not served as a token bucket: a plan the engine cannot keep is a
                 # misconfiguration (an error whatever the failure mode), never a silent change.
-                what = "soft limits" if limit.soft else f"{limit.kind} limits"
-                raise ValidationError("limits", limit.spec, f"{what} are not served yet")
+                what = f"{limit.kind} limits are not served yet"
+                raise ValidationError("limits", limit.spec, what)
+            any_soft = any_soft or limit.soft
+        if any_soft:
+            self.soft = tuple(self.shadow or limit.soft for limit in self.limits)
 
 
 @dataclass
@@ -92,9 +102,15 @@ class Engine:
         storage: Storage,
         clock: Callable[[], int] | None = None,
         cache_size: int = 10_000,
+        shadow: bool = False,
     ) -> None:
         self.storage = storage
         self.clock = clock or wall_clock_ms
+        self.shadow = shadow
+        # Told of each committed change that took a soft limit past its allowance:
+        # `(entity_id, resource, soft_names, shadow_names)`, the latter the limits that would
+        # have denied it but for shadow mode.
+        self.on_soft_excess: SoftObserver | None = None
         self.states: TTLCache[BucketKey, BucketItem | None] = TTLCache(0, cache_size)
         self._background: set[asyncio.Task[None]] = set()
 
@@ -102,7 +118,8 @@ class Engine:
         self, resource: str, limit_sets: Sequence[tuple[str, list[Limit]]]
     ) -> list[Target]:
         """Targets for `(entity_id, limits)` pairs: cached states, the missing ones read at once."""
-        targets = [Target(eid, resource, limits) for eid, limits in limit_sets]
+        shadow = self.shadow
+        targets = [Target(eid, resource, limits, shadow=shadow) for eid, limits in limit_sets]
         await self.load(targets)
         return targets
 
@@ -175,6 +192,9 @@ class Engine:
     ) -> None:
         deltas = [units.milli_of(each, t.limits) for t, each in zip(targets, amounts, strict=True)]
         pending = [i for i, d in enumerate(deltas) if any(d)]
+        # Soft limits are decided apart from the hard ones (see `decide`); unchecked changes
+        # are forced for every limit anyway.
+        mixed = check and any(t.soft is not None for t in targets)
         if landing is not None:
             landing.landed.extend(t for t, d in zip(targets, deltas, strict=True) if not any(d))
         committed: list[int] = []
@@ -199,7 +219,11 @@ class Engine:
                     for i in decide_on
                     for limit, delta in zip(targets[i].limits, deltas[i], strict=True)
                 ]
-                admitted, outcomes = core.decide(inputs, now, check)
+                if mixed:
+                    mask = [s for i in decide_on for s in _soft_mask(targets[i])]
+                    admitted, outcomes = decide(inputs, mask, now)
+                else:
+                    admitted, outcomes = core.decide(inputs, now, check)
                 cursor = 0
                 plans: dict[int, list[LimitWrite]] = {}
                 for i in decide_on:
@@ -244,6 +268,8 @@ class Engine:
                 if failure is not None:
                     raise failure
                 if not pending:
+                    if mixed:
+                        self._report_soft(targets, seen, deltas)
                     return
                 current = False
             # Storage answered every round, but other clients kept changing the buckets first.
@@ -272,6 +298,32 @@ class Engine:
                 if not isinstance(exc, asyncio.CancelledError):
                     await asyncio.shield(back)
             raise
+
+    def _report_soft(
+        self,
+        targets: Sequence[Target],
+        seen: Mapping[int, Sequence[core.Outcome]],
+        deltas: Sequence[Sequence[int]],
+    ) -> None:
+        """Tell `on_soft_excess` which soft limits the change that landed took past their
+        allowance (each target's outcomes are those of the decision its write carried)."""
+        observer = self.on_soft_excess
+        if observer is None:
+            return
+        for i in sorted(seen):
+            target = targets[i]
+            if target.soft is None:
+                continue
+            soft: list[str] = []
+            shadow: list[str] = []
+            for limit, out, delta in zip(target.limits, seen[i], deltas[i], strict=True):
+                if _past(out, delta):
+                    (soft if limit.soft else shadow).append(limit.name)
+            if soft or shadow:
+                try:
+                    observer(target.entity_id, target.resource, soft, shadow)
+                except Exception:  # the change landed: a failed report must not undo it
+                    log.exception("reporting a soft limit excess failed")
 
     def _unconfirmed(
         self,
@@ -375,6 +427,33 @@ def _report(what: str | None, task: asyncio.Task[None]) -> None:
         log.warning("%s failed: %s", what, exc)
 
 
+def decide(
+    inputs: Sequence[core.BucketInput], soft: Sequence[bool], now_ms: int
+) -> tuple[bool, Sequence[core.Outcome]]:
+    """`core.decide` (checked) where the buckets marked `soft` never deny: the hard ones are
+    decided all or nothing, the soft ones forced (they may go into debt). Forced outcomes carry
+    the forced write rules, which bound no "still holds delta": the soft writes stay exact
+    beside the checked ones in the same item write (docs/design.md, "Concurrent writers").
+    A soft bucket's outcome is never `exceeded`: whether the change takes it past its
+    allowance is `_past`."""
+    hard_in = [b for b, s in zip(inputs, soft, strict=True) if not s]
+    soft_in = [b for b, s in zip(inputs, soft, strict=True) if s]
+    admitted, hard_out = core.decide(hard_in, now_ms, True) if hard_in else (True, [])
+    _, soft_out = core.decide(soft_in, now_ms, False)
+    hard_it, soft_it = iter(hard_out), iter(soft_out)
+    return admitted, [next(soft_it) if s else next(hard_it) for s in soft]
+
+
+def _soft_mask(target: Target) -> tuple[bool, ...]:
+    return target.soft or (False,) * len(target.limits)
+
+
+def _past(outcome: core.Outcome, delta: int) -> bool:
+    """Whether a forced `delta` takes a bucket past its allowance: it held less than `delta`
+    (exactly the check a hard bucket would have failed)."""
+    return delta > 0 and outcome.available_milli < delta
+
+
 def bucket_input(
     limit: Limit, state: BucketItem | None, delta: int, now_ms: int
 ) -> core.BucketInput:
@@ -404,7 +483,10 @@ def request_too_large(
         for t, ds in zip(targets, deltas, strict=True)
         for limit, delta in zip(t.limits, ds, strict=True)
     ]
-    _, outcomes = core.decide(inputs, now_ms, True)
+    if any(t.soft is not None for t in targets):
+        _, outcomes = decide(inputs, [s for t in targets for s in _soft_mask(t)], now_ms)
+    else:
+        _, outcomes = core.decide(inputs, now_ms, True)
     seen: dict[int, Sequence[core.Outcome]] = {}
     cursor = 0
     for i, t in enumerate(targets):
@@ -421,13 +503,21 @@ def statuses(
 ) -> list[LimitStatus]:
     """One `LimitStatus` per limit of every target that was decided on."""
     return [
-        _status(targets[i], limit, out, delta)
+        _status(targets[i], limit, out, delta, soft)
         for i in sorted(seen)
-        for limit, out, delta in zip(targets[i].limits, seen[i], deltas[i], strict=True)
+        for limit, out, delta, soft in zip(
+            targets[i].limits, seen[i], deltas[i], _soft_mask(targets[i]), strict=True
+        )
     ]
 
 
-def _status(target: Target, limit: Limit, outcome: core.Outcome, delta: int) -> LimitStatus:
+def _status(
+    target: Target, limit: Limit, outcome: core.Outcome, delta: int, soft: bool
+) -> LimitStatus:
+    if soft:
+        # Past its allowance or not, a soft limit makes no request wait.
+        past = _past(outcome, delta)
+        return limit_status(target, limit, outcome.available_milli, delta, past, 0.0)
     retry_ms = outcome.retry_after_ms
     return limit_status(
         target, limit, outcome.available_milli, delta, bool(outcome.exceeded),

@@ -113,6 +113,13 @@ class Reserver:
         """Take `amounts` from the blocks of every entity (a parent's too), reserving as needed;
         raises `RateLimitExceeded` when the shared buckets cannot cover it."""
         holdings = [self._holding(eid, resource, limits) for eid, limits in limit_sets]
+        if _soft(holdings):
+            # Soft limits are not served from blocks: a block holds only what a checked write
+            # granted, and a soft limit must be debited past that. Straight to the buckets, so
+            # the lease settles through the engine too (no holding has these targets).
+            targets = await self.engine.targets(resource, limit_sets)
+            await self.engine.commit(targets, amounts)
+            return targets
         return [h.target for h in await self._take(holdings, amounts)]
 
     @property
@@ -129,6 +136,8 @@ class Reserver:
         """`acquire` when the blocks cover it, with no I/O and no await; None otherwise (then
         `acquire` reserves)."""
         holdings = [self._holding(eid, resource, limits) for eid, limits in limit_sets]
+        if _soft(holdings):
+            return None
         needs = [self._needs(h, amounts) for h in holdings]
         if self._spend(holdings, needs):
             self._ahead(holdings, needs)
@@ -153,7 +162,11 @@ class Reserver:
         if holding is not None:
             # Its limits changed: what it holds goes back; the new block starts empty.
             self._retire([holding])
-        holding = self.holdings[key] = Holding(Target(entity_id, resource, list(limits)))
+            del self.holdings[key]
+        holding = Holding(Target(entity_id, resource, list(limits)))
+        if holding.target.soft is None:
+            self.holdings[key] = holding
+        # else never kept, so never reserved for, topped up or given back: see `acquire`.
         return holding
 
     async def _take(
@@ -662,6 +675,14 @@ class Reserver:
             for key, h in self.holdings.items()
             if any(h.block.held)
         }
+
+
+def _soft(holdings: Sequence[Holding]) -> bool:
+    # A plain loop, not `any()` over a generator: this runs on every acquire a block serves.
+    for h in holdings:  # noqa: SIM110
+        if h.target.soft is not None:
+            return True
+    return False
 
 
 def _worth(holding: Holding, goal: list[int], need: list[int]) -> bool:
