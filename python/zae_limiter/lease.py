@@ -114,6 +114,7 @@ class Lease:
                         units.to_milli(books.get(limit.name, 0)),
                         False,
                         0.0,
+                        now,
                     )
                 )
         return result

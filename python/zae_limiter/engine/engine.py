@@ -30,7 +30,7 @@ from ..exceptions import (
 )
 from ..models import Limit, LimitStatus
 from ..storage.protocol import BucketItem, ConditionFailed, LimitWrite, Storage, WriteRefused
-from . import expiry, stored
+from . import expiry, quota, stored
 from .cache import TTLCache
 
 MAX_ROUNDS = 12
@@ -57,10 +57,16 @@ class Target:
     limits: list[Limit]
     state: BucketItem | None = None
     fresh: bool = False
+    # Per quota limit: (window start, millitokens) this target took in the window of its last
+    # landed take; a give-back returns at most that, and only in that window (engine/quota.py).
+    quota_spent: dict[str, tuple[int, int]] = field(default_factory=dict)
+    quotas: bool = field(default=False, init=False)  # some limit is a quota
 
     def __post_init__(self) -> None:
         for limit in self.limits:
-            if limit.kind != "bucket" or limit.soft:
+            if limit.is_quota and not limit.soft:
+                self.quotas = True
+            elif limit.kind != "bucket" or limit.soft:
                 # Refused, not served as a token bucket: a plan the engine cannot keep is a
                 # misconfiguration (an error whatever the failure mode), never a silent change.
                 what = "soft limits" if limit.soft else f"{limit.kind} limits"
@@ -219,7 +225,7 @@ class Engine:
                         await self.refresh(stale)
                         now, current = self.clock(), True
                         continue
-                    raise RateLimitExceeded(statuses(targets, seen, deltas))
+                    raise RateLimitExceeded(statuses(targets, seen, deltas, now))
                 results = await asyncio.gather(
                     *(self._write(targets[i], plans[i], now) for i in pending),
                     return_exceptions=True,
@@ -316,7 +322,12 @@ class Engine:
         if pending:
             log.warning("%d detached bucket writes still under way at close", len(pending))
 
-    async def _write(self, target: Target, writes: list[LimitWrite], now: int) -> BucketItem:
+    async def _write(
+        self, target: Target, writes: list[LimitWrite], now: int
+    ) -> BucketItem | None:
+        if not writes:
+            # Only a quota's give-back forgiven by its window's reset: nothing to write.
+            return target.state
         key = (target.entity_id, target.resource)
         expires_at: int | None = expiry.planned(target.limits, target.state, writes, now)
         if target.state is not None and target.state.expires_at == expires_at:
@@ -342,6 +353,8 @@ class Engine:
             self.states.drop(key)
             raise
         self._learn(target, state)
+        if target.quotas:
+            _spent(target, writes)
         self._outlive(target, state, now)
         return state
 
@@ -365,6 +378,18 @@ class Engine:
         )
 
 
+def _spent(target: Target, writes: Sequence[LimitWrite]) -> None:
+    """Book the quota takes and give-backs of a landed write in `target.quota_spent`: a take in
+    a new window starts its books again (what was taken before is forgiven by the reset)."""
+    for w in writes:
+        if w.window is None or not w.delta_milli:
+            continue
+        window, amount = target.quota_spent.get(w.limit_name, (w.window, 0))
+        if window != w.window:
+            window, amount = w.window, 0
+        target.quota_spent[w.limit_name] = (window, max(amount + w.delta_milli, 0))
+
+
 def _report(what: str | None, task: asyncio.Task[None]) -> None:
     """Retrieve a detached task's outcome (asyncio warns about unretrieved ones) and log a
     failure when it was a write that must land."""
@@ -380,6 +405,8 @@ def bucket_input(
 ) -> core.BucketInput:
     """The core's view of one limit's bucket at `now_ms`, with `delta` millitokens to apply."""
     s = state.limits.get(limit.name) if state else None
+    if limit.kind == "quota":
+        return quota.bucket_input(limit, s, delta, now_ms)
     return (
         limit.burst_milli,
         limit.refill_amount_milli,
@@ -391,7 +418,31 @@ def bucket_input(
 
 def available_milli(limit: Limit, state: BucketItem | None, now_ms: int) -> int:
     """Millitokens `limit`'s bucket in `state` holds at `now_ms` (negative: in debt)."""
-    return stored.available(limit, state.limits.get(limit.name) if state else None, now_ms)
+    s = state.limits.get(limit.name) if state else None
+    if limit.kind == "quota":
+        return quota.available(limit, s, now_ms)
+    return stored.available(limit, s, now_ms)
+
+
+def wait_ms(
+    limits: Sequence[Limit], state: BucketItem | None, deltas: Sequence[int], now_ms: int
+) -> int | None:
+    """Ms until every limit holds its delta (0 if it does now; None: never): token buckets by
+    the core, quotas until their next window when short now."""
+    plain = [
+        bucket_input(limit, state, delta, now_ms)
+        for limit, delta in zip(limits, deltas, strict=True)
+        if limit.kind != "quota"
+    ]
+    longest = core.time_until_available(plain, now_ms) if plain else 0
+    for limit, delta in zip(limits, deltas, strict=True):
+        if longest is None:
+            break
+        if limit.kind == "quota":
+            s = state.limits.get(limit.name) if state else None
+            wait = quota.wait_ms(limit, s, delta, now_ms)
+            longest = None if wait is None else max(longest, wait)
+    return longest
 
 
 def request_too_large(
@@ -411,27 +462,34 @@ def request_too_large(
         seen[i] = outcomes[cursor : cursor + len(t.limits)]
         cursor += len(t.limits)
     name = field.rpartition(".")[2]
-    return RequestTooLarge(statuses(targets, seen, deltas), field, amounts.get(name))
+    return RequestTooLarge(statuses(targets, seen, deltas, now_ms), field, amounts.get(name))
 
 
 def statuses(
     targets: Sequence[Target],
     seen: Mapping[int, Sequence[core.Outcome]],
     deltas: Sequence[Sequence[int]],
+    now_ms: int,
 ) -> list[LimitStatus]:
-    """One `LimitStatus` per limit of every target that was decided on."""
+    """One `LimitStatus` per limit of every target that was decided on at `now_ms`."""
     return [
-        _status(targets[i], limit, out, delta)
+        _status(targets[i], limit, out, delta, now_ms)
         for i in sorted(seen)
         for limit, out, delta in zip(targets[i].limits, seen[i], deltas[i], strict=True)
     ]
 
 
-def _status(target: Target, limit: Limit, outcome: core.Outcome, delta: int) -> LimitStatus:
+def _status(
+    target: Target, limit: Limit, outcome: core.Outcome, delta: int, now_ms: int
+) -> LimitStatus:
     retry_ms = outcome.retry_after_ms
+    if limit.kind == "quota" and outcome.exceeded:
+        # The core's wait is its imagined refill's; a quota waits for its next window.
+        s = target.state.limits.get(limit.name) if target.state else None
+        retry_ms = quota.retry_ms(limit, s, delta, now_ms)
     return limit_status(
         target, limit, outcome.available_milli, delta, bool(outcome.exceeded),
-        None if retry_ms is None else units.seconds(retry_ms),
+        None if retry_ms is None else units.seconds(retry_ms), now_ms,
     )
 
 
@@ -442,9 +500,15 @@ def limit_status(
     requested_milli: int,
     exceeded: bool,
     retry_after_seconds: float | None,
+    now_ms: int | None = None,
 ) -> LimitStatus:
     """The `LimitStatus` of one limit of `target`, from the millitokens decided with: the one
-    place where a status's tokens are rounded (down: never show a token that is not there)."""
+    place where a status's tokens are rounded (down: never show a token that is not there).
+    A quota's status says when its window resets (`reset_seconds`) when `now_ms` is given."""
+    reset = None
+    if now_ms is not None and limit.kind == "quota":
+        s = target.state.limits.get(limit.name) if target.state else None
+        reset = units.seconds(quota.reset_ms(limit, s, now_ms))
     return LimitStatus(
         entity_id=target.entity_id,
         resource=target.resource,
@@ -454,6 +518,7 @@ def limit_status(
         requested=units.tokens_down(requested_milli),
         exceeded=exceeded,
         retry_after_seconds=retry_after_seconds,
+        reset_seconds=reset,
     )
 
 
@@ -465,6 +530,12 @@ def _writes(
         if out.write_mode == core.WRITE_NONE:
             continue
         prior = target.state.limits.get(limit.name) if target.state else None
+        if target.quotas and limit.kind == "quota":
+            spent = target.quota_spent.get(limit.name)
+            part = quota.write(limit, prior, out, delta, now_ms, spent)
+            if part is not None:
+                writes.append(part)
+            continue
         encoded = limit.encode()
         definition = None if prior is not None and prior.definition == encoded else encoded
         mode, value, lo, hi = out.write_mode, out.write_value, out.cond_lo, out.cond_hi

@@ -112,6 +112,12 @@ class Reserver:
     ) -> list[Target]:
         """Take `amounts` from the blocks of every entity (a parent's too), reserving as needed;
         raises `RateLimitExceeded` when the shared buckets cannot cover it."""
+        if _has_quota(limit_sets):
+            # Never from blocks: a block reserved in one window could be spent in the next,
+            # which would then admit beyond its quota. Every such acquire is a write.
+            targets = await self.engine.targets(resource, limit_sets)
+            await self.engine.commit(targets, amounts)
+            return targets
         holdings = [self._holding(eid, resource, limits) for eid, limits in limit_sets]
         return [h.target for h in await self._take(holdings, amounts)]
 
@@ -128,6 +134,8 @@ class Reserver:
     ) -> list[Target] | None:
         """`acquire` when the blocks cover it, with no I/O and no await; None otherwise (then
         `acquire` reserves)."""
+        if _has_quota(limit_sets):
+            return None
         holdings = [self._holding(eid, resource, limits) for eid, limits in limit_sets]
         needs = [self._needs(h, amounts) for h in holdings]
         if self._spend(holdings, needs):
@@ -662,6 +670,10 @@ class Reserver:
             for key, h in self.holdings.items()
             if any(h.block.held)
         }
+
+
+def _has_quota(limit_sets: Sequence[tuple[str, list[Limit]]]) -> bool:
+    return any(limit.kind == "quota" for _, limits in limit_sets for limit in limits)
 
 
 def _worth(holding: Holding, goal: list[int], need: list[int]) -> bool:
