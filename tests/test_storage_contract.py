@@ -150,6 +150,66 @@ async def test_the_engine_decides_and_writes_alike(moto: Repository) -> None:
     assert {ring for ring, _ in buckets.values()} == {4}
 
 
+# Quotas: a cron window (hourly, in a zone off UTC by a half hour), a session window and a token
+# bucket in one item, written by two clients with stale views across many window changes.
+QUOTAS = [
+    Limit.quota("hourly", 20, cron="0 * * * *", tz="Asia/Kolkata"),
+    Limit.quota("session", 15, reset_after=timedelta(minutes=30)),
+    Limit.per_minute("rpm", 30),
+]
+
+
+async def quota_script(store: Storage) -> Any:
+    clock = [T0]
+    engines = [Engine(store, clock=lambda: clock[0]) for _ in range(2)]
+    # Each client keeps its targets (their quota books: give-backs only in the window taken).
+    targets = {(e, n): Target(e, "api", list(QUOTAS)) for e in ("a", "b") for n in range(2)}
+    rng = random.Random(23)
+    seen: list[Any] = []
+    for step in range(90):
+        clock[0] += rng.choice((0, 0, 1_000, 60_000, 600_000, 1_900_000))
+        entity, n = rng.choice(("a", "b")), rng.randrange(2)
+        target = targets[(entity, n)]
+        await engines[n].load([target])
+        kind = rng.choice(("commit", "commit", "commit", "force", "give"))
+        amounts = {
+            "hourly": rng.randint(1, 6), "session": rng.randint(1, 5), "rpm": rng.randint(1, 5)
+        }
+        try:
+            if kind == "commit":
+                await engines[n].commit([target], amounts)
+            elif kind == "force":
+                await engines[n].force([target], amounts)
+            else:
+                await engines[n].force([target], {k: -v for k, v in amounts.items()})
+            seen.append((step, kind, "ok"))
+        except RateLimitExceeded as exc:
+            seen.append((step, kind, "denied", sorted(v.limit_name for v in exc.violations),
+                         exc.retry_after_seconds))
+    buckets = {
+        b.entity_id: {
+            name: (s.full_at, s.consumed_milli, s.released_milli, s.definition, s.window)
+            for name, s in sorted(b.limits.items())
+        }
+        for b in await store.all_buckets()
+    }
+    quota_denials = [s for s in seen if s[2] == "denied" and {"hourly", "session"} & {*s[3]}]
+    assert quota_denials and any(s[2] == "ok" for s in seen)
+    # A quota's wait is to its next window, never longer than the window.
+    assert all(0 < s[4] <= 3600 for s in quota_denials)
+    assert store.ledger.conflicts > 0, "no write met a stale view"
+    return seen, buckets, store.ledger.conflicts, await table(store)
+
+
+async def test_quotas_decide_and_write_alike(moto: Repository) -> None:
+    seen, buckets, _, items = await both(moto, quota_script)
+    assert len(seen) == 90 and set(buckets) == {"a", "b"}
+    windows = {name: state[4] for b in buckets.values() for name, state in b.items()}
+    assert windows["rpm"] is None and windows["hourly"] is not None
+    assert all(schema.limit_attr(schema.QUOTA_WINDOW, "session") in i for i in items
+               if schema.is_bucket_key(i[schema.PK]["S"], i[schema.SK]["S"]))
+
+
 async def conditions_script(store: Storage) -> Any:
     """Writes whose conditions fail: each store answers `ConditionFailed` with the item as it
     is, and changes nothing."""

@@ -117,6 +117,7 @@ class Lease:
                         units.to_milli(books.get(limit.name, 0)),
                         soft is not None and soft[i] and available < 0,
                         0.0,
+                        now,
                     )
                 )
         return result

@@ -15,11 +15,11 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from . import core, usage
+from . import usage
 from .arguments import check_consumable, check_consume, check_limits, oversized
 from .core import units
 from .deadline import DEFAULT, Bounded, DeadlineArg, check_deadline, resolve_deadline
-from .engine.engine import Engine, Target, available_milli, bucket_input, request_too_large
+from .engine.engine import Engine, Target, available_milli, request_too_large, wait_ms
 from .engine.reservations import Reserver
 from .entities import Entities
 from .exceptions import (
@@ -561,11 +561,7 @@ class RateLimiter:
         chosen, state = await self._read(entity_id, resource, fallback, use_stored_limits, seconds)
         check_consumable([(entity_id, chosen)], amounts, field="needed")
         now = self._engine.clock()
-        inputs = [
-            bucket_input(limit, state, units.to_milli(amounts.get(limit.name, 0)), now)
-            for limit in chosen
-        ]
-        ms = core.time_until_available(inputs, now)
+        ms = wait_ms(chosen, state, units.milli_of(amounts, chosen), now)
         return 0.0 if ms is None else units.seconds(ms)
 
     @public_errors

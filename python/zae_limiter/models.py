@@ -753,6 +753,9 @@ class LimitStatus:
     requested: int
     exceeded: bool
     retry_after_seconds: float | None  # 0.0 when not exceeded; None: can never be satisfied
+    # A quota's: seconds until its window resets and the balance is restored (None: a token
+    # bucket, which has no reset instant).
+    reset_seconds: float | None = None
 
     @property
     def deficit(self) -> int:

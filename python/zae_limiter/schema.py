@@ -64,7 +64,10 @@ LIMIT_DEF: Final = "lm"
 # a fence that 1.x clients read as exhausted (`zae_limiter.stored`).
 TOKENS: Final = "tk"
 LAST_REFILL: Final = "lr"
-BUCKET_FIELDS: Final = (FULL_AT, CONSUMED, RELEASED, LIMIT_DEF, TOKENS, LAST_REFILL)
+# A quota's window (docs/design.md "Quotas"): the epoch ms at which the window its `fa#` counts
+# consumption in opened. Its `fa#` then holds the millitokens used in that window, not an instant.
+QUOTA_WINDOW: Final = "qw"
+BUCKET_FIELDS: Final = (FULL_AT, CONSUMED, RELEASED, LIMIT_DEF, TOKENS, LAST_REFILL, QUOTA_WINDOW)
 WRITE_TIME: Final = "ts"
 # Stored-limit items (schema >= 1.1.0): the limit in the bucket item's `lm#` encoding.
 STORED_LIMIT_DEF: Final = "limit_def"

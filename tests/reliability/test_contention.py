@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -38,6 +39,7 @@ from zae_limiter import (
     Reservations,
     StackOptions,
 )
+from zae_limiter.engine import quota as quota_state
 from zae_limiter.engine import stored as stored_state
 from zae_limiter.engine.engine import MAX_ROUNDS
 from zae_limiter.storage.dynamodb.repository import Repository
@@ -112,7 +114,9 @@ async def counters(
         "cn": state.consumed_milli,
         "rl": state.released_milli,
         # what the bucket holds at the frozen clock (the frozen suites' only instant)
-        "tk": stored_state.available(limit, state, FROZEN_MS),
+        "tk": (quota_state if limit.is_quota else stored_state).available(
+            limit, state, FROZEN_MS
+        ),
     }
 
 
@@ -241,6 +245,44 @@ async def test_one_bucket_exact_ledger(
         assert count(results, "adjust_up", "adjust_down", "consume", "release") > 0
     figures.add(over_admissions=over)
     assert over == 0, f"over-admission of {over} tokens"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mix", ["count", "full"])
+async def test_one_quota_exact_ledger(
+    endpoint_url: str, size: Size, figures: Figures, mix: str, mode: str
+) -> None:
+    """All processes on one quota (`count`: a monthly cron quota in Paris; `full`: a session
+    quota): its window's amount is the exact ceiling, window-conditioned writes make stale views
+    harmless, and the counters are the books. With reservations a quota is never served from a
+    block, so even the gross counters are the books there."""
+    reserve = MODES[mode]
+    total = size.processes * size.tasks * size.attempts
+    amount = max(10, total // 3)
+    if mix == "count":
+        limit = Limit.quota("tok", amount, cron="0 0 1 * *", tz="Europe/Paris")
+    else:
+        limit = Limit.quota("tok", amount, reset_after=timedelta(hours=5))
+    await setup(endpoint_url)
+    results = run_workers(
+        endpoint_url, ["proj"], limit, size, cascade=False, mix=mix, reserve=reserve
+    )
+    record(figures, size, results, reserve)
+    books = totals(results)
+    stored = await counters(endpoint_url, "proj", limit)
+
+    assert count(results, "unavailable") == 0, "contention must resolve, not give up"
+    assert count(results, "denied") > 0, "the workload must exhaust the quota"
+    assert count(results, "rolled_back") > 0
+    assert all(r["held_at_close"] == 0 for r in results), "a quota was served from a block"
+    kept = check_ledger(figures, books, stored)
+    assert stored["tk"] == (amount - kept) * 1000
+    if mix == "count":
+        over = max(0, kept - amount)
+    else:
+        over = max(0, books["checked"] - (amount + books["released"]))
+    figures.add(over_admissions=over, quota_runs=1)
+    assert over == 0, f"the quota admitted {over} tokens over its amount"
 
 
 @pytest.mark.parametrize("mode", MODES)

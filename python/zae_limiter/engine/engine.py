@@ -30,7 +30,7 @@ from ..exceptions import (
 )
 from ..models import Limit, LimitStatus
 from ..storage.protocol import BucketItem, ConditionFailed, LimitWrite, Storage, WriteRefused
-from . import expiry, stored
+from . import expiry, quota, stored
 from .cache import TTLCache
 
 MAX_ROUNDS = 12
@@ -63,15 +63,21 @@ class Target:
     soft: tuple[bool, ...] | None = field(init=False, default=None)
     """Per limit, whether it is soft (debited, never denies); None when all are hard, so the
     usual decision pays nothing for soft limits."""
+    # Per quota limit: (window start, millitokens) this target took in the window of its last
+    # landed take; a give-back returns at most that, and only in that window (engine/quota.py).
+    quota_spent: dict[str, tuple[int, int]] = field(default_factory=dict)
+    quotas: bool = field(default=False, init=False)  # some limit is a quota
 
     def __post_init__(self) -> None:
         any_soft = self.shadow
         for limit in self.limits:
-            if limit.kind != "bucket":
+            if limit.is_quota and not (limit.soft or self.shadow):
+                self.quotas = True
+            elif limit.kind != "bucket":
                 # Refused, not served as a token bucket: a plan the engine cannot keep is a
                 # misconfiguration (an error whatever the failure mode), never a silent change.
-                what = f"{limit.kind} limits are not served yet"
-                raise ValidationError("limits", limit.spec, what)
+                what = f"{'soft ' if limit.is_quota else ''}{limit.kind} limits"
+                raise ValidationError("limits", limit.spec, f"{what} are not served yet")
             any_soft = any_soft or limit.soft
         if any_soft:
             self.soft = tuple(self.shadow or limit.soft for limit in self.limits)
@@ -243,7 +249,7 @@ class Engine:
                         await self.refresh(stale)
                         now, current = self.clock(), True
                         continue
-                    raise RateLimitExceeded(statuses(targets, seen, deltas))
+                    raise RateLimitExceeded(statuses(targets, seen, deltas, now))
                 results = await asyncio.gather(
                     *(self._write(targets[i], plans[i], now) for i in pending),
                     return_exceptions=True,
@@ -368,7 +374,12 @@ class Engine:
         if pending:
             log.warning("%d detached bucket writes still under way at close", len(pending))
 
-    async def _write(self, target: Target, writes: list[LimitWrite], now: int) -> BucketItem:
+    async def _write(
+        self, target: Target, writes: list[LimitWrite], now: int
+    ) -> BucketItem | None:
+        if not writes:
+            # Only a quota's give-back forgiven by its window's reset: nothing to write.
+            return target.state
         key = (target.entity_id, target.resource)
         expires_at: int | None = expiry.planned(target.limits, target.state, writes, now)
         if target.state is not None and target.state.expires_at == expires_at:
@@ -394,6 +405,8 @@ class Engine:
             self.states.drop(key)
             raise
         self._learn(target, state)
+        if target.quotas:
+            _spent(target, writes)
         self._outlive(target, state, now)
         return state
 
@@ -415,6 +428,18 @@ class Engine:
         await self.storage.extend_bucket_expiry(
             target.entity_id, target.resource, expires_at, known_size=size
         )
+
+
+def _spent(target: Target, writes: Sequence[LimitWrite]) -> None:
+    """Book the quota takes and give-backs of a landed write in `target.quota_spent`: a take in
+    a new window starts its books again (what was taken before is forgiven by the reset)."""
+    for w in writes:
+        if w.window is None or not w.delta_milli:
+            continue
+        window, amount = target.quota_spent.get(w.limit_name, (w.window, 0))
+        if window != w.window:
+            window, amount = w.window, 0
+        target.quota_spent[w.limit_name] = (window, max(amount + w.delta_milli, 0))
 
 
 def _report(what: str | None, task: asyncio.Task[None]) -> None:
@@ -459,6 +484,8 @@ def bucket_input(
 ) -> core.BucketInput:
     """The core's view of one limit's bucket at `now_ms`, with `delta` millitokens to apply."""
     s = state.limits.get(limit.name) if state else None
+    if limit.kind == "quota":
+        return quota.bucket_input(limit, s, delta, now_ms)
     return (
         limit.burst_milli,
         limit.refill_amount_milli,
@@ -470,7 +497,31 @@ def bucket_input(
 
 def available_milli(limit: Limit, state: BucketItem | None, now_ms: int) -> int:
     """Millitokens `limit`'s bucket in `state` holds at `now_ms` (negative: in debt)."""
-    return stored.available(limit, state.limits.get(limit.name) if state else None, now_ms)
+    s = state.limits.get(limit.name) if state else None
+    if limit.kind == "quota":
+        return quota.available(limit, s, now_ms)
+    return stored.available(limit, s, now_ms)
+
+
+def wait_ms(
+    limits: Sequence[Limit], state: BucketItem | None, deltas: Sequence[int], now_ms: int
+) -> int | None:
+    """Ms until every limit holds its delta (0 if it does now; None: never): token buckets by
+    the core, quotas until their next window when short now."""
+    plain = [
+        bucket_input(limit, state, delta, now_ms)
+        for limit, delta in zip(limits, deltas, strict=True)
+        if limit.kind != "quota"
+    ]
+    longest = core.time_until_available(plain, now_ms) if plain else 0
+    for limit, delta in zip(limits, deltas, strict=True):
+        if longest is None:
+            break
+        if limit.kind == "quota":
+            s = state.limits.get(limit.name) if state else None
+            wait = quota.wait_ms(limit, s, delta, now_ms)
+            longest = None if wait is None else max(longest, wait)
+    return longest
 
 
 def request_too_large(
@@ -493,17 +544,18 @@ def request_too_large(
         seen[i] = outcomes[cursor : cursor + len(t.limits)]
         cursor += len(t.limits)
     name = field.rpartition(".")[2]
-    return RequestTooLarge(statuses(targets, seen, deltas), field, amounts.get(name))
+    return RequestTooLarge(statuses(targets, seen, deltas, now_ms), field, amounts.get(name))
 
 
 def statuses(
     targets: Sequence[Target],
     seen: Mapping[int, Sequence[core.Outcome]],
     deltas: Sequence[Sequence[int]],
+    now_ms: int,
 ) -> list[LimitStatus]:
-    """One `LimitStatus` per limit of every target that was decided on."""
+    """One `LimitStatus` per limit of every target that was decided on at `now_ms`."""
     return [
-        _status(targets[i], limit, out, delta, soft)
+        _status(targets[i], limit, out, delta, soft, now_ms)
         for i in sorted(seen)
         for limit, out, delta, soft in zip(
             targets[i].limits, seen[i], deltas[i], _soft_mask(targets[i]), strict=True
@@ -512,16 +564,20 @@ def statuses(
 
 
 def _status(
-    target: Target, limit: Limit, outcome: core.Outcome, delta: int, soft: bool
+    target: Target, limit: Limit, outcome: core.Outcome, delta: int, soft: bool, now_ms: int
 ) -> LimitStatus:
     if soft:
         # Past its allowance or not, a soft limit makes no request wait.
         past = _past(outcome, delta)
-        return limit_status(target, limit, outcome.available_milli, delta, past, 0.0)
+        return limit_status(target, limit, outcome.available_milli, delta, past, 0.0, now_ms)
     retry_ms = outcome.retry_after_ms
+    if limit.kind == "quota" and outcome.exceeded:
+        # The core's wait is its imagined refill's; a quota waits for its next window.
+        s = target.state.limits.get(limit.name) if target.state else None
+        retry_ms = quota.retry_ms(limit, s, delta, now_ms)
     return limit_status(
         target, limit, outcome.available_milli, delta, bool(outcome.exceeded),
-        None if retry_ms is None else units.seconds(retry_ms),
+        None if retry_ms is None else units.seconds(retry_ms), now_ms,
     )
 
 
@@ -532,9 +588,15 @@ def limit_status(
     requested_milli: int,
     exceeded: bool,
     retry_after_seconds: float | None,
+    now_ms: int | None = None,
 ) -> LimitStatus:
     """The `LimitStatus` of one limit of `target`, from the millitokens decided with: the one
-    place where a status's tokens are rounded (down: never show a token that is not there)."""
+    place where a status's tokens are rounded (down: never show a token that is not there).
+    A quota's status says when its window resets (`reset_seconds`) when `now_ms` is given."""
+    reset = None
+    if now_ms is not None and limit.kind == "quota":
+        s = target.state.limits.get(limit.name) if target.state else None
+        reset = units.seconds(quota.reset_ms(limit, s, now_ms))
     return LimitStatus(
         entity_id=target.entity_id,
         resource=target.resource,
@@ -544,6 +606,7 @@ def limit_status(
         requested=units.tokens_down(requested_milli),
         exceeded=exceeded,
         retry_after_seconds=retry_after_seconds,
+        reset_seconds=reset,
     )
 
 
@@ -555,6 +618,12 @@ def _writes(
         if out.write_mode == core.WRITE_NONE:
             continue
         prior = target.state.limits.get(limit.name) if target.state else None
+        if target.quotas and limit.kind == "quota":
+            spent = target.quota_spent.get(limit.name)
+            part = quota.write(limit, prior, out, delta, now_ms, spent)
+            if part is not None:
+                writes.append(part)
+            continue
         encoded = limit.encode()
         definition = None if prior is not None and prior.definition == encoded else encoded
         mode, value, lo, hi = out.write_mode, out.write_value, out.cond_lo, out.cond_hi

@@ -7,7 +7,8 @@ item forever.
 
 The expiry of an item is the latest of
 
-- the moment its slowest limit is full again (`core.time_until_available` of a whole burst).
+- the moment its slowest limit is full again (`core.time_until_available` of a whole burst; a
+  quota at the end of its stored window, `quota.full_ms`).
   Every limit stored in the item counts, also one the writer does not decide with (it is read
   from its stored definition, `lm#<l>`); a limit whose definition cannot be read keeps the item
   forever, as before. Reserved tokens are consumed in the bucket, so they are covered;
@@ -42,7 +43,7 @@ from ..core import units
 from ..core.windows import WINDOWS, window_end, window_start
 from ..models import Limit
 from ..storage.protocol import BucketItem, LimitState, LimitWrite
-from . import stored
+from . import quota, stored
 
 __all__ = ["GRID_S", "LATEST", "MARGIN_MS", "planned", "required"]
 
@@ -83,6 +84,11 @@ def _expiry(
     try:
         for name, state in states.items():
             limit = known.get(name)
+            quotas = quota.stored_quota(limit, state) if state.window is not None else None
+            if quotas is not None:
+                # A quota is full again when its window ends (at once if nothing is used).
+                full = max([full, *(quota.full_ms(q, state, now_ms) for q in quotas)])
+                continue
             # The stored definition and the caller's may differ: either may be the one the
             # next decision uses, so the later of the two counts.
             candidates = [stored.full_ms(state, limit, now_ms)]

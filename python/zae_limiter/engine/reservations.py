@@ -112,6 +112,12 @@ class Reserver:
     ) -> list[Target]:
         """Take `amounts` from the blocks of every entity (a parent's too), reserving as needed;
         raises `RateLimitExceeded` when the shared buckets cannot cover it."""
+        if _has_quota(limit_sets):
+            # Never from blocks: a block reserved in one window could be spent in the next,
+            # which would then admit beyond its quota. Every such acquire is a write.
+            targets = await self.engine.targets(resource, limit_sets)
+            await self.engine.commit(targets, amounts)
+            return targets
         holdings = [self._holding(eid, resource, limits) for eid, limits in limit_sets]
         if _soft(holdings):
             # Soft limits are not served from blocks: a block holds only what a checked write
@@ -135,6 +141,8 @@ class Reserver:
     ) -> list[Target] | None:
         """`acquire` when the blocks cover it, with no I/O and no await; None otherwise (then
         `acquire` reserves)."""
+        if _has_quota(limit_sets):
+            return None
         holdings = [self._holding(eid, resource, limits) for eid, limits in limit_sets]
         if _soft(holdings):
             return None
@@ -683,6 +691,10 @@ def _soft(holdings: Sequence[Holding]) -> bool:
         if h.target.soft is not None:
             return True
     return False
+
+
+def _has_quota(limit_sets: Sequence[tuple[str, list[Limit]]]) -> bool:
+    return any(limit.kind == "quota" for _, limits in limit_sets for limit in limits)
 
 
 def _worth(holding: Holding, goal: list[int], need: list[int]) -> bool:

@@ -116,8 +116,10 @@ def after(prior: LimitState | None, write: LimitWrite) -> LimitState | None:
     definition = write.definition
     if definition is None and prior is not None:
         definition = prior.definition
+    # A quota's write keeps (or opens) its window; a token bucket's has none.
+    window = write.window
     if write.mode == core.WRITE_ABSOLUTE:
-        return LimitState(write.value, definition=definition)
+        return LimitState(write.value, definition=definition, window=window)
     if prior is None or prior.full_at is None:
         return None  # an add to no state (a reset limit): a full bucket
     return LimitState(
@@ -125,6 +127,7 @@ def after(prior: LimitState | None, write: LimitWrite) -> LimitState | None:
         prior.consumed_milli,
         prior.released_milli,
         definition,
+        window=window,
     )
 
 

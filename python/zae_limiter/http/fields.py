@@ -16,7 +16,9 @@ limit of the requesting entity, named by the limit:
 - `t`: the draft's effective window, "the time within which the client can use no more than the
   available quota". A token bucket has no reset instant; until the limit regains one whole unit
   beyond `r`, no more than `r` can be used, so `t` is that wait, in whole seconds rounded up.
-  For a denied request it is never later than `Retry-After`, as the draft asks.
+  For a denied request it is never later than `Retry-After`, as the draft asks. A quota does
+  have a reset instant: its `t` is the time until its window resets, and its `w` the window
+  (a cron quota's longest, `Limit.refill_period_seconds`; a session quota's `reset_after`).
 - `pk`: an optional partition key (a Byte Sequence) the application chooses.
 
 A parent's limits (cascade) never appear in the fields: another entity's quota and remaining
@@ -127,7 +129,11 @@ def ratelimit_field(
     items = []
     for status in statuses:
         available = status.available
-        window = effective_window(status.limit, available)
+        if status.reset_seconds is not None:
+            # A quota: nothing comes back before its window resets, all of it then.
+            window = units.whole_seconds_up(round(status.reset_seconds * units.MS_PER_SECOND))
+        else:
+            window = effective_window(status.limit, available)
         if retry_after_seconds is not None and window > retry_after_seconds:
             window = retry_after_seconds
         r = _sf_int(available if available > 0 else 0)

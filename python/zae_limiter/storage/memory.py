@@ -258,7 +258,9 @@ class MemoryStorage:
                 return False
             names = list(bucket_from_item(item).limits) if limit_names is None else limit_names
             for name in names:
-                for state in (schema.FULL_AT, schema.TOKENS, schema.LAST_REFILL):
+                for state in (
+                    schema.FULL_AT, schema.TOKENS, schema.LAST_REFILL, schema.QUOTA_WINDOW
+                ):
                     item.pop(schema.limit_attr(state, name), None)
             return True
 
@@ -608,6 +610,12 @@ def _conditions_hold(item: Item, writes: Sequence[LimitWrite], write_id: str) ->
                 return False
             if w.legacy is not None and (tk, lr) != w.legacy:
                 return False
+        if w.window is not None:
+            qw = item_num(item, schema.limit_attr(schema.QUOTA_WINDOW, w.limit_name))
+            if w.window_bound is None and qw != w.window:
+                return False
+            if w.window_bound is not None and qw is not None and qw >= w.window_bound:
+                return False
         if w.cond_lo is not None and (fa is None or fa < w.cond_lo):
             return False
         if w.cond_hi is not None and (fa is None or fa > w.cond_hi):
@@ -640,6 +648,8 @@ def _updated(
             new[fa] = num_av(current + w.value)
         else:
             new[fa] = num_av(w.value)
+        if w.window is not None and w.window_bound is not None:
+            new[schema.limit_attr(schema.QUOTA_WINDOW, w.limit_name)] = num_av(w.window)
         if w.legacy is not None and w.fence is not None:
             new[schema.limit_attr(schema.TOKENS, w.limit_name)] = num_av(w.fence[0])
             new[schema.limit_attr(schema.LAST_REFILL, w.limit_name)] = num_av(w.fence[1])

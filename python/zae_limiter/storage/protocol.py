@@ -77,6 +77,9 @@ class LimitState:
     released_milli: int = 0
     definition: str | None = None
     legacy: tuple[int, int] | None = None
+    # A quota's state (`qw#<l>`): the epoch ms its window opened; `full_at` is then the
+    # millitokens used in that window (docs/design.md "Quotas"). None for a token bucket.
+    window: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +105,12 @@ class LimitWrite:
     conditions, all of which must hold: the stored `full_at` within `cond_lo`/`cond_hi`;
     `create`: the limit has no state in either layout; `legacy`: the limit holds exactly this
     1.x state (tokens, anchor) and no `full_at`, which the write replaces by `fence` (see
-    `zae_limiter.stored`)."""
+    `zae_limiter.stored`).
+
+    A quota's write (`window` set) also holds a window condition: with `window_bound` None the
+    stored window must be exactly `window` (a write within it); with `window_bound` the stored
+    window must be absent or earlier than `window_bound`, and the write opens the window
+    `window` (`full_at = value`, absolute)."""
 
     limit_name: str
     mode: int
@@ -114,6 +122,8 @@ class LimitWrite:
     create: bool = False
     legacy: tuple[int, int] | None = None
     fence: tuple[int, int] | None = None
+    window: int | None = None
+    window_bound: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

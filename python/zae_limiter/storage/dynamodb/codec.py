@@ -107,12 +107,14 @@ def bucket_from_item(item: Item, size: int | None = None) -> BucketItem:
                 continue  # reset limit: counters survive, state does not; the bucket is full
             legacy = int(attrs[schema.TOKENS]["N"]), int(attrs[schema.LAST_REFILL]["N"])
         definition = attrs.get(schema.LIMIT_DEF)
+        window = attrs.get(schema.QUOTA_WINDOW)
         limits[limit_name] = LimitState(
             full_at=None if full_at is None else int(full_at["N"]),
             consumed_milli=int(attrs.get(schema.CONSUMED, {"N": "0"})["N"]),
             released_milli=int(attrs.get(schema.RELEASED, {"N": "0"})["N"]),
             definition=None if definition is None else str(definition["S"]),
             legacy=legacy,
+            window=None if window is None else int(window["N"]),
         )
     pk = item_str(item, schema.PK) or ""
     sk = item_str(item, schema.SK) or ""

@@ -177,6 +177,11 @@ def encode_bucket_write(
         hi = None if w.cond_hi is None else put({"N": str(w.cond_hi)})
         counted = put({"N": str(abs(w.delta_milli))}) if w.delta_milli else None
         definition = None if w.definition is None else put({"S": w.definition})
+        window = bound = None
+        if w.window is not None:
+            window = put({"N": str(w.window)})
+            bound = None if w.window_bound is None else put({"N": str(w.window_bound)})
+            kind += ("quota", w.window_bound is not None)
         counter = (w.delta_milli > 0) - (w.delta_milli < 0)
         kind += (w.cond_lo is not None, w.cond_hi is not None)
         shape.append((w.limit_name, kind, counter, w.definition is not None))
@@ -203,6 +208,15 @@ def encode_bucket_write(
                 if fence is not None:
                     sets.append(f"{tk} = {fence[0]}")
                     sets.append(f"{lr} = {fence[1]}")
+        if window is not None:
+            qw = x.name(schema.limit_attr(schema.QUOTA_WINDOW, w.limit_name))
+            if bound is None:
+                # Within the stored window: a write made on another window's view is refused.
+                conditions.append(f"{qw} = {window}")
+            else:
+                # Opening a window: only over no window or one that ended by the writer's view.
+                conditions.append(f"(attribute_not_exists({qw}) OR {qw} < {bound})")
+                sets.append(f"{qw} = {window}")
         if lo is not None:
             conditions.append(f"{fa} >= {lo}")
         if hi is not None:
@@ -278,7 +292,10 @@ def _ring_exists(writes: Sequence[LimitWrite]) -> bool:
     stored) and none is created or in the legacy layout: a limit's `fa#` is only ever written
     by a bucket write, whose every write leaves all four slots (empty ones as "")."""
     return not may_create(writes) and any(
-        w.cond_lo is not None or w.cond_hi is not None for w in writes
+        w.cond_lo is not None
+        or w.cond_hi is not None
+        or (w.window is not None and w.window_bound is None)  # `qw#` exists: a bucket write's
+        for w in writes
     )
 
 
@@ -378,7 +395,7 @@ def state_reset(
     removes = [
         expr.name(schema.limit_attr(state_field, limit_name))
         for limit_name in limit_names
-        for state_field in (schema.FULL_AT, schema.TOKENS, schema.LAST_REFILL)
+        for state_field in (schema.FULL_AT, schema.TOKENS, schema.LAST_REFILL, schema.QUOTA_WINDOW)
     ]
     return {
         "TableName": table_name,
