@@ -616,9 +616,10 @@ async def test_a_plan_limit_the_engine_does_not_serve_is_refused_not_bucketed() 
 
     from zae_limiter import FailureMode, MemoryStorage, RateLimiter, ValidationError
 
+    # Concurrency caps are served (tests/test_concurrency.py); a soft one is not yet.
     plans = [
         Limit.quota("q", 10, reset_after=timedelta(hours=1)),
-        Limit.concurrency("c", 2),
+        Limit.concurrency("c", 2, soft=True),
         Limit.per_minute("s", 10, soft=True),
     ]
     async with RateLimiter(repository=MemoryStorage(), failure_mode=FailureMode.FAIL_OPEN) as lim:

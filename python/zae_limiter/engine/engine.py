@@ -57,14 +57,22 @@ class Target:
     limits: list[Limit]
     state: BucketItem | None = None
     fresh: bool = False
+    # The concurrency caps among `limits`, moved out of them: caps are slots (`engine.slots`),
+    # not token buckets, so the bucket decision and its writes never see them.
+    caps: list[Limit] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for limit in self.limits:
+            if limit.kind == "concurrency" and not limit.soft:
+                self.caps.append(limit)
+                continue
             if limit.kind != "bucket" or limit.soft:
                 # Refused, not served as a token bucket: a plan the engine cannot keep is a
                 # misconfiguration (an error whatever the failure mode), never a silent change.
                 what = "soft limits" if limit.soft else f"{limit.kind} limits"
                 raise ValidationError("limits", limit.spec, f"{what} are not served yet")
+        if self.caps:  # a new list: the caller's (often a resolver's cached set) is shared
+            self.limits = [limit for limit in self.limits if not limit.is_concurrency]
 
 
 @dataclass
@@ -110,6 +118,9 @@ class Engine:
         """Give every target its last known state: cached, or read now (all at once)."""
         missing: list[Target] = []
         for target in targets:
+            if not target.limits:  # caps only: no bucket to read
+                target.fresh = True
+                continue
             hit, state = self.states.get((target.entity_id, target.resource))
             if hit:
                 target.state = state
