@@ -422,7 +422,15 @@ def request_too_large(
         seen[i] = outcomes[cursor : cursor + len(t.limits)]
         cursor += len(t.limits)
     name = field.rpartition(".")[2]
-    return RequestTooLarge(statuses(targets, seen, deltas), field, amounts.get(name))
+    found = statuses(targets, seen, deltas)
+    # A concurrency cap asked for more slots than it has (it is no bucket: no decision above).
+    found += [
+        limit_status(t, cap, units.to_milli(cap.capacity), units.to_milli(n), True, None)
+        for t in targets
+        for cap in t.caps
+        if (n := amounts.get(cap.name, 1)) > cap.capacity
+    ]
+    return RequestTooLarge(found, field, amounts.get(name))
 
 
 def statuses(
