@@ -382,12 +382,19 @@ class Repository:
         twice (each entry must be absent). A late first copy landing after a refused resend
         leaves the slots held by an entry nobody renews: under-admission until it expires."""
         checks, change = take_op(lease_id, takes)
+        lost: list[BaseException] = []
+
+        def landed(current: SlotItem | None) -> bool:
+            return current is not None and all(
+                current.holders.get(t.cap, {}).get(lease_id) == (t.slots, t.expires_at_ms)
+                for t in takes
+            )
 
         async def resend(cause: BaseException) -> None:
+            lost.append(cause)
             current = await self.get_slots(entity_id, resource)
-            if current is not None and all(
-                lease_id in current.holders.get(take.cap, {}) for take in takes
-            ):
+            if landed(current):
+                assert current is not None
                 raise _SlotsLanded(current)
 
         try:
@@ -398,11 +405,9 @@ class Repository:
         except SlotConflict as exc:
             # The first copy landed while its resend was on the way: the resend was refused
             # by the entry the first one wrote.
-            current = exc.current
-            if current is not None and all(
-                lease_id in current.holders.get(take.cap, {}) for take in takes
-            ):
-                return current
+            if lost and landed(exc.current):
+                assert exc.current is not None
+                return exc.current
             raise
 
     async def release_slots(
