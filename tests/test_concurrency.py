@@ -23,7 +23,7 @@ from zae_limiter import (
     schema,
 )
 from zae_limiter.engine.slots import RETRY_CAP_MS
-from zae_limiter.storage.protocol import RepositoryUnavailable, SlotItem, SlotTake
+from zae_limiter.storage.protocol import RepositoryUnavailable, SlotConflict, SlotItem, SlotTake
 
 T0 = 1_800_000_000_000
 CAP = Limit.concurrency("streams", 2)
@@ -141,15 +141,17 @@ async def test_exit_rollback_and_release_give_the_slots_back_exactly_once() -> N
 
 async def test_a_release_of_part_of_the_slots_or_an_adjust_of_a_cap_is_refused() -> None:
     cap = Limit.concurrency("streams", 3)
-    async with RateLimiter(repository=MemoryStorage()) as lim:
-        async with lim.acquire("e", "r", [cap, RPM], {"streams": 2}) as lease:
-            with pytest.raises(ValidationError) as info:
-                await lease.release(streams=1)
-            assert info.value.field == "release.streams"
-            with pytest.raises(ValidationError) as info:
-                await lease.adjust(streams=1)
-            assert info.value.field == "consume.streams"
-            assert lease.slots == {"streams": 2}
+    async with (
+        RateLimiter(repository=MemoryStorage()) as lim,
+        lim.acquire("e", "r", [cap, RPM], {"streams": 2}) as lease,
+    ):
+        with pytest.raises(ValidationError) as info:
+            await lease.release(streams=1)
+        assert info.value.field == "release.streams"
+        with pytest.raises(ValidationError) as info:
+            await lease.adjust(streams=1)
+        assert info.value.field == "consume.streams"
+        assert lease.slots == {"streams": 2}
 
 
 async def test_a_never_ended_lease_gives_its_slots_back_after_lease_ttl() -> None:
@@ -183,24 +185,25 @@ async def test_a_renewed_entry_is_not_reaped() -> None:
     store = MemoryStorage()
     clock = Clock()
     cap = Limit.concurrency("streams", 1, lease_ttl=timedelta(seconds=10))
-    async with RateLimiter(repository=store, clock=clock) as holder_lim:
-        async with holder_lim.acquire("e", "r", [cap], {}) as lease:
-            async with RateLimiter(repository=store, clock=clock) as other:
-                clock.now = T0 + 10_000  # expired as the other sees it
-                stale = await store.get_slots("e", "r")
-                assert stale is not None
-                assert await lease.renew() is True  # the holder renews first
-                # The reaper works from the entry it read before the renewal: refused.
-                (lid, (n, x)), = stale.holders["streams"].items()
-                with pytest.raises(Exception) as info:
-                    await store.take_slots(
-                        "e", "r", "reaper", [SlotTake("streams", 1, 1, T0 + 20_000, ((lid, n, x),))]
-                    )
-                assert type(info.value).__name__ == "SlotConflict"
-                with pytest.raises(RateLimitExceeded):
-                    async with other.acquire("e", "r", [cap], {}):
-                        pass
-                assert lease.slots == {"streams": 1}
+    async with (
+        RateLimiter(repository=store, clock=clock) as holder_lim,
+        holder_lim.acquire("e", "r", [cap], {}) as lease,
+        RateLimiter(repository=store, clock=clock) as other,
+    ):
+        clock.now = T0 + 10_000  # expired as the other sees it
+        stale = await store.get_slots("e", "r")
+        assert stale is not None
+        assert await lease.renew() is True  # the holder renews first
+        # The reaper works from the entry it read before the renewal: refused.
+        ((lid, (n, x)),) = stale.holders["streams"].items()
+        with pytest.raises(SlotConflict):
+            await store.take_slots(
+                "e", "r", "reaper", [SlotTake("streams", 1, 1, T0 + 20_000, ((lid, n, x),))]
+            )
+        with pytest.raises(RateLimitExceeded):
+            async with other.acquire("e", "r", [cap], {}):
+                pass
+        assert lease.slots == {"streams": 1}
 
 
 async def test_a_lease_renews_itself_past_lease_ttl() -> None:
@@ -210,7 +213,7 @@ async def test_a_lease_renews_itself_past_lease_ttl() -> None:
     cap = Limit.concurrency("streams", 1, lease_ttl=timedelta(seconds=1))
     async with RateLimiter(repository=store) as lim, RateLimiter(repository=store) as other:
         async with lim.acquire("e", "r", [cap], {}) as lease:
-            first = (await store.get_slots("e", "r"))
+            first = await store.get_slots("e", "r")
             assert first is not None
             for _ in range(4):
                 await asyncio.sleep(0.65)
@@ -253,26 +256,26 @@ async def test_cascade_caps_the_parent_total_all_or_nothing() -> None:
         await lim.create_entity("k2", parent_id="proj")
         await lim.set_limits("proj", [project], "r")
         per_key = [Limit.concurrency("streams", 2)]
-        async with lim.acquire("k1", "r", per_key, {}, cascade=True, use_stored_limits=True):
-            async with lim.acquire("k1", "r", per_key, {}, cascade=True, use_stored_limits=True):
-                with pytest.raises(RateLimitExceeded) as own:  # k1's own cap
+        async with (
+            lim.acquire("k1", "r", per_key, {}, cascade=True, use_stored_limits=True),
+            lim.acquire("k1", "r", per_key, {}, cascade=True, use_stored_limits=True),
+        ):
+            with pytest.raises(RateLimitExceeded) as own:  # k1's own cap
+                async with lim.acquire(
+                    "k1", "r", per_key, {}, cascade=True, use_stored_limits=True
+                ):
+                    pass
+            assert {v.entity_id for v in own.value.violations} == {"k1"}
+            async with lim.acquire("k2", "r", per_key, {}, cascade=True, use_stored_limits=True):
+                assert await held(store, "proj") == {"streams": 3}
+                with pytest.raises(RateLimitExceeded) as parent:
                     async with lim.acquire(
-                        "k1", "r", per_key, {}, cascade=True, use_stored_limits=True
+                        "k2", "r", per_key, {}, cascade=True, use_stored_limits=True
                     ):
                         pass
-                assert {v.entity_id for v in own.value.violations} == {"k1"}
-                async with lim.acquire(
-                    "k2", "r", per_key, {}, cascade=True, use_stored_limits=True
-                ):
-                    assert await held(store, "proj") == {"streams": 3}
-                    with pytest.raises(RateLimitExceeded) as parent:
-                        async with lim.acquire(
-                            "k2", "r", per_key, {}, cascade=True, use_stored_limits=True
-                        ):
-                            pass
-                    assert {v.entity_id for v in parent.value.violations} == {"proj"}
-                    # All or nothing: k2's own slot was given back when the parent refused.
-                    assert await held(store, "k2") == {"streams": 1}
+                assert {v.entity_id for v in parent.value.violations} == {"proj"}
+                # All or nothing: k2's own slot was given back when the parent refused.
+                assert await held(store, "k2") == {"streams": 1}
     for entity in ("proj", "k1", "k2"):
         assert await held(store, entity) == {"streams": 0}
         assert await holders(store, entity) == 0
@@ -287,9 +290,11 @@ class DownForSlots(MemoryStorage):
 
 async def test_an_outage_follows_the_failure_mode() -> None:
     store = DownForSlots()
-    async with RateLimiter(repository=store, failure_mode=FailureMode.FAIL_OPEN) as lim:
-        async with lim.acquire("e", "r", [CAP, RPM], {"rpm": 1}) as lease:
-            assert lease.fail_open is True and lease.slots == {}
+    async with (
+        RateLimiter(repository=store, failure_mode=FailureMode.FAIL_OPEN) as lim,
+        lim.acquire("e", "r", [CAP, RPM], {"rpm": 1}) as lease,
+    ):
+        assert lease.fail_open is True and lease.slots == {}
     async with RateLimiter(repository=store) as lim:
         with pytest.raises(RateLimiterUnavailable):
             async with lim.acquire("e", "r", [CAP, RPM], {"rpm": 1}):
@@ -339,10 +344,12 @@ def test_the_sync_lease_holds_renews_and_releases() -> None:
 
 async def test_an_acquire_without_a_cap_writes_no_slot_item() -> None:
     store = MemoryStorage()
-    async with RateLimiter(repository=store) as lim:
-        async with lim.acquire("e", "r", [RPM], {"rpm": 1}) as lease:
-            assert lease.slots == {}
-            assert await lease.renew() is True
+    async with (
+        RateLimiter(repository=store) as lim,
+        lim.acquire("e", "r", [RPM], {"rpm": 1}) as lease,
+    ):
+        assert lease.slots == {}
+        assert await lease.renew() is True
     keys = [i[schema.SK]["S"] for i in await store.export_items()]
     assert not any(k.startswith(schema.SLOTS_PREFIX) for k in keys)
     assert schema.bucket_sk("r") in keys

@@ -418,8 +418,8 @@ async def test_concurrency_cap_slots_alike(moto: Repository) -> None:
         for lease in ("a", "b", "b"):
             released = await store.release_slots("e", "r", lease, {"streams": 2 if lease == "a" else 1})  # type: ignore[attr-defined]  # noqa: E501
             seen.append(("released", lease, released))
-        seen.append(("renewed", await store.renew_slots("e", "r", "c", {"streams": (1, x + 5)})))  # type: ignore[attr-defined]  # noqa: E501
-        seen.append(("renewed", await store.renew_slots("e", "r", "a", {"streams": (2, x + 5)})))  # type: ignore[attr-defined]  # noqa: E501
+        seen.append(("renewed", await store.renew_slots("e", "r", "c", {"streams": (1, x + 5)})))  # type: ignore[attr-defined]
+        seen.append(("renewed", await store.renew_slots("e", "r", "a", {"streams": (2, x + 5)})))  # type: ignore[attr-defined]
         # Two caps in one write: the second refuses, so the first is not taken either.
         await take("d", SlotTake("streams", 1, 3, x), SlotTake("gpu", 2, 2, x))
         await take("e", SlotTake("streams", 1, 3, x), SlotTake("gpu", 1, 2, x))
