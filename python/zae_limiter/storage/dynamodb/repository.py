@@ -399,9 +399,9 @@ class Repository:
 
         try:
             return await self._slot_write(entity_id, resource, checks, change, resend)
-        except _SlotsLanded as landed:
-            self.ledger.record("UpdateItem", wcu=write_units(landed.current.size))
-            return landed.current
+        except _SlotsLanded as found:
+            self.ledger.record("UpdateItem", wcu=write_units(found.current.size))
+            return found.current
         except SlotConflict as exc:
             # The first copy landed while its resend was on the way: the resend was refused
             # by the entry the first one wrote.
