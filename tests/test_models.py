@@ -617,9 +617,9 @@ async def test_a_plan_limit_the_engine_does_not_serve_is_refused_not_bucketed() 
 
     from zae_limiter import FailureMode, MemoryStorage, RateLimiter, ValidationError
 
-    # Quotas are served (tests/test_quotas.py); a soft quota is still a soft limit.
+    # Quotas and concurrency caps are served (tests/test_quotas.py, test_concurrency.py);
+    # soft ones are not yet.
     plans = [
-        Limit.concurrency("c", 2),
         Limit.quota("sq", 10, reset_after=timedelta(hours=1), soft=True),
         Limit.concurrency("sc", 2, soft=True),
     ]

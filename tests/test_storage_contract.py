@@ -494,3 +494,51 @@ async def test_a_deleted_table_is_missing_on_both(moto: Repository) -> None:
         return await store.table_exists(), await store.delete_table()
 
     assert await both(moto, script) == (False, False)
+
+
+# -- concurrency caps: the slot item's conditions on both --------------------------------------
+
+
+async def test_concurrency_cap_slots_alike(moto: Repository) -> None:
+    """The same cap script (takes, refusals, a reap, releases and renewals, two caps at once)
+    on both stores: the same outcomes, the same counts, the same items. The lease ids are
+    fixed here, so the items compare exactly."""
+    from zae_limiter.storage.protocol import SlotConflict, SlotTake
+
+    x = T0 + 1_000
+
+    async def script(store: Storage) -> Any:
+        seen: list[Any] = []
+
+        async def take(lease: str, *takes: SlotTake) -> None:
+            try:
+                item = await store.take_slots("e", "r", lease, list(takes))  # type: ignore[attr-defined]
+                seen.append(("took", lease, item.held))
+            except SlotConflict as exc:
+                current = exc.current
+                seen.append(("refused", lease, None if current is None else current.held))
+
+        await take("a", SlotTake("streams", 2, 3, x))
+        await take("b", SlotTake("streams", 2, 3, x))  # 2 + 2 > 3
+        await take("b", SlotTake("streams", 1, 3, x))
+        await take("a", SlotTake("streams", 1, 3, x))  # a's entry exists: never twice
+        await take("c", SlotTake("streams", 1, 3, x, (("a", 2, x + 1),)))  # not a's entry
+        await take("c", SlotTake("streams", 1, 3, x, (("a", 2, x),)))  # reaps a
+        for lease in ("a", "b", "b"):
+            released = await store.release_slots("e", "r", lease, {"streams": 2 if lease == "a" else 1})  # type: ignore[attr-defined]  # noqa: E501
+            seen.append(("released", lease, released))
+        seen.append(("renewed", await store.renew_slots("e", "r", "c", {"streams": (1, x + 5)})))  # type: ignore[attr-defined]
+        seen.append(("renewed", await store.renew_slots("e", "r", "a", {"streams": (2, x + 5)})))  # type: ignore[attr-defined]
+        # Two caps in one write: the second refuses, so the first is not taken either.
+        await take("d", SlotTake("streams", 1, 3, x), SlotTake("gpu", 2, 2, x))
+        await take("e", SlotTake("streams", 1, 3, x), SlotTake("gpu", 1, 2, x))
+        item = await store.get_slots("e", "r")  # type: ignore[attr-defined]
+        assert item is not None
+        seen.append(("item", item.held, item.holders))
+        assert seen[1][0] == "refused" and seen[3][0] == "refused" and seen[4][0] == "refused"
+        assert seen[5] == ("took", "c", {"streams": 2})
+        assert item.held == {"streams": 2, "gpu": 2}
+        assert item.holders == {"streams": {"c": (1, x + 5), "d": (1, x)}, "gpu": {"d": (2, x)}}
+        return seen, await table(store)
+
+    await both(moto, script)

@@ -13,6 +13,7 @@ from .arguments import oversized
 from .core import units
 from .deadline import Bounded, DeadlineExceeded
 from .engine.engine import Landing, Target, available_milli, limit_status, request_too_large
+from .engine.slots import Hold, SlotKeeper
 from .exceptions import ValidationError
 from .failures import public_errors
 from .models import LimitStatus
@@ -71,8 +72,14 @@ class Lease:
         *,
         fail_open: bool = False,
         deadline: float | None = None,
+        slots: tuple[SlotKeeper, Hold] | None = None,
     ) -> None:
         self._settler = settler
+        # Concurrency caps' slots (`engine.slots`), renewed in the background until the end.
+        self._slots = slots
+        self._renewal: asyncio.Task[None] | None = None
+        if slots is not None and slots[1].parts:
+            self._renewal = asyncio.get_running_loop().create_task(slots[0].keep_alive(slots[1]))
         self._deadline = deadline
         self._targets = list(targets)
         # The books, per target (the entity's bucket item, then its parent's with cascade): a
@@ -178,9 +185,63 @@ class Lease:
         async with Bounded(self._deadline):
             await self._settler.commit(self._targets, deltas)
 
+    @property
+    def slots(self) -> dict[str, int]:
+        """Slots of concurrency caps this lease holds (its entity's), until it ends or
+        releases them."""
+        if self._slots is None or self._slots[1].released:
+            return {}
+        return self._slots[1].slots
+
+    async def renew(self) -> bool:
+        """Renew the lease's slots now: each entry expires `lease_ttl` from now. The lease
+        renews itself in the background (every third of the shortest `lease_ttl`); this is for
+        a caller that knows it was stalled. False when some slots were lost (the lease outlived
+        its `lease_ttl` without a renewal and another client reaped them)."""
+        if self._slots is None:
+            return True
+        return await self._renew()
+
+    @public_errors
+    async def _renew(self) -> bool:
+        assert self._slots is not None
+        async with Bounded(self._deadline):
+            return await self._slots[0].renew(self._slots[1])
+
+    async def _end_slots(self) -> None:
+        """Stop the renewals and give the slots back (once: later calls send nothing). The
+        give-back is detached: a deadline cannot cut it short and lose the slots until their
+        expiry."""
+        if self._renewal is not None:
+            self._renewal.cancel()
+            self._renewal = None
+        if self._slots is None or self._slots[1].released:
+            return
+        keeper, hold = self._slots
+        back = self._settler.detach(keeper.release(hold), "give-back of a lease's slots")
+        async with Bounded(self._deadline):
+            await _landed(back)
+
     async def release(self, **amounts: int) -> None:
         """Give tokens back early, at most what the lease holds; a bucket never refills past its
-        burst."""
+        burst.
+
+        Slots of concurrency caps are given back together: `release()` with no arguments, or
+        naming a cap with the slots it holds (another amount is a `ValidationError`), gives
+        back every slot of the lease (its parent's too); the lease's tokens stay."""
+        taken = self._slots[1].slots if self._slots is not None else {}
+        if self._slots is not None and (not amounts or any(n in taken for n in amounts)):
+            # After the slots went back, naming a cap again changes nothing (exactly once).
+            held = taken
+            for name in [n for n in amounts if n in held]:
+                if amounts[name] != held[name]:
+                    raise ValidationError(
+                        f"release.{name}",
+                        amounts[name],
+                        f"slots are released together: all {held[name]} or none",
+                    )
+            amounts = {n: a for n, a in amounts.items() if n not in held}
+            await self._end_slots()
         deltas = self._amounts(amounts, signed=False)
         self._held_back("release", deltas)
         if deltas and not self.fail_open:
@@ -330,6 +391,11 @@ class LeaseScope:
             except Exception:  # the caller's exception matters more than a failed give-back
                 # Its give-back left the books first: it may have landed and is never resent.
                 log.exception("rollback of %r failed; its give-back may not land", self._lease)
+        if self._lease is not None and self._lease._slots is not None:
+            try:
+                await self._lease._end_slots()
+            except Exception:  # the slots come back at their expiry (lease_ttl) at worst
+                log.exception("give-back of %r's slots failed; they expire later", self._lease)
 
 
 class SyncLease:
@@ -362,6 +428,14 @@ class SyncLease:
 
     def release(self, **amounts: int) -> None:
         self._run(self._lease.release(**amounts))
+
+    @property
+    def slots(self) -> dict[str, int]:
+        return self._lease.slots
+
+    def renew(self) -> bool:
+        result: bool = self._run(self._lease.renew())
+        return result
 
     def __repr__(self) -> str:
         return repr(self._lease)

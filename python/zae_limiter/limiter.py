@@ -21,6 +21,7 @@ from .core import units
 from .deadline import DEFAULT, Bounded, DeadlineArg, check_deadline, resolve_deadline
 from .engine.engine import Engine, Target, available_milli, request_too_large, wait_ms
 from .engine.reservations import Reserver
+from .engine.slots import Hold, SlotKeeper, cap_names, free, has_caps
 from .entities import Entities
 from .exceptions import (
     ConfigurationError,
@@ -51,7 +52,7 @@ from .schema import DEFAULT_RESOURCE, default_region, short_name, table_name
 from .storage.capacity import CapacityLedger
 from .storage.dynamodb.client import RetryPolicy
 from .storage.dynamodb.repository import Repository
-from .storage.protocol import BucketItem, RepositoryUnavailable, Storage
+from .storage.protocol import BucketItem, RepositoryUnavailable, SlotStorage, Storage
 from .validation import validate_entity_id, validate_name, validate_resource
 from .version import (
     VERSION_CHECKS,
@@ -148,6 +149,12 @@ class RateLimiter:
         # Soft limits are never served from reserved blocks, so in shadow mode none are.
         self._reserver = (
             None if reservations is None or shadow else Reserver(self._engine, reservations)
+        )
+        # Concurrency caps, for a storage that keeps them (both of the library's do).
+        self._slots = (
+            SlotKeeper(self.repository, self._engine.clock, self._engine.detach)
+            if isinstance(self.repository, SlotStorage)
+            else None
         )
         self._resolver = LimitResolver(self.repository, limits_cache_ttl, bucket_cache_size)
         self._entities = Entities(
@@ -433,7 +440,7 @@ class RateLimiter:
         if reserver is not None and self._ready:
             # Served from the blocks with no I/O: nothing to bound, so no timer is armed.
             sets = resolver.cached(entity_id, resource, fallback, cascade, use_stored_limits)
-            if sets is not None:
+            if sets is not None and not has_caps(sets):  # a cap's slots are always a write
                 if use_stored_limits:
                     self._check_amounts(resource, sets, amounts)
                 targets = reserver.take_local(resource, sets, amounts)
@@ -451,18 +458,56 @@ class RateLimiter:
                 )
                 if use_stored_limits:  # otherwise every set is `fallback`, checked above
                     self._check_amounts(resource, sets, amounts)
-                if reserver is not None:
-                    targets = await reserver.acquire(resource, sets, amounts)
-                else:
-                    targets = await self._engine.targets(resource, sets)
-                    await self._engine.commit(targets, amounts)
+                hold = await self._take_slots(resource, sets, amounts) if has_caps(sets) else None
+                try:
+                    if reserver is not None:
+                        targets = await reserver.acquire(resource, sets, amounts)
+                    else:
+                        targets = await self._engine.targets(resource, sets)
+                        await self._engine.commit(targets, amounts)
+                except BaseException as exc:
+                    if hold is not None:  # all or nothing: the buckets refused
+                        await self._give_back_slots(hold, exc)
+                    raise
         except STORAGE_FAILURES as exc:  # the deadline passing too
             error = public_error(exc)
             if isinstance(error, ConfigurationError) or mode is not FailureMode.FAIL_OPEN:
                 raise error from exc
             log.warning("DynamoDB unavailable, admitting (FAIL_OPEN): %s", exc)
             return Lease(self._engine, [], {}, fail_open=True)
+        if hold is not None and self._slots is not None:
+            names = cap_names(sets)
+            held = {name: n for name, n in amounts.items() if name not in names}
+            return Lease(
+                reserver or self._engine,
+                targets,
+                held,
+                deadline=seconds,
+                slots=(self._slots, hold),
+            )
         return Lease(reserver or self._engine, targets, amounts, deadline=seconds)
+
+    async def _take_slots(
+        self, resource: str, sets: LimitSets, amounts: Mapping[str, int]
+    ) -> Hold:
+        """The slots of the concurrency caps among `sets` (`engine.slots`), before any bucket:
+        a full cap denies with no bucket write."""
+        if self._slots is None:
+            raise ValidationError(
+                "limits", type(self.repository).__name__, "this storage keeps no concurrency caps"
+            )
+        return await self._slots.take(resource, sets, amounts)
+
+    async def _give_back_slots(self, hold: Hold, exc: BaseException) -> None:
+        """The slots of an acquire whose buckets refused, given back by a detached write (a
+        deadline cancelling the acquire cannot cancel it; it is waited for otherwise)."""
+        assert self._slots is not None
+        back = self._engine.detach(self._slots.release(hold), "give-back of slots")
+        if not isinstance(exc, asyncio.CancelledError):
+            try:
+                await asyncio.shield(back)
+            except Exception as failure:  # the buckets' error is the one to raise
+                log.warning("give-back of slots failed; they expire at lease_ttl: %s", failure)
 
     def _check_amounts(self, resource: str, sets: LimitSets, amounts: Mapping[str, int]) -> None:
         """No I/O: every amount names one of the entity's limits (else `ValidationError`) and
@@ -515,10 +560,18 @@ class RateLimiter:
         fallback = check_limits(limits or [], allow_empty=use_stored_limits)
         seconds = self._deadline_of(deadline)
         chosen, state = await self._read(entity_id, resource, fallback, use_stored_limits, seconds)
+        caps = [limit for limit in chosen if limit.is_concurrency]
+        slots = None
+        if caps and self._slots is not None:
+            async with Bounded(seconds):
+                slots = await self._slots.storage.get_slots(entity_id, resource)
         now = self._engine.clock()
         result: dict[str, int] = {}
         for limit in chosen:
-            result[limit.name] = units.tokens_down(available_milli(limit, state, now))
+            if limit.is_concurrency:  # free slots: expired holders count as free
+                result[limit.name] = free(limit, slots, now)
+            else:
+                result[limit.name] = units.tokens_down(available_milli(limit, state, now))
         return result
 
     async def _read(

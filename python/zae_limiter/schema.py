@@ -74,6 +74,15 @@ STORED_LIMIT_DEF: Final = "limit_def"
 # The numbers of a stored limit's item (`#LIMIT#` rows), as `Limit` names them.
 STORED_LIMIT_FIELDS: Final = ("capacity", "burst", "refill_amount", "refill_period_seconds")
 WRITE_ID_SLOTS: Final = ("w0", "w1", "w2", "w3")
+# Concurrency caps (`Limit.concurrency`): one item per (entity, resource), `#SLOTS#<resource>`
+# in the entity's partition, apart from the bucket item (its writes are not relative token
+# writes, and the aggregator, which folds `#BUCKET#` items, never meets it). Per cap
+# `sh#<cap>` counts the slots held and `sl#<cap>#<lease id>` holds one lease's entry,
+# "<slots>:<expires_at ms>"; every write keeps `sh` equal to the sum of the entries
+# (docs/design.md, "Concurrency caps").
+SLOTS_PREFIX: Final = "#SLOTS#"
+SLOTS_HELD: Final = "sh"
+SLOT_ENTRY: Final = "sl"
 # Audit event items: one per event, written once (never updated), expiring through the table's
 # TTL attribute (`TTL_ATTRIBUTE`, shared with the usage snapshots) 90 days after the event.
 AUDIT_EVENT_ID: Final = "event_id"
@@ -245,6 +254,25 @@ def parse_limit_attr(attr: str) -> tuple[str, str] | None:
     if not sep or field not in BUCKET_FIELDS or not limit_name:
         return None
     return field, limit_name
+
+
+def slots_sk(resource: str) -> str:
+    """The key of the concurrency caps' item of (entity, resource)."""
+    return f"{SLOTS_PREFIX}{resource}"
+
+
+def slot_entry_attr(cap: str, lease_id: str) -> str:
+    """The attribute holding one lease's slots of `cap` (lease ids never contain "#")."""
+    return f"{SLOT_ENTRY}{SEP}{cap}{SEP}{lease_id}"
+
+
+def parse_slot_entry_attr(attr: str) -> tuple[str, str] | None:
+    """(cap, lease_id) of a slot entry attribute, None for any other attribute."""
+    field, _, rest = attr.partition(SEP)
+    cap, sep, lease_id = rest.partition(SEP)
+    if field != SLOT_ENTRY or not sep or not cap or not lease_id:
+        return None
+    return cap, lease_id
 
 
 def is_bucket_key(pk: str, sk: str) -> bool:

@@ -452,3 +452,51 @@ async def test_endless_conflicts_are_no_denial_and_not_admitted(
     stored = await counters(endpoint_url, "proj", limit)
     assert stored["cn"] == 1000
     figures.add(operations=2, admitted=1, denied=1, ledger_checks=1)
+
+
+async def test_a_concurrency_cap_never_over_admits(
+    endpoint_url: str, size: Size, figures: Figures
+) -> None:
+    """Every process's tasks take leases of one concurrency cap (size.attempts each, retrying
+    after denials) and hold them a few ms: a counter shared by the processes, incremented
+    inside each lease, never exceeds the cap, every lease is admitted in the end, and the
+    cap's count is back to zero, equal to its (absent) entries."""
+    from concurrency_workers import RESOURCE as CAP_RESOURCE
+    from concurrency_workers import hold_worker
+
+    await setup(endpoint_url)
+    cap = max(2, size.processes * size.tasks // 2)
+    ctx = multiprocessing.get_context("spawn")
+    counter, peak, results = ctx.Value("i", 0), ctx.Value("i", 0), ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=hold_worker,
+            args=(endpoint_url, TABLE, "proj", cap, size.tasks, size.attempts, 500 + i,
+                  counter, peak, results, (0.01, 0.03)),
+        )
+        for i in range(size.processes)
+    ]
+    for p in procs:
+        p.start()
+    out = [results.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(30)
+    admitted = sum(r["admitted"] for r in out)
+    over = sum(r["over"] for r in out)
+    figures.add(
+        clients=size.processes * size.tasks,
+        processes=size.processes,
+        operations=admitted + sum(r["denied"] for r in out),
+        admitted=admitted,
+        over_admissions=over,
+    )
+    assert over == 0 and peak.value <= cap, f"{peak.value} in flight, cap {cap}"
+    assert admitted == size.processes * size.tasks * size.attempts
+    assert sum(r["denied"] for r in out) > 0, "the workload must fill the cap"
+    repo = Repository(TABLE, None, endpoint_url)
+    try:
+        item = await repo.get_slots("proj", CAP_RESOURCE)
+    finally:
+        await repo.close()
+    assert item is not None and item.held == {"inflight": 0}
+    assert item.holders.get("inflight", {}) == {}

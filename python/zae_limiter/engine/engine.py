@@ -67,18 +67,26 @@ class Target:
     # landed take; a give-back returns at most that, and only in that window (engine/quota.py).
     quota_spent: dict[str, tuple[int, int]] = field(default_factory=dict)
     quotas: bool = field(default=False, init=False)  # some limit is a quota
+    # The concurrency caps among `limits`, moved out of them: caps are slots (`engine.slots`),
+    # not token buckets, so the bucket decision and its writes never see them.
+    caps: list[Limit] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         any_soft = self.shadow
         for limit in self.limits:
+            if limit.is_concurrency and not (limit.soft or self.shadow):
+                self.caps.append(limit)
+                continue
             if limit.is_quota and not (limit.soft or self.shadow):
                 self.quotas = True
             elif limit.kind != "bucket":
                 # Refused, not served as a token bucket: a plan the engine cannot keep is a
                 # misconfiguration (an error whatever the failure mode), never a silent change.
-                what = f"{'soft ' if limit.is_quota else ''}{limit.kind} limits"
+                what = f"soft {limit.kind} limits"
                 raise ValidationError("limits", limit.spec, f"{what} are not served yet")
             any_soft = any_soft or limit.soft
+        if self.caps:  # a new list: the caller's (often a resolver's cached set) is shared
+            self.limits = [limit for limit in self.limits if not limit.is_concurrency]
         if any_soft:
             self.soft = tuple(self.shadow or limit.soft for limit in self.limits)
 
@@ -133,6 +141,9 @@ class Engine:
         """Give every target its last known state: cached, or read now (all at once)."""
         missing: list[Target] = []
         for target in targets:
+            if not target.limits:  # caps only: no bucket to read
+                target.fresh = True
+                continue
             hit, state = self.states.get((target.entity_id, target.resource))
             if hit:
                 target.state = state
@@ -544,7 +555,15 @@ def request_too_large(
         seen[i] = outcomes[cursor : cursor + len(t.limits)]
         cursor += len(t.limits)
     name = field.rpartition(".")[2]
-    return RequestTooLarge(statuses(targets, seen, deltas, now_ms), field, amounts.get(name))
+    found = statuses(targets, seen, deltas, now_ms)
+    # A concurrency cap asked for more slots than it has (it is no bucket: no decision above).
+    found += [
+        limit_status(t, cap, units.to_milli(cap.capacity), units.to_milli(n), True, None)
+        for t in targets
+        for cap in t.caps
+        if (n := amounts.get(cap.name, 1)) > cap.capacity
+    ]
+    return RequestTooLarge(found, field, amounts.get(name))
 
 
 def statuses(

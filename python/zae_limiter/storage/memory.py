@@ -64,12 +64,27 @@ from .dynamodb.codec import (
     version_item,
 )
 from .dynamodb.requests import may_create
+from .dynamodb.slots import (
+    Change,
+    Check,
+    conditions_hold,
+    release_op,
+    renew_op,
+    slots_from_item,
+    slots_key,
+    take_op,
+    updated,
+)
 from .protocol import (
     Backup,
     BucketItem,
     ConditionFailed,
     Item,
     LimitWrite,
+    SlotConflict,
+    SlotItem,
+    SlotStorage,
+    SlotTake,
     Storage,
     StorageError,
     StoredLimit,
@@ -219,6 +234,74 @@ class MemoryStorage:
             return True
 
         return self._run(apply)
+
+    # -- concurrency caps: the conditions of `dynamodb.slots`, atomic per item ----------------
+
+    async def get_slots(self, entity_id: str, resource: str) -> SlotItem | None:
+        k = slots_key(entity_id, resource)
+        item = self._run(lambda: self._get((k[schema.PK]["S"], k[schema.SK]["S"])))
+        self._read("GetItem", [item])
+        return slots_from_item(item) if item else None
+
+    def _slot_write(
+        self, entity_id: str, resource: str, checks: Sequence[Check], change: Change
+    ) -> SlotItem:
+        k = slots_key(entity_id, resource)
+        key = (k[schema.PK]["S"], k[schema.SK]["S"])
+
+        def apply() -> Item:
+            old = self._items.get(key)
+            if not conditions_hold(old or {}, checks):
+                self._ledger.record("UpdateItem", wcu=write_units(item_size(old)))
+                self._ledger.conflict(resource)
+                raise SlotConflict(slots_from_item(copy.deepcopy(old)) if old else None)
+            new = updated(old, k, change)
+            self._items[key] = copy.deepcopy(new)
+            self._ledger.record("UpdateItem", wcu=write_units(item_size(old), item_size(new)))
+            return new
+
+        return slots_from_item(self._run(apply))
+
+    async def take_slots(
+        self, entity_id: str, resource: str, lease_id: str, takes: Sequence[SlotTake]
+    ) -> SlotItem:
+        checks, change = take_op(lease_id, takes)
+        return self._slot_write(entity_id, resource, checks, change)
+
+    async def release_slots(
+        self, entity_id: str, resource: str, lease_id: str, slots: Mapping[str, int]
+    ) -> bool:
+        # As `Repository.release_slots`: the entries still there are released, once.
+        caps = dict(slots)
+        while caps:
+            checks, change = release_op(lease_id, caps)
+            try:
+                self._slot_write(entity_id, resource, checks, change)
+                return True
+            except SlotConflict as exc:
+                have = exc.current.holders if exc.current else {}
+                caps = {c: n for c, n in caps.items() if lease_id in have.get(c, {})}
+        return False
+
+    async def renew_slots(
+        self,
+        entity_id: str,
+        resource: str,
+        lease_id: str,
+        entries: Mapping[str, tuple[int, int]],
+    ) -> bool:
+        todo = dict(entries)
+        whole = True
+        while todo:
+            checks, change = renew_op(lease_id, todo)
+            try:
+                self._slot_write(entity_id, resource, checks, change)
+                return whole
+            except SlotConflict as exc:
+                have = exc.current.holders if exc.current else {}
+                todo = {c: e for c, e in todo.items() if lease_id in have.get(c, {})}
+                whole = False
+        return False
 
     async def resource_buckets(self, resource: str) -> list[BucketItem]:
         sk = schema.bucket_sk(resource)
@@ -674,4 +757,9 @@ def _updated(
 
 def _implements_storage(memory: MemoryStorage) -> Storage:
     """Never called: mypy proves here that `MemoryStorage` implements the storage Protocol."""
+    return memory
+
+
+def _implements_slot_storage(memory: MemoryStorage) -> SlotStorage:
+    """Never called: mypy proves here that `MemoryStorage` implements `SlotStorage`."""
     return memory

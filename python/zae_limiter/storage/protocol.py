@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from ..exceptions import RateLimiterUnavailable
 
@@ -146,6 +146,78 @@ class Backup:
     status: str | None
     created: str | None  # ISO-8601
     size_bytes: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SlotItem:
+    """The concurrency caps of one (entity, resource), as stored: per cap the slots held and
+    each holder's entry, lease id -> (slots, expires_at ms). `held[cap]` is always the sum of
+    the cap's entries (every write changes both at once)."""
+
+    entity_id: str
+    resource: str
+    held: dict[str, int]
+    holders: dict[str, dict[str, tuple[int, int]]]
+    size: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SlotTake:
+    """One cap's part of a take: `slots` more for the lease, admitted only while the cap holds
+    at most `max_in_flight - slots + freed` (`freed`: the slots of `reap`), and each entry of
+    `reap` (lease id -> its entry as read: slots, expires_at) removed, only if it is still
+    exactly that entry (an expired holder's; a renewal since makes the take fail)."""
+
+    cap: str
+    slots: int
+    max_in_flight: int
+    expires_at_ms: int
+    reap: tuple[tuple[str, int, int], ...] = ()
+
+
+class SlotConflict(Exception):
+    """A take's condition did not hold (the cap was full as seen, or a reaped entry changed);
+    `current` is the item as stored."""
+
+    def __init__(self, current: SlotItem | None) -> None:
+        super().__init__("slot condition failed")
+        self.current = current
+
+
+@runtime_checkable
+class SlotStorage(Protocol):
+    """Concurrency caps (docs/design.md, "Concurrency caps"): every operation is one
+    conditional write of the (entity, resource) slot item, applied atomically and at most
+    once, whatever is resent after a lost response."""
+
+    async def get_slots(self, entity_id: str, resource: str) -> SlotItem | None:
+        """The slot item, read consistently; None when it does not exist."""
+        ...
+
+    async def take_slots(
+        self, entity_id: str, resource: str, lease_id: str, takes: Sequence[SlotTake]
+    ) -> SlotItem:
+        """Add the lease's entry to every cap of `takes` at once, or raise `SlotConflict`
+        (nothing applied). A resend after a lost response never adds an entry twice."""
+        ...
+
+    async def release_slots(
+        self, entity_id: str, resource: str, lease_id: str, slots: Mapping[str, int]
+    ) -> bool:
+        """Remove the lease's entry of each cap and its slots from the cap's count, each only
+        if the entry is there (exactly once); False when none was (released or reaped)."""
+        ...
+
+    async def renew_slots(
+        self,
+        entity_id: str,
+        resource: str,
+        lease_id: str,
+        entries: Mapping[str, tuple[int, int]],
+    ) -> bool:
+        """Set the lease's entries (cap -> slots, new expires_at ms), only where an entry is
+        still there; False when some was not (reaped: those slots are no longer held)."""
+        ...
 
 
 class BucketStorage(Protocol):

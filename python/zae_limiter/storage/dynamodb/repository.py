@@ -40,6 +40,10 @@ from ..protocol import (
     Item,
     LimitWrite,
     RepositoryUnavailable,
+    SlotConflict,
+    SlotItem,
+    SlotStorage,
+    SlotTake,
     Storage,
     StorageError,
     StoredLimit,
@@ -85,6 +89,16 @@ from .requests import (
     stored_limit_definition,
     usage_query,
     version_update,
+)
+from .slots import (
+    Change,
+    Check,
+    release_op,
+    renew_op,
+    slots_from_item,
+    slots_key,
+    take_op,
+    update_request,
 )
 
 # The names this module exported before `client`, `codec` and `requests` were split from it
@@ -152,6 +166,14 @@ class _Landed(Exception):
     """A bucket write whose response was lost is on the item (`current`): it stands, once."""
 
     def __init__(self, current: BucketItem) -> None:
+        super().__init__("landed")
+        self.current = current
+
+
+class _SlotsLanded(Exception):
+    """A take whose response was lost is found in the item: it landed."""
+
+    def __init__(self, current: SlotItem) -> None:
         super().__init__("landed")
         self.current = current
 
@@ -337,6 +359,125 @@ class Repository:
             return False
         self.ledger.record("UpdateItem", wcu=write_units(known_size))
         return True
+
+    # -- concurrency caps (`SlotStorage`; docs/design.md, "Concurrency caps") ----------------
+
+    async def get_slots(self, entity_id: str, resource: str) -> SlotItem | None:
+        response = await self.call(
+            "get_item",
+            TableName=self.table_name,
+            Key=slots_key(entity_id, resource),
+            ConsistentRead=True,
+        )
+        item: Item | None = response.get("Item")
+        size = item_size(item)
+        self.ledger.record("GetItem", rcu=read_units(size, consistent=True))
+        return slots_from_item(item, size) if item else None
+
+    async def take_slots(
+        self, entity_id: str, resource: str, lease_id: str, takes: Sequence[SlotTake]
+    ) -> SlotItem:
+        """One conditional UpdateItem. After a lost response the item is read: the lease's
+        entries there mean the take landed; otherwise it is sent again, which cannot apply it
+        twice (each entry must be absent). A late first copy landing after a refused resend
+        leaves the slots held by an entry nobody renews: under-admission until it expires."""
+        checks, change = take_op(lease_id, takes)
+        lost: list[BaseException] = []
+
+        def landed(current: SlotItem | None) -> bool:
+            return current is not None and all(
+                current.holders.get(t.cap, {}).get(lease_id) == (t.slots, t.expires_at_ms)
+                for t in takes
+            )
+
+        async def resend(cause: BaseException) -> None:
+            lost.append(cause)
+            current = await self.get_slots(entity_id, resource)
+            if landed(current):
+                assert current is not None
+                raise _SlotsLanded(current)
+
+        try:
+            return await self._slot_write(entity_id, resource, checks, change, resend)
+        except _SlotsLanded as found:
+            self.ledger.record("UpdateItem", wcu=write_units(found.current.size))
+            return found.current
+        except SlotConflict as exc:
+            # The first copy landed while its resend was on the way: the resend was refused
+            # by the entry the first one wrote.
+            if lost and landed(exc.current):
+                assert exc.current is not None
+                return exc.current
+            raise
+
+    async def release_slots(
+        self, entity_id: str, resource: str, lease_id: str, slots: Mapping[str, int]
+    ) -> bool:
+        """Each entry is removed under `attribute_exists`, so a resend after a lost response
+        (or a release racing a reaper) subtracts its slots at most once."""
+        caps = dict(slots)
+        while caps:
+            checks, change = release_op(lease_id, caps)
+            try:
+                await self._slot_write(entity_id, resource, checks, change, idempotent)
+                return True
+            except SlotConflict as exc:
+                # Some entry is gone (released by a copy that landed, or reaped): the rest
+                # are released alone.
+                have = exc.current.holders if exc.current else {}
+                left = {c: n for c, n in caps.items() if lease_id in have.get(c, {})}
+                if left == caps:  # nothing to tell apart: not ours to settle
+                    raise StorageError("SlotReleaseConflict", "release refused") from None
+                caps = left
+        return False
+
+    async def renew_slots(
+        self,
+        entity_id: str,
+        resource: str,
+        lease_id: str,
+        entries: Mapping[str, tuple[int, int]],
+    ) -> bool:
+        todo = dict(entries)
+        whole = True
+        while todo:
+            checks, change = renew_op(lease_id, todo)
+            try:
+                await self._slot_write(entity_id, resource, checks, change, idempotent)
+                return whole
+            except SlotConflict as exc:
+                have = exc.current.holders if exc.current else {}
+                left = {c: e for c, e in todo.items() if lease_id in have.get(c, {})}
+                if left == todo:
+                    raise StorageError("SlotRenewConflict", "renewal refused") from None
+                todo, whole = left, False
+        return False
+
+    async def _slot_write(
+        self,
+        entity_id: str,
+        resource: str,
+        checks: Sequence[Check],
+        change: Change,
+        resend: Any,
+    ) -> SlotItem:
+        key = slots_key(entity_id, resource)
+        request = update_request(self.table_name, key, checks, change)
+        try:
+            response = await self.table_client.send(
+                "update_item", request, RETRYABLE_CODES, resend=resend
+            )
+        except ConditionCheckFailed as exc:
+            raw = exc.item
+            current = slots_from_item({**raw, **key}) if raw else None
+            if raw is None:
+                current = await self.get_slots(entity_id, resource)
+            self.ledger.record("UpdateItem", wcu=write_units(current.size if current else 0))
+            self.ledger.conflict(resource)
+            raise SlotConflict(current) from None
+        new = slots_from_item(response["Attributes"])
+        self.ledger.record("UpdateItem", wcu=write_units(new.size))
+        return new
 
     async def resource_buckets(self, resource: str) -> list[BucketItem]:
         """Every entity's bucket item of `resource`. A Scan: the table has no index by resource
@@ -982,4 +1123,9 @@ class Repository:
 
 def _implements_storage(repository: Repository) -> Storage:
     """Never called: mypy proves here that `Repository` implements every storage Protocol."""
+    return repository
+
+
+def _implements_slot_storage(repository: Repository) -> SlotStorage:
+    """Never called: mypy proves here that `Repository` implements `SlotStorage`."""
     return repository

@@ -1,0 +1,274 @@
+"""Concurrency caps: slots taken for a lease's life, given back exactly once.
+
+A cap (`Limit.concurrency`) is not a token bucket: nothing refills, a slot comes back when its
+lease ends (or, if the lease's process died, when its entry expires `lease_ttl` after its last
+renewal). The caps of one (entity, resource) live in one item of their own (`SlotStorage`): a
+count of slots held per cap and one entry per holding lease. The keeper takes them with one
+conditional write per entity item, the count at most `max - n` (so never more than `max` are
+held, whatever the number of processes), and reaps the entries of expired holders only when it
+needs their slots, on condition that each is still exactly the entry it read.
+
+An acquire takes its slots before its buckets (a denial by a cap then costs no bucket write);
+if the buckets refuse, the slots are given back. Cascade takes the parent's slots too, all or
+nothing. See docs/design.md, "Concurrency caps".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..core import units
+from ..exceptions import RateLimiterUnavailable, RateLimitExceeded
+from ..models import CONCURRENCY, Limit, LimitStatus
+from ..storage.protocol import SlotConflict, SlotItem, SlotStorage, SlotTake
+
+log = logging.getLogger("zae_limiter")
+
+MAX_ROUNDS = 12
+# A denial's retry-after is the earliest expiry among the cap's holders, at most this: a live
+# holder usually ends its lease long before its entry would expire (it is renewed), and a slot
+# comes back the moment it does, so the hint must stay short to be worth following.
+RETRY_CAP_MS = 1000
+# Renewal runs this many times per lease_ttl: before half the ttl has elapsed, with a second
+# chance before the entry expires if one renewal fails.
+RENEWALS_PER_TTL = 3
+
+SlotSets = Sequence[tuple[str, Sequence[Limit]]]
+
+
+def has_caps(sets: SlotSets) -> bool:
+    """Whether any limit of the sets is a concurrency cap (the only check an acquire without
+    one pays)."""
+    for _, limits in sets:
+        for limit in limits:
+            if limit.kind == CONCURRENCY:
+                return True
+    return False
+
+
+def cap_names(sets: SlotSets) -> frozenset[str]:
+    return frozenset(limit.name for _, limits in sets for limit in limits if limit.is_concurrency)
+
+
+def wanted(caps: Sequence[Limit], amounts: Mapping[str, int]) -> dict[str, int]:
+    """Slots each cap takes: `consume.get(name, 1)` (0: the cap is not taken)."""
+    return {cap.name: amounts.get(cap.name, 1) for cap in caps if amounts.get(cap.name, 1) > 0}
+
+
+def live(item: SlotItem | None, cap: str, now_ms: int) -> tuple[int, list[tuple[str, int, int]]]:
+    """Slots of `cap` held by unexpired entries at `now_ms`, and the expired entries."""
+    if item is None:
+        return 0, []
+    holders = item.holders.get(cap, {})
+    expired = [(lid, n, x) for lid, (n, x) in sorted(holders.items()) if x <= now_ms]
+    return item.held.get(cap, 0) - sum(n for _, n, _ in expired), expired
+
+
+def free(cap: Limit, item: SlotItem | None, now_ms: int) -> int:
+    """Slots of `cap` a take could have now (expired holders count as free: a take reaps them)."""
+    return cap.capacity - live(item, cap.name, now_ms)[0]
+
+
+@dataclass
+class Part:
+    """One entity's share of a hold: its caps' slots and their ttl (ms)."""
+
+    entity_id: str
+    resource: str
+    slots: dict[str, int]
+    ttl_ms: dict[str, int]
+
+
+@dataclass
+class Hold:
+    """The slots one lease holds, under one lease id, on its entity's item and (cascade) its
+    parent's. `released` is set before the release is written: no second release is sent."""
+
+    lease_id: str
+    parts: list[Part] = field(default_factory=list)
+    released: bool = False
+
+    @property
+    def slots(self) -> dict[str, int]:
+        """The entity's own slots per cap (the first part)."""
+        return dict(self.parts[0].slots) if self.parts else {}
+
+    @property
+    def renew_every_ms(self) -> int:
+        return min(t for p in self.parts for t in p.ttl_ms.values()) // RENEWALS_PER_TTL
+
+
+Detach = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
+
+
+class SlotKeeper:
+    """Takes, renews and gives back the slots of concurrency caps through `storage`."""
+
+    def __init__(self, storage: SlotStorage, clock: Callable[[], int], detach: Detach) -> None:
+        self.storage = storage
+        self.clock = clock
+        self.detach = detach
+        # The last item seen per (entity, resource): expired holders to reap at the first try.
+        self._views: dict[tuple[str, str], SlotItem | None] = {}
+
+    async def take(self, resource: str, sets: SlotSets, amounts: Mapping[str, int]) -> Hold:
+        """Take every cap's slots of every entity of `sets`, all or nothing; `RateLimitExceeded`
+        naming the caps that are full."""
+        hold = Hold(secrets.token_hex(8))
+        for entity_id, limits in sets:
+            caps = [limit for limit in limits if limit.is_concurrency]
+            slots = wanted(caps, amounts)
+            if slots:
+                ttl = {
+                    c.name: (c.lease_ttl_seconds or 1) * units.MS_PER_SECOND
+                    for c in caps
+                    if c.name in slots
+                }
+                hold.parts.append(Part(entity_id, resource, slots, ttl))
+        if not hold.parts:
+            return hold
+        caps_of = {
+            entity_id: {limit.name: limit for limit in limits if limit.is_concurrency}
+            for entity_id, limits in sets
+        }
+        results = await asyncio.gather(
+            *(self._take_part(hold.lease_id, p, caps_of[p.entity_id]) for p in hold.parts),
+            return_exceptions=True,
+        )
+        denied: list[LimitStatus] = []
+        failure: BaseException | None = None
+        for result in results:
+            if isinstance(result, RateLimitExceeded):
+                denied.extend(result.violations)
+            elif isinstance(result, BaseException):
+                failure = failure or result
+        if denied or failure is not None:
+            # All or nothing: whatever landed (or may have: an unknown outcome) is given back.
+            # Releasing an entry that is not there changes nothing.
+            back = self.detach(self._release(hold), "give-back of slots after a refused take")
+            if failure is None or not isinstance(failure, asyncio.CancelledError):
+                await asyncio.shield(back)
+            if failure is not None:
+                raise failure
+            raise RateLimitExceeded(denied)
+        return hold
+
+    async def _take_part(self, lease_id: str, part: Part, caps: Mapping[str, Limit]) -> None:
+        key = (part.entity_id, part.resource)
+        view = self._views.get(key)
+        fresh = False
+        for _ in range(MAX_ROUNDS):
+            now = self.clock()
+            takes: list[SlotTake] = []
+            denied: list[LimitStatus] = []
+            for name, n in part.slots.items():
+                cap = caps[name]
+                held, expired = live(view, name, now)
+                if fresh and held + n > cap.capacity:
+                    denied.append(self._status(part, cap, view, held, n, now))
+                    continue
+                # Expired holders are reaped only when their slots are needed.
+                total = view.held.get(name, 0) if view else 0
+                reap = tuple(expired) if total + n > cap.capacity else ()
+                takes.append(SlotTake(name, n, cap.capacity, now + part.ttl_ms[name], reap))
+            if denied:
+                raise RateLimitExceeded(denied)
+            try:
+                item = await self.storage.take_slots(part.entity_id, part.resource, lease_id, takes)
+            except SlotConflict as exc:
+                view, fresh = exc.current, True
+                self._remember(key, view)
+                continue
+            self._remember(key, item)
+            return
+        raise RateLimiterUnavailable(
+            f"slot contention: no take landed in {MAX_ROUNDS} rounds of conflicting writes"
+        )
+
+    def _remember(self, key: tuple[str, str], item: SlotItem | None) -> None:
+        if len(self._views) >= 10_000 and key not in self._views:
+            self._views.clear()  # a bound, not a policy: the views only save a round
+        self._views[key] = item
+
+    @staticmethod
+    def _status(
+        part: Part, cap: Limit, item: SlotItem | None, held: int, n: int, now: int
+    ) -> LimitStatus:
+        expiries = [
+            x for _, (_, x) in (item.holders.get(cap.name, {}) if item else {}).items() if x > now
+        ]
+        wait = min(RETRY_CAP_MS, min(expiries) - now) if expiries else RETRY_CAP_MS
+        return LimitStatus(
+            entity_id=part.entity_id,
+            resource=part.resource,
+            limit_name=cap.name,
+            limit=cap,
+            available=cap.capacity - held,
+            requested=n,
+            exceeded=True,
+            retry_after_seconds=units.seconds(wait),
+        )
+
+    async def release(self, hold: Hold) -> None:
+        """Give the hold's slots back, once: a second call sends nothing."""
+        if hold.released or not hold.parts:
+            hold.released = True
+            return
+        hold.released = True
+        await self._release(hold)
+
+    async def _release(self, hold: Hold) -> None:
+        results = await asyncio.gather(
+            *(
+                self.storage.release_slots(p.entity_id, p.resource, hold.lease_id, p.slots)
+                for p in hold.parts
+            ),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    async def renew(self, hold: Hold) -> bool:
+        """Move every entry's expiry to now + its cap's ttl; False when some entry was gone
+        (reaped after it expired, or released): those slots are no longer held."""
+        if hold.released or not hold.parts:
+            return not hold.released
+        now = self.clock()
+        results = await asyncio.gather(
+            *(
+                self.storage.renew_slots(
+                    p.entity_id,
+                    p.resource,
+                    hold.lease_id,
+                    {c: (n, now + p.ttl_ms[c]) for c, n in p.slots.items()},
+                )
+                for p in hold.parts
+            ),
+        )
+        return all(results)
+
+    async def keep_alive(self, hold: Hold) -> None:
+        """Renew the hold every ttl / RENEWALS_PER_TTL until cancelled (at the lease's end)."""
+        every = max(hold.renew_every_ms, 1) / units.MS_PER_SECOND
+        while not hold.released:
+            await asyncio.sleep(every)
+            if hold.released:
+                return
+            try:
+                if not await self.renew(hold):
+                    log.warning(
+                        "lease %s lost slots of a concurrency cap (its entry expired and was "
+                        "reaped before a renewal)",
+                        hold.lease_id,
+                    )
+                    return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the next renewal may succeed before the entry expires
+                log.warning("renewal of lease %s failed: %s", hold.lease_id, exc)
