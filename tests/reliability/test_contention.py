@@ -465,14 +465,16 @@ async def test_a_concurrency_cap_never_over_admits(
     from concurrency_workers import hold_worker
 
     await setup(endpoint_url)
-    cap = max(2, size.processes * size.tasks // 2)
+    # Fewer slots than one process's tasks: the cap fills even if the spawned processes do not
+    # overlap, and more so when they do.
+    cap = max(1, size.tasks - 1)
     ctx = multiprocessing.get_context("spawn")
     counter, peak, results = ctx.Value("i", 0), ctx.Value("i", 0), ctx.Queue()
     procs = [
         ctx.Process(
             target=hold_worker,
             args=(endpoint_url, TABLE, "proj", cap, size.tasks, size.attempts, 500 + i,
-                  counter, peak, results, (0.01, 0.03)),
+                  counter, peak, results, (0.02, 0.05)),
         )
         for i in range(size.processes)
     ]
