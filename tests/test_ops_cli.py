@@ -179,6 +179,32 @@ def test_limits_commands(table: str) -> None:
     assert js(table, "limits", "get", "key", "--resource", "llm")["limits"] == []
 
 
+def test_limits_set_takes_every_shape_and_the_bucket_view_reads_a_quota(table: str) -> None:
+    specs = [
+        "monthly:10/quota,cron=0 0 1 * *,tz=Europe/Paris",
+        "session:5/quota,reset_after=1h",
+        "streams:2/concurrent,lease_ttl=1m",
+        "tpm:1000/minute,soft",
+    ]
+    stored = js(table, "limits", "set", "key", "--resource", "llm",
+                *[arg for spec in specs for arg in ("--limit", spec)])  # fmt: skip
+    assert sorted(x["spec"] for x in stored["limits"]) == sorted(
+        Limit.parse(spec).spec for spec in specs
+    )
+    got = {x["name"]: x for x in js(table, "limits", "get", "key", "--resource", "llm")["limits"]}
+    assert got["monthly"]["kind"] == "quota" and got["monthly"]["tz"] == "Europe/Paris"
+    assert got["streams"]["lease_ttl_seconds"] == 60 and got["tpm"]["soft"] is True
+    consume(table, "key", "llm", {"monthly": 4, "session": 1, "streams": 1, "tpm": 1500})
+    rows = {r["limit"]: r for r in js(table, "bucket", "show", "key")["limits"]}
+    # A quota's stored `fa#` is what its window used: the view shows what is left of it and
+    # when the window resets, not a token bucket's refill.
+    assert rows["monthly"]["available"] == 6 and rows["monthly"]["full_at"].endswith("Z")
+    assert rows["session"]["available"] == 4
+    assert rows["tpm"]["available"] < 0  # soft: in debt, admitted anyway
+    result = cli(table, "limits", "set", "key", "--limit", "q:5/quota,cron=0 0 31 2 *", code=2)
+    assert "cron" in result.output
+
+
 # -- buckets ----------------------------------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .. import schema
 from ..core import units
 from ..core.units import iso_utc
-from ..engine import stored
+from ..engine import quota, stored
 from ..exceptions import ZAELimiterError
 from ..models import Limit
 from ..storage.protocol import Item, LimitState
@@ -103,10 +103,21 @@ def limit_rows(item: Item, now_ms: int) -> list[LimitRow]:
             limit = Limit.decode(str(definition), name)
             burst = limit.burst
             limit_state = None
+            window = attrs.get(schema.QUOTA_WINDOW)
             if level is not None or legacy is not None:
-                limit_state = LimitState(level, definition=str(definition), legacy=legacy)
-            available = units.tokens_exact(stored.available(limit, limit_state, now_ms))
-            due = None if limit_state is None else stored.full_ms(limit_state, limit, now_ms)
+                limit_state = LimitState(
+                    level,
+                    definition=str(definition),
+                    legacy=legacy,
+                    window=None if window is None else int(window),
+                )
+            if limit.is_quota:
+                # `fa#` of a quota is what its window used, not an instant (engine.quota).
+                available = units.tokens_exact(quota.available(limit, limit_state, now_ms))
+                due = None if limit_state is None else quota.full_ms(limit, limit_state, now_ms)
+            else:
+                available = units.tokens_exact(stored.available(limit, limit_state, now_ms))
+                due = None if limit_state is None else stored.full_ms(limit_state, limit, now_ms)
             full = iso_ms(due) if due is not None and due > now_ms else None
         rows.append(
             LimitRow(
