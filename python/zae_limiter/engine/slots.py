@@ -269,7 +269,9 @@ class SlotKeeper:
             self._remember(key, item)
             part.item = item
             part.past = tuple(
-                name for name in part.soft if live(item, name, now)[0] > caps[name].capacity
+                name
+                for name in part.slots
+                if name in part.soft and live(item, name, now)[0] > caps[name].capacity
             )
             return
         raise RateLimiterUnavailable(
