@@ -118,6 +118,10 @@ def status(
     )
 
 
+# (entity id, resource, soft caps past their max, hard caps past it by shadow mode)
+Excess = tuple[str, str, list[str], list[str]]
+
+
 @dataclass
 class Part:
     """One entity's share of a hold: its caps' slots and their ttl (ms); once taken, the item
@@ -163,9 +167,6 @@ class Hold:
                 shadow = [name for name in p.past if not own[name].soft]
                 found.append((p.entity_id, p.resource, soft, shadow))
         return found
-
-
-Excess = tuple[str, str, list[str], list[str]]
 
 
 Detach = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
