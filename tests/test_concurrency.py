@@ -353,3 +353,26 @@ async def test_an_acquire_without_a_cap_writes_no_slot_item() -> None:
     keys = [i[schema.SK]["S"] for i in await store.export_items()]
     assert not any(k.startswith(schema.SLOTS_PREFIX) for k in keys)
     assert schema.bucket_sk("r") in keys
+
+
+async def test_time_until_available_waits_for_a_full_caps_hint_and_a_quotas_window() -> None:
+    clock = Clock()  # T0 is on the hour
+    cap = Limit.concurrency("streams", 1, lease_ttl=timedelta(seconds=30))
+    hourly = Limit.quota("hourly", 2, cron="0 * * * *")
+    async with RateLimiter(repository=MemoryStorage(), clock=clock) as lim:
+        assert await lim.time_until_available("e", "r", [cap, hourly], {"hourly": 2}) == 0.0
+        async with lim.acquire("e", "r", [cap, hourly], {"hourly": 2}):
+            # Full: the retry hint, at most 1 s though the holder's entry lives 30 s more.
+            assert await lim.time_until_available("e", "r", [cap], {"streams": 1}) == 1.0
+            assert await lim.time_until_available("e", "r", [cap], {}) == 1.0  # 1, as acquire
+            assert await lim.time_until_available("e", "r", [cap], {"streams": 0}) == 0.0
+            clock.now += 29_750  # the holder's entry expires in 250 ms (no renewal since)
+            assert await lim.time_until_available("e", "r", [cap], {"streams": 1}) == 0.25
+            # The quota cannot cover 1 before the next hour: the longer wait is the answer.
+            both = await lim.time_until_available("e", "r", [cap, hourly], {"hourly": 1})
+            assert both == (3_600_000 - 29_750) / 1000
+            assert await lim.time_until_available("e", "r", [hourly], {"hourly": 0}) == 0.0
+        # Released: the cap covers it now; the quota still waits for its window.
+        assert await lim.time_until_available("e", "r", [cap], {"streams": 1}) == 0.0
+        clock.now = T0 + 3_600_000
+        assert await lim.time_until_available("e", "r", [cap, hourly], {"hourly": 2}) == 0.0

@@ -609,23 +609,31 @@ def test_stack_options_constructor_defaults_are_the_fields_defaults() -> None:
         assert getattr(StackOptions(), f.name) == default, f.name
 
 
-async def test_a_plan_limit_the_engine_does_not_serve_is_refused_not_bucketed() -> None:
-    """Until the engine serves a kind, a limit of it is a ValidationError at acquire, not a
-    token bucket in disguise (FAIL_OPEN does not wave a misconfiguration through); `soft` does
-    not make an unserved kind served (soft bucket limits are: tests/test_soft_limits.py)."""
+async def test_every_limit_factory_with_soft_true_is_served() -> None:
+    """Every shape of limit may be soft: a request past its allowance (larger than it, even)
+    is admitted and debited, in a limiter that fails closed (nothing is waved through by an
+    outage), and reported past its allowance. None is refused any more."""
     from datetime import timedelta
 
-    from zae_limiter import FailureMode, MemoryStorage, RateLimiter, ValidationError
+    from zae_limiter import MemoryStorage, RateLimiter
 
-    # Quotas and concurrency caps are served (tests/test_quotas.py, test_concurrency.py);
-    # soft ones are not yet.
-    plans = [
-        Limit.quota("sq", 10, reset_after=timedelta(hours=1), soft=True),
-        Limit.concurrency("sc", 2, soft=True),
+    soft = [
+        Limit.per_second("ps", 2, soft=True),
+        Limit.per_minute("pm", 2, soft=True),
+        Limit.per_hour("ph", 2, soft=True),
+        Limit.per_day("pd", 2, soft=True),
+        Limit.custom("cu", 2, 1, 7, soft=True),
+        Limit.quota("qc", 2, cron="0 0 * * *", soft=True),
+        Limit.quota("qs", 2, reset_after=timedelta(hours=1), soft=True),
+        Limit.concurrency("cc", 2, soft=True),
+        Limit.parse("tx:2/1m,soft"),
     ]
-    async with RateLimiter(repository=MemoryStorage(), failure_mode=FailureMode.FAIL_OPEN) as lim:
-        for plan in plans:
-            with pytest.raises(ValidationError) as info:
-                async with lim.acquire("e", "r", [plan], {plan.name: 1}):
-                    pass
-            assert info.value.field == "limits"
+    assert all(limit.soft for limit in soft)
+    async with RateLimiter(repository=MemoryStorage(), failure_mode=FailureMode.FAIL_CLOSED) as lim:
+        for limit in soft:
+            async with lim.acquire("e", "r", [limit], {limit.name: 3}) as lease:
+                [status] = lease.statuses()
+                assert not lease.fail_open
+                assert status.limit_name == limit.name
+                assert (status.available, status.requested, status.exceeded) == (-1, 3, True)
+                assert await lim.available("e", "r", [limit]) == {limit.name: -1}

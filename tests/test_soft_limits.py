@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -374,3 +375,119 @@ async def test_the_middleware_never_answers_429_for_a_soft_limit() -> None:
             await asgi_get(hard, "k2")
         status, headers = await asgi_get(hard, "k2")
         assert status == 429 and "retry-after" in headers
+
+
+# -- soft quotas, soft concurrency caps, shadow mode over both ----------------------------------
+
+SOFT_SESSION = Limit.quota("session", 5, reset_after=timedelta(hours=1), soft=True)
+SOFT_STREAMS = Limit.concurrency("streams", 2, soft=True)
+
+
+async def slot_counts(store: MemoryStorage, entity_id: str = "k") -> dict[str, int]:
+    """Slots held per cap, as stored (the count every take and release moves)."""
+    item = await store.get_slots(entity_id, "api")
+    return {} if item is None else dict(item.held)
+
+
+async def test_a_soft_quota_past_its_allowance_admits_and_stores_what_was_admitted(
+    provider: MeterProvider, reader: InMemoryMetricReader
+) -> None:
+    clock = [T0]
+    rpm = Limit.per_minute("rpm", 9)
+    async with limiter(clock, metrics=Metrics(provider)) as lim:
+        exceeded: list[bool] = []
+        both = {"session": 1, "rpm": 1}
+        for _ in range(8):
+            async with lim.acquire("k", "api", [SOFT_SESSION, rpm], both) as lease:
+                exceeded.append(lease.statuses()[0].exceeded)
+        # Larger than the whole quota: no RequestTooLarge, debited all the same.
+        async with lim.acquire("k", "api", [SOFT_SESSION], {"session": 7}) as lease:
+            [status] = lease.statuses()
+            await lease.release(session=2)  # given back into the window it was taken in
+        assert exceeded == [False] * 5 + [True] * 3
+        assert (status.available, status.exceeded, status.reset_seconds) == (-10, True, 3600.0)
+        item = await lim.repository.get_bucket("k", "api")
+        assert item is not None and item.limits["session"].full_at == 13_000  # used: exact
+        assert await stored(lim, "k") == {"session": 13_000, "rpm": 8_000}
+        assert await lim.available("k", "api", [SOFT_SESSION]) == {"session": -8}
+        # A hard bucket on the same acquire still denies, and nothing is written.
+        async with lim.acquire("k", "api", [SOFT_SESSION, rpm], {"session": 1, "rpm": 1}):
+            pass
+        before = await lim.repository.export_items()
+        with pytest.raises(RateLimitExceeded) as info:
+            async with lim.acquire("k", "api", [SOFT_SESSION, rpm], {"session": 1, "rpm": 1}):
+                pass
+        assert [v.limit_name for v in info.value.violations] == ["rpm"]
+        assert {s.limit_name: s.exceeded for s in info.value.statuses} == {
+            "session": True, "rpm": True
+        }
+        assert await lim.repository.export_items() == before
+        # The window's reset forgives the debt: the whole amount is back, nothing more.
+        clock[0] += 3_600_000
+        async with lim.acquire("k", "api", [SOFT_SESSION], {"session": 2}) as lease:
+            assert [(s.available, s.exceeded) for s in lease.statuses()] == [(3, False)]
+    # Past the allowance: the 6th to 9th acquires and the one after the give-back.
+    assert counted(reader, SOFT_EXCEEDED) == {("api", "session"): 5}
+
+
+async def test_a_soft_cap_past_its_max_admits_and_releases_exactly(
+    provider: MeterProvider, reader: InMemoryMetricReader
+) -> None:
+    store = MemoryStorage()
+    async with RateLimiter(repository=store, metrics=Metrics(provider)) as lim:
+        leases = [lim.acquire("k", "api", [SOFT_STREAMS, RPM], {"rpm": 1}) for _ in range(4)]
+        held = [await scope.__aenter__() for scope in leases]
+        caps = [next(s for s in lease.statuses() if s.limit_name == "streams") for lease in held]
+        assert [(s.available, s.exceeded) for s in caps] == [
+            (1, False), (0, False), (-1, True), (-2, True)
+        ]
+        item = await store.get_slots("k", "api")
+        assert item is not None
+        assert item.held == {"streams": 4} and len(item.holders["streams"]) == 4
+        assert await lim.available("k", "api", [SOFT_STREAMS]) == {"streams": -2}
+        # A hard cap in the same acquire still denies, and the soft one's slot is not taken.
+        one = Limit.concurrency("gpu", 1)
+        async with lim.acquire("k", "api", [SOFT_STREAMS, one], {}):
+            with pytest.raises(RateLimitExceeded) as info:
+                async with lim.acquire("k", "api", [SOFT_STREAMS, one], {}):
+                    pass
+            assert [v.limit_name for v in info.value.violations] == ["gpu"]
+            assert await slot_counts(store) == {"streams": 5, "gpu": 1}
+        await held[0].release()
+        await held[0].release()  # exactly once: the second sends nothing
+        assert await slot_counts(store) == {"streams": 3, "gpu": 0}
+        for scope in leases:
+            await scope.__aexit__(None, None, None)
+        item = await store.get_slots("k", "api")
+        assert item is not None and item.held == {"streams": 0, "gpu": 0}
+        assert not any(item.holders.values())
+    # Past the max: the 3rd and 4th acquires, and the one the hard cap let through (5 of 2).
+    assert counted(reader, SOFT_EXCEEDED) == {("api", "streams"): 3}
+    assert counted(reader, SHADOW_DENIALS) == {}
+
+
+async def test_shadow_mode_with_a_quota_and_a_cap_admits_all_and_counts_would_be_denials(
+    provider: MeterProvider, reader: InMemoryMetricReader, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="zae_limiter")
+    quota = Limit.quota("daily", 3, cron="0 0 * * *")
+    cap = Limit.concurrency("streams", 1)
+    async with limiter(shadow=True, metrics=Metrics(provider)) as lim:
+        scopes = [lim.acquire("k", "api", [quota, cap], {"daily": 2}) for _ in range(3)]
+        leases = [await scope.__aenter__() for scope in scopes]
+        # Larger than the quota and the cap: what the hard limits would refuse for good.
+        async with lim.acquire("k", "api", [quota, cap], {"daily": 4, "streams": 2}):
+            pass
+        assert await stored(lim, "k") == {"daily": 10_000}
+        assert await lim.available("k", "api", [quota, cap]) == {"daily": -7, "streams": -2}
+        # Each as its own take left it: the first within both, the others past both.
+        assert [[s.exceeded for s in lease.statuses()] for lease in leases] == [
+            [False, False], [True, True], [True, True]
+        ]
+        for scope in scopes:
+            await scope.__aexit__(None, None, None)
+        assert await lim.available("k", "api", [quota, cap]) == {"daily": -7, "streams": 1}
+    # Each acquire after the first would have been denied by both.
+    assert counted(reader, SHADOW_DENIALS) == {("api", "daily"): 3, ("api", "streams"): 3}
+    assert counted(reader, SOFT_EXCEEDED) == {}
+    assert sum("shadow mode would deny" in r.message for r in caplog.records) == 2

@@ -314,6 +314,88 @@ async def test_soft_limits_are_written_alike(moto: Repository) -> None:
     await both(moto, soft_script)
 
 
+SOFT_PLANS = [
+    Limit.quota("session", 30, reset_after=timedelta(minutes=10), soft=True),
+    Limit.per_minute("rpm", 20),
+]
+
+
+async def soft_plans_script(store: Storage) -> Any:
+    """A soft quota beside a hard bucket, by two clients whose views go stale, across session
+    windows (with give-backs), then soft cap takes past their max beside a hard cap: the same
+    decisions, conflicts and items on both stores."""
+    from zae_limiter.storage.protocol import SlotConflict, SlotTake
+
+    clock = [T0]
+    engines = [Engine(store, clock=lambda: clock[0]) for _ in range(2)]
+    excesses: list[Any] = []
+    for engine in engines:
+        engine.on_soft_excess = lambda *seen: excesses.append(seen)
+    rng = random.Random(29)
+    seen: list[Any] = []
+    admitted: list[tuple[int, int]] = []  # (when, session units) of each admitted take
+    for step in range(60):
+        clock[0] += rng.choice((0, 0, 7, 250, 3_000, 240_000))
+        engine = rng.choice(engines)
+        targets = [Target("a", "api", list(SOFT_PLANS))]
+        await engine.load(targets)
+        amounts = {"session": rng.randint(1, 9), "rpm": rng.randint(1, 3)}
+        try:
+            await engine.commit(targets, amounts)
+        except RateLimitExceeded as exc:
+            assert {v.limit_name for v in exc.violations} == {"rpm"}
+            seen.append((step, "denied"))
+            continue
+        seen.append((step, "ok"))
+        admitted.append((clock[0], amounts["session"]))
+        if rng.random() < 0.2:  # a give-back, into the window it was taken in
+            await engine.force(targets, {"session": -1})
+            admitted.append((clock[0], -1))
+    bucket = await store.get_bucket("a", "api")
+    assert bucket is not None
+    state = bucket.limits["session"]
+    assert state.window is not None
+    # Exactly what was admitted in the stored window, the quota far past its 30.
+    used = sum(n for when, n in admitted if when >= state.window)
+    assert state.full_at == 1000 * used and used > 30
+    assert any(s[1] == "denied" for s in seen) and excesses
+    assert store.ledger.conflicts > 0, "no write met a stale view"
+
+    x = T0 + 1_000
+    slots: list[Any] = []
+
+    async def take(lease: str, *takes: SlotTake) -> None:
+        try:
+            item = await store.take_slots("s", "api", lease, list(takes))  # type: ignore[attr-defined]
+            slots.append(("took", lease, item.held))
+        except SlotConflict as exc:
+            slots.append(("refused", lease, None if exc.current is None else exc.current.held))
+
+    for lease in ("a", "b", "c"):  # 3 of 2: a soft cap is taken past its max
+        await take(lease, SlotTake("streams", 1, 2, x, soft=True))
+    await take("a", SlotTake("streams", 1, 2, x, soft=True))  # a's entry exists: never twice
+    await take("d", SlotTake("streams", 1, 2, x, (("a", 1, x),), soft=True))  # reaps a
+    # A full hard cap in the same write: refused, the soft cap's slot not taken either.
+    await take("e", SlotTake("gpu", 1, 1, x))
+    await take("f", SlotTake("streams", 1, 2, x, soft=True), SlotTake("gpu", 1, 1, x))
+    released = [
+        await store.release_slots("s", "api", lease, {"streams": 1})  # type: ignore[attr-defined]
+        for lease in ("b", "b", "c")
+    ]
+    item = await store.get_slots("s", "api")  # type: ignore[attr-defined]
+    assert item is not None
+    assert [s[0] for s in slots] == ["took"] * 3 + ["refused", "took", "took", "refused"]
+    assert slots[2] == ("took", "c", {"streams": 3}) and released == [True, False, True]
+    assert item.held == {"streams": 1, "gpu": 1}
+    assert item.holders == {"streams": {"d": (1, x)}, "gpu": {"e": (1, x)}}
+    conflicts = store.ledger.conflicts
+    return seen, excesses, state.full_at, conflicts, slots, released, await table(store)
+
+
+async def test_soft_quotas_and_soft_caps_are_written_alike(moto: Repository) -> None:
+    await both(moto, soft_plans_script)
+
+
 # -- entities, stored limits, audit, version, admin -------------------------------------------
 
 

@@ -13,7 +13,8 @@ from .arguments import oversized
 from .core import units
 from .deadline import Bounded, DeadlineExceeded
 from .engine.engine import Landing, Target, available_milli, limit_status, request_too_large
-from .engine.slots import Hold, SlotKeeper
+from .engine.slots import Hold, SlotKeeper, free
+from .engine.slots import status as slot_status
 from .exceptions import ValidationError
 from .failures import public_errors
 from .models import LimitStatus
@@ -109,7 +110,12 @@ class Lease:
         returned, `requested` what this lease holds. With reservations it is the shared bucket
         as of the block's last top-up, the blocks counted as used: what `available()` reports.
         Empty for a fail-open lease (no bucket was seen). A soft limit (every limit in shadow
-        mode) in debt is `exceeded`: past its allowance, which denied nothing."""
+        mode) in debt is `exceeded`: past its allowance, which denied nothing.
+
+        A concurrency cap the lease took slots of follows its entity's buckets: `available` the
+        free slots by the item its take returned (negative: a soft cap held past its max,
+        then `exceeded`), `requested` the slots the lease holds, `reset_seconds` the cap's
+        retry hint."""
         now = self._settler.clock()
         result: list[LimitStatus] = []
         for target, books in zip(self._targets, self._books, strict=True):
@@ -127,7 +133,27 @@ class Lease:
                         now,
                     )
                 )
+            if target.caps and self._slots is not None:
+                result += self._cap_statuses(target, self._slots[1], now)
         return result
+
+    @staticmethod
+    def _cap_statuses(target: Target, hold: Hold, now: int) -> list[LimitStatus]:
+        part = next((p for p in hold.parts if p.entity_id == target.entity_id), None)
+        if part is None:  # no slot taken there: the item was never seen
+            return []
+        found: list[LimitStatus] = []
+        for cap in target.caps:
+            n = 0 if hold.released else part.slots.get(cap.name, 0)
+            # Once released, this lease's own slots are free again in the item it saw.
+            available = free(cap, part.item, now) + part.slots.get(cap.name, 0) - n
+            exceeded = cap.name in part.soft and available < 0
+            found.append(
+                slot_status(
+                    target.entity_id, target.resource, cap, part.item, available, n, exceeded, now
+                )
+            )
+        return found
 
     def _amounts(self, amounts: Mapping[str, object], signed: bool) -> dict[str, int]:
         result: dict[str, int] = {}

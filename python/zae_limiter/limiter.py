@@ -21,7 +21,8 @@ from .core import units
 from .deadline import DEFAULT, Bounded, DeadlineArg, check_deadline, resolve_deadline
 from .engine.engine import Engine, Target, available_milli, request_too_large, wait_ms
 from .engine.reservations import Reserver
-from .engine.slots import Hold, SlotKeeper, cap_names, free, has_caps
+from .engine.slots import Hold, SlotKeeper, cap_names, free, has_caps, wanted
+from .engine.slots import wait_ms as slot_wait_ms
 from .entities import Entities
 from .exceptions import (
     ConfigurationError,
@@ -152,7 +153,7 @@ class RateLimiter:
         )
         # Concurrency caps, for a storage that keeps them (both of the library's do).
         self._slots = (
-            SlotKeeper(self.repository, self._engine.clock, self._engine.detach)
+            SlotKeeper(self.repository, self._engine.clock, self._engine.detach, shadow)
             if isinstance(self.repository, SlotStorage)
             else None
         )
@@ -476,6 +477,9 @@ class RateLimiter:
             log.warning("DynamoDB unavailable, admitting (FAIL_OPEN): %s", exc)
             return Lease(self._engine, [], {}, fail_open=True)
         if hold is not None and self._slots is not None:
+            # Reported once the acquire is admitted, buckets included: a soft cap's excess in
+            # an acquire a hard limit denied was given back, as a soft bucket's is not written.
+            self._report_slot_excesses(hold, sets)
             names = cap_names(sets)
             held = {name: n for name, n in amounts.items() if name not in names}
             return Lease(
@@ -497,6 +501,17 @@ class RateLimiter:
                 "limits", type(self.repository).__name__, "this storage keeps no concurrency caps"
             )
         return await self._slots.take(resource, sets, amounts)
+
+    def _report_slot_excesses(self, hold: Hold, sets: LimitSets) -> None:
+        observer = self._engine.on_soft_excess
+        if observer is None or not any(p.past for p in hold.parts):
+            return
+        caps = {eid: {c.name: c for c in limits if c.is_concurrency} for eid, limits in sets}
+        for entity_id, resource, soft, shadow in hold.excesses(caps):
+            try:
+                observer(entity_id, resource, soft, shadow)
+            except Exception:  # the slots are held: a failed report must not undo the acquire
+                log.exception("reporting a soft concurrency cap excess failed")
 
     async def _give_back_slots(self, hold: Hold, exc: BaseException) -> None:
         """The slots of an acquire whose buckets refused, given back by a detached write (a
@@ -603,7 +618,9 @@ class RateLimiter:
         deadline: float | None = None,
     ) -> float:
         """Seconds until every limit can cover `needed` (0.0 if it can now); bounded like
-        `available`."""
+        `available`. A quota that cannot cover it waits for its next window; a concurrency cap
+        (`needed.get(name, 1)` slots, as an acquire takes) that cannot, its retry hint: the
+        earliest expiry among its holders, at most 1 s (a holder may end any time before)."""
         validate_entity_id(entity_id)
         validate_resource(resource)
         fallback = check_limits(limits or [], allow_empty=use_stored_limits)
@@ -613,8 +630,17 @@ class RateLimiter:
             check_consumable([(entity_id, fallback)], amounts, field="needed")
         chosen, state = await self._read(entity_id, resource, fallback, use_stored_limits, seconds)
         check_consumable([(entity_id, chosen)], amounts, field="needed")
+        buckets = [limit for limit in chosen if not limit.is_concurrency]
+        slots = wanted([limit for limit in chosen if limit.is_concurrency], amounts)
+        item = None
+        if slots and self._slots is not None:
+            async with Bounded(seconds):
+                item = await self._slots.storage.get_slots(entity_id, resource)
         now = self._engine.clock()
-        ms = wait_ms(chosen, state, units.milli_of(amounts, chosen), now)
+        ms = wait_ms(buckets, state, units.milli_of(amounts, buckets), now)
+        for limit in chosen:
+            if ms is not None and limit.name in slots:
+                ms = max(ms, slot_wait_ms(limit, item, slots[limit.name], now))
         return 0.0 if ms is None else units.seconds(ms)
 
     @public_errors

@@ -4,10 +4,11 @@ ends, or until the client goes away mid-stream (in-process ASGI calls on `Memory
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 
 from asgi_calls import call
-from starlette.responses import StreamingResponse
+from starlette.responses import JSONResponse, StreamingResponse
 
 from zae_limiter import Limit, MemoryStorage, RateLimiter
 from zae_limiter.http.asgi import RateLimitMiddleware, header_key
@@ -70,3 +71,51 @@ async def test_a_client_leaving_mid_stream_frees_the_slot() -> None:
         assert await limiter.available("k1", "http", [STREAMS]) == {"streams": 1}
         second = await asyncio.wait_for(call(mw, leave_after=1), 10)
         assert second.status == 200
+
+
+async def test_the_fields_of_a_cap_say_its_free_slots_and_its_retry_hint() -> None:
+    """A cap has no refill and no window: `q` its max, `qu` the draft's "concurrent-requests",
+    no `w`, `r` the free slots, `t` the retry hint (at most 1 s), on a 200 and on a 429."""
+    cap = Limit.concurrency("streams", 2)
+    async with RateLimiter(repository=MemoryStorage()) as limiter:
+        mw = RateLimitMiddleware(
+            JSONResponse({"ok": True}),
+            limiter=limiter,
+            limits=[cap, RPM],
+            key=header_key("x-api-key"),
+            cost=lambda scope: {"rpm": 1},
+        )
+        admitted = await call(mw)
+        assert admitted.status == 200
+        assert admitted.headers["ratelimit-policy"] == (
+            '"rpm";q=100;w=60, "streams";q=2;qu="concurrent-requests"'
+        )
+        # One of two slots is this request's own while it runs.
+        assert admitted.headers["ratelimit"] == '"rpm";r=99;t=1, "streams";r=1;t=1'
+        hold = [limiter.acquire("k1", "http", [cap], {}) for _ in range(2)]
+        async with hold[0], hold[1]:
+            refused = await call(mw)
+        assert refused.status == 429 and refused.headers["retry-after"] == "1"
+        assert refused.headers["ratelimit-policy"] == '"streams";q=2;qu="concurrent-requests"'
+        assert refused.headers["ratelimit"] == '"streams";r=0;t=1'
+        problem = json.loads(refused.body)
+        assert problem["violated-policies"] == ["streams"]
+        assert problem["limits"] == [
+            {
+                "resource": "http", "limit_name": "streams", "capacity": 2, "burst": 2,
+                "available": 0, "requested": 1, "exceeded": True, "retry_after_seconds": 1.0,
+            }
+        ]  # fmt: skip
+
+
+async def test_a_soft_cap_is_never_a_429_and_its_fields_show_no_free_slot() -> None:
+    soft = Limit.concurrency("streams", 1, soft=True)
+    async with RateLimiter(repository=MemoryStorage()) as limiter:
+        mw = RateLimitMiddleware(
+            JSONResponse({"ok": True}), limiter=limiter, limits=[soft], key=header_key("x-api-key")
+        )
+        async with limiter.acquire("k1", "http", [soft], {}):
+            past = await call(mw)
+        assert past.status == 200
+        assert past.headers["ratelimit"] == '"streams";r=0;t=1'  # 2 held of 1: never negative
+        assert await limiter.available("k1", "http", [soft]) == {"streams": 1}

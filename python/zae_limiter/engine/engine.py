@@ -26,7 +26,6 @@ from ..exceptions import (
     RateLimiterUnavailable,
     RateLimitExceeded,
     RequestTooLarge,
-    ValidationError,
 )
 from ..models import Limit, LimitStatus
 from ..storage.protocol import BucketItem, ConditionFailed, LimitWrite, Storage, WriteRefused
@@ -74,16 +73,15 @@ class Target:
     def __post_init__(self) -> None:
         any_soft = self.shadow
         for limit in self.limits:
-            if limit.is_concurrency and not (limit.soft or self.shadow):
+            if limit.is_concurrency:
+                # Soft or hard, a cap is slots: `SlotKeeper` decides it (a soft one is taken
+                # past its max), never the bucket decision.
                 self.caps.append(limit)
                 continue
-            if limit.is_quota and not (limit.soft or self.shadow):
+            if limit.is_quota:
+                # A soft quota is written by the quota's rules too (its window, its books of
+                # what was taken there); only its decision is forced (`decide`).
                 self.quotas = True
-            elif limit.kind != "bucket":
-                # Refused, not served as a token bucket: a plan the engine cannot keep is a
-                # misconfiguration (an error whatever the failure mode), never a silent change.
-                what = f"soft {limit.kind} limits"
-                raise ValidationError("limits", limit.spec, f"{what} are not served yet")
             any_soft = any_soft or limit.soft
         if self.caps:  # a new list: the caller's (often a resolver's cached set) is shared
             self.limits = [limit for limit in self.limits if not limit.is_concurrency]
@@ -556,12 +554,13 @@ def request_too_large(
         cursor += len(t.limits)
     name = field.rpartition(".")[2]
     found = statuses(targets, seen, deltas, now_ms)
-    # A concurrency cap asked for more slots than it has (it is no bucket: no decision above).
+    # A concurrency cap asked for more slots than it has (it is no bucket: no decision above);
+    # a soft one takes them anyway.
     found += [
         limit_status(t, cap, units.to_milli(cap.capacity), units.to_milli(n), True, None)
         for t in targets
         for cap in t.caps
-        if (n := amounts.get(cap.name, 1)) > cap.capacity
+        if (n := amounts.get(cap.name, 1)) > cap.capacity and not (cap.soft or t.shadow)
     ]
     return RequestTooLarge(found, field, amounts.get(name))
 

@@ -10,7 +10,9 @@ needs their slots, on condition that each is still exactly the entry it read.
 
 An acquire takes its slots before its buckets (a denial by a cap then costs no bucket write);
 if the buckets refuse, the slots are given back. Cascade takes the parent's slots too, all or
-nothing. See docs/design.md, "Concurrency caps".
+nothing. A soft cap (`soft=True`, or every cap in shadow mode) is taken with no bound on its
+count: it never denies, and a take that leaves more than `max` live slots held is reported
+(`Hold.excesses`). See docs/design.md, "Concurrency caps" and "Soft limits and shadow mode".
 """
 
 from __future__ import annotations
@@ -70,18 +72,69 @@ def live(item: SlotItem | None, cap: str, now_ms: int) -> tuple[int, list[tuple[
 
 
 def free(cap: Limit, item: SlotItem | None, now_ms: int) -> int:
-    """Slots of `cap` a take could have now (expired holders count as free: a take reaps them)."""
+    """Slots of `cap` a take could have now (expired holders count as free: a take reaps them);
+    negative when a soft cap is held past its max."""
     return cap.capacity - live(item, cap.name, now_ms)[0]
+
+
+def retry_ms(cap: Limit, item: SlotItem | None, now_ms: int) -> int:
+    """The cap's retry hint: the earliest expiry among its live holders, at most
+    `RETRY_CAP_MS` (a holder usually ends its lease, freeing its slot, well before then)."""
+    holders = item.holders.get(cap.name, {}) if item else {}
+    expiries = [x for _, x in holders.values() if x > now_ms]
+    return min(RETRY_CAP_MS, min(expiries) - now_ms) if expiries else RETRY_CAP_MS
+
+
+def wait_ms(cap: Limit, item: SlotItem | None, n: int, now_ms: int) -> int:
+    """Ms until `n` slots of `cap` may be taken: 0 if they are free now, else the retry hint
+    (a slot comes back when a holder ends, which no stored instant foretells)."""
+    return 0 if n <= free(cap, item, now_ms) else retry_ms(cap, item, now_ms)
+
+
+def status(
+    entity_id: str,
+    resource: str,
+    cap: Limit,
+    item: SlotItem | None,
+    available: int,
+    n: int,
+    exceeded: bool,
+    now_ms: int,
+) -> LimitStatus:
+    """A cap's `LimitStatus`: `available` free slots (`free`), `n` requested, `reset_seconds`
+    the retry hint by `item` at `now_ms` (the RateLimit field's `t`: a cap has no refill),
+    `retry_after_seconds` the hint when `exceeded` denies, else 0."""
+    hint = units.seconds(retry_ms(cap, item, now_ms))
+    return LimitStatus(
+        entity_id=entity_id,
+        resource=resource,
+        limit_name=cap.name,
+        limit=cap,
+        available=available,
+        requested=n,
+        exceeded=exceeded,
+        retry_after_seconds=hint if exceeded else 0.0,
+        reset_seconds=hint,
+    )
+
+
+# (entity id, resource, soft caps past their max, hard caps past it by shadow mode)
+Excess = tuple[str, str, list[str], list[str]]
 
 
 @dataclass
 class Part:
-    """One entity's share of a hold: its caps' slots and their ttl (ms)."""
+    """One entity's share of a hold: its caps' slots and their ttl (ms); once taken, the item
+    as the take left it, and the soft caps (`soft`) the take left held past their max
+    (`past`)."""
 
     entity_id: str
     resource: str
     slots: dict[str, int]
     ttl_ms: dict[str, int]
+    soft: frozenset[str] = frozenset()
+    item: SlotItem | None = None
+    past: tuple[str, ...] = ()
 
 
 @dataclass
@@ -102,6 +155,19 @@ class Hold:
     def renew_every_ms(self) -> int:
         return min(t for p in self.parts for t in p.ttl_ms.values()) // RENEWALS_PER_TTL
 
+    def excesses(self, caps: Mapping[str, Mapping[str, Limit]]) -> list[Excess]:
+        """Per part whose take left soft caps past their max: (entity, resource, the caps soft
+        themselves, the hard ones soft only by shadow mode), for `Engine.on_soft_excess`.
+        `caps`: entity id -> its caps by name."""
+        found: list[Excess] = []
+        for p in self.parts:
+            if p.past:
+                own = caps[p.entity_id]
+                soft = [name for name in p.past if own[name].soft]
+                shadow = [name for name in p.past if not own[name].soft]
+                found.append((p.entity_id, p.resource, soft, shadow))
+        return found
+
 
 Detach = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
 
@@ -109,10 +175,18 @@ Detach = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
 class SlotKeeper:
     """Takes, renews and gives back the slots of concurrency caps through `storage`."""
 
-    def __init__(self, storage: SlotStorage, clock: Callable[[], int], detach: Detach) -> None:
+    def __init__(
+        self,
+        storage: SlotStorage,
+        clock: Callable[[], int],
+        detach: Detach,
+        shadow: bool = False,
+    ) -> None:
         self.storage = storage
         self.clock = clock
         self.detach = detach
+        self.shadow = shadow
+        """Every cap is taken as a soft one (`RateLimiter(shadow=True)`)."""
         # The last item seen per (entity, resource): expired holders to reap at the first try.
         self._views: dict[tuple[str, str], SlotItem | None] = {}
 
@@ -129,7 +203,10 @@ class SlotKeeper:
                     for c in caps
                     if c.name in slots
                 }
-                hold.parts.append(Part(entity_id, resource, slots, ttl))
+                soft = frozenset(
+                    c.name for c in caps if c.name in slots and (c.soft or self.shadow)
+                )
+                hold.parts.append(Part(entity_id, resource, slots, ttl, soft))
         if not hold.parts:
             return hold
         caps_of = {
@@ -168,14 +245,20 @@ class SlotKeeper:
             denied: list[LimitStatus] = []
             for name, n in part.slots.items():
                 cap = caps[name]
+                soft = name in part.soft
                 held, expired = live(view, name, now)
-                if fresh and held + n > cap.capacity:
-                    denied.append(self._status(part, cap, view, held, n, now))
+                if fresh and held + n > cap.capacity and not soft:
+                    left = cap.capacity - held
+                    denied.append(
+                        status(part.entity_id, part.resource, cap, view, left, n, True, now)
+                    )
                     continue
-                # Expired holders are reaped only when their slots are needed.
+                # Expired holders are reaped only when their slots are needed (a soft cap's
+                # too: it keeps the count of live holders, which reports its excess, true).
                 total = view.held.get(name, 0) if view else 0
                 reap = tuple(expired) if total + n > cap.capacity else ()
-                takes.append(SlotTake(name, n, cap.capacity, now + part.ttl_ms[name], reap))
+                expires = now + part.ttl_ms[name]
+                takes.append(SlotTake(name, n, cap.capacity, expires, reap, soft))
             if denied:
                 raise RateLimitExceeded(denied)
             try:
@@ -185,6 +268,12 @@ class SlotKeeper:
                 self._remember(key, view)
                 continue
             self._remember(key, item)
+            part.item = item
+            part.past = tuple(
+                name
+                for name in part.slots
+                if name in part.soft and live(item, name, now)[0] > caps[name].capacity
+            )
             return
         raise RateLimiterUnavailable(
             f"slot contention: no take landed in {MAX_ROUNDS} rounds of conflicting writes"
@@ -194,25 +283,6 @@ class SlotKeeper:
         if len(self._views) >= 10_000 and key not in self._views:
             self._views.clear()  # a bound, not a policy: the views only save a round
         self._views[key] = item
-
-    @staticmethod
-    def _status(
-        part: Part, cap: Limit, item: SlotItem | None, held: int, n: int, now: int
-    ) -> LimitStatus:
-        expiries = [
-            x for _, (_, x) in (item.holders.get(cap.name, {}) if item else {}).items() if x > now
-        ]
-        wait = min(RETRY_CAP_MS, min(expiries) - now) if expiries else RETRY_CAP_MS
-        return LimitStatus(
-            entity_id=part.entity_id,
-            resource=part.resource,
-            limit_name=cap.name,
-            limit=cap,
-            available=cap.capacity - held,
-            requested=n,
-            exceeded=True,
-            retry_after_seconds=units.seconds(wait),
-        )
 
     async def release(self, hold: Hold) -> None:
         """Give the hold's slots back, once: a second call sends nothing."""

@@ -19,6 +19,11 @@ limit of the requesting entity, named by the limit:
   For a denied request it is never later than `Retry-After`, as the draft asks. A quota does
   have a reset instant: its `t` is the time until its window resets, and its `w` the window
   (a cron quota's longest, `Limit.refill_period_seconds`; a session quota's `reset_after`).
+- A concurrency cap has neither refill nor window: its `q` is `max_in_flight`, its `qu` the
+  draft's registered "concurrent-requests" (unless the application names another unit), its
+  `w` omitted (optional in the draft; a `lease_ttl` is no window), its `r` the free slots and
+  its `t` the cap's retry hint (the earliest expiry among its holders, at most 1 s: a slot may
+  come back any time a holder ends, so no longer promise is true).
 - `pk`: an optional partition key (a Byte Sequence) the application chooses.
 
 A parent's limits (cascade) never appear in the fields: another entity's quota and remaining
@@ -40,6 +45,7 @@ from ..exceptions import RateLimitExceeded, RequestTooLarge, ValidationError
 from ..models import Limit, LimitStatus
 
 __all__ = [
+    "CONCURRENT_REQUESTS",
     "PROBLEM_JSON",
     "QUOTA_EXCEEDED",
     "REQUESTS",
@@ -57,6 +63,7 @@ PROBLEM_JSON: Final = "application/problem+json"
 QUOTA_EXCEEDED: Final = "https://iana.org/assignments/http-problem-types#quota-exceeded"
 QUOTA_EXCEEDED_TITLE: Final = "Quota Exceeded"
 REQUESTS: Final = "requests"
+CONCURRENT_REQUESTS: Final = "concurrent-requests"
 
 # RFC 9651 Integers have at most 15 digits.
 _SF_INT_MAX: Final = 999_999_999_999_999
@@ -111,6 +118,10 @@ def policy_field(
     items = []
     for status in statuses:
         limit = status.limit
+        if limit.is_concurrency:
+            unit = units.get(status.limit_name, CONCURRENT_REQUESTS)
+            items.append(f'"{status.limit_name}";q={_sf_int(limit.capacity)};qu="{unit}"{pk}')
+            continue
         unit = units.get(status.limit_name, REQUESTS)
         qu = "" if unit == REQUESTS else f';qu="{unit}"'
         q, w = _sf_int(limit.refill_amount), _sf_int(limit.refill_period_seconds)
@@ -130,7 +141,8 @@ def ratelimit_field(
     for status in statuses:
         available = status.available
         if status.reset_seconds is not None:
-            # A quota: nothing comes back before its window resets, all of it then.
+            # A quota: nothing comes back before its window resets, all of it then. A cap: its
+            # retry hint (`engine.slots.retry_ms`), never a refill it does not have.
             window = units.whole_seconds_up(round(status.reset_seconds * units.MS_PER_SECOND))
         else:
             window = effective_window(status.limit, available)

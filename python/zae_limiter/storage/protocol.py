@@ -166,13 +166,16 @@ class SlotTake:
     """One cap's part of a take: `slots` more for the lease, admitted only while the cap holds
     at most `max_in_flight - slots + freed` (`freed`: the slots of `reap`), and each entry of
     `reap` (lease id -> its entry as read: slots, expires_at) removed, only if it is still
-    exactly that entry (an expired holder's; a renewal since makes the take fail)."""
+    exactly that entry (an expired holder's; a renewal since makes the take fail). A `soft`
+    cap's take has no bound on the count (it may pass `max_in_flight`); its entry and reaps are
+    conditioned alike, so count and entries stay consistent."""
 
     cap: str
     slots: int
     max_in_flight: int
     expires_at_ms: int
     reap: tuple[tuple[str, int, int], ...] = ()
+    soft: bool = False
 
 
 class SlotConflict(Exception):

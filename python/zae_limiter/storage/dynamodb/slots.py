@@ -80,8 +80,9 @@ class Change:
 
 def take_op(lease_id: str, takes: Sequence[SlotTake]) -> tuple[list[Check], Change]:
     """Every cap: the lease's entry absent (a resend after the take landed is refused), every
-    reaped entry still exactly as read, and the count at most `max - slots + freed`; then the
-    entry set, the reaped ones removed and the count moved by `slots - freed`."""
+    reaped entry still exactly as read, and (a hard cap) the count at most
+    `max - slots + freed`; then the entry set, the reaped ones removed and the count moved by
+    `slots - freed`."""
     checks: list[Check] = []
     add: list[tuple[str, int]] = []
     put: list[tuple[str, str]] = []
@@ -91,7 +92,8 @@ def take_op(lease_id: str, takes: Sequence[SlotTake]) -> tuple[list[Check], Chan
         held = schema.limit_attr(schema.SLOTS_HELD, take.cap)
         freed = sum(n for _, n, _ in take.reap)
         checks.append(Check(mine, absent=True))
-        checks.append(Check(held, at_most=take.max_in_flight - take.slots + freed))
+        if not take.soft:  # a soft cap is taken past its max: only its entries are checked
+            checks.append(Check(held, at_most=take.max_in_flight - take.slots + freed))
         for other, n, expires in take.reap:
             attr = schema.slot_entry_attr(take.cap, other)
             checks.append(Check(attr, equals=entry_value(n, expires)))
