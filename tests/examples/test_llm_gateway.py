@@ -556,7 +556,7 @@ def test_the_plan_is_checked_and_shown(plans: Gateway) -> None:
     # A project cap the keys lack would take a slot of every request: no cost names it.
     with pytest.raises(ValidationError):
         check_limits(key[:2], [Limit.parse("streams:2/concurrent")])
-    # Same name, another kind: the project would be charged tokens as slots.
+    # Same name, another kind: a project bucket `streams` would count a key's slots as units.
     with pytest.raises(ValidationError):
         check_limits(key, [Limit.parse("streams:2/minute")])
     # A third bucket: no cost for it.
