@@ -22,12 +22,25 @@ import uvicorn
 from zae_limiter import Limit, RateLimiter, StackOptions, ValidationError
 from zae_limiter.ops.local import LocalDynamoDB
 
-from .gateway import create_app
-from .provision import PROJECT, check_limits, provision
+from .gateway import Meter, create_app
+from .provision import (
+    PROJECT,
+    api_key,
+    check_limits,
+    provision,
+    trial_api_key,
+    trial_limits,
+)
 
 TABLE = "llm-gateway"
-KEY_LIMITS = ("rpm:20/minute", "tpm:2000/minute")
-PROJECT_LIMITS = ("tpm:3000/minute",)
+KEY_LIMITS = (
+    "rpm:20/minute",
+    "tpm:2000/minute",
+    "tokens-month:100000/quota,cron=0 0 1 * *",
+    "streams:2/concurrent",
+)
+# Below the keys' caps together (three keys of 2 streams), so it is the one that binds first.
+PROJECT_LIMITS = ("tpm:3000/minute", "streams:4/concurrent")
 # Streams still running at Ctrl+C get this long to finish.
 GRACEFUL_SHUTDOWN_SECONDS = 5
 STOP_SIGNALS = tuple(
@@ -43,18 +56,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on")
     parser.add_argument("--port", type=int, default=8080, help="port to serve on (0: a free one)")
-    parser.add_argument("--keys", type=int, default=2, help="API keys to create (sk-demo-N)")
+    parser.add_argument(
+        "--keys", type=int, default=2, help="standard API keys to create (sk-demo-N; default: 2)"
+    )
+    parser.add_argument(
+        "--trial-keys",
+        type=int,
+        default=1,
+        help="trial API keys to create (sk-trial-N): the key limits with a soft tpm, measured "
+        "but never refused (default: 1)",
+    )
     parser.add_argument(
         "--key-limit",
         action="append",
         metavar="SPEC",
-        help=f"a per-key limit, rpm and tpm (default: {' '.join(KEY_LIMITS)})",
+        help="a per-key limit, repeated: an rpm and a tpm bucket, any quotas (of tokens) and "
+        f"concurrency caps (of streams) (default: {' | '.join(KEY_LIMITS)})",
     )
     parser.add_argument(
         "--project-limit",
         action="append",
         metavar="SPEC",
-        help=f"a limit the project's keys share (default: {' '.join(PROJECT_LIMITS)})",
+        help="a limit the project's keys share, repeated: some of the key limits' names, each "
+        f"of the same kind (default: {' | '.join(PROJECT_LIMITS)})",
     )
     parser.add_argument(
         "--token-delay",
@@ -72,6 +96,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(str(exc))
     if options.keys < 1:
         parser.error("--keys must be at least 1")
+    if options.trial_keys < 0:
+        parser.error("--trial-keys must not be negative")
     if options.token_delay < 0:
         parser.error("--token-delay must not be negative")
     return options
@@ -107,15 +133,28 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def specs(limits: Sequence[Limit]) -> str:
+    # Not ", ": a spec has commas of its own (its options) and a cron has spaces.
+    return "; ".join(lim.spec for lim in limits)
+
+
 def banner(url: str, db: LocalDynamoDB, options: argparse.Namespace, keys: dict[str, str]) -> str:
-    key_limits = ", ".join(lim.spec for lim in options.key_limits)
-    project_limits = ", ".join(lim.spec for lim in options.project_limits)
-    first = next(iter(keys))
+    standard = [api_key(n) for n in range(1, options.keys + 1)]
+    trial = [trial_api_key(n) for n in range(1, options.trial_keys + 1)]
+    first = standard[0]
     lines = [
         f"Embedded DynamoDB: {db.endpoint_url} (table ZAEL-{TABLE})",
-        f"Project {PROJECT}: {project_limits}",
-        f"API keys (each: {key_limits}):",
-        *(f"  {token} -> entity {entity}" for token, entity in keys.items()),
+        f"Project {PROJECT}: {specs(options.project_limits)}",
+        f"API keys (each: {specs(options.key_limits)}):",
+        *(f"  {token} -> entity {keys[token]}" for token in standard),
+    ]
+    if trial:
+        lines += [
+            f"Trial keys, tpm measured, never refused (each: "
+            f"{specs(trial_limits(options.key_limits))}):",
+            *(f"  {token} -> entity {keys[token]}" for token in trial),
+        ]
+    lines += [
         f"Gateway: {url}/v1/chat/completions",
         f"Try: curl -i {url}/v1/chat/completions -H 'Authorization: Bearer {first}' "
         """-d '{"model": "sim-1", "messages": [{"role": "user", "content": "Hello"}]}'""",
@@ -131,8 +170,16 @@ async def serve(options: argparse.Namespace, db: LocalDynamoDB, sock: socket.soc
         stack_options=StackOptions(),
     )
     try:
-        keys = await provision(limiter, options.keys, options.key_limits, options.project_limits)
-        app = create_app(limiter, keys, token_delay=options.token_delay)
+        keys = await provision(
+            limiter,
+            options.keys,
+            options.key_limits,
+            options.project_limits,
+            trial_keys=options.trial_keys,
+        )
+        app = create_app(
+            limiter, keys, token_delay=options.token_delay, meter=Meter.of(options.key_limits)
+        )
         config = uvicorn.Config(
             app,
             log_level=options.log_level,

@@ -3,7 +3,7 @@
 The estimate is what the gateway takes from the `tpm` buckets before the model runs: it cannot
 know the real count yet. It is deliberately cheap (no tokenizer): about four characters per
 prompt token, plus the most the model may answer (`max_tokens`). The model's usage replaces it
-once the response has been sent (`gateway.reconcile`).
+once the response has been sent (`gateway.Meter.reconcile`).
 """
 
 from __future__ import annotations

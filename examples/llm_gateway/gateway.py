@@ -7,19 +7,21 @@ A request goes through three layers, outermost first:
    `RateLimitMiddleware` calls its `cost` with the ASGI scope alone, before anyone has read the
    body, so the estimate, which needs `max_tokens` and the prompt, is made here and handed on
    in the scope; the body is replayed to the layers below. Bad requests never reach DynamoDB.
-2. `zae_limiter.http.asgi.RateLimitMiddleware`: one acquire of `rpm` 1 and `tpm` = the estimate for
-   the key, with cascade to its project (both with stored limits); a refusal is its 429 (or 413
-   for an estimate above a burst); the RateLimit fields go on every admitted response.
+2. `zae_limiter.http.asgi.RateLimitMiddleware`: one acquire for the key, with cascade to its
+   project (both with stored limits), of what `Meter.cost` says: `rpm` 1, the estimate on `tpm`
+   and on every token quota, and one slot of each concurrency cap for a stream (0 otherwise). A
+   refusal is its 429 (or 413 for an estimate above a burst); the RateLimit fields go on every
+   admitted response. A stream's slots are held until its body ends or the client leaves.
 3. `completions`: the simulated model answers, as JSON or as an SSE stream.
 
-Once the body has been sent, `reconcile` replaces the estimate with the usage the model reported
-(`usage.total_tokens` at the end of the body); a stream the client left before its usage chunk
-is billed for the tokens generated until then.
+Once the body has been sent, `Meter.reconcile` replaces the estimate with the usage the model
+reported (`usage.total_tokens` at the end of the body), on `tpm` and on the quotas; a stream the
+client left before its usage chunk is billed for the tokens generated until then.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Final
@@ -29,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route, request_response
 
-from zae_limiter import RateLimiter, ValidationError
+from zae_limiter import Limit, RateLimiter, ValidationError
 from zae_limiter.http.asgi import (
     ASGIApp,
     Message,
@@ -48,7 +50,8 @@ from .model import Generation
 
 # The resource every key's and the project's limits are stored for.
 RESOURCE: Final = "chat-completions"
-QUOTA_UNITS: Final = {"tpm": "tokens"}
+REQUESTS: Final = "rpm"
+TOKENS: Final = "tpm"
 MAX_BODY_BYTES: Final = 1 << 20
 CALL_KEY: Final = "llm_gateway.call"
 GENERATION_KEY: Final = "llm_gateway.generation"
@@ -146,27 +149,60 @@ def entity_of(scope: Scope) -> str:
     return call_of(scope).entity_id
 
 
-def cost(scope: Scope) -> dict[str, int]:
-    return {"rpm": 1, "tpm": call_of(scope).request.estimate}
+@dataclass(frozen=True)
+class Meter:
+    """What a request costs, by the names of the keys' limits (`provision.check_limits` says
+    which are allowed): `rpm` counts requests; `tpm` and every quota count tokens; every
+    concurrency cap counts streams.
 
+    A cost names every cap, with 0 slots for a request that does not stream: the limiter takes
+    one slot of a cap the cost leaves out. With cascade the project's limits are taken with the
+    same amounts, so a project's cap must be one the keys have too."""
 
-def reconcile(served: Served) -> dict[str, int] | None:
-    """The real token count: the usage the model reported, or (a stream the client left) what
-    it generated until then; None keeps the estimate."""
-    tokens = total_tokens(served.tail)
-    if tokens is None:
-        generation = served.scope.get(GENERATION_KEY)
-        if isinstance(generation, Generation):
-            tokens = generation.total_tokens
-    return None if tokens is None else {"tpm": tokens}
+    tokens: tuple[str, ...] = (TOKENS,)
+    streams: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, key_limits: Sequence[Limit]) -> Meter:
+        tokens = tuple(lim.name for lim in key_limits if lim.name == TOKENS or lim.is_quota)
+        streams = tuple(lim.name for lim in key_limits if lim.is_concurrency)
+        return cls(tokens, streams)
+
+    @property
+    def units(self) -> dict[str, str]:
+        """The RateLimit fields' quota units (`qu`): requests are the default."""
+        return {name: "tokens" for name in self.tokens}
+
+    def cost(self, scope: Scope) -> dict[str, int]:
+        request = call_of(scope).request
+        slots = 1 if request.stream else 0
+        return {
+            REQUESTS: 1,
+            **{name: request.estimate for name in self.tokens},
+            **{name: slots for name in self.streams},
+        }
+
+    def reconcile(self, served: Served) -> dict[str, int] | None:
+        """The real token count: the usage the model reported, or (a stream the client left)
+        what it generated until then; None keeps the estimate."""
+        tokens = total_tokens(served.tail)
+        if tokens is None:
+            generation = served.scope.get(GENERATION_KEY)
+            if isinstance(generation, Generation):
+                tokens = generation.total_tokens
+        return None if tokens is None else {name: tokens for name in self.tokens}
 
 
 def create_app(
-    limiter: RateLimiter, api_keys: Mapping[str, str], *, token_delay: float = 0.0
+    limiter: RateLimiter,
+    api_keys: Mapping[str, str],
+    *,
+    token_delay: float = 0.0,
+    meter: Meter = Meter(),
 ) -> Starlette:
     """The gateway over `limiter`, whose table holds the keys' and the project's stored limits
-    (`provision`); `api_keys` maps each bearer token to its entity id. The limiter is closed
-    when the application shuts down."""
+    (`provision`); `api_keys` maps each bearer token to its entity id; `meter` prices requests
+    for the keys' limits (`Meter.of`). The limiter is closed when the application shuts down."""
 
     async def completions(request: Request) -> Response:
         generation = Generation.start(call_of(request.scope).request)
@@ -186,11 +222,11 @@ def create_app(
         limits=None,
         key=entity_of,
         resource=RESOURCE,
-        cost=cost,
-        quota_units=QUOTA_UNITS,
+        cost=meter.cost,
+        quota_units=meter.units,
         cascade=True,
         use_stored_limits=True,
-        reconcile=reconcile,
+        reconcile=meter.reconcile,
     )
 
     async def health(request: Request) -> Response:
