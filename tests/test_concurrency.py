@@ -274,6 +274,13 @@ async def test_cascade_caps_the_parent_total_all_or_nothing() -> None:
                     ):
                         pass
                 assert {v.entity_id for v in parent.value.violations} == {"proj"}
+                # The requester is k2: the project's cap reaches it as an anonymous shared limit.
+                assert parent.value.entity_id == "k2"
+                body = parent.value.client_dict()
+                assert body["limits"] == [
+                    {"limit_name": "streams", "shared": True, "exceeded": True,
+                     "retry_after_seconds": parent.value.retry_after_seconds}
+                ]  # fmt: skip
                 # All or nothing: k2's own slot was given back when the parent refused.
                 assert await held(store, "k2") == {"streams": 1}
     for entity in ("proj", "k1", "k2"):

@@ -125,6 +125,8 @@ class RateLimitExceeded(RateLimitError):
     Carries the status of *every* limit that was checked, so callers see the whole picture.
 
     Attributes:
+        entity_id: the entity that asked (its limits are its own in ``client_dict``; any other
+            entity's, a cascade parent's, are shown as anonymous shared limits).
         statuses: all checked limits (a soft limit past its allowance is ``exceeded`` too).
         violations: the exceeded hard limits: what denied the request.
         passed: the others (soft limits included, exceeded or not).
@@ -135,8 +137,11 @@ class RateLimitExceeded(RateLimitError):
             succeed (retrying is pointless).
     """
 
-    def __init__(self, statuses: list[LimitStatus]) -> None:
+    def __init__(self, statuses: list[LimitStatus], *, entity_id: str | None = None) -> None:
         self.statuses: list[LimitStatus] = list(statuses)
+        # Who asked: the first status's entity unless said (a denial by a parent's cap alone
+        # holds only the parent's status, which the requester must not see in full).
+        self.entity_id: str | None = entity_id or (statuses[0].entity_id if statuses else None)
         # A soft limit past its allowance is reported `exceeded` but denies nothing.
         self.violations: list[LimitStatus] = [
             s for s in self.statuses if s.exceeded and not s.limit.soft
@@ -220,7 +225,7 @@ class RateLimitExceeded(RateLimitError):
         """JSON-ready body safe to return to the client that was denied: its own limits in full,
         a parent's (cascade) only as an anonymous shared limit: no id, capacity or remaining
         tokens of another entity. `as_dict()` is the operator's view, for logs."""
-        own = self.statuses[0].entity_id if self.statuses else None
+        own = self.entity_id
         limits: list[dict[str, Any]] = []
         for status in self.statuses:
             if status.entity_id == own:

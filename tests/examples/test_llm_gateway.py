@@ -522,11 +522,6 @@ async def test_a_trial_keys_soft_tpm_admits_what_a_standard_key_is_refused(
     assert await until_limit(plan_reader, "key-3", "tokens-month", QUOTA - first) == QUOTA - first
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="library: RateLimitExceeded.client_dict takes statuses[0] for the requester's own, "
-    "and a denial by the parent's cap alone holds only the parent's status",
-)
 async def test_a_full_project_cap_is_shown_to_a_key_as_shared_only(plans: Gateway) -> None:
     long = chat(words(40), 120, stream=True)
     async with httpx.AsyncClient(base_url=plans.url, timeout=30) as client:

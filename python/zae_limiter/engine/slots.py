@@ -232,7 +232,7 @@ class SlotKeeper:
                 await asyncio.shield(back)
             if failure is not None:
                 raise failure
-            raise RateLimitExceeded(denied)
+            raise RateLimitExceeded(denied, entity_id=sets[0][0])
         return hold
 
     async def _take_part(self, lease_id: str, part: Part, caps: Mapping[str, Limit]) -> None:
