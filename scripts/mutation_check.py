@@ -42,8 +42,21 @@ REQUESTS = str(DYNAMODB / "requests.py")
 CLIENT = str(DYNAMODB / "client.py")
 ENGINE = str(PACKAGE / "engine" / "engine.py")
 LEASE = str(PACKAGE / "lease.py")
+SLOTS = str(DYNAMODB / "slots.py")
 
 STALE = "tests/reliability/test_stale_views.py"
+CAPS_ALIKE = "tests/test_storage_contract.py::test_concurrency_cap_slots_alike"
+CAPS_PROCESSES = (
+    "tests/reliability/test_concurrency_caps.py::test_three_processes_never_hold_more_than_the_cap"
+)
+CAPS_FAULTS = (
+    "tests/reliability/test_concurrency_caps.py"
+    "::test_faults_on_takes_and_releases_lose_or_double_no_slot"
+)
+QUOTAS_ALIKE = (
+    "tests/test_storage_contract.py::test_a_give_back_never_lands_in_another_window_alike"
+)
+QUOTA_CONTENTION = "tests/reliability/test_contention.py::test_one_quota_exact_ledger"
 FAULTS = "tests/reliability/test_faults.py"
 CHAOS = f"{FAULTS}::test_chaos"
 LATE_WRITE = f"{FAULTS}::test_transient_fault_is_absorbed[delay-UpdateItem]"
@@ -244,6 +257,31 @@ MUTANTS: tuple[Mutant, ...] = (
         "        if low and not self._closing:",
         "        if False:",
         ("tests/test_reservations.py::test_steady_demand_never_waits_for_a_top_up",),
+    ),
+    # Concurrency caps and quotas: each guard removed from the DynamoDB request only (the memory
+    # backend keeps it), so the contract suite sees the two backends part, and the processes
+    # sharing a cap see it over-admit.
+    Mutant(
+        "slot_count_bound",  # a take fits the cap: never more than max_in_flight held
+        SLOTS,
+        'f"(attribute_not_exists({ref}) OR {ref} <= {value(num_av(check.at_most))})"',
+        'f"(attribute_not_exists({ref}) OR {ref} <= {value(num_av(check.at_most))}"\n'
+        '                f" OR attribute_exists({ref}))"',
+        (CAPS_ALIKE, CAPS_PROCESSES),
+    ),
+    Mutant(
+        "slot_entry_exists",  # a release or renewal applies only while the lease's entry is there
+        SLOTS,
+        'conditions.append(f"attribute_exists({ref})")',
+        'conditions.append(f"(attribute_exists({ref}) OR attribute_not_exists({ref}))")',
+        (CAPS_ALIKE, CAPS_FAULTS),
+    ),
+    Mutant(
+        "quota_same_window",  # a write made on one window's view is refused in another window
+        REQUESTS,
+        'conditions.append(f"{qw} = {window}")',
+        'conditions.append(f"({qw} = {window} OR attribute_exists({qw}))")',
+        (QUOTAS_ALIKE, QUOTA_CONTENTION),
     ),
 )
 PENDING: tuple[str, ...] = ()

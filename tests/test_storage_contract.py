@@ -210,6 +210,37 @@ async def test_quotas_decide_and_write_alike(moto: Repository) -> None:
                if schema.is_bucket_key(i[schema.PK]["S"], i[schema.SK]["S"]))
 
 
+async def late_give_back_script(store: Storage) -> Any:
+    """A client whose clock is still in January rolls back a take after a faster client opened
+    February's window: the give-back is refused by the window the store holds (the slower
+    client's view still says January), so February's count is not lowered: nothing minted."""
+    from zae_limiter import RateLimiter
+
+    # February's count (9) covers the give-back (6): only the window tells them apart.
+    monthly = Limit.quota("monthly", 20, cron="0 0 1 * *", tz="UTC")
+    new_month = 1_801_440_000_000  # 2027-02-01T00:00:00Z
+    slow = RateLimiter(repository=store, clock=lambda: new_month - 1_000)
+    fast = RateLimiter(repository=store, clock=lambda: new_month + 1_000)
+    try:
+        with pytest.raises(RuntimeError):
+            async with slow.acquire("e", "r", [monthly], {"monthly": 6}):
+                async with fast.acquire("e", "r", [monthly], {"monthly": 9}):
+                    pass
+                raise RuntimeError("the call failed: its 6 go back")
+        left = await fast.available("e", "r", [monthly])
+    finally:
+        await slow.close()
+        await fast.close()
+    state = await store.get_bucket("e", "r")
+    assert state is not None
+    return left, state.limits["monthly"].full_at, await table(store)
+
+
+async def test_a_give_back_never_lands_in_another_window_alike(moto: Repository) -> None:
+    left, used, _ = await both(moto, late_give_back_script)
+    assert left == {"monthly": 11} and used == 9_000
+
+
 async def conditions_script(store: Storage) -> Any:
     """Writes whose conditions fail: each store answers `ConditionFailed` with the item as it
     is, and changes nothing."""
