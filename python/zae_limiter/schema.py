@@ -103,6 +103,24 @@ AUDIT_PREV: Final = "prev"
 AUDIT_PREV_ID: Final = "prev_id"
 AUDIT_HASH: Final = "h"
 
+# Kill switches (docs/limits.md, "Kill switch"): one item per switched resource or entity, all in
+# the one partition `SWITCH#`, SK `#RESOURCE#<name>` or `#ENTITY#<id>`, holding its state
+# ("disabled" or "bypass"). A limiter reads every switch with one Query per cache TTL, however
+# many resources and entities it serves; no item means the switch is clear. Apart from the
+# entities' partitions: a resource has none, and an entity may be switched before (or without)
+# being created. The aggregator's filters never match it.
+SWITCH_PK: Final = "SWITCH#"
+SWITCH_KINDS: Final = ("resource", "entity")
+SWITCH_STATE: Final = "state"
+SWITCH_PRINCIPAL: Final = "principal"
+SWITCH_CHANGED_AT: Final = "changed_at"
+SWITCH_DISABLED: Final = "disabled"
+SWITCH_BYPASS: Final = "bypass"
+SWITCH_STATES: Final = (SWITCH_DISABLED, SWITCH_BYPASS)
+# The audit trail of resource switches (a resource has no trail of its own): an id no entity can
+# have, as entity ids start with a letter or digit.
+RESOURCE_TRAIL: Final = "_resources_"
+
 # Usage snapshot items (written by the aggregator, read by storage): per window and resource,
 # `counters` maps each limit to its net tokens (consumed - released), `consumed` and `released`
 # the two parts, `spans` the counter intervals folded (the aggregator's idempotency state), `v`
@@ -277,6 +295,26 @@ def parse_slot_entry_attr(attr: str) -> tuple[str, str] | None:
 
 def is_bucket_key(pk: str, sk: str) -> bool:
     return pk.startswith(ENTITY_PREFIX) and sk.startswith(BUCKET_PREFIX)
+
+
+def switch_sk(kind: str, name: str) -> str:
+    """The key of the switch of resource `name` (`kind` "resource") or entity `name`."""
+    if kind not in SWITCH_KINDS:
+        raise ValueError(f"not a switch kind: {kind!r}")
+    return f"{SEP}{kind.upper()}{SEP}{name}"
+
+
+def parse_switch_sk(sk: str) -> tuple[str, str]:
+    """(kind, name) of a switch key."""
+    head, _, name = sk[len(SEP) :].partition(SEP)
+    kind = head.lower()
+    if not sk.startswith(SEP) or head != kind.upper() or kind not in SWITCH_KINDS or not name:
+        raise ValueError(f"not a switch key: {sk!r}")
+    return kind, name
+
+
+def switch_key(kind: str, name: str) -> dict[str, str]:
+    return {PK: SWITCH_PK, SK: switch_sk(kind, name)}
 
 
 def version_key() -> dict[str, str]:

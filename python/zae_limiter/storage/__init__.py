@@ -22,6 +22,8 @@ from .protocol import (
     Storage,
     StorageError,
     StoredLimit,
+    Switch,
+    SwitchStorage,
     UsageStorage,
     WriteRefused,
 )
@@ -41,6 +43,8 @@ __all__ = [
     "Storage",
     "StorageError",
     "StoredLimit",
+    "Switch",
+    "SwitchStorage",
     "UsageStorage",
     "WriteRefused",
 ]

@@ -61,6 +61,8 @@ from .dynamodb.codec import (
     num_av,
     snapshot_from_item,
     str_av,
+    switch_from_item,
+    switch_item,
     version_item,
 )
 from .dynamodb.requests import may_create
@@ -88,6 +90,8 @@ from .protocol import (
     Storage,
     StorageError,
     StoredLimit,
+    Switch,
+    SwitchStorage,
 )
 
 __all__ = ["MemoryStorage"]
@@ -584,6 +588,34 @@ class MemoryStorage:
 
     # -- version record ---------------------------------------------------------------------
 
+    # -- kill switches ----------------------------------------------------------------------
+
+    async def get_switches(self) -> list[Switch]:
+        items = self._run(lambda: self._where(lambda p, s: p == schema.SWITCH_PK))
+        self._read("Query", items)
+        return [switch_from_item(i) for i in items]
+
+    async def put_switch(self, switch: Switch) -> None:
+        item = switch_item(switch)
+
+        def apply() -> None:
+            key = (item[schema.PK]["S"], item[schema.SK]["S"])
+            old = self._items.get(key)
+            self._put(item)
+            self._ledger.record("PutItem", wcu=write_units(item_size(old), item_size(item)))
+
+        self._run(apply)
+
+    async def delete_switch(self, kind: str, name: str) -> bool:
+        key = (schema.SWITCH_PK, schema.switch_sk(kind, name))
+
+        def apply() -> bool:
+            old = self._items.pop(key, None)
+            self._ledger.record("DeleteItem", wcu=write_units(item_size(old)))
+            return old is not None
+
+        return self._run(apply)
+
     @staticmethod
     def _version_key() -> Key:
         key = schema.version_key()
@@ -762,4 +794,9 @@ def _implements_storage(memory: MemoryStorage) -> Storage:
 
 def _implements_slot_storage(memory: MemoryStorage) -> SlotStorage:
     """Never called: mypy proves here that `MemoryStorage` implements `SlotStorage`."""
+    return memory
+
+
+def _implements_switch_storage(memory: MemoryStorage) -> SwitchStorage:
+    """Never called: mypy proves here that `MemoryStorage` implements `SwitchStorage`."""
     return memory

@@ -223,6 +223,35 @@ class SlotStorage(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class Switch:
+    """A kill switch as stored: resource or entity (`kind`, one of `schema.SWITCH_KINDS`)
+    `name` is "disabled" or "bypass" (`state`); who set it and when (ISO-8601 UTC)."""
+
+    kind: str
+    name: str
+    state: str
+    principal: str | None = None
+    changed_at: str | None = None
+
+
+@runtime_checkable
+class SwitchStorage(Protocol):
+    """Kill switches (docs/limits.md, "Kill switch"), all in one partition."""
+
+    async def get_switches(self) -> list[Switch]:
+        """Every switch that is set, read consistently with one Query (all pages)."""
+        ...
+
+    async def put_switch(self, switch: Switch) -> None:
+        """Set the switch (replacing its state)."""
+        ...
+
+    async def delete_switch(self, kind: str, name: str) -> bool:
+        """Clear the switch; False when it was not set."""
+        ...
+
+
 class BucketStorage(Protocol):
     """The buckets: what the acquire engine needs."""
 

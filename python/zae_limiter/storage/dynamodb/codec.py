@@ -21,7 +21,7 @@ from ... import schema
 from ...audit import chain_hash, event_time_ms
 from ...models import AuditEvent, Entity, Limit, UsageSnapshot
 from ..capacity import item_size
-from ..protocol import Backup, BucketItem, Item, LimitState
+from ..protocol import Backup, BucketItem, Item, LimitState, Switch
 
 __all__ = [
     "audit_event_from_item",
@@ -216,6 +216,27 @@ def version_item(fields: Mapping[str, str], updated_at: str, updated_by: str) ->
 
 
 # -- audit events ------------------------------------------------------------------------------
+
+
+def switch_item(switch: Switch) -> Item:
+    item = item_key(schema.SWITCH_PK, schema.switch_sk(switch.kind, switch.name))
+    item[schema.SWITCH_STATE] = str_av(switch.state)
+    if switch.principal is not None:
+        item[schema.SWITCH_PRINCIPAL] = str_av(switch.principal)
+    if switch.changed_at is not None:
+        item[schema.SWITCH_CHANGED_AT] = str_av(switch.changed_at)
+    return item
+
+
+def switch_from_item(item: Item) -> Switch:
+    kind, name = schema.parse_switch_sk(item_str(item, schema.SK) or "")
+    return Switch(
+        kind,
+        name,
+        item_str(item, schema.SWITCH_STATE) or "",
+        item_str(item, schema.SWITCH_PRINCIPAL),
+        item_str(item, schema.SWITCH_CHANGED_AT),
+    )
 
 
 def _to_av(value: Any) -> dict[str, Any]:

@@ -47,6 +47,8 @@ from ..protocol import (
     Storage,
     StorageError,
     StoredLimit,
+    Switch,
+    SwitchStorage,
     WriteRefused,
 )
 from .client import (
@@ -77,6 +79,8 @@ from .codec import (
     num_av,
     snapshot_from_item,
     str_av,
+    switch_from_item,
+    switch_item,
     version_item,
 )
 from .endpoint import is_loopback
@@ -860,6 +864,30 @@ class Repository:
         items = await self._query_all(consistent=False, **args)
         return sorted((snapshot_from_item(item) for item in items), key=snapshot_order)
 
+    # -- kill switches ----------------------------------------------------------------------
+
+    async def get_switches(self) -> list[Switch]:
+        items = await self._query_all(
+            KeyConditionExpression="#pk = :pk",
+            ExpressionAttributeNames={"#pk": schema.PK},
+            ExpressionAttributeValues={":pk": str_av(schema.SWITCH_PK)},
+        )
+        return [switch_from_item(item) for item in items]
+
+    async def put_switch(self, switch: Switch) -> None:
+        item = switch_item(switch)
+        await self.call("put_item", TableName=self.table_name, Item=item)
+        self.ledger.record("PutItem", wcu=write_units(item_size(item)))
+
+    async def delete_switch(self, kind: str, name: str) -> bool:
+        key = item_key(schema.SWITCH_PK, schema.switch_sk(kind, name))
+        response = await self.call(
+            "delete_item", TableName=self.table_name, Key=key, ReturnValues="ALL_OLD"
+        )
+        old = response.get("Attributes")
+        self.ledger.record("DeleteItem", wcu=write_units(item_size(old)))
+        return bool(old)
+
     # -- version record ---------------------------------------------------------------------
 
     async def get_version_record(self) -> dict[str, Any] | None:
@@ -1128,4 +1156,9 @@ def _implements_storage(repository: Repository) -> Storage:
 
 def _implements_slot_storage(repository: Repository) -> SlotStorage:
     """Never called: mypy proves here that `Repository` implements `SlotStorage`."""
+    return repository
+
+
+def _implements_switch_storage(repository: Repository) -> SwitchStorage:
+    """Never called: mypy proves here that `Repository` implements `SwitchStorage`."""
     return repository
