@@ -66,6 +66,7 @@ __all__ = [
     "new_event",
     "new_event_id",
     "record",
+    "switch_changed",
     "verify_chain",
     "verify_trail",
 ]
@@ -204,6 +205,31 @@ def limits_deleted(
         principal,
         resource,
         details={"limits_deleted": limits_deleted},
+    )
+
+
+_SWITCH_ACTIONS: Final = {
+    ("resource", schema.SWITCH_DISABLED): AuditAction.RESOURCE_DISABLED,
+    ("resource", schema.SWITCH_BYPASS): AuditAction.RESOURCE_BYPASSED,
+    ("resource", None): AuditAction.RESOURCE_ENABLED,
+    ("entity", schema.SWITCH_DISABLED): AuditAction.ENTITY_DISABLED,
+    ("entity", schema.SWITCH_BYPASS): AuditAction.ENTITY_BYPASSED,
+    ("entity", None): AuditAction.ENTITY_ENABLED,
+}
+
+
+def switch_changed(
+    kind: str, name: str, state: str | None, previous: str | None, principal: str | None
+) -> AuditEvent:
+    """A kill switch set (`state`) or cleared (None): in the entity's trail, or for a resource
+    in `schema.RESOURCE_TRAIL` with the resource named. `previous`: the state it replaced."""
+    resource = name if kind == "resource" else None
+    return new_event(
+        _SWITCH_ACTIONS[(kind, state)],
+        schema.RESOURCE_TRAIL if kind == "resource" else name,
+        principal,
+        resource,
+        details={"state": state or "enabled", "previous": previous or "enabled"},
     )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
-from . import audit
+from . import audit, schema
 from .arguments import check_limits
 from .exceptions import EntityNotFoundError, ValidationError
 from .failures import public_errors
@@ -128,7 +128,8 @@ class Entities:
     async def audit_events(
         self, entity_id: str, limit: int, start_event_id: str | None, oldest_first: bool
     ) -> list[AuditEvent]:
-        validate_entity_id(entity_id)
+        if entity_id != schema.RESOURCE_TRAIL:  # resources' kill switches: no entity's id
+            validate_entity_id(entity_id)
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ValidationError("limit", limit, "must be a positive integer")
         if start_event_id is not None and not audit.is_event_id(start_event_id):

@@ -31,6 +31,7 @@ __all__ = [
     "RateLimitExceeded",
     "RateLimiterUnavailable",
     "RequestTooLarge",
+    "ResourceDisabled",
     "StackAlreadyExistsError",
     "StackCreationError",
     "ValidationError",
@@ -76,7 +77,7 @@ class ZAELimiterError(Exception):
 
 
 class RateLimitError(ZAELimiterError):
-    """Base class for rate-limiting outcomes (exceeded, limiter unavailable)."""
+    """Base class for rate-limiting outcomes (exceeded, limiter unavailable, disabled)."""
 
 
 class EntityError(ZAELimiterError):
@@ -284,6 +285,40 @@ class RateLimiterUnavailable(RateLimitError):
             if value
         ]
         super().__init__(f"{message} [{', '.join(context)}]" if context else message)
+
+
+class ResourceDisabled(RateLimitError):
+    """An operator's kill switch refuses the acquire: its resource, its entity or (with cascade)
+    the entity's parent is disabled (docs/limits.md, "Kill switch"). Nothing is consumed.
+
+    Neither a denial (`RateLimitExceeded`: no wait frees capacity) nor an outage
+    (`RateLimiterUnavailable`): it is raised in every failure mode, `FAIL_OPEN` included, which
+    admits only when DynamoDB cannot answer. `resource` and `entity_id` are the acquire's;
+    `disabled` says what is switched off, "resource" or "entity", and `disabled_name` its name
+    (the parent's id when the parent is). `recheck_seconds`: the limiter reads the switches again
+    at most this long from now (its cache TTL), so an `enable` is seen within it.
+    """
+
+    def __init__(
+        self,
+        resource: str,
+        entity_id: str,
+        disabled: str,
+        disabled_name: str,
+        recheck_seconds: float,
+    ) -> None:
+        self.resource = resource
+        self.entity_id = entity_id
+        self.disabled = disabled
+        self.disabled_name = disabled_name
+        self.recheck_seconds = recheck_seconds
+        if disabled == "resource":
+            what = f"resource {resource!r} is disabled"
+        elif disabled_name == entity_id:
+            what = f"entity {entity_id!r} is disabled"
+        else:
+            what = f"entity {disabled_name!r}, parent of {entity_id!r}, is disabled"
+        super().__init__(f"{what} by its operator (kill switch) [resource={resource}]")
 
 
 # ---------------------------------------------------------------------------

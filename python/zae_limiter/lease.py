@@ -72,6 +72,7 @@ class Lease:
         consumed: Mapping[str, int],
         *,
         fail_open: bool = False,
+        bypassed: bool = False,
         deadline: float | None = None,
         slots: tuple[SlotKeeper, Hold] | None = None,
     ) -> None:
@@ -90,6 +91,11 @@ class Lease:
         self._limit_names = {limit.name for limit in targets[0].limits} if targets else set()
         self.fail_open = fail_open
         """True when DynamoDB was unreachable and FAIL_OPEN admitted without a bucket."""
+        self.bypassed = bypassed
+        """True when a kill switch bypassed the limits (docs/limits.md, "Kill switch"): nothing
+        was taken, and the lease's calls change nothing."""
+        # Both kinds of lease hold no bucket: their calls are no-ops.
+        self._noop = fail_open or bypassed
 
     @property
     def consumed(self) -> dict[str, int]:
@@ -109,8 +115,8 @@ class Lease:
         with no I/O: `available` is what the bucket holds now by the state its last write
         returned, `requested` what this lease holds. With reservations it is the shared bucket
         as of the block's last top-up, the blocks counted as used: what `available()` reports.
-        Empty for a fail-open lease (no bucket was seen). A soft limit (every limit in shadow
-        mode) in debt is `exceeded`: past its allowance, which denied nothing.
+        Empty for a fail-open or bypassed lease (no bucket was seen). A soft limit (every limit
+        in shadow mode) in debt is `exceeded`: past its allowance, which denied nothing.
 
         A concurrency cap the lease took slots of follows its entity's buckets: `available` the
         free slots by the item its take returned (negative: a soft cap held past its max,
@@ -160,7 +166,7 @@ class Lease:
         for name, amount in amounts.items():
             field = f"consume.{name}"
             validate_name(name, field=field)
-            if not self.fail_open and name not in self._limit_names:
+            if not self._noop and name not in self._limit_names:
                 raise ValidationError(field, name, "not one of this lease's limits")
             value = (validate_signed_amount if signed else validate_amount)(amount, field)
             if value:
@@ -170,7 +176,7 @@ class Lease:
     def _held_back(self, field: str, gives: Mapping[str, int]) -> None:
         """A lease gives back at most what it holds: its net consumption of a limit never goes
         below zero, or it would add capacity it never took (to its parent's bucket too)."""
-        if self.fail_open:  # nothing was taken; the call changes nothing
+        if self._noop:  # nothing was taken; the call changes nothing
             return
         held_now = self.consumed
         for name, amount in gives.items():
@@ -186,7 +192,7 @@ class Lease:
         beyond what the lease holds is a `ValidationError` (nothing changes)."""
         deltas = self._amounts(amounts, signed=True)
         self._held_back("adjust", {k: -v for k, v in deltas.items() if v < 0})
-        if deltas and not self.fail_open:
+        if deltas and not self._noop:
             await self._force(self._each(deltas), "adjust")
 
     async def consume(self, **amounts: int) -> None:
@@ -196,7 +202,7 @@ class Lease:
         may still land then, charging the bucket for tokens nobody holds (under-admission
         until refill, never over-admission). A partial cascade is given back."""
         deltas = self._amounts(amounts, signed=False)
-        if deltas and not self.fail_open:
+        if deltas and not self._noop:
             # In shadow mode no limit refuses, not even a request larger than its burst.
             sets = [(t.entity_id, t.limits) for t in self._targets if not t.shadow]
             if (too := oversized(sets, deltas)) is not None:
@@ -270,12 +276,12 @@ class Lease:
             await self._end_slots()
         deltas = self._amounts(amounts, signed=False)
         self._held_back("release", deltas)
-        if deltas and not self.fail_open:
+        if deltas and not self._noop:
             await self._force(self._each({k: -v for k, v in deltas.items()}), "release")
 
     async def _rollback(self) -> None:
         each = [{k: -v for k, v in books.items() if v > 0} for books in self._books]
-        if any(each) and not self.fail_open:
+        if any(each) and not self._noop:
             await self._force(each, "rollback")
 
     def _each(self, deltas: Mapping[str, int]) -> list[dict[str, int]]:
@@ -303,7 +309,7 @@ class Lease:
         tokens); what it takes enters a target's books once its write there is known to have
         landed (a rollback never gives back a take that did not land, and always the half of a
         cascade that did)."""
-        if self.fail_open:
+        if self._noop:
             return
         first = each[0] if each else {}
         if all(e == first for e in each) and self._settler.settle_local(
@@ -368,7 +374,7 @@ class Lease:
         self._add_each([deltas] * len(self._books))
 
     def _add_each(self, each: Sequence[Mapping[str, int]]) -> None:
-        if self.fail_open:  # nothing was taken from any bucket, so nothing is held
+        if self._noop:  # nothing was taken from any bucket, so nothing is held
             return
         for books, deltas in zip(self._books, each, strict=True):
             for name, value in deltas.items():
@@ -445,6 +451,10 @@ class SyncLease:
     @property
     def fail_open(self) -> bool:
         return self._lease.fail_open
+
+    @property
+    def bypassed(self) -> bool:
+        return self._lease.bypassed
 
     def adjust(self, **amounts: int) -> None:
         self._run(self._lease.adjust(**amounts))

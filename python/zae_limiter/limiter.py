@@ -23,6 +23,7 @@ from .engine.engine import Engine, Target, available_milli, request_too_large, w
 from .engine.reservations import Reserver
 from .engine.slots import Hold, SlotKeeper, cap_names, free, has_caps, wanted
 from .engine.slots import wait_ms as slot_wait_ms
+from .engine.switches import BYPASS, DISABLED, Flags, SwitchBoard, SwitchPanel, no_switches
 from .entities import Entities
 from .exceptions import (
     ConfigurationError,
@@ -53,7 +54,14 @@ from .schema import DEFAULT_RESOURCE, default_region, short_name, table_name
 from .storage.capacity import CapacityLedger
 from .storage.dynamodb.client import RetryPolicy
 from .storage.dynamodb.repository import Repository
-from .storage.protocol import BucketItem, RepositoryUnavailable, SlotStorage, Storage
+from .storage.protocol import (
+    BucketItem,
+    RepositoryUnavailable,
+    SlotStorage,
+    Storage,
+    Switch,
+    SwitchStorage,
+)
 from .validation import validate_entity_id, validate_name, validate_resource
 from .version import (
     VERSION_CHECKS,
@@ -161,6 +169,18 @@ class RateLimiter:
         self._entities = Entities(
             self.repository, self._resolver, self._ensure_ready, self._forget_buckets
         )
+        # Kill switches (`engine.switches`), for a storage that keeps them (both of the
+        # library's do); cached for the stored limits' TTL: one TTL for all stored config.
+        self._switches = (
+            SwitchBoard(self.repository, limits_cache_ttl)
+            if isinstance(self.repository, SwitchStorage)
+            else None
+        )
+        self._panel = (
+            None
+            if self._switches is None
+            else SwitchPanel(self._switches, self.repository, self._ensure_ready)
+        )
         self._ready = False
         self._ready_lock = asyncio.Lock()
         self._provisioned = False
@@ -208,6 +228,8 @@ class RateLimiter:
         them again."""
         self._engine.states.clear()
         self._resolver.clear()
+        if self._switches is not None:
+            self._switches.clear()
 
     def _forget_buckets(self, entity_id: str) -> None:
         self._engine.forget(entity_id)
@@ -234,6 +256,10 @@ class RateLimiter:
                 )
             self._provisioned = True
             self._ready = await self._check_version()
+            if self._ready and self._switches is not None:
+                # Read with the version check, so that an acquire pays for it only once the
+                # TTL has passed (an outage here is no error: the first acquire reads them).
+                await self._switches.prime()
 
     async def _check_version(self) -> bool:
         """Check the version record once per limiter; True when the check is settled.
@@ -358,6 +384,73 @@ class RateLimiter:
         deleted entity stays readable until its events expire (90 days each)."""
         return await self._entities.audit_events(entity_id, limit, start_event_id, oldest_first)
 
+    # -- kill switches (`zae_limiter.engine.switches`, docs/limits.md "Kill switch") ---------
+
+    async def disable_resource(self, resource: str, *, principal: str | None = None) -> None:
+        """Every acquire of `resource` raises `ResourceDisabled` (nothing consumed, whatever the
+        failure mode) until `enable_resource`; records `RESOURCE_DISABLED` in the trail
+        `_resources_`. At once here, on every other limiter within its `limits_cache_ttl`."""
+        await self._switch("resource", resource, DISABLED, principal)
+
+    async def bypass_resource(self, resource: str, *, principal: str | None = None) -> None:
+        """Every acquire of `resource` is admitted with nothing consumed and no I/O (a no-op
+        lease, `lease.bypassed`) until `enable_resource`; records `RESOURCE_BYPASSED`."""
+        await self._switch("resource", resource, BYPASS, principal)
+
+    async def enable_resource(self, resource: str, *, principal: str | None = None) -> None:
+        """Clear `resource`'s switch: its acquires are limited again; records
+        `RESOURCE_ENABLED` (also when it was clear)."""
+        await self._switch("resource", resource, None, principal)
+
+    async def disable_entity(self, entity_id: str, *, principal: str | None = None) -> None:
+        """Every acquire of the entity, and with cascade of its children, raises
+        `ResourceDisabled`, until `enable_entity`; records `ENTITY_DISABLED` in its trail. The
+        entity need not exist."""
+        await self._switch("entity", entity_id, DISABLED, principal)
+
+    async def bypass_entity(self, entity_id: str, *, principal: str | None = None) -> None:
+        """Every acquire of the entity, and with cascade of its children, is admitted with
+        nothing consumed, until `enable_entity`; records `ENTITY_BYPASSED`."""
+        await self._switch("entity", entity_id, BYPASS, principal)
+
+    async def enable_entity(self, entity_id: str, *, principal: str | None = None) -> None:
+        """Clear the entity's switch; records `ENTITY_ENABLED`."""
+        await self._switch("entity", entity_id, None, principal)
+
+    @public_errors
+    async def get_resource_state(self, resource: str) -> str:
+        """"enabled", "disabled" or "bypass", as stored now (one read, not the cache)."""
+        return await self._switch_panel().state("resource", resource)
+
+    @public_errors
+    async def get_entity_state(self, entity_id: str) -> str:
+        """"enabled", "disabled" or "bypass", as stored now (one read, not the cache)."""
+        return await self._switch_panel().state("entity", entity_id)
+
+    @public_errors
+    async def get_switches(self) -> list[Switch]:
+        """Every switch that is set (resources and entities), as stored now."""
+        return await self._switch_panel().all()
+
+    @public_errors
+    async def _switch(self, kind: str, name: str, state: str | None, principal: str | None) -> None:
+        await self._switch_panel().set(kind, name, state, principal)
+
+    def _switch_panel(self) -> SwitchPanel:
+        if self._panel is None:
+            raise no_switches(self.repository)
+        return self._panel
+
+    def _bypassed(
+        self, flags: Flags, resource: str, entity_id: str, ids: Sequence[str], complete: bool
+    ) -> Lease | None:
+        """The no-op lease of a bypassed acquire, None when no switch applies; raises
+        `ResourceDisabled` for a disabled one. No I/O."""
+        assert self._switches is not None
+        if flags.bypassed(resource, entity_id, ids, complete, self._switches.ttl):
+            return Lease(self._engine, [], {}, bypassed=True)
+        return None
+
     # -- acquire ----------------------------------------------------------------------------
 
     def acquire(
@@ -434,13 +527,24 @@ class RateLimiter:
         validate_resource(resource)
         fallback = check_limits(limits or [], allow_empty=use_stored_limits)
         amounts = check_consume(consume)
+        board = self._switches
+        flags = None if board is None or not self._ready else board.cached()
+        # The switches as last read, no I/O (without cascade the verdict is final).
+        if flags is not None and (
+            bypass := self._bypassed(flags, resource, entity_id, [entity_id], not cascade)
+        ):
+            return bypass
         if not use_stored_limits:  # the limits are known: reject before any I/O
             self._check_amounts(resource, [(entity_id, fallback)], amounts)
         reserver = self._reserver
         resolver = self._resolver
-        if reserver is not None and self._ready:
+        if reserver is not None and self._ready and (flags is not None or board is None):
             # Served from the blocks with no I/O: nothing to bound, so no timer is armed.
             sets = resolver.cached(entity_id, resource, fallback, cascade, use_stored_limits)
+            if cascade and sets is not None and flags is not None:  # the parent's switch
+                ids = [eid for eid, _ in sets]
+                if (bypass := self._bypassed(flags, resource, entity_id, ids, True)):
+                    return bypass
             if sets is not None and not has_caps(sets):  # a cap's slots are always a write
                 if use_stored_limits:
                     self._check_amounts(resource, sets, amounts)
@@ -454,9 +558,18 @@ class RateLimiter:
             async with Bounded(seconds):
                 if not self._ready:
                     await self._ensure_ready()
+                if board is not None and flags is None:  # read once per TTL at most
+                    flags = await board.current()
+                    bypass = self._bypassed(flags, resource, entity_id, [entity_id], not cascade)
+                    if bypass:
+                        return bypass
                 sets = await resolver.limit_sets(
                     entity_id, resource, fallback, cascade, use_stored_limits
                 )
+                if cascade and flags is not None:  # the parent's switch, now known
+                    ids = [eid for eid, _ in sets]
+                    if (bypass := self._bypassed(flags, resource, entity_id, ids, True)):
+                        return bypass
                 if use_stored_limits:  # otherwise every set is `fallback`, checked above
                     self._check_amounts(resource, sets, amounts)
                 hold = await self._take_slots(resource, sets, amounts) if has_caps(sets) else None

@@ -976,6 +976,14 @@ class AuditAction:
     ENTITY_DELETED = "entity_deleted"
     LIMITS_SET = "limits_set"
     LIMITS_DELETED = "limits_deleted"
+    # Kill switches (docs/limits.md "Kill switch"); a resource's are in the trail
+    # `schema.RESOURCE_TRAIL`, an entity's in its own.
+    RESOURCE_DISABLED = "resource_disabled"
+    RESOURCE_BYPASSED = "resource_bypassed"
+    RESOURCE_ENABLED = "resource_enabled"
+    ENTITY_DISABLED = "entity_disabled"
+    ENTITY_BYPASSED = "entity_bypassed"
+    ENTITY_ENABLED = "entity_enabled"
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from .models import (
 from .schema import DEFAULT_RESOURCE
 from .storage.capacity import CapacityLedger
 from .storage.dynamodb.client import RetryPolicy
-from .storage.protocol import Storage
+from .storage.protocol import Storage, Switch
 from .version import VersionCheck
 
 T = TypeVar("T")
@@ -247,6 +247,35 @@ class SyncRateLimiter:
                 entity_id, limit, start_event_id, oldest_first=oldest_first
             )
         )
+
+    # Kill switches (`RateLimiter.disable_resource`, ...).
+
+    def disable_resource(self, resource: str, *, principal: str | None = None) -> None:
+        self._run(self._limiter.disable_resource(resource, principal=principal))
+
+    def bypass_resource(self, resource: str, *, principal: str | None = None) -> None:
+        self._run(self._limiter.bypass_resource(resource, principal=principal))
+
+    def enable_resource(self, resource: str, *, principal: str | None = None) -> None:
+        self._run(self._limiter.enable_resource(resource, principal=principal))
+
+    def disable_entity(self, entity_id: str, *, principal: str | None = None) -> None:
+        self._run(self._limiter.disable_entity(entity_id, principal=principal))
+
+    def bypass_entity(self, entity_id: str, *, principal: str | None = None) -> None:
+        self._run(self._limiter.bypass_entity(entity_id, principal=principal))
+
+    def enable_entity(self, entity_id: str, *, principal: str | None = None) -> None:
+        self._run(self._limiter.enable_entity(entity_id, principal=principal))
+
+    def get_resource_state(self, resource: str) -> str:
+        return self._run(self._limiter.get_resource_state(resource))
+
+    def get_entity_state(self, entity_id: str) -> str:
+        return self._run(self._limiter.get_entity_state(entity_id))
+
+    def get_switches(self) -> list[Switch]:
+        return self._run(self._limiter.get_switches())
 
     def available(
         self,

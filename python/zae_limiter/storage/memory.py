@@ -595,24 +595,25 @@ class MemoryStorage:
         self._read("Query", items)
         return [switch_from_item(i) for i in items]
 
-    async def put_switch(self, switch: Switch) -> None:
+    async def put_switch(self, switch: Switch) -> str | None:
         item = switch_item(switch)
 
-        def apply() -> None:
+        def apply() -> str | None:
             key = (item[schema.PK]["S"], item[schema.SK]["S"])
             old = self._items.get(key)
             self._put(item)
             self._ledger.record("PutItem", wcu=write_units(item_size(old), item_size(item)))
+            return None if old is None else item_str(old, schema.SWITCH_STATE)
 
-        self._run(apply)
+        return self._run(apply)
 
-    async def delete_switch(self, kind: str, name: str) -> bool:
+    async def delete_switch(self, kind: str, name: str) -> str | None:
         key = (schema.SWITCH_PK, schema.switch_sk(kind, name))
 
-        def apply() -> bool:
+        def apply() -> str | None:
             old = self._items.pop(key, None)
             self._ledger.record("DeleteItem", wcu=write_units(item_size(old)))
-            return old is not None
+            return None if old is None else item_str(old, schema.SWITCH_STATE)
 
         return self._run(apply)
 

@@ -243,12 +243,12 @@ class SwitchStorage(Protocol):
         """Every switch that is set, read consistently with one Query (all pages)."""
         ...
 
-    async def put_switch(self, switch: Switch) -> None:
-        """Set the switch (replacing its state)."""
+    async def put_switch(self, switch: Switch) -> str | None:
+        """Set the switch (replacing its state); returns the state it had (None: clear)."""
         ...
 
-    async def delete_switch(self, kind: str, name: str) -> bool:
-        """Clear the switch; False when it was not set."""
+    async def delete_switch(self, kind: str, name: str) -> str | None:
+        """Clear the switch; returns the state it had (None: it was clear)."""
         ...
 
 

@@ -874,19 +874,26 @@ class Repository:
         )
         return [switch_from_item(item) for item in items]
 
-    async def put_switch(self, switch: Switch) -> None:
-        item = switch_item(switch)
-        await self.call("put_item", TableName=self.table_name, Item=item)
-        self.ledger.record("PutItem", wcu=write_units(item_size(item)))
+    # Both return the item as it was (ALL_OLD), for the audit event's `previous`. A resend after
+    # a lost response applies nothing new but reports the state the first send left.
 
-    async def delete_switch(self, kind: str, name: str) -> bool:
+    async def put_switch(self, switch: Switch) -> str | None:
+        item = switch_item(switch)
+        response = await self.call(
+            "put_item", TableName=self.table_name, Item=item, ReturnValues="ALL_OLD"
+        )
+        old = response.get("Attributes")
+        self.ledger.record("PutItem", wcu=write_units(item_size(old), item_size(item)))
+        return item_str(old, schema.SWITCH_STATE) if old else None
+
+    async def delete_switch(self, kind: str, name: str) -> str | None:
         key = item_key(schema.SWITCH_PK, schema.switch_sk(kind, name))
         response = await self.call(
             "delete_item", TableName=self.table_name, Key=key, ReturnValues="ALL_OLD"
         )
         old = response.get("Attributes")
         self.ledger.record("DeleteItem", wcu=write_units(item_size(old)))
-        return bool(old)
+        return item_str(old, schema.SWITCH_STATE) if old else None
 
     # -- version record ---------------------------------------------------------------------
 
