@@ -28,6 +28,7 @@ from zae_limiter.exceptions import (
     RateLimiterUnavailable,
     RateLimitExceeded,
     RequestTooLarge,
+    ResourceDisabled,
     StackAlreadyExistsError,
     StackCreationError,
     ValidationError,
@@ -360,6 +361,8 @@ def _all_exceptions() -> list[ZAELimiterError]:
         # Not an OSError subclass: CPython itself unpickles those as plain OSError at protocols < 3.
         RateLimiterUnavailable("down", TypeError("boom"), stack_name="ZAEL-x"),
         RateLimiterUnavailable("down"),
+        ResourceDisabled("gpt-4", "k1", "resource", "gpt-4", 30.0),
+        ResourceDisabled("gpt-4", "k1", "entity", "proj", 30.0),
         EntityNotFoundError("k1"),
         EntityExistsError("k1"),
         StackCreationError("ZAEL-x", "failed", [{"a": "b"}]),
@@ -461,3 +464,16 @@ def test_client_dict_reveals_nothing_about_a_parent() -> None:
                                              None)], "consume.tpm", 2_000)
     assert too_large.client_dict()["reason"] == "request_exceeds_burst"
     assert too_large.client_dict()["retry_after_seconds"] is None
+
+
+def test_resource_disabled_is_neither_a_denial_nor_an_outage() -> None:
+    # Code catching denials (to wait) or outages (to fail open) must not catch a kill switch.
+    exc = ResourceDisabled("gpt-4", "key", "entity", "proj", 2.5)
+    assert isinstance(exc, RateLimitError)
+    assert not isinstance(exc, RateLimitExceeded | RateLimiterUnavailable | ValidationError)
+    assert (exc.resource, exc.entity_id, exc.disabled, exc.disabled_name) == (
+        "gpt-4", "key", "entity", "proj")
+    assert exc.recheck_seconds == 2.5
+    assert "'proj', parent of 'key'" in str(exc)
+    assert "resource 'gpt-4' is disabled" in str(
+        ResourceDisabled("gpt-4", "key", "resource", "gpt-4", 1.0))

@@ -14,6 +14,7 @@ options, error handler, output); the library itself never imports this package.
 | `backups` | `backup create / list`, `restore` |
 | `aggregator` | `aggregator run`, `usage`, `dlq replay` |
 | `audit` | `audit` (an entity's audit trail; = `audit list`), `audit verify` (its hash chain) |
+| `switches` | `resource` / `entity` `disable / bypass / enable / state`, `switches` |
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ MODULES = (
     "backups",
     "aggregator",
     "audit",
+    "switches",
 )
 
 # Sub-modules add their commands to `main` on import. Missing optional parts (e.g. Pulumi) must not

@@ -32,6 +32,7 @@ from ..exceptions import (
     InvalidNameError,
     RateLimiterUnavailable,
     RateLimitExceeded,
+    ResourceDisabled,
     ValidationError,
 )
 from ..lease import Lease, LeaseScope
@@ -321,6 +322,8 @@ class Gate:
             return Refusal.exceeded(exc, entity_id, opts.units, pk, opts.too_large_status)
         except RateLimiterUnavailable:
             return Refusal.unavailable(opts.unavailable_retry_after)
+        except ResourceDisabled as exc:  # an operator's kill switch, in every failure mode
+            return Refusal.disabled(exc)
         except InvalidIdentifierError as exc:
             if exc.field != "entity_id":
                 raise

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from ..core import units
-from ..exceptions import RateLimitExceeded, RequestTooLarge, ValidationError
+from ..exceptions import RateLimitExceeded, RequestTooLarge, ResourceDisabled, ValidationError
 from ..models import Limit, LimitStatus
 
 __all__ = [
@@ -244,6 +244,29 @@ class Refusal:
                 "detail": "The rate limiter cannot decide now; retry later.",
             },
             [("retry-after", str(retry_after_seconds))],
+        )
+
+    @classmethod
+    def disabled(cls, exc: ResourceDisabled) -> Refusal:
+        """503 for a request an operator's kill switch refuses (`ResourceDisabled`): the service
+        is off on purpose, for everyone or for this key. `Retry-After` is the limiter's switch
+        TTL in whole seconds (at least 1): this server reads the switches again within it, so an
+        earlier retry would most likely meet the same answer. No key, no entity id."""
+        retry = max(1, units.whole_seconds_up(round(exc.recheck_seconds * units.MS_PER_SECOND)))
+        if exc.disabled == "resource":
+            detail = "This resource is disabled by its operator."
+        else:
+            detail = "Requests with this key are disabled by its operator."
+        return cls.problem(
+            503,
+            {
+                "type": "about:blank",
+                "title": "Service Unavailable",
+                "status": 503,
+                "detail": detail,
+                "reason": "disabled",
+            },
+            [("retry-after", str(retry))],
         )
 
     @classmethod
