@@ -655,3 +655,38 @@ async def test_concurrency_cap_slots_alike(moto: Repository) -> None:
         return seen, await table(store)
 
     await both(moto, script)
+
+
+# -- kill switches ---------------------------------------------------------------------------
+
+
+async def switches_script(store: Storage) -> Any:
+    from zae_limiter.storage.protocol import Switch, SwitchStorage
+
+    assert isinstance(store, SwitchStorage)
+    seen: list[Any] = [await store.get_switches()]
+    at = "2027-01-01T00:00:00.000Z"
+    seen.append(await store.put_switch(Switch("resource", "openai/gpt-4o", "disabled", "ops", at)))
+    seen.append(await store.put_switch(Switch("entity", "k:1@x", "bypass", None, at)))
+    # Replacing a state reports the one it replaced.
+    seen.append(await store.put_switch(Switch("resource", "openai/gpt-4o", "bypass", "ops", at)))
+    switches = sorted(await store.get_switches(), key=lambda s: (s.kind, s.name))
+    assert switches == [
+        Switch("entity", "k:1@x", "bypass", None, at),
+        Switch("resource", "openai/gpt-4o", "bypass", "ops", at),
+    ]
+    seen.append(switches)
+    seen.append(await store.delete_switch("entity", "k:1@x"))
+    seen.append(await store.delete_switch("entity", "k:1@x"))  # already clear
+    seen.append(await table(store))
+    return seen
+
+
+async def test_kill_switches_are_stored_alike(moto: Repository) -> None:
+    seen = await both(moto, switches_script)
+    assert seen[1:4] == [None, None, "disabled"]
+    assert seen[5:7] == ["bypass", None]
+    # One item in the switch partition, keyed as schema.py says.
+    keys = [(i[schema.PK]["S"], i[schema.SK]["S"]) for i in seen[7]]
+    assert (schema.SWITCH_PK, schema.switch_sk("resource", "openai/gpt-4o")) in keys
+    assert not any(pk == schema.SWITCH_PK and "ENTITY" in sk for pk, sk in keys)

@@ -65,7 +65,7 @@ def _state(kind: str, target: Target, out: Output, name: str) -> None:
     out.show(data, fields_table(f"{kind} {name}", data))
 
 
-def _register(group: click.Group, kind: str, argument: str, what: str) -> None:
+def _register(group: click.Group, kind: str, argument: str, metavar: str, what: str) -> None:
     for command in CHANGES:
 
         def change(
@@ -79,18 +79,21 @@ def _register(group: click.Group, kind: str, argument: str, what: str) -> None:
 
         change.__doc__ = HELP[command].format(what=what) + " Recorded in the audit trail."
         decorated = click.option("--principal", default=None, help=PRINCIPAL_HELP)(change)
-        decorated = click.argument(argument.upper())(decorated)
+        decorated = click.argument(argument, metavar=metavar)(decorated)
         group.command(command)(target_options()(decorated))
 
     def state(target: Target, out: Output, **names: str) -> None:
         _state(kind, target, out, names[argument])
 
     state.__doc__ = f"Whether {what} is enabled, disabled or bypassed (as stored now)."
-    group.command("state")(target_options()(click.argument(argument.upper())(state)))
+    group.command("state")(target_options()(click.argument(argument, metavar=metavar)(state)))
 
 
-_register(resource, "resource", "name", "the resource NAME")
-_register(entity, "entity", "entity_id", "the entity ENTITY_ID (with cascade, its children too)")
+# The resource's argument is not called `name`: `--name` is the deployment's.
+_register(resource, "resource", "resource", "NAME", "the resource NAME")
+_register(
+    entity, "entity", "entity_id", "ENTITY_ID", "the entity ENTITY_ID (with cascade, its children)"
+)
 
 
 @main.command("switches")
