@@ -142,7 +142,11 @@ def api(limiter: RateLimiter) -> FastAPI:
 
 def create_app() -> Starlette:
     table = os.environ["ZAEL_HTTP_TABLE"]
-    limiter = RateLimiter(name=table, endpoint_url=os.environ["ZAEL_HTTP_ENDPOINT"])
+    # The stored config's cache TTL (kill switches included): the default unless a test says.
+    ttl = float(os.environ.get("ZAEL_HTTP_CACHE_TTL", "30"))
+    limiter = RateLimiter(
+        name=table, endpoint_url=os.environ["ZAEL_HTTP_ENDPOINT"], limits_cache_ttl=ttl
+    )
     dead = RateLimiter(
         name=table,
         endpoint_url=os.environ["ZAEL_HTTP_DEAD_ENDPOINT"],
