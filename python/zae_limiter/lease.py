@@ -216,20 +216,25 @@ class Lease:
                 result[name] = value
         return result
 
-    def _also_amounts(self, also: object, signed: bool) -> dict[str, dict[str, int]]:
-        """The amounts of `also=` in a lease operation: other resources of this lease only,
-        each one's limits only (fields `also.<resource>.<limit>`)."""
+    def _also_shape(self, also: object) -> dict[str, Mapping[str, object]]:
+        """`also=` of a lease operation, its shape checked: other resources of this lease
+        only, each with a mapping (fields `also`, `also.<resource>`)."""
         if not isinstance(also, Mapping):
             raise ValidationError("also", also, "must be a mapping of resource to amounts")
-        result: dict[str, dict[str, int]] = {}
         for resource, amounts in also.items():
             field = f"also.{resource}"
             if self._also is None or resource not in self._also:
                 raise ValidationError(field, resource, "not one of this lease's other resources")
             if not isinstance(amounts, Mapping):
                 raise ValidationError(field, amounts, "must be a mapping of limit name to amount")
-            result[resource] = self._amounts(amounts, signed, field, self._also[resource])
-        return result
+        return dict(also)
+
+    def _also_amounts(self, also: object, signed: bool) -> dict[str, dict[str, int]]:
+        """The amounts of `also=` in a lease operation: each resource's own limits only
+        (fields `also.<resource>.<limit>`)."""
+        shape = self._also_shape(also)
+        names = self._also or {}  # every resource of `shape` is one of them
+        return {r: self._amounts(a, signed, f"also.{r}", names[r]) for r, a in shape.items()}
 
     def _held_back_also(self, gives: Mapping[str, Mapping[str, int]]) -> None:
         """`_held_back` for each other resource, against the entity's books of it."""
@@ -431,17 +436,17 @@ class Lease:
     ) -> None:
         """`release` of a lease over several resources: the slots of every resource go back
         together (as for one), the tokens of each resource to its own items, in one round."""
-        raw: Mapping[str, Mapping[str, int]] = {} if also is None else also
-        extra = self._also_amounts(raw, signed=False) if raw else {}
+        raw = {} if also is None else self._also_shape(also)
+        extra: dict[str, dict[str, int]] = {}
         if self._slots is not None:
             primary = self._targets[0].resource
-            named = [("release", primary, dict(amounts))]
-            named += [(f"also.{r}", r, dict(d)) for r, d in raw.items()]
+            named = [("release", primary, list(amounts))]
+            named += [(f"also.{r}", r, list(d)) for r, d in raw.items()]
             held = {r: self._slots_in(r) for _, r, _ in named}
-            caps = [(f, r, n) for f, r, d in named for n in d if n in held[r]]
+            caps = [(f, r, n) for f, r, names in named for n in names if n in held[r]]
             if (not amounts and not any(raw.values())) or caps:
                 for field, resource, name in caps:
-                    asked = (amounts if field == "release" else raw[resource])[name]
+                    asked = amounts[name] if field == "release" else raw[resource][name]
                     if asked != held[resource][name]:
                         raise ValidationError(
                             f"{field}.{name}",
@@ -449,11 +454,9 @@ class Lease:
                             f"slots are released together: all {held[resource][name]} or none",
                         )
                 amounts = {n: a for n, a in amounts.items() if n not in held[primary]}
-                extra = self._also_amounts(
-                    {r: {n: a for n, a in d.items() if n not in held[r]} for r, d in raw.items()},
-                    signed=False,
-                )
+                raw = {r: {n: a for n, a in d.items() if n not in held[r]} for r, d in raw.items()}
                 await self._end_slots()
+        extra = self._also_amounts(raw, signed=False) if raw else {}
         deltas = self._amounts(amounts, signed=False)
         self._held_back("release", deltas)
         self._held_back_also(extra)
