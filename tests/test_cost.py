@@ -100,3 +100,56 @@ async def test_denial_from_a_fresh_state_costs_no_write(limiter: RateLimiter) ->
         await acquire(limiter, LIMITS, {"rpm": 1})
     # The cached state says "denied"; one consistent read confirms it, nothing is written.
     assert limiter.ledger.snapshot()["calls"] == {"GetItem": 1}
+
+
+
+async def test_an_acquire_of_two_resources_is_one_round_of_one_write_per_item(
+    limiter: RateLimiter,
+) -> None:
+    """`also=`: one write per bucket item (2 resources, x2 with cascade), all sent in one
+    round (every write in flight before the first returns); cold, the items are read in one
+    round first; adjust over both is one write per item too."""
+    in_flight = peak = 0
+    write = limiter.repository.write_bucket
+
+    async def counted(*args: object, **kwargs: object) -> object:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        try:
+            return await write(*args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            in_flight -= 1
+
+    limiter.repository.write_bucket = counted  # type: ignore[method-assign]
+    cold = await measure(
+        limiter, acquire_also(limiter, "fresh", {"rpm": 1}, {"all": {"tpm": 1}}, False)
+    )
+    assert cold["calls"] == {"GetItem": 2, "UpdateItem": 2}
+    for cascade, items in ((False, 2), (True, 4)):
+        await acquire_also(limiter, "key", {"rpm": 1}, {"all": {"tpm": 1}}, cascade)
+        limiter.ledger.reset()
+        peak = 0
+        async with limiter.acquire(
+            "key", "llm", LIMITS, {"rpm": 1, "tpm": 10}, cascade=cascade,
+            also={"all": {"tpm": 10}},
+        ) as lease:
+            warm = dict(limiter.ledger.snapshot())
+            limiter.ledger.reset()
+            await lease.adjust(tpm=5, also={"all": {"tpm": 5}})
+            adjusted = dict(limiter.ledger.snapshot())
+        assert warm["calls"] == {"UpdateItem": items}
+        assert warm["write_units"] == items
+        assert peak == items, "the writes were not sent in one round"
+        assert adjusted["calls"] == {"UpdateItem": items}
+
+
+async def acquire_also(
+    limiter: RateLimiter,
+    entity_id: str,
+    consume: dict[str, int],
+    also: dict[str, dict[str, int]],
+    cascade: bool,
+) -> None:
+    async with limiter.acquire(entity_id, "llm", LIMITS, consume, cascade=cascade, also=also):
+        pass

@@ -376,3 +376,34 @@ def test_cli_commands(endpoint_url: str) -> None:
     events = cli(endpoint_url, "audit", "_resources_")["events"]
     assert [e["action"] for e in events] == ["resource_enabled", "resource_disabled"]
     assert "resource" in cli(endpoint_url, "resource", "disable", "bad#name", code=1)
+
+
+# -- several resources in one acquire (`also=`) ---------------------------------------------------
+
+
+async def test_several_resources_a_disabled_one_refuses_all_a_bypass_needs_all(
+    limiter: RateLimiter,
+) -> None:
+    def both() -> Any:
+        return limiter.acquire("key", "llm", [RPM], {"rpm": 1}, also={"embed": {"rpm": 1}})
+
+    await limiter.disable_resource("embed")
+    with pytest.raises(ResourceDisabled) as caught:
+        async with both():
+            pass
+    assert caught.value.disabled_name == "embed"
+    assert await limiter.available("key", "llm", [RPM]) == {"rpm": 5}  # nothing taken
+    await limiter.bypass_resource("embed")
+    async with both() as lease:  # one bypassed, one not: both limited
+        assert not lease.bypassed and lease.also_consumed == {"embed": {"rpm": 1}}
+    await limiter.bypass_resource("llm")
+    limiter.ledger.reset()
+    async with both() as lease:
+        assert lease.bypassed and lease.also_consumed == {"embed": {}}
+        await lease.adjust(also={"embed": {"rpm": 2}})  # a no-op lease
+    assert limiter.ledger.total_calls == 0
+    await limiter.enable_resource("llm")
+    await limiter.enable_resource("embed")
+    await limiter.bypass_entity("key")
+    async with both() as lease:  # the entity's bypass covers every resource
+        assert lease.bypassed

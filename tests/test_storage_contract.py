@@ -657,6 +657,73 @@ async def test_concurrency_cap_slots_alike(moto: Repository) -> None:
     await both(moto, script)
 
 
+# -- several resources in one acquire: the limiter on both -------------------------------------
+
+ALSO_LIMITS = [Limit.per_minute("rpm", 20), Limit.per_minute("tpm", 1000)]
+
+
+async def also_script(store: Storage) -> Any:
+    """Acquires over two resources (`also=`), with and without cascade, by two limiters whose
+    views go stale, with adjusts over both resources, rollbacks and denials: the same
+    outcomes and items on both stores, and every item's net consumption is what the leases
+    say they hold."""
+    from zae_limiter import RateLimiter
+
+    clock = [T0]
+    await store.put_entity(Entity(id="proj"))  # directly: the limiter's would audit them
+    await store.put_entity(Entity(id="k", parent_id="proj"))
+    limiters = [
+        RateLimiter(
+            name=TABLE, repository=store, clock=lambda: clock[0], version_check="skip"
+        )
+        for _ in range(2)
+    ]
+    rng = random.Random(31)
+    seen: list[Any] = []
+    books: dict[tuple[str, str], int] = {}  # net tpm tokens per (entity, resource)
+    for step in range(40):
+        clock[0] += rng.choice((0, 0, 7, 250, 3_000))
+        limiter = rng.choice(limiters)
+        cascade = rng.random() < 0.5
+        own, other = rng.randint(1, 300), rng.randint(1, 300)
+        rollback = rng.random() < 0.2
+        try:
+            async with limiter.acquire(
+                "k", "m1", ALSO_LIMITS, {"rpm": 1, "tpm": own}, cascade=cascade,
+                also={"all": {"tpm": other}},
+            ) as lease:
+                if rng.random() < 0.4:
+                    await lease.adjust(tpm=-(own // 2), also={"all": {"tpm": 25}})
+                if rollback:
+                    raise LookupError("the block failed: everything goes back")
+        except RateLimitExceeded as exc:
+            denied = sorted((v.entity_id, v.resource) for v in exc.violations)
+            seen.append((step, "denied", denied))
+            continue
+        except LookupError:
+            seen.append((step, "rolled back"))
+            continue
+        seen.append((step, "ok", lease.consumed, lease.also_consumed))
+        for entity in ("k", "proj") if cascade else ("k",):
+            books[(entity, "m1")] = books.get((entity, "m1"), 0) + lease.consumed["tpm"]
+            held = lease.also_consumed["all"]["tpm"]
+            books[(entity, "all")] = books.get((entity, "all"), 0) + held
+    net = {
+        (b.entity_id, b.resource): b.limits["tpm"].consumed_milli - b.limits["tpm"].released_milli
+        for b in await store.all_buckets()
+    }
+    assert net == {key: 1000 * n for key, n in books.items()}
+    kinds = {s[1] for s in seen}
+    assert kinds == {"ok", "denied", "rolled back"}, kinds
+    assert any(("k", "all") in s[2] or ("proj", "all") in s[2] for s in seen if s[1] == "denied")
+    assert store.ledger.conflicts > 0, "no write met a stale view"
+    return seen, net, store.ledger.conflicts, await table(store)
+
+
+async def test_several_resources_in_one_acquire_alike(moto: Repository) -> None:
+    seen, net, _, _ = await both(moto, also_script)
+    assert len(seen) == 40 and len(net) == 4
+
 # -- kill switches ---------------------------------------------------------------------------
 
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 from .exceptions import ValidationError
 from .models import Limit
-from .validation import MAX_AMOUNT, validate_amount, validate_name
+from .validation import MAX_AMOUNT, validate_amount, validate_name, validate_resource
 
 # Limit names already found valid: a service uses a handful, and checking each on every acquire
 # would cost more than a decision served from a reserved block.
@@ -44,6 +44,22 @@ def check_consume(consume: Mapping[str, int], field: str = "consume") -> dict[st
             result[name] = amount
         else:
             result[name] = validate_amount(amount, field=f"{field}.{name}")
+    return result
+
+
+def check_also(also: object, resource: str) -> dict[str, dict[str, int]]:
+    """`acquire(..., also=)`: other resource -> its consumption, each resource valid and not the
+    acquire's own (its bucket item would be taken from twice), each consumption as `consume`'s.
+    Fields name the place: `also`, `also.<resource>`, `also.<resource>.<limit>`."""
+    if not isinstance(also, Mapping):
+        raise ValidationError("also", also, "must be a mapping of resource to a consume mapping")
+    result: dict[str, dict[str, int]] = {}
+    for other, consume in also.items():
+        field = f"also.{other}" if isinstance(other, str) else "also"
+        validate_resource(other, field=field)
+        if other == resource:
+            raise ValidationError(field, other, "repeats the acquire's own resource")
+        result[other] = check_consume(consume, field=field)
     return result
 
 

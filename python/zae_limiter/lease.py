@@ -31,6 +31,12 @@ class Settler(Protocol):
 
     async def commit(self, targets: Sequence[Target], amounts: Mapping[str, int]) -> None: ...
 
+    async def commit_each(
+        self, targets: Sequence[Target], amounts: Sequence[Mapping[str, int]]
+    ) -> None:
+        """`commit` with each target's own amounts (a lease over several resources)."""
+        ...
+
     async def force_each(
         self,
         targets: Sequence[Target],
@@ -75,6 +81,7 @@ class Lease:
         bypassed: bool = False,
         deadline: float | None = None,
         slots: tuple[SlotKeeper, Hold] | None = None,
+        also: Mapping[str, Mapping[str, int]] | None = None,
     ) -> None:
         self._settler = settler
         # Concurrency caps' slots (`engine.slots`), renewed in the background until the end.
@@ -89,6 +96,19 @@ class Lease:
         # give back to each exactly what it holds.
         self._books: list[dict[str, int]] = [dict(consumed) for _ in self._targets]
         self._limit_names = {limit.name for limit in targets[0].limits} if targets else set()
+        # A lease over several resources (`acquire(..., also=)`): per other resource, the limit
+        # names its amounts may name. None for one resource, whose operations pay nothing for
+        # the others: `consume` is then `consumed` of every target.
+        self._also: dict[str, set[str]] | None = None
+        if also is not None:
+            self._also = {resource: set() for resource in also}
+            primary = self._targets[0].resource if self._targets else None
+            for i, target in enumerate(self._targets):
+                if target.resource != primary:
+                    self._books[i] = dict(also[target.resource])
+                    names = self._also[target.resource]
+                    if not names:  # the entity's own target comes first: its limits count
+                        names.update(limit.name for limit in target.limits)
         self.fail_open = fail_open
         """True when DynamoDB was unreachable and FAIL_OPEN admitted without a bucket."""
         self.bypassed = bypassed
@@ -105,6 +125,21 @@ class Lease:
         happens to its write. With cascade the parent's books are kept apart: a change that
         landed on one item only is counted on that one."""
         return dict(self._books[0]) if self._books else {}
+
+    @property
+    def also_consumed(self) -> dict[str, dict[str, int]]:
+        """`consumed` of each other resource of the acquire (`also=`): net tokens this lease
+        holds per limit in the entity's own bucket of that resource. Empty for a lease of one
+        resource."""
+        if self._also is None:
+            return {}
+        found: dict[str, dict[str, int]] = {resource: {} for resource in self._also}
+        seen: set[str] = set()
+        for target, books in zip(self._targets, self._books, strict=True):
+            if target.resource in found and target.resource not in seen:
+                seen.add(target.resource)  # the entity's own target: its parent's comes after
+                found[target.resource] = dict(books)
+        return found
 
     @property
     def entity_id(self) -> str | None:
@@ -145,7 +180,14 @@ class Lease:
 
     @staticmethod
     def _cap_statuses(target: Target, hold: Hold, now: int) -> list[LimitStatus]:
-        part = next((p for p in hold.parts if p.entity_id == target.entity_id), None)
+        part = next(
+            (
+                p
+                for p in hold.parts
+                if p.entity_id == target.entity_id and p.resource == target.resource
+            ),
+            None,
+        )
         if part is None:  # no slot taken there: the item was never seen
             return []
         found: list[LimitStatus] = []
@@ -161,17 +203,59 @@ class Lease:
             )
         return found
 
-    def _amounts(self, amounts: Mapping[str, object], signed: bool) -> dict[str, int]:
+    def _amounts(
+        self,
+        amounts: Mapping[str, object],
+        signed: bool,
+        prefix: str = "consume",
+        names: set[str] | None = None,
+    ) -> dict[str, int]:
+        own = self._limit_names if names is None else names
         result: dict[str, int] = {}
         for name, amount in amounts.items():
-            field = f"consume.{name}"
+            field = f"{prefix}.{name}"
             validate_name(name, field=field)
-            if not self._noop and name not in self._limit_names:
+            if not self._noop and name not in own:
                 raise ValidationError(field, name, "not one of this lease's limits")
             value = (validate_signed_amount if signed else validate_amount)(amount, field)
             if value:
                 result[name] = value
         return result
+
+    def _also_shape(self, also: object) -> dict[str, Mapping[str, object]]:
+        """`also=` of a lease operation, its shape checked: other resources of this lease
+        only, each with a mapping (fields `also`, `also.<resource>`)."""
+        if not isinstance(also, Mapping):
+            raise ValidationError("also", also, "must be a mapping of resource to amounts")
+        for resource, amounts in also.items():
+            field = f"also.{resource}"
+            if self._also is None or resource not in self._also:
+                raise ValidationError(field, resource, "not one of this lease's other resources")
+            if not isinstance(amounts, Mapping):
+                raise ValidationError(field, amounts, "must be a mapping of limit name to amount")
+        return dict(also)
+
+    def _also_amounts(self, also: object, signed: bool) -> dict[str, dict[str, int]]:
+        """The amounts of `also=` in a lease operation: each resource's own limits only
+        (fields `also.<resource>.<limit>`)."""
+        shape = self._also_shape(also)
+        names = self._also or {}  # every resource of `shape` is one of them
+        return {r: self._amounts(a, signed, f"also.{r}", names[r]) for r, a in shape.items()}
+
+    def _held_back_also(self, gives: Mapping[str, Mapping[str, int]]) -> None:
+        """`_held_back` for each other resource, against the entity's books of it."""
+        if self._noop:
+            return
+        held_now = self.also_consumed
+        for resource, each in gives.items():
+            for name, amount in each.items():
+                held = held_now[resource].get(name, 0)
+                if amount > held:
+                    raise ValidationError(
+                        f"also.{resource}.{name}",
+                        -amount,
+                        f"gives back more than this lease holds ({held})",
+                    )
 
     def _held_back(self, field: str, gives: Mapping[str, int]) -> None:
         """A lease gives back at most what it holds: its net consumption of a limit never goes
@@ -186,21 +270,47 @@ class Lease:
                     f"{field}.{name}", -amount, f"gives back more than this lease holds ({held})"
                 )
 
-    async def adjust(self, **amounts: int) -> None:
+    async def adjust(
+        self, *, also: Mapping[str, Mapping[str, int]] | int | None = None, **amounts: int
+    ) -> None:
         """Consume more (positive) or give back (negative) without a check: buckets may go
         negative, e.g. to reconcile an LLM call's real token count with its estimate. A give-back
-        beyond what the lease holds is a `ValidationError` (nothing changes)."""
-        deltas = self._amounts(amounts, signed=True)
-        self._held_back("adjust", {k: -v for k, v in deltas.items() if v < 0})
-        if deltas and not self._noop:
-            await self._force(self._each(deltas), "adjust")
+        beyond what the lease holds is a `ValidationError` (nothing changes).
 
-    async def consume(self, **amounts: int) -> None:
+        The keyword amounts are the acquire's own resource's; `also={resource: {limit: n}}`
+        adjusts the other resources of an `acquire(..., also=)`, every item in one round.
+        A limit named `also` is still adjusted by `also=<int>` (a mapping names resources),
+        which is why `also` admits an int: `adjust(**deltas)` of a `dict[str, int]` type-checks."""
+        if also is not None and not isinstance(also, Mapping):
+            amounts, also = {**amounts, "also": also}, None
+        deltas = self._amounts(amounts, signed=True)
+        if also is None:
+            self._held_back("adjust", {k: -v for k, v in deltas.items() if v < 0})
+            if deltas and not self._noop:
+                await self._force(self._each(deltas), "adjust")
+            return
+        extra = self._also_amounts(also, signed=True)
+        self._held_back("adjust", {k: -v for k, v in deltas.items() if v < 0})
+        self._held_back_also({r: {k: -v for k, v in d.items() if v < 0} for r, d in extra.items()})
+        if (deltas or any(extra.values())) and not self._noop:
+            await self._force(self._each(deltas, extra), "adjust")
+
+    async def consume(
+        self, *, also: Mapping[str, Mapping[str, int]] | int | None = None, **amounts: int
+    ) -> None:
         """Take more, checked like `acquire`: raises `RateLimitExceeded` and takes nothing if any
         limit (or the parent's, with cascade) cannot cover it. At the deadline it raises
         `RateLimiterUnavailable` and the lease does not count the tokens; a write already sent
         may still land then, charging the bucket for tokens nobody holds (under-admission
-        until refill, never over-admission). A partial cascade is given back."""
+        until refill, never over-admission). A partial cascade is given back.
+
+        `also={resource: {limit: n}}` takes from the other resources of an
+        `acquire(..., also=)` too, all or nothing with the keyword amounts."""
+        if also is not None and not isinstance(also, Mapping):
+            amounts, also = {**amounts, "also": also}, None
+        if self._also is not None or also is not None:
+            await self._consume_each(self._amounts(amounts, signed=False), also)
+            return
         deltas = self._amounts(amounts, signed=False)
         if deltas and not self._noop:
             # In shadow mode no limit refuses, not even a request larger than its burst.
@@ -211,6 +321,32 @@ class Lease:
                 await self._commit(deltas)
         self._add(deltas)
 
+    async def _consume_each(
+        self, deltas: dict[str, int], also: Mapping[str, Mapping[str, int]] | None
+    ) -> None:
+        """`consume` of a lease over several resources: each target takes its resource's
+        amounts, in one checked decision (straight to the buckets: never from blocks)."""
+        extra = {} if also is None else self._also_amounts(also, signed=False)
+        if self._noop or not (deltas or any(extra.values())):
+            return
+        each = self._each(deltas, extra)
+        primary = self._targets[0].resource
+        asks = {primary: ("consume", deltas)}
+        asks.update((r, (f"also.{r}", d)) for r, d in extra.items())
+        for resource, (field, amounts) in asks.items():
+            # In shadow mode no limit refuses, not even a request larger than its burst.
+            mine = [t for t in self._targets if t.resource == resource]
+            sets = [(t.entity_id, t.limits) for t in mine if not t.shadow]
+            if (too := oversized(sets, amounts, field)) is not None:
+                raise request_too_large(mine, amounts, self._settler.clock(), too[2])
+        await self._commit_each(each)
+        self._add_each(each)
+
+    @public_errors
+    async def _commit_each(self, each: Sequence[Mapping[str, int]]) -> None:
+        async with Bounded(self._deadline):
+            await self._settler.commit_each(self._targets, each)
+
     @public_errors
     async def _commit(self, deltas: Mapping[str, int]) -> None:
         """A checked take written within the deadline (at the deadline: unavailable)."""
@@ -219,11 +355,23 @@ class Lease:
 
     @property
     def slots(self) -> dict[str, int]:
-        """Slots of concurrency caps this lease holds (its entity's), until it ends or
-        releases them."""
+        """Slots of concurrency caps this lease holds (its entity's, of the acquire's own
+        resource), until it ends or releases them."""
         if self._slots is None or self._slots[1].released:
             return {}
+        if self._also is not None:
+            return self._slots_in(self._targets[0].resource)
         return self._slots[1].slots
+
+    def _slots_in(self, resource: str) -> dict[str, int]:
+        """The entity's own slots of `resource` (a lease over several resources)."""
+        if self._slots is None:
+            return {}
+        entity_id = self.entity_id
+        for part in self._slots[1].parts:
+            if part.entity_id == entity_id and part.resource == resource:
+                return dict(part.slots)
+        return {}
 
     async def renew(self) -> bool:
         """Renew the lease's slots now: each entry expires `lease_ttl` from now. The lease
@@ -254,13 +402,23 @@ class Lease:
         async with Bounded(self._deadline):
             await _landed(back)
 
-    async def release(self, **amounts: int) -> None:
+    async def release(
+        self, *, also: Mapping[str, Mapping[str, int]] | int | None = None, **amounts: int
+    ) -> None:
         """Give tokens back early, at most what the lease holds; a bucket never refills past its
         burst.
 
         Slots of concurrency caps are given back together: `release()` with no arguments, or
         naming a cap with the slots it holds (another amount is a `ValidationError`), gives
-        back every slot of the lease (its parent's too); the lease's tokens stay."""
+        back every slot of the lease (its parent's too); the lease's tokens stay.
+
+        `also={resource: {limit: n}}` gives back to the other resources of an
+        `acquire(..., also=)`; naming a cap of one of them gives back every slot too."""
+        if also is not None and not isinstance(also, Mapping):
+            amounts, also = {**amounts, "also": also}, None
+        if also is not None or self._also is not None:
+            await self._release_each(amounts, also)
+            return
         taken = self._slots[1].slots if self._slots is not None else {}
         if self._slots is not None and (not amounts or any(n in taken for n in amounts)):
             # After the slots went back, naming a cap again changes nothing (exactly once).
@@ -279,22 +437,60 @@ class Lease:
         if deltas and not self._noop:
             await self._force(self._each({k: -v for k, v in deltas.items()}), "release")
 
+    async def _release_each(
+        self, amounts: Mapping[str, int], also: Mapping[str, Mapping[str, int]] | None
+    ) -> None:
+        """`release` of a lease over several resources: the slots of every resource go back
+        together (as for one), the tokens of each resource to its own items, in one round."""
+        raw = {} if also is None else self._also_shape(also)
+        extra: dict[str, dict[str, int]] = {}
+        if self._slots is not None:
+            primary = self._targets[0].resource
+            named = [("release", primary, list(amounts))]
+            named += [(f"also.{r}", r, list(d)) for r, d in raw.items()]
+            held = {r: self._slots_in(r) for _, r, _ in named}
+            caps = [(f, r, n) for f, r, names in named for n in names if n in held[r]]
+            if (not amounts and not any(raw.values())) or caps:
+                for field, resource, name in caps:
+                    asked = amounts[name] if field == "release" else raw[resource][name]
+                    if asked != held[resource][name]:
+                        raise ValidationError(
+                            f"{field}.{name}",
+                            asked,
+                            f"slots are released together: all {held[resource][name]} or none",
+                        )
+                amounts = {n: a for n, a in amounts.items() if n not in held[primary]}
+                raw = {r: {n: a for n, a in d.items() if n not in held[r]} for r, d in raw.items()}
+                await self._end_slots()
+        extra = self._also_amounts(raw, signed=False) if raw else {}
+        deltas = self._amounts(amounts, signed=False)
+        self._held_back("release", deltas)
+        self._held_back_also(extra)
+        if (deltas or any(extra.values())) and not self._noop:
+            negative = {r: {k: -v for k, v in d.items()} for r, d in extra.items()}
+            await self._force(self._each({k: -v for k, v in deltas.items()}, negative), "release")
+
     async def _rollback(self) -> None:
         each = [{k: -v for k, v in books.items() if v > 0} for books in self._books]
         if any(each) and not self._noop:
             await self._force(each, "rollback")
 
-    def _each(self, deltas: Mapping[str, int]) -> list[dict[str, int]]:
+    def _each(
+        self,
+        deltas: Mapping[str, int],
+        also: Mapping[str, Mapping[str, int]] | None = None,
+    ) -> list[dict[str, int]]:
         """`deltas` for every target, a give-back cut to what that target holds: after a
         change that landed on one item only, the other holds less, and giving it more would
-        add capacity this lease never took there."""
+        add capacity this lease never took there. Over several resources `deltas` are the
+        acquire's own resource's and `also` the others' (a resource not named: nothing)."""
+        if self._also is None:
+            return [_cut(books, deltas) for books in self._books]
+        primary = self._targets[0].resource if self._targets else None
+        extra = also or {}
         return [
-            {
-                name: max(n, -books.get(name, 0)) if n < 0 else n
-                for name, n in deltas.items()
-                if n > 0 or books.get(name, 0) > 0
-            }
-            for books in self._books
+            _cut(books, deltas if target.resource == primary else extra.get(target.resource, {}))
+            for target, books in zip(self._targets, self._books, strict=True)
         ]
 
     async def _force(self, each: Sequence[Mapping[str, int]], what: str) -> None:
@@ -384,6 +580,15 @@ class Lease:
         return f"Lease(entity_id={self.entity_id!r}, consumed={self.consumed!r})"
 
 
+def _cut(books: Mapping[str, int], deltas: Mapping[str, int]) -> dict[str, int]:
+    """`deltas` for one target: a give-back at most what its books hold."""
+    return {
+        name: max(n, -books.get(name, 0)) if n < 0 else n
+        for name, n in deltas.items()
+        if n > 0 or books.get(name, 0) > 0
+    }
+
+
 @public_errors
 async def _landed(write: asyncio.Task[None]) -> None:
     """Wait for `write`; its failure leaves as a public error. The deadline stays outside: a
@@ -445,6 +650,10 @@ class SyncLease:
         return self._lease.statuses()
 
     @property
+    def also_consumed(self) -> dict[str, dict[str, int]]:
+        return self._lease.also_consumed
+
+    @property
     def entity_id(self) -> str | None:
         return self._lease.entity_id
 
@@ -456,14 +665,20 @@ class SyncLease:
     def bypassed(self) -> bool:
         return self._lease.bypassed
 
-    def adjust(self, **amounts: int) -> None:
-        self._run(self._lease.adjust(**amounts))
+    def adjust(
+        self, *, also: Mapping[str, Mapping[str, int]] | int | None = None, **amounts: int
+    ) -> None:
+        self._run(self._lease.adjust(also=also, **amounts))
 
-    def consume(self, **amounts: int) -> None:
-        self._run(self._lease.consume(**amounts))
+    def consume(
+        self, *, also: Mapping[str, Mapping[str, int]] | int | None = None, **amounts: int
+    ) -> None:
+        self._run(self._lease.consume(also=also, **amounts))
 
-    def release(self, **amounts: int) -> None:
-        self._run(self._lease.release(**amounts))
+    def release(
+        self, *, also: Mapping[str, Mapping[str, int]] | int | None = None, **amounts: int
+    ) -> None:
+        self._run(self._lease.release(also=also, **amounts))
 
     @property
     def slots(self) -> dict[str, int]:

@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from . import usage
-from .arguments import check_consumable, check_consume, check_limits, oversized
+from .arguments import check_also, check_consumable, check_consume, check_limits, oversized
 from .core import units
 from .deadline import DEFAULT, Bounded, DeadlineArg, check_deadline, resolve_deadline
 from .engine.engine import Engine, Target, available_milli, request_too_large, wait_ms
@@ -464,6 +464,7 @@ class RateLimiter:
         failure_mode: FailureMode | None = None,
         *,
         deadline: float | None = None,
+        also: Mapping[str, Mapping[str, int]] | None = None,
     ) -> LeaseScope:
         """`async with limiter.acquire(...) as lease:` takes `consume` from every limit (and the
         parent's, with `cascade`) or raises `RateLimitExceeded`; the consumption stands on a
@@ -471,7 +472,31 @@ class RateLimiter:
 
         `deadline` (seconds; default: the limiter's) bounds the wait on DynamoDB, retries
         included: past it, FAIL_OPEN admits and FAIL_CLOSED raises `RateLimiterUnavailable`.
-        The lease's own operations use the same deadline."""
+        The lease's own operations use the same deadline.
+
+        `also={other_resource: consume_there, ...}` takes from other resources' buckets too
+        (the parents' with `cascade`), all or nothing with `resource`'s, under one lease. Their
+        limits are found as `resource`'s: `limits`, or with `use_stored_limits` each resource's
+        own stored limits (then the entity's `_default_`, then `limits`). docs/limits.md,
+        "Several resources in one acquire"."""
+        if also is not None and (not isinstance(also, Mapping) or also):
+            return LeaseScope(
+                lambda: self._admit(
+                    entity_id,
+                    resource,
+                    lambda: self._decide_also(
+                        entity_id,
+                        resource,
+                        limits,
+                        consume,
+                        also,
+                        cascade,
+                        use_stored_limits,
+                        failure_mode,
+                        deadline,
+                    ),
+                )
+            )
         return LeaseScope(
             lambda: self._admit(
                 entity_id,
@@ -592,7 +617,7 @@ class RateLimiter:
         if hold is not None and self._slots is not None:
             # Reported once the acquire is admitted, buckets included: a soft cap's excess in
             # an acquire a hard limit denied was given back, as a soft bucket's is not written.
-            self._report_slot_excesses(hold, sets)
+            self._report_slot_excesses(hold, [(resource, sets)])
             names = cap_names(sets)
             held = {name: n for name, n in amounts.items() if name not in names}
             return Lease(
@@ -603,6 +628,98 @@ class RateLimiter:
                 slots=(self._slots, hold),
             )
         return Lease(reserver or self._engine, targets, amounts, deadline=seconds)
+
+    async def _decide_also(
+        self,
+        entity_id: str,
+        resource: str,
+        limits: Sequence[Limit] | None,
+        consume: Mapping[str, int],
+        also: Mapping[str, Mapping[str, int]],
+        cascade: bool,
+        use_stored_limits: bool,
+        failure_mode: FailureMode | None,
+        deadline: float | None,
+    ) -> Lease:
+        """`_decide` over several resources: every resource's limit sets resolved as
+        `resource`'s, every cap's slots taken in one round, then one decision over every
+        bucket item of every resource and one round of writes (`Engine.commit_each`), all or
+        nothing. Never served from reserved blocks: a block holds one item's tokens, and
+        spending several items' blocks at once is not what they are sized for."""
+        mode = self._failure_mode(failure_mode)
+        seconds = self._deadline_of(deadline)
+        validate_entity_id(entity_id)
+        validate_resource(resource)
+        fallback = check_limits(limits or [], allow_empty=use_stored_limits)
+        asks = {resource: check_consume(consume), **check_also(also, resource)}
+        fields = {r: "consume" if r == resource else f"also.{r}" for r in asks}
+        if not use_stored_limits:  # the limits are known: reject before any I/O
+            for r, amounts in asks.items():
+                self._check_amounts(r, [(entity_id, fallback)], amounts, fields[r])
+        groups: list[tuple[str, LimitSets, dict[str, int]]] = []
+        try:
+            if not self._ready:
+                await self.repository.open()
+            async with Bounded(seconds):
+                if not self._ready:
+                    await self._ensure_ready()
+                for r, amounts in asks.items():
+                    # One after the other: the first resolution caches the entity and its
+                    # stored limits (every resource's), so the others read nothing.
+                    sets = await self._resolver.limit_sets(
+                        entity_id, r, fallback, cascade, use_stored_limits
+                    )
+                    if use_stored_limits:
+                        self._check_amounts(r, sets, amounts, fields[r])
+                    groups.append((r, sets, amounts))
+                if self._switches is not None:
+                    # Every resource's switch (a disabled one refuses the whole acquire), the
+                    # entity's and the parent's; bypassed only when all of it is, else every
+                    # resource is limited (docs/limits.md "Kill switch").
+                    flags = await self._switches.current()
+                    ids = [eid for eid, _ in groups[0][1]]
+                    ttl = self._switches.ttl
+                    verdicts = [flags.bypassed(r, entity_id, ids, True, ttl) for r in asks]
+                    if all(verdicts):
+                        none: dict[str, dict[str, int]] = {r: {} for r in asks if r != resource}
+                        return Lease(self._engine, [], {}, bypassed=True, also=none)
+                hold = None
+                if any(has_caps(sets) for _, sets, _ in groups):
+                    if self._slots is None:
+                        raise ValidationError(
+                            "limits",
+                            type(self.repository).__name__,
+                            "this storage keeps no concurrency caps",
+                        )
+                    hold = await self._slots.take_each(groups)
+                try:
+                    targets = await self._engine.targets_each([(r, sets) for r, sets, _ in groups])
+                    await self._engine.commit_each(targets, [asks[t.resource] for t in targets])
+                except BaseException as exc:
+                    if hold is not None:  # all or nothing: the buckets refused
+                        await self._give_back_slots(hold, exc)
+                    raise
+        except STORAGE_FAILURES as exc:  # the deadline passing too
+            error = public_error(exc)
+            if isinstance(error, ConfigurationError) or mode is not FailureMode.FAIL_OPEN:
+                raise error from exc
+            log.warning("DynamoDB unavailable, admitting (FAIL_OPEN): %s", exc)
+            nothing: dict[str, dict[str, int]] = {r: {} for r in asks if r != resource}
+            return Lease(self._engine, [], {}, fail_open=True, also=nothing)
+        slots = None
+        held = asks
+        if hold is not None and self._slots is not None:
+            self._report_slot_excesses(hold, [(r, sets) for r, sets, _ in groups])
+            slots = (self._slots, hold)
+            # A cap's slots are the hold's, not tokens in the books.
+            held = {
+                r: {n: v for n, v in asks[r].items() if n not in cap_names(sets)}
+                for r, sets, _ in groups
+            }
+        others = {r: held[r] for r in asks if r != resource}
+        return Lease(
+            self._engine, targets, held[resource], deadline=seconds, slots=slots, also=others
+        )
 
     async def _take_slots(
         self, resource: str, sets: LimitSets, amounts: Mapping[str, int]
@@ -615,11 +732,15 @@ class RateLimiter:
             )
         return await self._slots.take(resource, sets, amounts)
 
-    def _report_slot_excesses(self, hold: Hold, sets: LimitSets) -> None:
+    def _report_slot_excesses(self, hold: Hold, groups: Sequence[tuple[str, LimitSets]]) -> None:
         observer = self._engine.on_soft_excess
         if observer is None or not any(p.past for p in hold.parts):
             return
-        caps = {eid: {c.name: c for c in limits if c.is_concurrency} for eid, limits in sets}
+        caps = {
+            (eid, resource): {c.name: c for c in limits if c.is_concurrency}
+            for resource, sets in groups
+            for eid, limits in sets
+        }
         for entity_id, resource, soft, shadow in hold.excesses(caps):
             try:
                 observer(entity_id, resource, soft, shadow)
@@ -637,11 +758,13 @@ class RateLimiter:
             except Exception as failure:  # the buckets' error is the one to raise
                 log.warning("give-back of slots failed; they expire at lease_ttl: %s", failure)
 
-    def _check_amounts(self, resource: str, sets: LimitSets, amounts: Mapping[str, int]) -> None:
+    def _check_amounts(
+        self, resource: str, sets: LimitSets, amounts: Mapping[str, int], field: str = "consume"
+    ) -> None:
         """No I/O: every amount names one of the entity's limits (else `ValidationError`) and
-        fits every limit's burst (else `RequestTooLarge`)."""
-        check_consumable(sets, amounts, burst=False)
-        if not self.shadow and (too := oversized(sets, amounts)) is not None:
+        fits every limit's burst (else `RequestTooLarge`); errors name `field.<limit>`."""
+        check_consumable(sets, amounts, field, burst=False)
+        if not self.shadow and (too := oversized(sets, amounts, field)) is not None:
             raise self._too_large(resource, sets, amounts, too[2])
 
     def _deadline_of(self, deadline: float | None) -> float | None:

@@ -174,6 +174,7 @@ class SyncRateLimiter:
         failure_mode: FailureMode | None = None,
         *,
         deadline: float | None = None,
+        also: Mapping[str, Mapping[str, int]] | None = None,
     ) -> Iterator[SyncLease]:
         manager = self._limiter.acquire(
             entity_id,
@@ -184,6 +185,7 @@ class SyncRateLimiter:
             use_stored_limits,
             failure_mode,
             deadline=deadline,
+            also=also,
         )
         lease = self._run(manager.__aenter__())
         try:

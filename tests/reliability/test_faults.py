@@ -887,3 +887,71 @@ async def test_lease_operations_raise_the_public_error_under_throttling(
     assert type(raised.value) is RateLimiterUnavailable
     assert not isinstance(raised.value, (RepositoryUnavailable, StorageError))
     figures.add(operations=1)
+
+
+async def item_net(proxy: FaultProxy, entity_id: str, resource: str) -> int:
+    """An item's net consumption of `LIMIT` as moto holds it (read bypassing the proxy)."""
+    repo = Repository(TABLE, None, f"http://{proxy.upstream[0]}:{proxy.upstream[1]}")
+    try:
+        bucket = await repo.get_bucket(entity_id, resource)
+    finally:
+        await repo.close()
+    if bucket is None:
+        return 0
+    s = bucket.limits[LIMIT.name]
+    return s.consumed_milli - s.released_milli
+
+
+@pytest.mark.parametrize("kind", ["reset", "cut", "delay", "throttle", "error500"])
+async def test_an_acquire_over_several_resources_never_stays_partial(
+    proxy: FaultProxy, figures: Figures, kind: str
+) -> None:
+    """`acquire(..., also=)` with cascade writes four items in one round; a fault on the
+    writes of one resource's items (the other resource's first, then the own one's): a lost
+    response (reset, cut, a delay past the read timeout) is resolved and the acquire and its
+    adjust stand once; a refusal (throttled or failing to exhaustion) fails the acquire and
+    what landed on the other items is given back. Every item's counters then equal the
+    leases' books: nothing partial stays, nothing is doubled."""
+    refused = kind in {"throttle", "error500"}
+    items = [(e, r) for e in ("k", "proj") for r in ("m1", "m2")]
+    async with limiter_for(proxy) as limiter:
+        await limiter.create_entity("proj")
+        await limiter.create_entity("k", parent_id="proj")
+        async with limiter.acquire(
+            "k", "m1", [LIMIT], {"tok": 1}, cascade=True, also={"m2": {"tok": 1}}
+        ):
+            pass
+        books = dict.fromkeys(items, 1)
+        for round_ in range(4):
+            faulty = ("m2", "m1")[round_ % 2]
+            proxy.inject(
+                kind,
+                ops={"UpdateItem"},
+                count=None if refused else 1,
+                delay=DELAY_S,
+                match=f"#BUCKET#{faulty}".encode(),
+            )
+            try:
+                async with limiter.acquire(
+                    "k", "m1", [LIMIT], {"tok": 2}, cascade=True, also={"m2": {"tok": 3}}
+                ) as lease:
+                    await lease.adjust(tok=1, also={"m2": {"tok": -1}})
+            except RateLimiterUnavailable:
+                assert refused, f"{kind}: a lost response failed the acquire"
+                figures.add(operations=1)
+            else:
+                assert not refused, f"{kind}: admitted without the {faulty} items"
+                assert lease.consumed == {"tok": 3} and lease.also_consumed == {"m2": {"tok": 2}}
+                for entity in ("k", "proj"):
+                    books[(entity, "m1")] += 3
+                    books[(entity, "m2")] += 2
+                figures.add(operations=2, admitted=1)
+            finally:
+                proxy.clear()
+        if kind == "delay":
+            await asyncio.sleep(DELAY_S + 0.3)  # late copies land (and must be refused)
+    assert proxy.stats.injected[kind] >= 4
+    nets = {key: await item_net(proxy, *key) for key in items}
+    assert nets == {key: 1000 * n for key, n in books.items()}, kind
+    assert (books[("k", "m1")] == 1) is refused
+    figures.add(ledger_checks=len(items))

@@ -135,6 +135,21 @@ class Engine:
         await self.load(targets)
         return targets
 
+    async def targets_each(
+        self, groups: Sequence[tuple[str, Sequence[tuple[str, list[Limit]]]]]
+    ) -> list[Target]:
+        """`targets` for several resources (`(resource, limit sets)` each), in that order: one
+        list, so that the missing states are read in one round and one decision (`commit_each`)
+        covers every resource's items."""
+        shadow = self.shadow
+        targets = [
+            Target(eid, resource, limits, shadow=shadow)
+            for resource, sets in groups
+            for eid, limits in sets
+        ]
+        await self.load(targets)
+        return targets
+
     async def load(self, targets: Sequence[Target]) -> None:
         """Give every target its last known state: cached, or read now (all at once)."""
         missing: list[Target] = []

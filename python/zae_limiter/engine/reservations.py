@@ -232,6 +232,14 @@ class Reserver:
         else:
             await self._take(holdings, amounts)
 
+    async def commit_each(
+        self, targets: Sequence[Target], amounts: Sequence[Mapping[str, int]]
+    ) -> None:
+        """Each target's own amounts, checked: straight to the buckets. Only a lease over
+        several resources asks this, and such a lease is never served from blocks (its
+        targets are the engine's, not a holding's)."""
+        await self.engine.commit_each(targets, amounts)
+
     async def force_each(
         self,
         targets: Sequence[Target],

@@ -155,14 +155,14 @@ class Hold:
     def renew_every_ms(self) -> int:
         return min(t for p in self.parts for t in p.ttl_ms.values()) // RENEWALS_PER_TTL
 
-    def excesses(self, caps: Mapping[str, Mapping[str, Limit]]) -> list[Excess]:
+    def excesses(self, caps: Mapping[tuple[str, str], Mapping[str, Limit]]) -> list[Excess]:
         """Per part whose take left soft caps past their max: (entity, resource, the caps soft
         themselves, the hard ones soft only by shadow mode), for `Engine.on_soft_excess`.
-        `caps`: entity id -> its caps by name."""
+        `caps`: (entity id, resource) -> its caps by name."""
         found: list[Excess] = []
         for p in self.parts:
             if p.past:
-                own = caps[p.entity_id]
+                own = caps[(p.entity_id, p.resource)]
                 soft = [name for name in p.past if own[name].soft]
                 shadow = [name for name in p.past if not own[name].soft]
                 found.append((p.entity_id, p.resource, soft, shadow))
@@ -193,28 +193,37 @@ class SlotKeeper:
     async def take(self, resource: str, sets: SlotSets, amounts: Mapping[str, int]) -> Hold:
         """Take every cap's slots of every entity of `sets`, all or nothing; `RateLimitExceeded`
         naming the caps that are full."""
+        return await self.take_each([(resource, sets, amounts)])
+
+    async def take_each(
+        self, groups: Sequence[tuple[str, SlotSets, Mapping[str, int]]]
+    ) -> Hold:
+        """`take` over several resources (`(resource, sets, amounts)` each): one hold, one
+        lease id, every part taken in one round, all or nothing."""
         hold = Hold(secrets.token_hex(8))
-        for entity_id, limits in sets:
-            caps = [limit for limit in limits if limit.is_concurrency]
-            slots = wanted(caps, amounts)
-            if slots:
-                ttl = {
-                    c.name: (c.lease_ttl_seconds or 1) * units.MS_PER_SECOND
-                    for c in caps
-                    if c.name in slots
-                }
-                soft = frozenset(
-                    c.name for c in caps if c.name in slots and (c.soft or self.shadow)
-                )
-                hold.parts.append(Part(entity_id, resource, slots, ttl, soft))
+        caps_of: dict[tuple[str, str], dict[str, Limit]] = {}
+        for resource, sets, amounts in groups:
+            for entity_id, limits in sets:
+                caps = [limit for limit in limits if limit.is_concurrency]
+                slots = wanted(caps, amounts)
+                if slots:
+                    ttl = {
+                        c.name: (c.lease_ttl_seconds or 1) * units.MS_PER_SECOND
+                        for c in caps
+                        if c.name in slots
+                    }
+                    soft = frozenset(
+                        c.name for c in caps if c.name in slots and (c.soft or self.shadow)
+                    )
+                    hold.parts.append(Part(entity_id, resource, slots, ttl, soft))
+                    caps_of[(entity_id, resource)] = {c.name: c for c in caps}
         if not hold.parts:
             return hold
-        caps_of = {
-            entity_id: {limit.name: limit for limit in limits if limit.is_concurrency}
-            for entity_id, limits in sets
-        }
         results = await asyncio.gather(
-            *(self._take_part(hold.lease_id, p, caps_of[p.entity_id]) for p in hold.parts),
+            *(
+                self._take_part(hold.lease_id, p, caps_of[(p.entity_id, p.resource)])
+                for p in hold.parts
+            ),
             return_exceptions=True,
         )
         denied: list[LimitStatus] = []
@@ -232,7 +241,7 @@ class SlotKeeper:
                 await asyncio.shield(back)
             if failure is not None:
                 raise failure
-            raise RateLimitExceeded(denied, entity_id=sets[0][0])
+            raise RateLimitExceeded(denied, entity_id=groups[0][1][0][0])
         return hold
 
     async def _take_part(self, lease_id: str, part: Part, caps: Mapping[str, Limit]) -> None:

@@ -70,8 +70,8 @@ from .dynamodb.slots import (
     Change,
     Check,
     conditions_hold,
-    release_op,
-    renew_op,
+    release_each,
+    renew_each,
     slots_from_item,
     slots_key,
     take_op,
@@ -275,17 +275,10 @@ class MemoryStorage:
     async def release_slots(
         self, entity_id: str, resource: str, lease_id: str, slots: Mapping[str, int]
     ) -> bool:
-        # As `Repository.release_slots`: the entries still there are released, once.
-        caps = dict(slots)
-        while caps:
-            checks, change = release_op(lease_id, caps)
-            try:
-                self._slot_write(entity_id, resource, checks, change)
-                return True
-            except SlotConflict as exc:
-                have = exc.current.holders if exc.current else {}
-                caps = {c: n for c, n in caps.items() if lease_id in have.get(c, {})}
-        return False
+        async def write(checks: Sequence[Check], change: Change) -> None:
+            self._slot_write(entity_id, resource, checks, change)
+
+        return await release_each(lease_id, slots, write)
 
     async def renew_slots(
         self,
@@ -294,18 +287,10 @@ class MemoryStorage:
         lease_id: str,
         entries: Mapping[str, tuple[int, int]],
     ) -> bool:
-        todo = dict(entries)
-        whole = True
-        while todo:
-            checks, change = renew_op(lease_id, todo)
-            try:
-                self._slot_write(entity_id, resource, checks, change)
-                return whole
-            except SlotConflict as exc:
-                have = exc.current.holders if exc.current else {}
-                todo = {c: e for c, e in todo.items() if lease_id in have.get(c, {})}
-                whole = False
-        return False
+        async def write(checks: Sequence[Check], change: Change) -> None:
+            self._slot_write(entity_id, resource, checks, change)
+
+        return await renew_each(lease_id, entries, write)
 
     async def resource_buckets(self, resource: str) -> list[BucketItem]:
         sk = schema.bucket_sk(resource)

@@ -97,8 +97,8 @@ from .requests import (
 from .slots import (
     Change,
     Check,
-    release_op,
-    renew_op,
+    release_each,
+    renew_each,
     slots_from_item,
     slots_key,
     take_op,
@@ -419,21 +419,10 @@ class Repository:
     ) -> bool:
         """Each entry is removed under `attribute_exists`, so a resend after a lost response
         (or a release racing a reaper) subtracts its slots at most once."""
-        caps = dict(slots)
-        while caps:
-            checks, change = release_op(lease_id, caps)
-            try:
-                await self._slot_write(entity_id, resource, checks, change, idempotent)
-                return True
-            except SlotConflict as exc:
-                # Some entry is gone (released by a copy that landed, or reaped): the rest
-                # are released alone.
-                have = exc.current.holders if exc.current else {}
-                left = {c: n for c, n in caps.items() if lease_id in have.get(c, {})}
-                if left == caps:  # nothing to tell apart: not ours to settle
-                    raise StorageError("SlotReleaseConflict", "release refused") from None
-                caps = left
-        return False
+        async def write(checks: Sequence[Check], change: Change) -> None:
+            await self._slot_write(entity_id, resource, checks, change, idempotent)
+
+        return await release_each(lease_id, slots, write)
 
     async def renew_slots(
         self,
@@ -442,20 +431,10 @@ class Repository:
         lease_id: str,
         entries: Mapping[str, tuple[int, int]],
     ) -> bool:
-        todo = dict(entries)
-        whole = True
-        while todo:
-            checks, change = renew_op(lease_id, todo)
-            try:
-                await self._slot_write(entity_id, resource, checks, change, idempotent)
-                return whole
-            except SlotConflict as exc:
-                have = exc.current.holders if exc.current else {}
-                left = {c: e for c, e in todo.items() if lease_id in have.get(c, {})}
-                if left == todo:
-                    raise StorageError("SlotRenewConflict", "renewal refused") from None
-                todo, whole = left, False
-        return False
+        async def write(checks: Sequence[Check], change: Change) -> None:
+            await self._slot_write(entity_id, resource, checks, change, idempotent)
+
+        return await renew_each(lease_id, entries, write)
 
     async def _slot_write(
         self,

@@ -10,13 +10,13 @@ evaluates the same conditions (`conditions_hold`, `updated`), so both backends d
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from ... import schema
 from ..capacity import item_size
-from ..protocol import Item, SlotItem, SlotTake
+from ..protocol import Item, SlotConflict, SlotItem, SlotTake, StorageError
 from .codec import item_key, item_num, item_str, num_av, str_av
 
 
@@ -206,3 +206,47 @@ def updated(item: Item | None, key: Item, change: Change) -> Item:
     for attr, n in change.add:
         new[attr] = num_av((item_num(new, attr) or 0) + n)
     return new
+
+
+SlotWrite = Callable[[Sequence["Check"], "Change"], Awaitable[object]]
+"""A backend's conditional write of a slot item (`SlotConflict` with the item when refused)."""
+
+
+async def release_each(lease_id: str, slots: Mapping[str, int], write: SlotWrite) -> bool:
+    """Release the lease's entries with `write` (each under `attribute_exists`, so a resend or a
+    race with a reaper subtracts its slots at most once); when refused, the entries still there
+    are released alone. False when none was there. Both backends release through here."""
+    caps = dict(slots)
+    while caps:
+        checks, change = release_op(lease_id, caps)
+        try:
+            await write(checks, change)
+            return True
+        except SlotConflict as exc:
+            have = exc.current.holders if exc.current else {}
+            left = {c: n for c, n in caps.items() if lease_id in have.get(c, {})}
+            if left == caps:  # nothing to tell apart: not ours to settle
+                raise StorageError("SlotReleaseConflict", "release refused") from None
+            caps = left
+    return False
+
+
+async def renew_each(
+    lease_id: str, entries: Mapping[str, tuple[int, int]], write: SlotWrite
+) -> bool:
+    """Move the lease's entries' expiry with `write`, only where an entry is still there; False
+    when some was not (reaped: those slots are no longer held)."""
+    todo = dict(entries)
+    whole = True
+    while todo:
+        checks, change = renew_op(lease_id, todo)
+        try:
+            await write(checks, change)
+            return whole
+        except SlotConflict as exc:
+            have = exc.current.holders if exc.current else {}
+            left = {c: e for c, e in todo.items() if lease_id in have.get(c, {})}
+            if left == todo:
+                raise StorageError("SlotRenewConflict", "renewal refused") from None
+            todo, whole = left, False
+    return False
