@@ -57,6 +57,8 @@ __all__ = [
     "ChainProblem",
     "ChainReport",
     "chain_hash",
+    "defaults_deleted",
+    "defaults_set",
     "entity_created",
     "entity_deleted",
     "event_time_ms",
@@ -205,6 +207,16 @@ def limits_deleted(
         resource,
         details={"limits_deleted": limits_deleted},
     )
+
+
+def defaults_set(resource: str, limits: Sequence[Limit], principal: str | None) -> AuditEvent:
+    """`LIMITS_SET` of a default level, in the trail `$SYSTEM` (`resource` is
+    `DEFAULT_RESOURCE`) or `$RESOURCE:<resource>` (0.17's ids for these changes)."""
+    return limits_set(schema.defaults_audit_id(resource), resource, limits, principal)
+
+
+def defaults_deleted(resource: str, principal: str | None, count: int) -> AuditEvent:
+    return limits_deleted(schema.defaults_audit_id(resource), resource, principal, count)
 
 
 # -- recording ------------------------------------------------------------------------------
