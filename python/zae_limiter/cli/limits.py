@@ -8,6 +8,7 @@ of a limit (`Limit.parse`); output shows it back (`Limit.spec`).
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -281,3 +282,95 @@ def limits_show(target: Target, out: Output, entity_id: str, resource: str) -> N
             rows,
         ),
     )
+
+
+# -- limits as a file (zae_limiter.ops.limits_file) -------------------------------------------
+
+
+def _plan_view(found: Any) -> list[Any]:
+    if found.empty:
+        return ["no changes"]
+    marks = {"add": "+", "change": "~", "remove": "-"}
+    lines = []
+    for change in found.changes:
+        before = ", ".join(x.spec for x in change.before)
+        after = ", ".join(x.spec for x in change.after)
+        what = {"add": after, "remove": before, "change": f"{before} -> {after}"}[change.action]
+        lines.append(f"{marks[change.action]} {change.where}: {what}")
+    counts = found.counts()
+    lines.append(f"{counts['add']} to add, {counts['change']} to change, "
+                 f"{counts['remove']} to remove")
+    return ["\n".join(lines)]
+
+
+PRUNE_OPTION = click.option(
+    "--prune", is_flag=True, help="Also remove the stored limits the file does not list."
+)
+
+
+@limits.command("plan")
+@target_options()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@PRUNE_OPTION
+def limits_plan(target: Target, out: Output, file: str, prune: bool) -> None:
+    """What `limits apply FILE` would change in the table: additions and changes, removals
+    only with --prune ("no changes" when the file is applied). FILE: YAML with `system`,
+    `resources` and `entities` sections of limits in their text form (docs/limits.md)."""
+    from ..ops import limits_file
+
+    wanted = limits_file.load(file)
+    found = target.run_limiter(lambda lim: limits_file.plan(lim, wanted, prune))
+    out.show(found.to_dict(), *_plan_view(found))
+
+
+@limits.command("apply")
+@target_options()
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@PRUNE_OPTION
+@click.option("--principal", default=None, help=PRINCIPAL_HELP)
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def limits_apply(
+    target: Target, out: Output, file: str, prune: bool, principal: str | None, yes: bool
+) -> None:
+    """Make the table's limits what FILE says (each level replaced whole and recorded in its
+    audit trail). The whole file is checked before anything is written; running it again
+    changes nothing, and finishes an apply that was cut off."""
+    from ..ops import limits_file
+
+    principal = validate_principal(principal)
+    wanted = limits_file.load(file)
+
+    async def work(lim: RateLimiter) -> tuple[Any, int]:
+        found = await limits_file.plan(lim, wanted, prune)
+        if found.empty:
+            return found, 0
+        if not yes:
+            out.note(*_plan_view(found))
+            counts = found.counts()
+            question = (f"Apply {counts['add']} addition(s), {counts['change']} change(s), "
+                        f"{counts['remove']} removal(s)?")
+            # Asked off the event loop: click's prompt blocks.
+            await asyncio.to_thread(confirm, False, question)
+        return found, await limits_file.apply(lim, found, principal)
+
+    found, made = target.run_limiter(work)
+    data = found.to_dict() | {"applied": made}
+    out.show(data, "no changes" if not made else f"applied {made} change(s)")
+
+
+@limits.command("export")
+@target_options(json_output=False)
+@click.option("--output", "-o", "output", default=None, type=click.Path(dir_okay=False),
+              help="Write the file here (default: stdout).")
+def limits_export(target: Target, out: Output, output: str | None) -> None:
+    """The table's limits (system, resources, entities) as a limits file: `limits apply` of it
+    on this table changes nothing."""
+    from ..ops import limits_file
+
+    text = limits_file.dump(target.run_limiter(limits_file.export))
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    with open(output, "w", encoding="utf-8") as f:
+        f.write(text)
+    click.echo(f"wrote {output}", err=True)
