@@ -154,7 +154,7 @@ async def test_enable_restores_limiting_and_every_change_is_audited(limiter: Rat
     with pytest.raises(RateLimitExceeded):
         await take(limiter)
     assert await limiter.get_resource_state("llm") == "enabled"
-    events = await limiter.get_audit_events("_resources_", oldest_first=True)
+    events = await limiter.get_audit_events("$RESOURCE:llm", oldest_first=True)
     assert [(e.action, e.principal, e.resource, e.details) for e in events] == [
         (AuditAction.RESOURCE_DISABLED, "alice", "llm", {"state": "disabled",
                                                           "previous": "enabled"}),
@@ -373,7 +373,7 @@ def test_cli_commands(endpoint_url: str) -> None:
     assert cli(endpoint_url, "entity", "state", "key")["state"] == "enabled"
     assert cli(endpoint_url, "switches") == []
     assert asyncio.run(acquire()) == "admitted"
-    events = cli(endpoint_url, "audit", "_resources_")["events"]
+    events = cli(endpoint_url, "audit", "$RESOURCE:llm")["events"]
     assert [e["action"] for e in events] == ["resource_enabled", "resource_disabled"]
     assert "resource" in cli(endpoint_url, "resource", "disable", "bad#name", code=1)
 

@@ -480,6 +480,39 @@ async def test_entities_and_stored_limits_alike(moto: Repository) -> None:
     await both(moto, entities_script)
 
 
+async def defaults_script(store: Storage) -> Any:
+    """Resource and system default limits: their own partition, replaced whole, apart from
+    every entity's stored limits."""
+    system = schema.DEFAULT_RESOURCE
+    await store.set_defaults(system, [Limit.per_minute("rpm", 10), Limit.per_minute("tpm", 99)])
+    await store.set_defaults(system, [Limit.per_minute("rpm", 11)])  # replaces: tpm goes
+    await store.set_defaults("chat", [Limit.per_minute("rpm", 5), Limit.quota(
+        "monthly", 1000, cron="0 0 1 * *", tz="Europe/Paris")])
+    await store.set_defaults("embed", [Limit.per_day("rpd", 7), Limit.per_minute(
+        "tpm", 50, soft=True)])
+    await store.set_limits("k1", "chat", [Limit.per_minute("rpm", 1)])
+    seen: list[Any] = [
+        await store.get_defaults(system),
+        await store.get_defaults("chat"),
+        await store.get_defaults("nothing"),
+        await store.all_defaults(),
+        # An entity's stored limits are not defaults, and defaults are no entity's.
+        [(s.entity_id, s.resource) for s in await store.list_stored_limits()],
+        await store.get_all_limits("k1"),
+    ]
+    seen.append(await store.delete_defaults("embed"))
+    seen.append(await store.delete_defaults("embed"))
+    seen.append(sorted(await store.all_defaults()))
+    assert seen[0] == [Limit.per_minute("rpm", 11)] and seen[2] == []
+    assert seen[4] == [("k1", "chat")] and seen[6:8] == [2, 0]
+    assert seen[8] == sorted([system, "chat"])
+    return seen, await table(store)
+
+
+async def test_default_limits_alike(moto: Repository) -> None:
+    await both(moto, defaults_script)
+
+
 async def audit_script(store: Storage) -> Any:
     ids = [f"01J{n:023d}" for n in range(5)]
     for n, event_id in enumerate(ids):

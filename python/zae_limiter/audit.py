@@ -57,6 +57,8 @@ __all__ = [
     "ChainProblem",
     "ChainReport",
     "chain_hash",
+    "defaults_deleted",
+    "defaults_set",
     "entity_created",
     "entity_deleted",
     "event_time_ms",
@@ -221,16 +223,27 @@ _SWITCH_ACTIONS: Final = {
 def switch_changed(
     kind: str, name: str, state: str | None, previous: str | None, principal: str | None
 ) -> AuditEvent:
-    """A kill switch set (`state`) or cleared (None): in the entity's trail, or for a resource
-    in `schema.RESOURCE_TRAIL` with the resource named. `previous`: the state it replaced."""
+    """A kill switch set (`state`) or cleared (None): in the entity's trail, or in the
+    resource's (`$RESOURCE:<resource>`, with its default limits' changes). `previous`: the state
+    it replaced."""
     resource = name if kind == "resource" else None
     return new_event(
         _SWITCH_ACTIONS[(kind, state)],
-        schema.RESOURCE_TRAIL if kind == "resource" else name,
+        schema.resource_audit_id(name) if kind == "resource" else name,
         principal,
         resource,
         details={"state": state or "enabled", "previous": previous or "enabled"},
     )
+
+
+def defaults_set(resource: str, limits: Sequence[Limit], principal: str | None) -> AuditEvent:
+    """`LIMITS_SET` of a default level, in the trail `$SYSTEM` (`resource` is
+    `DEFAULT_RESOURCE`) or `$RESOURCE:<resource>` (0.17's ids for these changes)."""
+    return limits_set(schema.defaults_audit_id(resource), resource, limits, principal)
+
+
+def defaults_deleted(resource: str, principal: str | None, count: int) -> AuditEvent:
+    return limits_deleted(schema.defaults_audit_id(resource), resource, principal, count)
 
 
 # -- recording ------------------------------------------------------------------------------

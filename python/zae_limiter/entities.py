@@ -1,5 +1,5 @@
-"""`Entities`: the limiter's management calls on entities, their stored limits and their
-audit trail.
+"""`Entities`: the limiter's management calls on entities, their stored limits, the resource
+and system default limits, and the audit trails.
 
 Each change is applied, then recorded in the entity's audit trail (`zae_limiter.audit`), and
 the limit resolver (`zae_limiter.resolver`) is told what it changed, so that this limiter's
@@ -10,14 +10,50 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
-from . import audit, schema
+from . import audit
 from .arguments import check_limits
 from .exceptions import EntityNotFoundError, ValidationError
 from .failures import public_errors
 from .models import AuditEvent, Entity, Limit
-from .resolver import LimitResolver
+from .resolver import LimitResolver, ResolvedLimits
+from .schema import DEFAULT_RESOURCE
 from .storage.protocol import Storage
-from .validation import validate_entity_id, validate_principal, validate_resource
+from .validation import (
+    validate_audit_id,
+    validate_entity_id,
+    validate_principal,
+    validate_resource,
+)
+
+
+def resource_level(resource: str) -> str:
+    """A resource whose defaults are set: any valid resource but `_default_`, which names the
+    system level (`set_system_defaults`)."""
+    validate_resource(resource)
+    if resource == DEFAULT_RESOURCE:
+        raise ValidationError(
+            "resource", resource, "names the system level: use the system defaults instead"
+        )
+    return resource
+
+
+def check_cache_ttl(config_cache_ttl: object, limits_cache_ttl: object) -> float:
+    """The resolution cache's TTL: `config_cache_ttl` (0.17's name), or `limits_cache_ttl`
+    (this library's earlier name, kept as an alias) when only that is given."""
+    ttl = config_cache_ttl if limits_cache_ttl is None else limits_cache_ttl
+    field = "config_cache_ttl" if limits_cache_ttl is None else "limits_cache_ttl"
+    if isinstance(ttl, bool) or not isinstance(ttl, int | float) or not 0 <= ttl < float("inf"):
+        raise ValidationError(field, ttl, "must be a number of seconds >= 0 (0: never expire)")
+    if limits_cache_ttl is not None and config_cache_ttl != DEFAULT_CACHE_TTL and (
+        config_cache_ttl != limits_cache_ttl
+    ):
+        raise ValidationError(
+            "limits_cache_ttl", limits_cache_ttl, "is an alias of config_cache_ttl: give one"
+        )
+    return float(ttl)
+
+
+DEFAULT_CACHE_TTL = 30.0
 
 
 class Entities:
@@ -124,12 +160,50 @@ class Entities:
             self._repository, audit.limits_deleted(entity_id, resource, principal, count)
         )
 
+    # -- default limits: a resource's, and the system's under `DEFAULT_RESOURCE` ----------------
+
+    @public_errors
+    async def set_defaults(
+        self, resource: str, limits: Sequence[Limit], principal: str | None
+    ) -> None:
+        checked = check_limits(limits)
+        principal = validate_principal(principal)
+        await self._ready()
+        await self._repository.set_defaults(resource, checked)
+        self._resolver.defaults_changed(resource)
+        await audit.record(self._repository, audit.defaults_set(resource, checked, principal))
+
+    @public_errors
+    async def get_defaults(self, resource: str) -> list[Limit]:
+        await self._ready()
+        return await self._repository.get_defaults(resource)
+
+    @public_errors
+    async def delete_defaults(self, resource: str, principal: str | None) -> None:
+        principal = validate_principal(principal)
+        await self._ready()
+        count = await self._repository.delete_defaults(resource)
+        self._resolver.defaults_changed(resource)
+        await audit.record(self._repository, audit.defaults_deleted(resource, principal, count))
+
+    @public_errors
+    async def resource_defaults(self) -> dict[str, list[Limit]]:
+        await self._ready()
+        found = await self._repository.all_defaults()
+        return {r: found[r] for r in sorted(found) if r != DEFAULT_RESOURCE}
+
+    @public_errors
+    async def effective(self, entity_id: str, resource: str) -> list[ResolvedLimits]:
+        validate_entity_id(entity_id)
+        validate_resource(resource)
+        await self._ready()
+        return await self._resolver.explain(entity_id, resource)
+
     @public_errors
     async def audit_events(
         self, entity_id: str, limit: int, start_event_id: str | None, oldest_first: bool
     ) -> list[AuditEvent]:
-        if entity_id != schema.RESOURCE_TRAIL:  # resources' kill switches: no entity's id
-            validate_entity_id(entity_id)
+        validate_audit_id(entity_id)
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ValidationError("limit", limit, "must be a positive integer")
         if start_event_id is not None and not audit.is_event_id(start_event_id):

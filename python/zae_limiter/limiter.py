@@ -24,7 +24,7 @@ from .engine.reservations import Reserver
 from .engine.slots import Hold, SlotKeeper, cap_names, free, has_caps, wanted
 from .engine.slots import wait_ms as slot_wait_ms
 from .engine.switches import BYPASS, DISABLED, Flags, SwitchBoard, SwitchPanel, no_switches
-from .entities import Entities
+from .entities import DEFAULT_CACHE_TTL, Entities, check_cache_ttl, resource_level
 from .exceptions import (
     ConfigurationError,
     InfrastructureNotFoundError,
@@ -49,7 +49,7 @@ from .models import (
     UsageSummary,
 )
 from .resolver import MISSING_ENTITY_TTL as MISSING_ENTITY_TTL  # its documented place too
-from .resolver import LimitResolver, LimitSets
+from .resolver import LimitResolver, LimitSets, ResolvedLimits
 from .schema import DEFAULT_RESOURCE, default_region, short_name, table_name
 from .storage.capacity import CapacityLedger
 from .storage.dynamodb.client import RetryPolicy
@@ -101,7 +101,8 @@ class RateLimiter:
         *,
         retry: RetryPolicy | None = None,
         clock: Callable[[], int] | None = None,
-        limits_cache_ttl: float = 30.0,
+        config_cache_ttl: float = DEFAULT_CACHE_TTL,
+        limits_cache_ttl: float | None = None,
         bucket_cache_size: int = 10_000,
         repository: Storage | None = None,
         version_check: VersionCheck = "strict",
@@ -165,14 +166,20 @@ class RateLimiter:
             if isinstance(self.repository, SlotStorage)
             else None
         )
-        self._resolver = LimitResolver(self.repository, limits_cache_ttl, bucket_cache_size)
+        # `limits_cache_ttl`: the earlier name of `config_cache_ttl`, still accepted.
+        self.config_cache_ttl = check_cache_ttl(config_cache_ttl, limits_cache_ttl)
+        """Seconds a resolution's stored limits, entities and resource and system defaults are
+        cached (0: until `clear_cache`); this limiter's own changes are seen at once."""
+        self._resolver = LimitResolver(
+            self.repository, self.config_cache_ttl, bucket_cache_size
+        )
         self._entities = Entities(
             self.repository, self._resolver, self._ensure_ready, self._forget_buckets
         )
         # Kill switches (`engine.switches`), for a storage that keeps them (both of the
         # library's do); cached for the stored limits' TTL: one TTL for all stored config.
         self._switches = (
-            SwitchBoard(self.repository, limits_cache_ttl)
+            SwitchBoard(self.repository, self.config_cache_ttl)
             if isinstance(self.repository, SwitchStorage)
             else None
         )
@@ -389,7 +396,8 @@ class RateLimiter:
     async def disable_resource(self, resource: str, *, principal: str | None = None) -> None:
         """Every acquire of `resource` raises `ResourceDisabled` (nothing consumed, whatever the
         failure mode) until `enable_resource`; records `RESOURCE_DISABLED` in the trail
-        `_resources_`. At once here, on every other limiter within its `limits_cache_ttl`."""
+        `$RESOURCE:<resource>`. At once here, on every other limiter within its
+        `config_cache_ttl`."""
         await self._switch("resource", resource, DISABLED, principal)
 
     async def bypass_resource(self, resource: str, *, principal: str | None = None) -> None:
@@ -450,6 +458,49 @@ class RateLimiter:
         if flags.bypassed(resource, entity_id, ids, complete, self._switches.ttl):
             return Lease(self._engine, [], {}, bypassed=True)
         return None
+
+    # -- resource and system default limits (docs/limits.md "Where limits come from") -------
+
+    async def set_resource_defaults(
+        self, resource: str, limits: Sequence[Limit], principal: str | None = None
+    ) -> None:
+        """Replace the default limits of `resource`: what a `use_stored_limits` resolution
+        takes for an entity with none of its own for it (nor a `_default_`). Recorded in the
+        audit trail `$RESOURCE:<resource>`."""
+        await self._entities.set_defaults(resource_level(resource), limits, principal)
+
+    async def get_resource_defaults(self, resource: str) -> list[Limit]:
+        return await self._entities.get_defaults(resource_level(resource))
+
+    async def delete_resource_defaults(
+        self, resource: str, principal: str | None = None
+    ) -> None:
+        """Delete the default limits of `resource` (recorded in `$RESOURCE:<resource>`)."""
+        await self._entities.delete_defaults(resource_level(resource), principal)
+
+    async def list_resource_defaults(self) -> dict[str, list[Limit]]:
+        """Every resource's default limits, by resource (in name order)."""
+        return await self._entities.resource_defaults()
+
+    async def set_system_defaults(
+        self, limits: Sequence[Limit], principal: str | None = None
+    ) -> None:
+        """Replace the system default limits: taken after the resource's defaults, before the
+        caller's `limits`. Recorded in the audit trail `$SYSTEM`."""
+        await self._entities.set_defaults(DEFAULT_RESOURCE, limits, principal)
+
+    async def get_system_defaults(self) -> list[Limit]:
+        return await self._entities.get_defaults(DEFAULT_RESOURCE)
+
+    async def delete_system_defaults(self, principal: str | None = None) -> None:
+        """Delete the system default limits (recorded in `$SYSTEM`)."""
+        await self._entities.delete_defaults(DEFAULT_RESOURCE, principal)
+
+    async def get_effective_limits(self, entity_id: str, resource: str) -> list[ResolvedLimits]:
+        """What `use_stored_limits=True` resolves for (entity, resource), read now: the limits
+        and their level (`"entity"`, `"entity default"`, `"resource"`, `"system"`; None: the
+        caller's would apply) for the entity and, if it has a parent, the parent (cascade)."""
+        return await self._entities.effective(entity_id, resource)
 
     # -- acquire ----------------------------------------------------------------------------
 

@@ -976,8 +976,8 @@ class AuditAction:
     ENTITY_DELETED = "entity_deleted"
     LIMITS_SET = "limits_set"
     LIMITS_DELETED = "limits_deleted"
-    # Kill switches (docs/limits.md "Kill switch"); a resource's are in the trail
-    # `schema.RESOURCE_TRAIL`, an entity's in its own.
+    # Kill switches (docs/limits.md "Kill switch"); a resource's are in its trail
+    # (`$RESOURCE:<resource>`, `schema.resource_audit_id`), an entity's in its own.
     RESOURCE_DISABLED = "resource_disabled"
     RESOURCE_BYPASSED = "resource_bypassed"
     RESOURCE_ENABLED = "resource_enabled"

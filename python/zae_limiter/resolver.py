@@ -1,19 +1,24 @@
 """`LimitResolver`: the limits that apply to (entity, resource), in one definition.
 
 The limits of an entity for a resource are the caller's (`fallback`), or with stored limits the
-entity's stored limits for the resource, else its stored `_default_`, else the caller's; with
-`cascade` the same holds for the entity's parent, and the entity must exist. `acquire`,
+first level that has any (docs/limits.md, "Where limits come from"): the entity's own for the
+resource, its `_default_`, the resource's defaults, the system defaults, then the caller's. The
+most specific level wins whole (no merging of limits across levels). With `cascade` the same
+holds for the entity's parent, through its own levels, and the entity must exist. `acquire`,
 `available` and `time_until_available` all resolve through here.
 
-Entities and stored limits are cached for the limiter's `limits_cache_ttl`; an entity found
-missing is believed missing for `MISSING_ENTITY_TTL`. The management calls
-(`zae_limiter.entities`) tell the resolver what they changed.
+Entities, stored limits and default limits (an empty level too: a resolution with nothing stored
+costs its reads once per TTL, not per acquire) are cached for the limiter's `config_cache_ttl`;
+an entity found missing is believed missing for `MISSING_ENTITY_TTL`. The management calls
+(`zae_limiter.entities`) tell the resolver what they changed, so this limiter sees its own
+changes at once and other processes' within the TTL.
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import Final, NamedTuple
 
 from .engine.cache import TTLCache
 from .exceptions import EntityNotFoundError, ValidationError
@@ -29,6 +34,49 @@ MISSING_ENTITY_TTL = 5.0
 LimitSets = list[tuple[str, list[Limit]]]
 """`(entity_id, limits)` for the entity and, with cascade, its parent."""
 
+# The levels a resolution may take its limits from, most specific first (`ResolvedLimits`).
+ENTITY: Final = "entity"
+ENTITY_DEFAULT: Final = "entity default"
+RESOURCE: Final = "resource"
+SYSTEM: Final = "system"
+LEVELS: Final = (ENTITY, ENTITY_DEFAULT, RESOURCE, SYSTEM)
+
+
+class ResolvedLimits(NamedTuple):
+    """The limits of one entity for a resource and the level they come from (`LEVELS`; None
+    when no level has any)."""
+
+    entity_id: str
+    level: str | None
+    limits: list[Limit]
+
+
+def pick(
+    stored: dict[str, list[Limit]],
+    resource: str,
+    resource_defaults: list[Limit] | None,
+    system_defaults: list[Limit] | None,
+) -> tuple[str | None, list[Limit]] | str:
+    """The first level with limits, most specific first, as (level, limits); (None, []) when
+    none has any. The entity's levels come from `stored` (its limits by resource); when they
+    are empty and a default level is needed but not given (None), the level's name instead:
+    the read it needs."""
+    own = stored.get(resource)
+    if own:
+        return ENTITY, own
+    default = stored.get(DEFAULT_RESOURCE)
+    if default:
+        return ENTITY_DEFAULT, default
+    if resource_defaults is None:
+        return RESOURCE
+    if resource_defaults:
+        return RESOURCE, resource_defaults
+    if system_defaults is None:
+        return SYSTEM
+    if system_defaults:
+        return SYSTEM, system_defaults
+    return None, []
+
 
 @dataclass
 class _Reads:
@@ -37,14 +85,16 @@ class _Reads:
 
     entities: dict[str, Entity] = field(default_factory=dict)
     stored: dict[str, dict[str, list[Limit]]] = field(default_factory=dict)
+    defaults: dict[str, list[Limit]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class _Need:
-    """The read a resolution waits for: the entity itself, or its stored limits."""
+    """The read a resolution waits for: the entity itself, its stored limits, or the default
+    limits of a resource (`key`; the system level's is `DEFAULT_RESOURCE`)."""
 
-    entity_id: str
-    entity: bool
+    key: str
+    kind: str  # "entity", "stored" or "defaults"
 
 
 class LimitResolver:
@@ -54,6 +104,9 @@ class LimitResolver:
         self._repository = repository
         self._entities: TTLCache[str, Entity] = TTLCache(ttl, size)
         self._stored: TTLCache[str, dict[str, list[Limit]]] = TTLCache(ttl, size)
+        # Resource defaults by resource, the system level under `DEFAULT_RESOURCE`; an empty
+        # list is a cached "none" (a limiter using no defaults reads each once per TTL).
+        self._defaults: TTLCache[str, list[Limit]] = TTLCache(ttl, size)
         # Apart from `_entities`, so that a flood of unknown ids cannot evict the known ones.
         self._missing: TTLCache[str, bool] = TTLCache(MISSING_ENTITY_TTL, size)
         self._lookups: dict[str, asyncio.Future[Entity | None]] = {}
@@ -105,10 +158,12 @@ class LimitResolver:
             )
             if not isinstance(sets, _Need):
                 return sets
-            if sets.entity:
-                reads.entities[sets.entity_id] = await self._entity(sets.entity_id)
+            if sets.kind == "entity":
+                reads.entities[sets.key] = await self._entity(sets.key)
+            elif sets.kind == "stored":
+                reads.stored[sets.key] = await self._read_stored(sets.key)
             else:
-                reads.stored[sets.entity_id] = await self._read_stored(sets.entity_id)
+                reads.defaults[sets.key] = await self._read_defaults(sets.key)
 
     def _sets(
         self,
@@ -128,7 +183,7 @@ class LimitResolver:
             if entity is None:
                 entity = self._entities.get(entity_id)[1]
                 if entity is None:
-                    return _Need(entity_id, entity=True)
+                    return _Need(entity_id, "entity")
             if entity.parent_id is not None:
                 ids.append(entity.parent_id)
         if not use_stored_limits:
@@ -139,14 +194,48 @@ class LimitResolver:
             if stored is None:
                 stored = self._stored.get(eid)[1]
                 if stored is None:
-                    return _Need(eid, entity=False)
-            limits = list(stored.get(resource) or stored.get(DEFAULT_RESOURCE) or fallback)
+                    return _Need(eid, "stored")
+            chosen = pick(
+                stored,
+                resource,
+                self._cached_defaults(resource, reads),
+                self._cached_defaults(DEFAULT_RESOURCE, reads),
+            )
+            if isinstance(chosen, str):
+                return _Need(resource if chosen == RESOURCE else DEFAULT_RESOURCE, "defaults")
+            limits = list(chosen[1] or fallback)
             if required and not limits:
                 raise ValidationError(
                     "limits", limits, "no limits given and none stored for the entity"
                 )
             sets.append((eid, limits))
         return sets
+
+    def _cached_defaults(self, resource: str, reads: _Reads | None) -> list[Limit] | None:
+        found = None if reads is None else reads.defaults.get(resource)
+        return found if found is not None else self._defaults.get(resource)[1]
+
+    async def _read_defaults(self, resource: str) -> list[Limit]:
+        found = await self._repository.get_defaults(resource)
+        self._defaults.put(resource, found)
+        return found
+
+    async def explain(self, entity_id: str, resource: str) -> list[ResolvedLimits]:
+        """What a resolution with stored limits takes for the entity and, if it has one, its
+        parent, and from which level; read now (not from the caches: an operator's question)."""
+        entity = await self._repository.get_entity(entity_id)
+        ids = [entity_id]
+        if entity is not None and entity.parent_id is not None:
+            ids.append(entity.parent_id)
+        resource_defaults = await self._repository.get_defaults(resource)
+        system_defaults = await self._repository.get_defaults(DEFAULT_RESOURCE)
+        found: list[ResolvedLimits] = []
+        for eid in ids:
+            stored = await self._repository.get_all_limits(eid)
+            chosen = pick(stored, resource, resource_defaults, system_defaults)
+            assert not isinstance(chosen, str)  # every level was given
+            found.append(ResolvedLimits(eid, chosen[0], list(chosen[1])))
+        return found
 
     async def _read_stored(self, entity_id: str) -> dict[str, list[Limit]]:
         stored = await self._repository.get_all_limits(entity_id)
@@ -201,8 +290,14 @@ class LimitResolver:
     def limits_changed(self, entity_id: str) -> None:
         self._stored.drop(entity_id)
 
+    def defaults_changed(self, resource: str) -> None:
+        """This limiter changed `resource`'s default limits (the system level's for
+        `DEFAULT_RESOURCE`): the next resolution reads them again."""
+        self._defaults.drop(resource)
+
     def clear(self) -> None:
         self._entities.clear()
         self._stored.clear()
+        self._defaults.clear()
         self._missing.clear()
 

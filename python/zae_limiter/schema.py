@@ -37,6 +37,11 @@ LIMIT_PREFIX: Final = "#LIMIT#"
 USAGE_PREFIX: Final = "#USAGE#"
 SYSTEM_PK: Final = "SYSTEM#"
 VERSION_SK: Final = "#VERSION"
+# Resource and system default limits (docs/limits.md "Where limits come from"): in the `SYSTEM#`
+# partition, `#DEFAULTS#<resource>#<limit>`, the system level under the resource `_default_`
+# (no user resource can be named so). One partition, apart from every `ENTITY#` one: no entity
+# Query or `#LIMIT#` scan meets them, and one Query per level reads a resource's defaults.
+DEFAULTS_PREFIX: Final = "#DEFAULTS#"
 PARENT_PREFIX: Final = "PARENT#"
 CHILD_PREFIX: Final = "CHILD#"
 # Audit events live in a partition of their own per entity (`AUDIT#<id>`), not in the entity's
@@ -47,6 +52,11 @@ AUDIT_PREFIX: Final = "#AUDIT#"
 # The head of an entity's hash chain of events: the last sequence number and hash appended. Its
 # key sits outside `#AUDIT#` so that no Query of the events (begins_with #AUDIT#) meets it.
 AUDIT_HEAD_SK: Final = "#HEAD"
+# The audit ids of changes to the default limits (0.17's): `$SYSTEM` for the system level,
+# `$RESOURCE:<resource>` for a resource's. "$" cannot start an entity id, so neither collides
+# with an entity's trail; each has its own partition and hash chain like an entity.
+SYSTEM_AUDIT_ID: Final = "$SYSTEM"
+RESOURCE_AUDIT_PREFIX: Final = "$RESOURCE:"
 
 # The resource that holds an entity's fallback limits. It starts with "_" on purpose, so it
 # cannot collide with any user-chosen resource name (those must start with a letter).
@@ -119,7 +129,6 @@ SWITCH_BYPASS: Final = "bypass"
 SWITCH_STATES: Final = (SWITCH_DISABLED, SWITCH_BYPASS)
 # The audit trail of resource switches (a resource has no trail of its own): an id no entity can
 # have, as entity ids start with a letter or digit.
-RESOURCE_TRAIL: Final = "_resources_"
 
 # Usage snapshot items (written by the aggregator, read by storage): per window and resource,
 # `counters` maps each limit to its net tokens (consumed - released), `consumed` and `released`
@@ -190,6 +199,33 @@ def parse_limit_sk(sk: str) -> tuple[str, str]:
         raise ValueError(f"not a limit key: {sk!r}")
     resource, _, limit_name = sk[len(LIMIT_PREFIX) :].partition(SEP)
     return resource, limit_name
+
+
+def defaults_sk(resource: str, limit_name: str | None = None) -> str:
+    """A default limit's key in the `SYSTEM#` partition (the system level: `DEFAULT_RESOURCE`);
+    without a limit name, the prefix of every default limit of the resource."""
+    if limit_name is None:
+        return f"{DEFAULTS_PREFIX}{resource}{SEP}"
+    return f"{DEFAULTS_PREFIX}{resource}{SEP}{limit_name}"
+
+
+def parse_defaults_sk(sk: str) -> tuple[str, str]:
+    """(resource, limit_name) of a default limit's key."""
+    if not sk.startswith(DEFAULTS_PREFIX):
+        raise ValueError(f"not a defaults key: {sk!r}")
+    resource, _, limit_name = sk[len(DEFAULTS_PREFIX) :].partition(SEP)
+    return resource, limit_name
+
+
+def resource_audit_id(resource: str) -> str:
+    """The audit trail of a resource: its default limits and its kill switch."""
+    return f"{RESOURCE_AUDIT_PREFIX}{resource}"
+
+
+def defaults_audit_id(resource: str) -> str:
+    """The audit id of changes to `resource`'s default limits (`DEFAULT_RESOURCE`: the system
+    level's)."""
+    return SYSTEM_AUDIT_ID if resource == DEFAULT_RESOURCE else resource_audit_id(resource)
 
 
 def usage_sk(

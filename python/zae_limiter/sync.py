@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from .deadline import DEFAULT, DeadlineArg
 from .engine.reservations import Reserver
+from .entities import DEFAULT_CACHE_TTL
 from .lease import SyncLease
 from .limiter import RateLimiter
 from .metrics import Metrics
@@ -30,6 +31,7 @@ from .models import (
     UsageSnapshot,
     UsageSummary,
 )
+from .resolver import ResolvedLimits
 from .schema import DEFAULT_RESOURCE
 from .storage.capacity import CapacityLedger
 from .storage.dynamodb.client import RetryPolicy
@@ -55,7 +57,8 @@ class SyncRateLimiter:
         *,
         retry: RetryPolicy | None = None,
         clock: Callable[[], int] | None = None,
-        limits_cache_ttl: float = 30.0,
+        config_cache_ttl: float = DEFAULT_CACHE_TTL,
+        limits_cache_ttl: float | None = None,
         bucket_cache_size: int = 10_000,
         repository: Storage | None = None,
         version_check: VersionCheck = "strict",
@@ -75,6 +78,7 @@ class SyncRateLimiter:
             skip_version_check,
             retry=retry,
             clock=clock,
+            config_cache_ttl=config_cache_ttl,
             limits_cache_ttl=limits_cache_ttl,
             bucket_cache_size=bucket_cache_size,
             repository=repository,
@@ -278,6 +282,34 @@ class SyncRateLimiter:
 
     def get_switches(self) -> list[Switch]:
         return self._run(self._limiter.get_switches())
+
+    # -- resource and system default limits ---------------------------------------------
+
+    def set_resource_defaults(
+        self, resource: str, limits: Sequence[Limit], principal: str | None = None
+    ) -> None:
+        self._run(self._limiter.set_resource_defaults(resource, limits, principal))
+
+    def get_resource_defaults(self, resource: str) -> list[Limit]:
+        return self._run(self._limiter.get_resource_defaults(resource))
+
+    def delete_resource_defaults(self, resource: str, principal: str | None = None) -> None:
+        self._run(self._limiter.delete_resource_defaults(resource, principal))
+
+    def list_resource_defaults(self) -> dict[str, list[Limit]]:
+        return self._run(self._limiter.list_resource_defaults())
+
+    def set_system_defaults(self, limits: Sequence[Limit], principal: str | None = None) -> None:
+        self._run(self._limiter.set_system_defaults(limits, principal))
+
+    def get_system_defaults(self) -> list[Limit]:
+        return self._run(self._limiter.get_system_defaults())
+
+    def delete_system_defaults(self, principal: str | None = None) -> None:
+        self._run(self._limiter.delete_system_defaults(principal))
+
+    def get_effective_limits(self, entity_id: str, resource: str) -> list[ResolvedLimits]:
+        return self._run(self._limiter.get_effective_limits(entity_id, resource))
 
     def available(
         self,

@@ -10,7 +10,7 @@ import numbers
 import re
 
 from .exceptions import InvalidIdentifierError, InvalidNameError, ValidationError
-from .schema import DEFAULT_RESOURCE
+from .schema import DEFAULT_RESOURCE, RESOURCE_AUDIT_PREFIX, SYSTEM_AUDIT_ID
 
 __all__ = [
     "DEFAULT_RESOURCE",
@@ -20,6 +20,7 @@ __all__ = [
     "MAX_RESOURCE_LENGTH",
     "check_int",
     "validate_amount",
+    "validate_audit_id",
     "validate_entity_id",
     "validate_name",
     "validate_principal",
@@ -81,6 +82,17 @@ def validate_entity_id(value: object, field: str = "entity_id") -> str:
         "cannot be empty",
         "ASCII letters, digits, underscore, hyphen, dot, colon or @",
     )
+
+
+def validate_audit_id(value: object, field: str = "entity_id") -> str:
+    """The id of an audit trail: an entity id, `$SYSTEM` (the system default limits' trail) or
+    `$RESOURCE:<resource>` (a resource's default limits')."""
+    if value == SYSTEM_AUDIT_ID:
+        return value
+    if isinstance(value, str) and value.startswith(RESOURCE_AUDIT_PREFIX):
+        validate_resource(value[len(RESOURCE_AUDIT_PREFIX) :], field)
+        return value
+    return validate_entity_id(value, field)
 
 
 def validate_name(value: object, field: str = "limit_name") -> str:

@@ -9,7 +9,7 @@ options, error handler, output); the library itself never imports this package.
 | `infra` | `deploy`, `preview`, `status`, `delete`, `pulumi-program` |
 | `versioning` | `version`, `check`, `upgrade`, `migrate` (`rollback`, `list`) |
 | `entities` | `entity create / show / delete / children / verify` |
-| `limits` | `limits set / get / delete` |
+| `limits` | `set/get/delete/show`, `*-resource`, `list-resources`, `*-system`, `plan/apply/export`|
 | `buckets` | `bucket show / reset` |
 | `backups` | `backup create / list`, `restore` |
 | `aggregator` | `aggregator run`, `usage`, `dlq replay` |

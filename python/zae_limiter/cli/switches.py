@@ -2,8 +2,8 @@
 enable | state ENTITY_ID`, and `switches` (every switch that is set).
 
 Each change is recorded in the audit trail (`audit ENTITY_ID`; a resource's in `audit
-_resources_`) and seen by every limiter within its `limits_cache_ttl` (docs/limits.md, "Kill
-switch").
+'$RESOURCE:<resource>'`) and seen by every limiter within its `config_cache_ttl`
+(docs/limits.md, "Kill switch").
 """
 
 from __future__ import annotations

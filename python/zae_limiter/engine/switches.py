@@ -2,7 +2,7 @@
 `ResourceDisabled`) or bypasses it (every acquire is admitted with no consumption and no I/O).
 
 Every switch lives in one partition (`schema.SWITCH_PK`), so a limiter knows all of them from one
-Query, cached for its `limits_cache_ttl`: a limiter whose switches are all clear pays one read
+Query, cached for its `config_cache_ttl`: a limiter whose switches are all clear pays one read
 per TTL, whatever number of resources and entities it serves, and none per acquire. The first
 read happens when the limiter gets ready (with its version check), so an acquire pays for one
 only when the TTL has passed. A change is seen at once by the limiter that made it and by every

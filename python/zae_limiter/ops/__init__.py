@@ -1,6 +1,6 @@
 """Operations: provisioning (`provisioning`), the stack manager (`stacks`), recovery commands
-(`recovery`: inspection, backups, exports, restores), data migrations (`migrations`), the
-embedded DynamoDB (`local`) and the demo (`demo`).
+(`recovery`: inspection, backups, exports, restores), data migrations (`migrations`), limits as
+a YAML file (`limits_file`), the embedded DynamoDB (`local`) and the demo (`demo`).
 
 The names of `recovery` are importable from here, as they were from the module `zae_limiter.ops`.
 """

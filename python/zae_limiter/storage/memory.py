@@ -49,6 +49,7 @@ from .dynamodb.codec import (
     audit_head,
     bucket_from_item,
     chained_audit_item,
+    defaults_item,
     entity_from_item,
     entity_item,
     holds_event,
@@ -444,8 +445,51 @@ class MemoryStorage:
 
         return self._run(apply)
 
+    # -- default limits (resource and system levels) ----------------------------------------
+
+    async def set_defaults(self, resource: str, limits: Sequence[Limit]) -> None:
+        prefix = schema.defaults_sk(resource)
+
+        def apply() -> None:
+            keep = {limit.name for limit in limits}
+            for key in [k for k in self._items if k[0] == schema.SYSTEM_PK
+                        and k[1].startswith(prefix)]:
+                if schema.parse_defaults_sk(key[1])[1] not in keep:
+                    del self._items[key]
+            for limit in limits:
+                self._put(defaults_item(resource, limit))
+
+        self._run(apply)
+
+    def _defaults_items(self, prefix: str) -> list[Item]:
+        return self._run(
+            lambda: self._where(lambda p, s: p == schema.SYSTEM_PK and s.startswith(prefix))
+        )
+
+    async def get_defaults(self, resource: str) -> list[Limit]:
+        return [limit_from_item(i) for i in self._defaults_items(schema.defaults_sk(resource))]
+
+    async def delete_defaults(self, resource: str) -> int:
+        prefix = schema.defaults_sk(resource)
+
+        def apply() -> int:
+            keys = [k for k in self._items if k[0] == schema.SYSTEM_PK and k[1].startswith(prefix)]
+            for k in keys:
+                del self._items[k]
+            return len(keys)
+
+        return self._run(apply)
+
+    async def all_defaults(self) -> dict[str, list[Limit]]:
+        found: dict[str, list[Limit]] = {}
+        for item in self._defaults_items(schema.DEFAULTS_PREFIX):
+            resource, _ = schema.parse_defaults_sk(item[schema.SK]["S"])
+            found.setdefault(resource, []).append(limit_from_item(item))
+        return found
+
     async def list_stored_limits(self) -> list[StoredLimit]:
-        items = self._run(lambda: self._where(lambda p, s: s.startswith(schema.LIMIT_PREFIX)))
+        items = self._run(lambda: self._where(lambda p, s: p.startswith(schema.ENTITY_PREFIX)
+                                              and s.startswith(schema.LIMIT_PREFIX)))
         found: list[StoredLimit] = []
         for item in items:
             if not all(f in item for f in schema.STORED_LIMIT_FIELDS):

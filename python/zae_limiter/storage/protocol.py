@@ -314,6 +314,25 @@ class EntityStorage(Protocol):
 
     async def delete_limits(self, entity_id: str, resource: str) -> int: ...
 
+    async def set_defaults(self, resource: str, limits: Sequence[Limit]) -> None:
+        """Replace the default limits of `resource` (`schema.DEFAULT_RESOURCE`: the system
+        level); docs/limits.md, "Where limits come from"."""
+        ...
+
+    async def get_defaults(self, resource: str) -> list[Limit]:
+        """The default limits of `resource` (the system level's for `DEFAULT_RESOURCE`), read
+        consistently; empty when none are stored."""
+        ...
+
+    async def delete_defaults(self, resource: str) -> int:
+        """Delete the default limits of `resource`; how many there were."""
+        ...
+
+    async def all_defaults(self) -> dict[str, list[Limit]]:
+        """Every level's default limits by resource (`DEFAULT_RESOURCE`: the system level), in
+        one read of their partition."""
+        ...
+
     async def put_audit_event(self, event: AuditEvent) -> None:
         """Record an audit event exactly once (a resend never doubles it)."""
         ...

@@ -30,6 +30,7 @@ __all__ = [
     "backup_from",
     "bucket_from_item",
     "chained_audit_item",
+    "defaults_item",
     "entity_from_item",
     "entity_item",
     "holds_event",
@@ -160,6 +161,19 @@ def limit_item(entity_id: str, resource: str, limit: Limit) -> Item:
     """The item of a stored limit of (entity, resource)."""
     return item_key(schema.entity_pk(entity_id), schema.limit_sk(resource, limit.name)) | {
         "entity_id": str_av(entity_id),
+        "resource": str_av(resource),
+        "limit_name": str_av(limit.name),
+        "capacity": num_av(limit.capacity),
+        "burst": num_av(limit.burst),
+        "refill_amount": num_av(limit.refill_amount),
+        "refill_period_seconds": num_av(limit.refill_period_seconds),
+    } | _plan_attributes(limit)
+
+
+def defaults_item(resource: str, limit: Limit) -> Item:
+    """The item of a default limit of `resource` (`DEFAULT_RESOURCE`: the system level): a
+    stored limit's attributes but the entity's, in the `SYSTEM#` partition."""
+    return item_key(schema.SYSTEM_PK, schema.defaults_sk(resource, limit.name)) | {
         "resource": str_av(resource),
         "limit_name": str_av(limit.name),
         "capacity": num_av(limit.capacity),

@@ -66,6 +66,7 @@ from .codec import (
     backup_from,
     bucket_from_item,
     chained_audit_item,
+    defaults_item,
     entity_from_item,
     entity_item,
     holds_event,
@@ -606,6 +607,40 @@ class Repository:
         puts = [limit_item(entity_id, resource, limit) for limit in limits]
         await self.batch_write(puts=puts, deletes=stale)
 
+    async def set_defaults(self, resource: str, limits: Sequence[Limit]) -> None:
+        """Replace the default limits of `resource` (`DEFAULT_RESOURCE`: the system level)."""
+        existing = await self._defaults_items(resource)
+        keep = {limit.name for limit in limits}
+        stale = [
+            key_of(item)
+            for item in existing
+            if schema.parse_defaults_sk(item_str(item, schema.SK) or "")[1] not in keep
+        ]
+        puts = [defaults_item(resource, limit) for limit in limits]
+        await self.batch_write(puts=puts, deletes=stale)
+
+    async def get_defaults(self, resource: str) -> list[Limit]:
+        return [limit_from_item(item) for item in await self._defaults_items(resource)]
+
+    async def delete_defaults(self, resource: str) -> int:
+        items = await self._defaults_items(resource)
+        await self._batch_delete([key_of(i) for i in items])
+        return len(items)
+
+    async def all_defaults(self) -> dict[str, list[Limit]]:
+        """Every default limit by resource, in one Query of `SYSTEM#`."""
+        items = await self._query_all(**prefix_query(schema.SYSTEM_PK, schema.DEFAULTS_PREFIX))
+        result: dict[str, list[Limit]] = {}
+        for item in items:
+            resource, _ = schema.parse_defaults_sk(item_str(item, schema.SK) or "")
+            result.setdefault(resource, []).append(limit_from_item(item))
+        return result
+
+    async def _defaults_items(self, resource: str) -> list[Item]:
+        return await self._query_all(
+            **prefix_query(schema.SYSTEM_PK, schema.defaults_sk(resource))
+        )
+
     async def get_limits(self, entity_id: str, resource: str) -> list[Limit]:
         return [limit_from_item(item) for item in await self._limit_items(entity_id, resource)]
 
@@ -642,6 +677,8 @@ class Repository:
         for item in items:
             if not all(f in item for f in schema.STORED_LIMIT_FIELDS):
                 continue
+            if not (item_str(item, schema.PK) or "").startswith(schema.ENTITY_PREFIX):
+                continue  # an entity's limits only (no other partition holds `#LIMIT#` keys)
             try:
                 limit = limit_from_item(item)
                 resource, _ = schema.parse_limit_sk(item_str(item, schema.SK) or "")
