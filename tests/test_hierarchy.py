@@ -8,6 +8,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import subprocess
+import sys
+import textwrap
 from collections.abc import AsyncIterator
 
 import pytest
@@ -240,6 +243,64 @@ async def test_another_limiters_change_is_seen_within_the_ttl_and_not_before(lev
             await reader.delete_limits("k", RESOURCE)
         assert await reader.available("k", RESOURCE, CALLER, use_stored_limits=True) == {
             "rpm": 5}
+
+
+CHILD = textwrap.dedent("""
+    import asyncio, json, sys, time
+    from zae_limiter import Limit, RateLimiter
+    CALLER = [Limit.per_minute("rpm", 5)]
+
+    async def main():
+        async with RateLimiter(name="hier2", endpoint_url=sys.argv[1],
+                               config_cache_ttl=float(sys.argv[2])) as lim:
+            async def rpm():
+                got = await lim.available("k", "gpt-4o", CALLER, use_stored_limits=True)
+                return got["rpm"]
+            print(await rpm(), flush=True)
+            for line in sys.stdin:
+                wanted, started = int(line), time.monotonic()
+                first = await rpm()
+                while await rpm() != wanted and time.monotonic() - started < 10:
+                    await asyncio.sleep(0.02)
+                print(json.dumps([first, time.monotonic() - started]), flush=True)
+
+    asyncio.run(main())
+""")
+
+
+@pytest.mark.integration
+async def test_a_second_process_sees_each_level_change_within_the_ttl(endpoint_url: str) -> None:
+    """A limiter in another OS process resolves from its cache until its TTL passes, then
+    sees the change: system, resource, then the entity's own (each overriding the last)."""
+    ttl = 1.0
+    async with RateLimiter(name="hier2", endpoint_url=endpoint_url,
+                           stack_options=StackOptions()) as admin:
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, endpoint_url, str(ttl)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )
+        assert child.stdin is not None and child.stdout is not None
+        seen: dict[str, list[float]] = {}
+        try:
+            assert child.stdout.readline().strip() == str(CAPACITY["caller"])
+            for level in ("system", "resource", "entity"):
+                if level == "system":
+                    await admin.set_system_defaults(limit_of("system"))
+                elif level == "resource":
+                    await admin.set_resource_defaults(RESOURCE, limit_of("resource"))
+                else:
+                    await admin.set_limits("k", limit_of("entity"), RESOURCE)
+                child.stdin.write(f"{CAPACITY[level]}\n")
+                child.stdin.flush()
+                seen[level] = json.loads(await asyncio.to_thread(child.stdout.readline))
+        finally:
+            child.stdin.close()
+            child.wait(timeout=30)
+        assert child.returncode == 0
+    # Within the TTL, with a loaded machine's slack.
+    assert all(elapsed < ttl + 0.5 for _, elapsed in seen.values()), seen
+    # Right after the change the child still resolved its cached level, at least once.
+    assert any(first != CAPACITY[level] for level, (first, _) in seen.items()), seen
 
 
 # -- what a resolution costs (moto: the ledger counts every call) ------------------------------
