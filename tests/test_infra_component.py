@@ -388,11 +388,12 @@ def test_app_policy_is_only_this_table(lambda_zip: Path) -> None:
         if statement["Effect"] == "Allow":  # the Deny: test_app_policy_audit_trail
             for action in _as_list(statement["Action"]):
                 grants.setdefault(action, set()).update(_as_list(statement["Resource"]))
-    # Exactly what Repository calls: no BatchGetItem, ConditionCheckItem, TransactWriteItems or
-    # DeleteItem (no call site), and nothing but Query on the indexes.
+    # Exactly what Repository calls: no BatchGetItem, ConditionCheckItem or TransactWriteItems
+    # (no call site), DeleteItem for a kill switch's clearing, nothing but Query on the indexes.
     assert grants == {
         **{f"dynamodb:{a}": {table_arn} for a in ("GetItem", "PutItem", "UpdateItem",
-                                                  "BatchWriteItem", "DescribeTable")},
+                                                  "BatchWriteItem", "DeleteItem",
+                                                  "DescribeTable")},
         "dynamodb:Query": {table_arn, f"{table_arn}/index/*"},
     }
 
@@ -681,3 +682,25 @@ def test_protected_table_is_retained_on_delete(
     seen.clear()
     deploy(lambda_zip=lambda_zip, deletion_protection=False)
     assert seen[0].retain_on_delete is False
+
+
+def test_the_application_policy_allows_every_item_call_the_library_makes() -> None:
+    """Each item-level DynamoDB call in the repository's source is an application action (a
+    kill switch cleared with DeleteItem was once refused by the policy on AWS)."""
+    import re
+    from pathlib import Path
+
+    from zae_limiter.infra.component import APP_POLICY_ACTIONS
+
+    source = Path(__file__).resolve().parent.parent / "python/zae_limiter/storage/dynamodb"
+    calls = {
+        name
+        for path in source.glob("*.py")
+        for name in re.findall(r'\.call\(\s*"([a-z_]+)"', path.read_text())
+    }
+    operator_only = {"create_table", "delete_table", "create_backup", "list_backups", "scan",
+                     "update_time_to_live", "describe_time_to_live"}  # fmt: skip
+    assert "delete_item" in calls and "get_item" in calls  # the scan reads the source
+    for name in calls - operator_only:
+        action = "dynamodb:" + "".join(part.title() for part in name.split("_"))
+        assert action in APP_POLICY_ACTIONS, name

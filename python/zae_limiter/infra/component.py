@@ -73,11 +73,13 @@ AGGREGATOR_ROLE_ACTIONS: Final = (
     "logs:PutLogEvents",
 )
 # Exactly the operations the library's Repository calls on an existing table (GetItem,
-# UpdateItem, PutItem, Query, BatchWriteItem for bulk deletes, DescribeTable); no BatchGetItem,
-# ConditionCheckItem, TransactWriteItems or DeleteItem: nothing calls them. Scan and the table's
-# lifecycle (CreateTable, DeleteTable, backups) are operator tools, not an application's.
+# UpdateItem, PutItem, Query, BatchWriteItem for bulk deletes, DeleteItem to clear a kill
+# switch, DescribeTable); no BatchGetItem, ConditionCheckItem or TransactWriteItems: nothing
+# calls them. Scan and the table's lifecycle (CreateTable, DeleteTable, backups) are operator
+# tools, not an application's. (The audit partitions deny every delete, DeleteItem included.)
 APP_POLICY_ACTIONS: Final = (
     "dynamodb:BatchWriteItem",
+    "dynamodb:DeleteItem",
     "dynamodb:DescribeTable",
     "dynamodb:GetItem",
     "dynamodb:PutItem",
