@@ -14,11 +14,18 @@ import boto3
 import botocore.exceptions
 import pytest
 
-from zae_limiter import InfrastructureNotFoundError, Limit, schema
+from zae_limiter import (
+    InfrastructureNotFoundError,
+    Limit,
+    RateLimiter,
+    StackOptions,
+    schema,
+)
 from zae_limiter.core import WRITE_ABSOLUTE
+from zae_limiter.deadline import LOOPBACK_DEADLINE_SECONDS
 from zae_limiter.schema import error_code
 from zae_limiter.storage import protocol as storage
-from zae_limiter.storage.dynamodb.endpoint import is_loopback
+from zae_limiter.storage.dynamodb.endpoint import configured_endpoint, is_loopback
 from zae_limiter.storage.dynamodb.repository import Repository
 from zae_limiter.storage.protocol import LimitWrite, StorageError
 from zae_limiter.version import (
@@ -167,6 +174,55 @@ async def test_remote_endpoint_gets_no_placeholders(bare_environment: None) -> N
         client = await repo.client()  # nothing is sent: building it needs no endpoint
         assert client.meta.region_name == "us-east-1"
         assert client._request_signer._credentials is None
+
+
+@pytest.mark.parametrize(
+    ("argument", "environ", "expected"),
+    [
+        (None, {}, None),
+        (None, {"AWS_ENDPOINT_URL": "http://127.0.0.1:1"}, "http://127.0.0.1:1"),
+        (None, {"AWS_ENDPOINT_URL": " ", "AWS_ENDPOINT_URL_DYNAMODB": ""}, None),
+        # The service's own variable wins over the general one, as in botocore.
+        (None, {"AWS_ENDPOINT_URL": "http://127.0.0.1:1",
+                "AWS_ENDPOINT_URL_DYNAMODB": "http://127.0.0.1:2"}, "http://127.0.0.1:2"),
+        ("http://127.0.0.1:3", {"AWS_ENDPOINT_URL": "http://127.0.0.1:1"}, "http://127.0.0.1:3"),
+        (None, {"AWS_ENDPOINT_URL": "http://127.0.0.1:1",
+                "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS": "True"}, None),
+        (None, {"AWS_ENDPOINT_URL": "http://127.0.0.1:1",
+                "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS": "false"}, "http://127.0.0.1:1"),
+    ],
+)
+def test_configured_endpoint(
+    argument: str | None, environ: dict[str, str], expected: str | None
+) -> None:
+    assert configured_endpoint(argument, environ) == expected
+
+
+@pytest.mark.parametrize("variable", ["AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_DYNAMODB"])
+async def test_loopback_endpoint_from_the_environment_needs_nothing_else(
+    bare_environment: None, endpoint_url: str, monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    """`export AWS_ENDPOINT_URL=...` (what `zae-limiter local` prints) is as good as
+    `endpoint_url=`: no region, no credentials; a limiter with `StackOptions()` creates the
+    table there (not a Pulumi deployment) and gets the loopback deadline."""
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_DYNAMODB", raising=False)
+    monkeypatch.setenv(variable, endpoint_url.replace("127.0.0.1", "localhost"))
+    async with Repository(name="from-env") as repo:
+        assert repo.endpoint_url == endpoint_url.replace("127.0.0.1", "localhost")
+        assert await repo.create_table() is True
+        client = await repo.client()
+        assert client.meta.region_name == "us-east-1"
+        assert client._request_signer._credentials.access_key == "local"
+    limiter = RateLimiter(name="from-env-limiter", stack_options=StackOptions())
+    async with limiter:
+        assert limiter.deadline == LOOPBACK_DEADLINE_SECONDS
+        await limiter.create_entity("k")
+        assert (await limiter.get_entity("k")) is not None
+    assert "ZAEL-from-env-limiter" in boto3.client(
+        "dynamodb", endpoint_url=endpoint_url, region_name="us-east-1",
+        aws_access_key_id="x", aws_secret_access_key="x",
+    ).list_tables()["TableNames"]
 
 
 # -- errors -------------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ from .resolver import LimitResolver, LimitSets, ResolvedLimits
 from .schema import DEFAULT_RESOURCE, default_region, short_name, table_name
 from .storage.capacity import CapacityLedger
 from .storage.dynamodb.client import RetryPolicy
+from .storage.dynamodb.endpoint import configured_endpoint
 from .storage.dynamodb.repository import Repository
 from .storage.protocol import (
     BucketItem,
@@ -128,6 +129,9 @@ class RateLimiter:
         self.table_name = table_name(name)
         self.name = short_name(self.table_name)
         self.region = region
+        # As botocore does: the argument, else `AWS_ENDPOINT_URL_DYNAMODB` / `AWS_ENDPOINT_URL`.
+        # Provisioning and the version check need to know a local endpoint the environment names.
+        endpoint_url = configured_endpoint(endpoint_url)
         self.endpoint_url = endpoint_url
         self.stack_options = stack_options
         self.failure_mode = failure_mode

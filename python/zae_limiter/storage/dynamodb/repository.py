@@ -84,7 +84,7 @@ from .codec import (
     switch_item,
     version_item,
 )
-from .endpoint import is_loopback
+from .endpoint import configured_endpoint, is_loopback
 from .requests import (
     BucketRequests,
     expiry_extension,
@@ -206,13 +206,15 @@ class Repository:
             raise ValueError("Repository needs a table_name or a name")
         self.table_name = schema.table_name(table_name or name or "")
         self.region = region
-        self.endpoint_url = endpoint_url
+        # The environment's endpoint is resolved here, not left to botocore alone: a loopback one
+        # needs no region or credentials (`TableClient._where`).
+        self.endpoint_url = configured_endpoint(endpoint_url)
         self.retry = retry or RetryPolicy()
         self.ledger = CapacityLedger()
         self.table_client = TableClient(
             self.table_name,
             region,
-            endpoint_url,
+            self.endpoint_url,
             retry=self.retry,
             session=session,
             max_pool_connections=max_pool_connections,
