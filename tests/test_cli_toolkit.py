@@ -259,6 +259,24 @@ def test_local_serves_until_terminated() -> None:
         time.sleep(0.1)
 
 
+def test_local_says_how_to_point_at_it_and_when_it_stopped() -> None:
+    process = subprocess.Popen([*CLI, "local"], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        assert process.stdout is not None
+        endpoint = process.stdout.readline().split()[-1]
+        shown = [process.stdout.readline() for _ in range(3)]
+        assert any(f"export AWS_ENDPOINT_URL={endpoint}\n" in line for line in shown), shown
+        process.send_signal(signal.SIGINT)  # Ctrl+C
+        rest, _ = process.communicate(timeout=15)
+        assert process.returncode == 0
+        assert "embedded DynamoDB stopped" in rest, rest
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def test_demo_against_an_unreachable_endpoint_is_one_line() -> None:
     result = subprocess.run([*CLI, "demo", "--endpoint-url", "http://127.0.0.1:1"],
                             capture_output=True, text=True, timeout=120)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 from collections.abc import Iterator
@@ -54,12 +55,19 @@ def local(port: int | None) -> None:
     # The signal handlers come first: a SIGTERM while the child starts stops it too (`start`).
     with _stop_on_sigterm(), LocalDynamoDB(port=port) as db:
         try:
+            # The endpoint stays alone on the first line: scripts read it from there.
             out.print(markup(f"[bold green]DynamoDB endpoint:[/] {db.endpoint_url}"))
+            # RateLimiter() without endpoint_url= reads the variable (so do botocore's clients).
+            out.print(f"  point the library at it: export AWS_ENDPOINT_URL={db.endpoint_url}")
             out.print(f"  try: zae-limiter demo --endpoint-url {db.endpoint_url}")
             out.print("Press Ctrl+C to stop.")
             while db.running:
                 time.sleep(0.5)
         except KeyboardInterrupt:
+            db.stop()
+            # A SIGHUP's terminal may be gone: the server is stopped all the same.
+            with contextlib.suppress(OSError):
+                out.print(f"embedded DynamoDB stopped ({db.endpoint_url} no longer answers)")
             return
         raise click.ClickException(
             f"the embedded DynamoDB on {db.endpoint_url} stopped unexpectedly"
