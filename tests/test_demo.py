@@ -103,3 +103,25 @@ def test_demo_tables_are_whole_at_80_columns(endpoint_url: str) -> None:
     # entity, admitted, rejected, own limit, by project: both kinds of rejection are shown
     assert int(rows["api-key-1"][7]) > 0
     assert sum(int(r[9]) for r in rows.values()) > 0
+
+
+def test_demo_states_its_scenario_and_explains_an_overdrawn_limit(endpoint_url: str) -> None:
+    """Two lines of scenario come first; under the usage table, a limit whose clients used more
+    than its capacity (the project's tpm, in the default workload) is named and explained by
+    refill and `adjust`'s debt, and the line is absent when none was."""
+    result = CliRunner().invoke(main, ["demo", "--endpoint-url", endpoint_url],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("Scenario: ") and "3 API keys" in lines[0], lines[:2]
+    assert "by cascade" in lines[1] and "adjusts tpm" in lines[1], lines[:2]
+    project_usage = next(line.split() for line in lines
+                         if line.startswith("│ acme-project") and line.rstrip(" │").endswith("yes"))
+    tpm_used = int(project_usage[7])  # │ entity │ snapshots │ rpm used │ tpm used │
+    explained = [line for line in lines if "lease.adjust() debits" in line]
+    if tpm_used > 12_000:
+        assert len(explained) == 1 and f"acme-project tpm {tpm_used} > 12000" in explained[0]
+        # right under the usage table
+        assert lines[lines.index(explained[0]) - 1].startswith("└")
+    else:
+        assert all("acme-project tpm" not in line for line in explained), explained

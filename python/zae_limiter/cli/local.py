@@ -97,6 +97,15 @@ def demo(
     reservations: bool,
 ) -> None:
     """Run an LLM-gateway workload on an embedded DynamoDB and summarize it."""
+    from ..ops.demo import PROJECT, RESOURCE
+
+    # What is about to happen, before the numbers that show it.
+    console().print(
+        f"Scenario: an LLM gateway; project {PROJECT}, {keys} API keys, {clients} concurrent "
+        f"clients per key, {requests} {RESOURCE} chat requests each (api-key-1's are long).\n"
+        "Each request takes 1 rpm and its estimated tpm from its key and, by cascade, its "
+        "project, then adjusts tpm to the tokens it really used."
+    )
     if endpoint_url is not None:
         target = use_target(Target.of(name, LOCAL_REGION, endpoint_url))
         _run_demo(target, keys, clients, requests, reservations)
@@ -147,6 +156,13 @@ def _run_demo(target: Target, keys: int, clients: int, requests: int, reserve: b
         )
     out.print(project)
     out.print(usage)
+    overdrawn = _overdrawn(report)
+    if overdrawn:
+        out.print(
+            f"{'; '.join(overdrawn)}: more used than the limit, as buckets refill during the run "
+            "and lease.adjust() debits the real count even past the limit (a debt later "
+            "requests wait out)."
+        )
     calls = ", ".join(f"{op} {n}" for op, n in sorted(report.calls.items()))
     out.print(
         f"DynamoDB: {calls}; {report.write_units:g} WCU, {report.read_units:g} RCU "
@@ -166,6 +182,26 @@ KEY_COLUMNS = (
     "rpm left",
     "tpm left",
 )
+
+
+def _overdrawn(report: DemoReport) -> list[str]:
+    """"<entity> <limit> <used> > <capacity>" for each limit whose clients used more than its
+    capacity (what the usage table shows; the figures the clients counted)."""
+    from ..ops.demo import PROJECT
+
+    used = {key.entity_id: {"rpm": key.admitted, "tpm": key.tokens_actual} for key in report.keys}
+    used[PROJECT] = {
+        "rpm": sum(key.admitted for key in report.keys),
+        "tpm": sum(key.tokens_actual for key in report.keys),
+    }
+    found = []
+    for entity_id, amounts in used.items():
+        limits = report.project_limits if entity_id == PROJECT else report.key_limits
+        for limit in limits:
+            amount = amounts.get(limit.name)
+            if amount is not None and amount > limit.capacity:
+                found.append(f"{entity_id} {limit.name} {amount} > {limit.capacity}")
+    return found
 
 
 def _keys_table(report: DemoReport) -> Any:
