@@ -106,7 +106,8 @@ def test_demo_tables_are_whole_at_80_columns(endpoint_url: str) -> None:
 
 
 def test_demo_states_its_scenario_and_explains_an_overdrawn_limit(endpoint_url: str) -> None:
-    """Two lines of scenario come first; under the usage table, a limit whose clients used more
+    """Two lines of scenario come first (with --endpoint-url; after the embedded server's
+    endpoint without it); under the usage table, a limit whose clients used more
     than its capacity (the project's tpm, in the default workload) is named and explained by
     refill and `adjust`'s debt, and the line is absent when none was."""
     result = CliRunner().invoke(main, ["demo", "--endpoint-url", endpoint_url],

@@ -97,15 +97,6 @@ def demo(
     reservations: bool,
 ) -> None:
     """Run an LLM-gateway workload on an embedded DynamoDB and summarize it."""
-    from ..ops.demo import PROJECT, RESOURCE
-
-    # What is about to happen, before the numbers that show it.
-    console().print(
-        f"Scenario: an LLM gateway; project {PROJECT}, {keys} API keys, {clients} concurrent "
-        f"clients per key, {requests} {RESOURCE} chat requests each (api-key-1's are long).\n"
-        "Each request takes 1 rpm and its estimated tpm from its key and, by cascade, its "
-        "project, then adjusts tpm to the tokens it really used."
-    )
     if endpoint_url is not None:
         target = use_target(Target.of(name, LOCAL_REGION, endpoint_url))
         _run_demo(target, keys, clients, requests, reservations)
@@ -123,7 +114,7 @@ def demo(
 def _run_demo(target: Target, keys: int, clients: int, requests: int, reserve: bool) -> None:
     from .. import BACKEND
     from ..models import Reservations, StackOptions
-    from ..ops.demo import PROJECT, run_workload
+    from ..ops.demo import PROJECT, RESOURCE, run_workload
 
     out = console()
     started = time.monotonic()
@@ -138,6 +129,14 @@ def _run_demo(target: Target, keys: int, clients: int, requests: int, reserve: b
         )
         elapsed = time.monotonic() - started
         usage = _usage(target, report)
+    # What happened, before the numbers that show it. Printed once the run succeeded: a demo
+    # against an unreachable endpoint prints its one error line and nothing else.
+    out.print(
+        f"Scenario: an LLM gateway; project {PROJECT}, {keys} API keys, {clients} concurrent "
+        f"clients per key, {requests} {RESOURCE} chat requests each (api-key-1's are long).\n"
+        "Each request takes 1 rpm and its estimated tpm from its key and, by cascade, its "
+        "project, then adjusts tpm to the tokens it really used."
+    )
     out.print(
         markup(
             f"\n[bold]{report.acquires}[/] chat requests from {keys * clients} concurrent clients "
