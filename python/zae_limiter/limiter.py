@@ -660,11 +660,7 @@ class RateLimiter:
                         await self._give_back_slots(hold, exc)
                     raise
         except STORAGE_FAILURES as exc:  # the deadline passing too
-            error = public_error(exc)
-            if isinstance(error, ConfigurationError) or mode is not FailureMode.FAIL_OPEN:
-                raise error from exc
-            log.warning("DynamoDB unavailable, admitting (FAIL_OPEN): %s", exc)
-            return Lease(self._engine, [], {}, fail_open=True)
+            return self._outage(exc, mode)
         if hold is not None and self._slots is not None:
             # Reported once the acquire is admitted, buckets included: a soft cap's excess in
             # an acquire a hard limit denied was given back, as a soft bucket's is not written.
@@ -751,12 +747,7 @@ class RateLimiter:
                         await self._give_back_slots(hold, exc)
                     raise
         except STORAGE_FAILURES as exc:  # the deadline passing too
-            error = public_error(exc)
-            if isinstance(error, ConfigurationError) or mode is not FailureMode.FAIL_OPEN:
-                raise error from exc
-            log.warning("DynamoDB unavailable, admitting (FAIL_OPEN): %s", exc)
-            nothing: dict[str, dict[str, int]] = {r: {} for r in asks if r != resource}
-            return Lease(self._engine, [], {}, fail_open=True, also=nothing)
+            return self._outage(exc, mode, {r: {} for r in asks if r != resource})
         slots = None
         held = asks
         if hold is not None and self._slots is not None:
@@ -771,6 +762,21 @@ class RateLimiter:
         return Lease(
             self._engine, targets, held[resource], deadline=seconds, slots=slots, also=others
         )
+
+    def _outage(
+        self,
+        exc: Exception,
+        mode: FailureMode,
+        also: Mapping[str, Mapping[str, int]] | None = None,
+    ) -> Lease:
+        """An acquire that met an outage (or its deadline): FAIL_OPEN admits with a lease that
+        holds nothing (`also`: the other resources', empty); else, and for a misconfiguration
+        in any mode, the public error is raised."""
+        error = public_error(exc)
+        if isinstance(error, ConfigurationError) or mode is not FailureMode.FAIL_OPEN:
+            raise error from exc
+        log.warning("DynamoDB unavailable, admitting (FAIL_OPEN): %s", exc)
+        return Lease(self._engine, [], {}, fail_open=True, also=also)
 
     async def _take_slots(
         self, resource: str, sets: LimitSets, amounts: Mapping[str, int]
