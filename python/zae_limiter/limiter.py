@@ -86,6 +86,22 @@ class RateLimiter:
         async with limiter.acquire("key-1", "gpt-4", limits, {"rpm": 1, "tpm": 500}) as lease:
             await lease.adjust(tpm=actual_tokens - 500)
     ```
+
+    Attributes:
+        name: the limiter's name (``my-app``), the table's without its ``ZAEL-`` prefix.
+        table_name: the table (and stack) name, ``ZAEL-<name>``.
+        region: the AWS region given (None: the client library's default).
+        endpoint_url: the DynamoDB endpoint given (a local one, say); None for AWS's.
+        stack_options: how to create or update the infrastructure when it is missing or out of
+            date; None: never create it.
+        failure_mode: what an acquire does when DynamoDB cannot be reached.
+        auto_update: whether the version check may update the infrastructure (None: as
+            ``stack_options.auto_update`` says).
+        version_check: ``"strict"``, ``"relaxed"`` (only the schema must match) or ``"skip"``.
+        compatibility: the outcome of the version check once it ran; None before.
+        repository: the storage: the DynamoDB `Repository`, or the one passed in
+            (`MemoryStorage`, say).
+        reservations: the reservation policy; None: every acquire goes to the shared bucket.
     """
 
     def __init__(
