@@ -5,6 +5,7 @@ it: test files that name its fixtures and nothing else, in a pytest session of t
 from __future__ import annotations
 
 import ast
+import os
 import re
 import socket
 import subprocess
@@ -156,7 +157,7 @@ def test_with_asyncio_run(memory_limiter):
 """
     )
     pythonpath = [str(blocker.parent), str(pytester.path), str(ROOT / "python")]
-    monkeypatch.setenv("PYTHONPATH", ":".join(pythonpath))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(pythonpath))
     # `-p no:asyncio`: pytest-asyncio's own entry point would fail to import too.
     result = pytester.runpytest_subprocess(*PLUGIN, "-p", "no:asyncio", "-p", "no:cacheprovider")
     result.assert_outcomes(passed=2)
@@ -235,7 +236,7 @@ def test_it(memory_limiter):
     assert isinstance(memory_limiter, RateLimiter)
 """
     )
-    monkeypatch.setenv("PYTHONPATH", ":".join([str(site), str(ROOT / "python")]))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(site), str(ROOT / "python")]))
     loaded = pytester.runpytest_subprocess(*AUTO, "-p", "no:cacheprovider")
     loaded.assert_outcomes(passed=1)
     off = pytester.runpytest_subprocess(*AUTO, "-p", "no:zae_limiter", "-p", "no:cacheprovider")
