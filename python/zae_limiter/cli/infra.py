@@ -190,7 +190,7 @@ def _deploy_table_only(target: Target, out: Output, option_values: dict[str, Any
 
 
 @main.command()
-@_target_options()
+@_target_options(json_output=True)
 @_stack_options
 @click.option("--table-only", is_flag=True, default=False,
               help="Create only the table (keys, GSI1, stream, TTL) and its version record, "
@@ -210,7 +210,7 @@ def deploy(target: Target, out: Output, table_only: bool, **option_values: Any) 
         if options.aggregator:
             lines.append("local endpoint: table only (no aggregator Lambda, queue or alarms)")
         _record_deployment(target)
-        out.show(None, *lines)
+        out.show({"table": target.table, "where": target.where, "created": created}, *lines)
         return
     from ..infra import automation
 
