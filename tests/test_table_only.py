@@ -328,3 +328,21 @@ def test_deploy_table_only_and_check_work_with_pulumi_blocked(endpoint_url: str)
     assert f"table {TABLE} created" in out and "\u2713 version record" in out
     assert "loaded: []" in out
     assert ddb(endpoint_url).describe_table(TableName=TABLE)["Table"]["TableStatus"] == "ACTIVE"
+
+
+# -- the README's promise -------------------------------------------------------------------------
+
+
+def test_the_readme_try_it_on_aws_commands_run(endpoint_url: str) -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Try it on AWS", 1)[1].split("\n## ", 1)[0]
+    bash = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = [line.split("#")[0].split() for line in bash.splitlines() if line.strip()]
+    assert lines[0][:2] == ["pip", "install"] and len(lines) == 3
+    for argv in lines[1:]:
+        assert argv[0] == "zae-limiter" and argv[argv.index("--name"):][:2] == ["--name", NAME]
+        # The same command, at the local endpoint instead of us-east-1.
+        result = CliRunner().invoke(main, [*argv[1:], "--endpoint-url", endpoint_url])
+        assert result.exit_code == 0, (argv, result.output)
+    assert [argv[1] for argv in lines[1:]] == ["deploy", "check"]
+    assert "on-demand" in section and "per million" in section
