@@ -48,6 +48,33 @@ def test_demo_with_reservations_usage_still_matches_clients(endpoint_url: str) -
     assert all(line.rstrip(" │").endswith("yes") for line in usage_rows), result.output
 
 
+def test_demo_metrics_prints_the_runs_instruments(endpoint_url: str) -> None:
+    """`--metrics`: a table of the zae_limiter instruments the SDK's reader collected, whose
+    acquire counts add up to the requests sent."""
+    result = CliRunner().invoke(
+        main,
+        ["demo", "--endpoint-url", endpoint_url, "--keys", "2", "--clients", "2",
+         "--requests", "6", "--metrics"],
+        env={"COLUMNS": "200"},
+    )
+    assert result.exit_code == 0, result.output
+    assert "OpenTelemetry metrics of the run" in result.output
+    for name in ("zae_limiter.acquires", "zae_limiter.acquire.duration",
+                 "zae_limiter.dynamodb.calls", "zae_limiter.dynamodb.write_capacity",
+                 "zae_limiter.dynamodb.read_capacity"):  # fmt: skip
+        assert f" {name} " in result.output, name
+    rows = [line.strip("│ ").split("│") for line in result.output.splitlines()]
+    acquires = [row for row in rows if row[0].strip() == "zae_limiter.acquires"]
+    assert {row[1].split()[-1] for row in acquires} <= {"admitted", "denied"}
+    assert sum(int(row[2]) for row in acquires) == 24
+    latency = [row for row in rows if row[0].strip() == "zae_limiter.acquire.duration"]
+    assert latency and all("p99<=" in row[2] for row in latency)
+    assert sum(int(row[2].split()[0].removeprefix("n=")) for row in latency) == 24
+    updates = [row for row in rows if row[0].strip() == "zae_limiter.dynamodb.calls"
+               and row[1].strip() == "UpdateItem"]  # fmt: skip
+    assert len(updates) == 1 and int(updates[0][2]) > 0
+
+
 def test_workload_ledger_balances(endpoint_url: str) -> None:
     frozen = 1_800_000_000_000
 

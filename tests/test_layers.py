@@ -30,6 +30,8 @@ LAYER_OF = {
     "version": "limiter", "entities": "limiter", "resolver": "limiter",
     "http": "http",
     "ops": "ops",
+    # the pytest fixtures for users' tests: a limiter (limiter) and the embedded DynamoDB (ops)
+    "testing": "ops",
     "aggregator": "aggregator",
     "infra": "infra",
     "cli": "cli",

@@ -10,8 +10,12 @@ give-backs.
 
 from __future__ import annotations
 
+import json
+import re
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -438,3 +442,119 @@ async def test_unconfirmed_give_backs_counted_by_resource_and_limit(
         assert limiter.ledger.unconfirmed_give_back_tokens == {"tpm": 300}
     out = exported(reader)
     assert out["zae_limiter.give_back.unconfirmed"] == {attrs(resource="chat", limit="tpm"): 300}
+
+
+# -- metrics someone can see: the warning when nobody can, Prometheus --------------------------
+
+# Collects the "zae_limiter" logger's records and prints them last, as JSON: the warning is once
+# per process, so each case is a process of its own.
+WATCH = """
+import json, logging, sys
+records = []
+class Keep(logging.Handler):
+    def emit(self, record):
+        records.append([record.levelname, record.getMessage()])
+logging.getLogger("zae_limiter").addHandler(Keep())
+"""
+ONE_ACQUIRE_EACH = """
+from zae_limiter import Limit, MemoryStorage, SyncRateLimiter
+store = MemoryStorage("ZAEL-test")
+for metrics in made:
+    with SyncRateLimiter(name="test", repository=store, metrics=metrics) as limiter:
+        for _ in range(3):
+            with limiter.acquire("k1", "chat", [Limit.per_minute("rpm", 100)], {"rpm": 1}):
+                pass
+"""
+
+
+def logged(code: str) -> list[list[str]]:
+    result = subprocess.run(
+        [sys.executable, "-c", WATCH + code + "\nprint(json.dumps(records))"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    records: list[list[str]] = json.loads(result.stdout.splitlines()[-1])
+    return records
+
+
+def test_no_meter_provider_warns_once_per_process() -> None:
+    """Three `Metrics()` on the global provider, none set: three limiters' acquires, one
+    WARNING naming the call to make and the extra."""
+    code = "from zae_limiter import Metrics\nmade = [Metrics() for _ in range(3)]\n"
+    records = logged(code + ONE_ACQUIRE_EACH)
+    assert len(records) == 1, records
+    level, message = records[0]
+    assert level == "WARNING"
+    assert "set_meter_provider" in message
+    assert "pip install 'zae-limiter[otel]'" in message
+
+
+def test_a_provider_set_before_acquires_start_is_no_warning() -> None:
+    """The documented order (a `Metrics()` made first, the provider set at startup) and an
+    explicit provider with none set globally: both export, neither warns."""
+    code = """
+from opentelemetry import metrics as otel
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from zae_limiter import Metrics
+explicit = Metrics(MeterProvider(metric_readers=[InMemoryMetricReader()]))
+early = Metrics()
+otel.set_meter_provider(MeterProvider(metric_readers=[InMemoryMetricReader()]))
+made = [explicit, early, Metrics()]
+"""
+    assert logged(code + ONE_ACQUIRE_EACH) == []
+
+
+def test_no_opentelemetry_api_warns_once_per_process() -> None:
+    code = """
+sys.modules["opentelemetry"] = None
+from zae_limiter import Metrics
+made = [Metrics() for _ in range(3)]
+assert not any(metrics.enabled for metrics in made)
+"""
+    records = logged(code + ONE_ACQUIRE_EACH)
+    assert len(records) == 1, records
+    level, message = records[0]
+    assert level == "WARNING"
+    assert "opentelemetry-api is not installed" in message
+    assert "pip install 'zae-limiter[otel]'" in message
+
+
+def prometheus_snippet() -> str:
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "metrics.md").read_text()
+    section = doc.split("\n## Prometheus\n", 1)[1]
+    found = re.search(r"```python\n(.*?)```", section, re.S)
+    assert found is not None, "docs/metrics.md: no Python block under ## Prometheus"
+    return found.group(1)
+
+
+def test_the_prometheus_setup_in_the_docs_serves_the_metrics() -> None:
+    """docs/metrics.md's snippet as written (on a free port instead of 9464), then one acquire
+    on a limiter sharing its `Metrics`; the endpoint it started answers with the counts."""
+    snippet = prometheus_snippet()
+    assert "start_http_server(9464)" in snippet
+    port = free_port()
+    probe = f"""
+import asyncio, urllib.request
+from zae_limiter import Limit, MemoryStorage
+
+async def one_acquire():
+    async with RateLimiter(name="probe", repository=MemoryStorage("ZAEL-probe"),
+                           metrics=limiter.metrics) as probe:
+        async with probe.acquire("k1", "chat", [Limit.per_minute("rpm", 10)], {{"rpm": 1}}):
+            pass
+
+asyncio.run(one_acquire())
+print(urllib.request.urlopen("http://127.0.0.1:{port}/metrics", timeout=10).read().decode())
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", snippet.replace("9464", str(port)) + probe],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    scraped = result.stdout
+    acquires = re.search(r'^zae_limiter_acquires_total\{(.*)\} (\S+)$', scraped, re.M)
+    assert acquires is not None, scraped
+    assert 'zae_limiter_result="admitted"' in acquires.group(1)
+    assert float(acquires.group(2)) == 1.0
+    assert re.search(r"^zae_limiter_acquire_duration_seconds_count\{.*\} 1\.0$", scraped, re.M)

@@ -9,28 +9,50 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import signal
 import socket
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from types import FrameType
-from typing import Any
-
-import uvicorn
+from typing import Any, NoReturn
 
 from zae_limiter import Limit, RateLimiter, StackOptions, ValidationError
 from zae_limiter.ops.local import LocalDynamoDB
 
-from .gateway import Meter, create_app
-from .provision import (
-    PROJECT,
-    api_key,
-    check_limits,
-    provision,
-    trial_api_key,
-    trial_limits,
-)
+# What the `gateway` extra installs that this command imports: uvicorn and starlette here, moto's
+# server (with flask) when the embedded DynamoDB starts.
+EXTRA_MODULES = ("uvicorn", "starlette", "moto", "flask", "flask_cors")
+INSTALL_HINT = "pip install 'zae-limiter[gateway]' (from a checkout: pip install -e '.[gateway]')"
+
+
+def missing_extra(module: str) -> NoReturn:
+    """One line naming the extra, and exit status 2 (a usage problem): a traceback would bury
+    the fix under frames that say nothing about it."""
+    print(f"python -m examples.llm_gateway needs {module}: {INSTALL_HINT}", file=sys.stderr)
+    sys.exit(2)
+
+
+try:
+    import uvicorn
+
+    from .gateway import Meter, create_app
+    from .provision import (
+        PROJECT,
+        api_key,
+        check_limits,
+        provision,
+        trial_api_key,
+        trial_limits,
+    )
+except ModuleNotFoundError as exc:
+    # Only as the command, and only for the extra's own packages: anything else is a real bug,
+    # and a test importing this module wants the ImportError, not an exit.
+    top = (exc.name or "").partition(".")[0]
+    if __name__ != "__main__" or top not in EXTRA_MODULES:
+        raise
+    missing_extra(top)
 
 TABLE = "llm-gateway"
 KEY_LIMITS = (
@@ -193,6 +215,11 @@ async def serve(options: argparse.Namespace, db: LocalDynamoDB, sock: socket.soc
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Before anything starts: without moto the run would fail only once the embedded DynamoDB
+    # starts, after the port is bound, with the `local` extra's hint rather than this one's.
+    for module in EXTRA_MODULES:
+        if importlib.util.find_spec(module) is None:
+            missing_extra(module)
     options = parse_args(argv)
     with stop_signals():
         try:

@@ -259,6 +259,15 @@ class RateLimiterUnavailable(RateLimitError):
     """The backing store could not be reached and the limiter fails closed.
 
     A transient infrastructure problem, not a rate-limit decision.
+
+    Attributes:
+        cause: the storage error behind it (DynamoDB unreachable, past the deadline, throttled
+            or failing past the retries); ``None`` when DynamoDB answered but other clients'
+            conflicting writes kept every write of this one from landing.
+        stack_name: the limiter's stack (table) name, when known.
+        table_name: the same as ``stack_name`` (zae-limiter 0.x's name for it).
+        entity_id: the acquire's entity, when the error came from one.
+        resource: the acquire's resource, when the error came from one.
     """
 
     def __init__(
@@ -297,6 +306,14 @@ class ResourceDisabled(RateLimitError):
     `disabled` says what is switched off, "resource" or "entity", and `disabled_name` its name
     (the parent's id when the parent is). `recheck_seconds`: the limiter reads the switches again
     at most this long from now (its cache TTL), so an `enable` is seen within it.
+
+    Attributes:
+        resource: the acquire's resource.
+        entity_id: the acquire's entity.
+        disabled: what is switched off: ``"resource"`` or ``"entity"``.
+        disabled_name: the disabled resource's or entity's name (the parent's id when the
+            cascade parent is the one disabled).
+        recheck_seconds: the longest time before the limiter reads the switches again.
     """
 
     def __init__(
@@ -327,12 +344,24 @@ class ResourceDisabled(RateLimitError):
 
 
 class EntityNotFoundError(EntityError):
+    """The entity (or, with cascade, its parent) does not exist.
+
+    Attributes:
+        entity_id: the entity that was not found.
+    """
+
     def __init__(self, entity_id: str) -> None:
         self.entity_id = entity_id
         super().__init__(f"Entity not found: {entity_id}")
 
 
 class EntityExistsError(EntityError):
+    """The entity to create already exists.
+
+    Attributes:
+        entity_id: the entity that exists.
+    """
+
     def __init__(self, entity_id: str) -> None:
         self.entity_id = entity_id
         super().__init__(f"Entity already exists: {entity_id}")
@@ -344,6 +373,15 @@ class EntityExistsError(EntityError):
 
 
 class StackCreationError(InfrastructureError):
+    """The infrastructure (the stack, or the table alone on a local endpoint) could not be
+    created.
+
+    Attributes:
+        stack_name: the stack that failed.
+        reason: why, as the deployment reported it.
+        events: the deployment's events that explain it (may be empty).
+    """
+
     def __init__(
         self, stack_name: str, reason: str, events: list[dict[str, Any]] | None = None
     ) -> None:
@@ -376,7 +414,13 @@ class ConfigurationError(InfrastructureError):
 
 
 class InfrastructureNotFoundError(InfrastructureError):
-    """The table / stack has not been deployed."""
+    """The table / stack has not been deployed.
+
+    Attributes:
+        name: the stack (table) name.
+        stack_name: the same (zae-limiter 0.x's name for it).
+        table_name: the same (the stack and its table share one name).
+    """
 
     def __init__(
         self,
@@ -408,7 +452,15 @@ class InfrastructureNotFoundError(InfrastructureError):
 
 
 class VersionMismatchError(VersionError):
-    """Client and deployed infrastructure versions differ and were not reconciled."""
+    """Client and deployed infrastructure versions differ and were not reconciled.
+
+    Attributes:
+        client_version: this client's version.
+        schema_version: the deployed table's schema version.
+        lambda_version: the deployed aggregator's version; ``None`` when unknown.
+        can_auto_update: whether updating the infrastructure from this client
+            (``auto_update``) would reconcile them.
+    """
 
     def __init__(
         self,
@@ -433,6 +485,9 @@ class MinimumClientVersionError(VersionMismatchError):
     """The client is older than the minimum client version the infrastructure accepts.
 
     Only upgrading the client helps; auto-update of the infrastructure cannot.
+
+    Attributes:
+        minimum_client_version: the oldest client version the infrastructure accepts.
     """
 
     def __init__(
@@ -454,7 +509,13 @@ class MinimumClientVersionError(VersionMismatchError):
 
 
 class IncompatibleSchemaError(VersionError):
-    """The schema differs by a major version: a manual migration is required."""
+    """The schema differs by a major version: a manual migration is required.
+
+    Attributes:
+        client_version: this client's version.
+        schema_version: the deployed table's schema version.
+        migration_guide_url: where the migration is described, when given.
+    """
 
     def __init__(
         self,
@@ -545,6 +606,7 @@ class RequestTooLarge(RateLimitExceeded, ValidationError):
         return body
 
     def client_dict(self) -> dict[str, Any]:
+        """`RateLimitExceeded`'s client body, with `reason` saying that no wait helps."""
         body = super().client_dict()
         body["reason"] = "request_exceeds_burst"
         return body

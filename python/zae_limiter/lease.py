@@ -143,6 +143,7 @@ class Lease:
 
     @property
     def entity_id(self) -> str | None:
+        """The entity that acquired; None for a fail-open or bypassed lease (it holds no bucket)."""
         return self._targets[0].entity_id if self._targets else None
 
     def statuses(self) -> list[LimitStatus]:
@@ -644,47 +645,58 @@ class SyncLease:
 
     @property
     def consumed(self) -> dict[str, int]:
+        """`Lease.consumed`: net tokens held per limit in the entity's own bucket."""
         return self._lease.consumed
 
     def statuses(self) -> list[LimitStatus]:
+        """`Lease.statuses`: each limit as the acquire left it (no I/O)."""
         return self._lease.statuses()
 
     @property
     def also_consumed(self) -> dict[str, dict[str, int]]:
+        """`Lease.also_consumed`: `consumed` of each other resource of the acquire (`also=`)."""
         return self._lease.also_consumed
 
     @property
     def entity_id(self) -> str | None:
+        """`Lease.entity_id`: the entity that acquired."""
         return self._lease.entity_id
 
     @property
     def fail_open(self) -> bool:
+        """`Lease.fail_open`: True when FAIL_OPEN admitted without a bucket."""
         return self._lease.fail_open
 
     @property
     def bypassed(self) -> bool:
+        """`Lease.bypassed`: True when a kill switch bypassed the limits."""
         return self._lease.bypassed
 
     def adjust(
         self, *, also: Mapping[str, Mapping[str, int]] | int | None = None, **amounts: int
     ) -> None:
+        """`Lease.adjust`, blocking."""
         self._run(self._lease.adjust(also=also, **amounts))
 
     def consume(
         self, *, also: Mapping[str, Mapping[str, int]] | int | None = None, **amounts: int
     ) -> None:
+        """`Lease.consume`, blocking."""
         self._run(self._lease.consume(also=also, **amounts))
 
     def release(
         self, *, also: Mapping[str, Mapping[str, int]] | int | None = None, **amounts: int
     ) -> None:
+        """`Lease.release`, blocking."""
         self._run(self._lease.release(also=also, **amounts))
 
     @property
     def slots(self) -> dict[str, int]:
+        """`Lease.slots`: slots of concurrency caps this lease holds."""
         return self._lease.slots
 
     def renew(self) -> bool:
+        """`Lease.renew`, blocking."""
         result: bool = self._run(self._lease.renew())
         return result
 

@@ -87,6 +87,22 @@ class RateLimiter:
         async with limiter.acquire("key-1", "gpt-4", limits, {"rpm": 1, "tpm": 500}) as lease:
             await lease.adjust(tpm=actual_tokens - 500)
     ```
+
+    Attributes:
+        name: the limiter's name (``my-app``), the table's without its ``ZAEL-`` prefix.
+        table_name: the table (and stack) name, ``ZAEL-<name>``.
+        region: the AWS region given (None: the client library's default).
+        endpoint_url: the DynamoDB endpoint given (a local one, say); None for AWS's.
+        stack_options: how to create or update the infrastructure when it is missing or out of
+            date; None: never create it.
+        failure_mode: what an acquire does when DynamoDB cannot be reached.
+        auto_update: whether the version check may update the infrastructure (None: as
+            ``stack_options.auto_update`` says).
+        version_check: ``"strict"``, ``"relaxed"`` (only the schema must match) or ``"skip"``.
+        compatibility: the outcome of the version check once it ran; None before.
+        repository: the storage: the DynamoDB `Repository`, or the one passed in
+            (`MemoryStorage`, say).
+        reservations: the reservation policy; None: every acquire goes to the shared bucket.
     """
 
     def __init__(
@@ -664,11 +680,7 @@ class RateLimiter:
                         await self._give_back_slots(hold, exc)
                     raise
         except STORAGE_FAILURES as exc:  # the deadline passing too
-            error = public_error(exc)
-            if isinstance(error, ConfigurationError) or mode is not FailureMode.FAIL_OPEN:
-                raise error from exc
-            log.warning("DynamoDB unavailable, admitting (FAIL_OPEN): %s", exc)
-            return Lease(self._engine, [], {}, fail_open=True)
+            return self._outage(exc, mode)
         if hold is not None and self._slots is not None:
             # Reported once the acquire is admitted, buckets included: a soft cap's excess in
             # an acquire a hard limit denied was given back, as a soft bucket's is not written.
@@ -755,12 +767,7 @@ class RateLimiter:
                         await self._give_back_slots(hold, exc)
                     raise
         except STORAGE_FAILURES as exc:  # the deadline passing too
-            error = public_error(exc)
-            if isinstance(error, ConfigurationError) or mode is not FailureMode.FAIL_OPEN:
-                raise error from exc
-            log.warning("DynamoDB unavailable, admitting (FAIL_OPEN): %s", exc)
-            nothing: dict[str, dict[str, int]] = {r: {} for r in asks if r != resource}
-            return Lease(self._engine, [], {}, fail_open=True, also=nothing)
+            return self._outage(exc, mode, {r: {} for r in asks if r != resource})
         slots = None
         held = asks
         if hold is not None and self._slots is not None:
@@ -775,6 +782,21 @@ class RateLimiter:
         return Lease(
             self._engine, targets, held[resource], deadline=seconds, slots=slots, also=others
         )
+
+    def _outage(
+        self,
+        exc: Exception,
+        mode: FailureMode,
+        also: Mapping[str, Mapping[str, int]] | None = None,
+    ) -> Lease:
+        """An acquire that met an outage (or its deadline): FAIL_OPEN admits with a lease that
+        holds nothing (`also`: the other resources', empty); else, and for a misconfiguration
+        in any mode, the public error is raised."""
+        error = public_error(exc)
+        if isinstance(error, ConfigurationError) or mode is not FailureMode.FAIL_OPEN:
+            raise error from exc
+        log.warning("DynamoDB unavailable, admitting (FAIL_OPEN): %s", exc)
+        return Lease(self._engine, [], {}, fail_open=True, also=also)
 
     async def _take_slots(
         self, resource: str, sets: LimitSets, amounts: Mapping[str, int]

@@ -38,6 +38,8 @@ if TYPE_CHECKING:
         Observation,
     )
 
+log = logging.getLogger("zae_limiter")
+
 # Outcomes of one acquire, the values of the `result` attribute.
 ADMITTED = "admitted"
 DENIED = "denied"
@@ -240,11 +242,50 @@ _REGISTRY_LOCK = threading.Lock()
 _BY_PROVIDER: weakref.WeakKeyDictionary[object, _Instruments] = weakref.WeakKeyDictionary()
 
 
+OTEL_EXTRA = "pip install 'zae-limiter[otel]'"
+NO_API_WARNING = (
+    "zae_limiter: Metrics() reports nothing: opentelemetry-api is not installed; " + OTEL_EXTRA
+)
+NO_PROVIDER_WARNING = (
+    "zae_limiter: Metrics() reports to the global OpenTelemetry meter provider, and none is set: "
+    "nothing is exported until opentelemetry.metrics.set_meter_provider() is called (counts are "
+    "kept, latencies are dropped); the SDK and a Prometheus exporter: " + OTEL_EXTRA
+    + " (docs/metrics.md)"
+)
+
+_WARNED_LOCK = threading.Lock()
+_warned = False
+
+
+def _warn_once(message: str) -> None:
+    """A WARNING on the "zae_limiter" logger, once per process: a misconfiguration is a fact of
+    the deployment, not of each limiter, and a service making limiters per request must not log
+    it per request. A log record rather than `warnings.warn`: it lands where the service's other
+    operational warnings go, whatever its warning filters."""
+    global _warned
+    with _WARNED_LOCK:
+        if _warned:
+            return
+        _warned = True
+    log.warning("%s", message)
+
+
+def _global_provider_unset() -> bool:
+    """No meter provider set globally: the API then hands out its proxy, which forwards to
+    nothing until `set_meter_provider`. The API has no public way to ask; the proxy's class name
+    is compared rather than imported from `opentelemetry.metrics._internal`, so that a renamed
+    class means no warning, never a failure."""
+    from opentelemetry import metrics as otel
+
+    return type(otel.get_meter_provider()).__name__ == "_ProxyMeterProvider"
+
+
 def _instruments_of(meter_provider: MeterProvider | None) -> _Instruments | None:
     """The provider's instruments (None: the global provider), or None without OpenTelemetry."""
     try:
         from opentelemetry import metrics as otel
     except ImportError:
+        _warn_once(NO_API_WARNING)
         return None
     if meter_provider is not None and not isinstance(meter_provider, otel.MeterProvider):
         raise ValidationError(
@@ -272,7 +313,9 @@ class Metrics:
     sets of each instrument (see the module's docstring): one more series takes the rest.
 
     Without `opentelemetry-api` installed, and for `NO_METRICS`, every method does nothing. One
-    `Metrics` may serve several limiters; several on one provider add up.
+    `Metrics` may serve several limiters; several on one provider add up. Reporting to nobody
+    is logged once per process as a WARNING on the "zae_limiter" logger: no `opentelemetry-api`
+    (when made), or no global provider set yet (at its first acquire, for `meter_provider=None`).
     """
 
     def __init__(
@@ -320,6 +363,10 @@ class Metrics:
         self._latency: Histogram | None = None if instruments is None else instruments.latency
         self.enabled = instruments is not None
         """False when nothing is reported (`enabled=False`, or OpenTelemetry not installed)."""
+        # Whether the global provider is set is asked at the first acquire, not here: a
+        # `Metrics()` may be made before `set_meter_provider` (at import, say), and only one
+        # still unset when acquires are reported is a misconfiguration.
+        self._check_provider = instruments is not None and meter_provider is None
 
     # -- the limiter's reports --------------------------------------------------------------
 
@@ -336,6 +383,10 @@ class Metrics:
         latency = self._latency
         if latency is None:
             return
+        if self._check_provider:
+            self._check_provider = False
+            if _global_provider_unset():
+                _warn_once(NO_PROVIDER_WARNING)
         entity = entity_id if self.entity_ids else None
         tally = self._acquires.add((resource, result, entity))
         for limit in denied_by:
@@ -388,8 +439,6 @@ class Metrics:
 NO_METRICS = Metrics(enabled=False)
 """Reports nothing: a limiter's metrics when none are given."""
 
-
-log = logging.getLogger("zae_limiter")
 
 SOFT_WARNING_INTERVAL_MS = 60_000
 """At most one WARNING per (entity, limit) in this many milliseconds of the limiter's clock."""

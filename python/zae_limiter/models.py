@@ -171,6 +171,23 @@ class Limit:
     its last renewal.
 
     ``soft=True`` on any of them: debited (it may go into debt), reported, never denies.
+
+    Attributes:
+        name: the limit's name (``rpm``, ``tpm``, ...), unique among an acquire's limits.
+        capacity: a bucket's sustained tokens per refill period; a quota's tokens per window; a
+            concurrency cap's slots.
+        burst: the most a bucket holds (>= ``capacity``); a quota's and a cap's equal
+            ``capacity``.
+        refill_amount: tokens a bucket regains per ``refill_period_seconds``.
+        refill_period_seconds: the period of ``refill_amount``.
+        soft: debited and reported, never denies.
+        kind: ``"bucket"``, ``"quota"`` or ``"concurrency"``.
+        cron: a quota's window start, a cron expression read in ``tz``.
+        tz: the time zone of ``cron`` (``"UTC"`` unless set; a quota's only).
+        reset_after_seconds: a quota's window length from the entity's first admitted use
+            (instead of ``cron``).
+        lease_ttl_seconds: a concurrency cap's: a lease never ended gives its slots back this
+            long after its last renewal.
     """
 
     name: str
@@ -743,6 +760,21 @@ class LimitStatus:
     """The outcome of checking one limit.
 
     Built by the limiter from validated inputs, so it does not validate itself.
+
+    Attributes:
+        entity_id: the entity whose bucket was checked (with cascade, the parent's for its
+            limits).
+        resource: the resource the limit applies to.
+        limit_name: the limit's name (``limit.name``).
+        limit: the limit's definition.
+        available: whole tokens available now; negative after forced consumption.
+        requested: tokens the request asked of this limit.
+        exceeded: whether the request exceeds it (a soft limit past its allowance is exceeded
+            too, but denies nothing).
+        retry_after_seconds: seconds until the request fits: ``0.0`` when not exceeded;
+            ``None`` when it never can (the request exceeds the limit's burst).
+        reset_seconds: a quota's seconds until its window resets and its balance is restored;
+            ``None`` for a token bucket, which has no reset instant.
     """
 
     entity_id: str
@@ -786,7 +818,12 @@ class LimitStatus:
 
 
 class FailureMode(StrEnum):
-    """What acquire does when the backing store cannot be reached."""
+    """What acquire does when the backing store cannot be reached.
+
+    Attributes:
+        FAIL_OPEN: admit the request without a bucket (the lease's ``fail_open`` is True).
+        FAIL_CLOSED: raise `RateLimiterUnavailable` (the default).
+    """
 
     FAIL_OPEN = "open"
     FAIL_CLOSED = "closed"
@@ -970,7 +1007,20 @@ class ResourceCapacity:
 
 
 class AuditAction:
-    """What an audit event records."""
+    """What an audit event records (`AuditEvent.action`): the constants below.
+
+    Attributes:
+        ENTITY_CREATED: an entity was created.
+        ENTITY_DELETED: an entity was deleted.
+        LIMITS_SET: stored limits were set (an entity's, a resource's defaults or the system's).
+        LIMITS_DELETED: stored limits were deleted.
+        RESOURCE_DISABLED: a resource's kill switch was set to disabled.
+        RESOURCE_BYPASSED: a resource's kill switch was set to bypass.
+        RESOURCE_ENABLED: a resource's kill switch was cleared.
+        ENTITY_DISABLED: an entity's kill switch was set to disabled.
+        ENTITY_BYPASSED: an entity's kill switch was set to bypass.
+        ENTITY_ENABLED: an entity's kill switch was cleared.
+    """
 
     ENTITY_CREATED = "entity_created"
     ENTITY_DELETED = "entity_deleted"

@@ -103,10 +103,12 @@ class SyncRateLimiter:
 
     @property
     def name(self) -> str:
+        """`RateLimiter.name`."""
         return self._limiter.name
 
     @property
     def table_name(self) -> str:
+        """`RateLimiter.table_name`."""
         return self._limiter.table_name
 
     @property
@@ -141,9 +143,11 @@ class SyncRateLimiter:
 
     @property
     def async_limiter(self) -> RateLimiter:
+        """The `RateLimiter` this one runs on its own event loop thread."""
         return self._limiter
 
     def close(self) -> None:
+        """`RateLimiter.close`, blocking; then stops this limiter's event loop thread."""
         if self._closed:
             return
         try:
@@ -180,6 +184,7 @@ class SyncRateLimiter:
         deadline: float | None = None,
         also: Mapping[str, Mapping[str, int]] | None = None,
     ) -> Iterator[SyncLease]:
+        """`RateLimiter.acquire`, blocking: a context manager yielding a `SyncLease`."""
         manager = self._limiter.acquire(
             entity_id,
             resource,
@@ -209,17 +214,21 @@ class SyncRateLimiter:
         *,
         principal: str | None = None,
     ) -> Entity:
+        """`RateLimiter.create_entity`, blocking."""
         return self._run(
             self._limiter.create_entity(entity_id, name, parent_id, metadata, principal=principal)
         )
 
     def get_entity(self, entity_id: str) -> Entity | None:
+        """`RateLimiter.get_entity`, blocking."""
         return self._run(self._limiter.get_entity(entity_id))
 
     def delete_entity(self, entity_id: str, *, principal: str | None = None) -> None:
+        """`RateLimiter.delete_entity`, blocking."""
         self._run(self._limiter.delete_entity(entity_id, principal=principal))
 
     def get_children(self, parent_id: str) -> list[Entity]:
+        """`RateLimiter.get_children`, blocking."""
         return self._run(self._limiter.get_children(parent_id))
 
     def set_limits(
@@ -230,14 +239,17 @@ class SyncRateLimiter:
         *,
         principal: str | None = None,
     ) -> None:
+        """`RateLimiter.set_limits`, blocking."""
         self._run(self._limiter.set_limits(entity_id, limits, resource, principal=principal))
 
     def get_limits(self, entity_id: str, resource: str = DEFAULT_RESOURCE) -> list[Limit]:
+        """`RateLimiter.get_limits`, blocking."""
         return self._run(self._limiter.get_limits(entity_id, resource))
 
     def delete_limits(
         self, entity_id: str, resource: str = DEFAULT_RESOURCE, *, principal: str | None = None
     ) -> None:
+        """`RateLimiter.delete_limits`, blocking."""
         self._run(self._limiter.delete_limits(entity_id, resource, principal=principal))
 
     def get_audit_events(
@@ -248,6 +260,7 @@ class SyncRateLimiter:
         *,
         oldest_first: bool = False,
     ) -> list[AuditEvent]:
+        """`RateLimiter.get_audit_events`, blocking."""
         return self._run(
             self._limiter.get_audit_events(
                 entity_id, limit, start_event_id, oldest_first=oldest_first
@@ -257,30 +270,39 @@ class SyncRateLimiter:
     # Kill switches (`RateLimiter.disable_resource`, ...).
 
     def disable_resource(self, resource: str, *, principal: str | None = None) -> None:
+        """`RateLimiter.disable_resource`, blocking."""
         self._run(self._limiter.disable_resource(resource, principal=principal))
 
     def bypass_resource(self, resource: str, *, principal: str | None = None) -> None:
+        """`RateLimiter.bypass_resource`, blocking."""
         self._run(self._limiter.bypass_resource(resource, principal=principal))
 
     def enable_resource(self, resource: str, *, principal: str | None = None) -> None:
+        """`RateLimiter.enable_resource`, blocking."""
         self._run(self._limiter.enable_resource(resource, principal=principal))
 
     def disable_entity(self, entity_id: str, *, principal: str | None = None) -> None:
+        """`RateLimiter.disable_entity`, blocking."""
         self._run(self._limiter.disable_entity(entity_id, principal=principal))
 
     def bypass_entity(self, entity_id: str, *, principal: str | None = None) -> None:
+        """`RateLimiter.bypass_entity`, blocking."""
         self._run(self._limiter.bypass_entity(entity_id, principal=principal))
 
     def enable_entity(self, entity_id: str, *, principal: str | None = None) -> None:
+        """`RateLimiter.enable_entity`, blocking."""
         self._run(self._limiter.enable_entity(entity_id, principal=principal))
 
     def get_resource_state(self, resource: str) -> str:
+        """`RateLimiter.get_resource_state`, blocking."""
         return self._run(self._limiter.get_resource_state(resource))
 
     def get_entity_state(self, entity_id: str) -> str:
+        """`RateLimiter.get_entity_state`, blocking."""
         return self._run(self._limiter.get_entity_state(entity_id))
 
     def get_switches(self) -> list[Switch]:
+        """`RateLimiter.get_switches`, blocking."""
         return self._run(self._limiter.get_switches())
 
     # -- resource and system default limits ---------------------------------------------
@@ -288,27 +310,35 @@ class SyncRateLimiter:
     def set_resource_defaults(
         self, resource: str, limits: Sequence[Limit], principal: str | None = None
     ) -> None:
+        """`RateLimiter.set_resource_defaults`, blocking."""
         self._run(self._limiter.set_resource_defaults(resource, limits, principal))
 
     def get_resource_defaults(self, resource: str) -> list[Limit]:
+        """`RateLimiter.get_resource_defaults`, blocking."""
         return self._run(self._limiter.get_resource_defaults(resource))
 
     def delete_resource_defaults(self, resource: str, principal: str | None = None) -> None:
+        """`RateLimiter.delete_resource_defaults`, blocking."""
         self._run(self._limiter.delete_resource_defaults(resource, principal))
 
     def list_resource_defaults(self) -> dict[str, list[Limit]]:
+        """`RateLimiter.list_resource_defaults`, blocking."""
         return self._run(self._limiter.list_resource_defaults())
 
     def set_system_defaults(self, limits: Sequence[Limit], principal: str | None = None) -> None:
+        """`RateLimiter.set_system_defaults`, blocking."""
         self._run(self._limiter.set_system_defaults(limits, principal))
 
     def get_system_defaults(self) -> list[Limit]:
+        """`RateLimiter.get_system_defaults`, blocking."""
         return self._run(self._limiter.get_system_defaults())
 
     def delete_system_defaults(self, principal: str | None = None) -> None:
+        """`RateLimiter.delete_system_defaults`, blocking."""
         self._run(self._limiter.delete_system_defaults(principal))
 
     def get_effective_limits(self, entity_id: str, resource: str) -> list[ResolvedLimits]:
+        """`RateLimiter.get_effective_limits`, blocking."""
         return self._run(self._limiter.get_effective_limits(entity_id, resource))
 
     def available(
@@ -320,6 +350,7 @@ class SyncRateLimiter:
         *,
         deadline: float | None = None,
     ) -> dict[str, int]:
+        """`RateLimiter.available`, blocking."""
         return self._run(
             self._limiter.available(
                 entity_id, resource, limits, use_stored_limits, deadline=deadline
@@ -336,6 +367,7 @@ class SyncRateLimiter:
         *,
         deadline: float | None = None,
     ) -> float:
+        """`RateLimiter.time_until_available`, blocking."""
         return self._run(
             self._limiter.time_until_available(
                 entity_id, resource, limits, needed, use_stored_limits, deadline=deadline
@@ -350,11 +382,13 @@ class SyncRateLimiter:
         start: datetime | str | None = None,
         end: datetime | str | None = None,
     ) -> list[UsageSnapshot]:
+        """`RateLimiter.get_usage_snapshots`, blocking."""
         return self._run(self._limiter.get_usage_snapshots(entity_id, resource, window, start, end))
 
     def get_resource_capacity(
         self, resource: str, limit_name: str, parents_only: bool = False
     ) -> ResourceCapacity:
+        """`RateLimiter.get_resource_capacity`, blocking."""
         return self._run(self._limiter.get_resource_capacity(resource, limit_name, parents_only))
 
     def get_usage_summary(
@@ -365,10 +399,13 @@ class SyncRateLimiter:
         start: datetime | str | None = None,
         end: datetime | str | None = None,
     ) -> UsageSummary:
+        """`RateLimiter.get_usage_summary`, blocking."""
         return self._run(self._limiter.get_usage_summary(entity_id, resource, window, start, end))
 
     def create_stack(self, stack_options: StackOptions | None = None) -> dict[str, Any]:
+        """`RateLimiter.create_stack`, blocking."""
         return self._run(self._limiter.create_stack(stack_options))
 
     def delete_stack(self) -> None:
+        """`RateLimiter.delete_stack`, blocking."""
         self._run(self._limiter.delete_stack())

@@ -2,22 +2,25 @@
 
 Against AWS these drive Pulumi (`zae_limiter.infra.automation`, needs the Pulumi CLI). With
 `--endpoint-url` (a local DynamoDB) `deploy`/`status`/`delete` act on the table alone, directly
-with boto3 (`zae_limiter.ops.table`): no Pulumi, no Lambda, no alarms.
+with boto3 (`zae_limiter.ops.table`): no Pulumi, no Lambda, no alarms. `deploy --table-only` does
+the same on AWS (`zae_limiter.ops.readiness`): the table and its version record, nothing else.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from .. import schema
 from ..infra import InfraOptions, alarm_names
+from ..ops import readiness
 from ..ops import recovery as ops
 from . import main
 from .toolkit import (
+    EXIT_FAILED,
     Output,
     Target,
     confirm,
@@ -26,6 +29,9 @@ from .toolkit import (
     not_found,
     target_options,
 )
+
+if TYPE_CHECKING:
+    from ..storage.dynamodb.repository import Repository
 
 _NAME_HELP = "Deployment name: table ZAEL-<name>, stack ZAEL-<name>."
 _ENDPOINT_HELP = (
@@ -129,11 +135,71 @@ def _dlq_depth(target: Target, dlq_url: object) -> object:
 # -- commands ----------------------------------------------------------------------------------
 
 
+# The flags `deploy --table-only` takes: what CreateTable itself sets. The rest configure the
+# Pulumi stack's other parts, and silently ignoring one would deploy less than was asked for.
+# Turning off what the table only never has (`--no-aggregator`, `--no-pitr`, ...) is consistent
+# with it, so only values that ask for more are refused.
+_TABLE_ONLY_OPTIONS = frozenset(
+    {"billing_mode", "read_capacity", "write_capacity", "tags", "no_pitr"}
+)
+
+
+def _deploy_table_only(target: Target, out: Output, option_values: dict[str, Any]) -> None:
+    given = sorted(
+        f"--{key.replace('_', '-')}" for key, value in option_values.items()
+        if key not in _TABLE_ONLY_OPTIONS and value not in (None, False, ())
+    )
+    if given:
+        raise click.UsageError(
+            f"--table-only deploys the table alone; {', '.join(given)} configure(s) the Pulumi "
+            "stack: drop --table-only to deploy the whole stack"
+        )
+    options = _build_options(option_values)
+    where = f"at {target.endpoint_url}" if target.endpoint_url else f"in {target.region}"
+
+    async def work(repo: Repository) -> dict[str, Any]:
+        done = await readiness.deploy_table(repo, options)
+        checks = await readiness.check_table(
+            repo, region=target.region, endpoint_url=target.endpoint_url,
+            cli_args=target.options_text,
+        )
+        return {**done, "checks": checks}
+
+    result = target.run(work)
+    checks: list[readiness.Check] = result.pop("checks")
+    ready = readiness.table_ready(checks)
+    data = {"table": target.table, "where": target.where, "ready": ready, **result,
+            "checks": [c.as_dict() for c in checks]}
+    if result["created"]:
+        head = f"table {target.table} created {where}"
+    elif ready and not result["version_record_written"]:
+        head = f"table {target.table} already exists {where} and is ready: nothing to do"
+    elif result["version_record_written"]:
+        head = f"table {target.table} already exists {where}; its missing version record written"
+    else:
+        head = f"table {target.table} already exists {where}"
+    lines = [head, *readiness.lines(checks)]
+    if not ready:
+        out.show(data, *lines)
+        raise click.exceptions.Exit(EXIT_FAILED)
+    lines.append("table only: no aggregator Lambda, alarms, point-in-time recovery or "
+                 "deletion protection (drop --table-only for the Pulumi stack)")
+    region = "" if target.endpoint_url else f", region={target.region!r}"
+    lines.append(f"next: RateLimiter(name={target.name!r}{region})")
+    out.show(data, *lines)
+
+
 @main.command()
-@_target_options()
+@_target_options(json_output=True)
 @_stack_options
-def deploy(target: Target, out: Output, **option_values: Any) -> None:
+@click.option("--table-only", is_flag=True, default=False,
+              help="Create only the table (keys, GSI1, stream, TTL) and its version record, "
+                   "with boto3 and your AWS credentials: no Pulumi, no aggregator or alarms.")
+def deploy(target: Target, out: Output, table_only: bool, **option_values: Any) -> None:
     """Create or update the deployment (table, aggregator, alarms)."""
+    if table_only:
+        _deploy_table_only(target, out, option_values)
+        return
     options = _build_options(option_values)
     if target.endpoint_url:
         from ..ops import table as direct
@@ -144,7 +210,7 @@ def deploy(target: Target, out: Output, **option_values: Any) -> None:
         if options.aggregator:
             lines.append("local endpoint: table only (no aggregator Lambda, queue or alarms)")
         _record_deployment(target)
-        out.show(None, *lines)
+        out.show({"table": target.table, "where": target.where, "created": created}, *lines)
         return
     from ..infra import automation
 

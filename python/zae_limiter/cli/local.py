@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -16,7 +16,10 @@ from ..ops.demo import DemoReport
 from ..ops.local import LocalDynamoDB
 from ..storage.dynamodb.endpoint import LOCAL_REGION
 from . import main
-from .toolkit import Target, cli_errors, console, markup, new_table, use_target
+from .toolkit import MissingExtra, Target, cli_errors, console, markup, new_table, use_target
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.metrics.export import HistogramDataPoint, InMemoryMetricReader
 
 # Signals that stop `zae-limiter local` like Ctrl+C (SIGINT) does. Any other end of the process
 # (SIGKILL, a crash) takes the moto child with it too: it watches its parent (`LocalDynamoDB`).
@@ -91,15 +94,24 @@ def local(port: int | None) -> None:
     show_default=True,
     help="Serve acquires from reserved blocks of tokens (see docs/design.md, Reservations).",
 )
+@click.option(
+    "--metrics",
+    "show_metrics",
+    is_flag=True,
+    help="Also print the run's OpenTelemetry metrics (needs the otel extra): acquire outcomes, "
+    "latency, DynamoDB calls and capacity units.",
+)
 @cli_errors
 def demo(
     name: str, endpoint_url: str | None, keys: int, clients: int, requests: int,
-    reservations: bool,
+    reservations: bool, show_metrics: bool,
 ) -> None:
     """Run an LLM-gateway workload on an embedded DynamoDB and summarize it."""
+    # Before anything starts: a missing SDK is told at once, not after the whole run.
+    reader = _metrics_reader() if show_metrics else None
     if endpoint_url is not None:
         target = use_target(Target.of(name, LOCAL_REGION, endpoint_url))
-        _run_demo(target, keys, clients, requests, reservations)
+        _run_demo(target, keys, clients, requests, reservations, reader)
         return
     out = console()
     db = LocalDynamoDB()
@@ -108,15 +120,24 @@ def demo(
     with db:
         out.print(markup(f"Embedded DynamoDB on [bold]{db.endpoint_url}[/]"))
         target = use_target(Target.of(name, LOCAL_REGION, db.endpoint_url))
-        _run_demo(target, keys, clients, requests, reservations)
+        _run_demo(target, keys, clients, requests, reservations, reader)
 
 
-def _run_demo(target: Target, keys: int, clients: int, requests: int, reserve: bool) -> None:
+def _run_demo(
+    target: Target, keys: int, clients: int, requests: int, reserve: bool,
+    reader: InMemoryMetricReader | None = None,
+) -> None:
     from .. import BACKEND
+    from ..metrics import Metrics
     from ..models import Reservations, StackOptions
     from ..ops.demo import PROJECT, RESOURCE, run_workload
 
     out = console()
+    metrics = None
+    if reader is not None:
+        from opentelemetry.sdk.metrics import MeterProvider
+
+        metrics = Metrics(MeterProvider(metric_readers=[reader]))
     started = time.monotonic()
     with out.status(f"Running {keys * clients * requests} requests..."):
         report = target.run_limiter(
@@ -126,6 +147,7 @@ def _run_demo(target: Target, keys: int, clients: int, requests: int, reserve: b
             stack_options=StackOptions(),
             version_check="strict",
             reservations=Reservations() if reserve else None,
+            metrics=metrics,
         )
         elapsed = time.monotonic() - started
         usage = _usage(target, report)
@@ -167,6 +189,8 @@ def _run_demo(target: Target, keys: int, clients: int, requests: int, reserve: b
         f"DynamoDB: {calls}; {report.write_units:g} WCU, {report.read_units:g} RCU "
         f"for {report.acquires} acquires with cascade and adjust."
     )
+    if reader is not None:
+        out.print(_metrics_table(reader))
 
 
 KEY_COLUMNS = (
@@ -266,4 +290,74 @@ def _usage(target: Target, report: DemoReport) -> Any:
             str(used[1]),
             "yes" if used == expected[summary.entity_id] else markup("[red]no[/]"),
         )
+    return table
+
+
+# -- `demo --metrics` -------------------------------------------------------------------------
+
+
+def _metrics_reader() -> InMemoryMetricReader:
+    """The SDK's in-memory reader the demo's metrics go to, or `MissingExtra` naming the extra."""
+    try:
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    except ImportError:
+        raise MissingExtra(
+            "demo --metrics needs the OpenTelemetry SDK: pip install 'zae-limiter[otel]'"
+        ) from None
+    return InMemoryMetricReader()
+
+
+def _quantile_bound(point: HistogramDataPoint, q: float) -> float:
+    """An upper bound of the q-quantile: the bucket boundary the cumulative count reaches it
+    at (the buckets are all the SDK keeps), capped by the largest value recorded."""
+    wanted = q * point.count
+    seen = 0
+    for bound, count in zip(point.explicit_bounds, point.bucket_counts, strict=False):
+        seen += count
+        if seen >= wanted:
+            return min(bound, point.max)
+    return point.max
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f} ms"
+
+
+def _metrics_table(reader: InMemoryMetricReader) -> Any:
+    """The run's `zae_limiter` instruments as the reader collected them: one row per
+    instrument and attribute set (a counter's total, the latency's summary)."""
+    from opentelemetry.sdk.metrics.export import HistogramDataPoint, NumberDataPoint
+
+    from ..metrics import METER_NAME
+
+    table = new_table(
+        # The DynamoDB line above counts the clients' requests only; these count everything.
+        "OpenTelemetry metrics of the run (meter zae_limiter, read in memory; the DynamoDB "
+        "ones include the setup: table, entities, stored limits, the final available())",
+        ["instrument", "attributes", "value"],
+        right=["value"],
+    )
+    data = reader.get_metrics_data()
+    rows: list[tuple[str, str, str]] = []
+    for resource_metrics in data.resource_metrics if data is not None else []:
+        for scope in resource_metrics.scope_metrics:
+            if scope.scope.name != METER_NAME:
+                continue
+            for metric in scope.metrics:
+                for point in metric.data.data_points:
+                    attributes = " ".join(str(v) for v in (point.attributes or {}).values())
+                    if isinstance(point, HistogramDataPoint):
+                        mean = point.sum / point.count if point.count else 0.0
+                        value = (
+                            f"n={point.count} mean {_ms(mean)} "
+                            f"p50<={_ms(_quantile_bound(point, 0.5))} "
+                            f"p99<={_ms(_quantile_bound(point, 0.99))} max {_ms(point.max)}"
+                        )
+                    elif isinstance(point, NumberDataPoint):
+                        value = f"{point.value:g}"
+                    else:  # an exponential histogram: only by a view the demo does not set
+                        continue
+                    rows.append((metric.name, attributes, value))
+    for row in sorted(rows):
+        table.add_row(*row)
     return table

@@ -7,7 +7,9 @@
   `--endpoint-url`, `--json`); it builds the `Target` and the `Output` and passes them to the
   command, and applies `cli_errors`.
 - `cli_errors`: the one error handler: library, AWS and input errors become one line on stderr
-  and exit code 1 (click's usage errors keep code 2); advice is for a shell, not Python.
+  and exit code 1 (click's usage errors keep code 2); advice is for a shell, not Python. A
+  missing extra (`MissingExtra`; the Pulumi CLI or packages for the infra commands) is one line
+  naming it, with exit code 2.
 - `Output.show`: a command builds its data once and passes what people should see with it; the
   output is that data as JSON with `--json`, or the human view without. `Output.fail` is the
   same for a failed check (exit code 1).
@@ -43,6 +45,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 EXIT_FAILED = 1
+EXIT_MISSING_EXTRA = 2
 REGION_HELP = "AWS region."
 REGION_DEFAULT_TEXT = "$AWS_DEFAULT_REGION or us-east-1"
 # When stdout is not a terminal (a pipe, a file, click's test runner), rich would lay tables out
@@ -432,6 +435,14 @@ def _one_line(text: str) -> str:
     return safe(re.sub(r"\s*\n\s*", " ", text.strip()))
 
 
+class MissingExtra(click.ClickException):
+    """What the command needs is not installed: one line naming the extra (`pip install
+    'zae-limiter[...]'`), exit code 2. Not 1: the command did not fail at its work, it could not
+    run here at all, which a script should tell from a failed deployment or a denied check."""
+
+    exit_code = EXIT_MISSING_EXTRA
+
+
 def cli_errors(fn: Callable[..., T]) -> Callable[..., T]:
     """Expected failures become one readable line on stderr and exit code 1, not a traceback."""
 
@@ -444,6 +455,10 @@ def cli_errors(fn: Callable[..., T]) -> Callable[..., T]:
         except KeyboardInterrupt:
             raise click.ClickException("interrupted") from None
         except Exception as exc:
+            from ..infra.automation import PulumiNotInstalledError  # only once something failed
+
+            if isinstance(exc, PulumiNotInstalledError):
+                raise MissingExtra(_one_line(str(exc))) from exc
             message = error_message(exc, current_target())
             if message is None:
                 raise

@@ -15,7 +15,15 @@ from rich.text import Text
 
 from ..ops import recovery as ops
 from . import main
-from .toolkit import Output, Target, confirm, require, rows_table, target_options
+from .toolkit import (
+    EXIT_FAILED,
+    Output,
+    Target,
+    confirm,
+    require,
+    rows_table,
+    target_options,
+)
 from .toolkit import fields_table as fields
 
 if TYPE_CHECKING:
@@ -34,13 +42,27 @@ def version_cmd(target: Target, out: Output) -> None:
 @main.command("check")
 @target_options()
 def check_cmd(target: Target, out: Output) -> None:
-    """Is this client compatible with the deployment? Exit 0 if so, 1 (with the reason) if not."""
-    info = {"table": target.table, **target.run(ops.version_status_async)}
-    if info["compatible"]:
-        out.show(info, f"compatible: {info['reason']}")
-        return
-    hint = " (fixable with: zae-limiter upgrade)" if info["can_auto_update"] else ""
-    out.fail(info, f"NOT compatible: {info['reason']}{hint}")
+    """Is the table ready for this client? One line per check: credentials, table ACTIVE, keys,
+    GSI1, TTL, stream, version record. Exit 0 if all pass, 1 (with what to do) if not."""
+    from ..ops import readiness
+
+    async def work(repo: Repository) -> tuple[list[readiness.Check], dict[str, Any]]:
+        checks = await readiness.check_table(
+            repo, region=target.region, endpoint_url=target.endpoint_url,
+            cli_args=target.options_text,
+        )
+        version_ran = any(c.name == "version record" and c.status != "skipped" for c in checks)
+        # The version fields `check --json` always had, when the record could be read.
+        return checks, (await ops.version_status_async(repo)) if version_ran else {}
+
+    checks, version = target.run(work)
+    ready = readiness.table_ready(checks)
+    data = {"table": target.table, "where": target.where, **version, "ready": ready,
+            "checks": [c.as_dict() for c in checks]}
+    data.setdefault("compatible", False)
+    out.show(data, *readiness.lines(checks))
+    if not ready:
+        raise click.exceptions.Exit(EXIT_FAILED)
 
 
 @main.command("upgrade")
