@@ -18,7 +18,7 @@ since the Unix epoch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta
 from functools import lru_cache
 from typing import Final
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -219,8 +219,3 @@ def nominal_window_seconds(cron_text: object, tz_name: object) -> int:
             break
         at = following
     return max(1, longest // 1000)
-
-
-def utc_text(ms: int) -> str:
-    """An instant for messages: ISO-8601 UTC to the second."""
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
